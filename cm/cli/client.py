@@ -1,0 +1,116 @@
+"""The commands' link to the head: one request, one reply, over the head's Unix socket."""
+
+from __future__ import annotations
+
+import os
+import socket
+import sys
+import time
+from typing import Any, NoReturn
+
+from cm import config
+from cm.protocol import ProtocolError, Reply, Request, decode, frame, unframe
+
+
+class HeadError(RuntimeError):
+    """The head refused the request or could not be reached; the message is for the user."""
+
+
+class Client:
+    def __init__(self, settings: config.Settings | None = None, timeout: float = 30.0):
+        self.settings = settings or config.load()
+        self.timeout = timeout
+        self.sock: socket.socket | None = None
+
+    def _connect(self) -> socket.socket:
+        if self.sock is None:
+            path = self.settings.socket_path
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            sock.settimeout(self.timeout)
+            try:
+                sock.connect(str(path))
+            except OSError as exc:
+                sock.close()
+                raise HeadError(
+                    f"cannot reach the head at {path}: {exc.strerror or exc} "
+                    "(is the cluster up? `make local-up`, then `. drive/run/cm.env`)"
+                ) from None
+            self.sock = sock
+        return self.sock
+
+    def call(self, op: str, **args: Any) -> Any:
+        """Send one request; return its data or raise HeadError with the head's message."""
+        sock = self._connect()
+        try:
+            sock.sendall(frame(Request(op=op, args=args)))
+            buffer = bytearray()
+            while True:
+                body = unframe(buffer)
+                if body is not None:
+                    break
+                data = sock.recv(1 << 20)
+                if not data:
+                    raise HeadError("the head closed the connection")
+                buffer += data
+            reply = decode(body)
+        except socket.timeout:
+            self.close()
+            raise HeadError(f"the head did not answer within {self.timeout:.0f} s") from None
+        except OSError as exc:
+            self.close()
+            raise HeadError(f"lost the connection to the head: {exc}") from None
+        except ProtocolError as exc:
+            self.close()
+            raise HeadError(f"garbled reply from the head: {exc}") from None
+        if not isinstance(reply, Reply):
+            raise HeadError(f"unexpected {reply.TYPE} from the head")
+        if not reply.ok:
+            raise HeadError(reply.error)
+        return reply.data
+
+    def close(self) -> None:
+        if self.sock is not None:
+            self.sock.close()
+            self.sock = None
+
+    def wait(self, job_id: int, on_update=None) -> dict:
+        """Poll until the job is final; return its view. on_update(view) is called on each poll."""
+        delay = 0.02
+        while True:
+            view = self.call("info", job_id=job_id)["jobs"][0]
+            if on_update:
+                on_update(view)
+            if view["state"] in FINAL:
+                return view
+            time.sleep(delay)
+            delay = min(delay * 1.5, 0.5)
+
+
+FINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL"}
+
+
+def exit_code_of(view: dict) -> int:
+    """What `--wait` exits with: 0 for a completed job, otherwise its exit code or 1."""
+    if view["state"] == "COMPLETED":
+        return 0
+    code = view.get("exit_code") or 0
+    return code if 0 < code < 256 else 1
+
+
+def fail(prog: str, message: str, code: int = 1) -> NoReturn:
+    print(f"{prog}: error: {message}", file=sys.stderr)
+    sys.exit(code)
+
+
+def run_command(prog: str, body) -> None:
+    """Run body(); turn every expected failure into one line on stderr, never a traceback."""
+    try:
+        body()
+    except HeadError as exc:
+        fail(prog, str(exc))
+    except config.ConfigError as exc:
+        fail(prog, str(exc), 2)
+    except KeyboardInterrupt:
+        fail(prog, "interrupted", 130)
+    except BrokenPipeError:
+        os._exit(1)

@@ -1,0 +1,93 @@
+"""cminfo: nodes and jobs, like sinfo + squeue in one."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import click
+
+from cm.cli.client import Client, run_command
+from cm.timefmt import format_duration
+
+
+def human_bytes(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if abs(n) < 1000 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n:.1f} TB"
+
+
+def nodes_table(nodes: list[dict]) -> str:
+    from tabulate import tabulate
+
+    rows = [[n["name"], n["partition"], n["state"], f"{n['cpus_free']}/{n['cpus']}",
+             f"{n['mem_free_mb']}/{n['mem_mb']}"] for n in nodes]
+    return tabulate(rows, headers=["NAME", "PARTITION", "STATE", "CPUS(free/total)", "MEMORY(free/total)"],
+                    tablefmt="plain")
+
+
+def progress_text(job: dict) -> str:
+    if job["progress"] is None:
+        return ""
+    t = job.get("transfer") or {}
+    text = f"{job['progress']:.0f}%"
+    if t.get("rate") and job["state"] == "RUNNING":
+        text += f" {human_bytes(t['rate'])}/s"
+    return text
+
+
+def jobs_table(jobs: list[dict]) -> str:
+    from tabulate import tabulate
+
+    rows = []
+    for j in jobs:
+        nodes = ",".join(j["nodes"]) if j["nodes"] else (f"({j['reason']})" if j["reason"] else "")
+        rows.append([j["id"], j["name"][:20], j["user"], j["type"], j["state"], format_duration(j["elapsed"]),
+                     nodes, progress_text(j)])
+    return tabulate(rows, headers=["ID", "NAME", "USER", "TYPE", "STATE", "TIME", "NODES", "PROGRESS"],
+                    tablefmt="plain", disable_numparse=True)
+
+
+def job_details(job: dict) -> str:
+    lines = []
+    for key in ("id", "name", "user", "type", "state", "exit_code", "partition", "nodes", "num_nodes", "priority",
+                "submitted", "started", "ended", "elapsed", "time_limit", "progress", "reason"):
+        value = job.get(key)
+        if key in ("elapsed", "time_limit"):
+            value = format_duration(value)
+        elif key == "nodes":
+            value = ",".join(value)
+        lines.append(f"{key.upper():>10}: {'' if value is None else value}")
+    t = job.get("transfer") or {}
+    if t:
+        lines.append(f"{'TRANSFER':>10}: {human_bytes(t.get('bytes_done', 0))} of {human_bytes(t.get('bytes_total', 0))}, "
+                     f"{t.get('files_done', 0)} of {t.get('files_total', 0)} files")
+    return "\n".join(lines)
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.argument("job_id", type=int, required=False)
+@click.option("--all", "all_", is_flag=True, help="include jobs that finished long ago")
+@click.option("--json", "as_json", is_flag=True, help="one JSON object: nodes and jobs")
+def cli(job_id, all_, as_json):
+    """Show the cluster's nodes and jobs, or one job in detail."""
+
+    def body() -> None:
+        data = Client().call("info", job_id=job_id, all=all_)
+        if as_json:
+            print(json.dumps(data, indent=None))
+            return
+        if job_id is not None:
+            print(job_details(data["jobs"][0]))
+            return
+        print(nodes_table(data["nodes"]))
+        print()
+        print(jobs_table(data["jobs"]) if data["jobs"] else "no jobs")
+
+    run_command("cminfo", body)
+
+
+def main() -> None:
+    cli(prog_name="cminfo")

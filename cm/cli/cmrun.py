@@ -1,0 +1,55 @@
+"""cmrun: run a command on nodes of the cluster, like srun/sbatch."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import click
+
+from cm.cli.client import Client, exit_code_of, fail, run_command
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"], "ignore_unknown_options": True})
+@click.option("-n", "--nodes", type=click.IntRange(1), default=1, show_default=True, help="nodes, all at once")
+@click.option("-p", "--procs", type=click.IntRange(1), default=1, show_default=True, help="processes per node")
+@click.option("-c", "--cpus", type=click.IntRange(1), default=None, help="CPUs per node [default: PROCS]")
+@click.option("-m", "--mem", "mem_mb", type=click.IntRange(0), default=0, help="memory per node, MB")
+@click.option("-t", "--time", "time_limit", default=None, help="time limit: MM, MM:SS, HH:MM:SS, D-HH")
+@click.option("-J", "--job-name", "name", default=None, help="job name")
+@click.option("--partition", default=None, help="partition [default: the first one]")
+@click.option("-o", "--output", "stdout", default="", help="stdout pattern (%j %n %t %x %u)")
+@click.option("-e", "--error", "stderr", default="", help="stderr pattern (%j %n %t %x %u)")
+@click.option("--requeue", is_flag=True, help="run again elsewhere if a node fails")
+@click.option("--hold", is_flag=True, help="submit held; `cmcontrol release JOBID` lets it run")
+@click.option("--wait", is_flag=True, help="wait for the job and exit with its exit code")
+@click.option("--parsable", is_flag=True, help="print only the job id")
+@click.argument("command", nargs=-1, required=True, type=click.UNPROCESSED)
+def cli(nodes, procs, cpus, mem_mb, time_limit, name, partition, stdout, stderr, requeue, hold, wait, parsable,
+        command):
+    """Run COMMAND on NODES nodes, PROCS processes on each."""
+
+    def body() -> None:
+        client = Client()
+        try:
+            cwd = os.getcwd()
+        except OSError:
+            fail("cmrun", "the current directory no longer exists")
+        data = client.call(
+            "submit", kind="command", argv=list(command), cwd=cwd, env=[[k, v] for k, v in os.environ.items()],
+            nodes=nodes, procs=procs, cpus=cpus, mem_mb=mem_mb, time=time_limit, name=name, partition=partition,
+            stdout=stdout, stderr=stderr, requeue=requeue, hold=hold,
+        )
+        job_id = data["job_id"]
+        print(job_id if parsable else f"Submitted job {job_id}", flush=True)
+        if wait:
+            view = client.wait(job_id)
+            if not parsable:
+                print(f"job {job_id} {view['state']} exit code {view['exit_code']}", file=sys.stderr)
+            sys.exit(exit_code_of(view))
+
+    run_command("cmrun", body)
+
+
+def main() -> None:
+    cli(prog_name="cmrun")

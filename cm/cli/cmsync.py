@@ -1,0 +1,102 @@
+"""cmsync: copy a directory tree between partitions' storage, like rsync -a."""
+
+from __future__ import annotations
+
+import os
+import re
+import sys
+import time
+
+import click
+
+from cm.cli.client import Client, exit_code_of, fail, run_command
+from cm.cli.cminfo import human_bytes
+from cm.timefmt import format_duration
+
+_UNITS = {"": 1024, "B": 1, "K": 1024, "M": 1024**2, "G": 1024**3, "T": 1024**4}
+
+
+def parse_rate(text: str) -> int:
+    """rsync's --bwlimit: a number of KiB/s, or with a suffix B, K, M, G (per second)."""
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([BKMGT]?)(?:I?B)?(?:/S)?\s*", text.upper())
+    if not m or float(m.group(1)) <= 0:
+        raise click.BadParameter(f"{text!r} is not a rate like 500K, 10M or 1G")
+    return int(float(m.group(1)) * _UNITS[m.group(2)])
+
+
+def progress_bar(view: dict, width: int = 30) -> str:
+    t = view.get("transfer") or {}
+    pct = view["progress"] or 0.0
+    filled = int(width * pct / 100)
+    rate = t.get("rate") or 0
+    left = t.get("bytes_total", 0) - t.get("bytes_done", 0)
+    eta = format_duration(left / rate) if rate > 0 and left > 0 else "--:--"
+    return (f"\r[{'#' * filled}{'.' * (width - filled)}] {pct:5.1f}% "
+            f"{human_bytes(t.get('bytes_done', 0))}/{human_bytes(t.get('bytes_total', 0))} "
+            f"{t.get('files_done', 0)}/{t.get('files_total', 0)} files {human_bytes(rate)}/s ETA {eta}  ")
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("-n", "--nodes", type=click.IntRange(1), default=1, show_default=True,
+              help="source nodes (and as many destination nodes)")
+@click.option("--delete", is_flag=True, help="delete files in DST that are not in SRC")
+@click.option("--dry-run", is_flag=True, help="show what would change, change nothing")
+@click.option("--checksum", is_flag=True, help="compare content, not size and mtime")
+@click.option("--exclude", multiple=True, help="skip files matching PATTERN (repeatable)")
+@click.option("--bwlimit", default=None, help="limit bandwidth: KiB/s, or 500K, 10M, 1G")
+@click.option("--transport", type=click.Choice(["tcp", "rdma"]), default="tcp", show_default=True)
+@click.option("--policy", type=click.Choice(["size-balanced", "round-robin"]), default="size-balanced",
+              show_default=True, help="how work is spread across nodes")
+@click.option("-t", "--time", "time_limit", default=None, help="time limit: MM, MM:SS, HH:MM:SS, D-HH")
+@click.option("-J", "--job-name", "name", default=None, help="job name")
+@click.option("--wait", is_flag=True, help="wait for the job; exit 0 if it completed")
+@click.option("--parsable", is_flag=True, help="print only the job id")
+@click.argument("src")
+@click.argument("dst")
+def cli(nodes, delete, dry_run, checksum, exclude, bwlimit, transport, policy, time_limit, name, wait, parsable, src,
+        dst):
+    """Copy SRC to DST; each is PARTITION:/path or NODE:/path inside that partition's storage."""
+
+    def body() -> None:
+        rate = parse_rate(bwlimit) if bwlimit else None
+        client = Client()
+        try:
+            cwd = os.getcwd()
+        except OSError:
+            cwd = "/"
+        data = client.call(
+            "submit", kind="sync", src=src, dst=dst, nodes=nodes, time=time_limit, name=name, cwd=cwd,
+            options={"delete": delete, "dry_run": dry_run, "checksum": checksum, "exclude": list(exclude),
+                     "bwlimit": rate, "transport": transport, "policy": policy},
+        )
+        job_id = data["job_id"]
+        print(job_id if parsable else f"Submitted sync job {job_id}", flush=True)
+        if not wait:
+            return
+        tty = sys.stderr.isatty() and not parsable
+        started = time.monotonic()
+
+        def show(view: dict) -> None:
+            if tty and view["state"] == "RUNNING":
+                sys.stderr.write(progress_bar(view))
+                sys.stderr.flush()
+
+        view = client.wait(job_id, on_update=show)
+        if tty:
+            sys.stderr.write(progress_bar(view) + "\n")
+        if not parsable:
+            t = view.get("transfer") or {}
+            print(f"job {job_id} {view['state']} in {time.monotonic() - started:.1f} s: "
+                  f"{human_bytes(t.get('bytes_done', 0))}, {t.get('files_done', 0)} files"
+                  + (f" ({view['reason']})" if view.get("reason") and view["state"] != "COMPLETED" else ""),
+                  file=sys.stderr)
+        sys.exit(exit_code_of(view))
+
+    try:
+        run_command("cmsync", body)
+    except click.BadParameter as exc:
+        fail("cmsync", str(exc), 2)
+
+
+def main() -> None:
+    cli(prog_name="cmsync")

@@ -1,0 +1,269 @@
+"""A whole cluster on one machine: database, head and compute daemons as processes.
+
+`python -m cm.cluster.local up|down|status` is what `make local-up` and
+`make local-down` run; the tests use LocalCluster directly. Every daemon gets
+`RUN_DIR/<name>.pid` and `RUN_DIR/<name>.log`; `RUN_DIR/cm.env` puts the
+commands on PATH and points them at this head.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+class ClusterError(RuntimeError):
+    pass
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def parse_partitions(text: str, nodes: int) -> list[tuple[str, str]]:
+    """'gpu:2,cpu:2' -> [(computenode-1, gpu), ...]; a bare name takes an equal share of NODES."""
+    parts = [p.strip() for p in text.split(",") if p.strip()]
+    if not parts:
+        raise ClusterError("no partitions given")
+    counts = []
+    for p in parts:
+        name, _, n = p.partition(":")
+        counts.append((name, int(n) if n else 0))
+    unsized = [c for c in counts if c[1] == 0]
+    if unsized:
+        left = max(0, nodes - sum(n for _, n in counts))
+        share, extra = divmod(left, len(unsized))
+        counts = [(name, n or share + (1 if i < extra else 0)) for i, (name, n) in enumerate(counts)]
+    out, i = [], 0
+    for name, n in counts:
+        for _ in range(n):
+            i += 1
+            out.append((f"computenode-{i}", name))
+    return out
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def stop_pid(pid: int, timeout: float = 15.0) -> None:
+    """SIGTERM, wait, SIGKILL: nothing left running."""
+    try:
+        os.kill(pid, signal.SIGTERM)
+    except ProcessLookupError:
+        return
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            done, _ = os.waitpid(pid, os.WNOHANG)
+            if done == pid:
+                return
+        except ChildProcessError:
+            if not pid_alive(pid):
+                return
+        time.sleep(0.05)
+    try:
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+    except (ProcessLookupError, ChildProcessError):
+        pass
+
+
+@dataclass
+class LocalCluster:
+    run_dir: Path
+    nodes: list[tuple[str, str]] = field(default_factory=lambda: parse_partitions("gpu:2,cpu:2", 4))
+    data_dir: Path | None = None
+    db_dir: Path | None = None
+    env: dict[str, str] = field(default_factory=dict)  # extra CM_* settings for every daemon
+    mongodb_uri: str = ""
+
+    def __post_init__(self) -> None:
+        self.run_dir = Path(self.run_dir).resolve()
+        self.data_dir = Path(self.data_dir or self.run_dir.parent / "data").resolve()
+        self.db_dir = Path(self.db_dir or self.run_dir.parent / "db").resolve()
+        self.procs: dict[str, subprocess.Popen] = {}
+        self.head_port = 0
+
+    # --- pieces ----------------------------------------------------------------
+
+    def pidfile(self, name: str) -> Path:
+        return self.run_dir / f"{name}.pid"
+
+    def logfile(self, name: str) -> Path:
+        return self.run_dir / f"{name}.log"
+
+    def _spawn(self, name: str, argv: list[str], env: dict[str, str]) -> subprocess.Popen:
+        log = open(self.logfile(name), "ab")
+        proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
+                                start_new_session=True, cwd=str(REPO))
+        log.close()
+        self.pidfile(name).write_text(f"{proc.pid}\n")
+        self.procs[name] = proc
+        return proc
+
+    def base_env(self) -> dict[str, str]:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("CM_") and k != "MONGODB_URI"}
+        env.update(
+            CM_RUN_DIR=str(self.run_dir), MONGODB_URI=self.mongodb_uri, CM_HEAD_HOST="127.0.0.1",
+            CM_BIND_HOST="127.0.0.1", CM_HEAD_PORT=str(self.head_port), CM_TRANSFER_HOST="127.0.0.1",
+            PYTHONUNBUFFERED="1",
+        )
+        env.update(self.env)
+        return env
+
+    def start_db(self) -> None:
+        from cm.cluster.db import DatabaseServer
+
+        if self.mongodb_uri:
+            return
+        if os.environ.get("MONGODB_URI"):
+            self.mongodb_uri = os.environ["MONGODB_URI"]
+            return
+        self.db_dir.mkdir(parents=True, exist_ok=True)
+        port = free_port()
+        proc = self._spawn("db", [sys.executable, "-m", "cm.cluster.db", "--data-dir", str(self.db_dir),
+                                  "--port", str(port)], dict(os.environ))
+        self.mongodb_uri = f"mongodb://127.0.0.1:{port}/"
+        DatabaseServer.wait_ready(self.mongodb_uri, timeout=30, proc=proc, log_path=self.logfile("db"))
+
+    def start_head(self) -> subprocess.Popen:
+        if not self.head_port:
+            self.head_port = int(self.env.get("CM_HEAD_PORT") or free_port())
+        return self._spawn("headnode", [sys.executable, "-m", "cm.daemon", "head"], self.base_env())
+
+    def start_node(self, name: str, partition: str) -> subprocess.Popen:
+        root = self.data_dir / partition
+        root.mkdir(parents=True, exist_ok=True)
+        env = self.base_env()
+        env.update(CM_NODE_NAME=name, CM_PARTITION=partition, CM_DATA_ROOT=str(root),
+                   CM_TRANSFER_PORT=env.get("CM_TRANSFER_PORT_" + name.replace("-", "_").upper(), "0"))
+        return self._spawn(name, [sys.executable, "-m", "cm.daemon", "node"], env)
+
+    # --- whole cluster -------------------------------------------------------
+
+    def up(self, timeout: float = 60.0) -> None:
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        if self.pidfile("headnode").exists():
+            pid = int(self.pidfile("headnode").read_text() or 0)
+            if pid and pid_alive(pid):
+                raise ClusterError(f"a cluster is already running from {self.run_dir} (head pid {pid}); "
+                                   "`make local-down` first")
+        from cm.keys import ensure_keys
+
+        ensure_keys(self.run_dir, [n for n, _ in self.nodes])
+        try:
+            self.start_db()
+            self.start_head()
+            for name, partition in self.nodes:
+                self.start_node(name, partition)
+            self.write_env()
+            self.wait_nodes(len(self.nodes), timeout)
+        except BaseException:
+            self.down()
+            raise
+
+    def wait_nodes(self, count: int, timeout: float) -> None:
+        from cm.cli.client import Client, HeadError
+        from cm.config import load
+
+        client = Client(load(env={"CM_RUN_DIR": str(self.run_dir)}), timeout=5)
+        deadline = time.monotonic() + timeout
+        last = ""
+        while time.monotonic() < deadline:
+            for name, proc in self.procs.items():
+                if proc.poll() is not None:
+                    raise ClusterError(f"{name} exited with {proc.returncode}; see {self.logfile(name)}:\n"
+                                       + self.tail(name))
+            try:
+                nodes = client.call("info")["nodes"]
+                up = [n for n in nodes if n["state"] not in ("DOWN", "UNKNOWN")]
+                if len(up) >= count:
+                    return
+                last = f"{len(up)} of {count} nodes up"
+            except HeadError as exc:
+                last = str(exc)
+                client.close()
+            time.sleep(0.1)
+        raise ClusterError(f"cluster did not come up in {timeout:.0f} s: {last}")
+
+    def tail(self, name: str, lines: int = 20) -> str:
+        try:
+            return "\n".join(self.logfile(name).read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return ""
+
+    def write_env(self) -> None:
+        bindir = Path(sys.executable).parent
+        (self.run_dir / "cm.env").write_text(
+            "# source me: . drive/run/cm.env\n"
+            f"export PATH={bindir}:$PATH\n"
+            f"export CM_RUN_DIR={self.run_dir}\n"
+            f"export MONGODB_URI={self.mongodb_uri}\n"
+        )
+
+    def down(self) -> None:
+        """Stop every daemon this run dir knows of, nodes first, database last."""
+        names = sorted(p.stem for p in self.run_dir.glob("*.pid"))
+        order = [n for n in names if n.startswith("computenode")] + \
+                [n for n in names if n == "headnode"] + [n for n in names if n == "db"] + \
+                [n for n in names if not n.startswith("computenode") and n not in ("headnode", "db")]
+        for name in order:
+            try:
+                pid = int(self.pidfile(name).read_text().strip() or 0)
+            except (OSError, ValueError):
+                pid = 0
+            if pid:
+                stop_pid(pid)
+            self.pidfile(name).unlink(missing_ok=True)
+        self.procs.clear()
+
+    def kill(self, name: str, sig: int = signal.SIGKILL) -> None:
+        proc = self.procs[name]
+        proc.send_signal(sig)
+        proc.wait()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="cm.cluster.local")
+    parser.add_argument("action", choices=["up", "down"])
+    parser.add_argument("--run-dir", default=str(REPO / "drive" / "run"))
+    parser.add_argument("--nodes", type=int, default=int(os.environ.get("NODES") or 4))
+    parser.add_argument("--partitions", default=os.environ.get("PARTITIONS") or "")
+    args = parser.parse_args(argv)
+    partitions = args.partitions or ("gpu:2,cpu:2" if args.nodes == 4 else "gpu,cpu")
+    try:
+        cluster = LocalCluster(Path(args.run_dir), parse_partitions(partitions, args.nodes))
+        if args.action == "down":
+            cluster.down()
+            print("local cluster stopped")
+            return 0
+        cluster.up()
+    except (ClusterError, ValueError, OSError) as exc:
+        print(f"local-up: {exc}", file=sys.stderr)
+        return 1
+    print(f"local cluster up: head + {len(cluster.nodes)} nodes "
+          f"({', '.join(sorted({p for _, p in cluster.nodes}))}); logs in {cluster.run_dir}")
+    print(f"use it with: . {cluster.run_dir / 'cm.env'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,134 @@
+"""Every tunable of cm in one place.
+
+Each setting is read from the environment (``CM_<NAME>``), then from the TOML
+config file named by ``CM_CONFIG`` (default ``/etc/cm/cm.toml``, keys are the
+lower-case names), then falls back to its default. ``MONGODB_URI`` is read
+without the prefix because that is the name every MongoDB tool uses.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import socket
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+
+class ConfigError(ValueError):
+    """A setting has a value that cannot be used."""
+
+
+def _setting(default: Any, doc: str) -> Any:
+    return field(default=default, metadata={"doc": doc})
+
+
+@dataclass(frozen=True)
+class Settings:
+    # where things are
+    run_dir: str = _setting("drive/run", "directory for sockets, pid files, keys and node state")
+    socket: str = _setting("", "Unix socket the head serves clients on (default: RUN_DIR/head.sock)")
+    # database
+    mongodb_uri: str = _setting("", "MongoDB URI; when empty the local cluster starts the embedded server")
+    db_name: str = _setting("cm", "database name")
+    db_timeout: float = _setting(5.0, "seconds a database call may wait for the server")
+    # control plane
+    head_host: str = _setting("127.0.0.1", "address compute nodes connect to")
+    head_port: int = _setting(7817, "TCP port of the head's ROUTER socket")
+    bind_host: str = _setting("0.0.0.0", "address the head's ROUTER binds to")
+    heartbeat_interval: float = _setting(1.0, "seconds between node heartbeats")
+    heartbeat_misses: int = _setting(3, "missed heartbeats after which a node is DOWN")
+    dispatch_retry: float = _setting(2.0, "seconds before the head resends an unacknowledged command")
+    curve: bool = _setting(True, "encrypt and authenticate daemon links with CurveZMQ keys from RUN_DIR/keys")
+    # scheduling
+    policy: str = _setting("first-fit", "placement policy: first-fit or least-loaded")
+    backfill: bool = _setting(True, "let later jobs start when they do not delay the first blocked one")
+    default_time: str = _setting("1-00", "time limit of a job that gives none (Slurm format)")
+    max_time: str = _setting("7-00", "largest time limit a job may ask for")
+    # compute node
+    node_name: str = _setting("", "this node's name (default: the host name)")
+    partition: str = _setting("default", "partition this node belongs to")
+    cpus: int = _setting(0, "CPUs this node offers (0: measure the machine)")
+    mem_mb: int = _setting(0, "memory in MB this node offers (0: measure the machine)")
+    data_root: str = _setting("drive/data/default", "where this node sees its partition's storage")
+    kill_grace: float = _setting(5.0, "seconds between SIGTERM and SIGKILL when a job is stopped")
+    # admin
+    operator_group: str = _setting("cmoperator", "Unix group whose members may act on every job")
+    operator_token: str = _setting("", "token that grants admin rights (empty: none)")
+    # mover
+    transfer_host: str = _setting("", "address other nodes reach this node's mover on (default: node name)")
+    transfer_port: int = _setting(7818, "TCP port of this node's mover (0: pick a free one)")
+    streams: int = _setting(4, "parallel TCP streams per sync job")
+    chunk_mb: int = _setting(64, "size of a chunk of a large file, in MiB")
+    # logging
+    log_level: str = _setting("INFO", "DEBUG, INFO, WARNING or ERROR")
+
+    @property
+    def socket_path(self) -> Path:
+        return Path(self.socket) if self.socket else Path(self.run_dir) / "head.sock"
+
+    @property
+    def name(self) -> str:
+        return self.node_name or socket.gethostname()
+
+    @property
+    def heartbeat_timeout(self) -> float:
+        return self.heartbeat_interval * self.heartbeat_misses
+
+
+def _coerce(name: str, kind: type, raw: Any) -> Any:
+    if isinstance(raw, kind) and not (kind is int and isinstance(raw, bool)):
+        return raw
+    text = str(raw).strip()
+    try:
+        if kind is bool:
+            if text.lower() in ("1", "true", "yes", "on"):
+                return True
+            if text.lower() in ("0", "false", "no", "off", ""):
+                return False
+            raise ValueError(text)
+        return kind(text)
+    except ValueError:
+        raise ConfigError(f"setting {name}: {raw!r} is not a valid {kind.__name__}") from None
+
+
+def env_name(setting: str) -> str:
+    return "MONGODB_URI" if setting == "mongodb_uri" else f"CM_{setting.upper()}"
+
+
+def load(env: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
+    """Build Settings from overrides, then env, then the config file, then defaults."""
+    env = os.environ if env is None else env
+    path = Path(env.get("CM_CONFIG", "/etc/cm/cm.toml"))
+    from_file: dict[str, Any] = {}
+    if path.is_file():
+        try:
+            from_file = tomllib.loads(path.read_text())
+        except (OSError, tomllib.TOMLDecodeError) as exc:
+            raise ConfigError(f"config file {path}: {exc}") from None
+    values: dict[str, Any] = {}
+    for f in dataclasses.fields(Settings):
+        kind = type(f.default)
+        if f.name in overrides:
+            raw = overrides[f.name]
+        elif env_name(f.name) in env:
+            raw = env[env_name(f.name)]
+        elif f.name in from_file:
+            raw = from_file[f.name]
+        else:
+            continue
+        values[f.name] = _coerce(f.name, kind, raw)
+    unknown = set(from_file) - {f.name for f in dataclasses.fields(Settings)}
+    if unknown:
+        raise ConfigError(f"config file {path}: unknown settings {', '.join(sorted(unknown))}")
+    settings = Settings(**values)
+    if settings.heartbeat_interval <= 0 or settings.heartbeat_misses < 1:
+        raise ConfigError("heartbeat_interval must be > 0 and heartbeat_misses >= 1")
+    return settings
+
+
+def documented() -> list[tuple[str, Any, str]]:
+    """(environment name, default, meaning) for every setting: the README table."""
+    return [(env_name(f.name), f.default, f.metadata["doc"]) for f in dataclasses.fields(Settings)]

@@ -1,0 +1,161 @@
+"""The head's Unix socket for commands: who is calling comes from the kernel.
+
+A client's identity is the peer's uid from SO_PEERCRED, never a field of its
+request. Connections are non-blocking and buffered so a slow or malicious
+client cannot stall the head.
+"""
+
+from __future__ import annotations
+
+import grp
+import logging
+import os
+import pwd
+import socket
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+from cm.logs import event
+from cm.protocol import ProtocolError, Reply, Request, decode, frame, unframe
+
+log = logging.getLogger("cm.head.clients")
+MAX_PENDING_OUT = 64 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class Caller:
+    uid: int
+    gid: int
+    pid: int
+    user: str
+    operator: bool  # root or a member of the operator group
+
+
+def caller_of(sock: socket.socket, operator_group: str) -> Caller:
+    pid, uid, gid = struct.unpack("3i", sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i")))
+    try:
+        user = pwd.getpwuid(uid).pw_name
+    except KeyError:
+        user = str(uid)
+    operator = uid == 0
+    if not operator and operator_group:
+        try:
+            group = grp.getgrnam(operator_group)
+            operator = user in group.gr_mem or gid == group.gr_gid
+        except KeyError:
+            pass
+    return Caller(uid, gid, pid, user, operator)
+
+
+class Connection:
+    def __init__(self, sock: socket.socket, caller: Caller):
+        self.sock = sock
+        self.fd = sock.fileno()
+        self.caller = caller
+        self.inbox = bytearray()
+        self.outbox = bytearray()
+
+    def fileno(self) -> int:
+        return self.fd
+
+
+class ClientServer:
+    """Accepts connections and turns frames into (caller, Request) pairs."""
+
+    def __init__(self, path: Path, operator_group: str):
+        self.path = path
+        self.operator_group = operator_group
+        self.conns: dict[int, Connection] = {}
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if path.exists() or path.is_symlink():
+            path.unlink()
+        self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.listener.bind(str(path))
+        os.chmod(path, 0o666)  # anyone may ask; who they are comes from the kernel
+        self.listener.listen(128)
+        self.listener.setblocking(False)
+
+    def accept(self) -> None:
+        while True:
+            try:
+                sock, _ = self.listener.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            sock.setblocking(False)
+            try:
+                caller = caller_of(sock, self.operator_group)
+            except OSError:
+                sock.close()
+                continue
+            self.conns[sock.fileno()] = Connection(sock, caller)
+
+    def read(self, fd: int) -> list[tuple[Connection, Request]]:
+        """Requests that arrived whole on fd. Garbage gets an error reply and a closed socket."""
+        conn = self.conns.get(fd)
+        if conn is None:
+            return []
+        try:
+            data = conn.sock.recv(1 << 20)
+        except (BlockingIOError, InterruptedError):
+            return []
+        except OSError:
+            data = b""
+        if not data:
+            self.close(conn)
+            return []
+        conn.inbox += data
+        out = []
+        while True:
+            try:
+                body = unframe(conn.inbox)
+                if body is None:
+                    break
+                msg = decode(body)
+                if not isinstance(msg, Request):
+                    raise ProtocolError(f"expected a request, got {msg.TYPE}")
+            except ProtocolError as exc:
+                event(log, "bad client message", logging.WARNING, uid=conn.caller.uid, error=str(exc))
+                self.send(conn, Reply(ok=False, error=f"bad request: {exc}"))
+                self.flush(conn)
+                self.close(conn)
+                return out
+            out.append((conn, msg))
+        return out
+
+    def send(self, conn: Connection, reply: Reply) -> None:
+        if len(conn.outbox) > MAX_PENDING_OUT:
+            self.close(conn)
+            return
+        conn.outbox += frame(reply)
+        self.flush(conn)
+
+    def flush(self, conn: Connection) -> None:
+        while conn.outbox:
+            try:
+                sent = conn.sock.send(conn.outbox)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:
+                self.close(conn)
+                return
+            del conn.outbox[:sent]
+
+    def wants_write(self) -> list[Connection]:
+        return [c for c in self.conns.values() if c.outbox]
+
+    def close(self, conn: Connection) -> None:
+        self.conns.pop(conn.fd, None)
+        try:
+            conn.sock.close()
+        except OSError:
+            pass
+
+    def shutdown(self) -> None:
+        for conn in list(self.conns.values()):
+            self.close(conn)
+        self.listener.close()
+        try:
+            self.path.unlink()
+        except OSError:
+            pass

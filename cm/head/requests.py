@@ -1,0 +1,316 @@
+"""What the head does for each client request, and who may ask for it."""
+
+from __future__ import annotations
+
+import os
+import secrets
+import time
+from typing import TYPE_CHECKING, Any, Callable
+
+from cm import store
+from cm.head.clients import Caller
+from cm.head.jobs import Outcome, request_of
+from cm.head.scheduler import NeverFits, check_feasible
+from cm.protocol import Reply, Request
+from cm.states import JobState
+from cm.timefmt import TimeFormatError, parse_time
+
+if TYPE_CHECKING:
+    from cm.head.server import HeadServer
+
+
+class Refused(Exception):
+    """The request is understood and refused; the message is for the user."""
+
+
+def _int(args: dict, key: str, default: int, low: int = 0, high: int = 1 << 31) -> int:
+    value = args.get(key, default)
+    if value is None:
+        value = default
+    if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
+        raise Refused(f"{key} must be an integer from {low} to {high}")
+    return value
+
+
+def _str(args: dict, key: str, default: str = "", limit: int = 4096) -> str:
+    value = args.get(key, default)
+    if value is None:
+        value = default
+    if not isinstance(value, str) or len(value) > limit or "\x00" in value:
+        raise Refused(f"{key} must be a string of at most {limit} characters")
+    return value
+
+
+def _time_limit(head: "HeadServer", args: dict) -> float:
+    try:
+        limit = parse_time(_str(args, "time") or head.settings.default_time)
+        most = parse_time(head.settings.max_time)
+    except TimeFormatError as exc:
+        raise Refused(str(exc)) from None
+    if limit > most:
+        raise Refused(f"time limit {args.get('time')} exceeds the maximum {head.settings.max_time}")
+    return limit
+
+
+def _location(head: "HeadServer", spec: Any, side: str) -> dict:
+    """'PARTITION:/path' or 'NODE:/path' -> {partition|node, path}."""
+    from cm.transfer.paths import PathEscape, check_lexical
+
+    if not isinstance(spec, str) or ":" not in spec:
+        raise Refused(f"{side} must look like PARTITION:/path or NODE:/path, not {spec!r}")
+    where, path = spec.split(":", 1)
+    try:
+        path = check_lexical(path)
+    except PathEscape as exc:
+        raise Refused(f"{side} {spec!r}: {exc}") from None
+    if where in head.registry.nodes:
+        return {"node": where, "path": path}
+    if any(n.partition == where for n in head.registry.nodes.values()):
+        return {"partition": where, "path": path}
+    raise Refused(f"{side} {spec!r}: no partition or node named {where!r}")
+
+
+def _default_partition(head: "HeadServer") -> str:
+    partitions = sorted({n.partition for n in head.registry.nodes.values()})
+    if not partitions:
+        raise Refused("the cluster has no compute nodes yet")
+    return partitions[0]
+
+
+def submit(head: "HeadServer", caller: Caller, args: dict) -> dict:
+    policy = store.get_policy()
+    if not caller.operator and (policy.get("block_all") or caller.user in policy.get("blocked_users", [])):
+        raise Refused(f"submissions from {caller.user} are blocked by an administrator")
+    kind = _str(args, "kind", "command")
+    fields: dict[str, Any] = {
+        "user": caller.user, "uid": caller.uid, "gid": caller.gid, "kind": kind,
+        "nodes": _int(args, "nodes", 1, 1, 4096), "time_limit": _time_limit(head, args),
+        "requeue": bool(args.get("requeue", False)), "submitted": time.time(),
+        "state": JobState.HELD.value if args.get("hold") else JobState.PENDING.value,
+    }
+    if kind == "command":
+        argv = args.get("argv")
+        if not isinstance(argv, list) or not argv or not all(isinstance(a, str) for a in argv):
+            raise Refused("a command job needs a command to run")
+        env = args.get("env", [])
+        if not isinstance(env, list) or not all(
+            isinstance(p, list) and len(p) == 2 and all(isinstance(x, str) for x in p) for p in env
+        ):
+            raise Refused("env must be a list of [name, value] pairs")
+        cwd = _str(args, "cwd", "/")
+        if not os.path.isabs(cwd):
+            raise Refused(f"working directory {cwd!r} must be absolute")
+        procs = _int(args, "procs", 1, 1, 4096)
+        fields.update(
+            name=_str(args, "name", "", 200) or os.path.basename(argv[0]) or "job", argv=argv, env=env, cwd=cwd,
+            procs=procs, cpus=_int(args, "cpus", procs, 1, 1 << 16), mem_mb=_int(args, "mem_mb", 0, 0, 1 << 30),
+            partition=_str(args, "partition", "", 200) or _default_partition(head),
+            stdout=_str(args, "stdout"), stderr=_str(args, "stderr"),
+        )
+    elif kind == "sync":
+        options = args.get("options", {})
+        if not isinstance(options, dict):
+            raise Refused("options must be a map")
+        if options.get("transport", "tcp") == "rdma":
+            from cm.transfer.rdma import missing
+
+            reason = missing()
+            if reason:
+                raise Refused(f"--transport rdma is not available: {reason}")
+        elif options.get("transport", "tcp") != "tcp":
+            raise Refused(f"unknown transport {options.get('transport')!r}: use tcp or rdma")
+        src, dst = _location(head, args.get("src"), "SRC"), _location(head, args.get("dst"), "DST")
+        exclude = options.get("exclude", [])
+        if not isinstance(exclude, list) or not all(isinstance(e, str) for e in exclude):
+            raise Refused("exclude must be a list of patterns")
+        bwlimit = options.get("bwlimit")
+        if bwlimit is not None and (not isinstance(bwlimit, int) or bwlimit <= 0):
+            raise Refused("bwlimit must be a positive number of bytes per second")
+        policy_name = _str(options, "policy", "size-balanced")
+        if policy_name not in ("round-robin", "size-balanced"):
+            raise Refused(f"unknown sync policy {policy_name!r}: use round-robin or size-balanced")
+        opts = {
+            "delete": bool(options.get("delete")), "dry_run": bool(options.get("dry_run")),
+            "checksum": bool(options.get("checksum")), "exclude": exclude, "bwlimit": bwlimit,
+            "policy": policy_name, "streams": head.settings.streams, "chunk_size": head.settings.chunk_mb << 20,
+        }
+        fields.update(
+            name=_str(args, "name", "", 200) or "sync", argv=[], env=[], cwd=_str(args, "cwd", "/"),
+            partition=src.get("partition") or head.registry.nodes[src["node"]].partition,
+            sync={"src": src, "dst": dst, "options": opts, "token": secrets.token_hex(16),
+                  "transport": options.get("transport", "tcp")},
+        )
+        if src.get("node") or dst.get("node"):
+            fields["nodes"] = 1
+    else:
+        raise Refused(f"unknown job type {kind!r}")
+    if caller.operator and "priority" in args:
+        fields["priority"] = _int(args, "priority", 0, -1000, 1000)
+    probe = request_of({**fields, "_id": 0})
+    try:
+        check_feasible(probe, head.jobs.views(head.registry.nodes.values()).values())
+    except NeverFits as exc:
+        raise Refused(f"job can never run: {exc}") from None
+    fields["id"] = store.next_job_id()
+    doc = store.insert_job(fields)
+    head.jobs.add(doc)
+    head.dirty = True
+    return {"job_id": doc["_id"]}
+
+
+def _own(head: "HeadServer", caller: Caller, job_id: Any, admin: bool) -> dict:
+    if not isinstance(job_id, int) or isinstance(job_id, bool):
+        raise Refused(f"invalid job id {job_id!r}")
+    job = head.jobs.jobs.get(job_id)
+    if job is None:
+        stored = store.get_job(job_id)
+        if stored is None:
+            raise Refused(f"job {job_id} does not exist")
+        raise Refused(f"job {job_id} has already finished ({stored['state']})")
+    if not (admin or caller.operator or job["uid"] == caller.uid):
+        raise Refused(f"job {job_id} belongs to {job['user']}; you may only act on your own jobs")
+    return job
+
+
+def cancel(head: "HeadServer", caller: Caller, args: dict, admin: bool) -> dict:
+    ids = args.get("job_ids")
+    if not isinstance(ids, list) or not ids:
+        raise Refused("give at least one job id")
+    results = {}
+    for job_id in ids:
+        try:
+            _own(head, caller, job_id, admin)
+            out = Outcome()
+            results[str(job_id)] = {"ok": True, "state": head.jobs.cancel(job_id, out)}
+            head.apply(out)
+        except Refused as exc:
+            results[str(job_id)] = {"ok": False, "error": str(exc)}
+    return results
+
+
+def info(head: "HeadServer", caller: Caller, args: dict) -> dict:
+    """Nodes and jobs for cminfo: unfinished ones from memory, finished ones from the database."""
+    used = head.jobs.usage()
+    nodes = []
+    for n in sorted(head.registry.nodes.values(), key=lambda n: head.sort_key(n.name)):
+        c, m = used.get(n.name, (0, 0))
+        nodes.append({"name": n.name, "partition": n.partition, "state": head.registry.state_of(n, c).value,
+                      "cpus": n.cpus, "cpus_free": n.cpus - c, "mem_mb": n.mem_mb, "mem_free_mb": n.mem_mb - m,
+                      "reason": n.reason})
+    job_id = args.get("job_id")
+    if job_id is not None:
+        if not isinstance(job_id, int) or isinstance(job_id, bool):
+            raise Refused(f"invalid job id {job_id!r}")
+        job = head.jobs.jobs.get(job_id) or store.get_job(job_id)
+        if job is None:
+            raise Refused(f"job {job_id} does not exist")
+        return {"nodes": nodes, "jobs": [job_view(job)]}
+    since = None if args.get("all") else time.time() - 300
+    stored = {j["_id"]: j for j in store.recent_jobs(since)}
+    stored.update(head.jobs.jobs)  # memory is newer for unfinished jobs (progress)
+    jobs = [job_view(j) for _, j in sorted(stored.items())]
+    return {"nodes": nodes, "jobs": jobs}
+
+
+def _iso(ts: float | None) -> str | None:
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(ts)) if ts else None
+
+
+def job_view(job: dict) -> dict:
+    state = job["state"]
+    progress = None
+    if job["kind"] == "sync":
+        p = job.get("progress") or {}
+        if state == JobState.COMPLETED.value:
+            progress = 100.0
+        elif p.get("bytes_total"):
+            progress = round(100.0 * p["bytes_done"] / p["bytes_total"], 1)
+        elif p.get("files_total"):
+            progress = round(100.0 * p["files_done"] / p["files_total"], 1)
+        elif state in (JobState.RUNNING.value,):
+            progress = 0.0
+    started, ended = job.get("started"), job.get("ended")
+    return {
+        "id": job["_id"], "name": job["name"], "user": job["user"], "type": job["kind"], "state": state,
+        "nodes": [s["node"] for s in job.get("slots", []) if s.get("role") != "dst"]
+        + [s["node"] for s in job.get("slots", []) if s.get("role") == "dst"],
+        "exit_code": job.get("exit_code"), "progress": progress,
+        "submitted": _iso(job.get("submitted")), "started": _iso(started), "ended": _iso(ended),
+        "elapsed": ((ended or time.time()) - started) if started else None,
+        "partition": job.get("partition"), "reason": job.get("reason", ""), "time_limit": job.get("time_limit"),
+        "priority": job.get("priority", 0), "transfer": job.get("progress") if job["kind"] == "sync" else None,
+        "num_nodes": job.get("nodes"),
+    }
+
+
+def _admin(head: "HeadServer", caller: Caller, args: dict) -> bool:
+    token = head.settings.operator_token
+    if caller.operator or (token and secrets.compare_digest(str(args.get("token", "")), token)):
+        return True
+    raise Refused("this needs an administrator: root, the operator group, or the operator token")
+
+
+def control(head: "HeadServer", caller: Caller, args: dict) -> dict:
+    """Admin operations: hold/release/priority on jobs, drain/resume nodes, block/unblock users."""
+    action = _str(args, "action")
+    if action in ("hold", "release"):
+        # owners may hold and release their own pending jobs, like scontrol
+        job = _own(head, caller, args.get("job_id"), admin=False)
+        if action == "hold" and job["state"] != JobState.PENDING.value:
+            raise Refused(f"job {job['_id']} is {job['state']}; only a PENDING job can be held")
+        if action == "release" and job["state"] != JobState.HELD.value:
+            raise Refused(f"job {job['_id']} is {job['state']}; only a HELD job can be released")
+        head.jobs.hold(job["_id"], action == "hold")
+        head.dirty = True
+        return {"job_id": job["_id"], "state": head.jobs.jobs[job["_id"]]["state"]}
+    _admin(head, caller, args)
+    if action == "priority":
+        job = _own(head, caller, args.get("job_id"), admin=True)
+        value = args.get("value")
+        levels = {"high": 100, "normal": 0, "low": -100}
+        priority = levels.get(value) if isinstance(value, str) else value
+        if not isinstance(priority, int) or isinstance(priority, bool):
+            raise Refused("priority must be high, normal, low or an integer")
+        head.jobs.set_priority(job["_id"], priority)
+        head.dirty = True
+        return {"job_id": job["_id"], "priority": priority}
+    if action in ("drain", "resume"):
+        name = _str(args, "node")
+        try:
+            head.registry.set_drain(name, action == "drain", _str(args, "reason"))
+        except KeyError:
+            raise Refused(f"node {name!r} does not exist") from None
+        head.dirty = True
+        return {"node": name, "drain": action == "drain"}
+    if action in ("block", "unblock"):
+        user = _str(args, "user")
+        policy = store.get_policy()
+        blocked = set(policy.get("blocked_users", []))
+        if user in ("", "ALL"):
+            store.set_policy(block_all=action == "block")
+        else:
+            (blocked.add if action == "block" else blocked.discard)(user)
+            store.set_policy(blocked_users=sorted(blocked))
+        return {"user": user or "ALL", "blocked": action == "block"}
+    raise Refused(f"unknown action {action!r}")
+
+
+HANDLERS: dict[str, Callable[..., Any]] = {
+    "submit": submit,
+    "cancel": lambda head, caller, args: cancel(head, caller, args, admin=False),
+    "info": info,
+    "control": control,
+    "ping": lambda head, caller, args: {"pong": True, "user": caller.user},
+}
+
+
+def handle(head: "HeadServer", caller: Caller, request: Request) -> Reply:
+    handler = HANDLERS.get(request.op)
+    if handler is None:
+        return Reply(ok=False, error=f"unknown operation {request.op!r}")
+    try:
+        return Reply(ok=True, data=handler(head, caller, request.args))
+    except Refused as exc:
+        return Reply(ok=False, error=str(exc))
+    except (store.StoreError, store.DatabaseError) as exc:
+        return Reply(ok=False, error=f"database unreachable: {exc.__class__.__name__}: {str(exc)[:200]}")

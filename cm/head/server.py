@@ -1,0 +1,311 @@
+"""The head daemon's loop: node messages on a ROUTER, clients on a Unix socket.
+
+One thread owns all head state, so nothing here needs a lock. Each turn of
+the loop takes what arrived, applies it, schedules if anything changed, and
+resends commands nodes have not acknowledged.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+
+import zmq
+
+from cm import store
+from cm.config import Settings
+from cm.head.clients import ClientServer
+from cm.head.jobs import JobTable, Outcome
+from cm.head.policies import get_policy
+from cm.head.registry import Registry
+from cm.head.requests import handle
+from cm.head.resources import NodeView
+from cm.head.scheduler import Scheduler
+from cm.logs import event
+from cm.protocol import (
+    Ack,
+    Error,
+    Heartbeat,
+    Hello,
+    JobEnded,
+    JobStarted,
+    KillJob,
+    Message,
+    Progress,
+    ProtocolError,
+    Reply,
+    RunJob,
+    Welcome,
+    decode,
+    encode,
+)
+from cm.states import JobState
+
+log = logging.getLogger("cm.head")
+
+
+class HeadServer:
+    def __init__(self, settings: Settings):
+        self.settings = settings
+        self.registry = Registry(settings.heartbeat_timeout)
+        self.jobs = JobTable()
+        self.scheduler = Scheduler(get_policy(settings.policy), settings.backfill)
+        self.dirty = True
+        # commands awaiting an ack: msg id -> (node, message, last sent)
+        self.unacked: dict[str, tuple[str, Message, float]] = {}
+        self.router: zmq.Socket | None = None
+        self.clients: ClientServer | None = None
+        self.sort_key = lambda name: NodeView(name, "", 0, 0).sort_key
+
+    # --- start and loop ------------------------------------------------------
+
+    def open(self) -> None:
+        store.connect(self.settings.mongodb_uri, self.settings.db_name, self.settings.db_timeout)
+        self.registry.load()
+        self.jobs.load()
+        ctx = zmq.Context.instance()
+        self.router = ctx.socket(zmq.ROUTER)
+        self.router.linger = 0
+        self.router.router_handover = True  # a reconnecting node takes over its routing id
+        if self.settings.curve:
+            from cm.keys import secure_server
+
+            secure_server(self.router, self.settings.run_dir)
+        self.router.bind(f"tcp://{self.settings.bind_host}:{self.settings.head_port}")
+        self.clients = ClientServer(self.settings.socket_path, self.settings.operator_group)
+        self._redispatch()
+        event(log, "head listening", port=self.settings.head_port, socket=str(self.settings.socket_path))
+
+    def close(self) -> None:
+        if self.clients:
+            self.clients.shutdown()
+            self.clients = None
+        if self.router:
+            self.router.close(0)
+            self.router = None
+
+    def run(self, stop: threading.Event) -> None:
+        self.open()
+        try:
+            next_tick = 0.0
+            while not stop.is_set():
+                now = time.monotonic()
+                if now >= next_tick:
+                    self.tick(now)
+                    next_tick = now + min(0.25, self.settings.heartbeat_interval / 2)
+                timeout = 0 if self.dirty else max(0.0, min(next_tick - now, 0.25))
+                self.poll(timeout)
+                if self.dirty:
+                    self.schedule()
+        finally:
+            self.close()
+
+    def poll(self, timeout: float) -> None:
+        assert self.router is not None and self.clients is not None
+        poller = zmq.Poller()
+        poller.register(self.router, zmq.POLLIN)
+        poller.register(self.clients.listener, zmq.POLLIN)
+        for conn in self.clients.conns.values():
+            poller.register(conn.fd, zmq.POLLIN | (zmq.POLLOUT if conn.outbox else 0))
+        ready = dict(poller.poll(int(timeout * 1000)))
+        if self.router in ready:
+            self.drain_router()
+        for key, flags in ready.items():
+            if key is self.router:
+                continue
+            if key is self.clients.listener or key == self.clients.listener.fileno():
+                self.clients.accept()
+                continue
+            if flags & zmq.POLLOUT and key in self.clients.conns:
+                self.clients.flush(self.clients.conns[key])
+            if flags & zmq.POLLIN:
+                for conn, request in self.clients.read(key):
+                    try:
+                        reply = handle(self, conn.caller, request)
+                    except Exception:  # a bug in one handler must not take the head down
+                        log.exception("request failed")
+                        reply = Reply(ok=False, error="internal error in the head; see its log")
+                    self.clients.send(conn, reply)
+
+    def drain_router(self) -> None:
+        assert self.router is not None
+        for _ in range(10000):
+            try:
+                frames = self.router.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            if len(frames) != 2:
+                event(log, "dropped message with wrong framing", logging.WARNING, frames=len(frames))
+                continue
+            identity, payload = frames
+            try:
+                msg = decode(payload)
+                self.on_node_message(identity.decode("utf-8", "replace"), msg)
+            except ProtocolError as exc:
+                event(log, "bad node message", logging.WARNING, peer=identity[:64].hex(), error=str(exc))
+                self._send_raw(identity, Error(ref="", message=f"bad message: {exc}"))
+            except (store.StoreError, store.DatabaseError) as exc:
+                event(log, "database error handling a node message", logging.ERROR, error=str(exc)[:300])
+
+    # --- node messages -------------------------------------------------------
+
+    def on_node_message(self, peer: str, msg: Message) -> None:
+        node = getattr(msg, "node", peer)
+        if node != peer:
+            self.send(peer, Error(ref=msg.id, message=f"node field {node!r} does not match routing id"))
+            return
+        now = time.monotonic()
+        out = Outcome()
+        if isinstance(msg, Hello):
+            self.on_hello(msg, now, out)
+        elif isinstance(msg, Heartbeat):
+            if not self.registry.seen(peer, now):
+                self.send(peer, Error(ref=msg.id, message="unknown node: say hello"))
+                return
+            for job_id in msg.running:
+                if not self._runs_on(job_id, peer):
+                    out.kill.append((peer, job_id, JobState.CANCELLED.value))
+        elif not self.registry.seen(peer, now):
+            self.send(peer, Error(ref=msg.id, message="unknown node: say hello"))
+            return
+        elif isinstance(msg, JobStarted):
+            self._drop_unacked(peer, msg.job_id, RunJob)
+            self.jobs.started(msg.job_id, peer, msg.run, self.addrs(), out)
+            self.send(peer, Ack(ref=msg.id))
+        elif isinstance(msg, JobEnded):
+            try:
+                state = JobState(msg.state)
+            except ValueError:
+                self.send(peer, Error(ref=msg.id, message=f"unknown state {msg.state!r}"))
+                return
+            if not state.final:
+                self.send(peer, Error(ref=msg.id, message=f"state {msg.state} is not final"))
+                return
+            self._drop_unacked(peer, msg.job_id, RunJob)
+            self.jobs.ended(msg.job_id, peer, msg.run, state, msg.exit_code, msg.reason, out)
+            self.send(peer, Ack(ref=msg.id))
+            self.dirty = True
+        elif isinstance(msg, Progress):
+            self.jobs.progress(msg.job_id, peer, msg.run, {
+                "bytes_done": msg.bytes_done, "bytes_total": msg.bytes_total, "files_done": msg.files_done,
+                "files_total": msg.files_total, "rate": msg.rate})
+        elif isinstance(msg, Ack):
+            self.unacked.pop(msg.ref, None)
+        elif isinstance(msg, Error):
+            event(log, "node reported an error", logging.WARNING, node=peer, ref=msg.ref, error=msg.message)
+        else:
+            self.send(peer, Error(ref=msg.id, message=f"{msg.TYPE} is not a node-to-head message"))
+        self.apply(out)
+
+    def on_hello(self, msg: Hello, now: float, out: Outcome) -> None:
+        _, restarted = self.registry.hello(msg, now)
+        if restarted:
+            self.jobs.node_lost(msg.node, "node daemon restarted", out)
+        kill = []
+        for job_id in msg.running:
+            if self._runs_on(job_id, msg.node):
+                self.jobs.started(job_id, msg.node, self.jobs.jobs[job_id]["runs"], self.addrs(), out)
+            else:
+                kill.append(job_id)
+        self.send(msg.node, Welcome(heartbeat_interval=self.settings.heartbeat_interval, kill=kill))
+        # whatever it missed while away, send again now
+        for msg_id, (target, command, _) in list(self.unacked.items()):
+            if target == msg.node:
+                self.send(target, command)
+                self.unacked[msg_id] = (target, command, time.monotonic())
+        self.dirty = True
+
+    def _runs_on(self, job_id: int, node: str) -> bool:
+        job = self.jobs.jobs.get(job_id)
+        return job is not None and any(s["node"] == node and not s["ended"] for s in job["slots"])
+
+    # --- sending -------------------------------------------------------------
+
+    def _send_raw(self, identity: bytes, msg: Message) -> None:
+        assert self.router is not None
+        try:
+            self.router.send_multipart([identity, encode(msg)], zmq.NOBLOCK)
+        except zmq.ZMQError:
+            pass  # peer gone; reliable commands are resent from self.unacked
+
+    def send(self, node: str, msg: Message) -> None:
+        self._send_raw(node.encode(), msg)
+
+    def command(self, node: str, msg: Message) -> None:
+        """Send a command that must be acknowledged; resent until it is."""
+        self.unacked[msg.id] = (node, msg, time.monotonic())
+        info = self.registry.nodes.get(node)
+        if info is not None and info.alive:
+            self.send(node, msg)
+
+    def _drop_unacked(self, node: str, job_id: int, kind: type) -> None:
+        for msg_id, (target, command, _) in list(self.unacked.items()):
+            if target == node and isinstance(command, kind) and getattr(command, "job_id", None) == job_id:
+                del self.unacked[msg_id]
+
+    def apply(self, out: Outcome) -> None:
+        for node, job_id, spec in out.run:
+            self.command(node, RunJob(job_id=job_id, spec=spec))
+        for node, job_id, state in out.kill:
+            self._drop_unacked(node, job_id, RunJob)  # never start what is being stopped
+            self.command(node, KillJob(job_id=job_id, state=state))
+        if out.finished or out.kill:
+            self.dirty = True
+
+    def addrs(self) -> dict[str, str]:
+        return {n.name: n.transfer_addr for n in self.registry.nodes.values()}
+
+    # --- timers and scheduling -----------------------------------------------
+
+    def tick(self, now: float) -> None:
+        try:
+            out = Outcome()
+            for node in self.registry.expire(now):
+                self.jobs.node_lost(node.name, f"node {node.name} stopped answering", out)
+                self.dirty = True
+            self.apply(out)
+        except (store.StoreError, store.DatabaseError) as exc:
+            event(log, "database error in timers", logging.ERROR, error=str(exc)[:300])
+        retry = self.settings.dispatch_retry
+        for msg_id, (node, command, sent) in list(self.unacked.items()):
+            info = self.registry.nodes.get(node)
+            if now - sent >= retry and info is not None and info.alive:
+                self.send(node, command)
+                self.unacked[msg_id] = (node, command, now)
+
+    def schedule(self) -> None:
+        self.dirty = False
+        pending = self.jobs.pending()
+        if not pending:
+            return
+        try:
+            nodes = self.jobs.views(self.registry.nodes.values())
+            plan = self.scheduler.plan(pending, nodes, self.jobs.running(), time.time())
+            out = Outcome()
+            addrs = self.addrs()
+            for request, assignment in plan:
+                self.jobs.dispatch(request.job_id, assignment, addrs, out)
+            self.apply(out)
+        except (store.StoreError, store.DatabaseError) as exc:
+            event(log, "database error while scheduling", logging.ERROR, error=str(exc)[:300])
+            self.dirty = True
+
+    def _redispatch(self) -> None:
+        """After a restart: resend what unfinished jobs were waiting for (nodes ignore repeats)."""
+        out = Outcome()
+        addrs = self.addrs()
+        for job in self.jobs.jobs.values():
+            if not JobState(job["state"]).active:
+                continue
+            dst_ready = all(s["started"] for s in job["slots"] if s["role"] == "dst")
+            for s in job["slots"]:
+                if s["ended"]:
+                    continue
+                if s["role"] == "src" and not dst_ready:
+                    continue
+                if s["role"] == "src":
+                    job["src_sent"] = True
+                out.run.append((s["node"], job["_id"], self.jobs.spec(job, s, addrs)))
+        self.apply(out)
+

@@ -1,0 +1,353 @@
+"""The compute daemon's loop: talk to the head, run what it says, report what ended.
+
+Reports that matter (a job started, a job ended) wait in an outbox and are
+resent until the head acknowledges them, so a head that was away when a job
+ended still hears of it. Commands from the head are idempotent: a repeated
+RunJob for a job already running here only repeats the JobStarted.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import logging
+import os
+import threading
+import time
+from pathlib import Path
+
+import zmq
+
+from cm import __version__
+from cm.config import Settings
+from cm.logs import event
+from cm.node import launch
+from cm.node.purge import Purge, Tracked
+from cm.node.resources import measure
+from cm.node.sync import last_line, start_sender
+from cm.protocol import (
+    Ack,
+    Error,
+    Heartbeat,
+    Hello,
+    JobEnded,
+    JobStarted,
+    KillJob,
+    Message,
+    Progress,
+    ProtocolError,
+    RunJob,
+    Welcome,
+    decode,
+    encode,
+    new_id,
+)
+from cm.states import JobState
+
+log = logging.getLogger("cm.node")
+REMEMBER = 10000  # finished (job, run) pairs kept to ignore repeated commands
+
+
+class NodeAgent:
+    def __init__(self, settings: Settings, transfer=None, wakeup_fd: int | None = None):
+        self.settings = settings
+        self.name = settings.name
+        self.transfer = transfer  # this node's TransferServer, if it receives syncs
+        self.wakeup_fd = wakeup_fd
+        self.incarnation = new_id()
+        self.purge = Purge(settings.kill_grace)
+        self.outbox: dict[str, tuple[Message, float]] = {}
+        self.finished: collections.OrderedDict[tuple[int, int], None] = collections.OrderedDict()
+        self.receiving: dict[int, tuple[int, str]] = {}  # job -> (run, transfer id)
+        self.senders: dict[int, dict] = {}  # job -> {proc, buffer, report, sent_at, err, run}
+        self.welcomed = False
+        self.dealer: zmq.Socket | None = None
+        self.cpus, self.mem_mb = measure(settings.cpus, settings.mem_mb)
+        self.state_file = Path(settings.run_dir) / f"{self.name}.jobs.json"
+
+    # --- loop ------------------------------------------------------------------
+
+    def open(self) -> None:
+        self._kill_orphans()
+        ctx = zmq.Context.instance()
+        self.dealer = ctx.socket(zmq.DEALER)
+        self.dealer.linger = 0
+        self.dealer.identity = self.name.encode()
+        self.dealer.reconnect_ivl = 100
+        self.dealer.reconnect_ivl_max = 2000
+        self.dealer.sndhwm = 10000
+        if self.settings.curve:
+            from cm.keys import secure_client
+
+            secure_client(self.dealer, self.settings.run_dir, self.name)
+        self.dealer.connect(f"tcp://{self.settings.head_host}:{self.settings.head_port}")
+        event(log, "node started", node=self.name, cpus=self.cpus, mem_mb=self.mem_mb,
+              head=f"{self.settings.head_host}:{self.settings.head_port}")
+
+    def run(self, stop: threading.Event) -> None:
+        self.open()
+        try:
+            next_hello = next_beat = 0.0
+            while not stop.is_set():
+                now = time.monotonic()
+                if not self.welcomed and now >= next_hello:
+                    self.send(self._hello())
+                    next_hello = now + min(1.0, self.settings.heartbeat_interval)
+                if self.welcomed and now >= next_beat:
+                    self.send(Heartbeat(node=self.name, running=self.running()))
+                    next_beat = now + self.settings.heartbeat_interval
+                self._resend(now)
+                self.poll(0.1)
+                self._reap(time.monotonic())
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        now = time.monotonic()
+        self.purge.stop_all(now)
+        deadline = now + self.settings.kill_grace + 1
+        while self.purge.jobs and time.monotonic() < deadline:
+            self.purge.tick(time.monotonic())
+            time.sleep(0.05)
+        if self.dealer is not None:
+            self.dealer.close(0)
+            self.dealer = None
+
+    def poll(self, timeout: float) -> None:
+        assert self.dealer is not None
+        poller = zmq.Poller()
+        poller.register(self.dealer, zmq.POLLIN)
+        if self.wakeup_fd is not None:
+            poller.register(self.wakeup_fd, zmq.POLLIN)
+        for job_id, s in self.senders.items():
+            poller.register(s["proc"].stdout.fileno(), zmq.POLLIN)
+        deadline = self.purge.next_deadline()
+        if deadline is not None:
+            timeout = max(0.0, min(timeout, deadline - time.monotonic()))
+        ready = dict(poller.poll(int(timeout * 1000)))
+        if self.wakeup_fd is not None and self.wakeup_fd in ready:
+            try:
+                os.read(self.wakeup_fd, 4096)  # SIGCHLD arrived: _reap will look
+            except BlockingIOError:
+                pass
+        if self.dealer in ready:
+            for _ in range(1000):
+                try:
+                    payload = self.dealer.recv(zmq.NOBLOCK)
+                except zmq.Again:
+                    break
+                try:
+                    self.on_message(decode(payload))
+                except ProtocolError as exc:
+                    event(log, "bad message from head", logging.WARNING, error=str(exc))
+        for job_id, s in list(self.senders.items()):
+            if s["proc"].stdout.fileno() in ready:
+                self._read_progress(job_id, s)
+
+    # --- messages --------------------------------------------------------------
+
+    def send(self, msg: Message) -> None:
+        assert self.dealer is not None
+        try:
+            self.dealer.send(encode(msg), zmq.NOBLOCK)
+        except zmq.Again:
+            pass  # head unreachable and queue full; reliable messages are resent
+
+    def report(self, msg: Message) -> None:
+        """Send a message that must reach the head: kept until acknowledged."""
+        self.outbox[msg.id] = (msg, time.monotonic())
+        self.send(msg)
+
+    def _resend(self, now: float) -> None:
+        for msg_id, (msg, sent) in list(self.outbox.items()):
+            if now - sent >= self.settings.dispatch_retry:
+                self.outbox[msg_id] = (msg, now)
+                self.send(msg)
+
+    def _hello(self) -> Hello:
+        host = self.settings.transfer_host or self.name
+        port = self.transfer.port if self.transfer is not None else 0
+        return Hello(node=self.name, partition=self.settings.partition, cpus=self.cpus, mem_mb=self.mem_mb,
+                     version=__version__, running=self.running(), transfer_addr=f"{host}:{port}",
+                     data_root=str(Path(self.settings.data_root).resolve()), incarnation=self.incarnation)
+
+    def running(self) -> list[int]:
+        return sorted({*self.purge.jobs, *self.receiving})
+
+    def on_message(self, msg: Message) -> None:
+        if isinstance(msg, Welcome):
+            self.welcomed = True
+            for job_id in msg.kill:
+                self.stop(job_id, JobState.CANCELLED, "the head does not know this job")
+            for m, _ in list(self.outbox.values()):
+                self.send(m)
+        elif isinstance(msg, Ack):
+            self.outbox.pop(msg.ref, None)
+        elif isinstance(msg, Error):
+            if "hello" in msg.message:
+                self.welcomed = False
+            else:
+                event(log, "head reported an error", logging.WARNING, ref=msg.ref, error=msg.message)
+        elif isinstance(msg, RunJob):
+            self.send(Ack(ref=msg.id))
+            self.run_job(msg.job_id, msg.spec)
+        elif isinstance(msg, KillJob):
+            self.send(Ack(ref=msg.id))
+            try:
+                state = JobState(msg.state)
+            except ValueError:
+                state = JobState.CANCELLED
+            self.stop(msg.job_id, state, msg.reason or f"stopped by the head ({state.value})")
+        else:
+            event(log, "unexpected message from head", logging.WARNING, type=msg.TYPE)
+
+    # --- jobs ------------------------------------------------------------------
+
+    def run_job(self, job_id: int, spec: dict) -> None:
+        run = spec.get("run", 0)
+        if (job_id, run) in self.finished:
+            return
+        tracked = self.purge.jobs.get(job_id)
+        if (tracked and tracked.run == run) or self.receiving.get(job_id, (None,))[0] == run:
+            self.report(JobStarted(job_id=job_id, node=self.name, run=run))
+            return
+        try:
+            if spec.get("kind") == "sync":
+                self._start_sync(job_id, spec)
+            else:
+                procs = launch.start(spec, self.name, job_id)
+                self.purge.add(Tracked(job_id, run, procs, time.monotonic() + float(spec["time_limit"])))
+        except (launch.LaunchError, KeyError, TypeError, ValueError) as exc:
+            reason = str(exc) if isinstance(exc, launch.LaunchError) else f"bad job spec: {exc!r}"
+            event(log, "job failed to start", logging.WARNING, job=job_id, reason=reason)
+            self._remember(job_id, run)
+            self.report(JobEnded(job_id=job_id, node=self.name, run=run, state=JobState.FAILED.value,
+                                 exit_code=127, reason=reason))
+            return
+        self.report(JobStarted(job_id=job_id, node=self.name, run=run))
+        self._save_state()
+        event(log, "job started", job=job_id, run=run, kind=spec.get("kind"), role=spec.get("role"))
+
+    def _start_sync(self, job_id: int, spec: dict) -> None:
+        transfer = spec["transfer"]
+        if spec["role"] == "dst":
+            if self.transfer is None:
+                raise launch.LaunchError(f"{self.name} has no mover running")
+            from cm.transfer.paths import PathEscape
+
+            try:
+                self.transfer.register(transfer["transfer_id"], transfer["token"], Path(self.settings.data_root),
+                                       transfer["dst_path"])
+            except PathEscape as exc:
+                raise launch.LaunchError(f"destination refused: {exc}") from None
+            self.receiving[job_id] = (spec["run"], transfer["transfer_id"])
+            return
+        proc, err = start_sender(spec, self.name, job_id, str(Path(self.settings.data_root).resolve()))
+        self.senders[job_id] = {"proc": proc, "buffer": b"", "report": None, "sent_at": 0.0, "err": err,
+                                "run": spec["run"], "stats": {}}
+        self.purge.add(Tracked(job_id, spec["run"], [proc], time.monotonic() + float(spec["time_limit"]),
+                               on_end=lambda: self._close_sender(job_id)))
+
+    def stop(self, job_id: int, state: JobState, reason: str) -> None:
+        if job_id in self.receiving:
+            run, transfer_id = self.receiving.pop(job_id)
+            if self.transfer is not None:
+                self.transfer.unregister(transfer_id)
+            self._remember(job_id, run)
+        self.purge.stop(job_id, state, reason, time.monotonic())
+
+    def _reap(self, now: float) -> None:
+        ended = self.purge.tick(now)
+        for f in ended:
+            self._remember(f.job_id, f.run)
+            reason = f.reason
+            sender = self.senders.pop(f.job_id, None)
+            if sender is not None and f.state == JobState.FAILED and not reason:
+                reason = last_line(sender["err"])
+            self.report(JobEnded(job_id=f.job_id, node=self.name, run=f.run, state=f.state.value,
+                                 exit_code=f.exit_code, reason=reason))
+            event(log, "job ended", job=f.job_id, state=f.state.value, exit_code=f.exit_code)
+        if ended:
+            self._save_state()
+
+    def _remember(self, job_id: int, run: int) -> None:
+        self.finished[(job_id, run)] = None
+        while len(self.finished) > REMEMBER:
+            self.finished.popitem(last=False)
+
+    # --- sync progress -----------------------------------------------------------
+
+    def _read_progress(self, job_id: int, s: dict) -> None:
+        try:
+            chunk = os.read(s["proc"].stdout.fileno(), 1 << 16)
+        except (BlockingIOError, OSError):
+            return
+        lines = (s["buffer"] + chunk).split(b"\n")
+        s["buffer"] = lines.pop()
+        for line in lines:
+            try:
+                report = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(report, dict):
+                if report.get("done"):
+                    s["stats"] = report
+                else:
+                    s["report"] = report
+        now = time.monotonic()
+        if s["report"] and (now - s["sent_at"] >= 0.5 or s["stats"]):
+            s["sent_at"] = now
+            self._send_progress(job_id, s)
+
+    def _send_progress(self, job_id: int, s: dict) -> None:
+        r = s["report"] or {}
+        try:
+            msg = Progress(job_id=job_id, node=self.name, run=s["run"], bytes_done=int(r.get("bytes_done", 0)),
+                           bytes_total=int(r.get("bytes_total", 0)), files_done=int(r.get("files_done", 0)),
+                           files_total=int(r.get("files_total", 0)), rate=float(r.get("rate", 0.0)),
+                           stats={k: v for k, v in s["stats"].items() if k != "would"} if s["stats"] else {})
+        except (TypeError, ValueError):
+            return
+        if s["stats"]:
+            self.report(msg)  # the final counters must arrive
+        else:
+            self.send(msg)
+
+    def _close_sender(self, job_id: int) -> None:
+        s = self.senders.get(job_id)
+        if s is None:
+            return
+        self._read_progress(job_id, s)
+        if s["stats"] and not s["report"]:
+            s["report"] = {}
+        if s["stats"]:
+            self._send_progress(job_id, s)
+        s["proc"].stdout.close()
+
+    # --- surviving our own restart -----------------------------------------------
+
+    def _save_state(self) -> None:
+        """Process groups of running jobs, so a restarted daemon can stop orphans."""
+        groups = {str(j.job_id): [p.pid for p in j.procs] for j in self.purge.jobs.values()}
+        tmp = self.state_file.with_suffix(".tmp")
+        try:
+            tmp.write_text(json.dumps(groups))
+            os.replace(tmp, self.state_file)
+        except OSError as exc:
+            event(log, "cannot save node state", logging.WARNING, error=str(exc))
+
+    def _kill_orphans(self) -> None:
+        import signal
+
+        try:
+            groups = json.loads(self.state_file.read_text())
+        except (OSError, ValueError):
+            return
+        for job_id, pids in groups.items():
+            for pid in pids:
+                try:
+                    os.killpg(pid, signal.SIGKILL)
+                    event(log, "killed orphan of a previous daemon", job=job_id, pgid=pid)
+                except (ProcessLookupError, PermissionError):
+                    pass
+        self.state_file.unlink(missing_ok=True)

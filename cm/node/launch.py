@@ -1,0 +1,113 @@
+"""Starting a command job's processes on this node, as the submitting user.
+
+Output files are opened by a tiny shell after it has become the user, so
+they belong to the user and honour the user's permissions; they close when
+the process ends.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from pathlib import Path
+
+# $1/$2: stdout/stderr paths; the rest is the command, executed without a shell's interpretation
+_WRAPPER = 'exec >"$1" 2>"$2" </dev/null || exit 126; shift 2; exec "$@"'
+
+
+class LaunchError(RuntimeError):
+    """The job cannot start here; the message says why, for the user."""
+
+
+def expand(pattern: str, job_id: int, node: str, rank: int, name: str, user: str) -> str:
+    """Slurm-style %j %n %t %x %u (and %% for a percent sign)."""
+    out, i = [], 0
+    table = {"j": str(job_id), "n": node, "t": str(rank), "x": name, "u": user, "%": "%"}
+    while i < len(pattern):
+        c = pattern[i]
+        if c == "%" and i + 1 < len(pattern) and pattern[i + 1] in table:
+            out.append(table[pattern[i + 1]])
+            i += 2
+        else:
+            out.append(c)
+            i += 1
+    return "".join(out)
+
+
+def log_paths(spec: dict, node: str, job_id: int, rank: int) -> tuple[Path, Path]:
+    cwd = Path(spec["cwd"])
+    defaults = {"stdout": f"cmlogs/{job_id}/{node}/{rank}.out", "stderr": f"cmlogs/{job_id}/{node}/{rank}.err"}
+    paths = []
+    for key in ("stdout", "stderr"):
+        pattern = spec.get(key) or defaults[key]
+        paths.append(cwd / expand(pattern, job_id, node, rank, spec["name"], spec["user"]))
+    return paths[0], paths[1]
+
+
+def _make_dirs(directory: Path, uid: int, gid: int) -> None:
+    """Create directory and its missing parents, owned by the user."""
+    missing = []
+    parent = directory
+    while not parent.exists():
+        missing.append(parent)
+        parent = parent.parent
+    for d in reversed(missing):
+        try:
+            d.mkdir()
+        except FileExistsError:
+            continue
+        if os.geteuid() == 0:
+            os.chown(d, uid, gid)
+
+
+def start(spec: dict, node: str, job_id: int) -> list[subprocess.Popen]:
+    """Start every process of this node's share; raise LaunchError if none can start."""
+    uid, gid = spec["uid"], spec["gid"]
+    as_root = os.geteuid() == 0
+    if not as_root and uid != os.geteuid():
+        raise LaunchError(f"this node's daemon is not root and cannot run jobs as uid {uid}")
+    cwd = Path(spec["cwd"])
+    if not cwd.is_dir():
+        raise LaunchError(f"working directory {cwd} does not exist on {node}")
+    procs_per_node, node_rank = spec["procs"], spec["rank"]
+    base_env = dict(spec["env"])
+    base_env.update(
+        CM_JOB_ID=str(job_id), CM_JOB_NAME=spec["name"], CM_NODE_RANK=str(node_rank),
+        CM_NNODES=str(spec["nnodes"]), CM_NODELIST=",".join(spec["nodelist"]), CM_NODENAME=node,
+        CM_PROCS_PER_NODE=str(procs_per_node), CM_NPROCS=str(procs_per_node * spec["nnodes"]),
+        CM_CPUS_ON_NODE=str(spec.get("cpus", procs_per_node)), CM_SUBMIT_DIR=str(cwd),
+    )
+    extra = {}
+    if as_root:
+        extra = {"user": uid, "group": gid, "extra_groups": _groups_of(uid, gid)}
+    procs = []
+    try:
+        for local in range(procs_per_node):
+            rank = node_rank * procs_per_node + local
+            out, err = log_paths(spec, node, job_id, rank)
+            for p in {out.parent, err.parent}:
+                _make_dirs(p, uid, gid)
+            env = {**base_env, "CM_PROC_RANK": str(rank), "CM_LOCAL_RANK": str(local)}
+            procs.append(
+                subprocess.Popen(
+                    ["/bin/sh", "-c", _WRAPPER, "cm-job", str(out), str(err), *spec["argv"]],
+                    cwd=cwd, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                    stderr=subprocess.DEVNULL, start_new_session=True, close_fds=True, **extra,
+                )
+            )
+    except OSError as exc:
+        for p in procs:
+            p.kill()
+            p.wait()
+        raise LaunchError(f"cannot start the job on {node}: {exc}") from None
+    return procs
+
+
+def _groups_of(uid: int, gid: int) -> list[int]:
+    import pwd
+
+    try:
+        name = pwd.getpwuid(uid).pw_name
+    except KeyError:
+        return []
+    return [g for g in os.getgrouplist(name, gid) if g != gid]

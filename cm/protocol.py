@@ -1,0 +1,252 @@
+"""The wire protocol: every message type, its schema, and encode/decode.
+
+A message on the wire is a msgpack map ``{"v": VERSION, "t": TYPE, "id": MSGID,
+...fields}``. Each type below is a frozen dataclass; its annotations are its
+schema. ``decode`` turns bytes into one of these or raises ProtocolError, so
+nothing that does not fit a schema gets past the socket. No pickle anywhere.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import typing
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import msgpack
+
+VERSION = 1
+MAX_MESSAGE = 16 * 1024 * 1024
+
+
+class ProtocolError(ValueError):
+    """Bytes that are not a valid cm message."""
+
+
+def new_id() -> str:
+    return os.urandom(8).hex()
+
+
+@dataclass(frozen=True)
+class Message:
+    TYPE: ClassVar[str] = ""
+    id: str = field(default_factory=new_id, kw_only=True)
+
+
+# --- node -> head -----------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Hello(Message):
+    TYPE = "hello"
+    node: str
+    partition: str
+    cpus: int
+    mem_mb: int
+    version: str
+    running: list[int]
+    transfer_addr: str  # host:port of this node's mover
+    data_root: str
+    incarnation: str  # new on every daemon start: tells a reconnect from a restart
+
+
+@dataclass(frozen=True)
+class Heartbeat(Message):
+    TYPE = "heartbeat"
+    node: str
+    running: list[int]
+
+
+@dataclass(frozen=True)
+class JobStarted(Message):
+    TYPE = "job_started"
+    job_id: int
+    node: str
+    run: int  # which dispatch of the job (a requeued job runs again)
+
+
+@dataclass(frozen=True)
+class JobEnded(Message):
+    """A job's processes on one node are gone; ``state`` is what ended them."""
+
+    TYPE = "job_ended"
+    job_id: int
+    node: str
+    run: int
+    state: str  # a final JobState name
+    exit_code: int
+    reason: str = ""
+
+
+@dataclass(frozen=True)
+class Progress(Message):
+    TYPE = "progress"
+    job_id: int
+    node: str
+    run: int
+    bytes_done: int
+    bytes_total: int
+    files_done: int
+    files_total: int
+    rate: float
+    stats: dict[str, Any] = field(default_factory=dict)  # final counters of a sync part
+
+
+# --- head -> node -----------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Welcome(Message):
+    TYPE = "welcome"
+    heartbeat_interval: float
+    kill: list[int]  # jobs the node reported that must not run (reconciliation)
+
+
+@dataclass(frozen=True)
+class RunJob(Message):
+    """Start this node's share of a job. Idempotent: keyed by job_id."""
+
+    TYPE = "run_job"
+    job_id: int
+    spec: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class KillJob(Message):
+    """Stop a job's processes here and report them with ``state``. Idempotent."""
+
+    TYPE = "kill_job"
+    job_id: int
+    state: str  # CANCELLED, TIMEOUT or NODE_FAIL
+    reason: str = ""
+
+
+# --- both ways --------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Ack(Message):
+    TYPE = "ack"
+    ref: str
+
+
+@dataclass(frozen=True)
+class Error(Message):
+    TYPE = "error"
+    ref: str
+    message: str
+
+
+# --- client <-> head (Unix socket) ------------------------------------------
+
+
+@dataclass(frozen=True)
+class Request(Message):
+    """A command from a client. ``op`` names the operation, ``args`` its arguments."""
+
+    TYPE = "request"
+    op: str
+    args: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class Reply(Message):
+    TYPE = "reply"
+    ok: bool
+    data: Any = None
+    error: str = ""
+
+
+TYPES: dict[str, type[Message]] = {
+    cls.TYPE: cls
+    for cls in (Hello, Heartbeat, JobStarted, JobEnded, Progress, Welcome, RunJob, KillJob, Ack, Error, Request, Reply)
+}
+
+
+def _conforms(value: Any, hint: Any) -> bool:
+    origin = typing.get_origin(hint)
+    if hint is Any:
+        return True
+    if origin is list:
+        (item,) = typing.get_args(hint)
+        return isinstance(value, list) and all(_conforms(v, item) for v in value)
+    if origin is dict:
+        key, item = typing.get_args(hint)
+        return isinstance(value, dict) and all(_conforms(k, key) and _conforms(v, item) for k, v in value.items())
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, hint)
+
+
+_HINTS = {cls: typing.get_type_hints(cls) for cls in TYPES.values()}
+_FIELDS = {cls: [f for f in dataclasses.fields(cls) if f.name != "id"] for cls in TYPES.values()}
+
+
+def encode(msg: Message) -> bytes:
+    body = {"v": VERSION, "t": msg.TYPE, "id": msg.id}
+    for f in _FIELDS[type(msg)]:
+        body[f.name] = getattr(msg, f.name)
+    return msgpack.packb(body, use_bin_type=True)
+
+
+def decode(data: bytes) -> Message:
+    """Parse and validate one message; raise ProtocolError with the reason."""
+    if len(data) > MAX_MESSAGE:
+        raise ProtocolError(f"message of {len(data)} bytes exceeds {MAX_MESSAGE}")
+    try:
+        body = msgpack.unpackb(data, raw=False, strict_map_key=False)
+    except Exception as exc:  # msgpack raises several unrelated types for garbage
+        raise ProtocolError(f"not msgpack: {exc.__class__.__name__}") from None
+    if not isinstance(body, dict):
+        raise ProtocolError("message is not a map")
+    if body.get("v") != VERSION:
+        raise ProtocolError(f"protocol version {body.get('v')!r}, expected {VERSION}")
+    cls = TYPES.get(body.get("t"))  # type: ignore[arg-type]
+    if cls is None:
+        raise ProtocolError(f"unknown message type {body.get('t')!r}")
+    msg_id = body.get("id")
+    if not isinstance(msg_id, str) or not msg_id:
+        raise ProtocolError("message id missing")
+    hints = _HINTS[cls]
+    kwargs: dict[str, Any] = {}
+    for f in _FIELDS[cls]:
+        if f.name not in body:
+            if f.default is dataclasses.MISSING:
+                raise ProtocolError(f"{cls.TYPE}: field {f.name!r} missing")
+            continue
+        value = body[f.name]
+        if not _conforms(value, hints[f.name]):
+            raise ProtocolError(f"{cls.TYPE}: field {f.name!r} has the wrong type")
+        kwargs[f.name] = value
+    extra = set(body) - {"v", "t", "id"} - {f.name for f in _FIELDS[cls]}
+    if extra:
+        raise ProtocolError(f"{cls.TYPE}: unknown fields {sorted(extra)}")
+    return cls(id=msg_id, **kwargs)
+
+
+# --- framing on stream sockets (the client's Unix socket) --------------------
+
+FRAME_HEADER = 4
+
+
+def frame(msg: Message) -> bytes:
+    """A message prefixed by its length (4 bytes, big-endian)."""
+    body = encode(msg)
+    return len(body).to_bytes(FRAME_HEADER, "big") + body
+
+
+def unframe(buffer: bytearray) -> bytes | None:
+    """Take one whole frame's body off the front of buffer, or None if incomplete."""
+    if len(buffer) < FRAME_HEADER:
+        return None
+    size = int.from_bytes(buffer[:FRAME_HEADER], "big")
+    if size > MAX_MESSAGE:
+        raise ProtocolError(f"frame of {size} bytes exceeds {MAX_MESSAGE}")
+    if len(buffer) < FRAME_HEADER + size:
+        return None
+    body = bytes(buffer[FRAME_HEADER : FRAME_HEADER + size])
+    del buffer[: FRAME_HEADER + size]
+    return body

@@ -1,0 +1,37 @@
+"""Storage: mongoengine documents and the atomic updates on them."""
+
+from cm.store.jobs import (
+    DatabaseError,
+    StoreError,
+    active_jobs,
+    all_nodes,
+    connect,
+    disconnect,
+    get_job,
+    get_policy,
+    insert_job,
+    next_job_id,
+    recent_jobs,
+    save_node,
+    set_policy,
+    transition,
+    update_job,
+)
+
+__all__ = [
+    "DatabaseError",
+    "StoreError",
+    "active_jobs",
+    "all_nodes",
+    "connect",
+    "disconnect",
+    "get_job",
+    "get_policy",
+    "insert_job",
+    "next_job_id",
+    "recent_jobs",
+    "save_node",
+    "set_policy",
+    "transition",
+    "update_job",
+]

@@ -1,0 +1,103 @@
+"""The MongoDB documents. Collection names live here and nowhere else."""
+
+from __future__ import annotations
+
+from mongoengine import (
+    BooleanField,
+    DictField,
+    Document,
+    EmbeddedDocument,
+    EmbeddedDocumentListField,
+    FloatField,
+    IntField,
+    ListField,
+    StringField,
+)
+
+from cm.states import JobState
+
+JOB_STATES = [s.value for s in JobState]
+
+
+class Slot(EmbeddedDocument):
+    """One node's share of a job: what it was given and how it ended there."""
+
+    node = StringField(required=True)
+    rank = IntField(required=True)
+    role = StringField(default="run", choices=["run", "src", "dst"])
+    cpus = IntField(required=True)
+    mem_mb = IntField(required=True)
+    started = BooleanField(default=False)
+    ended = BooleanField(default=False)
+    state = StringField(choices=JOB_STATES + [""], default="")
+    exit_code = IntField(default=0)
+
+
+class Job(Document):
+    meta = {
+        "collection": "jobs",
+        "indexes": [("state", "-priority", "submitted"), "user"],
+        "auto_create_index": False,
+    }
+    id = IntField(primary_key=True)
+    name = StringField(required=True)
+    user = StringField(required=True)
+    uid = IntField(required=True)
+    gid = IntField(required=True)
+    kind = StringField(required=True, choices=["command", "sync"])
+    state = StringField(required=True, choices=JOB_STATES)
+    priority = IntField(default=0)
+    partition = StringField(required=True)
+    nodes = IntField(required=True)
+    procs = IntField(default=1)
+    cpus = IntField(default=1)
+    mem_mb = IntField(default=0)
+    time_limit = FloatField(required=True)  # seconds
+    cwd = StringField(default="/")
+    argv = ListField(StringField())
+    env = ListField(ListField(StringField()))  # [[name, value]]: names may hold '.', not a valid key
+    stdout = StringField(default="")
+    stderr = StringField(default="")
+    requeue = BooleanField(default=False)
+    submitted = FloatField(required=True)
+    started = FloatField()
+    ended = FloatField()
+    exit_code = IntField()
+    reason = StringField(default="")
+    slots = EmbeddedDocumentListField(Slot)
+    sync = DictField()  # src, dst, options, token; only for kind == "sync"
+    progress = DictField()  # bytes_done, bytes_total, files_done, files_total, rate; per node merged
+    runs = IntField(default=0)  # times dispatched (requeue counts)
+
+
+class Node(Document):
+    """A compute node as last reported. Liveness is the head's memory; this is for restarts."""
+
+    meta = {"collection": "nodes", "auto_create_index": False}
+    id = StringField(primary_key=True)  # node name
+    partition = StringField(required=True)
+    cpus = IntField(required=True)
+    mem_mb = IntField(required=True)
+    state = StringField(choices=["UP", "DOWN"], default="DOWN")  # liveness at the last change
+    drain = BooleanField(default=False)
+    reason = StringField(default="")
+    transfer_addr = StringField(default="")
+    data_root = StringField(default="")
+    version = StringField(default="")
+    incarnation = StringField(default="")
+    last_seen = FloatField()
+
+
+class Counter(Document):
+    meta = {"collection": "counters", "auto_create_index": False}
+    id = StringField(primary_key=True)
+    seq = IntField(default=0)
+
+
+class Policy(Document):
+    """Cluster-wide admin switches: blocked users (or everyone)."""
+
+    meta = {"collection": "policy", "auto_create_index": False}
+    id = StringField(primary_key=True)
+    blocked_users = ListField(StringField())
+    block_all = BooleanField(default=False)

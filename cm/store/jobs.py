@@ -1,0 +1,128 @@
+"""Atomic operations on jobs, nodes and counters. Only this package talks to MongoDB.
+
+Hot paths go through the raw pymongo collection of each document class: a
+scheduler pass must not pay for building mongoengine objects it only reads.
+Every state change is ``update_one({_id, state: FROM}, ...)``: the state
+table in cm.states decides what is allowed, the filter decides who wins.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Iterable
+
+import mongoengine
+import pymongo
+from pymongo import ReturnDocument
+from pymongo.errors import PyMongoError
+
+from cm.states import FINAL_STATES, JobState, check_transition
+from cm.store.documents import Counter, Job, Node, Policy
+
+
+class StoreError(RuntimeError):
+    """The database could not be reached or refused an operation."""
+
+
+DatabaseError = PyMongoError  # what any call below may raise when the server is away
+
+
+def connect(uri: str, db_name: str, timeout: float = 5.0) -> None:
+    """Connect the default alias; raise StoreError if the server does not answer."""
+    mongoengine.disconnect()
+    ms = int(timeout * 1000)
+    mongoengine.connect(
+        db=db_name, host=uri, serverSelectionTimeoutMS=ms, connectTimeoutMS=ms, socketTimeoutMS=ms * 4, tz_aware=False
+    )
+    try:
+        Job._get_db().command("ping")
+        Job.ensure_indexes()
+    except PyMongoError as exc:
+        raise StoreError(f"database at {uri} is unreachable: {exc}") from None
+
+
+def disconnect() -> None:
+    mongoengine.disconnect()
+
+
+def _jobs() -> pymongo.collection.Collection:
+    return Job._get_collection()
+
+
+def next_job_id() -> int:
+    doc = Counter._get_collection().find_one_and_update(
+        {"_id": "job"}, {"$inc": {"seq": 1}}, upsert=True, return_document=ReturnDocument.AFTER
+    )
+    return int(doc["seq"])
+
+
+def insert_job(fields: dict[str, Any]) -> dict[str, Any]:
+    """Validate through the Job document and insert it; return the stored dict."""
+    job = Job(**fields)
+    job.validate()
+    son = job.to_mongo().to_dict()
+    _jobs().insert_one(son)
+    return son
+
+
+def transition(job_id: int, src: JobState, dst: JobState, **fields: Any) -> bool:
+    """Move a job from src to dst, setting fields. False if another writer moved it first."""
+    check_transition(job_id, src, dst)
+    update = {"state": dst.value, **fields}
+    res = _jobs().update_one({"_id": job_id, "state": src.value}, {"$set": update})
+    return res.modified_count == 1
+
+
+def update_job(job_id: int, states: Iterable[JobState], **fields: Any) -> bool:
+    """Set fields on a job only while it is in one of states (no state change)."""
+    res = _jobs().update_one(
+        {"_id": job_id, "state": {"$in": [s.value for s in states]}}, {"$set": fields}
+    )
+    return res.modified_count == 1
+
+
+def get_job(job_id: int) -> dict[str, Any] | None:
+    return _jobs().find_one({"_id": job_id})
+
+
+def active_jobs() -> list[dict[str, Any]]:
+    """Every job that is not final, for the head's memory at start."""
+    final = [s.value for s in FINAL_STATES]
+    return list(_jobs().find({"state": {"$nin": final}}))
+
+
+def recent_jobs(since: float | None, user: str | None = None, limit: int = 5000) -> list[dict[str, Any]]:
+    """Jobs for cminfo: every unfinished one plus those that ended after `since` (all if None)."""
+    query: dict[str, Any] = {}
+    if since is not None:
+        query["$or"] = [{"ended": None}, {"ended": {"$gte": since}}]
+    if user is not None:
+        query["user"] = user
+    projection = {"env": 0, "sync.token": 0}
+    return list(_jobs().find(query, projection).sort("_id", pymongo.DESCENDING).limit(limit))
+
+
+# --- nodes -------------------------------------------------------------------
+
+
+def save_node(name: str, **fields: Any) -> None:
+    Node._get_collection().update_one({"_id": name}, {"$set": fields}, upsert=True)
+
+
+def all_nodes() -> list[dict[str, Any]]:
+    return list(Node._get_collection().find({}))
+
+
+# --- admin policy ------------------------------------------------------------
+
+
+def get_policy() -> dict[str, Any]:
+    return Policy._get_collection().find_one({"_id": "cluster"}) or {"blocked_users": [], "block_all": False}
+
+
+def set_policy(**fields: Any) -> None:
+    Policy._get_collection().update_one({"_id": "cluster"}, {"$set": fields}, upsert=True)
+
+
+def now() -> float:
+    return time.time()

@@ -1,0 +1,87 @@
+"""Pure logic: states, protocol schemas, time formats, settings, output patterns."""
+
+import msgpack
+import pytest
+
+from cm import config
+from cm.node.launch import expand
+from cm.protocol import Heartbeat, JobEnded, ProtocolError, Request, decode, encode, frame, unframe
+from cm.states import TRANSITIONS, InvalidTransition, JobState, check_transition
+from cm.timefmt import TimeFormatError, format_duration, parse_time
+
+
+def test_final_states_lead_nowhere():
+    for s in JobState:
+        assert (not TRANSITIONS[s]) == s.final
+
+
+def test_a_transition_outside_the_table_raises_with_the_job():
+    check_transition(1, JobState.PENDING, JobState.DISPATCHING)
+    with pytest.raises(InvalidTransition, match="job 7: COMPLETED -> RUNNING"):
+        check_transition(7, JobState.COMPLETED, JobState.RUNNING)
+    with pytest.raises(InvalidTransition):
+        check_transition(7, JobState.HELD, JobState.RUNNING)
+
+
+def test_messages_round_trip():
+    msg = JobEnded(job_id=3, node="n1", run=1, state="COMPLETED", exit_code=0)
+    assert decode(encode(msg)) == msg
+
+
+@pytest.mark.parametrize("payload", [
+    b"", b"\xff\xfe garbage", msgpack.packb([1, 2, 3]), msgpack.packb({"v": 99, "t": "heartbeat", "id": "x"}),
+    msgpack.packb({"v": 1, "t": "nope", "id": "x"}),
+    msgpack.packb({"v": 1, "t": "heartbeat", "id": "x", "node": "n"}),
+    msgpack.packb({"v": 1, "t": "heartbeat", "id": "x", "node": 5, "running": []}),
+    msgpack.packb({"v": 1, "t": "heartbeat", "id": "x", "node": "n", "running": ["a"]}),
+    msgpack.packb({"v": 1, "t": "heartbeat", "id": "x", "node": "n", "running": [], "evil": 1}),
+    msgpack.packb({"v": 1, "t": "job_ended", "id": "x", "job_id": True, "node": "n", "run": 1, "state": "X",
+                   "exit_code": 0}),
+])
+def test_anything_that_does_not_fit_a_schema_is_refused(payload):
+    with pytest.raises(ProtocolError):
+        decode(payload)
+
+
+def test_frames_split_a_stream_into_messages():
+    a, b = Heartbeat(node="n", running=[1]), Request(op="ping", args={})
+    buf = bytearray(frame(a) + frame(b)[:5])
+    assert decode(unframe(buf)) == a
+    assert unframe(buf) is None
+    buf += frame(b)[5:]
+    assert decode(unframe(buf)) == b
+
+
+@pytest.mark.parametrize("text,seconds", [
+    ("5", 300), ("1:30", 90), ("01:02:03", 3723), ("2-0", 172800), ("1-02:03", 93780), ("1-00:00:01", 86401),
+])
+def test_slurm_time_formats(text, seconds):
+    assert parse_time(text) == seconds
+
+
+@pytest.mark.parametrize("text", ["", "abc", "1:2:3:4", "-5", "0", "1-", "x-1"])
+def test_bad_times_are_refused(text):
+    with pytest.raises(TimeFormatError):
+        parse_time(text)
+
+
+def test_durations_print_like_slurm():
+    assert format_duration(5) == "0:05"
+    assert format_duration(3723) == "1:02:03"
+    assert format_duration(90061) == "1-01:01:01"
+
+
+def test_settings_come_from_env_then_file_then_defaults(tmp_path):
+    f = tmp_path / "cm.toml"
+    f.write_text('policy = "least-loaded"\nheartbeat_interval = 2.5\n')
+    s = config.load({"CM_CONFIG": str(f), "CM_HEARTBEAT_INTERVAL": "0.5", "MONGODB_URI": "mongodb://x/"})
+    assert s.policy == "least-loaded" and s.heartbeat_interval == 0.5 and s.mongodb_uri == "mongodb://x/"
+    with pytest.raises(config.ConfigError):
+        config.load({"CM_HEARTBEAT_MISSES": "many"})
+    f.write_text("no_such = 1\n")
+    with pytest.raises(config.ConfigError, match="no_such"):
+        config.load({"CM_CONFIG": str(f)})
+
+
+def test_output_patterns_expand_like_slurm():
+    assert expand("out/%x-%j.%n.%t.%u.%%", 12, "node-1", 3, "build", "ann") == "out/build-12.node-1.3.ann.%"
