@@ -31,6 +31,7 @@ def setup(level: str = "INFO", stream=None) -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
+    logging.getLogger("pymongo").setLevel(max(logging.INFO, root.level))  # its DEBUG is one line per command
 
 
 def event(logger: logging.Logger, msg: str, level: int = logging.INFO, **fields) -> None:

@@ -10,7 +10,7 @@ import click
 from cm.cli.client import Client, exit_code_of, fail, run_command
 
 
-@click.command(context_settings={"help_option_names": ["-h", "--help"], "ignore_unknown_options": True})
+@click.command(context_settings={"help_option_names": ["-h", "--help"], "allow_interspersed_args": False})
 @click.option("-n", "--nodes", type=click.IntRange(1), default=1, show_default=True, help="nodes, all at once")
 @click.option("-p", "--procs", type=click.IntRange(1), default=1, show_default=True, help="processes per node")
 @click.option("-c", "--cpus", type=click.IntRange(1), default=None, help="CPUs per node [default: PROCS]")
@@ -36,7 +36,7 @@ def cli(nodes, procs, cpus, mem_mb, time_limit, name, partition, stdout, stderr,
         except OSError:
             fail("cmrun", "the current directory no longer exists")
         data = client.call(
-            "submit", kind="command", argv=list(command), cwd=cwd, env=[[k, v] for k, v in os.environ.items()],
+            "submit", kind="command", argv=list(command), cwd=cwd, env=[f"{k}={v}" for k, v in os.environ.items()],
             nodes=nodes, procs=procs, cpus=cpus, mem_mb=mem_mb, time=time_limit, name=name, partition=partition,
             stdout=stdout, stderr=stderr, requeue=requeue, hold=hold,
         )

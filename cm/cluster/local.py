@@ -130,13 +130,13 @@ class LocalCluster:
         return env
 
     def start_db(self) -> None:
-        from cm.cluster.db import DatabaseServer
-
         if self.mongodb_uri:
             return
         if os.environ.get("MONGODB_URI"):
             self.mongodb_uri = os.environ["MONGODB_URI"]
             return
+        from cm.cluster.db import DatabaseServer
+
         self.db_dir.mkdir(parents=True, exist_ok=True)
         port = free_port()
         proc = self._spawn("db", [sys.executable, "-m", "cm.cluster.db", "--data-dir", str(self.db_dir),

@@ -93,10 +93,8 @@ def submit(head: "HeadServer", caller: Caller, args: dict) -> dict:
         if not isinstance(argv, list) or not argv or not all(isinstance(a, str) for a in argv):
             raise Refused("a command job needs a command to run")
         env = args.get("env", [])
-        if not isinstance(env, list) or not all(
-            isinstance(p, list) and len(p) == 2 and all(isinstance(x, str) for x in p) for p in env
-        ):
-            raise Refused("env must be a list of [name, value] pairs")
+        if not isinstance(env, list) or not all(isinstance(e, str) and "=" in e[1:] for e in env):
+            raise Refused("env must be a list of NAME=value strings")
         cwd = _str(args, "cwd", "/")
         if not os.path.isabs(cwd):
             raise Refused(f"working directory {cwd!r} must be absolute")
@@ -312,5 +310,7 @@ def handle(head: "HeadServer", caller: Caller, request: Request) -> Reply:
         return Reply(ok=True, data=handler(head, caller, request.args))
     except Refused as exc:
         return Reply(ok=False, error=str(exc))
-    except (store.StoreError, store.DatabaseError) as exc:
-        return Reply(ok=False, error=f"database unreachable: {exc.__class__.__name__}: {str(exc)[:200]}")
+    except (store.StoreError, store.DatabaseUnreachable) as exc:
+        return Reply(ok=False, error=f"the database is unreachable, try again shortly ({str(exc)[:200]})")
+    except store.DatabaseError as exc:
+        return Reply(ok=False, error=f"the database refused the request: {str(exc)[:300]}")

@@ -70,7 +70,7 @@ def start(spec: dict, node: str, job_id: int) -> list[subprocess.Popen]:
     if not cwd.is_dir():
         raise LaunchError(f"working directory {cwd} does not exist on {node}")
     procs_per_node, node_rank = spec["procs"], spec["rank"]
-    base_env = dict(spec["env"])
+    base_env = dict(e.split("=", 1) for e in spec["env"])
     base_env.update(
         CM_JOB_ID=str(job_id), CM_JOB_NAME=spec["name"], CM_NODE_RANK=str(node_rank),
         CM_NNODES=str(spec["nnodes"]), CM_NODELIST=",".join(spec["nodelist"]), CM_NODENAME=node,

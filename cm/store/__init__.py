@@ -2,6 +2,7 @@
 
 from cm.store.jobs import (
     DatabaseError,
+    DatabaseUnreachable,
     StoreError,
     active_jobs,
     all_nodes,
@@ -20,6 +21,7 @@ from cm.store.jobs import (
 
 __all__ = [
     "DatabaseError",
+    "DatabaseUnreachable",
     "StoreError",
     "active_jobs",
     "all_nodes",

@@ -55,7 +55,7 @@ class Job(Document):
     time_limit = FloatField(required=True)  # seconds
     cwd = StringField(default="/")
     argv = ListField(StringField())
-    env = ListField(ListField(StringField()))  # [[name, value]]: names may hold '.', not a valid key
+    env = ListField(StringField())  # "NAME=value": FerretDB stores no nested arrays, names may hold '.' 
     stdout = StringField(default="")
     stderr = StringField(default="")
     requeue = BooleanField(default=False)

@@ -14,7 +14,7 @@ from typing import Any, Iterable
 import mongoengine
 import pymongo
 from pymongo import ReturnDocument
-from pymongo.errors import PyMongoError
+from pymongo.errors import ConnectionFailure, PyMongoError
 
 from cm.states import FINAL_STATES, JobState, check_transition
 from cm.store.documents import Counter, Job, Node, Policy
@@ -24,7 +24,8 @@ class StoreError(RuntimeError):
     """The database could not be reached or refused an operation."""
 
 
-DatabaseError = PyMongoError  # what any call below may raise when the server is away
+DatabaseError = PyMongoError  # what any call below may raise
+DatabaseUnreachable = ConnectionFailure  # the part of it that means the server is away
 
 
 def connect(uri: str, db_name: str, timeout: float = 5.0) -> None:

@@ -1,0 +1,175 @@
+"""Fixtures: one real database server per session, real daemons per test.
+
+Each test gets its own database name on the shared server and its own run
+directory, so tests do not see each other's jobs or nodes.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+
+from cm.cluster.local import LocalCluster, parse_partitions
+
+_counter = itertools.count()
+FAST = {
+    "CM_HEARTBEAT_INTERVAL": "0.2",
+    "CM_HEARTBEAT_MISSES": "5",
+    "CM_KILL_GRACE": "1",
+    "CM_DISPATCH_RETRY": "0.5",
+    "CM_LOG_LEVEL": "DEBUG",
+}
+
+
+@pytest.fixture(scope="session")
+def database_uri(tmp_path_factory):
+    """A real MongoDB-compatible server for the whole session (MONGODB_URI wins)."""
+    if os.environ.get("MONGODB_URI"):
+        yield os.environ["MONGODB_URI"]
+        return
+    from cm.cluster.db import DatabaseServer
+
+    server = DatabaseServer()
+    uri = server.start(tmp_path_factory.mktemp("db"), log_path=tmp_path_factory.mktemp("dblog") / "db.log")
+    try:
+        yield uri
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def db_name():
+    return f"cmtest_{os.getpid()}_{next(_counter)}"
+
+
+class Cluster(LocalCluster):
+    """A LocalCluster with helpers for tests."""
+
+    def cli(self, *argv: str, check: bool = True, timeout: float = 60, cwd: str | None = None,
+            env: dict | None = None) -> subprocess.CompletedProcess:
+        full_env = {**os.environ, "CM_RUN_DIR": str(self.run_dir), **(env or {})}
+        full_env.pop("CM_CONFIG", None)
+        exe = Path(sys.executable).parent / argv[0]
+        proc = subprocess.run([str(exe), *argv[1:]], capture_output=True, text=True, timeout=timeout, env=full_env,
+                              cwd=cwd or str(self.home))
+        if check and proc.returncode != 0:
+            raise AssertionError(f"{' '.join(argv)} exited {proc.returncode}\nstdout: {proc.stdout}\n"
+                                 f"stderr: {proc.stderr}\nhead log:\n{self.tail('headnode', 40)}")
+        return proc
+
+    def submit(self, *argv: str, **kw) -> int:
+        return int(self.cli(argv[0], "--parsable", *argv[1:], **kw).stdout.strip())
+
+    def info(self, *argv: str) -> dict:
+        return json.loads(self.cli("cminfo", "--json", *argv).stdout)
+
+    def job(self, job_id: int) -> dict:
+        return self.info(str(job_id))["jobs"][0]
+
+    def wait_state(self, job_id: int, states, timeout: float = 30) -> dict:
+        states = {states} if isinstance(states, str) else set(states)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            job = self.job(job_id)
+            if job["state"] in states:
+                return job
+            time.sleep(0.1)
+        raise AssertionError(f"job {job_id} is {job['state']}, not {states} after {timeout} s\n"
+                             f"head log:\n{self.tail('headnode', 60)}")
+
+    def node_states(self) -> dict[str, str]:
+        return {n["name"]: n["state"] for n in self.info()["nodes"]}
+
+    def wait_node(self, name: str, states, timeout: float = 20) -> None:
+        states = {states} if isinstance(states, str) else set(states)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.node_states().get(name) in states:
+                return
+            time.sleep(0.1)
+        raise AssertionError(f"{name} is {self.node_states().get(name)}, not {states}")
+
+
+@pytest.fixture
+def make_cluster(database_uri, db_name):
+    """Factory: make_cluster(partitions="gpu:2,cpu:2", **settings) -> a running Cluster; stopped after the test."""
+    made: list[Cluster] = []
+    roots: list[str] = []
+
+    def make(partitions: str = "gpu:2,cpu:2", nodes: int = 4, **settings) -> Cluster:
+        root = tempfile.mkdtemp(prefix="cm")  # short: Unix socket paths are limited to 107 bytes
+        os.chmod(root, 0o755)  # other users (tests that submit as nobody) must reach the socket
+        roots.append(root)
+        env = {**FAST, "CM_DB_NAME": db_name, **{f"CM_{k.upper()}": str(v) for k, v in settings.items()}}
+        cluster = Cluster(Path(root) / "run", parse_partitions(partitions, nodes), data_dir=Path(root) / "data",
+                          env=env, mongodb_uri=database_uri)
+        cluster.home = Path(root) / "home"
+        cluster.home.mkdir()
+        made.append(cluster)
+        cluster.up(timeout=60)
+        return cluster
+
+    yield make
+    for cluster in made:
+        cluster.down()
+    for root in roots:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture
+def cluster(make_cluster):
+    return make_cluster()
+
+
+def call_as(uid: int, gid: int, run_dir: Path, op: str, /, **args):
+    """Make one request to the head from a child process running as uid:gid.
+
+    The child drops privileges after fork and speaks the real client protocol,
+    so the head sees that uid through SO_PEERCRED. Returns (ok, data or error).
+    """
+    from cm.cli.client import Client, HeadError
+    from cm.config import load
+
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        os.close(r)
+        try:
+            os.setgroups([])
+            os.setgid(gid)
+            os.setuid(uid)
+            result = [True, Client(load(env={"CM_RUN_DIR": str(run_dir)})).call(op, **args)]
+        except HeadError as exc:
+            result = [False, str(exc)]
+        except BaseException as exc:  # report anything to the parent, never run pytest in the child
+            result = [False, f"child failed: {exc!r}"]
+        os.write(w, json.dumps(result).encode())
+        os._exit(0)
+    os.close(w)
+    data = b""
+    while chunk := os.read(r, 65536):
+        data += chunk
+    os.close(r)
+    os.waitpid(pid, 0)
+    return tuple(json.loads(data))
+
+
+@pytest.fixture
+def nobody():
+    import pwd
+
+    if os.geteuid() != 0:
+        pytest.skip("needs root to act as another user")
+    try:
+        return pwd.getpwnam("nobody")
+    except KeyError:
+        pytest.skip("no user 'nobody' on this machine")
