@@ -17,7 +17,7 @@ all: up
 up:
 	@if ! docker info >/dev/null 2>&1; then \
 	  echo "no Docker engine here: run 'make local-up' for the same cluster as local processes"; exit 0; fi; \
-	mkdir -p drive/run drive/db drive/data/gpu drive/data/cpu drive/home && \
+	mkdir -p drive/run/docker drive/db/mongo drive/data/gpu drive/data/cpu drive/home && \
 	$(COMPOSE) up -d --build --scale computenode-gpu=2 --scale computenode-cpu=2
 
 exec-head:

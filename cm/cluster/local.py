@@ -204,6 +204,24 @@ class LocalCluster:
             time.sleep(0.1)
         raise ClusterError(f"cluster did not come up in {timeout:.0f} s: {last}")
 
+    def wait_head(self, timeout: float = 30.0) -> None:
+        """Until the head answers on its socket."""
+        from cm.cli.client import Client, HeadError
+        from cm.config import load
+
+        deadline = time.monotonic() + timeout
+        while True:
+            client = Client(load(env={"CM_RUN_DIR": str(self.run_dir)}), timeout=5)
+            try:
+                client.call("ping")
+                return
+            except HeadError:
+                if time.monotonic() > deadline:
+                    raise ClusterError(f"the head did not answer in {timeout:.0f} s:\n" + self.tail("headnode"))
+                time.sleep(0.05)
+            finally:
+                client.close()
+
     def tail(self, name: str, lines: int = 20) -> str:
         try:
             return "\n".join(self.logfile(name).read_text(errors="replace").splitlines()[-lines:])

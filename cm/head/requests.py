@@ -238,6 +238,7 @@ def job_view(job: dict) -> dict:
         "partition": job.get("partition"), "reason": job.get("reason", ""), "time_limit": job.get("time_limit"),
         "priority": job.get("priority", 0), "transfer": job.get("progress") if job["kind"] == "sync" else None,
         "num_nodes": job.get("nodes"),
+        "times": {"submitted": job.get("submitted"), "started": started, "ended": ended},  # epoch seconds
     }
 
 

@@ -1,0 +1,108 @@
+"""Scheduler benchmark: N trivial jobs (`true`) through a local cluster.
+
+Prints the submit rate, end-to-end jobs/s (first submit to last end) and the
+submit-to-start latency p50/p95 from the timestamps the head recorded. If
+Slurm's sbatch and a live controller are present, runs the same load through
+Slurm in the same run and prints the ratio.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+
+from cm.cli.client import Client  # noqa: E402
+from cm.cluster.local import LocalCluster, parse_partitions  # noqa: E402
+from cm.config import load  # noqa: E402
+
+
+def percentile(values: list[float], p: float) -> float:
+    values = sorted(values)
+    k = (len(values) - 1) * p / 100
+    lo, hi = int(k), min(int(k) + 1, len(values) - 1)
+    return values[lo] + (values[hi] - values[lo]) * (k - lo)
+
+
+def run_cm(jobs: int, nodes: int) -> dict:
+    root = Path(tempfile.mkdtemp(prefix="cmbench"))
+    cluster = LocalCluster(root / "run", parse_partitions("cpu", nodes), data_dir=root / "data", db_dir=root / "db",
+                           env={"CM_DB_NAME": f"bench{os.getpid()}", "CM_LOG_LEVEL": "WARNING"})
+    cluster.up()
+    try:
+        client = Client(load(env={"CM_RUN_DIR": str(cluster.run_dir)}))
+        env = [f"PATH={os.environ.get('PATH', '/usr/bin:/bin')}"]
+        t0 = time.time()
+        ids = [client.call("submit", kind="command", argv=["true"], cwd=str(root), env=env,
+                           stdout="/dev/null", stderr="/dev/null")["job_id"] for _ in range(jobs)]
+        t_submit = time.time() - t0
+        while True:
+            views = [j for j in client.call("info", all=True)["jobs"] if j["id"] in set(ids)]
+            if len(views) == jobs and all(j["state"] in ("COMPLETED", "FAILED") for j in views):
+                break
+            time.sleep(0.2)
+        failed = sum(1 for j in views if j["state"] != "COMPLETED")
+        submitted = [j["times"]["submitted"] for j in views]
+        latency = [(j["times"]["started"] - j["times"]["submitted"]) * 1000 for j in views]
+        span = max(j["times"]["ended"] for j in views) - min(submitted)
+        t_info = time.perf_counter()
+        subprocess.run([str(Path(sys.executable).parent / "cminfo")], capture_output=True, check=True,
+                       env={**os.environ, "CM_RUN_DIR": str(cluster.run_dir)})
+        cminfo_s = time.perf_counter() - t_info
+        return {"jobs": jobs, "failed": failed, "submit_rate": jobs / t_submit, "jobs_per_s": jobs / span,
+                "p50_ms": percentile(latency, 50), "p95_ms": percentile(latency, 95), "cminfo_s": cminfo_s}
+    finally:
+        cluster.down()
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def run_slurm(jobs: int) -> dict | None:
+    if not shutil.which("sbatch") or subprocess.run(["scontrol", "ping"], capture_output=True).returncode != 0:
+        return None
+    t0 = time.time()
+    ids = []
+    for _ in range(jobs):
+        out = subprocess.run(["sbatch", "--parsable", "-o", "/dev/null", "--wrap", "true"], capture_output=True,
+                             text=True, check=True).stdout
+        ids.append(out.strip().split(";")[0])
+    t_submit = time.time() - t0
+    while subprocess.run(["squeue", "-h", "-j", ",".join(ids)], capture_output=True, text=True).stdout.strip():
+        time.sleep(0.5)
+    span = time.time() - t0
+    return {"submit_rate": jobs / t_submit, "jobs_per_s": jobs / span}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--jobs", type=int, default=500)
+    parser.add_argument("--nodes", type=int, default=4)
+    args = parser.parse_args()
+    print(f"machine: {platform.machine()}, {os.cpu_count()} CPUs, {os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') >> 30} GiB, "
+          f"Python {platform.python_version()}; local cluster of {args.nodes} nodes")
+    cm = run_cm(args.jobs, args.nodes)
+    print(f"cm    {cm['jobs']} jobs ({cm['failed']} failed): submit {cm['submit_rate']:.0f} jobs/s, "
+          f"end-to-end {cm['jobs_per_s']:.1f} jobs/s, submit-to-start p50 {cm['p50_ms']:.1f} ms "
+          f"p95 {cm['p95_ms']:.1f} ms; cminfo {cm['cminfo_s'] * 1000:.0f} ms")
+    slurm = run_slurm(args.jobs)
+    if slurm:
+        print(f"slurm {args.jobs} jobs: submit {slurm['submit_rate']:.0f} jobs/s, "
+              f"end-to-end {slurm['jobs_per_s']:.1f} jobs/s")
+        print(f"ratio cm/slurm end-to-end: {cm['jobs_per_s'] / slurm['jobs_per_s']:.1f}x")
+    else:
+        ref = 16.6
+        print(f"slurm not installed here (no sbatch/controller); the issue's reference on this machine class: "
+              f"{ref} jobs/s end-to-end -> cm/slurm {cm['jobs_per_s'] / ref:.1f}x")
+    return 0 if cm["failed"] == 0 else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
