@@ -85,3 +85,12 @@ def test_settings_come_from_env_then_file_then_defaults(tmp_path):
 
 def test_output_patterns_expand_like_slurm():
     assert expand("out/%x-%j.%n.%t.%u.%%", 12, "node-1", 3, "build", "ann") == "out/build-12.node-1.3.ann.%"
+
+
+def test_the_readme_documents_every_setting_with_its_default():
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    for name, default, meaning in config.documented():
+        shown = "(empty)" if default == "" else f"`{default}`"
+        assert f"| `{name}` | {shown} | {meaning} |" in readme, name

@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import Any, Iterable
+from typing import Any, Iterable, Iterator
 
 from cm import store
 from cm.head.resources import Demand, NodeView, Request, Running
@@ -62,9 +62,21 @@ def final_state(job: Job) -> tuple[JobState, int]:
 
 
 class JobTable:
+    ID_BLOCK = 64
+
     def __init__(self) -> None:
         self.jobs: dict[int, Job] = {}
         self.requests: dict[int, Request] = {}
+        self.ids: Iterator[int] = iter(())
+        # DISPATCHING -> RUNNING writes held until the end of a batch of node messages, so a
+        # job that starts and ends in one batch costs one write; see flush()
+        self.unsaved_running: dict[int, dict[str, Any]] = {}
+
+    def next_id(self) -> int:
+        for job_id in self.ids:
+            return job_id
+        self.ids = iter(store.reserve_job_ids(self.ID_BLOCK))
+        return next(self.ids)
 
     # --- loading and views ---------------------------------------------------
 
@@ -109,6 +121,7 @@ class JobTable:
     def _move(self, job: Job, dst: JobState, **fields: Any) -> bool:
         """Conditional write, then memory. False (and the job reloaded) if someone else moved it."""
         src = JobState(job["state"])
+        fields = {**self.unsaved_running.pop(job["_id"], {}), **fields}
         if not store.transition(job["_id"], src, dst, **fields):
             fresh = store.get_job(job["_id"])
             event(log, "lost a race on a job", logging.WARNING, job=job["_id"], wanted=dst.value,
@@ -133,6 +146,16 @@ class JobTable:
     def _forget(self, job_id: int) -> None:
         self.jobs.pop(job_id, None)
         self.requests.pop(job_id, None)
+        self.unsaved_running.pop(job_id, None)
+
+    def flush(self) -> None:
+        """Write the RUNNING transitions held back during a batch."""
+        for job_id in list(self.unsaved_running):
+            job = self.jobs.get(job_id)
+            if job is None or job["state"] != JobState.DISPATCHING.value:
+                self.unsaved_running.pop(job_id, None)
+                continue
+            self._move(job, JobState.RUNNING)
 
     def dispatch(self, job_id: int, assignment: list[list[str]], addrs: dict[str, str], out: Outcome) -> None:
         """PENDING -> DISPATCHING on the assigned nodes; queue the RunJob commands."""
@@ -187,7 +210,12 @@ class JobTable:
             if s["node"] == node and not s["started"]:
                 s["started"] = True
                 if job["state"] == JobState.DISPATCHING.value and s["role"] != "dst":
-                    self._move(job, JobState.RUNNING, started=time.time(), **{f"slots.{i}.started": True})
+                    unsaved = self.unsaved_running.setdefault(job_id, {})
+                    unsaved.setdefault("started", time.time())
+                    unsaved[f"slots.{i}.started"] = True
+                    job["started"] = unsaved["started"]
+                elif job_id in self.unsaved_running:
+                    self.unsaved_running[job_id][f"slots.{i}.started"] = True
                 else:
                     store.update_job(job_id, [JobState(job["state"])], **{f"slots.{i}.started": True})
         if job["kind"] == "sync":

@@ -149,7 +149,7 @@ def submit(head: "HeadServer", caller: Caller, args: dict) -> dict:
         check_feasible(probe, head.jobs.views(head.registry.nodes.values()).values())
     except NeverFits as exc:
         raise Refused(f"job can never run: {exc}") from None
-    fields["id"] = store.next_job_id()
+    fields["id"] = head.jobs.next_id()
     doc = store.insert_job(fields)
     head.jobs.add(doc)
     head.dirty = True

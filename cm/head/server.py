@@ -54,6 +54,7 @@ class HeadServer:
         self.dirty = True
         # commands awaiting an ack: msg id -> (node, message, last sent)
         self.unacked: dict[str, tuple[str, Message, float]] = {}
+        self.held_acks: list[tuple[str, Ack]] = []
         self.router: zmq.Socket | None = None
         self.clients: ClientServer | None = None
         self.sort_key = lambda name: NodeView(name, "", 0, 0).sort_key
@@ -128,7 +129,25 @@ class HeadServer:
                         reply = Reply(ok=False, error="internal error in the head; see its log")
                     self.clients.send(conn, reply)
 
+    def flush(self) -> None:
+        """Write what a batch held back, then acknowledge it."""
+        try:
+            self.jobs.flush()
+        except (store.StoreError, store.DatabaseError) as exc:
+            event(log, "database error writing job starts", logging.ERROR, error=str(exc)[:300])
+            self.held_acks.clear()  # not written: the nodes will report again
+            return
+        for peer, ack in self.held_acks:
+            self.send(peer, ack)
+        self.held_acks.clear()
+
     def drain_router(self) -> None:
+        try:
+            self._drain_router()
+        finally:
+            self.flush()
+
+    def _drain_router(self) -> None:
         assert self.router is not None
         for _ in range(10000):
             try:
@@ -172,7 +191,7 @@ class HeadServer:
         elif isinstance(msg, JobStarted):
             self._drop_unacked(peer, msg.job_id, RunJob)
             self.jobs.started(msg.job_id, peer, msg.run, self.addrs(), out)
-            self.send(peer, Ack(ref=msg.id))
+            self.held_acks.append((peer, Ack(ref=msg.id)))  # acknowledged once written: see flush()
         elif isinstance(msg, JobEnded):
             try:
                 state = JobState(msg.state)

@@ -50,11 +50,12 @@ def _jobs() -> pymongo.collection.Collection:
     return Job._get_collection()
 
 
-def next_job_id() -> int:
+def reserve_job_ids(count: int) -> range:
+    """A block of fresh job ids. Ids of a block a head did not use before it stopped are skipped, never reused."""
     doc = Counter._get_collection().find_one_and_update(
-        {"_id": "job"}, {"$inc": {"seq": 1}}, upsert=True, return_document=ReturnDocument.AFTER
+        {"_id": "job"}, {"$inc": {"seq": count}}, upsert=True, return_document=ReturnDocument.AFTER
     )
-    return int(doc["seq"])
+    return range(int(doc["seq"]) - count + 1, int(doc["seq"]) + 1)
 
 
 def insert_job(fields: dict[str, Any]) -> dict[str, Any]:

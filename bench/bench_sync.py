@@ -1,0 +1,330 @@
+"""Benchmark: cm's mover against rsync (daemon on loopback) and cp, side by side.
+
+    python bench/bench_sync.py [--quick] [--dir DIR] [--cold]
+
+Scenarios, same data for every tool:
+  (a) one large file (2 GiB; 256 MiB with --quick)
+  (b) 20,000 files of 4-12 KiB in 100 directories (4,000 with --quick)
+  (c) re-sync of (b) with nothing changed
+
+cm = a TransferServer in its own process + one sender process (1 rank).
+Every tool gets a fresh, empty destination and a warm source page cache
+(the source is read once before each run), and ``sync`` runs before each
+timing so no tool pays for another's writeback. With ``--cold`` the page
+cache is dropped before each run instead (needs root and a writable
+/proc/sys/vm/drop_caches). Times are wall-clock for the client command,
+including process start-up. Peak RSS is the kernel's high-water mark.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import secrets
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+MiB = 1 << 20
+
+
+def _env() -> dict:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
+    return env
+
+
+# ---- data ----
+
+def make_big(path: Path, size: int) -> None:
+    """A file of ``size`` incompressible bytes."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    block = os.urandom(64 * MiB)
+    with open(path, "wb") as f:
+        left = size
+        i = 0
+        while left:
+            n = min(left, len(block))
+            f.write(block[:n])
+            block = block[4096:] + block[:4096]  # differ block to block
+            left -= n
+            i += 1
+
+
+def make_small(top: Path, nfiles: int, ndirs: int = 100) -> int:
+    """``nfiles`` files of 4-12 KiB spread over ``ndirs`` directories; returns total bytes."""
+    rnd = os.urandom(12 * 1024 + nfiles)
+    total = 0
+    for d in range(ndirs):
+        (top / f"dir{d:03d}").mkdir(parents=True, exist_ok=True)
+    for i in range(nfiles):
+        size = 4096 + (i * 7919) % (8 * 1024 + 1)
+        (top / f"dir{i % ndirs:03d}" / f"file{i:06d}.dat").write_bytes(rnd[i % 1024:i % 1024 + size])
+        total += size
+    return total
+
+
+def warm(top: Path) -> None:
+    """Read every file under ``top`` so that all tools start from a warm cache."""
+    for dirpath, _, files in os.walk(top):
+        for name in files:
+            with open(os.path.join(dirpath, name), "rb") as f:
+                while f.read(8 * MiB):
+                    pass
+
+
+def settle(cold: bool) -> None:
+    os.sync()
+    if cold:
+        with open("/proc/sys/vm/drop_caches", "w") as f:
+            f.write("3\n")
+
+
+def fresh(path: Path) -> None:
+    if path.exists():
+        shutil.rmtree(path)
+    path.mkdir(parents=True)
+
+
+def timed(cmd: list[str], **kw) -> tuple[float, int]:
+    """Run ``cmd``; returns (seconds, peak RSS in KiB)."""
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(cmd, **kw)
+    _, status, usage = os.wait4(proc.pid, 0)
+    elapsed = time.perf_counter() - t0
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{cmd[0]} failed with {proc.returncode}")
+    return elapsed, usage.ru_maxrss
+
+
+# ---- tools ----
+
+class Cm:
+    """A receiver process and a sender process per run."""
+
+    def __init__(self, root: Path):
+        self.root = root
+        self.proc = subprocess.Popen([sys.executable, __file__, "--serve", str(root)], stdout=subprocess.PIPE,
+                                     text=True, env=_env())
+        self.port = int(self.proc.stdout.readline())
+        self.control_port = int(self.proc.stdout.readline())
+
+    def sync(self, src: Path, dst_rel: str, streams: int) -> tuple[float, int, dict]:
+        tid, token = secrets.token_hex(4), secrets.token_hex(8)
+        self.register(tid, token, dst_rel)
+        spec = {"transfer_id": tid, "token": token, "src_root": str(src), "src_path": "/",
+                "dst_host": "127.0.0.1", "dst_port": self.port, "streams": streams, "chunk_size": 64 * MiB}
+        out_path = self.root.parent / "cm-send.out"
+        with open(out_path, "w") as out:
+            t0 = time.perf_counter()
+            proc = subprocess.Popen([sys.executable, "-m", "cm.transfer.send"], stdin=subprocess.PIPE, stdout=out,
+                                    env=_env(), text=True)
+            proc.stdin.write(json.dumps(spec))
+            proc.stdin.close()
+            _, status, usage = os.wait4(proc.pid, 0)
+            elapsed = time.perf_counter() - t0
+        if os.waitstatus_to_exitcode(status) != 0:
+            raise RuntimeError("cm sender failed")
+        report = json.loads(out_path.read_text().splitlines()[-1])
+        return elapsed, usage.ru_maxrss, report
+
+    def register(self, tid: str, token: str, dst_rel: str) -> None:
+        with socket.create_connection(("127.0.0.1", self.control_port)) as s:
+            s.sendall(json.dumps({"register": [tid, token, dst_rel]}).encode() + b"\n")
+            s.recv(16)
+
+    def peak_rss(self) -> int:
+        with open(f"/proc/{self.proc.pid}/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1])
+        return 0
+
+    def close(self) -> None:
+        self.proc.terminate()
+        self.proc.wait()
+
+
+def serve(root: str) -> None:
+    """--serve mode: a TransferServer plus a tiny line-based control port for registering transfers."""
+    from pathlib import Path as P
+
+    from cm.transfer.receiver import TransferServer
+
+    server = TransferServer("127.0.0.1", 0)
+    server.start()
+    ctl = socket.socket()
+    ctl.bind(("127.0.0.1", 0))
+    ctl.listen()
+    print(server.port, flush=True)
+    print(ctl.getsockname()[1], flush=True)
+    while True:
+        conn, _ = ctl.accept()
+        with conn:
+            msg = json.loads(conn.makefile().readline())
+            tid, token, dst = msg["register"]
+            server.register(tid, token, P(root), dst)
+            conn.sendall(b"ok\n")
+
+
+class RsyncDaemon:
+    def __init__(self, root: Path, work: Path):
+        self.root = root
+        port = _free_port()
+        conf = work / "rsyncd.conf"
+        conf.write_text(f"use chroot = false\nuid = root\ngid = root\nmax connections = 4\n"
+                        f"[bench]\npath = {root}\nread only = false\n")
+        self.url = f"rsync://127.0.0.1:{port}/bench"
+        self.proc = subprocess.Popen(["rsync", "--daemon", "--no-detach", f"--config={conf}", f"--port={port}",
+                                      f"--log-file={work / 'rsyncd.log'}"])
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+                return
+            except OSError:
+                time.sleep(0.05)
+        raise RuntimeError("rsync daemon did not start")
+
+    def sync(self, src: Path, dst_rel: str) -> tuple[float, int]:
+        return timed(["rsync", "-a", f"{src}/", f"{self.url}/{dst_rel}/"])
+
+    def close(self) -> None:
+        self.proc.terminate()
+        self.proc.wait()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# ---- the run ----
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="smaller data (256 MiB, 4,000 files)")
+    ap.add_argument("--dir", default="/tmp/cm-bench", help="scratch directory (wiped)")
+    ap.add_argument("--cold", action="store_true", help="drop the page cache before each run")
+    ap.add_argument("--streams", type=int, default=4)
+    ap.add_argument("--serve", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.serve:
+        serve(args.serve)
+        return
+    big_size = (256 if args.quick else 2048) * MiB
+    nfiles = 4000 if args.quick else 20000
+    work = Path(args.dir)
+    fresh(work)
+    src_a, src_b, dst = work / "src-a", work / "src-b", work / "dst"
+    print(f"making data in {work} ...", flush=True)
+    make_big(src_a / "big.bin", big_size)
+    small_bytes = make_small(src_b, nfiles)
+    fresh(dst)
+    have_rsync = shutil.which("rsync") is not None
+    if not have_rsync:
+        print("rsync is not installed (apt-get install -y rsync): skipping the rsync baseline")
+
+    results: dict[str, dict[str, float | None]] = {"a": {}, "b": {}, "c": {}}
+    rss: dict[str, tuple[int, int]] = {}
+
+    def prepare(src: Path, target: Path) -> None:
+        if target.exists():
+            shutil.rmtree(target)
+        if args.cold:
+            settle(True)
+        else:
+            warm(src)
+            settle(False)
+
+    # cm
+    for scen, src in (("a", src_a), ("b", src_b)):
+        cm = Cm(dst)
+        try:
+            prepare(src, dst / f"cm-{scen}")
+            t, sender_rss, report = cm.sync(src, f"/cm-{scen}", args.streams)
+            results[scen]["cm"] = t
+            if scen == "b":
+                settle(args.cold)
+                t2, sender_rss2, report2 = cm.sync(src, f"/cm-{scen}", args.streams)
+                results["c"]["cm"] = t2
+                if report2["bytes_sent"] != 0:
+                    print("WARNING: the no-change run sent data:", report2)
+                rss["c"] = (sender_rss2, cm.peak_rss())
+            rss[scen] = (sender_rss, cm.peak_rss())
+        finally:
+            cm.close()
+        _check_same(src, dst / f"cm-{scen}")
+        shutil.rmtree(dst / f"cm-{scen}")
+
+    # rsync
+    if have_rsync:
+        daemon = RsyncDaemon(dst, work)
+        try:
+            for scen, src in (("a", src_a), ("b", src_b)):
+                prepare(src, dst / f"rs-{scen}")
+                results[scen]["rsync"], _ = daemon.sync(src, f"rs-{scen}")
+                if scen == "b":
+                    settle(args.cold)
+                    results["c"]["rsync"], _ = daemon.sync(src, f"rs-{scen}")
+                shutil.rmtree(dst / f"rs-{scen}")
+        finally:
+            daemon.close()
+
+    # cp -r
+    for scen, src in (("a", src_a), ("b", src_b)):
+        prepare(src, dst / f"cp-{scen}")
+        results[scen]["cp"], _ = timed(["cp", "-r", str(src), str(dst / f"cp-{scen}")])
+        shutil.rmtree(dst / f"cp-{scen}")
+
+    print_report(results, rss, big_size, nfiles, small_bytes, args)
+    shutil.rmtree(work)
+
+
+def _check_same(src: Path, dst: Path) -> None:
+    out = subprocess.run(["diff", "-rq", "--no-dereference", str(src), str(dst)], capture_output=True, text=True)
+    if out.returncode != 0:
+        raise RuntimeError(f"cm copy differs from the source: {out.stdout[:500]}")
+
+
+def print_report(results, rss, big_size, nfiles, small_bytes, args) -> None:
+    def rate(scen: str, tool: str) -> str:
+        t = results[scen].get(tool)
+        if t is None:
+            return "n/a"
+        if scen == "a":
+            return f"{big_size / t / 1e6:8.0f} MB/s"
+        return f"{nfiles / t:8.0f} files/s"
+
+    def ratio(scen: str, tool: str) -> str:
+        a, b = results[scen].get("cm"), results[scen].get(tool)
+        return "n/a" if a is None or b is None else f"{b / a:5.2f}x"
+
+    names = {"a": f"(a) 1 file, {big_size // MiB} MiB", "b": f"(b) {nfiles} files, {small_bytes // MiB} MiB",
+             "c": "(c) re-sync of (b), no change"}
+    print()
+    print(f"mode: {'quick' if args.quick else 'full'}, {'cold' if args.cold else 'warm'} source cache, "
+          f"{args.streams} streams, {os.cpu_count()} CPUs")
+    head = f"{'scenario':34} {'cm':>16} {'rsync daemon':>16} {'cp -r':>16} {'cm/rsync':>9} {'cm/cp':>7}"
+    print(head)
+    print("-" * len(head))
+    for scen in "abc":
+        times = "  ".join(f"{results[scen].get(t, 0) or 0:6.2f}s" for t in ("cm", "rsync", "cp"))
+        print(f"{names[scen]:34} {rate(scen, 'cm'):>16} {rate(scen, 'rsync'):>16} {rate(scen, 'cp'):>16} "
+              f"{ratio(scen, 'rsync'):>9} {ratio(scen, 'cp'):>7}   [{times}]")
+    print()
+    for scen in "abc":
+        if scen in rss:
+            s, r = rss[scen]
+            print(f"peak RSS {names[scen]:34}: cm sender {s / 1024:6.0f} MiB, cm receiver {r / 1024:6.0f} MiB")
+
+
+if __name__ == "__main__":
+    main()

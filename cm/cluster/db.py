@@ -1,0 +1,342 @@
+"""Finding, starting and stopping the database server (DESIGN.md, "Storage").
+
+The database is always a real MongoDB-compatible server:
+
+1. ``MONGODB_URI`` in the environment: use it, start nothing;
+2. else ``mongod`` on ``PATH``: start it;
+3. else the embedded server built by ``make setup``: ``.build/bin/cm-ferretdb``
+   (FerretDB with its SQLite backend, see ``cm/cluster/ferretdb/``), or the
+   binary named by ``CM_FERRETDB_BIN``.
+
+``python -m cm.cluster.db --data-dir D --port P --pidfile F`` runs a server
+in the foreground (the Python process execs the server binary, so the pid in
+the pidfile is the server's pid and SIGTERM stops it cleanly).
+
+This module does not import mongoengine; pymongo is imported lazily, only to
+check that a server answers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+from typing import IO
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+EMBEDDED_BIN = REPO_ROOT / ".build" / "bin" / "cm-ferretdb"
+BUILD_HINT = "run `make setup` (it builds .build/bin/cm-ferretdb with cm/cluster/ferretdb/build.sh)"
+
+DEFAULT_HOST = "127.0.0.1"
+START_TIMEOUT = 30.0
+STOP_TIMEOUT = 10.0
+
+
+class DatabaseError(RuntimeError):
+    """Base class of this module's errors."""
+
+
+class DatabaseUnavailable(DatabaseError):
+    """No database server is configured, installed or built."""
+
+
+class DatabaseStartError(DatabaseError):
+    """The database server did not start or does not answer."""
+
+
+@dataclass(frozen=True)
+class DatabasePlan:
+    """Which database to use: an existing server (``uri``) or a binary to run."""
+
+    kind: str  # "uri", "mongod" or "ferretdb"
+    uri: str | None = None
+    binary: Path | None = None
+
+    @property
+    def starts_server(self) -> bool:
+        return self.kind != "uri"
+
+    def describe(self) -> str:
+        if self.kind == "uri":
+            return f"existing server at MONGODB_URI ({_redact(self.uri or '')})"
+        if self.kind == "mongod":
+            return f"mongod ({self.binary})"
+        return f"embedded FerretDB/SQLite ({self.binary})"
+
+    def command(self, data_dir: Path, host: str, port: int) -> list[str]:
+        """The command line that runs this server in the foreground."""
+        if self.binary is None:
+            raise DatabaseError(f"nothing to run for {self.describe()}")
+        if self.kind == "mongod":
+            return [str(self.binary), "--dbpath", str(data_dir), "--bind_ip", host,
+                    "--port", str(port), "--quiet"]
+        return [str(self.binary), "-listen", f"{host}:{port}", "-dir", str(data_dir)]
+
+
+def embedded_binary(env: Mapping[str, str] = os.environ) -> Path:
+    """Path of the embedded server binary (``CM_FERRETDB_BIN`` overrides)."""
+    override = env.get("CM_FERRETDB_BIN", "").strip()
+    return Path(override) if override else EMBEDDED_BIN
+
+
+def ferretdb_plan(env: Mapping[str, str] = os.environ) -> DatabasePlan:
+    """The embedded server, or DatabaseUnavailable if it is not built."""
+    binary = embedded_binary(env)
+    if not (binary.is_file() and os.access(binary, os.X_OK)):
+        where = "CM_FERRETDB_BIN=" + str(binary) if env.get("CM_FERRETDB_BIN", "").strip() else str(binary)
+        raise DatabaseUnavailable(
+            f"no database server: MONGODB_URI is not set, mongod is not on PATH and the embedded "
+            f"server {where} is missing or not executable; {BUILD_HINT}"
+        )
+    return DatabasePlan("ferretdb", binary=binary)
+
+
+def server_plan(env: Mapping[str, str] = os.environ) -> DatabasePlan:
+    """A server to run, ignoring MONGODB_URI: mongod on PATH, else the embedded one."""
+    mongod = shutil.which("mongod", path=env.get("PATH", os.defpath))
+    if mongod:
+        return DatabasePlan("mongod", binary=Path(mongod))
+    return ferretdb_plan(env)
+
+
+def resolve_database(env: Mapping[str, str] = os.environ) -> DatabasePlan:
+    """MONGODB_URI if set, else mongod on PATH, else the embedded server."""
+    uri = env.get("MONGODB_URI", "").strip()
+    if uri:
+        return DatabasePlan("uri", uri=uri)
+    return server_plan(env)
+
+
+def free_port(host: str = DEFAULT_HOST) -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
+def ping(uri: str, timeout: float = 2.0) -> None:
+    """Raise (pymongo's error) unless the server at uri answers ``ping``."""
+    import pymongo  # lazily: `python -m cm.cluster.db` does not need it
+
+    ms = max(int(timeout * 1000), 100)
+    client: pymongo.MongoClient = pymongo.MongoClient(
+        uri, serverSelectionTimeoutMS=ms, connectTimeoutMS=ms, socketTimeoutMS=ms
+    )
+    try:
+        client.admin.command("ping")
+    finally:
+        client.close()
+
+
+class DatabaseServer:
+    """A database server for cm: started by :meth:`start`, stopped by :meth:`stop`.
+
+    With a ``uri`` plan (MONGODB_URI) nothing is started: :meth:`start` checks
+    that the server answers and returns its URI.
+    """
+
+    def __init__(
+        self,
+        plan: DatabasePlan | None = None,
+        *,
+        host: str = DEFAULT_HOST,
+        start_timeout: float = START_TIMEOUT,
+        stop_timeout: float = STOP_TIMEOUT,
+    ) -> None:
+        self.plan = plan if plan is not None else resolve_database()
+        self.host = host
+        self.start_timeout = start_timeout
+        self.stop_timeout = stop_timeout
+        self.log_path: Path | None = None
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._log: IO[bytes] | None = None
+        self._uri: str | None = None
+
+    @property
+    def pid(self) -> int | None:
+        return self._proc.pid if self._proc is not None else None
+
+    @property
+    def uri(self) -> str | None:
+        return self._uri
+
+    def running(self) -> bool:
+        return self._proc is not None and self._proc.poll() is None
+
+    def start(self, data_dir: Path, port: int | None = None, log_path: Path | None = None) -> str:
+        """Start the server (data in data_dir) and return its mongodb:// URI once it answers."""
+        if self._proc is not None or self._uri is not None:
+            raise DatabaseError("database server already started")
+        if not self.plan.starts_server:
+            assert self.plan.uri is not None
+            self._wait_ready(self.plan.uri, None, None, time.monotonic() + self.start_timeout)
+            self._uri = self.plan.uri
+            return self._uri
+
+        data_dir = Path(data_dir).resolve()
+        data_dir.mkdir(parents=True, exist_ok=True)
+        self.log_path = Path(log_path) if log_path is not None else data_dir / "server.log"
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+
+        attempts = 3 if port is None else 1  # a picked free port can be taken before the server binds it
+        for attempt in range(attempts):
+            use_port = port if port is not None else free_port(self.host)
+            uri = f"mongodb://{self.host}:{use_port}/"
+            self._spawn(self.plan.command(data_dir, self.host, use_port))
+            try:
+                self._wait_ready(uri, self._proc, (self.host, use_port), time.monotonic() + self.start_timeout)
+            except DatabaseStartError as e:
+                self.stop()
+                if attempt + 1 < attempts and "address already in use" in str(e).lower():
+                    continue
+                raise
+            self._uri = uri
+            return uri
+        raise AssertionError("unreachable")
+
+    def stop(self) -> None:
+        """Stop the server: SIGTERM, then SIGKILL after stop_timeout. Idempotent."""
+        proc, self._proc = self._proc, None
+        self._uri = None
+        try:
+            if proc is not None and proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+                try:
+                    proc.wait(self.stop_timeout)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait()
+        finally:
+            if self._log is not None:
+                self._log.close()
+                self._log = None
+
+    def __enter__(self) -> DatabaseServer:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+    def _spawn(self, cmd: list[str]) -> None:
+        assert self.log_path is not None
+        self._log = open(self.log_path, "ab")  # noqa: SIM115 - closed by stop()
+        self._log.write(f"--- {time.strftime('%Y-%m-%d %H:%M:%S')} starting: {' '.join(cmd)}\n".encode())
+        self._log.flush()
+        try:
+            self._proc = subprocess.Popen(
+                cmd, stdin=subprocess.DEVNULL, stdout=self._log, stderr=subprocess.STDOUT, close_fds=True
+            )
+        except OSError as e:
+            self._log.close()
+            self._log = None
+            raise DatabaseStartError(f"cannot run {self.plan.describe()}: {e}") from e
+
+    def _wait_ready(
+        self,
+        uri: str,
+        proc: subprocess.Popen[bytes] | None,
+        addr: tuple[str, int] | None,
+        deadline: float,
+    ) -> None:
+        last_error: Exception | None = None
+        while True:
+            if proc is not None and proc.poll() is not None:
+                raise DatabaseStartError(
+                    f"{self.plan.describe()} exited with status {proc.returncode} at start"
+                    f"{self._log_tail_text()}"
+                )
+            try:
+                if addr is not None:  # cheap check first: pymongo waits its whole timeout on a refused port
+                    socket.create_connection(addr, timeout=0.5).close()
+                ping(uri, timeout=min(2.0, max(deadline - time.monotonic(), 0.1)))
+                return
+            except Exception as e:  # noqa: BLE001 - pymongo errors, connection refused, ...
+                last_error = e
+            if time.monotonic() >= deadline:
+                what = self.plan.describe()
+                raise DatabaseStartError(
+                    f"{what} does not answer ping at {_redact(uri)} after {self.start_timeout:g} s: "
+                    f"{last_error}{self._log_tail_text()}"
+                )
+            time.sleep(0.05)
+
+    def _log_tail_text(self) -> str:
+        if self._log is not None:
+            self._log.flush()
+        tail = log_tail(self.log_path) if self.log_path is not None else ""
+        if not tail:
+            return ""
+        return f"\n--- last lines of {self.log_path}:\n{tail}"
+
+
+def log_tail(path: Path, lines: int = 20, max_bytes: int = 8192) -> str:
+    try:
+        with open(path, "rb") as f:
+            f.seek(0, os.SEEK_END)
+            size = f.tell()
+            f.seek(max(0, size - max_bytes))
+            data = f.read()
+    except OSError:
+        return ""
+    return "\n".join(data.decode(errors="replace").splitlines()[-lines:])
+
+
+def _redact(uri: str) -> str:
+    """Hide a password in a mongodb:// URI."""
+    scheme, sep, rest = uri.partition("://")
+    creds, at, hostpart = rest.rpartition("@")
+    if not sep or not at or ":" not in creds:
+        return uri
+    return f"{scheme}://{creds.split(':', 1)[0]}:***@{hostpart}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m cm.cluster.db",
+        description="Run cm's database server in the foreground (mongod if on PATH, else the embedded "
+        "FerretDB). MONGODB_URI is ignored here: whoever runs this wants a server.",
+    )
+    parser.add_argument("--data-dir", required=True, type=Path, help="data directory (created if missing)")
+    parser.add_argument("--port", type=int, default=27017, help="TCP port (default 27017)")
+    parser.add_argument("--host", default=DEFAULT_HOST, help=f"address to listen on (default {DEFAULT_HOST})")
+    parser.add_argument("--pidfile", type=Path, help="write the server's pid here")
+    args = parser.parse_args(argv)
+
+    try:
+        plan = server_plan()
+    except DatabaseUnavailable as e:
+        print(f"cm.cluster.db: {e}", file=sys.stderr)
+        return 1
+    if not 0 < args.port < 65536:
+        parser.error(f"bad --port {args.port}")
+
+    data_dir = args.data_dir.resolve()
+    data_dir.mkdir(parents=True, exist_ok=True)
+    cmd = plan.command(data_dir, args.host, args.port)
+    if args.pidfile is not None:
+        args.pidfile.parent.mkdir(parents=True, exist_ok=True)
+        tmp = args.pidfile.with_name(args.pidfile.name + ".tmp")
+        tmp.write_text(f"{os.getpid()}\n")
+        tmp.replace(args.pidfile)  # exec keeps the pid: this is the server's pid
+    print(f"cm.cluster.db: running {plan.describe()} on {args.host}:{args.port}, data in {data_dir}",
+          file=sys.stderr, flush=True)
+    sys.stdout.flush()
+    os.execv(cmd[0], cmd)
+    return 1  # not reached
+
+
+if __name__ == "__main__":
+    sys.exit(main())

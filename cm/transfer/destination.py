@@ -1,0 +1,416 @@
+"""Changes to a destination tree, made on behalf of one sender connection.
+
+Every path arrives relative to the registered destination and is split by
+``wire_parts`` (no ``..``, nothing absolute); every directory is reached
+through ``DirHandles`` (never through a symlink). Files are written into a
+temporary file in their final directory and renamed into place only after
+their data matched the sender's checksum, with mode and mtime already set.
+Operations that touch many paths report failures per path and go on.
+"""
+
+from __future__ import annotations
+
+import errno
+import itertools
+import os
+import secrets
+import shutil
+import stat
+from pathlib import Path
+
+from . import checksum
+from .partial import ChunkRecord, chunk_count, partial_names
+from .paths import DirHandles, PathEscape, wire_parts
+from .tree import Excluder, walk_fd
+
+_NEW = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+_UNNAMED = os.O_WRONLY | os.O_TMPFILE | os.O_CLOEXEC
+_READ = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
+
+
+def _split(path: bytes) -> tuple[str, ...]:
+    if not isinstance(path, bytes):
+        raise PathEscape("paths travel as bytes")
+    return wire_parts(os.fsdecode(path))
+
+
+def _check_name(name: bytes) -> None:
+    if name in (b"", b".", b"..") or b"\0" in name:
+        raise PathEscape(f"{name!r} is not a file name")
+
+
+def _umask() -> int:
+    """This process's umask, read without changing it (0o777, i.e. "always chmod", if unknown)."""
+    try:
+        with open("/proc/self/status", "rb") as f:
+            for line in f:
+                if line.startswith(b"Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    return 0o777
+
+
+def _fail(errors: list, path, exc: Exception) -> None:
+    errors.append([path, f"{type(exc).__name__}: {exc}"])
+
+
+class Destination:
+    """The destination tree of one registered transfer, seen by one connection."""
+
+    def __init__(self, root: Path, prefix: tuple[str, ...]):
+        self.dirs = DirHandles(root, prefix)
+        self._tmp_ids = itertools.count()
+        self._tmp_tag = secrets.token_hex(4)
+        self._manifest: list[list] | None = None
+        self._umask = _umask()
+        self._unnamed = os.path.isdir("/proc/self/fd")  # O_TMPFILE files are published via /proc
+
+    def close(self) -> None:
+        """Release directory descriptors."""
+        self.dirs.close()
+
+    def _tmp_name(self) -> str:
+        return f".cm.{self._tmp_tag}{next(self._tmp_ids):x}.tmp"
+
+    def _parent(self, parts: tuple[str, ...], create: bool = False) -> int:
+        if not parts:
+            raise PathEscape("the top of the tree is not a file")
+        return self.dirs.open(parts[:-1], create=create)
+
+    # ---- reading the tree ----
+
+    def manifest_page(self, exclude: list[str], page: int, page_bytes: int = 8 << 20) -> tuple[list, bool]:
+        """Page ``page`` of the destination's entries (walked once per connection)."""
+        if self._manifest is None or page == 0:
+            try:
+                top = self.dirs.open(())
+            except (FileNotFoundError, NotADirectoryError):
+                self._manifest = []
+            else:
+                entries = walk_fd(top, Excluder(exclude), skip_temp=True)
+                self._manifest = [e.to_wire() for e in entries]
+            self._pages = [0]
+            size = 0
+            for i, item in enumerate(self._manifest):
+                size += len(item[0]) + len(item[5]) + 40
+                if size > page_bytes:
+                    self._pages.append(i)
+                    size = 0
+            self._pages.append(len(self._manifest))
+        if page + 1 >= len(self._pages):
+            return [], False
+        start, end = self._pages[page], self._pages[page + 1]
+        return self._manifest[start:end], page + 2 < len(self._pages)
+
+    def partials(self, files: list) -> list:
+        """For each [path, size, mtime, chunk_size]: [[index, digest], ...] already verified."""
+        out = []
+        for path, size, mtime, chunk_size in files:
+            parts = _split(path)
+            try:
+                dfd = self._parent(parts)
+                part, ok = partial_names(parts[-1], size, mtime, chunk_size)
+                st = os.stat(part, dir_fd=dfd, follow_symlinks=False)
+                rec = None
+                if stat.S_ISREG(st.st_mode) and st.st_size == size:
+                    rec = ChunkRecord.open(dfd, ok, size, mtime, chunk_size, create=False)
+            except (FileNotFoundError, NotADirectoryError, PathEscape):
+                rec = None
+            if rec is None:
+                out.append([])
+                continue
+            try:
+                out.append([[i, d] for i, d in sorted(rec.verified().items())])
+            finally:
+                rec.close()
+        return out
+
+    def checksums(self, files: list) -> list:
+        """For each [path, size, chunk_size]: the file's chunk digests, or None if absent/different size."""
+        out = []
+        for path, size, chunk_size in files:
+            parts = _split(path)
+            try:
+                fd = os.open(parts[-1], _READ, dir_fd=self._parent(parts))
+            except (OSError, PathEscape):
+                out.append(None)
+                continue
+            try:
+                st = os.fstat(fd)
+                if not stat.S_ISREG(st.st_mode) or st.st_size != size:
+                    out.append(None)
+                else:
+                    out.append(checksum.file_digests(fd, size, chunk_size))
+            except OSError:
+                out.append(None)
+            finally:
+                os.close(fd)
+        return out
+
+    # ---- structure ----
+
+    def mkdirs(self, dirs: list) -> list:
+        """Create each [path, mode] directory (parents first); a non-directory in the way is replaced."""
+        errors: list = []
+        for path, mode in dirs:
+            parts = _split(path)
+            try:
+                fd = self._make_dir(parts)
+                st = os.fstat(fd)
+                if stat.S_IMODE(st.st_mode) & 0o700 != 0o700:
+                    os.fchmod(fd, stat.S_IMODE(st.st_mode) | 0o700)  # writable while we fill it
+            except (OSError, PathEscape) as exc:
+                _fail(errors, path, exc)
+        return errors
+
+    def _make_dir(self, parts: tuple[str, ...]) -> int:
+        if not parts:
+            return self.dirs.open((), create=True)
+        dfd = self._parent(parts, create=True)
+        name = parts[-1]
+        try:
+            st = os.stat(name, dir_fd=dfd, follow_symlinks=False)
+        except FileNotFoundError:
+            st = None
+        if st is not None and not stat.S_ISDIR(st.st_mode):
+            os.unlink(name, dir_fd=dfd)
+            self.dirs.forget(parts)
+        return self.dirs.open(parts, create=True, mode=0o700)
+
+    def delete(self, paths: list) -> tuple[int, list]:
+        """Remove each path (directories with everything in them); returns (removed, errors)."""
+        removed = 0
+        errors: list = []
+        for path in paths:
+            parts = _split(path)
+            try:
+                dfd = self._parent(parts)
+                name = parts[-1]
+                st = os.stat(name, dir_fd=dfd, follow_symlinks=False)
+                if stat.S_ISDIR(st.st_mode):
+                    self.dirs.forget(parts)
+                    dfd = self._parent(parts)
+                    shutil.rmtree(name, dir_fd=dfd)
+                else:
+                    os.unlink(name, dir_fd=dfd)
+                removed += 1
+            except FileNotFoundError:
+                continue
+            except (OSError, PathEscape) as exc:
+                _fail(errors, path, exc)
+        return removed, errors
+
+    def symlinks(self, links: list) -> list:
+        """Create each [path, target, mtime] symlink, replacing what is there."""
+        errors: list = []
+        for path, target, mtime in links:
+            parts = _split(path)
+            if not isinstance(target, bytes) or not target or b"\0" in target:
+                _fail(errors, path, ValueError("bad symlink target"))
+                continue
+            try:
+                dfd = self._parent(parts, create=True)
+                tmp = self._tmp_name()
+                os.symlink(target, tmp, dir_fd=dfd)
+                try:
+                    os.utime(tmp, ns=(mtime, mtime), dir_fd=dfd, follow_symlinks=False)
+                    self._publish(dfd, tmp, parts[-1])
+                except OSError:
+                    _unlink_quietly(dfd, tmp)
+                    raise
+            except (OSError, PathEscape) as exc:
+                _fail(errors, path, exc)
+        return errors
+
+    def set_meta(self, files: list) -> list:
+        """Set mode and mtime of each existing [path, mode, mtime] regular file."""
+        errors: list = []
+        for path, mode, mtime in files:
+            parts = _split(path)
+            try:
+                fd = os.open(parts[-1], _READ, dir_fd=self._parent(parts))
+                try:
+                    if not stat.S_ISREG(os.fstat(fd).st_mode):
+                        raise IsADirectoryError("not a regular file")
+                    os.fchmod(fd, mode)
+                    os.utime(fd, ns=(mtime, mtime))
+                finally:
+                    os.close(fd)
+            except (OSError, PathEscape) as exc:
+                _fail(errors, path, exc)
+        return errors
+
+    def dir_meta(self, dirs: list) -> list:
+        """Set mode and mtime of each [path, mode, mtime] directory (done after its contents)."""
+        errors: list = []
+        for path, mode, mtime in dirs:
+            parts = _split(path)
+            try:
+                fd = self.dirs.open(parts)
+                os.fchmod(fd, mode)
+                os.utime(fd, ns=(mtime, mtime))
+            except (OSError, PathEscape) as exc:
+                _fail(errors, path, exc)
+        return errors
+
+    # ---- file data ----
+
+    def _publish(self, dfd: int, tmp, name) -> None:
+        """Rename ``tmp`` over ``name`` in ``dfd``; an empty directory in the way is removed first."""
+        try:
+            os.rename(tmp, name, src_dir_fd=dfd, dst_dir_fd=dfd)
+        except IsADirectoryError:
+            # a non-empty directory stays, and the rename fails (ENOTEMPTY)
+            self.dirs.forget_all()
+            os.rmdir(name, dir_fd=dfd)
+            os.rename(tmp, name, src_dir_fd=dfd, dst_dir_fd=dfd)
+
+    def write_batch(self, files: list, data: memoryview) -> tuple[list, list]:
+        """Write small files packed in ``data`` (fields [path, size, mode, mtime, digest]).
+
+        Returns (indices whose checksum did not match, [path, error] list).
+        Nothing is written for a file that does not match.
+        """
+        offsets = [0]
+        for f in files:
+            offsets.append(offsets[-1] + f[1])
+        if offsets[-1] != len(data):
+            raise ValueError("batch sizes do not add up to the payload")
+        digests = checksum.digest_many(data, offsets)
+        bad: list = []
+        errors: list = []
+        current, dfd = None, -1  # files come sorted, so most share their directory with the previous one
+        for i, (path, size, mode, mtime, want) in enumerate(files):
+            if digests[i] != want:
+                bad.append(i)
+                continue
+            parent, _, name = path.rpartition(b"/")
+            try:
+                if parent != current:
+                    current = None
+                    dfd = self.dirs.open(_split(parent), create=True)
+                    current = parent
+                _check_name(name)
+                self._write_small(dfd, name, data[offsets[i]:offsets[i + 1]], mode, mtime)
+            except (OSError, PathEscape) as exc:
+                current = None
+                _fail(errors, path, exc)
+        return bad, errors
+
+    def _create(self, dfd: int, mode: int) -> tuple[int, bytes | None]:
+        """A new file for data in directory ``dfd``: unnamed (O_TMPFILE) when possible, else a named temp.
+
+        Returns (descriptor, temporary name or None for an unnamed file).
+        """
+        if self._unnamed:
+            try:
+                return os.open(".", _UNNAMED, mode & 0o777, dir_fd=dfd), None
+            except OSError as exc:
+                if exc.errno not in (errno.EOPNOTSUPP, errno.EISDIR, errno.EINVAL):
+                    raise
+                self._unnamed = False  # this filesystem cannot: name temporaries from now on
+        tmp = os.fsencode(self._tmp_name())
+        return os.open(tmp, _NEW, mode & 0o777, dir_fd=dfd), tmp
+
+    def _finish(self, dfd: int, fd: int, tmp: bytes | None, name: bytes, mode: int, mtime: int) -> None:
+        """Set mode and mtime, close, and publish under ``name`` atomically; never leaves a temp behind."""
+        try:
+            if mode & self._umask or mode > 0o777:
+                os.fchmod(fd, mode)
+            os.utime(fd, ns=(mtime, mtime))
+            if tmp is None:
+                try:
+                    os.link(f"/proc/self/fd/{fd}", name, dst_dir_fd=dfd)
+                    return
+                except FileExistsError:
+                    tmp = os.fsencode(self._tmp_name())  # something is there: replace it by rename
+                    os.link(f"/proc/self/fd/{fd}", tmp, dst_dir_fd=dfd)
+            self._publish(dfd, tmp, name)
+        except OSError:
+            if tmp is not None:
+                _unlink_quietly(dfd, tmp)
+            raise
+        finally:
+            os.close(fd)
+
+    def _write_small(self, dfd: int, name: bytes, data: memoryview, mode: int, mtime: int) -> None:
+        fd, tmp = self._create(dfd, mode)
+        try:
+            written = 0
+            while written < len(data):
+                written += os.write(fd, data[written:])
+        except OSError:
+            os.close(fd)
+            if tmp is not None:
+                _unlink_quietly(dfd, tmp)
+            raise
+        self._finish(dfd, fd, tmp, name, mode, mtime)
+
+    def receive_chunk(self, meta: dict, channel, buf: memoryview) -> tuple[bool, bool]:
+        """Receive one streamed chunk from ``channel`` into its place; returns (verified, published).
+
+        A one-chunk file goes to a fresh temporary file; chunks of a larger
+        file go to the shared ``.part`` file and are recorded in its sidecar.
+        """
+        parts = _split(meta["path"])
+        size, chunk_size, index = meta["size"], meta["chunk_size"], meta["index"]
+        mode, mtime = meta["mode"], meta["mtime"]
+        dfd = self._parent(parts, create=True)
+        length = min(chunk_size, size - index * chunk_size)
+        if chunk_count(size, chunk_size) == 1:
+            name = os.fsencode(parts[-1])
+            fd, tmp = self._create(dfd, mode)
+            try:
+                got, sent = channel.recv_stream_to_fd(fd, 0, length, buf, checksum.Hasher())
+            except BaseException:
+                os.close(fd)
+                if tmp is not None:
+                    _unlink_quietly(dfd, tmp)
+                raise
+            if got != sent:
+                os.close(fd)
+                if tmp is not None:
+                    _unlink_quietly(dfd, tmp)
+                return False, False
+            self._finish(dfd, fd, tmp, name, mode, mtime)
+            return True, True
+        part, ok = partial_names(parts[-1], size, mtime, chunk_size)
+        fd = os.open(part, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600, dir_fd=dfd)
+        try:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode):
+                raise IsADirectoryError(f"{part} is not a regular file")
+            if st.st_size != size:
+                try:
+                    os.posix_fallocate(fd, 0, size)
+                except OSError:
+                    os.ftruncate(fd, size)
+            got, sent = channel.recv_stream_to_fd(fd, index * chunk_size, length, buf, checksum.Hasher())
+            if got != sent:
+                return False, False
+            rec = ChunkRecord.open(dfd, ok, size, mtime, chunk_size, create=True)
+            try:
+                rec.mark(index, got)
+                if not rec.complete():
+                    return True, False
+            finally:
+                rec.close()
+            os.fchmod(fd, mode)
+            os.utime(fd, ns=(mtime, mtime))
+        finally:
+            os.close(fd)
+        try:
+            self._publish(dfd, part, parts[-1])
+        except FileNotFoundError:
+            pass  # another receiver published it first
+        _unlink_quietly(dfd, ok)
+        return True, True
+
+
+def _unlink_quietly(dfd: int, name: str) -> None:
+    try:
+        os.unlink(name, dir_fd=dfd)
+    except FileNotFoundError:
+        pass
+

@@ -1,0 +1,90 @@
+"""What has been verified of a large file that is still being received.
+
+A file of several chunks is received into ``.cm.<id>.part`` next to its
+final name, and which chunks arrived intact is recorded in the sidecar
+``.cm.<id>.ok``. ``<id>`` is derived from the file's name, the source's size
+and mtime and the chunk size, so a later job copying the same source file
+finds the same pair and resumes: only chunks not recorded are sent again.
+Several receivers (one per destination node, sharing the storage) may write
+chunks of one file at once; each records its chunks in its own slot of the
+sidecar, and whichever sees every slot filled publishes the file.
+
+Sidecar layout: ``magic | size u64 | mtime i64 | chunk_size u64`` then one
+16-byte slot per chunk: ``digest u64 | verified u8 | 7 pad``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import struct
+
+_HEAD = struct.Struct("<8sQqQ")
+_MAGIC = b"CMPART01"
+_SLOT = struct.Struct("<QB7x")
+_OPEN = os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC
+
+
+def chunk_count(size: int, chunk_size: int) -> int:
+    """Number of chunks a file of ``size`` bytes is cut into (an empty file has one)."""
+    return max(1, -(-size // chunk_size))
+
+
+def partial_names(name: str, size: int, mtime_ns: int, chunk_size: int) -> tuple[str, str]:
+    """(data file, sidecar) names for a partially received file; fixed length whatever ``name``."""
+    key = os.fsencode(name) + b"\0" + struct.pack("<QqQ", size, mtime_ns, chunk_size)
+    ident = hashlib.blake2b(key, digest_size=10).hexdigest()
+    return f".cm.{ident}.part", f".cm.{ident}.ok"
+
+
+class ChunkRecord:
+    """The sidecar of one partially received file, opened in a directory descriptor."""
+
+    def __init__(self, fd: int, nchunks: int):
+        self._fd = fd
+        self.nchunks = nchunks
+
+    @classmethod
+    def open(cls, dir_fd: int, name: str, size: int, mtime_ns: int, chunk_size: int, create: bool) -> "ChunkRecord | None":
+        """Open (or with ``create`` make) the sidecar; None if absent and not creating."""
+        flags = _OPEN if create else (_OPEN & ~os.O_CREAT)
+        try:
+            fd = os.open(name, flags, 0o600, dir_fd=dir_fd)
+        except FileNotFoundError:
+            return None
+        n = chunk_count(size, chunk_size)
+        head = _HEAD.pack(_MAGIC, size, mtime_ns, chunk_size)
+        want = _HEAD.size + n * _SLOT.size
+        try:
+            if os.pread(fd, _HEAD.size, 0) != head or os.fstat(fd).st_size != want:
+                if not create:
+                    os.close(fd)
+                    return None
+                os.ftruncate(fd, 0)
+                os.pwrite(fd, head, 0)
+                os.ftruncate(fd, want)
+        except OSError:
+            os.close(fd)
+            raise
+        return cls(fd, n)
+
+    def mark(self, index: int, digest: int) -> None:
+        """Record chunk ``index`` as received with ``digest``."""
+        os.pwrite(self._fd, _SLOT.pack(digest, 1), _HEAD.size + index * _SLOT.size)
+
+    def _slots(self) -> bytes:
+        raw = os.pread(self._fd, self.nchunks * _SLOT.size, _HEAD.size)
+        return raw if len(raw) == self.nchunks * _SLOT.size else b""
+
+    def verified(self) -> dict[int, int]:
+        """{chunk index: digest} of the chunks recorded as received."""
+        return {i: digest for i, (digest, flag) in enumerate(_SLOT.iter_unpack(self._slots())) if flag}
+
+    def complete(self) -> bool:
+        """Whether every chunk has been recorded."""
+        slots = self._slots()
+        return bool(slots) and b"\0" not in slots[8::_SLOT.size]
+
+    def close(self) -> None:
+        """Close the sidecar's descriptor."""
+        os.close(self._fd)

@@ -1,0 +1,322 @@
+"""The receiving end of the mover: a TCP server inside the node daemon.
+
+The node daemon starts one ``TransferServer`` and, for each sync job that
+writes to this node's storage, ``register``s the transfer (id, secret token,
+data root, destination path). Senders connect, present the id and token in
+a HELLO frame, and then drive a ``Destination`` with requests. Anything
+malformed gets an ERROR answer and the connection is closed; the server
+itself keeps serving. One thread per connection; senders open a few.
+"""
+
+from __future__ import annotations
+
+import hmac
+import logging
+import mmap
+import os
+import socket
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from . import checksum
+from .destination import Destination
+from .partial import chunk_count
+from .paths import PathEscape, confine, wire_parts
+from .wire import MAX_BATCH, PIECE, Channel, Kind, ProtocolError, tune
+
+log = logging.getLogger(__name__)
+
+HELLO_TIMEOUT = 10.0  # seconds an unauthenticated connection may take to say who it is
+IDLE_TIMEOUT = 600.0  # seconds a sender may stay silent mid-transfer
+MAX_CONNECTIONS = 256
+
+
+class BadRequest(ValueError):
+    """A request whose fields do not fit its schema."""
+
+
+@dataclass
+class _Registration:
+    token: str
+    root: Path
+    prefix: tuple[str, ...]
+    channels: set = field(default_factory=set)
+
+
+def _is_int(v, lo: int | None = 0) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and (lo is None or v >= lo)
+
+
+_SCALARS = {
+    bytes: lambda v: isinstance(v, bytes),
+    int: _is_int,
+    "mtime": lambda v: _is_int(v, None),
+    "mode": lambda v: _is_int(v) and v <= 0o7777,
+}
+
+
+def _rows(meta: dict, key: str, shape: tuple, limit: int = 1_000_000) -> list:
+    rows = meta.get(key)
+    if not isinstance(rows, list) or len(rows) > limit:
+        raise BadRequest(f"{key!r} must be a list")
+    for row in rows:
+        if not isinstance(row, list) or len(row) != len(shape):
+            raise BadRequest(f"{key!r} rows must have {len(shape)} fields")
+        for value, kind in zip(row, shape):
+            if not _SCALARS[kind](value):
+                raise BadRequest(f"bad value in {key!r}: {value!r}")
+    return rows
+
+
+def _chunk_size(v, max_chunk: int) -> int:
+    if not _is_int(v, 1) or v % mmap.ALLOCATIONGRANULARITY or v > max_chunk:
+        raise BadRequest(f"chunk size must be a multiple of {mmap.ALLOCATIONGRANULARITY} up to {max_chunk}")
+    return v
+
+
+class TransferServer:
+    """Accepts sender connections for registered transfers and writes what they send."""
+
+    def __init__(self, host: str, port: int, chunk_size: int = 64 << 20):
+        self.host = host
+        self.port = port
+        self.chunk_size = chunk_size
+        self._lock = threading.Lock()
+        self._transfers: dict[str, _Registration] = {}
+        self._threads: set[threading.Thread] = set()
+        self._socks: set[socket.socket] = set()
+        self._listener: socket.socket | None = None
+        self._acceptor: threading.Thread | None = None
+        self._warm: threading.Thread | None = None
+        self._stopping = threading.Event()
+
+    # ---- lifecycle ----
+
+    def start(self) -> None:
+        """Bind, listen and serve in background threads; returns once listening."""
+        family = socket.AF_INET6 if ":" in self.host else socket.AF_INET
+        lsock = socket.socket(family, socket.SOCK_STREAM)
+        lsock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        lsock.bind((self.host, self.port))
+        lsock.listen(128)
+        self.port = lsock.getsockname()[1]
+        self._listener = lsock
+        self._acceptor = threading.Thread(target=self._accept_loop, name=f"mover-accept-{self.port}", daemon=True)
+        self._acceptor.start()
+        # load the compiled checksums now rather than in the middle of the first transfer
+        self._warm = threading.Thread(target=checksum.warm_up, name="mover-warm-up", daemon=True)
+        self._warm.start()
+
+    def stop(self) -> None:
+        """Stop accepting, close every connection and wait for the threads."""
+        self._stopping.set()
+        if self._listener is not None:
+            try:
+                self._listener.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            self._listener.close()
+        if self._acceptor is not None:
+            self._acceptor.join()
+        if self._warm is not None:
+            self._warm.join()
+        with self._lock:
+            socks = list(self._socks)
+            threads = list(self._threads)
+        for s in socks:
+            _shutdown(s)
+        for t in threads:
+            t.join()
+
+    # ---- transfers ----
+
+    def register(self, transfer_id: str, token: str, root: Path, dst_path: str) -> None:
+        """Allow senders presenting (transfer_id, token) to write under ``root/dst_path``.
+
+        Raises ``PathEscape`` if ``dst_path`` leads outside ``root``. Creates
+        nothing: the destination appears when the first sender writes.
+        """
+        if not transfer_id or not token:
+            raise ValueError("transfer id and token must not be empty")
+        real_root = Path(os.path.realpath(root))
+        target = confine(real_root, dst_path)
+        prefix = target.relative_to(real_root).parts
+        with self._lock:
+            old = self._transfers.get(transfer_id)
+            reg = _Registration(token, real_root, tuple(prefix))
+            if old is not None:
+                reg.channels = old.channels
+            self._transfers[transfer_id] = reg
+
+    def unregister(self, transfer_id: str) -> None:
+        """Forget a transfer and drop its open connections (idempotent)."""
+        with self._lock:
+            reg = self._transfers.pop(transfer_id, None)
+            socks = list(reg.channels) if reg else []
+        for s in socks:
+            _shutdown(s)
+
+    # ---- serving ----
+
+    def _accept_loop(self) -> None:
+        listener = self._listener
+        while listener is not None and not self._stopping.is_set():
+            try:
+                sock, peer = listener.accept()
+            except OSError:
+                if self._stopping.is_set():
+                    return
+                continue
+            with self._lock:
+                if len(self._threads) >= MAX_CONNECTIONS:
+                    sock.close()
+                    continue
+                t = threading.Thread(target=self._serve, args=(sock, peer), name=f"mover-conn-{peer}", daemon=True)
+                self._threads.add(t)
+                self._socks.add(sock)
+            t.start()
+
+    def _serve(self, sock: socket.socket, peer) -> None:
+        reg = None
+        try:
+            tune(sock)
+            sock.settimeout(HELLO_TIMEOUT)
+            chan = Channel(sock, max_meta=4096, max_payload=0)
+            reg = self._hello(chan)
+            if reg is None:
+                return
+            sock.settimeout(IDLE_TIMEOUT)
+            chan.max_meta = 64 << 20
+            chan.max_payload = max(self.chunk_size, MAX_BATCH)
+            self._session(chan, reg)
+        except (ConnectionError, TimeoutError, ProtocolError, BadRequest, OSError) as exc:
+            log.info("mover connection from %s ended: %s", peer, exc)
+        finally:
+            if reg is not None:
+                with self._lock:
+                    reg.channels.discard(sock)
+            sock.close()
+            with self._lock:
+                self._socks.discard(sock)
+                self._threads.discard(threading.current_thread())
+
+    def _hello(self, chan: Channel) -> _Registration | None:
+        try:
+            kind, meta, _ = chan.recv()
+        except ProtocolError as exc:
+            chan.reply_error(str(exc))
+            return None
+        tid, token = meta.get("transfer_id"), meta.get("token")
+        if kind != Kind.HELLO or not isinstance(tid, str) or not isinstance(token, str):
+            chan.reply_error("expected HELLO with transfer_id and token")
+            return None
+        with self._lock:
+            reg = self._transfers.get(tid)
+            if reg is None or not hmac.compare_digest(reg.token.encode(), token.encode()):
+                reg = None
+            else:
+                reg.channels.add(chan.sock)
+        if reg is None:
+            chan.reply_error("unknown transfer or wrong token")
+            return None
+        chan.reply({"max_chunk": self.chunk_size, "max_batch": MAX_BATCH})
+        return reg
+
+    def _session(self, chan: Channel, reg: _Registration) -> None:
+        dest = Destination(reg.root, reg.prefix)
+        buf = bytearray(PIECE)
+        batch = bytearray()
+        try:
+            while not self._stopping.is_set():
+                try:
+                    kind, meta, plen = chan.recv()
+                except ProtocolError as exc:
+                    chan.reply_error(str(exc))
+                    return
+                if kind == Kind.BYE:
+                    return
+                try:
+                    if kind == Kind.CHUNK:
+                        chan.reply(self._chunk(dest, chan, meta, plen, memoryview(buf)))
+                    elif kind == Kind.BATCH:
+                        if plen > MAX_BATCH:
+                            raise BadRequest("batch too large")
+                        if len(batch) < plen:
+                            batch = bytearray(plen)
+                        view = memoryview(batch)[:plen]
+                        files = _rows(meta, "files", (bytes, int, "mode", "mtime", int))
+                        chan.recv_into(view)
+                        bad, errors = dest.write_batch(files, view)
+                        chan.reply({"bad": bad, "errors": errors})
+                    else:
+                        if plen:
+                            raise BadRequest(f"{kind.name} carries no payload")
+                        chan.reply(self._request(dest, kind, meta))
+                except (BadRequest, PathEscape, ValueError) as exc:
+                    chan.reply_error(f"refused {kind.name}: {exc}")
+                    return  # the stream may be out of step now: make the sender reconnect
+        finally:
+            dest.close()
+
+    def _chunk(self, dest: Destination, chan: Channel, meta: dict, plen: int, buf: memoryview) -> dict:
+        if not isinstance(meta.get("path"), bytes):
+            raise BadRequest("chunk needs a path")
+        wire_parts(os.fsdecode(meta["path"]))
+        for key in ("size", "index"):
+            if not _is_int(meta.get(key)):
+                raise BadRequest(f"chunk needs {key}")
+        if not _SCALARS["mode"](meta.get("mode")) or not _SCALARS["mtime"](meta.get("mtime")):
+            raise BadRequest("chunk needs mode and mtime")
+        chunk_size = _chunk_size(meta.get("chunk_size"), self.chunk_size)
+        size, index = meta["size"], meta["index"]
+        if index >= chunk_count(size, chunk_size) or plen != min(chunk_size, size - index * chunk_size):
+            raise BadRequest("chunk index or length does not fit the file size")
+        try:
+            ok, published = dest.receive_chunk(meta, chan, buf)
+        except OSError as exc:
+            if isinstance(exc, (ConnectionError, TimeoutError)):
+                raise
+            raise BadRequest(f"cannot write {os.fsdecode(meta['path'])!r}: {exc}") from exc
+        return {"ok": ok, "published": published}
+
+    def _request(self, dest: Destination, kind: Kind, meta: dict) -> dict:
+        if kind == Kind.MANIFEST:
+            exclude = meta.get("exclude", [])
+            page = meta.get("page", 0)
+            if not isinstance(exclude, list) or not all(isinstance(p, str) for p in exclude) or not _is_int(page):
+                raise BadRequest("MANIFEST needs exclude (list of text) and page")
+            entries, more = dest.manifest_page(exclude, page)
+            return {"entries": entries, "more": more}
+        if kind == Kind.PARTIALS:
+            files = _rows(meta, "files", (bytes, int, "mtime", int))
+            for f in files:
+                _chunk_size(f[3], self.chunk_size)
+            return {"verified": dest.partials(files)}
+        if kind == Kind.CHECKSUMS:
+            files = _rows(meta, "files", (bytes, int, int))
+            for f in files:
+                _chunk_size(f[2], self.chunk_size)
+            return {"digests": dest.checksums(files)}
+        if kind == Kind.MKDIRS:
+            return {"errors": dest.mkdirs(_rows(meta, "dirs", (bytes, "mode")))}
+        if kind == Kind.DELETE:
+            paths = meta.get("paths")
+            if not isinstance(paths, list) or not all(isinstance(p, bytes) for p in paths):
+                raise BadRequest("DELETE needs paths")
+            removed, errors = dest.delete(paths)
+            return {"removed": removed, "errors": errors}
+        if kind == Kind.SYMLINKS:
+            return {"errors": dest.symlinks(_rows(meta, "links", (bytes, bytes, "mtime")))}
+        if kind == Kind.META:
+            return {"errors": dest.set_meta(_rows(meta, "files", (bytes, "mode", "mtime")))}
+        if kind == Kind.DIRMETA:
+            return {"errors": dest.dir_meta(_rows(meta, "dirs", (bytes, "mode", "mtime")))}
+        raise BadRequest(f"unexpected {kind.name}")
+
+
+def _shutdown(sock: socket.socket) -> None:
+    try:
+        sock.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass

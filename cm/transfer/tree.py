@@ -1,0 +1,213 @@
+"""Walking a tree into a sorted list of entries, and rsync-style excludes.
+
+Both ends walk the same way: directories are opened relative to their
+parent's descriptor with ``O_NOFOLLOW`` and symlinks are recorded, never
+followed. Paths are ``/``-joined, relative to the top of the tree (``""`` is
+the top itself), and sorted, so every rank of a sync job that walks the same
+source gets the same list.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import stat
+from dataclasses import dataclass
+from typing import Iterable
+
+FILE = "f"
+DIR = "d"
+LINK = "l"
+
+TEMP_PREFIX = ".cm."  # the mover's own temporary and state files start with this
+TEMP_SUFFIXES = (".tmp", ".part", ".ok")
+
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+
+
+@dataclass(frozen=True, slots=True)
+class Entry:
+    """One thing in a tree: a regular file, a directory or a symlink."""
+
+    path: str
+    kind: str
+    size: int
+    mtime_ns: int
+    mode: int  # permission bits only
+    target: str = ""  # symlink target, verbatim
+
+    def to_wire(self) -> list:
+        """Compact list form for msgpack (path and target as raw bytes)."""
+        return [os.fsencode(self.path), self.kind, self.size, self.mtime_ns, self.mode, os.fsencode(self.target)]
+
+    @classmethod
+    def from_wire(cls, item: list) -> "Entry":
+        """Inverse of ``to_wire``; raises ValueError on a malformed item."""
+        if not isinstance(item, list) or len(item) != 6:
+            raise ValueError("manifest entry must be a list of 6")
+        path, kind, size, mtime, mode, target = item
+        if not (isinstance(path, bytes) and isinstance(target, bytes) and kind in (FILE, DIR, LINK)):
+            raise ValueError("malformed manifest entry")
+        if not all(isinstance(v, int) for v in (size, mtime, mode)):
+            raise ValueError("malformed manifest entry")
+        return cls(os.fsdecode(path), kind, size, mtime, mode, os.fsdecode(target))
+
+
+def is_temp_name(name: str) -> bool:
+    """True for the mover's own temporary/state files, which walks leave out."""
+    return name.startswith(TEMP_PREFIX) and name.endswith(TEMP_SUFFIXES)
+
+
+def _glob_to_regex(glob: str) -> str:
+    out = []
+    i = 0
+    while i < len(glob):
+        c = glob[i]
+        if c == "*":
+            if glob.startswith("**", i):
+                out.append(".*")
+                i += 2
+                continue
+            out.append("[^/]*")
+        elif c == "?":
+            out.append("[^/]")
+        elif c == "[":
+            j = glob.find("]", i + 2 if glob[i + 1:i + 2] in ("!", "]") else i + 1)
+            if j < 0:
+                out.append(re.escape(c))
+            else:
+                body = glob[i + 1:j]
+                if body.startswith("!"):
+                    body = "^" + body[1:]
+                out.append("[" + body.replace("\\", "\\\\") + "]")
+                i = j
+        else:
+            out.append(re.escape(c))
+        i += 1
+    return "".join(out)
+
+
+class Excluder:
+    """rsync-style exclude patterns.
+
+    A pattern without ``/`` matches a name at any depth; a pattern with a
+    ``/`` matches the end of the path (a leading ``/`` anchors it to the
+    top of the tree); a trailing ``/`` matches directories only; ``*`` and
+    ``?`` stop at ``/``, ``**`` does not. Excluded directories are not
+    entered, and excluded destination files are not deleted.
+    """
+
+    def __init__(self, patterns: Iterable[str] = ()):
+        self.patterns = list(patterns)
+        self._rules: list[tuple[re.Pattern, bool, bool]] = []
+        for pat in self.patterns:
+            if not isinstance(pat, str) or not pat:
+                raise ValueError(f"bad exclude pattern {pat!r}")
+            dir_only = pat.endswith("/")
+            body = pat.rstrip("/")
+            if not body:
+                raise ValueError(f"bad exclude pattern {pat!r}")
+            anchored = body.startswith("/")
+            whole_path = "/" in body
+            body = body.lstrip("/")
+            rx = _glob_to_regex(body)
+            if anchored:
+                rx = "^" + rx + "$"
+            elif whole_path:
+                rx = "(?:^|/)" + rx + "$"
+            else:
+                rx = "^" + rx + "$"
+            self._rules.append((re.compile(rx, re.DOTALL), dir_only, whole_path or anchored))
+
+    def __bool__(self) -> bool:
+        return bool(self._rules)
+
+    def excluded(self, path: str, is_dir: bool) -> bool:
+        """Whether ``path`` (relative, ``/``-joined) is excluded."""
+        name = path.rsplit("/", 1)[-1]
+        for rx, dir_only, whole in self._rules:
+            if dir_only and not is_dir:
+                continue
+            if rx.search(path if whole else name):
+                return True
+        return False
+
+
+def _entry(path: str, st: os.stat_result, target: str = "") -> Entry | None:
+    mode = st.st_mode
+    if stat.S_ISREG(mode):
+        kind = FILE
+    elif stat.S_ISDIR(mode):
+        kind = DIR
+    elif stat.S_ISLNK(mode):
+        kind = LINK
+    else:
+        return None  # devices, fifos and sockets are not copied
+    size = st.st_size if kind == FILE else 0
+    return Entry(path, kind, size, st.st_mtime_ns, stat.S_IMODE(mode), target)
+
+
+def walk_fd(top_fd: int, excluder: Excluder | None = None, skip_temp: bool = False) -> list[Entry]:
+    """Walk the directory open as ``top_fd``; returns sorted entries, top (``""``) first.
+
+    Does not close ``top_fd``. Subdirectories that vanish or cannot be
+    opened while walking are recorded but not entered.
+    """
+    excluder = excluder or Excluder()
+    entries = [_entry("", os.stat(top_fd))]
+    stack: list[tuple[str, int]] = [("", os.dup(top_fd))]
+    while stack:
+        prefix, fd = stack.pop()
+        try:
+            with os.scandir(fd) as it:
+                for de in it:
+                    name = de.name
+                    if skip_temp and is_temp_name(name):
+                        continue
+                    path = prefix + name
+                    try:
+                        st = de.stat(follow_symlinks=False)
+                    except FileNotFoundError:
+                        continue
+                    is_dir = stat.S_ISDIR(st.st_mode)
+                    if excluder and excluder.excluded(path, is_dir):
+                        continue
+                    target = ""
+                    if stat.S_ISLNK(st.st_mode):
+                        try:
+                            target = os.readlink(name, dir_fd=fd)
+                        except FileNotFoundError:
+                            continue
+                    e = _entry(path, st, target)
+                    if e is None:
+                        continue
+                    entries.append(e)
+                    if is_dir:
+                        try:
+                            sub = os.open(name, _DIR_FLAGS, dir_fd=fd)
+                        except (FileNotFoundError, NotADirectoryError, PermissionError):
+                            continue
+                        stack.append((path + "/", sub))
+        finally:
+            os.close(fd)
+    entries.sort(key=lambda e: e.path)
+    return entries
+
+
+def walk(top: str | os.PathLike, excluder: Excluder | None = None, skip_temp: bool = False) -> list[Entry]:
+    """Walk ``top``: a directory gives its tree; a regular file gives one entry named by its basename.
+
+    Returns [] when ``top`` does not exist.
+    """
+    try:
+        st = os.lstat(top)
+    except FileNotFoundError:
+        return []
+    if stat.S_ISREG(st.st_mode):
+        e = _entry(os.path.basename(os.fspath(top)), st)
+        return [e] if e else []
+    fd = os.open(top, _DIR_FLAGS)
+    try:
+        return walk_fd(fd, excluder, skip_temp)
+    finally:
+        os.close(fd)

@@ -1,0 +1,260 @@
+"""The mover's wire format: where bytes leave and enter its sockets.
+
+Every frame is a 16-byte header, a msgpack map (the frame's fields), and an
+optional raw payload (file data) that is never copied into Python objects
+larger than a bounded buffer::
+
+    header  = magic "CM" | version u8 | kind u8 | meta_len u32 | payload_len u64
+    meta    = msgpack map (no ext types; paths are msgpack bin = raw bytes)
+    payload = payload_len bytes
+    trailer = u64 xxh64 of the payload, only for streamed frames (CHUNK)
+
+A sender streams a chunk straight out of a mapped file, hashing each piece
+just before it leaves; a receiver reads pieces into one reusable buffer,
+hashes them and writes them at their offset in the destination file. A
+frame that does not parse raises ``ProtocolError``; the peer's ERROR answer
+raises ``RemoteError``.
+"""
+
+from __future__ import annotations
+
+import enum
+import os
+import socket
+import struct
+from typing import Any, Callable
+
+import msgpack
+
+MAGIC = b"CM"
+VERSION = 1
+HEADER = struct.Struct("<2sBBIQ")
+TRAILER = struct.Struct("<Q")
+PIECE = 1 << 20  # bytes handed to the kernel (and the hash) at a time; a multiple of 32
+MAX_BATCH = 16 << 20  # largest payload of one BATCH frame (many small files)
+
+
+class Kind(enum.IntEnum):
+    """Frame kinds. Requests go sender → receiver; OK/ERROR answer each one."""
+
+    HELLO = 1  # transfer_id, token, version → OK {max_chunk}
+    OK = 2
+    ERROR = 3  # message
+    MANIFEST = 4  # exclude, page → OK {entries, more}
+    PARTIALS = 5  # files [[path, size, mtime, chunk_size]] → OK {verified [[[idx, digest]...]]}
+    CHECKSUMS = 6  # files [[path, size, chunk_size]] → OK {digests [[...] | None]}
+    MKDIRS = 7  # dirs [[path, mode]] → OK {errors}
+    DELETE = 8  # paths → OK {deleted, errors}
+    SYMLINKS = 9  # links [[path, target, mtime]] → OK {errors}
+    META = 10  # files [[path, mode, mtime]] → OK {errors}
+    BATCH = 11  # files [[path, size, mode, mtime, digest]] + payload → OK {bad, errors}
+    CHUNK = 12  # path, size, mode, mtime, chunk_size, index + payload + trailer → OK {ok, published}
+    DIRMETA = 13  # dirs [[path, mode, mtime]] → OK {errors}
+    BYE = 14
+
+
+class ProtocolError(Exception):
+    """The peer sent something that is not a valid frame."""
+
+
+class RemoteError(Exception):
+    """The peer answered a request with an ERROR frame."""
+
+
+def _no_ext(code: int, data: bytes) -> Any:
+    raise ProtocolError(f"msgpack extension type {code} is not allowed")
+
+
+def tune(sock: socket.socket) -> None:
+    """No Nagle delay (frames are written whole, then waited on) and keepalives.
+
+    Buffer sizes are left to the kernel's autotuning, which beats any fixed
+    SO_SNDBUF/SO_RCVBUF on loopback and on fast links alike.
+    """
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+
+
+class Channel:
+    """One framed, blocking TCP connection. Not thread-safe: one owner at a time.
+
+    ``max_meta`` bounds the msgpack part of incoming frames and
+    ``max_payload`` their payload, so a confused or hostile peer cannot make
+    us allocate or wait for more than that.
+    """
+
+    def __init__(self, sock: socket.socket, max_meta: int = 64 << 20, max_payload: int = 1 << 40):
+        self.sock = sock
+        self.max_meta = max_meta
+        self.max_payload = max_payload
+        self._header = bytearray(HEADER.size)
+
+    # ---- sending ----
+
+    def send(self, kind: Kind, meta: dict, payload=None) -> None:
+        """Send one frame; ``payload`` is any buffer (sent without copying)."""
+        body = msgpack.packb(meta, use_bin_type=True)
+        plen = 0 if payload is None else len(payload)
+        head = HEADER.pack(MAGIC, VERSION, int(kind), len(body), plen)
+        if plen:
+            self._sendmsg_all([head + body, payload])
+        else:
+            self.sock.sendall(head + body)
+
+    def _sendmsg_all(self, bufs: list) -> None:
+        views = [memoryview(b).cast("B") for b in bufs]
+        while views:
+            sent = self.sock.sendmsg(views)
+            while views and sent >= len(views[0]):
+                sent -= len(views[0])
+                views.pop(0)
+            if views and sent:
+                views[0] = views[0][sent:]
+
+    def send_stream(
+        self,
+        kind: Kind,
+        meta: dict,
+        data,
+        hasher,
+        pace: Callable[[int], None] | None = None,
+        corrupt: bool = False,
+        sent: Callable[[int, int], None] | None = None,
+    ) -> int:
+        """Send ``data`` (e.g. a mapped chunk) as a streamed frame with a digest trailer.
+
+        Each piece is folded into ``hasher`` right before it is sent, so the
+        bytes are read once while they are hot in cache. ``pace(n)`` is
+        called before each piece (bandwidth limit, progress). ``corrupt``
+        (test hook) flips one byte on the wire after hashing. ``sent(pos, n)``
+        is called after each piece has left (e.g. to drop mapped pages, which
+        keeps the sender's memory flat). Returns the digest sent.
+        """
+        view = memoryview(data).cast("B")
+        piece = view
+        try:
+            body = msgpack.packb(meta, use_bin_type=True)
+            self.sock.sendall(HEADER.pack(MAGIC, VERSION, int(kind), len(body), len(view)) + body)
+            for pos in range(0, len(view), PIECE):
+                piece = view[pos:pos + PIECE]
+                hasher.update(piece)
+                if corrupt and pos == 0:
+                    spoiled = bytearray(piece)
+                    spoiled[0] ^= 0xFF
+                    piece.release()
+                    piece = memoryview(spoiled)
+                if pace is not None:
+                    pace(len(piece))
+                self.sock.sendall(piece)
+                piece.release()
+                if sent is not None:
+                    sent(pos, min(PIECE, len(view) - pos))
+        finally:
+            piece.release()
+            view.release()  # so the caller can close its mapping even after an error
+        digest = hasher.digest()
+        self.sock.sendall(TRAILER.pack(digest))
+        return digest
+
+    def reply(self, meta: dict | None = None) -> None:
+        """Answer the current request with OK."""
+        self.send(Kind.OK, meta or {})
+
+    def reply_error(self, message: str) -> None:
+        """Answer the current request with ERROR."""
+        self.send(Kind.ERROR, {"message": message})
+
+    # ---- receiving ----
+
+    def recv_into(self, view: memoryview) -> None:
+        """Fill ``view`` completely from the socket, or raise ``ConnectionError``."""
+        got = 0
+        n = len(view)
+        while got < n:
+            r = self.sock.recv_into(view[got:], n - got, socket.MSG_WAITALL)
+            if r == 0:
+                raise ConnectionError("peer closed the connection")
+            got += r
+
+    def recv(self) -> tuple[Kind, dict, int]:
+        """Read a frame's header and fields; the payload (if any) is left to read.
+
+        Returns (kind, fields, payload_len). Raises ``ProtocolError`` for a
+        malformed frame and ``ConnectionError`` when the peer goes away.
+        """
+        self.recv_into(memoryview(self._header))
+        magic, version, kind, mlen, plen = HEADER.unpack(self._header)
+        if magic != MAGIC:
+            raise ProtocolError("bad frame magic")
+        if version != VERSION:
+            raise ProtocolError(f"protocol version {version}, expected {VERSION}")
+        try:
+            kind = Kind(kind)
+        except ValueError:
+            raise ProtocolError(f"unknown frame kind {kind}") from None
+        if mlen > self.max_meta:
+            raise ProtocolError(f"frame fields too large ({mlen} bytes)")
+        if plen > self.max_payload:
+            raise ProtocolError(f"frame payload too large ({plen} bytes)")
+        raw = bytearray(mlen)
+        self.recv_into(memoryview(raw))
+        try:
+            meta = msgpack.unpackb(raw, raw=False, strict_map_key=True, ext_hook=_no_ext)
+        except ProtocolError:
+            raise
+        except (ValueError, TypeError, msgpack.UnpackException) as exc:
+            raise ProtocolError(f"undecodable frame fields: {exc}") from None
+        if not isinstance(meta, dict):
+            raise ProtocolError("frame fields must be a map")
+        return kind, meta, plen
+
+    def skip(self, n: int, scratch: memoryview) -> None:
+        """Read and drop ``n`` payload bytes (after a refused frame)."""
+        while n > 0:
+            k = min(n, len(scratch))
+            self.recv_into(scratch[:k])
+            n -= k
+
+    def recv_stream_to_fd(self, fd: int, offset: int, length: int, buf: memoryview, hasher) -> tuple[int, int]:
+        """Receive a streamed payload of ``length`` bytes into file ``fd`` at ``offset``.
+
+        Pieces go through ``buf`` (bounded, reused), are hashed and written
+        with ``os.pwrite``. Returns (digest computed here, digest the peer sent).
+        """
+        pos = 0
+        step = (len(buf) // 32) * 32
+        while pos < length:
+            n = min(step, length - pos)
+            piece = buf[:n]
+            self.recv_into(piece)
+            hasher.update(piece)
+            written = 0
+            while written < n:
+                written += os.pwrite(fd, piece[written:], offset + pos + written)
+            pos += n
+        trailer = bytearray(TRAILER.size)
+        self.recv_into(memoryview(trailer))
+        return hasher.digest(), TRAILER.unpack(trailer)[0]
+
+    def request(self, kind: Kind, meta: dict, payload=None) -> dict:
+        """Send a request and wait for its answer; returns the OK fields."""
+        self.send(kind, meta, payload)
+        return self.answer()
+
+    def answer(self) -> dict:
+        """Wait for the OK/ERROR answer to the last request."""
+        kind, meta, plen = self.recv()
+        if plen:
+            raise ProtocolError("answers carry no payload")
+        if kind == Kind.ERROR:
+            raise RemoteError(str(meta.get("message", "unspecified error")))
+        if kind != Kind.OK:
+            raise ProtocolError(f"expected an answer, got {kind.name}")
+        return meta
+
+    def close(self) -> None:
+        """Close the socket (idempotent)."""
+        try:
+            self.sock.close()
+        except OSError:
+            pass
