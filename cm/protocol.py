@@ -118,7 +118,7 @@ class KillJob(Message):
 
     TYPE = "kill_job"
     job_id: int
-    state: str  # CANCELLED, TIMEOUT or NODE_FAIL
+    state: str  # the final state to report: CANCELLED, TIMEOUT, NODE_FAIL (FAILED: a sync lost its receiver)
     reason: str = ""
 
 

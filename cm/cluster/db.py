@@ -30,7 +30,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import IO
+from typing import IO, Self
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 EMBEDDED_BIN = REPO_ROOT / ".build" / "bin" / "cm-ferretdb"
@@ -93,10 +93,7 @@ def ferretdb_plan(env: Mapping[str, str] = os.environ) -> DatabasePlan:
     binary = embedded_binary(env)
     if not (binary.is_file() and os.access(binary, os.X_OK)):
         where = "CM_FERRETDB_BIN=" + str(binary) if env.get("CM_FERRETDB_BIN", "").strip() else str(binary)
-        raise DatabaseUnavailable(
-            f"no database server: MONGODB_URI is not set, mongod is not on PATH and the embedded "
-            f"server {where} is missing or not executable; {BUILD_HINT}"
-        )
+        raise DatabaseUnavailable(f"the embedded database server {where} is missing or not executable; {BUILD_HINT}")
     return DatabasePlan("ferretdb", binary=binary)
 
 
@@ -105,7 +102,10 @@ def server_plan(env: Mapping[str, str] = os.environ) -> DatabasePlan:
     mongod = shutil.which("mongod", path=env.get("PATH", os.defpath))
     if mongod:
         return DatabasePlan("mongod", binary=Path(mongod))
-    return ferretdb_plan(env)
+    try:
+        return ferretdb_plan(env)
+    except DatabaseUnavailable as e:
+        raise DatabaseUnavailable(f"mongod is not on PATH and {e}") from None
 
 
 def resolve_database(env: Mapping[str, str] = os.environ) -> DatabasePlan:
@@ -113,7 +113,10 @@ def resolve_database(env: Mapping[str, str] = os.environ) -> DatabasePlan:
     uri = env.get("MONGODB_URI", "").strip()
     if uri:
         return DatabasePlan("uri", uri=uri)
-    return server_plan(env)
+    try:
+        return server_plan(env)
+    except DatabaseUnavailable as e:
+        raise DatabaseUnavailable(f"no database server: MONGODB_URI is not set, {e}") from None
 
 
 def free_port(host: str = DEFAULT_HOST) -> int:
@@ -219,7 +222,7 @@ class DatabaseServer:
                 self._log.close()
                 self._log = None
 
-    def __enter__(self) -> DatabaseServer:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(

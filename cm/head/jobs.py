@@ -232,7 +232,8 @@ class JobTable:
         job = self.jobs.get(job_id)
         if job is None or job.get("runs") != run or not JobState(job["state"]).active:
             return
-        mine = [i for i, s in enumerate(job["slots"]) if s["node"] == node and s["role"] != "dst" and not s["ended"]]
+        mine = [i for i, s in enumerate(job["slots"]) if s["node"] == node and not s["ended"]]
+        mine.sort(key=lambda i: job["slots"][i]["role"] == "dst")  # a node's sender before its receiver
         self._end_slots(job, mine[:1], state, exit_code, reason, out)
 
     def _end_slots(self, job: Job, indices: list[int], state: JobState, exit_code: int, reason: str,
@@ -246,10 +247,20 @@ class JobTable:
                            f"slots.{i}.exit_code": exit_code})
         if reason and not job.get("reason"):
             fields["reason"] = job["reason"] = reason
-        if state in (JobState.TIMEOUT, JobState.NODE_FAIL, JobState.CANCELLED):
-            # one share stopped by force: the rest of the job goes too
-            for s in job["slots"]:
-                if not s["ended"] and s["role"] != "dst":
+        lost_receiver = any(job["slots"][i]["role"] == "dst" for i in indices)
+        if lost_receiver and state == JobState.COMPLETED:
+            state = JobState.FAILED
+        if state in (JobState.TIMEOUT, JobState.NODE_FAIL, JobState.CANCELLED) or lost_receiver:
+            # one share stopped by force, or a receiver is gone: the rest of the job goes too
+            for i, s in enumerate(job["slots"]):
+                if s["ended"] or s["role"] == "dst":
+                    continue
+                if s["role"] == "src" and not job.get("src_sent"):
+                    # never told to start: nothing to stop
+                    s.update(ended=True, state=state.value, exit_code=exit_code)
+                    fields.update({f"slots.{i}.ended": True, f"slots.{i}.state": state.value,
+                                   f"slots.{i}.exit_code": exit_code})
+                else:
                     out.kill.append((s["node"], job["_id"], state.value))
         if any(s["role"] != "dst" and not s["ended"] for s in job["slots"]):
             store.update_job(job["_id"], [JobState(job["state"])], **fields)
@@ -263,6 +274,8 @@ class JobTable:
                 out.kill.append((s["node"], job["_id"], final.value))  # releases the receiver
                 s["ended"] = True
                 fields[f"slots.{i}.ended"] = True
+        if job.get("progress"):
+            fields["progress"] = {**job["progress"], "rate": 0}
         if self._move(job, final, ended=time.time(), exit_code=exit_code, **fields):
             out.finished.append(job["_id"])
 
@@ -317,9 +330,18 @@ class JobTable:
         if job is None or job.get("runs") != run:
             return
         per_node = job.setdefault("node_progress", {})
+        if not report["stats"] and per_node.get(node, {}).get("stats"):
+            return  # a late running report must not hide the final one
         per_node[node] = report
-        total = {k: sum(p.get(k, 0) for p in per_node.values())
-                 for k in ("bytes_done", "bytes_total", "files_done", "files_total", "rate")}
+        total: dict[str, Any] = {k: sum(p[k] for p in per_node.values())
+                                 for k in ("bytes_done", "bytes_total", "files_done", "files_total", "rate")}
+        stats: dict[str, int] = {}
+        for p in per_node.values():
+            for k, v in p["stats"].items():
+                if isinstance(v, (int, float)) and not isinstance(v, bool):
+                    stats[k] = stats.get(k, 0) + v
+        if stats:
+            total["stats"] = stats
         job["progress"] = total
 
     def views(self, nodes: Iterable) -> dict[str, NodeView]:

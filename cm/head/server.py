@@ -208,7 +208,9 @@ class HeadServer:
         elif isinstance(msg, Progress):
             self.jobs.progress(msg.job_id, peer, msg.run, {
                 "bytes_done": msg.bytes_done, "bytes_total": msg.bytes_total, "files_done": msg.files_done,
-                "files_total": msg.files_total, "rate": msg.rate})
+                "files_total": msg.files_total, "rate": msg.rate, "stats": msg.stats})
+            if msg.stats:
+                self.send(peer, Ack(ref=msg.id))  # final counters are reported reliably
         elif isinstance(msg, Ack):
             self.unacked.pop(msg.ref, None)
         elif isinstance(msg, Error):

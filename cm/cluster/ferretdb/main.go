@@ -68,8 +68,15 @@ func main() {
 		fail("%s", err)
 	}
 
+	// the first SIGTERM/SIGINT stops gracefully (FerretDB gives connected clients up to 3 s),
+	// a second one kills at once
 	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGINT, syscall.SIGTERM)
 	defer stop()
+
+	go func() {
+		<-ctx.Done()
+		stop()
+	}()
 
 	// the listener is bound by New, so the address is known (and port 0 resolved)
 	fmt.Printf("ready %s pid %d dir %s\n", f.MongoDBURI(), os.Getpid(), abs)

@@ -1,0 +1,116 @@
+"""Sync jobs through the whole cluster: cmsync, scheduler, node daemons, the mover."""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import time
+from pathlib import Path
+
+import pytest
+
+
+def make_tree(root: Path, big: int = 3 << 20, small: int = 300) -> None:
+    rng = random.Random(7)
+    (root / "deep" / "er").mkdir(parents=True)
+    (root / "empty-dir").mkdir()
+    (root / "big.bin").write_bytes(rng.randbytes(big))
+    for i in range(small):
+        (root / "deep" / f"f{i:04d}.txt").write_bytes(rng.randbytes(rng.randint(0, 9000)))
+    (root / "deep" / "er" / "ünïcødé ✓.txt").write_text("names in any UTF-8\n")
+    (root / "empty").write_bytes(b"")
+    os.symlink("big.bin", root / "link")
+    secret = root / "secret"
+    secret.write_text("mode 600\n")
+    secret.chmod(0o600)
+    os.utime(root / "big.bin", (1_600_000_000, 1_600_000_000))
+
+
+def snapshot(root: Path) -> dict:
+    out = {}
+    for path in sorted(root.rglob("*")):
+        rel = str(path.relative_to(root))
+        st = path.lstat()
+        if path.is_symlink():
+            out[rel] = ("link", os.readlink(path))
+        elif path.is_dir():
+            out[rel] = ("dir", oct(st.st_mode))
+        else:
+            out[rel] = ("file", oct(st.st_mode), int(st.st_mtime), path.read_bytes())
+    return out
+
+
+@pytest.fixture
+def synced(make_cluster):
+    cluster = make_cluster("gpu:2,cpu:2", nodes=4, chunk_mb=1)
+    src = cluster.data_dir / "gpu" / "proj"
+    make_tree(src)
+    return cluster, src, cluster.data_dir / "cpu" / "copy"
+
+
+def test_a_sync_job_copies_a_tree_exactly(synced):
+    cluster, src, dst = synced
+    job_id = cluster.submit("cmsync", "--wait", "gpu:/proj", "cpu:/copy")
+    job = cluster.job(job_id)
+    assert job["state"] == "COMPLETED" and job["type"] == "sync" and job["progress"] == 100
+    assert snapshot(dst) == snapshot(src)
+    assert job["transfer"]["bytes_done"] >= 3 << 20
+
+
+def test_two_nodes_per_side_share_the_work_and_a_rerun_sends_nothing(synced):
+    cluster, src, dst = synced
+    job_id = cluster.submit("cmsync", "-n", "2", "--wait", "gpu:/proj", "cpu:/copy")
+    job = cluster.job(job_id)
+    assert job["state"] == "COMPLETED"
+    assert sorted(job["nodes"]) == ["computenode-1", "computenode-2", "computenode-3", "computenode-4"]
+    assert snapshot(dst) == snapshot(src)
+    again = cluster.submit("cmsync", "-n", "2", "--wait", "gpu:/proj", "cpu:/copy")
+    assert cluster.job(again)["transfer"]["stats"]["bytes_sent"] == 0
+
+
+def test_dry_run_changes_nothing_and_delete_removes_extras(synced):
+    cluster, src, dst = synced
+    dst.mkdir(parents=True)
+    (dst / "extra.txt").write_text("not in the source\n")
+    cluster.submit("cmsync", "--dry-run", "--delete", "--wait", "gpu:/proj", "cpu:/copy")
+    assert [p.name for p in dst.iterdir()] == ["extra.txt"]
+    cluster.submit("cmsync", "--delete", "--exclude", "*.bin", "--wait", "gpu:/proj", "cpu:/copy")
+    assert not (dst / "extra.txt").exists()
+    assert not (dst / "big.bin").exists() and (dst / "deep" / "f0001.txt").exists()
+    # like rsync, what is excluded is also kept from deletion
+    (dst / "keep.bin").write_text("excluded, so not deleted\n")
+    cluster.submit("cmsync", "--delete", "--exclude", "*.bin", "--wait", "gpu:/proj", "cpu:/copy")
+    assert (dst / "keep.bin").exists()
+
+
+def test_paths_that_escape_the_partition_are_refused_at_submit(synced):
+    cluster, _, _ = synced
+    for bad in ("gpu:/../../etc", "gpu:../x", "nowhere:/x", "gpu"):
+        proc = cluster.cli("cmsync", bad, "cpu:/copy", check=False)
+        assert proc.returncode != 0 and "Traceback" not in proc.stderr, bad
+    assert cluster.info()["jobs"] == []
+
+
+def test_a_symlinked_directory_leading_outside_fails_the_job_and_writes_nothing(synced, tmp_path):
+    cluster, _, _ = synced
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    os.symlink(outside, cluster.data_dir / "cpu" / "escape")
+    proc = cluster.cli("cmsync", "--wait", "gpu:/proj", "cpu:/escape/inside", check=False)
+    assert proc.returncode != 0
+    assert list(outside.iterdir()) == []
+
+
+def test_rdma_without_a_device_is_refused_with_the_reason(synced):
+    cluster, _, _ = synced
+    proc = cluster.cli("cmsync", "--transport", "rdma", "gpu:/proj", "cpu:/copy", check=False)
+    assert proc.returncode != 0 and "rdma is not available" in proc.stderr
+
+
+def test_cmkill_stops_a_sync_job(synced):
+    cluster, src, _ = synced
+    job_id = cluster.submit("cmsync", "--bwlimit", "200K", "gpu:/proj", "cpu:/copy")
+    cluster.wait_state(job_id, "RUNNING")
+    cluster.cli("cmkill", str(job_id))
+    cluster.wait_state(job_id, "CANCELLED", timeout=15)
