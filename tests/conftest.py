@@ -26,6 +26,7 @@ FAST = {
     "CM_HEARTBEAT_MISSES": "5",
     "CM_KILL_GRACE": "1",
     "CM_DISPATCH_RETRY": "0.5",
+    "CM_DB_TIMEOUT": "1",
     "CM_LOG_LEVEL": "DEBUG",
 }
 
@@ -105,13 +106,13 @@ def make_cluster(database_uri, db_name):
     made: list[Cluster] = []
     roots: list[str] = []
 
-    def make(partitions: str = "gpu:2,cpu:2", nodes: int = 4, **settings) -> Cluster:
+    def make(partitions: str = "gpu:2,cpu:2", nodes: int = 4, mongodb_uri: str = "", **settings) -> Cluster:
         root = tempfile.mkdtemp(prefix="cm")  # short: Unix socket paths are limited to 107 bytes
         os.chmod(root, 0o755)  # other users (tests that submit as nobody) must reach the socket
         roots.append(root)
         env = {**FAST, "CM_DB_NAME": db_name, **{f"CM_{k.upper()}": str(v) for k, v in settings.items()}}
         cluster = Cluster(Path(root) / "run", parse_partitions(partitions, nodes), data_dir=Path(root) / "data",
-                          env=env, mongodb_uri=database_uri)
+                          env=env, mongodb_uri=mongodb_uri or database_uri)
         cluster.home = Path(root) / "home"
         cluster.home.mkdir()
         made.append(cluster)

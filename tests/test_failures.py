@@ -129,3 +129,30 @@ def test_a_head_killed_mid_run_loses_nothing_and_records_the_job_once(cluster):
     assert sorted(ids) == sorted({job_id, pending})
     # ids keep rising after the restart
     assert cluster.submit("cmrun", "true") > pending
+
+
+def test_a_database_outage_is_waited_out_and_nothing_is_lost(make_cluster, tmp_path):
+    from cm.cluster.db import DatabaseServer, free_port, server_plan
+
+    server = DatabaseServer(server_plan())  # a server of its own, even when MONGODB_URI names a shared one
+    port = free_port()
+    uri = server.start(tmp_path / "db", port=port, log_path=tmp_path / "db.log")
+    try:
+        cluster = make_cluster("cpu:2", nodes=2, mongodb_uri=uri)
+        job_id = cluster.submit("cmrun", "sh", "-c", "sleep 3; echo done > finished")
+        cluster.wait_state(job_id, "RUNNING")
+        server.stop()
+        t = time.monotonic()
+        proc = cluster.cli("cminfo", check=False)
+        assert proc.returncode != 0 and "database is unreachable" in proc.stderr
+        assert "Traceback" not in proc.stderr and time.monotonic() - t < 10
+        time.sleep(10)  # the job ends while the database is away
+        assert (cluster.home / "finished").exists()
+        server.start(tmp_path / "db", port=port, log_path=tmp_path / "db.log")
+        job = cluster.wait_state(job_id, "COMPLETED", timeout=30)
+        assert job["exit_code"] == 0
+        assert set(cluster.node_states().values()) == {"IDLE"}
+        again = cluster.submit("cmrun", "--wait", "true")
+        assert cluster.job(again)["state"] == "COMPLETED"
+    finally:
+        server.stop()

@@ -135,14 +135,24 @@ class LocalCluster:
         if os.environ.get("MONGODB_URI"):
             self.mongodb_uri = os.environ["MONGODB_URI"]
             return
-        from cm.cluster.db import DatabaseServer
+        from cm.cluster.db import ping
 
         self.db_dir.mkdir(parents=True, exist_ok=True)
         port = free_port()
         proc = self._spawn("db", [sys.executable, "-m", "cm.cluster.db", "--data-dir", str(self.db_dir),
                                   "--port", str(port)], dict(os.environ))
         self.mongodb_uri = f"mongodb://127.0.0.1:{port}/"
-        DatabaseServer.wait_ready(self.mongodb_uri, timeout=30, proc=proc, log_path=self.logfile("db"))
+        deadline = time.monotonic() + 30
+        while True:
+            if proc.poll() is not None:
+                raise ClusterError(f"the database server exited with {proc.returncode}:\n{self.tail('db')}")
+            try:
+                ping(self.mongodb_uri, timeout=0.5)
+                return
+            except Exception as exc:  # pymongo's errors: not imported here to keep this module light
+                if time.monotonic() > deadline:
+                    raise ClusterError(f"the database server did not answer in 30 s ({exc}):\n{self.tail('db')}")
+                time.sleep(0.1)
 
     def start_head(self) -> subprocess.Popen:
         if not self.head_port:

@@ -82,6 +82,7 @@ class JobTable:
 
     def load(self) -> None:
         self.jobs = {j["_id"]: j for j in store.active_jobs()}
+        self.unsaved_running = {}
         self.requests = {i: request_of(j) for i, j in self.jobs.items() if j["state"] == JobState.PENDING.value}
         event(log, "jobs loaded", active=len(self.jobs), pending=len(self.requests))
 

@@ -307,11 +307,14 @@ def handle(head: "HeadServer", caller: Caller, request: Request) -> Reply:
     handler = HANDLERS.get(request.op)
     if handler is None:
         return Reply(ok=False, error=f"unknown operation {request.op!r}")
+    if head.stale and request.op != "ping":
+        return Reply(ok=False, error="the database is unreachable; the head is waiting for it, try again shortly")
     try:
         return Reply(ok=True, data=handler(head, caller, request.args))
     except Refused as exc:
         return Reply(ok=False, error=str(exc))
     except (store.StoreError, store.DatabaseUnreachable) as exc:
-        return Reply(ok=False, error=f"the database is unreachable, try again shortly ({str(exc)[:200]})")
+        head.db_failed(f"request {request.op}", exc)
+        return Reply(ok=False, error="the database is unreachable; the head is waiting for it, try again shortly")
     except store.DatabaseError as exc:
         return Reply(ok=False, error=f"the database refused the request: {str(exc)[:300]}")

@@ -55,6 +55,7 @@ class HeadServer:
         # commands awaiting an ack: msg id -> (node, message, last sent)
         self.unacked: dict[str, tuple[str, Message, float]] = {}
         self.held_acks: list[tuple[str, Ack]] = []
+        self.stale = False  # memory may differ from the database after a failed write
         self.router: zmq.Socket | None = None
         self.clients: ClientServer | None = None
         self.sort_key = lambda name: NodeView(name, "", 0, 0).sort_key
@@ -92,12 +93,14 @@ class HeadServer:
             next_tick = 0.0
             while not stop.is_set():
                 now = time.monotonic()
+                if self.stale:
+                    self.recover()
                 if now >= next_tick:
                     self.tick(now)
                     next_tick = now + min(0.25, self.settings.heartbeat_interval / 2)
                 timeout = 0 if self.dirty else max(0.0, min(next_tick - now, 0.25))
                 self.poll(timeout)
-                if self.dirty:
+                if self.dirty and not self.stale:
                     self.schedule()
         finally:
             self.close()
@@ -129,13 +132,34 @@ class HeadServer:
                         reply = Reply(ok=False, error="internal error in the head; see its log")
                     self.clients.send(conn, reply)
 
+    # --- database outages ----------------------------------------------------
+
+    def db_failed(self, where: str, exc: Exception) -> None:
+        """A write failed part-way: memory may now differ from the database, so it is reloaded before use."""
+        if not self.stale:
+            event(log, "database unreachable; waiting for it", logging.ERROR, where=where, error=str(exc)[:300])
+        self.stale = True
+        self.held_acks.clear()  # not written: the nodes report again
+
+    def recover(self) -> None:
+        """Reload jobs from the database once it answers again; until then, keep waiting."""
+        if not store.ping(0.5):
+            return
+        try:
+            self.jobs.load()
+        except (store.StoreError, store.DatabaseError):
+            return
+        self.stale = False
+        self.dirty = True
+        self._redispatch()
+        event(log, "database back; jobs reloaded", active=len(self.jobs.jobs))
+
     def flush(self) -> None:
         """Write what a batch held back, then acknowledge it."""
         try:
             self.jobs.flush()
         except (store.StoreError, store.DatabaseError) as exc:
-            event(log, "database error writing job starts", logging.ERROR, error=str(exc)[:300])
-            self.held_acks.clear()  # not written: the nodes will report again
+            self.db_failed("writing job starts", exc)
             return
         for peer, ack in self.held_acks:
             self.send(peer, ack)
@@ -165,7 +189,7 @@ class HeadServer:
                 event(log, "bad node message", logging.WARNING, peer=identity[:64].hex(), error=str(exc))
                 self._send_raw(identity, Error(ref="", message=f"bad message: {exc}"))
             except (store.StoreError, store.DatabaseError) as exc:
-                event(log, "database error handling a node message", logging.ERROR, error=str(exc)[:300])
+                self.db_failed(f"handling {msg.TYPE} from {identity[:64]!r}", exc)
 
     # --- node messages -------------------------------------------------------
 
@@ -175,6 +199,8 @@ class HeadServer:
             self.send(peer, Error(ref=msg.id, message=f"node field {node!r} does not match routing id"))
             return
         now = time.monotonic()
+        if self.stale and isinstance(msg, (Hello, JobStarted, JobEnded)):
+            return  # needs the database; the node sends it again until acknowledged
         out = Outcome()
         if isinstance(msg, Hello):
             self.on_hello(msg, now, out)
@@ -280,6 +306,8 @@ class HeadServer:
     # --- timers and scheduling -----------------------------------------------
 
     def tick(self, now: float) -> None:
+        if self.stale:
+            return
         try:
             out = Outcome()
             for node in self.registry.expire(now):
@@ -287,7 +315,7 @@ class HeadServer:
                 self.dirty = True
             self.apply(out)
         except (store.StoreError, store.DatabaseError) as exc:
-            event(log, "database error in timers", logging.ERROR, error=str(exc)[:300])
+            self.db_failed("in timers", exc)
         retry = self.settings.dispatch_retry
         for msg_id, (node, command, sent) in list(self.unacked.items()):
             info = self.registry.nodes.get(node)
@@ -309,8 +337,7 @@ class HeadServer:
                 self.jobs.dispatch(request.job_id, assignment, addrs, out)
             self.apply(out)
         except (store.StoreError, store.DatabaseError) as exc:
-            event(log, "database error while scheduling", logging.ERROR, error=str(exc)[:300])
-            self.dirty = True
+            self.db_failed("while scheduling", exc)
 
     def _redispatch(self) -> None:
         """After a restart: resend what unfinished jobs were waiting for (nodes ignore repeats)."""

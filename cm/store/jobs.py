@@ -42,6 +42,16 @@ def connect(uri: str, db_name: str, timeout: float = 5.0) -> None:
         raise StoreError(f"database at {uri} is unreachable: {exc}") from None
 
 
+def ping(timeout: float) -> bool:
+    """True if the server answers within timeout seconds."""
+    try:
+        with pymongo.timeout(timeout):
+            Job._get_db().command("ping")
+        return True
+    except PyMongoError:
+        return False
+
+
 def disconnect() -> None:
     mongoengine.disconnect()
 
