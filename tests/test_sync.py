@@ -114,3 +114,38 @@ def test_cmkill_stops_a_sync_job(synced):
     cluster.wait_state(job_id, "RUNNING")
     cluster.cli("cmkill", str(job_id))
     cluster.wait_state(job_id, "CANCELLED", timeout=15)
+
+
+def test_a_node_killed_mid_sync_leaves_the_rest_to_finish_it(make_cluster):
+    cluster = make_cluster("gpu:2,cpu:2", nodes=4, chunk_mb=1)
+    src = cluster.data_dir / "gpu" / "big"
+    src.mkdir(parents=True)
+    rng = random.Random(3)
+    for i in range(6):
+        (src / f"part{i}.bin").write_bytes(rng.randbytes(2 << 20))
+    job_id = cluster.submit("cmsync", "-n", "2", "--bwlimit", "2M", "gpu:/big", "cpu:/big")
+    job = cluster.wait_state(job_id, "RUNNING")
+    time.sleep(1.5)  # some chunks verified, most not
+    victim = [n for n in job["nodes"] if n.startswith("computenode-") and n in ("computenode-1", "computenode-2")][1]
+    cluster.kill(victim, signal.SIGKILL)
+    job = cluster.wait_state(job_id, ("COMPLETED", "FAILED", "NODE_FAIL"), timeout=90)
+    assert job["state"] == "COMPLETED", job
+    assert victim not in job["nodes"] and len(job["nodes"]) == 2
+    assert snapshot(cluster.data_dir / "cpu" / "big") == snapshot(src)
+
+
+def test_a_destination_killed_mid_sync_costs_only_the_unverified_parts(make_cluster):
+    cluster = make_cluster("gpu:2,cpu:2", nodes=4, chunk_mb=1)
+    src = cluster.data_dir / "gpu" / "big"
+    src.mkdir(parents=True)
+    (src / "one.bin").write_bytes(random.Random(5).randbytes(12 << 20))
+    job_id = cluster.submit("cmsync", "--bwlimit", "3M", "gpu:/big", "cpu:/big")
+    job = cluster.wait_state(job_id, "RUNNING")
+    time.sleep(2)
+    receiver = [n for n in job["nodes"] if n in ("computenode-3", "computenode-4")][0]
+    cluster.kill(receiver, signal.SIGKILL)
+    job = cluster.wait_state(job_id, ("COMPLETED", "FAILED", "NODE_FAIL"), timeout=90)
+    assert job["state"] == "COMPLETED", job
+    assert snapshot(cluster.data_dir / "cpu" / "big") == snapshot(src)
+    sent_by_last_run = job["transfer"]["stats"]["bytes_sent"]
+    assert 0 < sent_by_last_run < 12 << 20  # the chunks verified before the kill were not sent again

@@ -20,6 +20,8 @@ from cm.states import FINAL_STATES, JobState
 log = logging.getLogger("cm.head.jobs")
 
 Job = dict[str, Any]  # the stored document
+TRANSIENT_EXIT = 75  # EX_TEMPFAIL: a sender lost its receiver; the sync is worth running again
+SYNC_RESTARTS = 5
 
 
 @dataclass
@@ -173,6 +175,8 @@ class JobTable:
         now = time.time()
         if not self._move(job, JobState.DISPATCHING, slots=slots, runs=run, dispatched=now):
             return
+        job["src_sent"] = False  # this run's senders start once its receivers have
+        job.pop("node_progress", None)
         if job["kind"] == "sync":
             # destinations first: a sender may only connect once its receiver knows the transfer
             for s in slots:
@@ -235,6 +239,10 @@ class JobTable:
             return
         mine = [i for i, s in enumerate(job["slots"]) if s["node"] == node and not s["ended"]]
         mine.sort(key=lambda i: job["slots"][i]["role"] == "dst")  # a node's sender before its receiver
+        if (mine and job["kind"] == "sync" and exit_code == TRANSIENT_EXIT and not job.get("cancel_requested")
+                and job.get("restarts", 0) < SYNC_RESTARTS):
+            self._restart_sync(job, node, f"{node}: {reason or 'lost its receiver'}", out, alive=None)
+            return
         self._end_slots(job, mine[:1], state, exit_code, reason, out)
 
     def _end_slots(self, job: Job, indices: list[int], state: JobState, exit_code: int, reason: str,
@@ -299,9 +307,16 @@ class JobTable:
             self._finish(job, out, {})
         return "cancelling"
 
-    def node_lost(self, node: str, reason: str, out: Outcome) -> None:
-        """A node is DOWN or its daemon restarted: its shares of jobs are gone."""
+    def node_lost(self, node: str, reason: str, out: Outcome, alive: dict[str, int]) -> None:
+        """A node is DOWN or its daemon restarted: its shares of jobs are gone.
+
+        `alive` counts the usable nodes of each partition: a sync job starts
+        again on as many as remain (what was verified is not sent again).
+        """
         for job in self.on_node(node):
+            if job["kind"] == "sync" and not job.get("cancel_requested"):
+                self._restart_sync(job, node, reason, out, alive)
+                continue
             if job.get("requeue") and not job.get("cancel_requested") and job["kind"] == "command":
                 for s in job["slots"]:
                     if not s["ended"] and s["node"] != node:
@@ -310,6 +325,19 @@ class JobTable:
                 continue
             lost = [i for i, s in enumerate(job["slots"]) if s["node"] == node and not s["ended"]]
             self._end_slots(job, lost, JobState.NODE_FAIL, -1, reason, out)
+
+    def _restart_sync(self, job: Job, node: str, reason: str, out: Outcome, alive: dict[str, int] | None) -> None:
+        """Stop this run's other parts and queue the sync again, on as many nodes as remain alive."""
+        for s in job["slots"]:
+            if not s["ended"] and s["node"] != node:
+                out.kill.append((s["node"], job["_id"], JobState.NODE_FAIL.value))
+        nodes = job["nodes"]
+        if alive is not None:
+            sync = job["sync"]
+            nodes = min([nodes] + [alive.get(sync[side]["partition"], 0)
+                                   for side in ("src", "dst") if sync[side].get("partition")])
+        self._move(job, JobState.PENDING, slots=[], nodes=max(1, nodes), started=None,
+                   restarts=job.get("restarts", 0) + 1, reason=f"restarting: {reason}")
 
     def hold(self, job_id: int, held: bool) -> None:
         job = self.jobs.get(job_id)

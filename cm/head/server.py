@@ -248,7 +248,7 @@ class HeadServer:
     def on_hello(self, msg: Hello, now: float, out: Outcome) -> None:
         _, restarted = self.registry.hello(msg, now)
         if restarted:
-            self.jobs.node_lost(msg.node, "node daemon restarted", out)
+            self.jobs.node_lost(msg.node, "node daemon restarted", out, self.alive())
         kill = []
         for job_id in msg.running:
             if self._runs_on(job_id, msg.node):
@@ -300,6 +300,14 @@ class HeadServer:
         if out.finished or out.kill:
             self.dirty = True
 
+    def alive(self) -> dict[str, int]:
+        """Usable nodes per partition."""
+        counts: dict[str, int] = {}
+        for n in self.registry.nodes.values():
+            if n.alive and not n.drain:
+                counts[n.partition] = counts.get(n.partition, 0) + 1
+        return counts
+
     def addrs(self) -> dict[str, str]:
         return {n.name: n.transfer_addr for n in self.registry.nodes.values()}
 
@@ -311,7 +319,7 @@ class HeadServer:
         try:
             out = Outcome()
             for node in self.registry.expire(now):
-                self.jobs.node_lost(node.name, f"node {node.name} stopped answering", out)
+                self.jobs.node_lost(node.name, f"node {node.name} stopped answering", out, self.alive())
                 self.dirty = True
             self.apply(out)
         except (store.StoreError, store.DatabaseError) as exc:

@@ -68,6 +68,7 @@ class Job(Document):
     sync = DictField()  # src, dst, options, token; only for kind == "sync"
     progress = DictField()  # bytes_done, bytes_total, files_done, files_total, rate; per node merged
     runs = IntField(default=0)  # times dispatched (requeue counts)
+    restarts = IntField(default=0)  # times a sync was started again after losing a node
 
 
 class Node(Document):
