@@ -61,6 +61,36 @@ def node_keys(run_dir: str | Path, name: str) -> tuple[bytes, bytes]:
     raise KeysMissing(f"no key for node {name} in {kdir}")
 
 
+class Gatekeeper:
+    """The head's ZAP handler: only the public keys in keys/authorized/ may connect.
+
+    Without a ZAP handler libzmq lets any CURVE client in, so the head runs
+    this before binding. `refresh()` rereads the folder when it changed, so a
+    node added later is let in without a restart.
+    """
+
+    def __init__(self, ctx: zmq.Context, run_dir: str | Path):
+        from zmq.auth.thread import ThreadAuthenticator
+
+        self.authorized = keys_dir(run_dir) / "authorized"
+        self.auth = ThreadAuthenticator(ctx)
+        self.auth.start()
+        self.seen = -1.0
+        self.refresh()
+
+    def refresh(self) -> None:
+        try:
+            mtime = self.authorized.stat().st_mtime
+        except OSError:
+            mtime = 0.0
+        if mtime != self.seen:
+            self.seen = mtime
+            self.auth.configure_curve(domain="*", location=str(self.authorized))
+
+    def stop(self) -> None:
+        self.auth.stop()
+
+
 def secure_server(sock: zmq.Socket, run_dir: str | Path) -> None:
     public, secret = head_keys(run_dir)
     sock.curve_publickey, sock.curve_secretkey, sock.curve_server = public, secret, True

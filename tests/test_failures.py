@@ -11,7 +11,7 @@ import msgpack
 import zmq
 
 from cm.keys import secure_client
-from cm.protocol import encode, Heartbeat
+from cm.protocol import Heartbeat, Hello, encode
 
 
 def test_a_killed_compute_daemon_makes_its_node_down_and_its_job_node_fail(cluster):
@@ -102,9 +102,11 @@ def test_malformed_messages_to_the_router_leave_the_head_answering(cluster):
     public, secret = zmq.curve_keypair()
     stranger.curve_publickey, stranger.curve_secretkey = public, secret
     stranger.curve_serverkey = open(cluster.run_dir / "keys" / "head.key").read().split('public-key = "')[1].split('"')[0].encode()
+    stranger.identity = b"intruder"
     stranger.connect(f"tcp://127.0.0.1:{cluster.head_port}")
-    stranger.send(encode(Heartbeat(node="intruder", running=[])))
-    time.sleep(0.3)
+    stranger.send(encode(Hello(node="intruder", partition="cpu", cpus=64, mem_mb=1000, version="0", running=[],
+                               transfer_addr="x:1", data_root="/", incarnation="i")))
+    assert stranger.poll(1000) == 0  # no Welcome: the handshake itself was refused
     stranger.close()
     info = cluster.info()
     assert "intruder" not in {n["name"] for n in info["nodes"]}

@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any, Callable
 from cm import store
 from cm.head.clients import Caller
 from cm.head.jobs import Outcome, request_of
+from cm.head.resources import NodeView
 from cm.head.scheduler import NeverFits, check_feasible
 from cm.protocol import Reply, Request
 from cm.states import JobState
@@ -78,7 +79,7 @@ def _default_partition(head: "HeadServer") -> str:
 
 
 def submit(head: "HeadServer", caller: Caller, args: dict) -> dict:
-    policy = store.get_policy()
+    policy = head.admin_policy
     if not caller.operator and (policy.get("block_all") or caller.user in policy.get("blocked_users", [])):
         raise Refused(f"submissions from {caller.user} are blocked by an administrator")
     kind = _str(args, "kind", "command")
@@ -146,7 +147,7 @@ def submit(head: "HeadServer", caller: Caller, args: dict) -> dict:
         fields["priority"] = _int(args, "priority", 0, -1000, 1000)
     probe = request_of({**fields, "_id": 0})
     try:
-        check_feasible(probe, head.jobs.views(head.registry.nodes.values()).values())
+        check_feasible(probe, (NodeView(n.name, n.partition, n.cpus, n.mem_mb) for n in head.registry.nodes.values()))
     except NeverFits as exc:
         raise Refused(f"job can never run: {exc}") from None
     fields["id"] = head.jobs.next_id()
@@ -283,13 +284,14 @@ def control(head: "HeadServer", caller: Caller, args: dict) -> dict:
         return {"node": name, "drain": action == "drain"}
     if action in ("block", "unblock"):
         user = _str(args, "user")
-        policy = store.get_policy()
-        blocked = set(policy.get("blocked_users", []))
+        blocked = set(head.admin_policy.get("blocked_users", []))
         if user in ("", "ALL"):
-            store.set_policy(block_all=action == "block")
+            change = {"block_all": action == "block"}
         else:
             (blocked.add if action == "block" else blocked.discard)(user)
-            store.set_policy(blocked_users=sorted(blocked))
+            change = {"blocked_users": sorted(blocked)}
+        store.set_policy(**change)
+        head.admin_policy.update(change)
         return {"user": user or "ALL", "blocked": action == "block"}
     raise Refused(f"unknown action {action!r}")
 
@@ -300,6 +302,10 @@ HANDLERS: dict[str, Callable[..., Any]] = {
     "info": info,
     "control": control,
     "ping": lambda head, caller, args: {"pong": True, "user": caller.user},
+    "stats": lambda head, caller, args: {
+        "pending": len(head.jobs.requests), "active": len(head.jobs.jobs), "nodes": len(head.registry.nodes),
+        "nodes_alive": sum(n.alive for n in head.registry.nodes.values()), "passes": head.passes,
+        "last_pass_ms": round(head.pass_seconds * 1000, 3)},
 }
 
 

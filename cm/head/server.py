@@ -56,7 +56,12 @@ class HeadServer:
         self.unacked: dict[str, tuple[str, Message, float]] = {}
         self.held_acks: list[tuple[str, Ack]] = []
         self.stale = False  # memory may differ from the database after a failed write
+        self.admin_policy: dict = {}
+        self.pass_seconds = 0.0  # how long the last scheduler pass took
+        self.next_pass = 0.0  # passes are spaced by their own cost so they never take over the head
+        self.passes = 0
         self.router: zmq.Socket | None = None
+        self.gatekeeper = None  # CurveZMQ key checks, when curve is on
         self.clients: ClientServer | None = None
         self.sort_key = lambda name: NodeView(name, "", 0, 0).sort_key
 
@@ -66,13 +71,15 @@ class HeadServer:
         store.connect(self.settings.mongodb_uri, self.settings.db_name, self.settings.db_timeout)
         self.registry.load()
         self.jobs.load()
+        self.admin_policy = store.get_policy()  # only this head changes it
         ctx = zmq.Context.instance()
         self.router = ctx.socket(zmq.ROUTER)
         self.router.linger = 0
         self.router.router_handover = True  # a reconnecting node takes over its routing id
         if self.settings.curve:
-            from cm.keys import secure_server
+            from cm.keys import Gatekeeper, secure_server
 
+            self.gatekeeper = Gatekeeper(ctx, self.settings.run_dir)
             secure_server(self.router, self.settings.run_dir)
         self.router.bind(f"tcp://{self.settings.bind_host}:{self.settings.head_port}")
         self.clients = ClientServer(self.settings.socket_path, self.settings.operator_group)
@@ -80,6 +87,9 @@ class HeadServer:
         event(log, "head listening", port=self.settings.head_port, socket=str(self.settings.socket_path))
 
     def close(self) -> None:
+        if self.gatekeeper is not None:
+            self.gatekeeper.stop()
+            self.gatekeeper = None
         if self.clients:
             self.clients.shutdown()
             self.clients = None
@@ -98,9 +108,10 @@ class HeadServer:
                 if now >= next_tick:
                     self.tick(now)
                     next_tick = now + min(0.25, self.settings.heartbeat_interval / 2)
-                timeout = 0 if self.dirty else max(0.0, min(next_tick - now, 0.25))
+                wake = min(next_tick, self.next_pass) if self.dirty else next_tick
+                timeout = max(0.0, min(wake - now, 0.25))
                 self.poll(timeout)
-                if self.dirty and not self.stale:
+                if self.dirty and not self.stale and time.monotonic() >= self.next_pass:
                     self.schedule()
         finally:
             self.close()
@@ -314,6 +325,8 @@ class HeadServer:
     # --- timers and scheduling -----------------------------------------------
 
     def tick(self, now: float) -> None:
+        if self.gatekeeper is not None:
+            self.gatekeeper.refresh()
         if self.stale:
             return
         try:
@@ -336,14 +349,19 @@ class HeadServer:
         pending = self.jobs.pending()
         if not pending:
             return
+        started = time.monotonic()
         try:
             nodes = self.jobs.views(self.registry.nodes.values())
             plan = self.scheduler.plan(pending, nodes, self.jobs.running(), time.time())
             out = Outcome()
             addrs = self.addrs()
+            planned = time.monotonic()
             for request, assignment in plan:
                 self.jobs.dispatch(request.job_id, assignment, addrs, out)
             self.apply(out)
+            self.pass_seconds = planned - started
+            self.passes += 1
+            self.next_pass = time.monotonic() + 2 * self.pass_seconds
         except (store.StoreError, store.DatabaseError) as exc:
             self.db_failed("while scheduling", exc)
 
