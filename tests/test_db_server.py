@@ -1,0 +1,211 @@
+"""The database server launcher (cm.cluster.db) against a real server.
+
+Runs the embedded FerretDB built by `make setup` (fails, not skips, when it is
+missing), or the server at MONGODB_URI when that is set.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import stat
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pymongo
+import pytest
+from pymongo.errors import DuplicateKeyError
+
+from cm.cluster import db as cmdb
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+EXTERNAL_URI = os.environ.get("MONGODB_URI", "").strip()
+
+
+def _embedded_plan() -> cmdb.DatabasePlan:
+    try:
+        return cmdb.ferretdb_plan()
+    except cmdb.DatabaseUnavailable as e:
+        problem = str(e)
+    pytest.fail(problem, pytrace=False)
+
+
+def _client(uri: str) -> pymongo.MongoClient:
+    return pymongo.MongoClient(uri, serverSelectionTimeoutMS=5000)
+
+
+def _gone(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    return False
+
+
+def _refused(port: int) -> bool:
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=1).close()
+    except OSError:
+        return True
+    return False
+
+
+@pytest.fixture
+def server(tmp_path: Path) -> Iterator[cmdb.DatabaseServer]:
+    plan = cmdb.DatabasePlan("uri", uri=EXTERNAL_URI) if EXTERNAL_URI else _embedded_plan()
+    with cmdb.DatabaseServer(plan) as srv:
+        srv.start(tmp_path / "db")
+        yield srv
+
+
+@pytest.fixture
+def database(server: cmdb.DatabaseServer) -> Iterator[pymongo.database.Database]:
+    assert server.uri
+    client = _client(server.uri)
+    name = f"cmtest_{uuid.uuid4().hex[:12]}"
+    try:
+        yield client[name]
+    finally:
+        client.drop_database(name)
+        client.close()
+
+
+def test_resolve_database_order(tmp_path: Path) -> None:
+    bindir = tmp_path / "bin"
+    bindir.mkdir()
+    fake = tmp_path / "cm-ferretdb"
+    fake.write_text("#!/bin/sh\nexit 0\n")
+    fake.chmod(0o755)
+
+    plan = cmdb.resolve_database({"MONGODB_URI": "mongodb://db.example:27017/", "PATH": str(bindir)})
+    assert (plan.kind, plan.uri, plan.starts_server) == ("uri", "mongodb://db.example:27017/", False)
+
+    plan = cmdb.resolve_database({"PATH": str(bindir), "CM_FERRETDB_BIN": str(fake)})
+    assert (plan.kind, plan.binary) == ("ferretdb", fake)
+    assert plan.command(tmp_path / "d", "127.0.0.1", 5555) == [
+        str(fake), "-listen", "127.0.0.1:5555", "-dir", str(tmp_path / "d")]
+
+    mongod = bindir / "mongod"
+    mongod.write_text("#!/bin/sh\nexit 0\n")
+    mongod.chmod(mongod.stat().st_mode | stat.S_IXUSR)
+    plan = cmdb.resolve_database({"PATH": str(bindir), "CM_FERRETDB_BIN": str(fake)})
+    assert (plan.kind, plan.binary) == ("mongod", mongod)
+
+    with pytest.raises(cmdb.DatabaseUnavailable, match="make setup"):
+        cmdb.resolve_database({"PATH": str(tmp_path / "empty"), "CM_FERRETDB_BIN": str(tmp_path / "nope")})
+
+
+def test_default_binary_is_in_repo_build_dir() -> None:
+    assert cmdb.embedded_binary({}) == REPO_ROOT / ".build" / "bin" / "cm-ferretdb"
+
+
+def test_start_failure_shows_log(tmp_path: Path) -> None:
+    broken = tmp_path / "broken"
+    broken.write_text("#!/bin/sh\necho 'cannot open the data directory: boom' >&2\nexit 3\n")
+    broken.chmod(0o755)
+    srv = cmdb.DatabaseServer(cmdb.DatabasePlan("ferretdb", binary=broken), start_timeout=10)
+    with pytest.raises(cmdb.DatabaseStartError, match="(?s)status 3.*boom"):
+        srv.start(tmp_path / "db", port=cmdb.free_port())
+    assert srv.pid is None and srv.uri is None
+
+
+def test_crud_and_conditional_update(database: pymongo.database.Database) -> None:
+    jobs = database.jobs
+    jobs.insert_many([{"_id": f"job-{i}", "state": "PENDING", "n": i} for i in range(200)])
+    jobs.insert_one({"_id": 7, "state": "PENDING"})
+
+    assert jobs.find_one({"_id": "job-42"}) == {"_id": "job-42", "state": "PENDING", "n": 42}
+    assert jobs.count_documents({"state": "PENDING"}) == 201
+
+    # two schedulers race for the same job: only the first one wins
+    first = jobs.update_one({"_id": "job-42", "state": "PENDING"}, {"$set": {"state": "RUNNING"}})
+    second = jobs.update_one({"_id": "job-42", "state": "PENDING"}, {"$set": {"state": "RUNNING"}})
+    assert (first.matched_count, first.modified_count) == (1, 1)
+    assert (second.matched_count, second.modified_count) == (0, 0)
+    assert jobs.find_one({"_id": "job-42"}) == {"_id": "job-42", "state": "RUNNING", "n": 42}
+
+    # the same with an integer _id and findAndModify
+    got = jobs.find_one_and_update({"_id": 7, "state": "PENDING"}, {"$set": {"state": "DONE"}},
+                                   return_document=pymongo.ReturnDocument.AFTER)
+    assert got == {"_id": 7, "state": "DONE"}
+    assert jobs.find_one_and_update({"_id": 7, "state": "PENDING"}, {"$set": {"state": "X"}}) is None
+
+    # _id plus a condition that does not hold matches nothing, for every operation
+    assert jobs.find_one({"_id": "job-1", "n": 2}) is None
+    assert jobs.count_documents({"_id": "job-1", "n": 2}) == 0
+    assert jobs.delete_one({"_id": "job-1", "n": 2}).deleted_count == 0
+    assert jobs.delete_one({"_id": "job-1", "n": 1}).deleted_count == 1
+    assert jobs.find_one({"_id": "job-1"}) is None
+    assert jobs.count_documents({}) == 200
+
+
+def test_unique_index_rejects_duplicate_insert(database: pymongo.database.Database) -> None:
+    nodes = database.nodes
+    nodes.create_index("name", unique=True)
+    nodes.insert_one({"_id": 1, "name": "n1"})
+    with pytest.raises(DuplicateKeyError):
+        nodes.insert_one({"_id": 2, "name": "n1"})
+    with pytest.raises(DuplicateKeyError):
+        nodes.insert_one({"_id": 1, "name": "other"})
+    assert list(nodes.find()) == [{"_id": 1, "name": "n1"}]
+
+
+@pytest.mark.skipif(bool(EXTERNAL_URI), reason="MONGODB_URI is set: no server is started")
+def test_stop_leaves_nothing_running_and_data_persists(tmp_path: Path) -> None:
+    plan = _embedded_plan()
+    srv = cmdb.DatabaseServer(plan)
+    uri = srv.start(tmp_path / "db", log_path=tmp_path / "db.log")
+    pid, port = srv.pid, int(uri.rsplit(":", 1)[1].strip("/"))
+    assert pid is not None and srv.running()
+    with _client(uri) as client:
+        client.cm.counters.insert_one({"_id": "job", "next": 5})
+    srv.stop()
+    assert srv.pid is None and srv.uri is None and not srv.running()
+    assert _gone(pid) and _refused(port)
+    srv.stop()  # idempotent
+
+    with cmdb.DatabaseServer(plan) as again:
+        uri = again.start(tmp_path / "db", port=port)
+        with _client(uri) as client:
+            assert client.cm.counters.find_one({"_id": "job"}) == {"_id": "job", "next": 5}
+        pid = again.pid
+    assert pid is not None and _gone(pid)
+
+
+@pytest.mark.skipif(bool(EXTERNAL_URI), reason="MONGODB_URI is set: no server is started")
+def test_module_entry_point_runs_server_in_foreground(tmp_path: Path) -> None:
+    _embedded_plan()
+    port = cmdb.free_port()
+    pidfile = tmp_path / "db.pid"
+    env = {k: v for k, v in os.environ.items() if k != "MONGODB_URI"}
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO_ROOT), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "cm.cluster.db", "--data-dir", str(tmp_path / "db"), "--port", str(port),
+         "--pidfile", str(pidfile)],
+        env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+    )
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            assert proc.poll() is None, proc.stdout.read().decode() if proc.stdout else ""
+            try:
+                cmdb.ping(f"mongodb://127.0.0.1:{port}/", timeout=1)
+                break
+            except pymongo.errors.PyMongoError:
+                assert time.monotonic() < deadline, "server did not answer"
+                time.sleep(0.1)
+        assert int(pidfile.read_text()) == proc.pid  # exec: the server runs under the launcher's pid
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(15) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        if proc.stdout:
+            proc.stdout.close()
+    assert _refused(port)
