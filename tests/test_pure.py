@@ -94,3 +94,19 @@ def test_the_readme_documents_every_setting_with_its_default():
     for name, default, meaning in config.documented():
         shown = "(empty)" if default == "" else f"`{default}`"
         assert f"| `{name}` | {shown} | {meaning} |" in readme, name
+
+
+def test_the_fast_job_table_lays_out_exactly_like_tabulate():
+    import random
+
+    from tabulate import tabulate
+
+    from cm.cli.cminfo import plain_table
+
+    rng = random.Random(2)
+    headers = ["ID", "NAME", "USER", "TYPE", "STATE", "TIME", "NODES", "PROGRESS"]
+    for _ in range(50):
+        rows = [[str(rng.randint(1, 10 ** rng.randint(1, 6))), "x" * rng.randint(0, 12), "root",
+                 rng.choice(["command", "sync"]), "RUNNING", "", "n" * rng.randint(0, 20), rng.choice(["", "5%"])]
+                for _ in range(rng.randint(1, 5))]
+        assert plain_table(rows, headers) == tabulate(rows, headers=headers, tablefmt="plain", disable_numparse=True)

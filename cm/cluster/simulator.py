@@ -87,14 +87,13 @@ class Simulator:
             while due and due[0][0] <= now:
                 _, i, node = heapq.heappop(due)
                 msg = Heartbeat(node=node.name, running=sorted(node.running)) if node.welcomed else self.hello(node)
-                node.sock.send(encode(msg), zmq.NOBLOCK)
+                self.send(node, msg)
                 heapq.heappush(due, (now + (self.interval if node.welcomed else 0.5), i, node))
             while self.ends and self.ends[0][0] <= now:
                 _, name, job_id, run = heapq.heappop(self.ends)
                 node = self.by_name[name]
                 if node.running.pop(job_id, None) is not None:
-                    node.sock.send(encode(JobEnded(job_id=job_id, node=name, run=run, state="COMPLETED",
-                                                   exit_code=0)), zmq.NOBLOCK)
+                    self.send(node, JobEnded(job_id=job_id, node=name, run=run, state="COMPLETED", exit_code=0))
             wait = min([due[0][0] if due else now + 0.1] + ([self.ends[0][0]] if self.ends else [])) - now
             for sock, _ in poller.poll(max(0, int(wait * 1000))):
                 node = self.nodes[sock]
@@ -108,25 +107,31 @@ class Simulator:
                     except ProtocolError:
                         pass
 
+    @staticmethod
+    def send(node: SimNode, msg) -> None:
+        try:
+            node.sock.send(encode(msg), zmq.NOBLOCK)
+        except zmq.Again:
+            pass  # not connected yet: like a real node, it says it again later
+
     def on_message(self, node: SimNode, msg) -> None:
         if isinstance(msg, Welcome):
             node.welcomed = True
         elif isinstance(msg, Error):
             node.welcomed = False
         elif isinstance(msg, RunJob):
-            node.sock.send(encode(Ack(ref=msg.id)), zmq.NOBLOCK)
+            self.send(node, Ack(ref=msg.id))
             run = msg.spec.get("run", 0)
             if msg.job_id not in node.running:
                 node.running[msg.job_id] = run
                 if self.job_seconds is not None:
                     heapq.heappush(self.ends, (time.monotonic() + self.job_seconds, node.name, msg.job_id, run))
-            node.sock.send(encode(JobStarted(job_id=msg.job_id, node=node.name, run=run)), zmq.NOBLOCK)
+            self.send(node, JobStarted(job_id=msg.job_id, node=node.name, run=run))
         elif isinstance(msg, KillJob):
-            node.sock.send(encode(Ack(ref=msg.id)), zmq.NOBLOCK)
+            self.send(node, Ack(ref=msg.id))
             run = node.running.pop(msg.job_id, None)
             if run is not None:
-                node.sock.send(encode(JobEnded(job_id=msg.job_id, node=node.name, run=run, state=msg.state,
-                                               exit_code=143)), zmq.NOBLOCK)
+                self.send(node, JobEnded(job_id=msg.job_id, node=node.name, run=run, state=msg.state, exit_code=143))
 
     def close(self) -> None:
         for sock in self.nodes:

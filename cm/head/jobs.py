@@ -7,6 +7,7 @@ what was stored. Finished jobs leave memory; they stay in the database.
 
 from __future__ import annotations
 
+import collections
 import logging
 import time
 from dataclasses import dataclass, field
@@ -65,11 +66,15 @@ def final_state(job: Job) -> tuple[JobState, int]:
 
 class JobTable:
     ID_BLOCK = 64
+    RECENT_SECONDS = 300.0  # finished jobs cminfo shows without --all
+    RECENT_MAX = 20000
 
     def __init__(self) -> None:
         self.jobs: dict[int, Job] = {}
         self.requests: dict[int, Request] = {}
         self.ids: Iterator[int] = iter(())
+        # finished jobs, newest last: cminfo shows them without scanning the database
+        self.recent: collections.OrderedDict[int, Job] = collections.OrderedDict()
         # DISPATCHING -> RUNNING writes held until the end of a batch of node messages, so a
         # job that starts and ends in one batch costs one write; see flush()
         self.unsaved_running: dict[int, dict[str, Any]] = {}
@@ -84,6 +89,9 @@ class JobTable:
 
     def load(self) -> None:
         self.jobs = {j["_id"]: j for j in store.active_jobs()}
+        self.recent = collections.OrderedDict(
+            (j["_id"], j) for j in sorted(store.recent_jobs(time.time() - self.RECENT_SECONDS, finished=True),
+                                          key=lambda j: j["ended"]))
         self.unsaved_running = {}
         self.requests = {i: request_of(j) for i, j in self.jobs.items() if j["state"] == JobState.PENDING.value}
         event(log, "jobs loaded", active=len(self.jobs), pending=len(self.requests))
@@ -143,8 +151,23 @@ class JobTable:
             self.requests[job["_id"]] = request_of(job)
         if dst in FINAL_STATES:
             self._forget(job["_id"])
+            self.recent[job["_id"]] = job
+            self._prune_recent()
         event(log, "job state", job=job["_id"], state=dst.value, **({"exit_code": fields["exit_code"]} if "exit_code" in fields else {}))
         return True
+
+    def _prune_recent(self) -> None:
+        oldest = time.time() - self.RECENT_SECONDS
+        while self.recent:
+            job = next(iter(self.recent.values()))
+            if len(self.recent) <= self.RECENT_MAX and (job.get("ended") or 0) >= oldest:
+                break
+            self.recent.popitem(last=False)
+
+    def shown(self) -> list[Job]:
+        """What cminfo lists without --all: every unfinished job and the recently finished ones."""
+        self._prune_recent()
+        return [*self.recent.values(), *self.jobs.values()]
 
     def _forget(self, job_id: int) -> None:
         self.jobs.pop(job_id, None)

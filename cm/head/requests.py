@@ -200,15 +200,17 @@ def info(head: "HeadServer", caller: Caller, args: dict) -> dict:
     if job_id is not None:
         if not isinstance(job_id, int) or isinstance(job_id, bool):
             raise Refused(f"invalid job id {job_id!r}")
-        job = head.jobs.jobs.get(job_id) or store.get_job(job_id)
+        job = head.jobs.jobs.get(job_id) or head.jobs.recent.get(job_id) or store.get_job(job_id)
         if job is None:
             raise Refused(f"job {job_id} does not exist")
         return {"nodes": nodes, "jobs": [job_view(job)]}
-    since = None if args.get("all") else time.time() - 300
-    stored = {j["_id"]: j for j in store.recent_jobs(since)}
-    stored.update(head.jobs.jobs)  # memory is newer for unfinished jobs (progress)
-    jobs = [job_view(j) for _, j in sorted(stored.items())]
-    return {"nodes": nodes, "jobs": jobs}
+    if args.get("all"):
+        known = {j["_id"]: j for j in store.recent_jobs(None)}
+        known.update(head.jobs.jobs)  # memory is newer for unfinished jobs (progress)
+        shown = [j for _, j in sorted(known.items())]
+    else:
+        shown = sorted(head.jobs.shown(), key=lambda j: j["_id"])
+    return {"nodes": nodes, "jobs": [job_view(j) for j in shown]}
 
 
 def _iso(ts: float | None) -> str | None:

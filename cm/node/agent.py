@@ -46,6 +46,7 @@ from cm.states import JobState
 
 log = logging.getLogger("cm.node")
 REMEMBER = 10000  # finished (job, run) pairs kept to ignore repeated commands
+RECONNECT_AFTER = 10.0  # seconds without a welcome before the link to the head is rebuilt
 
 
 class NodeAgent:
@@ -62,6 +63,7 @@ class NodeAgent:
         self.senders: dict[int, dict] = {}  # job -> {proc, buffer, report, sent_at, err, run}
         self.welcomed = False
         self.dealer: zmq.Socket | None = None
+        self.connected_at = 0.0
         self.cpus, self.mem_mb = measure(settings.cpus, settings.mem_mb)
         self.state_file = Path(settings.run_dir) / f"{self.name}.jobs.json"
 
@@ -69,6 +71,15 @@ class NodeAgent:
 
     def open(self) -> None:
         self._kill_orphans()
+        self.connect()
+        event(log, "node started", node=self.name, cpus=self.cpus, mem_mb=self.mem_mb,
+              head=f"{self.settings.head_host}:{self.settings.head_port}")
+
+    def connect(self) -> None:
+        """A fresh DEALER to the head (also after a refused handshake, which libzmq does not retry)."""
+        if self.dealer is not None:
+            self.dealer.close(0)
+        self.connected_at = time.monotonic()
         ctx = zmq.Context.instance()
         self.dealer = ctx.socket(zmq.DEALER)
         self.dealer.linger = 0
@@ -81,8 +92,6 @@ class NodeAgent:
 
             secure_client(self.dealer, self.settings.run_dir, self.name)
         self.dealer.connect(f"tcp://{self.settings.head_host}:{self.settings.head_port}")
-        event(log, "node started", node=self.name, cpus=self.cpus, mem_mb=self.mem_mb,
-              head=f"{self.settings.head_host}:{self.settings.head_port}")
 
     def run(self, stop: threading.Event) -> None:
         self.open()
@@ -91,6 +100,9 @@ class NodeAgent:
             while not stop.is_set():
                 now = time.monotonic()
                 if not self.welcomed and now >= next_hello:
+                    if now - self.connected_at > RECONNECT_AFTER:
+                        event(log, "no welcome from the head; reconnecting", logging.WARNING)
+                        self.connect()
                     self.send(self._hello())
                     next_hello = now + min(1.0, self.settings.heartbeat_interval)
                 if self.welcomed and now >= next_beat:

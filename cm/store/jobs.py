@@ -103,11 +103,14 @@ def active_jobs() -> list[dict[str, Any]]:
     return list(_jobs().find({"state": {"$nin": final}}))
 
 
-def recent_jobs(since: float | None, user: str | None = None, limit: int = 5000) -> list[dict[str, Any]]:
-    """Jobs for cminfo: every unfinished one plus those that ended after `since` (all if None)."""
+def recent_jobs(since: float | None, user: str | None = None, limit: int = 100000,
+                finished: bool = False) -> list[dict[str, Any]]:
+    """Jobs for cminfo: those that ended after `since` (all if None), and unfinished ones unless `finished`."""
     query: dict[str, Any] = {}
     if since is not None:
-        query["$or"] = [{"ended": None}, {"ended": {"$gte": since}}]
+        query["ended"] = {"$gte": since}
+        if not finished:
+            query = {"$or": [{"ended": None}, query]}
     if user is not None:
         query["user"] = user
     projection = {"env": 0, "sync.token": 0}
