@@ -16,7 +16,9 @@ cd drive/home/demo
 
 echo
 echo "== cmrun -n 2 -p 2 --partition cpu --wait: a command job on two nodes, two processes each"
-cmrun -n 2 -p 2 --partition cpu -J hello --wait sh -c 'echo "rank $CM_PROC_RANK of job $CM_JOB_ID on $CM_NODENAME ($CM_NODELIST)"'
+JOB=$(cmrun -n 2 -p 2 --partition cpu -J hello --wait --parsable \
+  sh -c 'echo "rank $CM_PROC_RANK of job $CM_JOB_ID on $CM_NODENAME ($CM_NODELIST)"')
+cat cmlogs/"$JOB"/*/*.out
 
 echo
 echo "== cmsync --wait gpu:/demo cpu:/demo: a sync job between the partitions' storage"

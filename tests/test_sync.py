@@ -56,6 +56,8 @@ def test_a_sync_job_copies_a_tree_exactly(synced):
     assert job["state"] == "COMPLETED" and job["type"] == "sync" and job["progress"] == 100
     assert snapshot(dst) == snapshot(src)
     assert job["transfer"]["bytes_done"] >= 3 << 20
+    sender_log = cluster.home / "cmlogs" / str(job_id) / job["nodes"][0] / "0.err"
+    assert sender_log.exists()  # the sender's messages land with the job's output, in the submit directory
 
 
 def test_two_nodes_per_side_share_the_work_and_a_rerun_sends_nothing(synced):

@@ -213,10 +213,10 @@ class JobTable:
         """What a node needs to run its share of a job."""
         base = {"kind": job["kind"], "run": job["runs"], "role": slot["role"], "rank": slot["rank"],
                 "name": job["name"], "user": job["user"], "uid": job["uid"], "gid": job["gid"],
-                "time_limit": job["time_limit"]}
+                "time_limit": job["time_limit"], "cwd": job["cwd"]}
         if job["kind"] == "command":
             nodelist = [s["node"] for s in job["slots"]]
-            return {**base, "cwd": job["cwd"], "env": job["env"], "argv": job["argv"], "procs": job["procs"],
+            return {**base, "env": job["env"], "argv": job["argv"], "procs": job["procs"],
                     "nnodes": len(nodelist), "nodelist": nodelist, "stdout": job["stdout"], "stderr": job["stderr"],
                     "cpus": slot["cpus"]}
         sync = job["sync"]
