@@ -42,7 +42,7 @@ db-server:
 	else bash cm/cluster/ferretdb/build.sh; fi
 
 local-up: setup
-	$(PY) -m cm.cluster.local up --nodes $(NODES) $(if $(PARTITIONS),--partitions $(PARTITIONS))
+	$(PY) -m cm.cluster.local up --nodes $(NODES) $(if $(PARTITIONS),--partitions $(PARTITIONS)) $(if $(filter-out 0 no false,$(NETNS)),--netns)
 
 local-down:
 	@if [ -x $(PY) ]; then $(PY) -m cm.cluster.local down; else echo "nothing to stop"; fi

@@ -23,7 +23,7 @@ from cm.cluster.local import LocalCluster, parse_partitions
 _counter = itertools.count()
 FAST = {
     "CM_HEARTBEAT_INTERVAL": "0.2",
-    "CM_HEARTBEAT_MISSES": "5",
+    "CM_HEARTBEAT_MISSES": "10",  # 2 s: a busy 2-core CI machine can stall a daemon for a second
     "CM_KILL_GRACE": "1",
     "CM_DISPATCH_RETRY": "0.5",
     "CM_DB_TIMEOUT": "1",

@@ -54,13 +54,18 @@ def parse_partitions(text: str, nodes: int) -> list[tuple[str, str]]:
 
 
 def pid_alive(pid: int) -> bool:
+    """Running, and not a zombie waiting for someone else (PID 1) to reap it."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:
         return True
-    return True
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rpartition(")")[2].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False
 
 
 def stop_pid(pid: int, timeout: float = 15.0) -> None:
@@ -94,6 +99,10 @@ class LocalCluster:
     db_dir: Path | None = None
     env: dict[str, str] = field(default_factory=dict)  # extra CM_* settings for every daemon
     mongodb_uri: str = ""
+    # netns mode: database, head and every node in a network namespace of its own (cm/cluster/netns.py)
+    netns: bool = False
+    netns_prefix: str = ""  # default: derived from run_dir
+    netns_subnet: str = "10.203.0.0/24"
 
     def __post_init__(self) -> None:
         self.run_dir = Path(self.run_dir).resolve()
@@ -101,6 +110,7 @@ class LocalCluster:
         self.db_dir = Path(self.db_dir or self.run_dir.parent / "db").resolve()
         self.procs: dict[str, subprocess.Popen] = {}
         self.head_port = 0
+        self.network = None  # a cm.cluster.netns.Network in netns mode, once up() made it
 
     # --- pieces ----------------------------------------------------------------
 
@@ -112,6 +122,8 @@ class LocalCluster:
 
     def _spawn(self, name: str, argv: list[str], env: dict[str, str]) -> subprocess.Popen:
         log = open(self.logfile(name), "ab")
+        if self.network is not None and name in self.network.hosts:
+            argv = self.network.wrap(name, argv)  # `ip netns exec` execs: the pid is the daemon's
         proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
                                 start_new_session=True, cwd=str(REPO))
         log.close()
@@ -127,9 +139,13 @@ class LocalCluster:
             PYTHONUNBUFFERED="1",
         )
         env.update(self.env)
+        if self.network is not None:  # as in docker-compose: hosts by name, each on its own address
+            env.update(CM_HEAD_HOST="headnode", CM_BIND_HOST="0.0.0.0", MONGODB_URI=self.mongodb_uri)
         return env
 
     def start_db(self) -> None:
+        if self.network is not None:
+            return self._start_db_netns()
         if self.mongodb_uri:
             return
         if os.environ.get("MONGODB_URI"):
@@ -165,6 +181,8 @@ class LocalCluster:
         env = self.base_env()
         env.update(CM_NODE_NAME=name, CM_PARTITION=partition, CM_DATA_ROOT=str(root),
                    CM_TRANSFER_PORT=env.get("CM_TRANSFER_PORT_" + name.replace("-", "_").upper(), "0"))
+        if self.network is not None:
+            env["CM_TRANSFER_HOST"] = name
         return self._spawn(name, [sys.executable, "-m", "cm.daemon", "node"], env)
 
     # --- whole cluster -------------------------------------------------------
@@ -180,6 +198,8 @@ class LocalCluster:
 
         ensure_keys(self.run_dir, [n for n, _ in self.nodes])
         try:
+            if self.netns:
+                self.start_network()
             self.start_db()
             self.start_head()
             for name, partition in self.nodes:
@@ -245,6 +265,7 @@ class LocalCluster:
             f"export PATH={bindir}:$PATH\n"
             f"export CM_RUN_DIR={self.run_dir}\n"
             f"export MONGODB_URI={self.mongodb_uri}\n"
+            + (self._netns_env_note() if self.network is not None else "")
         )
 
     def down(self) -> None:
@@ -261,12 +282,104 @@ class LocalCluster:
             if pid:
                 stop_pid(pid)
             self.pidfile(name).unlink(missing_ok=True)
+        self.stop_network()
         self.procs.clear()
 
     def kill(self, name: str, sig: int = signal.SIGKILL) -> None:
         proc = self.procs[name]
         proc.send_signal(sig)
         proc.wait()
+
+    # --- netns mode ----------------------------------------------------------------
+
+    NETNS_DB_PORT = 27017
+
+    @property
+    def netns_file(self) -> Path:
+        """Holds the network's prefix, so `down` (from another process) can remove it."""
+        return self.run_dir / "netns"
+
+    def start_network(self) -> None:
+        """A namespace with its own address for db, headnode and every node, on one bridge."""
+        import hashlib
+
+        from cm.cluster.netns import Network, NetnsError, cleanup_stale
+
+        prefix = self.netns_prefix or "cm" + hashlib.sha1(str(self.run_dir).encode()).hexdigest()[:8]
+        try:
+            network = Network(prefix, self.netns_subnet)
+            cleanup_stale(prefix)  # a crashed earlier run from this run dir (up() checked none is running)
+            self.netns_file.write_text(prefix + "\n")
+            network.create()
+            self.network = network
+            for name in ["db", "headnode", *(n for n, _ in self.nodes)]:
+                network.add_host(name)
+        except NetnsError as exc:
+            raise ClusterError(f"cannot make network namespaces: {exc}") from None
+
+    def stop_network(self) -> None:
+        """Remove the network (processes still in it, namespaces, links, /etc/netns). Idempotent."""
+        prefix = self.network.prefix if self.network is not None else ""
+        if not prefix:
+            try:
+                prefix = self.netns_file.read_text().strip()
+            except OSError:
+                return
+        from cm.cluster.netns import NetnsError, cleanup_stale
+
+        try:
+            cleanup_stale(prefix)
+        except NetnsError as exc:
+            raise ClusterError(f"cannot remove network {prefix}: {exc}") from None
+        self.network = None
+        self.netns_file.unlink(missing_ok=True)
+
+    def _start_db_netns(self) -> None:
+        from cm.cluster.db import ping
+
+        self.db_dir.mkdir(parents=True, exist_ok=True)
+        port = self.NETNS_DB_PORT  # the db has a host of its own: the standard port is free
+        env = {k: v for k, v in os.environ.items() if k != "MONGODB_URI"}
+        proc = self._spawn("db", [sys.executable, "-m", "cm.cluster.db", "--data-dir", str(self.db_dir),
+                                  "--host", "0.0.0.0", "--port", str(port)], env)
+        self.mongodb_uri = f"mongodb://db:{port}/"
+        deadline = time.monotonic() + 30
+        uri = f"mongodb://{self.network.ip('db')}:{port}/"
+        while True:
+            if proc.poll() is not None:
+                raise ClusterError(f"the database exited with {proc.returncode}; see {self.logfile('db')}:\n"
+                                   + self.tail("db"))
+            # from the head's namespace, across the bridge: what the daemons will do
+            if self.network.connectable("db", port, src="headnode"):
+                try:
+                    self.network.run_in("headnode", ping, uri, timeout=2)
+                    return
+                except Exception as exc:  # noqa: BLE001 - pymongo's errors
+                    last = exc
+            else:
+                last = f"nothing listens on db:{port}"
+            if time.monotonic() > deadline:
+                raise ClusterError(f"the database in namespace {self.network.namespace('db')} does not answer: "
+                                   f"{last}\n" + self.tail("db"))
+            time.sleep(0.1)
+
+    def _netns_env_note(self) -> str:
+        lines = [f"# netns mode: network {self.network.prefix}; a shell on a host: "
+                 f"ip netns exec {self.network.prefix}-<host> bash; MONGODB_URI resolves there"]
+        lines += [f"#   {h.name}\t{h.ip}\t{h.ns}" for h in self.network.hosts.values()]
+        return "\n".join(lines) + "\n"
+
+    def _network(self):
+        if self.network is None:
+            raise ClusterError("not in netns mode: no links to cut")
+        return self.network
+
+    def cut(self, name: str) -> None:
+        """A network partition: name's link goes down, its processes keep running."""
+        self._network().cut(name)
+
+    def restore(self, name: str) -> None:
+        self._network().restore(name)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -275,10 +388,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--run-dir", default=str(REPO / "drive" / "run"))
     parser.add_argument("--nodes", type=int, default=int(os.environ.get("NODES") or 4))
     parser.add_argument("--partitions", default=os.environ.get("PARTITIONS") or "")
+    parser.add_argument("--netns", action="store_true",
+                        default=os.environ.get("NETNS", "").strip().lower() not in ("", "0", "no", "false"),
+                        help="database, head and each node in a network namespace of its own (needs root; "
+                             "also NETNS=1)")
     args = parser.parse_args(argv)
     partitions = args.partitions or ("gpu:2,cpu:2" if args.nodes == 4 else "gpu,cpu")
     try:
-        cluster = LocalCluster(Path(args.run_dir), parse_partitions(partitions, args.nodes))
+        cluster = LocalCluster(Path(args.run_dir), parse_partitions(partitions, args.nodes), netns=args.netns)
         if args.action == "down":
             cluster.down()
             print("local cluster stopped")

@@ -226,7 +226,7 @@ class HeadServer:
             self.send(peer, Error(ref=msg.id, message="unknown node: say hello"))
             return
         elif isinstance(msg, JobStarted):
-            self._drop_unacked(peer, msg.job_id, RunJob)
+            self._drop_unacked(peer, msg.job_id, RunJob, msg.run)
             self.jobs.started(msg.job_id, peer, msg.run, self.addrs(), out)
             self.held_acks.append((peer, Ack(ref=msg.id)))  # acknowledged once written: see flush()
         elif isinstance(msg, JobEnded):
@@ -238,7 +238,7 @@ class HeadServer:
             if not state.final:
                 self.send(peer, Error(ref=msg.id, message=f"state {msg.state} is not final"))
                 return
-            self._drop_unacked(peer, msg.job_id, RunJob)
+            self._drop_unacked(peer, msg.job_id, RunJob, msg.run)
             self.jobs.ended(msg.job_id, peer, msg.run, state, msg.exit_code, msg.reason, out)
             self.send(peer, Ack(ref=msg.id))
             self.dirty = True
@@ -297,10 +297,14 @@ class HeadServer:
         if info is not None and info.alive:
             self.send(node, msg)
 
-    def _drop_unacked(self, node: str, job_id: int, kind: type) -> None:
+    def _drop_unacked(self, node: str, job_id: int, kind: type, run: int | None = None) -> None:
+        """Forget commands of `kind` for a job on a node; for RunJob, only those of `run` if given."""
         for msg_id, (target, command, _) in list(self.unacked.items()):
-            if target == node and isinstance(command, kind) and getattr(command, "job_id", None) == job_id:
-                del self.unacked[msg_id]
+            if target != node or not isinstance(command, kind) or getattr(command, "job_id", None) != job_id:
+                continue
+            if run is not None and isinstance(command, RunJob) and command.spec.get("run") != run:
+                continue  # a report about another run says nothing about this one
+            del self.unacked[msg_id]
 
     def apply(self, out: Outcome) -> None:
         for node, job_id, spec in out.run:

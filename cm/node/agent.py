@@ -201,8 +201,8 @@ class NodeAgent:
             else:
                 event(log, "head reported an error", logging.WARNING, ref=msg.ref, error=msg.message)
         elif isinstance(msg, RunJob):
-            self.send(Ack(ref=msg.id))
-            self.run_job(msg.job_id, msg.spec)
+            if self.run_job(msg.job_id, msg.spec):
+                self.send(Ack(ref=msg.id))  # unacknowledged, the head sends it again
         elif isinstance(msg, KillJob):
             self.send(Ack(ref=msg.id))
             try:
@@ -215,14 +215,20 @@ class NodeAgent:
 
     # --- jobs ------------------------------------------------------------------
 
-    def run_job(self, job_id: int, spec: dict) -> None:
+    def run_job(self, job_id: int, spec: dict) -> bool:
+        """Start this node's share of a job (once per run). False: not now, ask again later."""
         run = spec.get("run", 0)
         if (job_id, run) in self.finished:
-            return
+            return True
         tracked = self.purge.jobs.get(job_id)
         if (tracked and tracked.run == run) or self.receiving.get(job_id, (None,))[0] == run:
             self.report(JobStarted(job_id=job_id, node=self.name, run=run))
-            return
+            return True
+        if tracked is not None:
+            # an earlier run of this job is still here (e.g. requeued while this node was cut off):
+            # the new run starts only once the old one is reaped, so the two never overlap
+            self.purge.stop(job_id, JobState.NODE_FAIL, "superseded by a newer run", time.monotonic())
+            return False
         try:
             if spec.get("kind") == "sync":
                 self._start_sync(job_id, spec)
@@ -235,10 +241,11 @@ class NodeAgent:
             self._remember(job_id, run)
             self.report(JobEnded(job_id=job_id, node=self.name, run=run, state=JobState.FAILED.value,
                                  exit_code=127, reason=reason))
-            return
+            return True
         self.report(JobStarted(job_id=job_id, node=self.name, run=run))
         self._save_state()
         event(log, "job started", job=job_id, run=run, kind=spec.get("kind"), role=spec.get("role"))
+        return True
 
     def _start_sync(self, job_id: int, spec: dict) -> None:
         transfer = spec["transfer"]
