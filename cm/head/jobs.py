@@ -75,9 +75,10 @@ class JobTable:
         self.ids: Iterator[int] = iter(())
         # finished jobs, newest last: cminfo shows them without scanning the database
         self.recent: collections.OrderedDict[int, Job] = collections.OrderedDict()
-        # DISPATCHING -> RUNNING writes held until the end of a batch of node messages, so a
-        # job that starts and ends in one batch costs one write; see flush()
+        # DISPATCHING -> RUNNING writes held back a moment (RUNNING_HOLD), so a job that starts and
+        # ends within it costs one write; the node's JobStarted is acknowledged only once written
         self.unsaved_running: dict[int, dict[str, Any]] = {}
+        self.unsaved_since: dict[int, float] = {}
 
     def next_id(self) -> int:
         for job_id in self.ids:
@@ -92,7 +93,7 @@ class JobTable:
         self.recent = collections.OrderedDict(
             (j["_id"], j) for j in sorted(store.recent_jobs(time.time() - self.RECENT_SECONDS, finished=True),
                                           key=lambda j: j["ended"]))
-        self.unsaved_running = {}
+        self.unsaved_running, self.unsaved_since = {}, {}
         self.requests = {i: request_of(j) for i, j in self.jobs.items() if j["state"] == JobState.PENDING.value}
         event(log, "jobs loaded", active=len(self.jobs), pending=len(self.requests))
 
@@ -133,6 +134,7 @@ class JobTable:
         """Conditional write, then memory. False (and the job reloaded) if someone else moved it."""
         src = JobState(job["state"])
         fields = {**self.unsaved_running.pop(job["_id"], {}), **fields}
+        self.unsaved_since.pop(job["_id"], None)
         if not store.transition(job["_id"], src, dst, **fields):
             fresh = store.get_job(job["_id"])
             event(log, "lost a race on a job", logging.WARNING, job=job["_id"], wanted=dst.value,
@@ -173,15 +175,27 @@ class JobTable:
         self.jobs.pop(job_id, None)
         self.requests.pop(job_id, None)
         self.unsaved_running.pop(job_id, None)
+        self.unsaved_since.pop(job_id, None)
 
-    def flush(self) -> None:
-        """Write the RUNNING transitions held back during a batch."""
+    def flush(self, older_than: float = 0.0) -> None:
+        """Write the RUNNING transitions held back for longer than older_than seconds."""
+        now = time.monotonic()
         for job_id in list(self.unsaved_running):
+            if now - self.unsaved_since.get(job_id, 0.0) < older_than:
+                continue
             job = self.jobs.get(job_id)
             if job is None or job["state"] != JobState.DISPATCHING.value:
                 self.unsaved_running.pop(job_id, None)
+                self.unsaved_since.pop(job_id, None)
                 continue
             self._move(job, JobState.RUNNING)
+
+    def unsaved(self, job_id: int) -> bool:
+        return job_id in self.unsaved_running
+
+    def next_flush(self, hold: float) -> float | None:
+        """When the oldest held RUNNING write is due (monotonic), or None."""
+        return min(self.unsaved_since.values()) + hold if self.unsaved_since else None
 
     def dispatch(self, job_id: int, assignment: list[list[str]], addrs: dict[str, str], out: Outcome) -> None:
         """PENDING -> DISPATCHING on the assigned nodes; queue the RunJob commands."""
@@ -238,6 +252,7 @@ class JobTable:
             if s["node"] == node and not s["started"]:
                 s["started"] = True
                 if job["state"] == JobState.DISPATCHING.value and s["role"] != "dst":
+                    self.unsaved_since.setdefault(job_id, time.monotonic())
                     unsaved = self.unsaved_running.setdefault(job_id, {})
                     unsaved.setdefault("started", time.time())
                     unsaved[f"slots.{i}.started"] = True

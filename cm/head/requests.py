@@ -315,6 +315,8 @@ def handle(head: "HeadServer", caller: Caller, request: Request) -> Reply:
     handler = HANDLERS.get(request.op)
     if handler is None:
         return Reply(ok=False, error=f"unknown operation {request.op!r}")
+    if request.op != "ping" and not head.stale and not store.reachable():
+        head.db_failed(f"request {request.op}", store.StoreError("the driver lost the server"))
     if head.stale and request.op != "ping":
         return Reply(ok=False, error="the database is unreachable; the head is waiting for it, try again shortly")
     try:

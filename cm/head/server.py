@@ -43,6 +43,7 @@ from cm.protocol import (
 from cm.states import JobState
 
 log = logging.getLogger("cm.head")
+RUNNING_HOLD = 0.05  # seconds a RUNNING write may wait to be merged with the job's end
 
 
 class HeadServer:
@@ -54,7 +55,7 @@ class HeadServer:
         self.dirty = True
         # commands awaiting an ack: msg id -> (node, message, last sent)
         self.unacked: dict[str, tuple[str, Message, float]] = {}
-        self.held_acks: list[tuple[str, Ack]] = []
+        self.held_acks: list[tuple[str, int, Ack]] = []  # (node, job, ack) sent once the start is written
         self.stale = False  # memory may differ from the database after a failed write
         self.admin_policy: dict = {}
         self.pass_seconds = 0.0  # how long the last scheduler pass took
@@ -109,6 +110,12 @@ class HeadServer:
                     self.tick(now)
                     next_tick = now + min(0.25, self.settings.heartbeat_interval / 2)
                 wake = min(next_tick, self.next_pass) if self.dirty else next_tick
+                due = self.jobs.next_flush(RUNNING_HOLD)
+                if due is not None:
+                    if due <= now:
+                        self.flush(RUNNING_HOLD)
+                    else:
+                        wake = min(wake, due)
                 timeout = max(0.0, min(wake - now, 0.25))
                 self.poll(timeout)
                 if self.dirty and not self.stale and time.monotonic() >= self.next_pass:
@@ -165,22 +172,26 @@ class HeadServer:
         self._redispatch()
         event(log, "database back; jobs reloaded", active=len(self.jobs.jobs))
 
-    def flush(self) -> None:
-        """Write what a batch held back, then acknowledge it."""
+    def flush(self, hold: float = 0.0) -> None:
+        """Write the starts held back longer than `hold` seconds, then acknowledge what is written."""
         try:
-            self.jobs.flush()
+            self.jobs.flush(older_than=hold)
         except (store.StoreError, store.DatabaseError) as exc:
             self.db_failed("writing job starts", exc)
             return
-        for peer, ack in self.held_acks:
-            self.send(peer, ack)
-        self.held_acks.clear()
+        waiting = []
+        for peer, job_id, ack in self.held_acks:
+            if self.jobs.unsaved(job_id):
+                waiting.append((peer, job_id, ack))
+            else:
+                self.send(peer, ack)
+        self.held_acks = waiting
 
     def drain_router(self) -> None:
         try:
             self._drain_router()
         finally:
-            self.flush()
+            self.flush(RUNNING_HOLD)
 
     def _drain_router(self) -> None:
         assert self.router is not None
@@ -228,7 +239,7 @@ class HeadServer:
         elif isinstance(msg, JobStarted):
             self._drop_unacked(peer, msg.job_id, RunJob, msg.run)
             self.jobs.started(msg.job_id, peer, msg.run, self.addrs(), out)
-            self.held_acks.append((peer, Ack(ref=msg.id)))  # acknowledged once written: see flush()
+            self.held_acks.append((peer, msg.job_id, Ack(ref=msg.id)))  # acknowledged once written: see flush()
         elif isinstance(msg, JobEnded):
             try:
                 state = JobState(msg.state)

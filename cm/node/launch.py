@@ -77,9 +77,7 @@ def start(spec: dict, node: str, job_id: int) -> list[subprocess.Popen]:
         CM_PROCS_PER_NODE=str(procs_per_node), CM_NPROCS=str(procs_per_node * spec["nnodes"]),
         CM_CPUS_ON_NODE=str(spec.get("cpus", procs_per_node)), CM_SUBMIT_DIR=str(cwd),
     )
-    extra = {}
-    if as_root:
-        extra = {"user": uid, "group": gid, "extra_groups": _groups_of(uid, gid)}
+    extra = identity(uid, gid)
     procs = []
     try:
         for local in range(procs_per_node):
@@ -101,6 +99,17 @@ def start(spec: dict, node: str, job_id: int) -> list[subprocess.Popen]:
             p.wait()
         raise LaunchError(f"cannot start the job on {node}: {exc}") from None
     return procs
+
+
+def identity(uid: int, gid: int) -> dict:
+    """Popen arguments that make a child run as uid:gid with that user's groups.
+
+    Empty when the daemon already is that user: CPython can then start the
+    child with vfork, which matters because this daemon is a large process.
+    """
+    if uid == os.geteuid() and gid == os.getegid() and set(_groups_of(uid, gid)) <= set(os.getgroups()):
+        return {}
+    return {"user": uid, "group": gid, "extra_groups": _groups_of(uid, gid)}
 
 
 def _groups_of(uid: int, gid: int) -> list[int]:

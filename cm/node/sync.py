@@ -9,7 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from cm.node.launch import LaunchError, _groups_of, _make_dirs, log_paths
+from cm.node.launch import LaunchError, _make_dirs, identity, log_paths
 
 
 def start_sender(spec: dict, node: str, job_id: int, data_root: str) -> tuple[subprocess.Popen, Path]:
@@ -19,7 +19,7 @@ def start_sender(spec: dict, node: str, job_id: int, data_root: str) -> tuple[su
     if not as_root and uid != os.geteuid():
         raise LaunchError(f"this node's daemon is not root and cannot run jobs as uid {uid}")
     transfer = {**spec["transfer"], "src_root": data_root}
-    extra = {"user": uid, "group": gid, "extra_groups": _groups_of(uid, gid)} if as_root else {}
+    extra = identity(uid, gid)
     cwd = Path(spec.get("cwd") or "/")
     _, err_path = log_paths({**spec, "cwd": str(cwd), "stdout": "", "stderr": ""}, node, job_id, spec["rank"])
     try:
