@@ -56,6 +56,7 @@ test: setup
 bench: setup
 	$(PY) bench/bench_sched.py
 	$(PY) bench/bench_sync.py
+	$(PY) bench/bench_scale.py
 
 clean: local-down
 	rm -rf .build $(VENV) drive/run
