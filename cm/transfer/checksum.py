@@ -43,6 +43,8 @@ def _choose_cache_dir() -> None:
 
 
 _choose_cache_dir()
+# numpy's BLAS threads would spin on our two or so cores for nothing: we never do linear algebra
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
 import numba  # noqa: E402  (must follow the cache-dir choice)
 import numpy as np  # noqa: E402

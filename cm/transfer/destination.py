@@ -2,10 +2,16 @@
 
 Every path arrives relative to the registered destination and is split by
 ``wire_parts`` (no ``..``, nothing absolute); every directory is reached
-through ``DirHandles`` (never through a symlink). Files are written into a
-temporary file in their final directory and renamed into place only after
-their data matched the sender's checksum, with mode and mtime already set.
-Operations that touch many paths report failures per path and go on.
+through ``DirHandles`` (never through a symlink). A file's data goes into a
+temporary file in its final directory and appears under its name only
+after it matched the sender's checksum, complete, with mode and mtime
+already set: small files are checked in memory before anything is written.
+Publishing is atomic: ``linkat`` of an unnamed ``O_TMPFILE`` file when the
+name is free (one directory operation instead of create + rename), else
+``rename`` of a named temporary over what is there; large files are
+assembled in a ``.part`` file (see ``partial``) and renamed when every chunk
+is verified. Operations that touch many paths report failures per path and
+go on.
 """
 
 from __future__ import annotations
@@ -24,7 +30,7 @@ from .paths import DirHandles, PathEscape, wire_parts
 from .tree import Excluder, walk_fd
 
 _NEW = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
-_UNNAMED = os.O_WRONLY | os.O_TMPFILE | os.O_CLOEXEC
+_UNNAMED = os.O_RDWR | os.O_TMPFILE | os.O_CLOEXEC
 _READ = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
 
 
@@ -262,8 +268,8 @@ class Destination:
             os.rename(tmp, name, src_dir_fd=dfd, dst_dir_fd=dfd)
         except IsADirectoryError:
             # a non-empty directory stays, and the rename fails (ENOTEMPTY)
-            self.dirs.forget_all()
             os.rmdir(name, dir_fd=dfd)
+            self.dirs.forget_child(dfd, name)
             os.rename(tmp, name, src_dir_fd=dfd, dst_dir_fd=dfd)
 
     def write_batch(self, files: list, data: memoryview) -> tuple[list, list]:
@@ -277,6 +283,10 @@ class Destination:
             offsets.append(offsets[-1] + f[1])
         if offsets[-1] != len(data):
             raise ValueError("batch sizes do not add up to the payload")
+        for path, *_ in files:  # refuse the whole batch if any name is unsafe, before writing anything
+            parent, _, name = path.rpartition(b"/")
+            _split(parent)
+            _check_name(name)
         digests = checksum.digest_many(data, offsets)
         bad: list = []
         errors: list = []
@@ -291,7 +301,6 @@ class Destination:
                     current = None
                     dfd = self.dirs.open(_split(parent), create=True)
                     current = parent
-                _check_name(name)
                 self._write_small(dfd, name, data[offsets[i]:offsets[i + 1]], mode, mtime)
             except (OSError, PathEscape) as exc:
                 current = None
@@ -326,6 +335,10 @@ class Destination:
                 except FileExistsError:
                     tmp = os.fsencode(self._tmp_name())  # something is there: replace it by rename
                     os.link(f"/proc/self/fd/{fd}", tmp, dst_dir_fd=dfd)
+                except OSError:
+                    # /proc cannot link it here (restricted /proc?): copy into a named temp instead
+                    self._unnamed = False
+                    tmp = self._named_copy(dfd, fd, mode, mtime)
             self._publish(dfd, tmp, name)
         except OSError:
             if tmp is not None:
@@ -333,6 +346,25 @@ class Destination:
             raise
         finally:
             os.close(fd)
+
+    def _named_copy(self, dfd: int, fd: int, mode: int, mtime: int) -> bytes:
+        tmp = os.fsencode(self._tmp_name())
+        out = os.open(tmp, _NEW, 0o600, dir_fd=dfd)
+        try:
+            size, done = os.fstat(fd).st_size, 0
+            while done < size:
+                n = os.copy_file_range(fd, out, size - done, done, done)
+                if n == 0:
+                    raise OSError(errno.EIO, "short copy")
+                done += n
+            os.fchmod(out, mode)
+            os.utime(out, ns=(mtime, mtime))
+        except OSError:
+            os.close(out)
+            _unlink_quietly(dfd, tmp)
+            raise
+        os.close(out)
+        return tmp
 
     def _write_small(self, dfd: int, name: bytes, data: memoryview, mode: int, mtime: int) -> None:
         fd, tmp = self._create(dfd, mode)

@@ -183,10 +183,14 @@ class DirHandles:
         for key in [k for k in self._fds if k[:n] == full]:
             os.close(self._fds.pop(key))
 
-    def forget_all(self) -> None:
-        """Drop every cached descriptor except the root's (after a directory was replaced)."""
-        for key in [k for k in self._fds if k]:
-            os.close(self._fds.pop(key))
+    def forget_child(self, parent_fd: int, name: str | bytes) -> None:
+        """Drop cached descriptors for ``name`` inside the cached directory ``parent_fd`` (it was removed)."""
+        for key, fd in list(self._fds.items()):
+            if fd == parent_fd:
+                child = key + (os.fsdecode(name),)
+                for k in [k for k in self._fds if k[:len(child)] == child]:
+                    os.close(self._fds.pop(k))
+                return
 
     def close(self) -> None:
         """Close every cached descriptor."""

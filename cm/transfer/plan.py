@@ -12,8 +12,7 @@ then compares only its own share with the destination.
 from __future__ import annotations
 
 import heapq
-from dataclasses import dataclass
-from typing import Iterable, Iterator
+from typing import Iterable, Iterator, NamedTuple
 
 from .partial import chunk_count
 from .tree import FILE, Entry
@@ -26,8 +25,7 @@ FILE_COST = 4096  # what the per-file work is worth in bytes, for balancing
 POLICIES = ("round-robin", "size-balanced")
 
 
-@dataclass(frozen=True, slots=True)
-class Item:
+class Item(NamedTuple):
     """One unit of work: a whole small file (``index == -1``) or one chunk of a large one."""
 
     entry: Entry
@@ -54,10 +52,11 @@ def is_small(size: int, chunk_size: int) -> bool:
 def make_items(entries: Iterable[Entry], chunk_size: int) -> list[Item]:
     """Items for the regular files among ``entries``, in entry order."""
     items: list[Item] = []
+    small_max = min(chunk_size, SMALL_MAX)
     for e in entries:
         if e.kind != FILE:
             continue
-        if is_small(e.size, chunk_size):
+        if e.size <= small_max:
             items.append(Item(e, -1, 0, e.size))
             continue
         for i in range(chunk_count(e.size, chunk_size)):
@@ -92,6 +91,8 @@ def share(items: list[Item], rank: int, nranks: int, policy: str) -> list[Item]:
     """The items ``rank`` works on, in their original order."""
     if not 0 <= rank < nranks:
         raise ValueError(f"rank {rank} is not in 0..{nranks - 1}")
+    if nranks == 1:
+        return list(items)
     return [it for it, r in zip(items, assign(items, nranks, policy)) if r == rank]
 
 

@@ -23,13 +23,14 @@ from . import checksum
 from .destination import Destination
 from .partial import chunk_count
 from .paths import PathEscape, confine, wire_parts
-from .wire import MAX_BATCH, PIECE, Channel, Kind, ProtocolError, tune
+from .wire import MAX_BATCH, Channel, Kind, ProtocolError, tune
 
 log = logging.getLogger(__name__)
 
 HELLO_TIMEOUT = 10.0  # seconds an unauthenticated connection may take to say who it is
 IDLE_TIMEOUT = 600.0  # seconds a sender may stay silent mid-transfer
 MAX_CONNECTIONS = 256
+RECV_PIECE = 256 << 10  # received, hashed and written while still in the CPU cache
 
 
 class BadRequest(ValueError):
@@ -225,7 +226,7 @@ class TransferServer:
 
     def _session(self, chan: Channel, reg: _Registration) -> None:
         dest = Destination(reg.root, reg.prefix)
-        buf = bytearray(PIECE)
+        buf = bytearray(RECV_PIECE)
         batch = bytearray()
         try:
             while not self._stopping.is_set():
@@ -256,6 +257,11 @@ class TransferServer:
                 except (BadRequest, PathEscape, ValueError) as exc:
                     chan.reply_error(f"refused {kind.name}: {exc}")
                     return  # the stream may be out of step now: make the sender reconnect
+                except (ConnectionError, TimeoutError):
+                    raise
+                except OSError as exc:  # e.g. the destination cannot be listed
+                    chan.reply_error(f"{kind.name} failed: {exc}")
+                    return
         finally:
             dest.close()
 

@@ -9,12 +9,14 @@ failed or some paths could not be copied, 2 for a bad spec, 143 on SIGTERM.
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import signal
 import sys
 
-from .sender import Sender, Spec, SpecError, TransferError
+from .sender import Sender, TransferError
+from .spec import Spec, SpecError
 
 EXIT_FAILED = 1
 EXIT_BAD_SPEC = 2
@@ -48,6 +50,7 @@ def main() -> int:
     except SpecError as exc:
         sys.stderr.write(f"cm.transfer.send: {exc}\n")
         return EXIT_BAD_SPEC
+    gc.disable()  # a short-lived process building many tuples: collections would only cost time
     sender = Sender(spec, _emit)
     try:
         report = sender.run()

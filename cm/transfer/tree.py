@@ -35,20 +35,43 @@ class Entry(NamedTuple):
     target: str = ""  # symlink target, verbatim
 
     def to_wire(self) -> list:
-        """Compact list form for msgpack (path and target as raw bytes)."""
-        return [os.fsencode(self.path), self.kind, self.size, self.mtime_ns, self.mode, os.fsencode(self.target)]
+        """Compact list form for msgpack: names as text when they are valid UTF-8, else raw bytes."""
+        return [_wire_text(self.path), self.kind, self.size, self.mtime_ns, self.mode, _wire_text(self.target)]
 
     @classmethod
-    def from_wire(cls, item: list) -> "Entry":
+    def from_wire(cls, item) -> "Entry":
         """Inverse of ``to_wire``; raises ValueError on a malformed item."""
-        if not isinstance(item, list) or len(item) != 6:
-            raise ValueError("manifest entry must be a list of 6")
-        path, kind, size, mtime, mode, target = item
-        if not (isinstance(path, bytes) and isinstance(target, bytes) and kind in (FILE, DIR, LINK)):
+        try:
+            path, kind, size, mtime, mode, target = item
+        except (TypeError, ValueError):
+            raise ValueError("manifest entry must have 6 fields") from None
+        if path.__class__ is not str:
+            path = _from_wire_text(path)
+        if target.__class__ is not str:
+            target = _from_wire_text(target)
+        if kind not in _KINDS or size.__class__ is not int or mtime.__class__ is not int or mode.__class__ is not int:
             raise ValueError("malformed manifest entry")
-        if not all(isinstance(v, int) for v in (size, mtime, mode)):
-            raise ValueError("malformed manifest entry")
-        return cls(os.fsdecode(path), kind, size, mtime, mode, os.fsdecode(target))
+        return _make(cls, (path, kind, size, mtime, mode, target))
+
+
+_KINDS = frozenset((FILE, DIR, LINK))
+_make = tuple.__new__  # builds an Entry without the generated __new__'s overhead (walks make millions)
+
+
+def _wire_text(name: str):
+    if name.isascii():
+        return name
+    try:
+        name.encode()
+        return name
+    except UnicodeEncodeError:  # not valid UTF-8 on disk: travels as the raw bytes
+        return os.fsencode(name)
+
+
+def _from_wire_text(value) -> str:
+    if not isinstance(value, bytes):
+        raise ValueError("malformed manifest entry")
+    return os.fsdecode(value)
 
 
 def is_temp_name(name: str) -> bool:
@@ -151,8 +174,9 @@ def walk_fd(top_fd: int, excluder: Excluder | None = None, skip_temp: bool = Fal
     Does not close ``top_fd``. Subdirectories that vanish or cannot be
     opened while walking are recorded but not entered.
     """
-    excluder = excluder or Excluder()
+    excluder = excluder if excluder else None
     entries = [_entry("", os.stat(top_fd))]
+    append = entries.append
     stack: list[tuple[str, int]] = [("", os.dup(top_fd))]
     while stack:
         prefix, fd = stack.pop()
@@ -160,27 +184,32 @@ def walk_fd(top_fd: int, excluder: Excluder | None = None, skip_temp: bool = Fal
             with os.scandir(fd) as it:
                 for de in it:
                     name = de.name
-                    if skip_temp and is_temp_name(name):
+                    if skip_temp and name.startswith(TEMP_PREFIX) and is_temp_name(name):
                         continue
                     path = prefix + name
                     try:
                         st = de.stat(follow_symlinks=False)
                     except FileNotFoundError:
                         continue
-                    is_dir = stat.S_ISDIR(st.st_mode)
-                    if excluder and excluder.excluded(path, is_dir):
+                    fmt = stat.S_IFMT(st.st_mode)
+                    size, target = 0, ""
+                    if fmt == stat.S_IFREG:
+                        kind, size = FILE, st.st_size
+                    elif fmt == stat.S_IFDIR:
+                        kind = DIR
+                    elif fmt == stat.S_IFLNK:
+                        kind = LINK
+                    else:
+                        continue  # devices, fifos and sockets are not copied
+                    if excluder is not None and excluder.excluded(path, kind == DIR):
                         continue
-                    target = ""
-                    if stat.S_ISLNK(st.st_mode):
+                    if kind == LINK:
                         try:
                             target = os.readlink(name, dir_fd=fd)
                         except FileNotFoundError:
                             continue
-                    e = _entry(path, st, target)
-                    if e is None:
-                        continue
-                    entries.append(e)
-                    if is_dir:
+                    append(_make(Entry, (path, kind, size, st.st_mtime_ns, st.st_mode & 0o7777, target)))
+                    if kind == DIR:
                         try:
                             sub = os.open(name, _DIR_FLAGS, dir_fd=fd)
                         except (FileNotFoundError, NotADirectoryError, PermissionError):

@@ -1,0 +1,99 @@
+"""Interrupted transfers resume; corrupted data is caught and sent again."""
+
+import json
+import os
+import signal
+import time
+
+from .conftest import CHUNK, assert_same_tree, finish, run_sender, spec_for, start_sender, write
+
+NCHUNKS = 96
+
+
+def _wait_for_progress(proc, at_least: int, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        line = proc.stdout.readline()
+        if not line:
+            break
+        msg = json.loads(line)
+        if msg.get("bytes_done", 0) >= at_least:
+            return
+    raise AssertionError("the sender made no progress")
+
+
+def test_a_killed_sender_rerun_sends_only_unverified_chunks(roots, receiver):
+    src, _ = roots
+    size = NCHUNKS * CHUNK
+    write(src / "big.bin", os.urandom(size))
+    proc = start_sender(spec_for(receiver, src, bwlimit=16 * CHUNK, streams=2))  # ~6 s for the whole file
+    _wait_for_progress(proc, 24 * CHUNK)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(10)
+    assert not (receiver.dst / "big.bin").exists(), "an incomplete file must not be published"
+    parts = [p.name for p in receiver.dst.iterdir()]
+    assert any(n.endswith(".part") for n in parts) and any(n.endswith(".ok") for n in parts)
+
+    again = run_sender(spec_for(receiver, src))
+    report = again.report
+    assert report["chunks_resumed"] >= 16
+    assert report["bytes_sent"] == size - report["chunks_resumed"] * CHUNK
+    assert report["bytes_sent"] < size
+    assert_same_tree(src, receiver.dst)
+
+
+def test_sigterm_stops_the_sender_promptly(roots, receiver):
+    src, _ = roots
+    write(src / "big.bin", os.urandom(32 * CHUNK))
+    proc = start_sender(spec_for(receiver, src, bwlimit=4 * CHUNK))
+    _wait_for_progress(proc, 1)
+    t0 = time.monotonic()
+    proc.send_signal(signal.SIGTERM)
+    result = finish(proc, timeout=10)
+    assert time.monotonic() - t0 < 3
+    assert result.returncode != 0
+    assert "terminated" in result.stderr
+
+
+def test_a_receiver_restarted_mid_transfer_keeps_verified_chunks(roots, receiver):
+    src, dst_root = roots
+    size = NCHUNKS * CHUNK
+    write(src / "big.bin", os.urandom(size))
+    proc = start_sender(spec_for(receiver, src, bwlimit=16 * CHUNK, streams=2))
+    _wait_for_progress(proc, 24 * CHUNK)
+    receiver.server.stop()  # the destination node goes away
+    failed = finish(proc)
+    assert failed.returncode != 0 and failed.stderr.strip()
+
+    from cm.transfer.receiver import TransferServer
+
+    server = TransferServer("127.0.0.1", 0, chunk_size=8 << 20)
+    server.start()
+    try:
+        server.register(receiver.transfer_id, receiver.token, dst_root, "/out")
+        report = run_sender(spec_for(receiver, src, dst_port=server.port)).report
+    finally:
+        server.stop()
+    assert report["chunks_resumed"] >= 16
+    assert report["bytes_sent"] == size - report["chunks_resumed"] * CHUNK
+    assert_same_tree(src, receiver.dst)
+
+
+def test_a_corrupted_chunk_is_detected_and_resent(roots, receiver):
+    src, _ = roots
+    size = 10 * CHUNK + 99
+    write(src / "big.bin", os.urandom(size))
+    result = run_sender(spec_for(receiver, src), env={"CM_TEST_CORRUPT": "big.bin:3"})
+    assert result.report["chunks_resent"] == 1
+    assert result.report["bytes_sent"] == size + CHUNK
+    assert_same_tree(src, receiver.dst)
+
+
+def test_a_corrupted_small_file_is_detected_and_resent(roots, receiver):
+    src, _ = roots
+    for i in range(20):
+        write(src / f"f{i}.txt", os.urandom(100 + i))
+    result = run_sender(spec_for(receiver, src), env={"CM_TEST_CORRUPT": "f7.txt:0"})
+    assert result.report["chunks_resent"] == 1
+    assert result.report["bytes_sent"] == sum(100 + i for i in range(20)) + 107
+    assert_same_tree(src, receiver.dst)

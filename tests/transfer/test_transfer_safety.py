@@ -1,0 +1,145 @@
+"""Nothing a sender says can make the receiver write outside the destination, or crash it."""
+
+import os
+import socket
+import struct
+
+import msgpack
+import pytest
+
+from cm.transfer.paths import PathEscape
+from cm.transfer.wire import HEADER, MAGIC, VERSION, Channel, Kind, RemoteError
+
+from .conftest import assert_same_tree, run_sender, spec_for, write
+
+
+def _connect(ep, token=None) -> Channel:
+    chan = Channel(socket.create_connection(("127.0.0.1", ep.server.port), timeout=10))
+    chan.request(Kind.HELLO, {"transfer_id": ep.transfer_id, "token": token or ep.token, "version": 1})
+    return chan
+
+
+def _files_under(top):
+    return sorted(p.relative_to(top).as_posix() for p in top.rglob("*"))
+
+
+def test_registering_a_destination_outside_the_root_is_refused(tmp_path, receiver):
+    (tmp_path / "outside").mkdir()
+    os.symlink(tmp_path / "outside", receiver.root / "escape")
+    for dst in ("../outside", "/../outside", "escape", "escape/deeper"):
+        with pytest.raises(PathEscape):
+            receiver.server.register("t-bad", "x", receiver.root, dst)
+    assert not list((tmp_path / "outside").iterdir())
+
+
+@pytest.mark.parametrize("path", [b"../escape.txt", b"/tmp/escape.txt", b"a/../../escape.txt", b"a//b", b"."])
+def test_paths_that_leave_the_destination_are_refused(tmp_path, receiver, path):
+    chan = _connect(receiver)
+    row = [path, 3, 0o644, 0, 0]
+    with pytest.raises(RemoteError):
+        chan.request(Kind.BATCH, {"files": [row]}, b"abc")
+    chan.close()
+    assert not (tmp_path / "escape.txt").exists() and not (receiver.root.parent / "escape.txt").exists()
+    assert not receiver.dst.exists() or not _files_under(receiver.dst)
+
+
+def test_a_symlinked_directory_in_the_destination_is_never_followed(tmp_path, roots, receiver):
+    src, _ = roots
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    receiver.dst.mkdir()
+    os.symlink(outside, receiver.dst / "sub")
+    chan = _connect(receiver)
+    from cm.transfer.checksum import digest
+
+    answer = chan.request(Kind.BATCH, {"files": [[b"sub/x.txt", 3, 0o644, 0, digest(b"abc")]]}, b"abc")
+    assert answer["errors"], "writing through a symlinked directory must fail"
+    with pytest.raises(RemoteError):
+        chan.request(Kind.CHUNK, {"path": b"sub/y", "size": 1, "mode": 0o644, "mtime": 0,
+                                  "chunk_size": 4096, "index": 5})
+    assert not list(outside.iterdir())
+    # a real sync replaces the link with the directory the source has, still writing nothing outside
+    write(src / "sub" / "x.txt", b"abc")
+    run_sender(spec_for(receiver, src))
+    assert not list(outside.iterdir())
+    assert_same_tree(src, receiver.dst)
+
+
+def test_a_source_path_leading_out_of_the_source_root_is_refused(tmp_path, roots, receiver):
+    src, _ = roots
+    (tmp_path / "secret").mkdir()
+    write(tmp_path / "secret" / "key", b"k")
+    os.symlink(tmp_path / "secret", src / "door")
+    for path in ("../secret", "door"):
+        result = run_sender(spec_for(receiver, src, src_path=path), expect_ok=False)
+        assert result.returncode != 0 and "refused" in result.stderr
+    assert not receiver.dst.exists()
+
+
+def test_an_unknown_transfer_or_token_is_refused(roots, receiver):
+    src, _ = roots
+    write(src / "f", b"data")
+    for spec in (spec_for(receiver, src, token="wrong"), spec_for(receiver, src, transfer_id="nope")):
+        result = run_sender(spec, expect_ok=False)
+        assert result.returncode != 0
+        assert "refused" in result.stderr and "\n" not in result.stderr.strip()
+    assert not receiver.dst.exists()
+    receiver.server.unregister(receiver.transfer_id)
+    assert run_sender(spec_for(receiver, src), expect_ok=False).returncode != 0
+
+
+GARBAGE = [
+    b"GET / HTTP/1.1\r\n\r\n",
+    b"\x00" * 64,
+    HEADER.pack(MAGIC, VERSION, 99, 0, 0),
+    HEADER.pack(MAGIC, VERSION, int(Kind.HELLO), 1 << 30, 0),
+    HEADER.pack(MAGIC, VERSION, int(Kind.HELLO), 3, 0) + b"\xc1\xc1\xc1",
+    HEADER.pack(MAGIC, VERSION, int(Kind.HELLO), 2, 0) + b"\xd4\x01",  # msgpack ext type
+    HEADER.pack(MAGIC, VERSION + 1, int(Kind.HELLO), 0, 0),
+]
+
+
+def test_garbage_leaves_the_server_serving(roots, receiver):
+    src, _ = roots
+    for garbage in GARBAGE:
+        with socket.create_connection(("127.0.0.1", receiver.server.port), timeout=5) as s:
+            try:
+                s.sendall(garbage)
+                s.shutdown(socket.SHUT_WR)
+                while s.recv(4096):
+                    pass
+            except OSError:
+                pass  # the server may reset a connection it refused
+    write(src / "f", b"still works")
+    run_sender(spec_for(receiver, src))
+    assert (receiver.dst / "f").read_bytes() == b"still works"
+
+
+def test_malformed_requests_after_hello_get_an_error_not_a_crash(roots, receiver):
+    src, _ = roots
+    bad_requests = [
+        (Kind.BATCH, {"files": "not a list"}, b""),
+        (Kind.BATCH, {"files": [[b"a", 5, 0o644, 0, 0]]}, b"abc"),  # sizes do not add up
+        (Kind.CHUNK, {"path": b"x", "size": 10, "mode": 0o644, "mtime": 0, "chunk_size": 1000, "index": 0}, b""),
+        (Kind.MKDIRS, {"dirs": [[b"d", 0o7777777]]}, b""),
+        (Kind.DELETE, {"paths": [b"../.."]}, b""),
+        (Kind.OK, {}, b""),
+    ]
+    for kind, meta, payload in bad_requests:
+        chan = _connect(receiver)
+        body = msgpack.packb(meta, use_bin_type=True)
+        chan.sock.sendall(HEADER.pack(MAGIC, VERSION, int(kind), len(body), len(payload)) + body + payload)
+        with pytest.raises((RemoteError, ConnectionError)):
+            chan.answer()
+        chan.close()
+    assert receiver.root.exists() and not (receiver.root.parent / "d").exists()
+    write(src / "f", b"ok")
+    run_sender(spec_for(receiver, src))
+    assert (receiver.dst / "f").read_bytes() == b"ok"
+
+
+def test_frames_are_bounded_before_hello(receiver):
+    with socket.create_connection(("127.0.0.1", receiver.server.port), timeout=5) as s:
+        s.sendall(HEADER.pack(MAGIC, VERSION, int(Kind.HELLO), 5000, 0) + b"x" * 5000)
+        head = s.recv(HEADER.size)
+        assert struct.unpack("<2sBBIQ", head)[2] == Kind.ERROR
