@@ -4,7 +4,8 @@ Reads the job's JSON spec (see ``sender.Spec``) from stdin, prints progress
 as one JSON object per line on stdout (a few per second), then a final line
 with ``"done": true`` and the counts. Exit status 0 on success; otherwise a
 one-line message on stderr and a non-zero status: 1 when the transfer
-failed or some paths could not be copied, 2 for a bad spec, 143 on SIGTERM.
+failed or some paths could not be copied, 2 for a bad spec, 75 when the
+receiver or the network went away (worth another attempt), 143 on SIGTERM.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from .spec import Spec, SpecError
 
 EXIT_FAILED = 1
 EXIT_BAD_SPEC = 2
+EXIT_TRANSIENT = 75  # EX_TEMPFAIL: the receiver or the network went away; worth another attempt
 EXIT_TERMINATED = 143
 
 
@@ -56,7 +58,7 @@ def main() -> int:
         report = sender.run()
     except TransferError as exc:
         sys.stderr.write(f"cm.transfer.send: {exc}\n")
-        return EXIT_FAILED
+        return EXIT_TRANSIENT if exc.transient else EXIT_FAILED
     _emit(report)
     errors = sender.stats.errors
     if errors:

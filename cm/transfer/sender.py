@@ -40,7 +40,15 @@ _READ = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
 
 
 class TransferError(Exception):
-    """The transfer cannot go on (destination unreachable, refused, protocol broken)."""
+    """The transfer cannot go on (destination unreachable, refused, protocol broken).
+
+    `transient` marks a failure of the network or of the receiving node, which
+    a new attempt may not meet; a refusal or a broken protocol is not.
+    """
+
+    def __init__(self, message: str, transient: bool = False):
+        super().__init__(message)
+        self.transient = transient
 
 
 class Throttle:
@@ -137,7 +145,8 @@ class Sender:
         try:
             sock = socket.create_connection((self.spec.dst_host, self.spec.dst_port), timeout=CONNECT_TIMEOUT)
         except OSError as exc:
-            raise TransferError(f"cannot reach the receiver at {self.spec.dst_host}:{self.spec.dst_port}: {exc}") from exc
+            raise TransferError(f"cannot reach the receiver at {self.spec.dst_host}:{self.spec.dst_port}: {exc}",
+                                transient=True) from exc
         tune(sock)
         sock.settimeout(IO_TIMEOUT)
         chan = Channel(sock)
@@ -203,7 +212,9 @@ class Sender:
             self._request_pages(control, Kind.DIRMETA, "dirs",
                                 [[os.fsencode(e.path), e.mode, e.mtime_ns] for e in reversed(dirs)])
             control.send(Kind.BYE, {})
-        except (ConnectionError, TimeoutError, ProtocolError, RemoteError) as exc:
+        except (ConnectionError, TimeoutError) as exc:
+            raise TransferError(f"lost the receiver at {spec.dst_host}:{spec.dst_port}: {exc}", transient=True) from exc
+        except (ProtocolError, RemoteError) as exc:
             raise TransferError(f"transfer to {spec.dst_host}:{spec.dst_port} failed: {exc}") from exc
         except OSError as exc:  # reading the source tree
             raise TransferError(f"cannot read the source: {exc}") from exc
