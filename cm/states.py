@@ -60,11 +60,6 @@ def check_transition(job_id: int, src: JobState, dst: JobState) -> None:
         raise InvalidTransition(job_id, src, dst)
 
 
-def sources_of(dst: JobState) -> list[JobState]:
-    """Every state a job may leave to reach dst (for conditional updates)."""
-    return [src for src, dsts in TRANSITIONS.items() if dst in dsts]
-
-
 class NodeState(str, enum.Enum):
     """What cminfo shows for a node; derived from liveness, drain flag and allocations."""
 

@@ -141,9 +141,6 @@ class ClientServer:
                 return
             del conn.outbox[:sent]
 
-    def wants_write(self) -> list[Connection]:
-        return [c for c in self.conns.values() if c.outbox]
-
     def close(self, conn: Connection) -> None:
         self.conns.pop(conn.fd, None)
         try:

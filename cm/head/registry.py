@@ -107,12 +107,6 @@ class Registry:
             event(log, "node down", logging.WARNING, node=node.name, silent_for=round(now - node.last_seen, 2))
         return down
 
-    def unknown_after_restart(self, now: float) -> list[NodeInfo]:
-        """Nodes that never called back within a timeout of the head's start."""
-        if now - self.started < self.timeout:
-            return []
-        return [n for n in self.nodes.values() if not n.alive and not n.last_seen]
-
     def set_drain(self, name: str, drain: bool, reason: str = "") -> NodeInfo:
         node = self.nodes.get(name)
         if node is None:

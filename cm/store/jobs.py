@@ -8,7 +8,6 @@ table in cm.states decides what is allowed, the filter decides who wins.
 
 from __future__ import annotations
 
-import time
 from typing import Any, Iterable
 
 import mongoengine
@@ -144,6 +143,3 @@ def get_policy() -> dict[str, Any]:
 def set_policy(**fields: Any) -> None:
     Policy._get_collection().update_one({"_id": "cluster"}, {"$set": fields}, upsert=True)
 
-
-def now() -> float:
-    return time.time()
