@@ -14,6 +14,7 @@ import os
 import random
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -267,6 +268,58 @@ def test_a_requeued_job_sent_back_to_its_partitioned_node_never_runs_twice(nclus
         for pid in ncluster.network.pids(victim):  # the stale run escaped the node's purge: do not leave it
             if int(ncluster.pidfile(victim).read_text()) != pid:
                 os.kill(pid, 9)
+
+
+@needs_netns
+@needs_db
+def test_a_compute_daemon_killed_on_its_host_makes_it_down_and_its_job_node_fail(ncluster):
+    job_id = ncluster.submit("cmrun", "--partition", "gpu", "-n", "2", "sleep", "30")
+    victim = ncluster.wait_state(job_id, "RUNNING")["nodes"][1]
+    ncluster.kill(victim, signal.SIGKILL)
+    try:
+        ncluster.wait_node(victim, "DOWN", timeout=HEARTBEAT_TIMEOUT + 8)
+        assert "stopped answering" in ncluster.wait_state(job_id, "NODE_FAIL", timeout=15)["reason"]
+    finally:
+        ncluster.start_node(victim, "gpu")
+    ncluster.wait_node(victim, "IDLE", timeout=20)
+
+
+@needs_netns
+@needs_db
+def test_a_head_killed_on_its_host_and_restarted_loses_nothing(ncluster):
+    job_id = ncluster.submit("cmrun", "--partition", "cpu", "-n", "2", "sh", "-c",
+                             f"sleep 2; echo $CM_NODENAME >> head-restart")
+    ncluster.wait_state(job_id, "RUNNING")
+    ncluster.kill("headnode", signal.SIGKILL)
+    time.sleep(2.5)  # the job ends while the head is away; the nodes keep its end until acknowledged
+    ncluster.start_head()
+    ncluster.wait_head()
+    job = ncluster.wait_state(job_id, "COMPLETED", timeout=30)
+    assert sorted((ncluster.home / "head-restart").read_text().split()) == sorted(job["nodes"])  # once each
+    assert [j["id"] for j in ncluster.info("--all")["jobs"]].count(job_id) == 1
+
+
+@needs_netns
+@needs_db
+def test_a_database_outage_on_its_host_is_waited_out(ncluster):
+    job_id = ncluster.submit("cmrun", "--partition", "gpu", "sh", "-c", "sleep 3; echo done > outage-done")
+    ncluster.wait_state(job_id, "RUNNING")
+    ncluster.kill("db", signal.SIGTERM)
+    try:
+        deadline = time.monotonic() + 5
+        while True:
+            proc = ncluster.cli("cminfo", check=False, timeout=10)
+            assert "Traceback" not in proc.stderr
+            if proc.returncode != 0 or time.monotonic() > deadline:
+                break
+            time.sleep(0.2)
+        assert proc.returncode != 0 and "database is unreachable" in proc.stderr
+        time.sleep(10)
+    finally:
+        ncluster.start_db()
+    assert (ncluster.home / "outage-done").exists()
+    assert ncluster.wait_state(job_id, "COMPLETED", timeout=30)["exit_code"] == 0
+    assert ncluster.job(ncluster.submit("cmrun", "--wait", "true"))["state"] == "COMPLETED"
 
 
 # --- the network itself ---------------------------------------------------------------
