@@ -95,6 +95,29 @@ def _read32(data, i):
     return v
 
 
+@njit(cache=True, nogil=True, inline="always")
+def _fold_tail(h, data, p, end):
+    """The last steps of xxh64: fold data[p:end] (fewer than 32 bytes) into h, then avalanche."""
+    while p + 8 <= end:
+        h = h ^ _round(np.uint64(0), _read64(data, p))
+        h = _rotl(h, 27) * _P1 + _P4
+        p += 8
+    if p + 4 <= end:
+        h = h ^ (_read32(data, p) * _P1)
+        h = _rotl(h, 23) * _P2 + _P3
+        p += 4
+    while p < end:
+        h = h ^ (np.uint64(data[p]) * _P5)
+        h = _rotl(h, 11) * _P1
+        p += 1
+    h = h ^ (h >> np.uint64(33))
+    h = h * _P2
+    h = h ^ (h >> np.uint64(29))
+    h = h * _P3
+    h = h ^ (h >> np.uint64(32))
+    return h
+
+
 @njit(cache=True, nogil=True)
 def _xxh64_range(data, start, length, seed):
     """xxh64 of data[start:start+length]; data is a contiguous uint8 array."""
@@ -121,25 +144,7 @@ def _xxh64_range(data, start, length, seed):
         h = _merge(h, v4)
     else:
         h = seed + _P5
-    h = h + np.uint64(length)
-    while p + 8 <= end:
-        h = h ^ _round(np.uint64(0), _read64(data, p))
-        h = _rotl(h, 27) * _P1 + _P4
-        p += 8
-    if p + 4 <= end:
-        h = h ^ (_read32(data, p) * _P1)
-        h = _rotl(h, 23) * _P2 + _P3
-        p += 4
-    while p < end:
-        h = h ^ (np.uint64(data[p]) * _P5)
-        h = _rotl(h, 11) * _P1
-        p += 1
-    h = h ^ (h >> np.uint64(33))
-    h = h * _P2
-    h = h ^ (h >> np.uint64(29))
-    h = h * _P3
-    h = h ^ (h >> np.uint64(32))
-    return h
+    return _fold_tail(h + np.uint64(length), data, p, end)
 
 
 @njit(cache=True, nogil=True)
@@ -176,27 +181,7 @@ def _xxh64_finish(state, total, tail, seed):
         h = _merge(h, v4)
     else:
         h = seed + _P5
-    h = h + np.uint64(total)
-    p = 0
-    end = tail.shape[0]
-    while p + 8 <= end:
-        h = h ^ _round(np.uint64(0), _read64(tail, p))
-        h = _rotl(h, 27) * _P1 + _P4
-        p += 8
-    if p + 4 <= end:
-        h = h ^ (_read32(tail, p) * _P1)
-        h = _rotl(h, 23) * _P2 + _P3
-        p += 4
-    while p < end:
-        h = h ^ (np.uint64(tail[p]) * _P5)
-        h = _rotl(h, 11) * _P1
-        p += 1
-    h = h ^ (h >> np.uint64(33))
-    h = h * _P2
-    h = h ^ (h >> np.uint64(29))
-    h = h * _P3
-    h = h ^ (h >> np.uint64(32))
-    return h
+    return _fold_tail(h + np.uint64(total), tail, 0, tail.shape[0])
 
 
 def _as_u8(buf) -> np.ndarray:
