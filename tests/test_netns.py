@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 
-from cm.cluster.local import ClusterError, LocalCluster, parse_partitions
+from cm.cluster.local import ClusterError, LocalCluster, parse_partitions, pid_alive
 from cm.cluster import netns
 from cm.cluster.netns import Network, NetnsError, cleanup_stale, namespaces
 from conftest import FAST, Cluster
@@ -58,14 +58,6 @@ def leftovers(prefix: str) -> list[str]:
     if os.path.isdir("/etc/netns"):
         found += [f"/etc/netns/{n}" for n in os.listdir("/etc/netns") if n.startswith(prefix + "-")]
     return found
-
-
-def alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
 
 
 def netns_of(pid: int) -> str:
@@ -144,7 +136,7 @@ def test_every_daemon_has_a_host_of_its_own_and_a_job_runs_on_two_of_them(nclust
     for name, pid in pids.items():
         ns = subprocess.run(["ip", "netns", "identify", str(pid)], capture_output=True, text=True).stdout.strip()
         assert ns == ncluster.network.namespace(name)
-        assert alive(pid)
+        assert pid_alive(pid)
     assert len({ncluster.network.ip(n) for n in names}) == len(names)
     # a job on two nodes: the nodelist, each rank on its own host, names resolving as in docker-compose
     job_id = ncluster.submit("cmrun", "-n", "2", "--partition", "gpu", "--wait", "sh", "-c",
@@ -210,8 +202,8 @@ def test_a_partitioned_node_goes_down_comes_back_and_its_job_is_reconciled(nclus
         job = ncluster.wait_state(job_id, "NODE_FAIL", timeout=10)
         assert victim in job["reason"]
         # the healthy node's share is stopped at once; the cut-off one cannot hear the head yet
-        wait_for(lambda: not alive(pids[other]), 10, f"the job's process on {other} was not stopped")
-        assert alive(pids[victim]) and alive(daemon_pid)
+        wait_for(lambda: not pid_alive(pids[other]), 10, f"the job's process on {other} was not stopped")
+        assert pid_alive(pids[victim]) and pid_alive(daemon_pid)
     finally:
         ncluster.restore(victim)
     # DOWN within the heartbeat timeout, plus a head tick and the time cminfo takes to say so
@@ -219,7 +211,7 @@ def test_a_partitioned_node_goes_down_comes_back_and_its_job_is_reconciled(nclus
     ncluster.wait_node(victim, {"IDLE", "MIXED"}, timeout=20)
     assert ncluster.procs[victim].poll() is None and int(ncluster.pidfile(victim).read_text()) == daemon_pid
     # reconciled: the head does not know this run any more, so the node stops it
-    wait_for(lambda: not alive(pids[victim]), 15, f"the stale share on {victim} is still running after reconnect")
+    wait_for(lambda: not pid_alive(pids[victim]), 15, f"the stale share on {victim} is still running after reconnect")
     time.sleep(1.0)  # a late report must not revive or restart the job
     job = ncluster.job(job_id)
     assert job["state"] == "NODE_FAIL"
@@ -260,9 +252,9 @@ def test_a_requeued_job_sent_back_to_its_partitioned_node_never_runs_twice(nclus
         wait_for(lambda: lines.read_text().count("\n") == 2, 10, "the requeued job did not start again")
         (_, first), (_, second) = (line.split() for line in lines.read_text().splitlines())
         # kill grace is 1 s: the first run must be gone well within 5 s, the second one running
-        wait_for(lambda: not alive(int(first)), 5,
+        wait_for(lambda: not pid_alive(int(first)), 5,
                  f"job {job_id} runs twice on {victim}: the stale run (pid {first}) outlived the new one's start")
-        assert alive(int(second))
+        assert pid_alive(int(second))
     finally:
         ncluster.cli("cmkill", str(blocker), *([str(job_id)] if job_id else []), check=False)
         for pid in ncluster.network.pids(victim):  # the stale run escaped the node's purge: do not leave it
@@ -373,12 +365,12 @@ def test_cleanup_stale_removes_what_a_crashed_run_left():
         out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=30)
         assert out.returncode == 0, out.stderr
         orphan = int(out.stdout.split()[0])
-        assert alive(orphan)
+        assert pid_alive(orphan)
         assert len(leftovers(prefix)) == 5  # namespaces switch, one, two; /etc/netns of one and two
         with pytest.raises(NetnsError, match="already exists"):
             Network(prefix).create()
         assert sorted(cleanup_stale(prefix)) == [f"{prefix}-one", f"{prefix}-switch", f"{prefix}-two"]
-        wait_for(lambda: not alive(orphan), 5, "the orphan in the stale namespace is still running")
+        wait_for(lambda: not pid_alive(orphan), 5, "the orphan in the stale namespace is still running")
         assert leftovers(prefix) == [] and namespaces(prefix) == []
         assert cleanup_stale(prefix) == []
     finally:

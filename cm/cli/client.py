@@ -9,6 +9,7 @@ import time
 from typing import Any, NoReturn
 
 from cm import config
+from cm.states import FINAL_STATES
 from cm.protocol import ProtocolError, Reply, Request, decode, frame, unframe
 
 
@@ -86,7 +87,7 @@ class Client:
             delay = min(delay * 1.5, 0.5)
 
 
-FINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL"}
+FINAL = {s.value for s in FINAL_STATES}
 
 
 def exit_code_of(view: dict) -> int:

@@ -11,24 +11,19 @@ from __future__ import annotations
 import argparse
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from cm.cluster.db import free_port  # noqa: E402  (light: pymongo is imported only when pinging)
+
 REPO = Path(__file__).resolve().parents[2]
 
 
 class ClusterError(RuntimeError):
     pass
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def parse_partitions(text: str, nodes: int) -> list[tuple[str, str]]:
@@ -211,10 +206,9 @@ class LocalCluster:
             raise
 
     def wait_nodes(self, count: int, timeout: float) -> None:
-        from cm.cli.client import Client, HeadError
-        from cm.config import load
+        from cm.cli.client import HeadError
 
-        client = Client(load(env={"CM_RUN_DIR": str(self.run_dir)}), timeout=5)
+        client = self.client()
         deadline = time.monotonic() + timeout
         last = ""
         while time.monotonic() < deadline:
@@ -234,14 +228,20 @@ class LocalCluster:
             time.sleep(0.1)
         raise ClusterError(f"cluster did not come up in {timeout:.0f} s: {last}")
 
+    def client(self, timeout: float = 5.0):
+        """A client of this cluster's head."""
+        from cm.cli.client import Client
+        from cm.config import load
+
+        return Client(load(env={"CM_RUN_DIR": str(self.run_dir)}), timeout=timeout)
+
     def wait_head(self, timeout: float = 30.0) -> None:
         """Until the head answers on its socket."""
-        from cm.cli.client import Client, HeadError
-        from cm.config import load
+        from cm.cli.client import HeadError
 
         deadline = time.monotonic() + timeout
         while True:
-            client = Client(load(env={"CM_RUN_DIR": str(self.run_dir)}), timeout=5)
+            client = self.client()
             try:
                 client.call("ping")
                 return

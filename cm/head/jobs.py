@@ -283,6 +283,19 @@ class JobTable:
             return
         self._end_slots(job, mine[:1], state, exit_code, reason, out)
 
+    def resend(self, addrs: dict[str, str], out: Outcome) -> None:
+        """RunJob again for every share of an active job not yet over (senders only once receivers started)."""
+        for job in self.jobs.values():
+            if not JobState(job["state"]).active:
+                continue
+            receivers_ready = all(s["started"] for s in job["slots"] if s["role"] == "dst")
+            for s in job["slots"]:
+                if s["ended"] or (s["role"] == "src" and not receivers_ready):
+                    continue
+                if s["role"] == "src":
+                    job["src_sent"] = True
+                out.run.append((s["node"], job["_id"], self.spec(job, s, addrs)))
+
     def _end_slots(self, job: Job, indices: list[int], state: JobState, exit_code: int, reason: str,
                    out: Outcome) -> None:
         if not indices:

@@ -84,7 +84,7 @@ class HeadServer:
             secure_server(self.router, self.settings.run_dir)
         self.router.bind(f"tcp://{self.settings.bind_host}:{self.settings.head_port}")
         self.clients = ClientServer(self.settings.socket_path, self.settings.operator_group)
-        self._redispatch()
+        self._resend_unfinished()
         event(log, "head listening", port=self.settings.head_port, socket=str(self.settings.socket_path))
 
     def close(self) -> None:
@@ -169,7 +169,7 @@ class HeadServer:
             return
         self.stale = False
         self.dirty = True
-        self._redispatch()
+        self._resend_unfinished()
         event(log, "database back; jobs reloaded", active=len(self.jobs.jobs))
 
     def flush(self, hold: float = 0.0) -> None:
@@ -326,6 +326,12 @@ class HeadServer:
         if out.finished or out.kill:
             self.dirty = True
 
+    def _resend_unfinished(self) -> None:
+        """After a (re)load: send again what unfinished jobs were waiting for; nodes ignore repeats."""
+        out = Outcome()
+        self.jobs.resend(self.addrs(), out)
+        self.apply(out)
+
     def alive(self) -> dict[str, int]:
         """Usable nodes per partition."""
         counts: dict[str, int] = {}
@@ -379,22 +385,4 @@ class HeadServer:
             self.next_pass = time.monotonic() + 2 * self.pass_seconds
         except (store.StoreError, store.DatabaseError) as exc:
             self.db_failed("while scheduling", exc)
-
-    def _redispatch(self) -> None:
-        """After a restart: resend what unfinished jobs were waiting for (nodes ignore repeats)."""
-        out = Outcome()
-        addrs = self.addrs()
-        for job in self.jobs.jobs.values():
-            if not JobState(job["state"]).active:
-                continue
-            dst_ready = all(s["started"] for s in job["slots"] if s["role"] == "dst")
-            for s in job["slots"]:
-                if s["ended"]:
-                    continue
-                if s["role"] == "src" and not dst_ready:
-                    continue
-                if s["role"] == "src":
-                    job["src_sent"] = True
-                out.run.append((s["node"], job["_id"], self.jobs.spec(job, s, addrs)))
-        self.apply(out)
 

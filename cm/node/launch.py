@@ -63,9 +63,7 @@ def _make_dirs(directory: Path, uid: int, gid: int) -> None:
 def start(spec: dict, node: str, job_id: int) -> list[subprocess.Popen]:
     """Start every process of this node's share; raise LaunchError if none can start."""
     uid, gid = spec["uid"], spec["gid"]
-    as_root = os.geteuid() == 0
-    if not as_root and uid != os.geteuid():
-        raise LaunchError(f"this node's daemon is not root and cannot run jobs as uid {uid}")
+    extra = identity(uid, gid)
     cwd = Path(spec["cwd"])
     if not cwd.is_dir():
         raise LaunchError(f"working directory {cwd} does not exist on {node}")
@@ -77,7 +75,6 @@ def start(spec: dict, node: str, job_id: int) -> list[subprocess.Popen]:
         CM_PROCS_PER_NODE=str(procs_per_node), CM_NPROCS=str(procs_per_node * spec["nnodes"]),
         CM_CPUS_ON_NODE=str(spec.get("cpus", procs_per_node)), CM_SUBMIT_DIR=str(cwd),
     )
-    extra = identity(uid, gid)
     procs = []
     try:
         for local in range(procs_per_node):
@@ -106,7 +103,10 @@ def identity(uid: int, gid: int) -> dict:
 
     Empty when the daemon already is that user: CPython can then start the
     child with vfork, which matters because this daemon is a large process.
+    Raises LaunchError when the daemon cannot become that user.
     """
+    if os.geteuid() != 0 and uid != os.geteuid():
+        raise LaunchError(f"this node's daemon is not root and cannot run jobs as uid {uid}")
     if uid == os.geteuid() and gid == os.getegid() and set(_groups_of(uid, gid)) <= set(os.getgroups()):
         return {}
     return {"user": uid, "group": gid, "extra_groups": _groups_of(uid, gid)}

@@ -15,17 +15,14 @@ from cm.node.launch import LaunchError, _make_dirs, identity, log_paths
 def start_sender(spec: dict, node: str, job_id: int, data_root: str) -> tuple[subprocess.Popen, Path]:
     """Start `python -m cm.transfer.send` as the user; progress comes back on its stdout."""
     uid, gid = spec["uid"], spec["gid"]
-    as_root = os.geteuid() == 0
-    if not as_root and uid != os.geteuid():
-        raise LaunchError(f"this node's daemon is not root and cannot run jobs as uid {uid}")
-    transfer = {**spec["transfer"], "src_root": data_root}
     extra = identity(uid, gid)
+    transfer = {**spec["transfer"], "src_root": data_root}
     cwd = Path(spec.get("cwd") or "/")
     _, err_path = log_paths({**spec, "cwd": str(cwd), "stdout": "", "stderr": ""}, node, job_id, spec["rank"])
     try:
         _make_dirs(err_path.parent, uid, gid)
         err = open(err_path, "ab")
-        if as_root:
+        if os.geteuid() == 0:
             os.chown(err_path, uid, gid)
     except OSError:
         err_path = Path(os.devnull)

@@ -108,16 +108,13 @@ def active_jobs() -> list[dict[str, Any]]:
     return list(_jobs().find({"state": {"$nin": final}}))
 
 
-def recent_jobs(since: float | None, user: str | None = None, limit: int = 100000,
-                finished: bool = False) -> list[dict[str, Any]]:
+def recent_jobs(since: float | None, limit: int = 100000, finished: bool = False) -> list[dict[str, Any]]:
     """Jobs for cminfo: those that ended after `since` (all if None), and unfinished ones unless `finished`."""
     query: dict[str, Any] = {}
     if since is not None:
         query["ended"] = {"$gte": since}
         if not finished:
             query = {"$or": [{"ended": None}, query]}
-    if user is not None:
-        query["user"] = user
     projection = {"env": 0, "sync.token": 0}
     return list(_jobs().find(query, projection).sort("_id", pymongo.DESCENDING).limit(limit))
 

@@ -80,17 +80,10 @@ def _merge(acc, val):
 
 
 @njit(cache=True, nogil=True, inline="always")
-def _read64(data, i):
+def _read_le(data, i, width):
+    """The little-endian unsigned integer in data[i:i+width] (width 4 or 8)."""
     v = np.uint64(0)
-    for k in range(8):
-        v |= np.uint64(data[i + k]) << np.uint64(8 * k)
-    return v
-
-
-@njit(cache=True, nogil=True, inline="always")
-def _read32(data, i):
-    v = np.uint64(0)
-    for k in range(4):
+    for k in range(width):
         v |= np.uint64(data[i + k]) << np.uint64(8 * k)
     return v
 
@@ -99,11 +92,11 @@ def _read32(data, i):
 def _fold_tail(h, data, p, end):
     """The last steps of xxh64: fold data[p:end] (fewer than 32 bytes) into h, then avalanche."""
     while p + 8 <= end:
-        h = h ^ _round(np.uint64(0), _read64(data, p))
+        h = h ^ _round(np.uint64(0), _read_le(data, p, 8))
         h = _rotl(h, 27) * _P1 + _P4
         p += 8
     if p + 4 <= end:
-        h = h ^ (_read32(data, p) * _P1)
+        h = h ^ (_read_le(data, p, 4) * _P1)
         h = _rotl(h, 23) * _P2 + _P3
         p += 4
     while p < end:
