@@ -164,3 +164,44 @@ def test_a_database_outage_is_waited_out_and_nothing_is_lost(make_cluster, tmp_p
         assert cluster.job(again)["state"] == "COMPLETED"
     finally:
         server.stop()
+
+
+def test_a_restarted_daemon_is_never_sent_the_run_it_lost(make_cluster):
+    """A daemon that dies after receiving RunJob, before saying JobStarted, must not get it again."""
+    from cm.protocol import RunJob, Welcome, decode
+
+    cluster = make_cluster("cpu:1", nodes=1)
+    cluster.kill("computenode-1", signal.SIGKILL)  # a fake node takes its name and key
+    cluster.wait_node("computenode-1", "DOWN", timeout=10)
+    ctx = zmq.Context.instance()
+
+    def incarnation(name: str) -> zmq.Socket:
+        sock = ctx.socket(zmq.DEALER)
+        sock.linger = 0
+        sock.identity = b"computenode-1"
+        secure_client(sock, cluster.run_dir, "computenode-1")
+        sock.connect(f"tcp://127.0.0.1:{cluster.head_port}")
+        sock.send(encode(Hello(node="computenode-1", partition="cpu", cpus=2, mem_mb=1000, version="0", running=[],
+                               transfer_addr="127.0.0.1:1", data_root="/", incarnation=name)))
+        assert sock.poll(5000) and isinstance(decode(sock.recv()), Welcome)
+        return sock
+
+    def run_jobs(sock: zmq.Socket, seconds: float) -> list[int]:
+        seen, deadline = [], time.monotonic() + seconds
+        while (left := deadline - time.monotonic()) > 0:
+            if sock.poll(int(left * 1000)):
+                msg = decode(sock.recv())
+                if isinstance(msg, RunJob):
+                    seen.append(msg.job_id)
+            else:
+                break
+        return seen
+
+    first = incarnation("first")
+    job_id = cluster.submit("cmrun", "true")
+    assert job_id in run_jobs(first, 3)  # received, never answered: the daemon "dies" here
+    first.close()
+    second = incarnation("second")  # same name, new daemon
+    cluster.wait_state(job_id, "NODE_FAIL", timeout=10)  # its share is lost (silent, then a new incarnation)
+    assert job_id not in run_jobs(second, 2.5)  # several resend periods (CM_DISPATCH_RETRY=0.5)
+    second.close()

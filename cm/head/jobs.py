@@ -283,6 +283,12 @@ class JobTable:
             return
         self._end_slots(job, mine[:1], state, exit_code, reason, out)
 
+    def wants(self, node: str, job_id: int, run: int | None) -> bool:
+        """Whether run `run` of the job still has a share on node that has not ended."""
+        job = self.jobs.get(job_id)
+        return (job is not None and JobState(job["state"]).active and job.get("runs") == run
+                and any(s["node"] == node and not s["ended"] for s in job["slots"]))
+
     def resend(self, addrs: dict[str, str], out: Outcome) -> None:
         """RunJob again for every share of an active job not yet over (senders only once receivers started)."""
         for job in self.jobs.values():

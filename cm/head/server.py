@@ -281,8 +281,7 @@ class HeadServer:
         # whatever it missed while away, send again now
         for msg_id, (target, command, _) in list(self.unacked.items()):
             if target == msg.node:
-                self.send(target, command)
-                self.unacked[msg_id] = (target, command, time.monotonic())
+                self.resend(msg_id, target, command)
         self.dirty = True
 
     def _runs_on(self, job_id: int, node: str) -> bool:
@@ -307,6 +306,19 @@ class HeadServer:
         info = self.registry.nodes.get(node)
         if info is not None and info.alive:
             self.send(node, msg)
+
+    def resend(self, msg_id: str, node: str, command: Message) -> None:
+        """Send an unacknowledged command again, unless the job no longer wants it there.
+
+        A RunJob outlives its purpose when the job ended or moved on meanwhile (e.g. the
+        node's daemon restarted and its share was declared lost): sent again, a fresh
+        daemon with no memory of the job would start it a second time.
+        """
+        if isinstance(command, RunJob) and not self.jobs.wants(node, command.job_id, command.spec.get("run")):
+            del self.unacked[msg_id]
+            return
+        self.send(node, command)
+        self.unacked[msg_id] = (node, command, time.monotonic())
 
     def _drop_unacked(self, node: str, job_id: int, kind: type, run: int | None = None) -> None:
         """Forget commands of `kind` for a job on a node; for RunJob, only those of `run` if given."""
@@ -362,8 +374,7 @@ class HeadServer:
         for msg_id, (node, command, sent) in list(self.unacked.items()):
             info = self.registry.nodes.get(node)
             if now - sent >= retry and info is not None and info.alive:
-                self.send(node, command)
-                self.unacked[msg_id] = (node, command, now)
+                self.resend(msg_id, node, command)
 
     def schedule(self) -> None:
         self.dirty = False
