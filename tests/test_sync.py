@@ -151,3 +151,68 @@ def test_a_destination_killed_mid_sync_costs_only_the_unverified_parts(make_clus
     assert snapshot(cluster.data_dir / "cpu" / "big") == snapshot(src)
     sent_by_last_run = job["transfer"]["stats"]["bytes_sent"]
     assert 0 < sent_by_last_run < 12 << 20  # the chunks verified before the kill were not sent again
+
+
+def _spares_under(pid: int) -> set[int]:
+    """Spare senders (``cm.transfer.send --spare`` waiting for a job) among the descendants of ``pid``."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                ppid = int(Path(f"/proc/{entry}/stat").read_text().rpartition(")")[2].split()[1])
+            except (OSError, ValueError, IndexError):
+                continue
+            children.setdefault(ppid, []).append(int(entry))
+    found, todo = set(), [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            todo.append(child)
+            try:
+                argv = Path(f"/proc/{child}/cmdline").read_bytes().split(b"\0")
+            except OSError:
+                continue
+            if b"cm.transfer.send" in argv and b"--spare" in argv:
+                found.add(child)
+    return found
+
+
+def _wait_for_spares(pid: int, timeout: float = 30) -> set[int]:
+    deadline = time.monotonic() + timeout
+    while not (spares := _spares_under(pid)) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return spares
+
+
+def test_after_its_first_sync_a_node_hands_the_next_to_a_spare_sender(synced):
+    cluster, src, dst = synced
+    source = cluster.procs["computenode-1"].pid
+    assert not _spares_under(source)  # none before the node has been a source
+    first = cluster.submit("cmsync", "--wait", "gpu:/proj", "cpu:/copy")
+    assert cluster.job(first)["nodes"][0] == "computenode-1"
+    spares = _wait_for_spares(source)
+    assert len(spares) == 1
+    (dst / "deep" / "f0001.txt").unlink()
+    second = cluster.submit("cmsync", "--wait", "gpu:/proj", "cpu:/copy")
+    job = cluster.job(second)
+    assert job["state"] == "COMPLETED" and job["nodes"][0] == "computenode-1"
+    assert job["transfer"]["stats"]["files_sent"] == 1
+    assert snapshot(dst) == snapshot(src)
+    assert (cluster.home / "cmlogs" / str(second) / "computenode-1" / "0.err").exists()
+    later = _wait_for_spares(source)
+    assert len(later) == 1 and not later & spares  # the spare ran the job; a new one waits for the next
+    cluster.down()  # the daemon lets its spare go
+    deadline = time.monotonic() + 10
+    while _alive_spares(later) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not _alive_spares(later)
+
+
+def _alive_spares(pids: set[int]) -> set[int]:
+    alive = set()
+    for pid in pids:
+        try:
+            if b"--spare" in Path(f"/proc/{pid}/cmdline").read_bytes():
+                alive.add(pid)
+        except OSError:
+            pass
+    return alive

@@ -24,7 +24,7 @@ from cm.logs import event
 from cm.node import launch
 from cm.node.purge import Purge, Tracked
 from cm.node.resources import measure
-from cm.node.sync import last_line, start_sender
+from cm.node.sync import Spares, last_line, start_sender
 from cm.protocol import (
     Ack,
     Error,
@@ -61,6 +61,7 @@ class NodeAgent:
         self.finished: collections.OrderedDict[tuple[int, int], None] = collections.OrderedDict()
         self.receiving: dict[int, tuple[int, str]] = {}  # job -> (run, transfer id)
         self.senders: dict[int, dict] = {}  # job -> {proc, buffer, report, sent_at, err, run}
+        self.spares = Spares(settings.sender_spares)
         self.welcomed = False
         self.dealer: zmq.Socket | None = None
         self.connected_at = 0.0
@@ -121,6 +122,7 @@ class NodeAgent:
         while self.purge.jobs and time.monotonic() < deadline:
             self.purge.tick(time.monotonic())
             time.sleep(0.05)
+        self.spares.close()
         if self.dealer is not None:
             self.dealer.close(0)
             self.dealer = None
@@ -261,7 +263,7 @@ class NodeAgent:
                 raise launch.LaunchError(f"destination refused: {exc}") from None
             self.receiving[job_id] = (spec["run"], transfer["transfer_id"])
             return
-        proc, err = start_sender(spec, self.name, job_id, str(Path(self.settings.data_root).resolve()))
+        proc, err = start_sender(spec, self.name, job_id, str(Path(self.settings.data_root).resolve()), self.spares)
         self.senders[job_id] = {"proc": proc, "buffer": b"", "report": None, "sent_at": 0.0, "err": err,
                                 "run": spec["run"], "stats": {}}
         self.purge.add(Tracked(job_id, spec["run"], [proc], time.monotonic() + float(spec["time_limit"]),
@@ -288,6 +290,8 @@ class NodeAgent:
             event(log, "job ended", job=f.job_id, state=f.state.value, exit_code=f.exit_code)
         if ended:
             self._save_state()
+        if not self.senders:
+            self.spares.fill()  # between transfers, so a spare's start-up never slows one down
 
     def _remember(self, job_id: int, run: int) -> None:
         self.finished[(job_id, run)] = None
