@@ -24,7 +24,9 @@ import shutil
 import stat
 from pathlib import Path
 
-from . import checksum
+import numpy as np
+
+from . import batchio, checksum
 from .partial import ChunkRecord, chunk_count, partial_names
 from .paths import DirHandles, PathEscape, wire_parts
 from .tree import Excluder, walk_fd
@@ -71,6 +73,7 @@ class Destination:
         self._manifest: list[list] | None = None
         self._umask = _umask()
         self._unnamed = os.path.isdir("/proc/self/fd")  # O_TMPFILE files are published via /proc
+        self._scratch = batchio.scratch()
 
     def close(self) -> None:
         """Release directory descriptors."""
@@ -288,23 +291,39 @@ class Destination:
             _split(parent)
             _check_name(name)
         digests = checksum.digest_many(data, offsets)
-        bad: list = []
+        bad = [i for i, f in enumerate(files) if digests[i] != f[4]]
+        skip = set(bad)
         errors: list = []
-        current, dfd = None, -1  # files come sorted, so most share their directory with the previous one
-        for i, (path, size, mode, mtime, want) in enumerate(files):
-            if digests[i] != want:
-                bad.append(i)
-                continue
-            parent, _, name = path.rpartition(b"/")
+        split = [f[0].rpartition(b"/") for f in files]
+        compiled = _Compiled(files, split, data, offsets, bad, self._umask) if self._unnamed and files else None
+        i = 0
+        while i < len(files):  # files come sorted: a run of them shares its directory
+            parent = split[i][0]
+            end = i + 1
+            while end < len(files) and split[end][0] == parent:
+                end += 1
             try:
-                if parent != current:
-                    current = None
-                    dfd = self.dirs.open(_split(parent), create=True)
-                    current = parent
-                self._write_small(dfd, name, data[offsets[i]:offsets[i + 1]], mode, mtime)
+                dfd = self.dirs.open(_split(parent), create=True)
             except (OSError, PathEscape) as exc:
-                current = None
-                _fail(errors, path, exc)
+                for k in range(i, end):
+                    if k not in skip:
+                        _fail(errors, files[k][0], exc)
+                i = end
+                continue
+            k = i
+            while k < end:
+                if compiled is not None and self._unnamed:
+                    k = compiled.run(dfd, k, end, self._scratch)
+                    if k == end:
+                        break
+                if k not in skip:  # this one in Python: it reports why, or takes the slow road
+                    path, _, mode, mtime, _ = files[k]
+                    try:
+                        self._write_small(dfd, split[k][2], data[offsets[k]:offsets[k + 1]], mode, mtime)
+                    except (OSError, PathEscape) as exc:
+                        _fail(errors, path, exc)
+                k += 1
+            i = end
         return bad, errors
 
     def _create(self, dfd: int, mode: int) -> tuple[int, bytes | None]:
@@ -438,6 +457,28 @@ class Destination:
             pass  # another receiver published it first
         _unlink_quietly(dfd, ok)
         return True, True
+
+
+class _Compiled:
+    """A batch of small files laid out for ``batchio.publish_run``."""
+
+    def __init__(self, files: list, split: list, data: memoryview, offsets: list, bad: list, umask: int):
+        n = len(files)
+        self.names = np.frombuffer(b"\0".join(name for _, _, name in split) + b"\0", dtype=np.uint8)
+        self.name_off = np.zeros(n + 1, dtype=np.int64)
+        np.cumsum([len(name) + 1 for _, _, name in split], out=self.name_off[1:])
+        self.data = np.frombuffer(data, dtype=np.uint8) if len(data) else np.zeros(0, dtype=np.uint8)
+        self.data.flags.writeable = False  # read-only like the names: one compiled variant for every caller
+        self.data_off = np.asarray(offsets, dtype=np.int64)
+        self.modes = np.fromiter((f[2] for f in files), dtype=np.uint32, count=n)
+        self.chmod = ((self.modes & umask) != 0) | (self.modes > 0o777)
+        self.mtimes = np.fromiter((f[3] for f in files), dtype=np.int64, count=n)
+        self.skip = np.zeros(n, dtype=np.bool_)
+        self.skip[bad] = True
+
+    def run(self, dfd: int, start: int, stop: int, work: np.ndarray) -> int:
+        return batchio.publish_run(dfd, self.names, self.name_off, self.data, self.data_off, self.modes,
+                                   self.chmod, self.mtimes, self.skip, start, stop, work)
 
 
 def _unlink_quietly(dfd: int, name: str) -> None:

@@ -19,7 +19,7 @@ import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import checksum
+from . import batchio, checksum
 from .destination import Destination
 from .partial import chunk_count
 from .paths import PathEscape, confine, wire_parts
@@ -52,7 +52,7 @@ def _is_int(v, lo: int | None = 0) -> bool:
 _SCALARS = {
     bytes: lambda v: isinstance(v, bytes),
     int: _is_int,
-    "mtime": lambda v: _is_int(v, None),
+    "mtime": lambda v: _is_int(v, None) and -(1 << 63) <= v < 1 << 63,
     "mode": lambda v: _is_int(v) and v <= 0o7777,
 }
 
@@ -105,8 +105,8 @@ class TransferServer:
         self._listener = lsock
         self._acceptor = threading.Thread(target=self._accept_loop, name=f"mover-accept-{self.port}", daemon=True)
         self._acceptor.start()
-        # load the compiled checksums now rather than in the middle of the first transfer
-        self._warm = threading.Thread(target=checksum.warm_up, name="mover-warm-up", daemon=True)
+        # load the compiled code now rather than in the middle of the first transfer
+        self._warm = threading.Thread(target=_warm_up, name="mover-warm-up", daemon=True)
         self._warm.start()
 
     def stop(self) -> None:
@@ -319,6 +319,11 @@ class TransferServer:
         if kind == Kind.DIRMETA:
             return {"errors": dest.dir_meta(_rows(meta, "dirs", (bytes, "mode", "mtime")))}
         raise BadRequest(f"unexpected {kind.name}")
+
+
+def _warm_up() -> None:
+    checksum.warm_up()
+    batchio.warm_up()
 
 
 def _shutdown(sock: socket.socket) -> None:

@@ -128,10 +128,23 @@ def test_a_single_file_source_lands_in_the_destination_directory(roots, receiver
     assert (receiver.dst / "one.bin").read_bytes() == (src / "dir" / "one.bin").read_bytes()
 
 
+def _compiled_code_refused(monkeypatch, destination) -> list:
+    """The compiled writer meets the same refusal at every file it starts (it returns where it started)."""
+    calls = []
+
+    def refused(dfd, names, name_off, data, data_off, modes, chmod, mtimes, skip, start, stop, work):
+        calls.append(start)
+        return start
+
+    monkeypatch.setattr(destination.batchio, "publish_run", refused)
+    return calls
+
+
 def test_without_unnamed_temporaries_files_go_through_named_ones(roots, receiver, monkeypatch):
     from cm.transfer import destination
 
     monkeypatch.setattr(destination, "_UNNAMED", os.O_RDWR)  # opening "." read-write fails with EISDIR
+    _compiled_code_refused(monkeypatch, destination)
     src, _ = roots
     make_tree(src, small_files=30)
     run_sender(spec_for(receiver, src))
@@ -149,6 +162,7 @@ def test_when_proc_cannot_link_unnamed_files_they_are_copied(roots, receiver, mo
         return real_link(src, dst, *args, **kwargs)
 
     monkeypatch.setattr(destination.os, "link", no_proc_link)
+    _compiled_code_refused(monkeypatch, destination)
     src, _ = roots
     make_tree(src, small_files=30)
     run_sender(spec_for(receiver, src))

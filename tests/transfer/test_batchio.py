@@ -1,0 +1,58 @@
+"""Compiled publishing of small files: each file whole, with mode and mtime, or not at all."""
+
+from __future__ import annotations
+
+import os
+import stat
+
+import numpy as np
+
+from cm.transfer import batchio
+
+
+def _layout(files: list[tuple[bytes, bytes, int, int]], skip=()):
+    names = np.frombuffer(b"".join(name + b"\0" for name, *_ in files), dtype=np.uint8)
+    name_off = np.zeros(len(files) + 1, dtype=np.int64)
+    name_off[1:] = np.cumsum([len(name) + 1 for name, *_ in files])
+    data = np.frombuffer(b"".join(body for _, body, *_ in files) or b"\0", dtype=np.uint8)
+    data_off = np.zeros(len(files) + 1, dtype=np.int64)
+    data_off[1:] = np.cumsum([len(body) for _, body, *_ in files])
+    modes = np.array([mode for *_, mode, _ in files], dtype=np.uint32)
+    mtimes = np.array([mtime for *_, mtime in files], dtype=np.int64)
+    chmod = np.ones(len(files), dtype=np.bool_)
+    skips = np.zeros(len(files), dtype=np.bool_)
+    skips[list(skip)] = True
+    return names, name_off, data, data_off, modes, chmod, mtimes, skips
+
+
+def test_a_run_is_published_with_content_mode_and_mtime(tmp_path):
+    files = [(b"a.txt", b"alpha", 0o640, 1_600_000_000_123_456_789), (b"empty", b"", 0o600, 0),
+             ("ünï ✓".encode(), os.urandom(9000), 0o4755, -1_000_000_001), (b"skipped", b"x", 0o644, 0)]
+    dfd = os.open(tmp_path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        done = batchio.publish_run(dfd, *_layout(files, skip=[3]), 0, len(files), batchio.scratch())
+    finally:
+        os.close(dfd)
+    assert done == len(files)
+    assert sorted(os.listdir(tmp_path)) == sorted(os.fsdecode(name) for name, *_ in files[:3])
+    for name, body, mode, mtime in files[:3]:
+        st = os.lstat(tmp_path / os.fsdecode(name))
+        assert (tmp_path / os.fsdecode(name)).read_bytes() == body
+        assert (stat.S_IMODE(st.st_mode), st.st_mtime_ns) == (mode, mtime)
+
+
+def test_it_stops_at_a_file_it_cannot_finish_and_leaves_nothing_of_it(tmp_path):
+    (tmp_path / "taken").write_bytes(b"already here")
+    files = [(b"first", b"1", 0o644, 0), (b"taken", b"new", 0o644, 0), (b"third", b"3", 0o644, 0)]
+    layout = _layout(files)
+    work = batchio.scratch()
+    dfd = os.open(tmp_path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        assert batchio.publish_run(dfd, *layout, 0, 3, work) == 1
+        assert sorted(os.listdir(tmp_path)) == ["first", "taken"]
+        assert (tmp_path / "taken").read_bytes() == b"already here"
+        assert batchio.publish_run(dfd, *layout, 2, 3, work) == 3
+        assert batchio.publish_run(-1, *layout, 0, 3, work) == 0  # no such directory: nothing done
+    finally:
+        os.close(dfd)
+    assert sorted(os.listdir(tmp_path)) == ["first", "taken", "third"]
