@@ -173,6 +173,8 @@ def _wait_idle(pid: int) -> None:
         time.sleep(0.05)
         with open(f"/proc/{pid}/stat") as f:
             fields = f.read().rpartition(")")[2].split()
+        if fields[0] in "ZX":
+            raise RuntimeError("the spare sender exited before its job")
         cpu = int(fields[11]) + int(fields[12])
         still = still + 1 if fields[0] == "S" and cpu == last else 0
         last = cpu

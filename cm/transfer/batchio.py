@@ -1,4 +1,4 @@
-"""Small files of a batch written by compiled code, without the GIL.
+"""Small files of a batch read and written by compiled code, without the GIL.
 
 A receiver connection spends most of a batch of small files in six system
 calls per file. Made from Python, each of them gives the GIL back and takes
@@ -11,6 +11,11 @@ finish, leaving nothing of it behind, and returns that file's index: the
 caller does that one file in Python, which reports the error or takes the
 slow road (the name is taken, the filesystem has no ``O_TMPFILE``), and
 calls again for the rest.
+
+On the sending side ``read_run`` does the same for reading: open each file
+(never through a symlink), check it is still the regular file of the size
+and mtime the walk saw (``statx``, whose layout is the same on every
+architecture), and read it into its place in the batch.
 
 libc's functions are bound by name (``ExternalFunction``), so the compiled
 code is cached on disk like the checksums.
@@ -31,6 +36,15 @@ _fchmod = types.ExternalFunction("fchmod", types.int32(types.int32, types.uint32
 _futimens = types.ExternalFunction("futimens", types.int32(types.int32, types.intp))
 _linkat = types.ExternalFunction("linkat", types.int32(types.int32, types.intp, types.int32, types.intp, types.int32))
 _close = types.ExternalFunction("close", types.int32(types.int32))
+_read = types.ExternalFunction("read", types.intp(types.int32, types.intp, types.uintp))
+_statx = types.ExternalFunction("statx", types.int32(types.int32, types.intp, types.int32, types.uint32, types.intp))
+
+_SOURCE = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
+_AT_EMPTY_PATH = 0x1000
+_STATX_WANTED = 0x1 | 0x2 | 0x40 | 0x200  # type, mode, mtime, size
+# struct statx: stx_mask u32 @0, stx_mode u16 @0x1c, stx_size u64 @0x28, stx_mtime {i64, u32} @0x70
+_STX_MODE, _STX_SIZE, _STX_MTIME = 0x1C, 0x28, 0x70
+_S_IFMT, _S_IFREG = 0o170000, 0o100000
 
 _UNNAMED = os.O_RDWR | os.O_TMPFILE | os.O_CLOEXEC
 _AT_FDCWD = -100
@@ -85,6 +99,53 @@ def _publish_run(dfd, names, name_off, data, data_off, modes, chmod, mtimes, ski
     return stop
 
 
+@njit(cache=True, nogil=True)
+def _read_run(dfd, names, name_off, sizes, mtimes, buf, buf_off, ok, start, stop, stx):
+    """Read files start..stop-1 into buf[buf_off[i]:]; ok[i] tells which were read whole and unchanged."""
+    empty = stx[0:8]  # "" for statx on the descriptor itself (AT_EMPTY_PATH); stx[8:] is the struct
+    info = stx[8:]
+    for i in range(start, stop):
+        ok[i] = False
+        fd = _openat(dfd, names.ctypes.data + name_off[i], _SOURCE, 0)
+        if fd < 0:
+            continue
+        if _statx(fd, empty.ctypes.data, _AT_EMPTY_PATH, _STATX_WANTED, info.ctypes.data) != 0:
+            _close(fd)
+            continue
+        mode = np.int64(info[_STX_MODE]) | (np.int64(info[_STX_MODE + 1]) << 8)
+        size = info[_STX_SIZE:_STX_SIZE + 8].view(np.int64)[0]
+        sec = info[_STX_MTIME:_STX_MTIME + 8].view(np.int64)[0]
+        nsec = info[_STX_MTIME + 8:_STX_MTIME + 12].view(np.uint32)[0]
+        if (mode & _S_IFMT) != _S_IFREG or size != sizes[i] or sec * 1000000000 + nsec != mtimes[i]:
+            _close(fd)
+            continue
+        pos, end = buf_off[i], buf_off[i] + sizes[i]
+        while pos < end:
+            n = _read(fd, buf.ctypes.data + pos, end - pos)
+            if n <= 0:
+                break
+            pos += n
+        _close(fd)
+        ok[i] = pos == end
+
+
+def read_run(dfd: int, names: np.ndarray, name_off: np.ndarray, sizes: np.ndarray, mtimes: np.ndarray,
+             buf: np.ndarray, buf_off: np.ndarray, ok: np.ndarray, start: int, stop: int, work: np.ndarray) -> None:
+    """Read files ``start``..``stop-1`` of directory ``dfd`` into ``buf`` at ``buf_off[i]``.
+
+    ``ok[i]`` is set for a file read whole that is still a regular file of
+    ``sizes[i]`` bytes and mtime ``mtimes[i]`` (ns); the caller reads any
+    other again in Python to learn why. ``names`` is read-only (as for
+    ``publish_run``), ``buf`` is writable; ``work`` comes from ``stat_scratch()``.
+    """
+    _read_run(dfd, names, name_off, sizes, mtimes, buf, buf_off, ok, start, stop, work)
+
+
+def stat_scratch() -> np.ndarray:
+    """Per-thread working memory for ``read_run``: an empty name and a struct statx."""
+    return np.zeros(8 + 256, dtype=np.uint8)
+
+
 def scratch() -> np.ndarray:
     """Per-thread working memory for ``publish_run``."""
     buf = np.zeros(96, dtype=np.uint8)
@@ -108,9 +169,16 @@ def publish_run(dfd: int, names: np.ndarray, name_off: np.ndarray, data: np.ndar
     return int(_publish_run(dfd, names, name_off, data, data_off, modes, chmod, mtimes, skip, start, stop, work))
 
 
-def warm_up() -> None:
-    """Load the compiled code now (from numba's cache, or compile it once)."""
+def warm_up_writing() -> None:
+    """Load ``publish_run`` now (the receiver's half), from numba's cache or compiled once."""
     empty = np.zeros(1, dtype=np.int64)
     nothing = np.frombuffer(b"\0", dtype=np.uint8)  # names and data are read-only arrays
     publish_run(-1, nothing, empty, nothing, empty, np.zeros(0, np.uint32), np.zeros(0, np.bool_),
                 np.zeros(0, np.int64), np.zeros(0, np.bool_), 0, 0, scratch())
+
+
+def warm_up_reading() -> None:
+    """Load ``read_run`` now (the sender's half)."""
+    none = np.zeros(0, dtype=np.int64)
+    read_run(-1, np.frombuffer(b"\0", dtype=np.uint8), np.zeros(1, np.int64), none, none,
+             np.zeros(1, dtype=np.uint8), none, np.zeros(0, np.bool_), 0, 0, stat_scratch())

@@ -323,7 +323,7 @@ class TransferServer:
 
 def _warm_up() -> None:
     checksum.warm_up()
-    batchio.warm_up()
+    batchio.warm_up_writing()
 
 
 def _shutdown(sock: socket.socket) -> None:

@@ -83,9 +83,9 @@ def main(argv: list[str] | None = None) -> int:
     if spare:
         import encodings.idna  # noqa: F401  (name lookups need it; once the user, we may not read the stdlib)
 
-        from . import checksum
+        from .sender import warm_up
 
-        checksum.warm_up()  # before the job arrives: this is the half second a spare saves
+        warm_up()  # before the job arrives: this is the half second a spare saves
     raw = sys.stdin.read()
     if spare and not raw.strip():
         return 0  # the daemon let this spare go

@@ -101,10 +101,12 @@ def _parts(path: str) -> tuple[str, ...]:
     return tuple(path.split("/")) if path else ()
 
 
-def _warm_up() -> None:
-    from . import checksum  # numba loads in the background while directories are made
+def warm_up() -> None:
+    """Load numba and the compiled code a sender runs (checksums, batch reads)."""
+    from . import batchio, checksum
 
     checksum.warm_up()
+    batchio.warm_up_reading()
 
 
 def _corrupt_target() -> tuple[str, int] | None:
@@ -204,7 +206,7 @@ class Sender:
                 self.stats.files_deleted = len(gone)
                 return self._report(started, would=would)
             if chunks or small:
-                threading.Thread(target=_warm_up, name="warm-up", daemon=True).start()
+                threading.Thread(target=warm_up, name="warm-up", daemon=True).start()  # while directories are made
             touched = self._structure(control, tops, gone, mkdirs, links, meta)
             self._move_data(control, chunks, small)
             touched.update(diff.parent(it.entry.path) for it in chunks + small)
@@ -514,31 +516,19 @@ class Sender:
                     attempt: int = 0) -> None:
         from . import checksum
 
+        ok = self._read_batch(handles, items, buf)
         rows, offsets, sent_items = [], [0], []
-        pos = 0
-        for it in items:
+        pos = src = 0
+        for it, read in zip(items, ok):
             e = it.entry
-            try:
-                fd = self._open_source(handles, e)
-            except (OSError, PathEscape) as exc:
-                self.stats.error(e.path, str(exc))
-                continue
-            try:
-                n = 0
-                while n < e.size:
-                    r = os.readv(fd, [buf[pos + n:pos + e.size]])
-                    if r == 0:
-                        raise EOFError
-                    n += r
-            except (OSError, EOFError):
-                self.stats.error(e.path, "could not be read whole; run the sync again")
-                continue
-            finally:
-                os.close(fd)
-            rows.append([os.fsencode(e.path), e.size, e.mode, e.mtime_ns, 0])
-            sent_items.append(it)
-            pos += e.size
-            offsets.append(pos)
+            if read:
+                if pos != src:  # close the gap a file that could not be read left
+                    buf[pos:pos + e.size] = bytes(buf[src:src + e.size])
+                rows.append([os.fsencode(e.path), e.size, e.mode, e.mtime_ns, 0])
+                sent_items.append(it)
+                pos += e.size
+                offsets.append(pos)
+            src += e.size
         if not rows:
             return
         payload = buf[:pos]
@@ -564,6 +554,69 @@ class Sender:
                     self.stats.error(it.entry.path, "kept failing its checksum")
                 return
             self._send_batch(chan, handles, retry, buf, attempt + 1)
+
+    def _read_batch(self, handles: DirHandles, items: list[plan.Item], buf: memoryview) -> list[bool]:
+        """Read each file of a batch into ``buf``, one after another; returns which were read whole.
+
+        Compiled code reads the runs of files that share a directory; a file
+        it could not read is tried again here, which records why.
+        """
+        import numpy as np
+
+        from . import batchio
+
+        n = len(items)
+        split = [it.entry.path.rpartition("/") for it in items]
+        names = np.frombuffer(b"\0".join(os.fsencode(name) for _, _, name in split) + b"\0", dtype=np.uint8)
+        name_off = np.zeros(n + 1, dtype=np.int64)
+        np.cumsum([len(os.fsencode(name)) + 1 for _, _, name in split], out=name_off[1:])
+        sizes = np.fromiter((it.entry.size for it in items), dtype=np.int64, count=n)
+        mtimes = np.fromiter((it.entry.mtime_ns for it in items), dtype=np.int64, count=n)
+        offsets = np.zeros(n + 1, dtype=np.int64)
+        np.cumsum(sizes, out=offsets[1:])
+        if offsets[-1] > len(buf):
+            raise TransferError(f"a batch of {offsets[-1]} bytes does not fit its {len(buf)}-byte buffer")
+        ok = np.zeros(n, dtype=np.bool_)
+        arr, work = np.frombuffer(buf, dtype=np.uint8), batchio.stat_scratch()
+        i = 0
+        while i < n:
+            parent, end = split[i][0], i + 1
+            while end < n and split[end][0] == parent:
+                end += 1
+            try:
+                dfd = handles.open(_parts(parent))
+            except (OSError, PathEscape) as exc:
+                for k in range(i, end):
+                    self.stats.error(items[k].entry.path, str(exc))
+                i = end
+                continue
+            batchio.read_run(dfd, names, name_off, sizes, mtimes, arr, offsets, ok, i, end, work)
+            for k in range(i, end):
+                if not ok[k]:
+                    ok[k] = self._read_one(handles, items[k].entry, buf[offsets[k]:offsets[k + 1]])
+            i = end
+        return ok.tolist()
+
+    def _read_one(self, handles: DirHandles, e: Entry, into: memoryview) -> bool:
+        """Read one file whole into ``into`` (its size); records why not and returns False."""
+        try:
+            fd = self._open_source(handles, e)
+        except (OSError, PathEscape) as exc:
+            self.stats.error(e.path, str(exc))
+            return False
+        try:
+            n = 0
+            while n < e.size:
+                r = os.readv(fd, [into[n:]])
+                if r == 0:
+                    raise EOFError
+                n += r
+            return True
+        except (OSError, EOFError):
+            self.stats.error(e.path, "could not be read whole; run the sync again")
+            return False
+        finally:
+            os.close(fd)
 
     def _report(self, started: float, would: list[str] | None = None) -> dict:
         s = self.stats

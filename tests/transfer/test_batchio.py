@@ -8,6 +8,7 @@ import stat
 import numpy as np
 
 from cm.transfer import batchio
+from cm.transfer.checksum import xxh64_reference
 
 
 def _layout(files: list[tuple[bytes, bytes, int, int]], skip=()):
@@ -56,3 +57,47 @@ def test_it_stops_at_a_file_it_cannot_finish_and_leaves_nothing_of_it(tmp_path):
     finally:
         os.close(dfd)
     assert sorted(os.listdir(tmp_path)) == ["first", "taken", "third"]
+
+
+class _Recorder:
+    """Stands in for a connection: keeps what a batch request carried and answers that all is well."""
+
+    def __init__(self):
+        self.sent = []
+
+    def request(self, kind, meta, payload):
+        self.sent.append((meta["files"], bytes(payload)))
+        return {"bad": [], "errors": []}
+
+
+def test_files_that_cannot_be_read_are_left_out_of_the_batch_and_the_rest_closes_up(tmp_path):
+    from cm.transfer import plan
+    from cm.transfer.paths import DirHandles
+    from cm.transfer.sender import Sender
+    from cm.transfer.spec import Spec
+    from cm.transfer.tree import walk
+
+    bodies = {f"d{i % 2}/f{i}": os.urandom(100 + i) for i in range(8)}
+    for path, body in bodies.items():
+        (tmp_path / path).parent.mkdir(exist_ok=True)
+        (tmp_path / path).write_bytes(body)
+    items = plan.make_items(walk(tmp_path), 1 << 20)
+    (tmp_path / "d0/f2").write_bytes(b"changed after the walk")  # another size
+    (tmp_path / "d1/f5").unlink()
+    os.symlink("f1", tmp_path / "d1/f5")  # a link now: never followed
+    os.utime(tmp_path / "d1/f7", ns=(1, 1))  # same size, another mtime
+    spec = Spec.from_dict({"transfer_id": "t", "token": "k", "src_root": str(tmp_path), "src_path": "/",
+                           "dst_host": "127.0.0.1", "dst_port": 1})
+    sender = Sender(spec, lambda report: None)
+    sender.src_dir = tmp_path
+    chan, handles = _Recorder(), DirHandles(tmp_path)
+    try:
+        sender._send_batch(chan, handles, items, memoryview(bytearray(plan.BATCH_BYTES)))
+    finally:
+        handles.close()
+    ((rows, payload),) = chan.sent
+    kept = [os.fsdecode(row[0]) for row in rows]
+    assert sorted(kept) == sorted(set(bodies) - {"d0/f2", "d1/f5", "d1/f7"})
+    assert payload == b"".join(bodies[path] for path in kept)
+    assert [row[4] for row in rows] == [xxh64_reference(bodies[path]) for path in kept]
+    assert sorted(e.split(":")[0] for e in sender.stats.errors) == ["d0/f2", "d1/f5", "d1/f7"]
