@@ -23,7 +23,10 @@ from cm.node.launch import LaunchError, _make_dirs, identity, log_paths
 
 
 def _sender_env() -> dict:
-    return {k: v for k, v in os.environ.items() if k.startswith(("CM_", "NUMBA_", "PATH", "HOME", "LANG", "LC_"))}
+    # Not the daemon's CM_* settings: the sender runs as the user, who could read them from
+    # /proc (CM_OPERATOR_TOKEN grants admin rights). Only the tests' corruption hook passes.
+    return {k: v for k, v in os.environ.items()
+            if k.startswith(("NUMBA_", "PATH", "HOME", "LANG", "LC_")) or k == "CM_TEST_CORRUPT"}
 
 
 class Spares:

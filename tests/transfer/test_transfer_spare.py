@@ -111,3 +111,14 @@ def test_the_node_hands_a_job_to_its_spare_and_keeps_one_ready(receiver, roots, 
     finally:
         spares.close()
     assert spare.poll() is not None
+
+
+def test_a_sender_gets_none_of_the_daemons_secrets(monkeypatch):
+    from cm.node import sync
+
+    monkeypatch.setenv("CM_OPERATOR_TOKEN", "s3cret")
+    monkeypatch.setenv("CM_TEST_CORRUPT", "a:0")
+    monkeypatch.setenv("NUMBA_CACHE_DIR", "/tmp/x")
+    env = sync._sender_env()
+    assert "CM_OPERATOR_TOKEN" not in env and "s3cret" not in env.values()
+    assert env["CM_TEST_CORRUPT"] == "a:0" and env["NUMBA_CACHE_DIR"] == "/tmp/x"
