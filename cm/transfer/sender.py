@@ -567,9 +567,10 @@ class Sender:
 
         n = len(items)
         split = [it.entry.path.rpartition("/") for it in items]
-        names = np.frombuffer(b"\0".join(os.fsencode(name) for _, _, name in split) + b"\0", dtype=np.uint8)
+        encoded = [os.fsencode(name) for _, _, name in split]
+        names = np.frombuffer(b"\0".join(encoded) + b"\0", dtype=np.uint8)
         name_off = np.zeros(n + 1, dtype=np.int64)
-        np.cumsum([len(os.fsencode(name)) + 1 for _, _, name in split], out=name_off[1:])
+        np.cumsum([len(name) + 1 for name in encoded], out=name_off[1:])
         sizes = np.fromiter((it.entry.size for it in items), dtype=np.int64, count=n)
         mtimes = np.fromiter((it.entry.mtime_ns for it in items), dtype=np.int64, count=n)
         offsets = np.zeros(n + 1, dtype=np.int64)
