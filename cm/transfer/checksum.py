@@ -111,33 +111,41 @@ def _fold_tail(h, data, p, end):
     return h
 
 
+@njit(cache=True, nogil=True, inline="always")
+def _fold_blocks(data, start, nblocks, v1, v2, v3, v4):
+    """Fold ``nblocks`` 32-byte blocks of data from ``start`` into the four lanes."""
+    # One 64-bit load per lane; x86 and arm64 allow unaligned loads.
+    lanes = data[start:start + nblocks * 32].view(np.uint64)
+    for b in range(nblocks):
+        v1 = _round(v1, lanes[4 * b])
+        v2 = _round(v2, lanes[4 * b + 1])
+        v3 = _round(v3, lanes[4 * b + 2])
+        v4 = _round(v4, lanes[4 * b + 3])
+    return v1, v2, v3, v4
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _converge(v1, v2, v3, v4):
+    """The four lanes of an input of 32 bytes or more, merged into one."""
+    h = _rotl(v1, 1) + _rotl(v2, 7) + _rotl(v3, 12) + _rotl(v4, 18)
+    h = _merge(h, v1)
+    h = _merge(h, v2)
+    h = _merge(h, v3)
+    return _merge(h, v4)
+
+
 @njit(cache=True, nogil=True)
 def _xxh64_range(data, start, length, seed):
     """xxh64 of data[start:start+length]; data is a contiguous uint8 array."""
     p = start
-    end = start + length
     if length >= 32:
-        v1 = seed + _P1 + _P2
-        v2 = seed + _P2
-        v3 = seed
-        v4 = seed - _P1
         nblocks = length // 32
-        # One 64-bit load per lane; x86 and arm64 allow unaligned loads.
-        lanes = data[start:start + nblocks * 32].view(np.uint64)
-        for b in range(nblocks):
-            v1 = _round(v1, lanes[4 * b])
-            v2 = _round(v2, lanes[4 * b + 1])
-            v3 = _round(v3, lanes[4 * b + 2])
-            v4 = _round(v4, lanes[4 * b + 3])
+        v1, v2, v3, v4 = _fold_blocks(data, start, nblocks, seed + _P1 + _P2, seed + _P2, seed, seed - _P1)
+        h = _converge(v1, v2, v3, v4)
         p += nblocks * 32
-        h = _rotl(v1, 1) + _rotl(v2, 7) + _rotl(v3, 12) + _rotl(v4, 18)
-        h = _merge(h, v1)
-        h = _merge(h, v2)
-        h = _merge(h, v3)
-        h = _merge(h, v4)
     else:
         h = seed + _P5
-    return _fold_tail(h + np.uint64(length), data, p, end)
+    return _fold_tail(h + np.uint64(length), data, p, start + length)
 
 
 @njit(cache=True, nogil=True)
@@ -151,14 +159,7 @@ def _xxh64_many(data, offsets, out):
 def _xxh64_blocks(state, data, start, length):
     """Fold whole 32-byte blocks of data[start:start+length] into state[0:4]."""
     nblocks = length // 32
-    lanes = data[start:start + nblocks * 32].view(np.uint64)
-    v1, v2, v3, v4 = state[0], state[1], state[2], state[3]
-    for b in range(nblocks):
-        v1 = _round(v1, lanes[4 * b])
-        v2 = _round(v2, lanes[4 * b + 1])
-        v3 = _round(v3, lanes[4 * b + 2])
-        v4 = _round(v4, lanes[4 * b + 3])
-    state[0], state[1], state[2], state[3] = v1, v2, v3, v4
+    state[0], state[1], state[2], state[3] = _fold_blocks(data, start, nblocks, state[0], state[1], state[2], state[3])
     return nblocks * 32
 
 
@@ -166,12 +167,7 @@ def _xxh64_blocks(state, data, start, length):
 def _xxh64_finish(state, total, tail, seed):
     """Finish a streamed hash: ``tail`` holds the last ``total % 32`` bytes."""
     if total >= 32:
-        v1, v2, v3, v4 = state[0], state[1], state[2], state[3]
-        h = _rotl(v1, 1) + _rotl(v2, 7) + _rotl(v3, 12) + _rotl(v4, 18)
-        h = _merge(h, v1)
-        h = _merge(h, v2)
-        h = _merge(h, v3)
-        h = _merge(h, v4)
+        h = _converge(state[0], state[1], state[2], state[3])
     else:
         h = seed + _P5
     return _fold_tail(h + np.uint64(total), tail, 0, tail.shape[0])
