@@ -24,6 +24,7 @@ code is cached on disk like the checksums.
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 
 import numpy as np
 from numba import njit, types
@@ -50,6 +51,25 @@ _UNNAMED = os.O_RDWR | os.O_TMPFILE | os.O_CLOEXEC
 _AT_FDCWD = -100
 _AT_SYMLINK_FOLLOW = 0x400
 _PROC_FD = b"/proc/self/fd/"
+
+
+def pack_names(names: list[bytes]) -> tuple[np.ndarray, np.ndarray]:
+    """The names NUL-terminated in one read-only array, and the offset of each."""
+    packed = np.frombuffer(b"\0".join(names) + b"\0", dtype=np.uint8)
+    offsets = np.zeros(len(names) + 1, dtype=np.int64)
+    np.cumsum([len(name) + 1 for name in names], out=offsets[1:])
+    return packed, offsets
+
+
+def runs(parents: list) -> Iterator[tuple[int, int]]:
+    """(start, stop) of each run of equal consecutive parents: the files of a sorted batch, per directory."""
+    i, n = 0, len(parents)
+    while i < n:
+        stop = i + 1
+        while stop < n and parents[stop] == parents[i]:
+            stop += 1
+        yield i, stop
+        i = stop
 
 
 @njit(cache=True, nogil=True)

@@ -286,29 +286,22 @@ class Destination:
             offsets.append(offsets[-1] + f[1])
         if offsets[-1] != len(data):
             raise ValueError("batch sizes do not add up to the payload")
-        for path, *_ in files:  # refuse the whole batch if any name is unsafe, before writing anything
-            parent, _, name = path.rpartition(b"/")
+        split = [f[0].rpartition(b"/") for f in files]
+        for parent, _, name in split:  # refuse the whole batch if any name is unsafe, before writing anything
             _split(parent)
             _check_name(name)
         digests = checksum.digest_many(data, offsets)
         bad = [i for i, f in enumerate(files) if digests[i] != f[4]]
         skip = set(bad)
         errors: list = []
-        split = [f[0].rpartition(b"/") for f in files]
         compiled = _Compiled(files, split, data, offsets, bad, self._umask) if self._unnamed and files else None
-        i = 0
-        while i < len(files):  # files come sorted: a run of them shares its directory
-            parent = split[i][0]
-            end = i + 1
-            while end < len(files) and split[end][0] == parent:
-                end += 1
+        for i, end in batchio.runs([parent for parent, _, _ in split]):  # files come sorted
             try:
-                dfd = self.dirs.open(_split(parent), create=True)
+                dfd = self.dirs.open(_split(split[i][0]), create=True)
             except (OSError, PathEscape) as exc:
                 for k in range(i, end):
                     if k not in skip:
                         _fail(errors, files[k][0], exc)
-                i = end
                 continue
             k = i
             while k < end:
@@ -323,7 +316,6 @@ class Destination:
                     except (OSError, PathEscape) as exc:
                         _fail(errors, path, exc)
                 k += 1
-            i = end
         return bad, errors
 
     def _create(self, dfd: int, mode: int) -> tuple[int, bytes | None]:
@@ -464,9 +456,7 @@ class _Compiled:
 
     def __init__(self, files: list, split: list, data: memoryview, offsets: list, bad: list, umask: int):
         n = len(files)
-        self.names = np.frombuffer(b"\0".join(name for _, _, name in split) + b"\0", dtype=np.uint8)
-        self.name_off = np.zeros(n + 1, dtype=np.int64)
-        np.cumsum([len(name) + 1 for _, _, name in split], out=self.name_off[1:])
+        self.names, self.name_off = batchio.pack_names([name for _, _, name in split])
         self.data = np.frombuffer(data, dtype=np.uint8) if len(data) else np.zeros(0, dtype=np.uint8)
         self.data.flags.writeable = False  # read-only like the names: one compiled variant for every caller
         self.data_off = np.asarray(offsets, dtype=np.int64)

@@ -567,10 +567,7 @@ class Sender:
 
         n = len(items)
         split = [it.entry.path.rpartition("/") for it in items]
-        encoded = [os.fsencode(name) for _, _, name in split]
-        names = np.frombuffer(b"\0".join(encoded) + b"\0", dtype=np.uint8)
-        name_off = np.zeros(n + 1, dtype=np.int64)
-        np.cumsum([len(name) + 1 for name in encoded], out=name_off[1:])
+        names, name_off = batchio.pack_names([os.fsencode(name) for _, _, name in split])
         sizes = np.fromiter((it.entry.size for it in items), dtype=np.int64, count=n)
         mtimes = np.fromiter((it.entry.mtime_ns for it in items), dtype=np.int64, count=n)
         offsets = np.zeros(n + 1, dtype=np.int64)
@@ -579,23 +576,17 @@ class Sender:
             raise TransferError(f"a batch of {offsets[-1]} bytes does not fit its {len(buf)}-byte buffer")
         ok = np.zeros(n, dtype=np.bool_)
         arr, work = np.frombuffer(buf, dtype=np.uint8), batchio.stat_scratch()
-        i = 0
-        while i < n:
-            parent, end = split[i][0], i + 1
-            while end < n and split[end][0] == parent:
-                end += 1
+        for i, end in batchio.runs([parent for parent, _, _ in split]):
             try:
-                dfd = handles.open(_parts(parent))
+                dfd = handles.open(_parts(split[i][0]))
             except (OSError, PathEscape) as exc:
                 for k in range(i, end):
                     self.stats.error(items[k].entry.path, str(exc))
-                i = end
                 continue
             batchio.read_run(dfd, names, name_off, sizes, mtimes, arr, offsets, ok, i, end, work)
             for k in range(i, end):
                 if not ok[k]:
                     ok[k] = self._read_one(handles, items[k].entry, buf[offsets[k]:offsets[k + 1]])
-            i = end
         return ok.tolist()
 
     def _read_one(self, handles: DirHandles, e: Entry, into: memoryview) -> bool:
