@@ -57,6 +57,11 @@ class Settings:
     # admin
     operator_group: str = _setting("cmoperator", "Unix group whose members may act on every job")
     operator_token: str = _setting("", "token that grants admin rights (empty: none)")
+    # limits against a careless or hostile user
+    max_pending_per_user: int = _setting(10000, "jobs one user may have waiting (PENDING or HELD), like MaxSubmitJobs")
+    max_request_kb: int = _setting(1024, "largest request a client may send to the head, in KiB")
+    client_timeout: float = _setting(10.0, "seconds a client may take to send a whole request before it is cut off")
+    max_clients_per_user: int = _setting(64, "connections one user may hold open to the head at once")
     # mover
     transfer_host: str = _setting("", "address other nodes reach this node's mover on (default: node name)")
     transfer_port: int = _setting(7818, "TCP port of this node's mover (0: pick a free one)")

@@ -77,13 +77,16 @@ def head_parts(settings: config.Settings) -> list[Part]:
 
 def node_parts(settings: config.Settings, wakeup_fd: int | None) -> list[Part]:
     from cm.node.agent import NodeAgent
-    from cm.transfer.receiver import TransferServer
+    from cm.node.mover import Mover
 
-    mover = TransferServer("0.0.0.0", settings.transfer_port, chunk_size=settings.chunk_mb << 20)
+    mover = Mover("0.0.0.0", settings.transfer_port, chunk_size=settings.chunk_mb << 20,
+                  log_level=settings.log_level)
     mover.start()
 
     def mover_watch(stop: threading.Event) -> None:
-        stop.wait()
+        # the mover is a process of its own: a crash there is noticed here and it starts again
+        while not stop.wait(0.5):
+            mover.check()
         mover.stop()
 
     def node_loop(stop: threading.Event) -> None:

@@ -238,13 +238,17 @@ def frame(msg: Message) -> bytes:
     return len(body).to_bytes(FRAME_HEADER, "big") + body
 
 
-def unframe(buffer: bytearray) -> bytes | None:
-    """Take one whole frame's body off the front of buffer, or None if incomplete."""
+def unframe(buffer: bytearray, limit: int = MAX_MESSAGE) -> bytes | None:
+    """Take one whole frame's body off the front of buffer, or None if incomplete.
+
+    A frame announcing more than ``limit`` bytes raises ProtocolError before
+    any of it is buffered.
+    """
     if len(buffer) < FRAME_HEADER:
         return None
     size = int.from_bytes(buffer[:FRAME_HEADER], "big")
-    if size > MAX_MESSAGE:
-        raise ProtocolError(f"frame of {size} bytes exceeds {MAX_MESSAGE}")
+    if size > limit:
+        raise ProtocolError(f"a request of {size} bytes exceeds the limit of {limit}")
     if len(buffer) < FRAME_HEADER + size:
         return None
     body = bytes(buffer[FRAME_HEADER : FRAME_HEADER + size])

@@ -31,6 +31,8 @@ def nodes_table(nodes: list[dict]) -> str:
 def progress_text(job: dict) -> str:
     if job["progress"] is None:
         return ""
+    for i, var in enumerate(job.get("env") or []):
+        lines.append(f"{'ENV' if i == 0 else '':>10}: {var}")
     t = job.get("transfer") or {}
     text = f"{job['progress']:.0f}%"
     if t.get("rate") and job["state"] == "RUNNING":
@@ -63,13 +65,16 @@ def jobs_table(jobs: list[dict]) -> str:
 def job_details(job: dict) -> str:
     lines = []
     for key in ("id", "name", "user", "type", "state", "exit_code", "partition", "nodes", "num_nodes", "priority",
-                "submitted", "started", "ended", "elapsed", "time_limit", "progress", "reason"):
+                "submitted", "started", "ended", "elapsed", "time_limit", "progress", "reason", "command",
+                "workdir"):
         value = job.get(key)
         if key in ("elapsed", "time_limit"):
             value = format_duration(value)
         elif key == "nodes":
             value = ",".join(value)
         lines.append(f"{key.upper():>10}: {'' if value is None else value}")
+    for i, var in enumerate(job.get("env") or []):
+        lines.append(f"{'ENV' if i == 0 else '':>10}: {var}")
     t = job.get("transfer") or {}
     if t:
         lines.append(f"{'TRANSFER':>10}: {human_bytes(t.get('bytes_done', 0))} of {human_bytes(t.get('bytes_total', 0))}, "

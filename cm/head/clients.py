@@ -2,7 +2,11 @@
 
 A client's identity is the peer's uid from SO_PEERCRED, never a field of its
 request. Connections are non-blocking and buffered so a slow or malicious
-client cannot stall the head.
+client cannot stall the head, and bounded so it cannot hold the head's
+resources: a request larger than ``max_request`` is refused from its
+header, a client that takes longer than ``client_timeout`` to send a whole
+request (or stays silent for ``IDLE_TIMEOUT``) is cut off, and one user may
+hold at most ``max_per_user`` connections (root is not limited).
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ import os
 import pwd
 import socket
 import struct
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,6 +26,7 @@ from cm.protocol import ProtocolError, Reply, Request, decode, frame, unframe
 
 log = logging.getLogger("cm.head.clients")
 MAX_PENDING_OUT = 64 * 1024 * 1024
+IDLE_TIMEOUT = 300.0  # seconds a connection may stay open without sending anything
 
 
 @dataclass(frozen=True)
@@ -55,6 +61,8 @@ class Connection:
         self.caller = caller
         self.inbox = bytearray()
         self.outbox = bytearray()
+        self.last_active = time.monotonic()
+        self.partial_since: float | None = None  # when the request now arriving began
 
     def fileno(self) -> int:
         return self.fd
@@ -63,10 +71,15 @@ class Connection:
 class ClientServer:
     """Accepts connections and turns frames into (caller, Request) pairs."""
 
-    def __init__(self, path: Path, operator_group: str):
+    def __init__(self, path: Path, operator_group: str, max_request: int = 1 << 20, client_timeout: float = 10.0,
+                 max_per_user: int = 64):
         self.path = path
         self.operator_group = operator_group
+        self.max_request = max_request
+        self.client_timeout = client_timeout
+        self.max_per_user = max_per_user
         self.conns: dict[int, Connection] = {}
+        self.per_uid: dict[int, int] = {}
         path.parent.mkdir(parents=True, exist_ok=True)
         if path.exists() or path.is_symlink():
             path.unlink()
@@ -88,7 +101,19 @@ class ClientServer:
             except OSError:
                 sock.close()
                 continue
-            self.conns[sock.fileno()] = Connection(sock, caller)
+            conn = Connection(sock, caller)
+            if caller.uid != 0 and self.per_uid.get(caller.uid, 0) >= self.max_per_user:
+                event(log, "too many connections", logging.WARNING, uid=caller.uid, limit=self.max_per_user)
+                conn.outbox += frame(Reply(ok=False, error=f"refused: {caller.user} already has "
+                                                           f"{self.max_per_user} connections open to the head"))
+                try:
+                    sock.send(conn.outbox)
+                except OSError:
+                    pass
+                sock.close()
+                continue
+            self.conns[conn.fd] = conn
+            self.per_uid[caller.uid] = self.per_uid.get(caller.uid, 0) + 1
 
     def read(self, fd: int) -> list[tuple[Connection, Request]]:
         """Requests that arrived whole on fd. Garbage gets an error reply and a closed socket."""
@@ -105,10 +130,11 @@ class ClientServer:
             self.close(conn)
             return []
         conn.inbox += data
+        conn.last_active = time.monotonic()
         out = []
         while True:
             try:
-                body = unframe(conn.inbox)
+                body = unframe(conn.inbox, self.max_request)
                 if body is None:
                     break
                 msg = decode(body)
@@ -121,7 +147,19 @@ class ClientServer:
                 self.close(conn)
                 return out
             out.append((conn, msg))
+        conn.partial_since = (conn.partial_since or conn.last_active) if conn.inbox else None
         return out
+
+    def reap(self, now: float) -> None:
+        """Cut off clients that are too slow to send a request, or silent for too long."""
+        for conn in list(self.conns.values()):
+            slow = conn.partial_since is not None and now - conn.partial_since > self.client_timeout
+            if slow or (not conn.outbox and now - conn.last_active > IDLE_TIMEOUT):
+                event(log, "client cut off", logging.INFO, uid=conn.caller.uid,
+                      why="request incomplete" if slow else "idle")
+                if slow:
+                    self.send(conn, Reply(ok=False, error=f"request not complete within {self.client_timeout:g} s"))
+                self.close(conn)
 
     def send(self, conn: Connection, reply: Reply) -> None:
         if len(conn.outbox) > MAX_PENDING_OUT:
@@ -142,7 +180,12 @@ class ClientServer:
             del conn.outbox[:sent]
 
     def close(self, conn: Connection) -> None:
-        self.conns.pop(conn.fd, None)
+        if self.conns.pop(conn.fd, None) is not None:
+            left = self.per_uid.get(conn.caller.uid, 1) - 1
+            if left > 0:
+                self.per_uid[conn.caller.uid] = left
+            else:
+                self.per_uid.pop(conn.caller.uid, None)
         try:
             conn.sock.close()
         except OSError:

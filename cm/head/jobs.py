@@ -8,6 +8,7 @@ what was stored. Finished jobs leave memory; they stay in the database.
 from __future__ import annotations
 
 import collections
+import hmac
 import logging
 import time
 from dataclasses import dataclass, field
@@ -234,9 +235,13 @@ class JobTable:
                     "nnodes": len(nodelist), "nodelist": nodelist, "stdout": job["stdout"], "stderr": job["stderr"],
                     "cpus": slot["cpus"]}
         sync = job["sync"]
-        transfer = {"transfer_id": f"{job['_id']}.{job['runs']}", "token": sync["token"]}
+        transfer_id = f"{job['_id']}.{job['runs']}"
+        # each run its own 128-bit data-plane token: one run's token opens no other run's transfer
+        token = hmac.new(bytes.fromhex(sync["token"]), transfer_id.encode(), "sha256").hexdigest()[:32]
+        transfer = {"transfer_id": transfer_id, "token": token}
         if slot["role"] == "dst":
-            return {**base, "transfer": {**transfer, "dst_path": sync["dst"]["path"]}}
+            return {**base, "transfer": {**transfer, "dst_path": sync["dst"]["path"],
+                                         "owners": bool(sync["options"].get("owners"))}}
         dst = next(s for s in job["slots"] if s["role"] == "dst" and s["rank"] == slot["rank"])
         host, _, port = addrs.get(dst["node"], ":0").rpartition(":")
         nranks = sum(1 for s in job["slots"] if s["role"] == "src")

@@ -78,10 +78,21 @@ def _default_partition(head: "HeadServer") -> str:
     return partitions[0]
 
 
+_WAITING = (JobState.PENDING.value, JobState.HELD.value)
+
+
+def _waiting(head: "HeadServer", uid: int) -> int:
+    return sum(1 for j in head.jobs.jobs.values() if j["uid"] == uid and j["state"] in _WAITING)
+
+
 def submit(head: "HeadServer", caller: Caller, args: dict) -> dict:
     policy = head.admin_policy
     if not caller.operator and (policy.get("block_all") or caller.user in policy.get("blocked_users", [])):
         raise Refused(f"submissions from {caller.user} are blocked by an administrator")
+    limit = head.settings.max_pending_per_user
+    if not caller.operator and _waiting(head, caller.uid) >= limit:
+        raise Refused(f"{caller.user} already has {limit} jobs waiting (CM_MAX_PENDING_PER_USER); "
+                      "submit more when some have started")
     kind = _str(args, "kind", "command")
     fields: dict[str, Any] = {
         "user": caller.user, "uid": caller.uid, "gid": caller.gid, "kind": kind,
@@ -96,6 +107,9 @@ def submit(head: "HeadServer", caller: Caller, args: dict) -> dict:
         env = args.get("env", [])
         if not isinstance(env, list) or not all(isinstance(e, str) and "=" in e[1:] for e in env):
             raise Refused("env must be a list of NAME=value strings")
+        # the operator token never reaches a job (its processes' environment is readable in /proc)
+        secret = head.settings.operator_token
+        env = [e for e in env if not e.startswith("CM_OPERATOR_TOKEN=") and not (secret and secret in e)]
         cwd = _str(args, "cwd", "/")
         if not os.path.isabs(cwd):
             raise Refused(f"working directory {cwd!r} must be absolute")
@@ -132,6 +146,8 @@ def submit(head: "HeadServer", caller: Caller, args: dict) -> dict:
             "delete": bool(options.get("delete")), "dry_run": bool(options.get("dry_run")),
             "checksum": bool(options.get("checksum")), "exclude": exclude, "bwlimit": bwlimit,
             "policy": policy_name, "streams": head.settings.streams, "chunk_size": head.settings.chunk_mb << 20,
+            # root's and operators' syncs keep owners and groups, like `rsync -a` as root
+            "owners": caller.operator,
         }
         fields.update(
             name=_str(args, "name", "", 200) or "sync", argv=[], env=[], cwd=_str(args, "cwd", "/"),
@@ -203,7 +219,17 @@ def info(head: "HeadServer", caller: Caller, args: dict) -> dict:
         job = head.jobs.jobs.get(job_id) or head.jobs.recent.get(job_id) or store.get_job(job_id)
         if job is None:
             raise Refused(f"job {job_id} does not exist")
-        return {"nodes": nodes, "jobs": [job_view(job)]}
+        view = job_view(job)
+        if job["kind"] == "sync":
+            sync = job.get("sync") or {}
+            view["command"] = " ".join(f"{s.get('node') or s.get('partition')}:{s.get('path')}"
+                                       for s in (sync.get("src", {}), sync.get("dst", {})))
+        else:
+            view["command"] = " ".join(job.get("argv") or [])
+        view["workdir"] = job.get("cwd")
+        # like Slurm's PrivateData: a job's environment is its owner's (and the admins') business
+        view["env"] = list(job.get("env") or []) if caller.operator or job["uid"] == caller.uid else None
+        return {"nodes": nodes, "jobs": [view]}
     if args.get("all"):
         known = {j["_id"]: j for j in store.recent_jobs(None)}
         known.update(head.jobs.jobs)  # memory is newer for unfinished jobs (progress)

@@ -83,7 +83,10 @@ class HeadServer:
             self.gatekeeper = Gatekeeper(ctx, self.settings.run_dir)
             secure_server(self.router, self.settings.run_dir)
         self.router.bind(f"tcp://{self.settings.bind_host}:{self.settings.head_port}")
-        self.clients = ClientServer(self.settings.socket_path, self.settings.operator_group)
+        self.clients = ClientServer(self.settings.socket_path, self.settings.operator_group,
+                                    max_request=self.settings.max_request_kb << 10,
+                                    client_timeout=self.settings.client_timeout,
+                                    max_per_user=self.settings.max_clients_per_user)
         self._resend_unfinished()
         event(log, "head listening", port=self.settings.head_port, socket=str(self.settings.socket_path))
 
@@ -360,6 +363,8 @@ class HeadServer:
     def tick(self, now: float) -> None:
         if self.gatekeeper is not None:
             self.gatekeeper.refresh()
+        if self.clients is not None:
+            self.clients.reap(now)
         if self.stale:
             return
         try:

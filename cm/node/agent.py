@@ -20,6 +20,7 @@ import zmq
 
 from cm import __version__
 from cm.config import Settings
+from cm.creds import Identity
 from cm.logs import event
 from cm.node import launch
 from cm.node.purge import Purge, Tracked
@@ -53,7 +54,7 @@ class NodeAgent:
     def __init__(self, settings: Settings, transfer=None, wakeup_fd: int | None = None):
         self.settings = settings
         self.name = settings.name
-        self.transfer = transfer  # this node's TransferServer, if it receives syncs
+        self.transfer = transfer  # this node's Mover (cm.node.mover), if it receives syncs
         self.wakeup_fd = wakeup_fd
         self.incarnation = new_id()
         self.purge = Purge(settings.kill_grace)
@@ -254,13 +255,17 @@ class NodeAgent:
         if spec["role"] == "dst":
             if self.transfer is None:
                 raise launch.LaunchError(f"{self.name} has no mover running")
-            from cm.transfer.paths import PathEscape
+            from cm.node.mover import MoverError
 
+            launch.identity(spec["uid"], spec["gid"])  # refuses a uid this daemon cannot act as
+            # root's and operators' syncs write as root and keep owners; everybody else's write as themselves
+            owners = bool(transfer.get("owners"))
+            who = Identity(0, 0, ()) if owners else Identity.of_user(spec["uid"], spec["gid"])
             try:
                 self.transfer.register(transfer["transfer_id"], transfer["token"], Path(self.settings.data_root),
-                                       transfer["dst_path"])
-            except PathEscape as exc:
-                raise launch.LaunchError(f"destination refused: {exc}") from None
+                                       transfer["dst_path"], who, keep_owners=owners)
+            except MoverError as exc:
+                raise launch.LaunchError(str(exc)) from None
             self.receiving[job_id] = (spec["run"], transfer["transfer_id"])
             return
         proc, err = start_sender(spec, self.name, job_id, str(Path(self.settings.data_root).resolve()), self.spares)

@@ -11,6 +11,8 @@ import os
 import subprocess
 from pathlib import Path
 
+from cm.creds import Identity, acting_as, groups_of
+
 # $1/$2: stdout/stderr paths; the rest is the command, executed without a shell's interpretation
 _WRAPPER = 'exec >"$1" 2>"$2" </dev/null || exit 126; shift 2; exec "$@"'
 
@@ -44,29 +46,32 @@ def log_paths(spec: dict, node: str, job_id: int, rank: int) -> tuple[Path, Path
     return paths[0], paths[1]
 
 
-def _make_dirs(directory: Path, uid: int, gid: int) -> None:
-    """Create directory and its missing parents, owned by the user."""
-    missing = []
-    parent = directory
-    while not parent.exists():
-        missing.append(parent)
-        parent = parent.parent
-    for d in reversed(missing):
+def make_log_dir(directory: Path, who: Identity) -> None:
+    """Create directory and its missing parents as the user (so they are the user's, and only where
+    the user may create them); raises LaunchError with the reason."""
+    with acting_as(who):
         try:
-            d.mkdir()
-        except FileExistsError:
-            continue
-        if os.geteuid() == 0:
-            os.chown(d, uid, gid)
+            os.makedirs(directory, exist_ok=True)
+        except OSError as exc:
+            raise LaunchError(f"cannot create the log directory {directory}: {exc.strerror or exc}") from None
+
+
+def check_workdir(cwd: Path, who: Identity, node: str) -> None:
+    """The user may enter cwd on this node (checked as the user); raises LaunchError saying why not."""
+    with acting_as(who):
+        if not cwd.is_dir():
+            raise LaunchError(f"working directory {cwd} does not exist on {node} (or you may not reach it)")
+        if not os.access(cwd, os.X_OK, effective_ids=True):
+            raise LaunchError(f"working directory {cwd} on {node}: permission denied for uid {who.uid}")
 
 
 def start(spec: dict, node: str, job_id: int) -> list[subprocess.Popen]:
     """Start every process of this node's share; raise LaunchError if none can start."""
     uid, gid = spec["uid"], spec["gid"]
     extra = identity(uid, gid)
+    who = Identity.of_user(uid, gid)
     cwd = Path(spec["cwd"])
-    if not cwd.is_dir():
-        raise LaunchError(f"working directory {cwd} does not exist on {node}")
+    check_workdir(cwd, who, node)
     procs_per_node, node_rank = spec["procs"], spec["rank"]
     base_env = dict(e.split("=", 1) for e in spec["env"])
     base_env.update(
@@ -81,7 +86,7 @@ def start(spec: dict, node: str, job_id: int) -> list[subprocess.Popen]:
             rank = node_rank * procs_per_node + local
             out, err = log_paths(spec, node, job_id, rank)
             for p in {out.parent, err.parent}:
-                _make_dirs(p, uid, gid)
+                make_log_dir(p, who)
             env = {**base_env, "CM_PROC_RANK": str(rank), "CM_LOCAL_RANK": str(local)}
             procs.append(
                 subprocess.Popen(
@@ -107,16 +112,6 @@ def identity(uid: int, gid: int) -> dict:
     """
     if os.geteuid() != 0 and uid != os.geteuid():
         raise LaunchError(f"this node's daemon is not root and cannot run jobs as uid {uid}")
-    if uid == os.geteuid() and gid == os.getegid() and set(_groups_of(uid, gid)) <= set(os.getgroups()):
+    if uid == os.geteuid() and gid == os.getegid() and set(groups_of(uid, gid)) <= set(os.getgroups()):
         return {}
-    return {"user": uid, "group": gid, "extra_groups": _groups_of(uid, gid)}
-
-
-def _groups_of(uid: int, gid: int) -> list[int]:
-    import pwd
-
-    try:
-        name = pwd.getpwuid(uid).pw_name
-    except KeyError:
-        return []
-    return [g for g in os.getgrouplist(name, gid) if g != gid]
+    return {"user": uid, "group": gid, "extra_groups": groups_of(uid, gid)}

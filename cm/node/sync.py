@@ -19,7 +19,8 @@ import sys
 import time
 from pathlib import Path
 
-from cm.node.launch import LaunchError, _make_dirs, identity, log_paths
+from cm.creds import Identity, acting_as
+from cm.node.launch import LaunchError, identity, log_paths, make_log_dir
 
 
 def _sender_env() -> dict:
@@ -106,19 +107,20 @@ def start_sender(spec: dict, node: str, job_id: int, data_root: str,
                  spares: Spares | None = None) -> tuple[subprocess.Popen, Path]:
     """Hand this rank's transfer to a sender running as the user; progress comes back on its stdout."""
     uid, gid = spec["uid"], spec["gid"]
-    extra = identity(uid, gid)  # refuses a uid this daemon cannot become
+    identity(uid, gid)  # refuses a uid this daemon cannot become
+    who = Identity.of_user(uid, gid)
     transfer = {**spec["transfer"], "src_root": data_root}
     cwd = Path(spec.get("cwd") or "/")
     _, err_path = log_paths({**spec, "cwd": str(cwd), "stdout": "", "stderr": ""}, node, job_id, spec["rank"])
     try:
-        _make_dirs(err_path.parent, uid, gid)
-        with open(err_path, "ab"):
-            pass
-        if os.geteuid() == 0:
-            os.chown(err_path, uid, gid)
-    except OSError:
+        make_log_dir(err_path.parent, who)
+        with acting_as(who):  # made by the user, where the user may write, never through a planted link
+            os.close(os.open(err_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644))
+    except (LaunchError, OSError):
         err_path = Path(os.devnull)
-    job = {"transfer": transfer, "uid": uid, "gid": gid, "groups": extra.get("extra_groups", os.getgroups()),
+    # root's and operators' syncs read as root and keep owners; everybody else's read as themselves
+    reader = Identity(0, 0, ()) if transfer.get("owners") else who
+    job = {"transfer": transfer, "uid": reader.uid, "gid": reader.gid, "groups": list(reader.groups),
            "stderr": str(err_path)}
     data = json.dumps(job).encode()
     for attempt in range(2):

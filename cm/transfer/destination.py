@@ -59,6 +59,10 @@ def _umask() -> int:
     return 0o777
 
 
+class ChunkRefused(OSError):
+    """A chunk's file cannot be written (e.g. permission denied) and none of its payload was read."""
+
+
 def _fail(errors: list, path, exc: Exception) -> None:
     errors.append([path, f"{type(exc).__name__}: {exc}"])
 
@@ -263,6 +267,30 @@ class Destination:
                 _fail(errors, path, exc)
         return errors
 
+    def owners(self, entries: list) -> list:
+        """Give each [path, uid, gid, mode] its owner (never through a symlink); root's syncs only.
+
+        A change of owner clears set-user-ID and set-group-ID bits, so a
+        file or directory that has them gets its mode again afterwards.
+        """
+        errors: list = []
+        for path, uid, gid, mode in entries:
+            try:
+                parts = _split(path)
+                if parts:
+                    dfd, name = self._parent(parts), parts[-1]
+                    os.chown(name, uid, gid, dir_fd=dfd, follow_symlinks=False)
+                    if mode & 0o6000 and not stat.S_ISLNK(os.stat(name, dir_fd=dfd, follow_symlinks=False).st_mode):
+                        os.chmod(name, mode, dir_fd=dfd)
+                else:
+                    fd = self.dirs.open(())
+                    os.fchown(fd, uid, gid)
+                    if mode & 0o6000:
+                        os.fchmod(fd, mode)
+            except (OSError, PathEscape) as exc:
+                _fail(errors, path, exc)
+        return errors
+
     # ---- file data ----
 
     def _publish(self, dfd: int, tmp, name) -> None:
@@ -390,20 +418,29 @@ class Destination:
             raise
         self._finish(dfd, fd, tmp, name, mode, mtime)
 
-    def receive_chunk(self, meta: dict, channel, buf: memoryview) -> tuple[bool, bool]:
+    def receive_chunk(self, meta: dict, channel, buf: memoryview,
+                      owner: tuple[int, int] | None = None) -> tuple[bool, bool]:
         """Receive one streamed chunk from ``channel`` into its place; returns (verified, published).
 
         A one-chunk file goes to a fresh temporary file; chunks of a larger
         file go to the shared ``.part`` file and are recorded in its sidecar.
+        ``owner`` (uid, gid), for syncs that keep owners, is given to the
+        file before it is published (then its mode, which a chown may clear).
         """
         parts = _split(meta["path"])
         size, chunk_size, index = meta["size"], meta["chunk_size"], meta["index"]
         mode, mtime = meta["mode"], meta["mtime"]
-        dfd = self._parent(parts, create=True)
+        try:
+            dfd = self._parent(parts, create=True)
+        except OSError as exc:
+            raise ChunkRefused(exc.errno, exc.strerror) from None
         length = min(chunk_size, size - index * chunk_size)
         if chunk_count(size, chunk_size) == 1:
             name = os.fsencode(parts[-1])
-            fd, tmp = self._create(dfd, mode)
+            try:
+                fd, tmp = self._create(dfd, mode)
+            except OSError as exc:
+                raise ChunkRefused(exc.errno, exc.strerror) from None
             try:
                 got, sent = channel.recv_stream_to_fd(fd, 0, length, buf, checksum.Hasher())
             except BaseException:
@@ -416,10 +453,22 @@ class Destination:
                 if tmp is not None:
                     _unlink_quietly(dfd, tmp)
                 return False, False
+            if owner is not None:
+                try:
+                    os.fchown(fd, *owner)
+                    os.fchmod(fd, mode)
+                except OSError:
+                    os.close(fd)
+                    if tmp is not None:
+                        _unlink_quietly(dfd, tmp)
+                    raise
             self._finish(dfd, fd, tmp, name, mode, mtime)
             return True, True
         part, ok = partial_names(parts[-1], size, mtime, chunk_size)
-        fd = os.open(part, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600, dir_fd=dfd)
+        try:
+            fd = os.open(part, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600, dir_fd=dfd)
+        except OSError as exc:
+            raise ChunkRefused(exc.errno, exc.strerror) from None
         try:
             st = os.fstat(fd)
             if not stat.S_ISREG(st.st_mode):
@@ -439,6 +488,8 @@ class Destination:
                     return True, False
             finally:
                 rec.close()
+            if owner is not None:
+                os.fchown(fd, *owner)
             os.fchmod(fd, mode)
             os.utime(fd, ns=(mtime, mtime))
         finally:

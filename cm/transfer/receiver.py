@@ -1,29 +1,43 @@
-"""The receiving end of the mover: a TCP server inside the node daemon.
+"""The receiving end of the mover: a TCP server, in a process of its own on each node.
 
-The node daemon starts one ``TransferServer`` and, for each sync job that
-writes to this node's storage, ``register``s the transfer (id, secret token,
-data root, destination path). Senders connect, present the id and token in
-a HELLO frame, and then drive a ``Destination`` with requests. Anything
-malformed gets an ERROR answer and the connection is closed; the server
-itself keeps serving. One thread per connection; senders open a few.
+The node daemon starts the mover (``python -m cm.transfer.receiver``) as
+root and hands it the listening socket; it restarts it if it dies, so a
+crash here never takes the node daemon down. For each sync job that writes
+to this node's storage the daemon ``register``s the transfer (id, secret
+token, data root, destination path, and the job's identity) over the
+mover's stdin. Senders connect, present the id and token in a HELLO frame,
+and then drive a ``Destination`` with requests.
+
+Each connection's thread acts as the job's user on the file system
+(``cm.creds.acting_as``: file-system uid, gid and groups, per thread), so
+the kernel checks every create, replace and delete exactly as it would
+for the user's own ``cp`` and ``rm``, and what is created belongs to the
+user. Only transfers of root's or an operator's jobs may set owners
+(OWNERS). Anything malformed gets an ERROR answer and the connection is
+closed; the server itself keeps serving. One thread per connection;
+senders open a few.
 """
 
 from __future__ import annotations
 
 import hmac
+import json
 import logging
 import mmap
 import os
 import socket
+import sys
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from cm.creds import CredentialsError, Identity, acting_as
+
 from . import batchio, checksum
-from .destination import Destination
+from .destination import ChunkRefused, Destination
 from .partial import chunk_count
 from .paths import PathEscape, confine, wire_parts
-from .wire import MAX_BATCH, Channel, Kind, ProtocolError, tune
+from .wire import MAX_BATCH, TRAILER, Channel, Kind, ProtocolError, tune
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +56,8 @@ class _Registration:
     token: str
     root: Path
     prefix: tuple[str, ...]
+    who: Identity
+    keep_owners: bool = False
     channels: set = field(default_factory=set)
 
 
@@ -79,10 +95,11 @@ def _chunk_size(v, max_chunk: int) -> int:
 class TransferServer:
     """Accepts sender connections for registered transfers and writes what they send."""
 
-    def __init__(self, host: str, port: int, chunk_size: int = 64 << 20):
+    def __init__(self, host: str, port: int, chunk_size: int = 64 << 20, listener: socket.socket | None = None):
         self.host = host
         self.port = port
         self.chunk_size = chunk_size
+        self._given = listener  # already bound and listening (handed over by the node daemon)
         self._lock = threading.Lock()
         self._transfers: dict[str, _Registration] = {}
         self._threads: set[threading.Thread] = set()
@@ -96,11 +113,7 @@ class TransferServer:
 
     def start(self) -> None:
         """Bind, listen and serve in background threads; returns once listening."""
-        family = socket.AF_INET6 if ":" in self.host else socket.AF_INET
-        lsock = socket.socket(family, socket.SOCK_STREAM)
-        lsock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        lsock.bind((self.host, self.port))
-        lsock.listen(128)
+        lsock = self._given or listen(self.host, self.port)
         self.port = lsock.getsockname()[1]
         self._listener = lsock
         self._acceptor = threading.Thread(target=self._accept_loop, name=f"mover-accept-{self.port}", daemon=True)
@@ -132,20 +145,26 @@ class TransferServer:
 
     # ---- transfers ----
 
-    def register(self, transfer_id: str, token: str, root: Path, dst_path: str) -> None:
-        """Allow senders presenting (transfer_id, token) to write under ``root/dst_path``.
+    def register(self, transfer_id: str, token: str, root: Path, dst_path: str, who: Identity | None = None,
+                 keep_owners: bool = False) -> None:
+        """Allow senders presenting (transfer_id, token) to write under ``root/dst_path`` as ``who``.
 
-        Raises ``PathEscape`` if ``dst_path`` leads outside ``root``. Creates
+        ``who`` is the job's identity (default: this process's own); every
+        change to the tree is made with it. ``keep_owners`` lets the sender
+        set owners (root's and operators' syncs). Raises ``PathEscape`` if
+        ``dst_path`` leads outside ``root`` (resolved as ``who``). Creates
         nothing: the destination appears when the first sender writes.
         """
         if not transfer_id or not token:
             raise ValueError("transfer id and token must not be empty")
+        who = who or Identity(os.geteuid(), os.getegid(), tuple(os.getgroups()))
         real_root = Path(os.path.realpath(root))
-        target = confine(real_root, dst_path)
+        with acting_as(who):
+            target = confine(real_root, dst_path)
         prefix = target.relative_to(real_root).parts
         with self._lock:
             old = self._transfers.get(transfer_id)
-            reg = _Registration(token, real_root, tuple(prefix))
+            reg = _Registration(token, real_root, tuple(prefix), who, keep_owners and who.is_root)
             if old is not None:
                 reg.channels = old.channels
             self._transfers[transfer_id] = reg
@@ -190,7 +209,11 @@ class TransferServer:
             sock.settimeout(IDLE_TIMEOUT)
             chan.max_meta = 64 << 20
             chan.max_payload = max(self.chunk_size, MAX_BATCH)
-            self._session(chan, reg)
+            try:
+                with acting_as(reg.who):  # this thread is the job's user from here on
+                    self._session(chan, reg)
+            except CredentialsError as exc:
+                chan.reply_error(f"the receiver cannot act as uid {reg.who.uid}: {exc}")
         except (ConnectionError, TimeoutError, ProtocolError, BadRequest, OSError) as exc:
             log.info("mover connection from %s ended: %s", peer, exc)
         finally:
@@ -239,7 +262,7 @@ class TransferServer:
                     return
                 try:
                     if kind == Kind.CHUNK:
-                        chan.reply(self._chunk(dest, chan, meta, plen, memoryview(buf)))
+                        chan.reply(self._chunk(dest, reg, chan, meta, plen, memoryview(buf)))
                     elif kind == Kind.BATCH:
                         if plen > MAX_BATCH:
                             raise BadRequest("batch too large")
@@ -253,7 +276,7 @@ class TransferServer:
                     else:
                         if plen:
                             raise BadRequest(f"{kind.name} carries no payload")
-                        chan.reply(self._request(dest, kind, meta))
+                        chan.reply(self._request(dest, reg, kind, meta))
                 except (BadRequest, PathEscape, ValueError) as exc:
                     chan.reply_error(f"refused {kind.name}: {exc}")
                     return  # the stream may be out of step now: make the sender reconnect
@@ -265,7 +288,8 @@ class TransferServer:
         finally:
             dest.close()
 
-    def _chunk(self, dest: Destination, chan: Channel, meta: dict, plen: int, buf: memoryview) -> dict:
+    def _chunk(self, dest: Destination, reg: _Registration, chan: Channel, meta: dict, plen: int,
+               buf: memoryview) -> dict:
         if not isinstance(meta.get("path"), bytes):
             raise BadRequest("chunk needs a path")
         wire_parts(os.fsdecode(meta["path"]))
@@ -278,15 +302,25 @@ class TransferServer:
         size, index = meta["size"], meta["index"]
         if index >= chunk_count(size, chunk_size) or plen != min(chunk_size, size - index * chunk_size):
             raise BadRequest("chunk index or length does not fit the file size")
+        owner = None
+        if "uid" in meta or "gid" in meta:
+            if not reg.keep_owners:
+                raise BadRequest("this transfer may not set owners (only root's and operators' syncs do)")
+            if not _is_int(meta.get("uid")) or not _is_int(meta.get("gid")):
+                raise BadRequest("chunk owner needs uid and gid")
+            owner = (meta["uid"], meta["gid"])
         try:
-            ok, published = dest.receive_chunk(meta, chan, buf)
+            ok, published = dest.receive_chunk(meta, chan, buf, owner)
+        except ChunkRefused as exc:  # nothing of the payload read yet: pass it by, the stream goes on
+            chan.skip(plen + TRAILER.size, buf)
+            return {"ok": False, "published": False, "error": exc.strerror or str(exc)}
         except OSError as exc:
             if isinstance(exc, (ConnectionError, TimeoutError)):
                 raise
             raise BadRequest(f"cannot write {os.fsdecode(meta['path'])!r}: {exc}") from exc
         return {"ok": ok, "published": published}
 
-    def _request(self, dest: Destination, kind: Kind, meta: dict) -> dict:
+    def _request(self, dest: Destination, reg: _Registration, kind: Kind, meta: dict) -> dict:
         if kind == Kind.MANIFEST:
             exclude = meta.get("exclude", [])
             page = meta.get("page", 0)
@@ -318,7 +352,21 @@ class TransferServer:
             return {"errors": dest.set_meta(_rows(meta, "files", (bytes, "mode", "mtime")))}
         if kind == Kind.DIRMETA:
             return {"errors": dest.dir_meta(_rows(meta, "dirs", (bytes, "mode", "mtime")))}
+        if kind == Kind.OWNERS:
+            if not reg.keep_owners:
+                raise BadRequest("this transfer may not set owners (only root's and operators' syncs do)")
+            return {"errors": dest.owners(_rows(meta, "entries", (bytes, int, int, "mode")))}
         raise BadRequest(f"unexpected {kind.name}")
+
+
+def listen(host: str, port: int) -> socket.socket:
+    """A TCP socket bound to (host, port) and listening (port 0: the kernel picks one)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    lsock = socket.socket(family, socket.SOCK_STREAM)
+    lsock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    lsock.bind((host, port))
+    lsock.listen(128)
+    return lsock
 
 
 def _warm_up() -> None:
@@ -331,3 +379,72 @@ def _shutdown(sock: socket.socket) -> None:
         sock.shutdown(socket.SHUT_RDWR)
     except OSError:
         pass
+
+
+# ---- the mover process: ``python -m cm.transfer.receiver --listen-fd N`` ----
+#
+# The node daemon writes one JSON object per line on the mover's stdin and
+# reads one answer per line on its stdout:
+#   {"op": "register", "transfer_id", "token", "root", "dst_path", "uid", "gid", "groups", "keep_owners"}
+#   {"op": "unregister", "transfer_id"}
+# → {"ok": true} or {"ok": false, "error": "..."}. End of stdin: stop and exit.
+
+def _control(server: TransferServer, line: bytes) -> dict:
+    try:
+        req = json.loads(line)
+        if not isinstance(req, dict):
+            raise ValueError("not an object")
+        op = req.get("op")
+        if op == "register":
+            ints = [req["uid"], req["gid"], *req["groups"]]
+            if not all(_is_int(v) for v in ints):
+                raise ValueError("uid, gid and groups must be integers")
+            who = Identity(req["uid"], req["gid"], tuple(req["groups"]))
+            server.register(str(req["transfer_id"]), str(req["token"]), Path(req["root"]), str(req["dst_path"]),
+                            who, bool(req.get("keep_owners")))
+        elif op == "unregister":
+            server.unregister(str(req["transfer_id"]))
+        elif op != "ping":
+            raise ValueError(f"unknown op {op!r}")
+        return {"ok": True}
+    except PathEscape as exc:
+        return {"ok": False, "error": f"destination refused: {exc}"}
+    except (ValueError, KeyError, TypeError) as exc:
+        return {"ok": False, "error": f"bad control request: {exc!r}"}
+    except OSError as exc:
+        return {"ok": False, "error": f"destination refused: {exc.strerror or exc}"}
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    from cm import logs
+
+    parser = argparse.ArgumentParser(prog="python -m cm.transfer.receiver")
+    parser.add_argument("--listen-fd", type=int, required=True, help="a listening TCP socket to serve")
+    parser.add_argument("--chunk-size", type=int, default=64 << 20)
+    parser.add_argument("--log-level", default="INFO")
+    args = parser.parse_args(argv)
+    logs.setup(args.log_level)
+    listener = socket.socket(fileno=args.listen_fd)
+    host, port = listener.getsockname()[:2]
+    server = TransferServer(host, port, chunk_size=args.chunk_size, listener=listener)
+    server.start()
+    out = sys.stdout.buffer
+    out.write(json.dumps({"ok": True, "ready": True, "pid": os.getpid()}).encode() + b"\n")
+    out.flush()
+    try:
+        for line in sys.stdin.buffer:
+            if line.strip():
+                out.write(json.dumps(_control(server, line)).encode() + b"\n")
+                out.flush()
+    finally:
+        server.stop()
+    return 0
+
+
+if __name__ == "__main__":
+    status = main()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(status)

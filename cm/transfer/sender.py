@@ -213,6 +213,9 @@ class Sender:
             dirs = diff.dir_meta(entries, dst, touched)
             self._request_pages(control, Kind.DIRMETA, "dirs",
                                 [[os.fsencode(e.path), e.mode, e.mtime_ns] for e in reversed(dirs)])
+            if spec.owners:  # root's and operators' syncs: each rank its own files, the lead the rest
+                owned = self._owned + ([e for e in entries if e.kind != FILE] if lead else [])
+                self._request_pages(control, Kind.OWNERS, "entries", self._owner_rows(owned))
             control.send(Kind.BYE, {})
         except (ConnectionError, TimeoutError) as exc:
             raise TransferError(f"lost the receiver at {spec.dst_host}:{spec.dst_port}: {exc}", transient=True) from exc
@@ -246,6 +249,7 @@ class Sender:
         spec = self.spec
         files = [e for e in entries if e.kind == FILE]
         meta: list[Entry] = []
+        self._owned: list[Entry] = []  # files whose owner this rank sets (when the sync keeps owners)
         if spec.nranks == 1 and not spec.checksum:
             # a lone rank owns every file: those already in place need no work item at all
             changed = []
@@ -253,6 +257,7 @@ class Sender:
                 d = dst.get(e.path)
                 if d is not None and d.kind == FILE and d.size == e.size and d.mtime_ns == e.mtime_ns:
                     self.stats.files_skipped += 1
+                    self._owned.append(e)
                     if d.mode != e.mode:
                         meta.append(e)
                 else:
@@ -279,6 +284,8 @@ class Sender:
             e, d = its[0].entry, dst.get(path)
             owns_file = its[0].first
             same = path in same_content if spec.checksum else diff.file_matches(e, d)
+            if owns_file and (same or its[0].index < 0):
+                self._owned.append(e)  # a file sent in chunks carries its owner in its CHUNK frames
             if same:
                 if owns_file:
                     self.stats.files_skipped += 1
@@ -299,6 +306,17 @@ class Sender:
         self.stats.files_total = len(would) if spec.dry_run else len(small) + len(self._first_paths)
         self.stats.bytes_total = sum(it.length for it in small) + sum(it.length for it in chunks)
         return small, chunks, meta, would
+
+    def _owner_rows(self, entries: list[Entry]) -> list[list]:
+        """[path, uid, gid, mode] of each entry as the source has it now (gone ones left out)."""
+        rows = []
+        for e in entries:
+            try:
+                st = os.lstat(os.path.join(self.src_dir, e.path) if e.path else self.src_dir)
+            except FileNotFoundError:
+                continue
+            rows.append([os.fsencode(e.path), st.st_uid, st.st_gid, stat.S_IMODE(st.st_mode)])
+        return rows
 
     def _resume(self, chan: Channel, big: list[Entry], chunks: list[plan.Item]) -> list[plan.Item]:
         """Drop chunks the destination already verified (same digest) in an earlier run."""
@@ -484,14 +502,17 @@ class Sender:
         except (OSError, PathEscape) as exc:
             self.stats.error(e.path, str(exc))
             return
+        meta = {"path": os.fsencode(e.path), "size": e.size, "mode": e.mode, "mtime": e.mtime_ns,
+                "chunk_size": self.spec.chunk_size, "index": it.index}
         try:
+            if self.spec.owners:  # whichever rank sends the last chunk publishes the file: each chunk says whose
+                st = os.fstat(fd)
+                meta.update(uid=st.st_uid, gid=st.st_gid)
             mm = mmap.mmap(fd, it.length, offset=it.offset, prot=mmap.PROT_READ)
         finally:
             os.close(fd)
         try:
             mm.madvise(mmap.MADV_SEQUENTIAL)
-            meta = {"path": os.fsencode(e.path), "size": e.size, "mode": e.mode, "mtime": e.mtime_ns,
-                    "chunk_size": self.spec.chunk_size, "index": it.index}
             for attempt in range(1 + MAX_RESENDS):
                 chan.send_stream(Kind.CHUNK, meta, mm, checksum.Hasher(), self._pace,
                                  corrupt=self._take_corrupt(e.path, it.index),
@@ -500,6 +521,9 @@ class Sender:
                 self.stats.add(bytes_sent=it.length)
                 if ans.get("ok"):
                     break
+                if ans.get("error"):  # the receiver may not write this file (as the job's user)
+                    self.stats.error(e.path, str(ans["error"]))
+                    return
                 self.stats.add(chunks_resent=1)
             else:
                 self.stats.error(e.path, f"chunk {it.index} kept failing its checksum")

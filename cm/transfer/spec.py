@@ -33,6 +33,7 @@ class Spec:
     bwlimit: int | None = None
     streams: int = 4
     chunk_size: int = 64 << 20
+    owners: bool = False  # also send owners (root's and operators' syncs keep them, like rsync -a as root)
 
     @classmethod
     def from_dict(cls, data: dict) -> "Spec":
@@ -46,7 +47,7 @@ class Spec:
         types = {
             "transfer_id": str, "token": str, "src_root": str, "src_path": str, "dst_host": str,
             "dst_port": int, "rank": int, "nranks": int, "policy": str, "delete": bool,
-            "dry_run": bool, "checksum": bool, "streams": int, "chunk_size": int,
+            "dry_run": bool, "checksum": bool, "streams": int, "chunk_size": int, "owners": bool,
         }
         args = {}
         for name, typ in types.items():

@@ -44,13 +44,14 @@ class Kind(enum.IntEnum):
     PARTIALS = 5  # files [[path, size, mtime, chunk_size]] → OK {verified [[[idx, digest]...]]}
     CHECKSUMS = 6  # files [[path, size, chunk_size]] → OK {digests [[...] | None]}
     MKDIRS = 7  # dirs [[path, mode]] → OK {errors}
-    DELETE = 8  # paths → OK {deleted, errors}
+    DELETE = 8  # paths → OK {removed, errors}
     SYMLINKS = 9  # links [[path, target, mtime]] → OK {errors}
     META = 10  # files [[path, mode, mtime]] → OK {errors}
     BATCH = 11  # files [[path, size, mode, mtime, digest]] + payload → OK {bad, errors}
     CHUNK = 12  # path, size, mode, mtime, chunk_size, index + payload + trailer → OK {ok, published}
     DIRMETA = 13  # dirs [[path, mode, mtime]] → OK {errors}
     BYE = 14
+    OWNERS = 15  # entries [[path, uid, gid, mode]] → OK {errors}; only for transfers that keep owners
 
 
 class ProtocolError(Exception):
