@@ -9,7 +9,7 @@ NODES ?= 4
 PARTITIONS ?=
 COMPOSE := docker compose
 
-.PHONY: all up setup demo test bench local-up local-down exec-head stop clean
+.PHONY: all up setup demo test bench fuzz local-up local-down exec-head stop clean
 
 all: up
 
@@ -52,6 +52,12 @@ demo: setup
 
 test: setup
 	$(PY) -m pytest -q -p no:cacheprovider
+
+# The fuzz tests of `make test`, many more examples from a random seed (printed: replay with CM_FUZZ_SEED=N).
+FUZZ_EXAMPLES ?= 3000
+fuzz: setup
+	@seed=$${CM_FUZZ_SEED:-$$RANDOM}; echo "fuzz seed $$seed ($(FUZZ_EXAMPLES) examples per door)"; \
+	CM_FUZZ_SEED=$$seed CM_FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) $(PY) -m pytest -q -p no:cacheprovider tests/test_fuzz.py
 
 bench: setup
 	$(PY) bench/bench_sched.py

@@ -145,7 +145,8 @@ class Destination:
         for path, size, chunk_size in files:
             parts = _split(path)
             try:
-                fd = os.open(parts[-1], _READ, dir_fd=self._parent(parts))
+                dfd = self._parent(parts)  # first: it refuses the top of the tree, which has no name
+                fd = os.open(parts[-1], _READ, dir_fd=dfd)
             except (OSError, PathEscape):
                 out.append(None)
                 continue
@@ -242,7 +243,8 @@ class Destination:
         for path, mode, mtime in files:
             parts = _split(path)
             try:
-                fd = os.open(parts[-1], _READ, dir_fd=self._parent(parts))
+                dfd = self._parent(parts)  # first: it refuses the top of the tree, which has no name
+                fd = os.open(parts[-1], _READ, dir_fd=dfd)
                 try:
                     if not stat.S_ISREG(os.fstat(fd).st_mode):
                         raise IsADirectoryError("not a regular file")

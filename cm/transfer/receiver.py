@@ -285,6 +285,10 @@ class TransferServer:
                 except OSError as exc:  # e.g. the destination cannot be listed
                     chan.reply_error(f"{kind.name} failed: {exc}")
                     return
+                except Exception:  # a bug here must cost this connection, never the mover
+                    log.exception("mover request %s failed", kind.name)
+                    chan.reply_error(f"{kind.name} failed: internal error in the receiver")
+                    return
         finally:
             dest.close()
 

@@ -1,0 +1,340 @@
+"""Fuzzing the three doors of a cluster: the head's client socket, the head's ROUTER, a node's mover.
+
+Hypothesis generates messages, well-formed and not, seeded and bounded in
+count; the daemons are real processes. After every run: no daemon died,
+each request got an answer (or, for garbage, a closed connection) and
+nothing was written that the requesting user could not write. ``make fuzz``
+runs many more examples (``CM_FUZZ_EXAMPLES``) from a random seed
+(``CM_FUZZ_SEED``, printed, so a failure can be replayed).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pwd
+import socket
+import sys
+import time
+from pathlib import Path
+
+import msgpack
+import pytest
+import zmq
+from hypothesis import HealthCheck, given, seed, settings
+from hypothesis import strategies as st
+
+from cm.keys import ensure_keys, secure_client
+from cm.protocol import FRAME_HEADER, TYPES, VERSION, Reply, decode, unframe
+
+EXAMPLES = int(os.environ.get("CM_FUZZ_EXAMPLES", "150"))
+SEED = int(os.environ.get("CM_FUZZ_SEED", "8"))  # `make fuzz` picks one at random and prints it
+FUZZ = settings(max_examples=EXAMPLES, deadline=None, database=None, derandomize=False,
+                suppress_health_check=list(HealthCheck))
+
+scalars = st.one_of(st.none(), st.booleans(), st.integers(-(1 << 63), (1 << 64) - 1), st.floats(allow_nan=True),
+                    st.text(max_size=40), st.binary(max_size=40))
+values = st.recursive(scalars, lambda inner: st.one_of(st.lists(inner, max_size=5),
+                                                       st.dictionaries(st.text(max_size=12), inner, max_size=5)),
+                      max_leaves=20)
+ARG_NAMES = ["kind", "argv", "env", "cwd", "nodes", "procs", "cpus", "mem_mb", "time", "name", "partition", "stdout",
+             "stderr", "hold", "requeue", "src", "dst", "options", "job_id", "job_ids", "all", "action", "value",
+             "node", "user", "token", "reason", "priority", "uid", "gid"]
+OPTION_NAMES = ["delete", "dry_run", "checksum", "exclude", "bwlimit", "policy", "transport", "owners"]
+LOCATIONS = st.sampled_from(["gpu:/", "cpu:/", "gpu:/fz", "cpu:/fz", "computenode-1:/x", "gpu:/../etc",
+                             "cpu:/fz/../../", "nowhere:/x", "gpu:", ":/", "gpu:/fz/\x00"])
+args = st.dictionaries(st.sampled_from(ARG_NAMES), st.one_of(values, LOCATIONS,
+                       st.dictionaries(st.sampled_from(OPTION_NAMES), values, max_size=4)), max_size=8)
+requests = st.fixed_dictionaries({
+    "v": st.sampled_from([VERSION, VERSION, 0, "1"]), "t": st.sampled_from(["request", "request", "reply", "x"]),
+    "id": st.one_of(st.text(min_size=1, max_size=8), values),
+    "op": st.sampled_from(["submit", "cancel", "info", "control", "ping", "stats", "nope"]), "args": args})
+
+
+@pytest.fixture(scope="module")
+def fuzzer_user():
+    if os.geteuid() != 0:
+        pytest.skip("needs root to fuzz as an unprivileged user")
+    return pwd.getpwnam("nobody")
+
+
+def files_not_owned_by(root: Path, uid: int) -> dict:
+    """Every path under root that uid does not own, with what it is: must not change while uid fuzzes."""
+    out = {}
+    for p in [root, *root.rglob("*")]:
+        st_ = p.lstat()
+        if st_.st_uid != uid:
+            out[str(p)] = (st_.st_uid, st_.st_mode, st_.st_size, st_.st_mtime_ns)
+    return out
+
+
+def run_as(user, fn) -> dict:
+    """fn() in a forked child that became user; returns its JSON result (or raises with its error)."""
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        os.close(r)
+        try:
+            os.setgroups([])
+            os.setgid(user.pw_gid)
+            os.setuid(user.pw_uid)
+            result = {"ok": True, "value": fn()}
+        except BaseException as exc:  # noqa: BLE001  (reported to the parent, which fails the test)
+            result = {"ok": False, "error": f"{type(exc).__name__}: {exc}"[:4000]}
+        os.write(w, json.dumps(result).encode())
+        os._exit(0)
+    os.close(w)
+    data = b""
+    while chunk := os.read(r, 1 << 16):
+        data += chunk
+    os.close(r)
+    os.waitpid(pid, 0)
+    result = json.loads(data)
+    assert result["ok"], result["error"]
+    return result["value"]
+
+
+def daemons_alive(cluster) -> None:
+    for pidfile in cluster.run_dir.glob("*.pid"):
+        pid = int(pidfile.read_text())
+        os.kill(pid, 0)  # raises if it died
+    assert "Traceback" not in cluster.tail("headnode", 400), cluster.tail("headnode", 60)
+
+
+def test_fuzzed_requests_on_the_client_socket_each_get_an_answer_and_write_nothing_foreign(make_cluster, fuzzer_user):
+    cluster = make_cluster("gpu:2,cpu:2", nodes=4, client_timeout=2)
+    data = cluster.data_dir
+    before = files_not_owned_by(data, fuzzer_user.pw_uid)
+    sock_path = str(cluster.run_dir / "head.sock")
+
+    def fuzz() -> int:
+        answered = [0]
+
+        @seed(SEED)
+        @FUZZ
+        @given(st.one_of(requests.map(lambda r: msgpack.packb(r, use_bin_type=True)), st.binary(max_size=300)))
+        def one(body: bytes) -> None:
+            with socket.socket(socket.AF_UNIX) as s:
+                s.settimeout(10)
+                s.connect(sock_path)
+                s.sendall(len(body).to_bytes(FRAME_HEADER, "big") + body)
+                buf = bytearray()
+                while (reply := unframe(buf)) is None:
+                    chunk = s.recv(1 << 16)
+                    assert chunk, f"closed without an answer to {body[:80]!r}"
+                    buf += chunk
+                msg = decode(reply)
+                assert isinstance(msg, Reply)
+                assert msg.ok or msg.error, "a refusal says why"
+                assert "internal error" not in (msg.error or ""), (body[:200], msg.error)
+                answered[0] += 1
+
+        one()
+        return answered[0]
+
+    assert run_as(fuzzer_user, fuzz) >= EXAMPLES // 2
+    daemons_alive(cluster)
+    time.sleep(1.0)  # whatever was accepted has had time to run
+    assert files_not_owned_by(data, fuzzer_user.pw_uid) == before
+    assert len(cluster.info()["nodes"]) == 4
+    assert set(cluster.node_states().values()) <= {"IDLE", "MIXED", "ALLOCATED"}
+
+
+def node_messages():
+    kinds = sorted(TYPES)
+    return st.one_of(
+        st.binary(max_size=200),
+        st.builds(lambda t, fields: msgpack.packb({"v": VERSION, "t": t, "id": "f", **fields}, use_bin_type=True),
+                  st.sampled_from(kinds),
+                  st.dictionaries(st.sampled_from(["node", "job_id", "run", "state", "exit_code", "reason", "running",
+                                                   "stats", "partition", "cpus", "mem_mb", "version", "incarnation",
+                                                   "transfer_addr", "data_root", "ref", "message", "spec", "kill"]),
+                                  st.one_of(values, st.just("fuzznode")), max_size=8)))
+
+
+def test_fuzzed_node_messages_on_the_router_never_take_the_head_down(make_cluster):
+    cluster = make_cluster("gpu:1,cpu:1", nodes=2)
+    ensure_keys(cluster.run_dir, ["fuzznode"])  # an authenticated peer: the worst the network can be
+    time.sleep(0.5)  # the head rereads the authorised keys on its next tick
+    ctx = zmq.Context.instance()
+    dealer = ctx.socket(zmq.DEALER)
+    dealer.linger = 0
+    dealer.identity = b"fuzznode"
+    secure_client(dealer, cluster.run_dir, "fuzznode")
+    dealer.connect(f"tcp://127.0.0.1:{cluster.head_port}")
+    errors = [0]
+
+    @seed(SEED + 1)
+    @FUZZ
+    @given(node_messages())
+    def one(payload: bytes) -> None:
+        dealer.send(payload)
+        while dealer.poll(0):
+            dealer.recv()
+            errors[0] += 1
+
+    try:
+        one()
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline and dealer.poll(200):
+            dealer.recv()
+            errors[0] += 1
+    finally:
+        dealer.close()
+    assert errors[0] > 0  # malformed messages are answered with errors
+    daemons_alive(cluster)
+    assert {n["name"] for n in cluster.info()["nodes"]} >= {"computenode-1", "computenode-2"}
+    job_id = cluster.submit("cmrun", "--wait", "true")
+    assert cluster.job(job_id)["state"] == "COMPLETED"
+
+
+@pytest.fixture
+def open_dir():
+    """A fresh directory every user can traverse (pytest's tmp_path is under a 0700 folder)."""
+    import shutil
+    import tempfile
+
+    path = Path(tempfile.mkdtemp(prefix="cmfz"))
+    path.chmod(0o755)
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def test_fuzzed_frames_on_the_mover_port_never_kill_it_or_write_outside_the_transfer(open_dir, fuzzer_user):
+    from cm.creds import Identity
+    from cm.node.mover import Mover
+    from cm.transfer.wire import HEADER, MAGIC, VERSION as WIRE_VERSION, Kind
+
+    tmp_path = open_dir
+    root = tmp_path / "data"
+    (root / "fz").mkdir(parents=True)
+    os.chown(root / "fz", fuzzer_user.pw_uid, fuzzer_user.pw_gid)
+    (root / "other").mkdir()
+    (root / "other" / "keep.txt").write_text("not the fuzzer's\n")
+    os.chmod(tmp_path, 0o755)
+    before = files_not_owned_by(root, fuzzer_user.pw_uid)
+    mover = Mover("127.0.0.1", 0, chunk_size=1 << 20)
+    mover.start()
+    who = Identity(fuzzer_user.pw_uid, fuzzer_user.pw_gid, ())
+    mover.register("t-1", "secret-token", root, "/fz", who)
+    kinds = [int(k) for k in Kind] + [0, 99, 255]
+    paths = st.sampled_from([b"a", b"d/b", b"../x", b"/etc/passwd", b"", b"..", b"d/../../y", b"\xff\xfe", b"a\0b"])
+    metas = st.dictionaries(st.sampled_from(["transfer_id", "token", "path", "size", "index", "mode", "mtime",
+                                             "chunk_size", "files", "dirs", "paths", "links", "entries", "exclude",
+                                             "page", "uid", "gid"]),
+                            st.one_of(values, paths, st.lists(st.lists(st.one_of(paths, values), max_size=5),
+                                                              max_size=4)), max_size=8)
+    modes, mtimes = st.integers(0, 0o7777), st.integers(-(1 << 40), 1 << 62)
+    fitting = st.one_of(  # requests that fit their schema, with hostile paths: they reach the file system
+        st.builds(lambda d: (Kind.MKDIRS, {"dirs": d}), st.lists(st.tuples(paths, modes).map(list), max_size=4)),
+        st.builds(lambda p: (Kind.DELETE, {"paths": p}), st.lists(paths, max_size=4)),
+        st.builds(lambda links: (Kind.SYMLINKS, {"links": links}),
+                  st.lists(st.tuples(paths, st.sampled_from([b"/etc/shadow", b"../..", b"x"]), mtimes).map(list),
+                           max_size=3)),
+        st.builds(lambda f: (Kind.META, {"files": f}), st.lists(st.tuples(paths, modes, mtimes).map(list), max_size=3)),
+        st.builds(lambda f: (Kind.DIRMETA, {"dirs": f}), st.lists(st.tuples(paths, modes, mtimes).map(list), max_size=3)),
+        st.builds(lambda f: (Kind.OWNERS, {"entries": f}),
+                  st.lists(st.tuples(paths, st.integers(0, 2), st.integers(0, 2), modes).map(list), max_size=3)),
+        st.builds(lambda p: (Kind.MANIFEST, {"exclude": [], "page": p}), st.integers(0, 3)),
+    )
+    frames = st.one_of(
+        st.tuples(st.sampled_from(kinds), metas, st.binary(max_size=64), st.booleans(), st.booleans()),
+        fitting.map(lambda km: (km[0], km[1], b"", False, False)),
+    )
+    port = mover.port
+
+    @seed(SEED + 2)
+    @FUZZ
+    @given(st.lists(frames, min_size=1, max_size=4))
+    def one(sequence) -> None:
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
+            hello = msgpack.packb({"transfer_id": "t-1", "token": "secret-token"})
+            s.sendall(HEADER.pack(MAGIC, WIRE_VERSION, Kind.HELLO, len(hello), 0) + hello)
+            for kind, meta, payload, lie, garbage in sequence:
+                body = os.urandom(len(payload)) if garbage else msgpack.packb(meta, use_bin_type=True)
+                plen = len(payload) + (7 if lie else 0)
+                try:
+                    s.sendall(HEADER.pack(MAGIC, WIRE_VERSION, kind, len(body), plen) + body + payload)
+                except OSError:
+                    return  # the mover closed on us: that is an answer
+            try:
+                s.shutdown(socket.SHUT_WR)
+                while s.recv(1 << 16):
+                    pass
+            except OSError:
+                pass  # already closed by the mover
+
+    try:
+        one()
+        assert mover.proc.poll() is None, "the mover died"
+        mover.register("t-2", "tok", root, "/other", Identity(0, 0, ()))  # and still answers (as root here:
+        # the fuzzer may have made its own directory unreadable, as its owner may)
+        assert mover.starts == 1
+    finally:
+        mover.stop()
+    assert files_not_owned_by(root, fuzzer_user.pw_uid) == before
+    for p in (root / "fz").rglob("*"):
+        assert p.lstat().st_uid == fuzzer_user.pw_uid, p
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="per-thread credentials are Linux's")
+def test_acting_as_a_user_in_one_thread_leaves_the_others_root(open_dir, fuzzer_user):
+    import threading
+
+    from cm.creds import Identity, acting_as
+
+    tmp_path = open_dir
+    seen = {}
+    go, done = threading.Event(), threading.Event()
+
+    def other():
+        go.wait()
+        (tmp_path / "by-root").write_text("x")
+        done.set()
+
+    t = threading.Thread(target=other)
+    t.start()
+    with acting_as(Identity(fuzzer_user.pw_uid, fuzzer_user.pw_gid, ())):
+        with pytest.raises(PermissionError):
+            (tmp_path / "by-nobody").write_text("x")
+        go.set()
+        done.wait(5)
+    t.join()
+    seen["root"] = (tmp_path / "by-root").stat().st_uid
+    (tmp_path / "again").write_text("x")  # root again after the block
+    assert seen["root"] == 0 and (tmp_path / "again").stat().st_uid == 0
+
+
+def test_each_run_of_a_sync_has_its_own_128_bit_token_and_one_runs_token_opens_no_other(open_dir):
+    import secrets
+
+    from cm.head.jobs import JobTable
+    from cm.transfer.receiver import TransferServer
+    from cm.transfer.wire import HEADER, MAGIC, VERSION as WIRE_VERSION, Kind
+
+    job = {"_id": 5, "kind": "sync", "runs": 1, "name": "s", "user": "u", "uid": 0, "gid": 0, "time_limit": 60,
+           "cwd": "/", "sync": {"token": secrets.token_hex(16), "src": {"path": "/a"}, "dst": {"path": "/b"},
+                                "options": {}},
+           "slots": [{"node": "n1", "role": "src", "rank": 0}, {"node": "n2", "role": "dst", "rank": 0}]}
+    table = JobTable()
+    first = table.spec(job, job["slots"][1], {})["transfer"]
+    job["runs"] = 2
+    second = table.spec(job, job["slots"][1], {})["transfer"]
+    assert first["transfer_id"] == "5.1" and second["transfer_id"] == "5.2"
+    assert len(bytes.fromhex(first["token"])) == 16 and first["token"] != second["token"]
+    assert table.spec(job, job["slots"][0], {"n2": "h:1"})["transfer"]["token"] == second["token"]
+    server = TransferServer("127.0.0.1", 0)
+    server.start()
+    try:
+        server.register("5.2", second["token"], open_dir, "/b")
+
+        def hello(tid: str, token: str) -> int:
+            with socket.create_connection(("127.0.0.1", server.port), timeout=5) as s:
+                meta = msgpack.packb({"transfer_id": tid, "token": token})
+                s.sendall(HEADER.pack(MAGIC, WIRE_VERSION, Kind.HELLO, len(meta), 0) + meta)
+                return HEADER.unpack(s.recv(HEADER.size, socket.MSG_WAITALL))[2]
+
+        assert hello("5.2", first["token"]) == Kind.ERROR
+        assert hello("5.2", second["token"]) == Kind.OK
+    finally:
+        server.stop()
