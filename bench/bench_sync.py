@@ -7,8 +7,10 @@ Scenarios, same data for every tool:
   (b) 20,000 files of 4-12 KiB in 100 directories (4,000 with --quick)
   (c) re-sync of (b) with nothing changed
 
-cm = a TransferServer in its own process + one sender (1 rank), started
-ahead and warmed up the way a node keeps a spare sender (CM_SENDER_SPARES);
+cm = the node's mover process (cm.node.mover, as a node daemon runs it) + one
+sender (1 rank), both acting as ``--user`` (default nobody) as a user's sync
+does, the sender started ahead and warmed up the way a node keeps a spare
+sender (CM_SENDER_SPARES);
 its time runs from handing it the job to its exit. (b) is also run with a
 sender started cold, as on a node's first sync, and printed below the table.
 Every tool gets a fresh, empty destination and a warm source page cache
@@ -112,14 +114,17 @@ def timed(cmd: list[str], **kw) -> tuple[float, int]:
 # ---- tools ----
 
 class Cm:
-    """A receiver process and a sender process per run."""
+    """The node's mover process (as a node daemon runs it) and a sender process per run, both as ``user``."""
 
-    def __init__(self, root: Path):
+    def __init__(self, root: Path, user):
+        from cm.creds import Identity
+        from cm.node.mover import Mover
+
         self.root = root
-        self.proc = subprocess.Popen([sys.executable, __file__, "--serve", str(root)], stdout=subprocess.PIPE,
-                                     text=True, env=_env())
-        self.port = int(self.proc.stdout.readline())
-        self.control_port = int(self.proc.stdout.readline())
+        self.who = Identity.of_user(user.pw_uid, user.pw_gid)
+        self.mover = Mover("127.0.0.1", 0, chunk_size=64 * MiB, log_level="WARNING")
+        self.mover.start()
+        self.port = self.mover.port
 
     def sync(self, src: Path, dst_rel: str, streams: int, spare: bool = True) -> tuple[float, int, dict]:
         """One sender run into ``dst_rel``; returns (seconds, sender peak RSS KiB, final report).
@@ -130,7 +135,8 @@ class Cm:
         self.register(tid, token, dst_rel)
         spec = {"transfer_id": tid, "token": token, "src_root": str(src), "src_path": "/",
                 "dst_host": "127.0.0.1", "dst_port": self.port, "streams": streams, "chunk_size": 64 * MiB}
-        job = {"transfer": spec, "uid": os.geteuid(), "gid": os.getegid(), "groups": os.getgroups(), "stderr": None}
+        job = {"transfer": spec, "uid": self.who.uid, "gid": self.who.gid, "groups": list(self.who.groups),
+               "stderr": None}
         out_path = self.root.parent / "cm-send.out"
         cmd = [sys.executable, "-m", "cm.transfer.send", "--spare"]
         with open(out_path, "w") as out:
@@ -150,20 +156,17 @@ class Cm:
         return elapsed, usage.ru_maxrss, report
 
     def register(self, tid: str, token: str, dst_rel: str) -> None:
-        with socket.create_connection(("127.0.0.1", self.control_port)) as s:
-            s.sendall(json.dumps({"register": [tid, token, dst_rel]}).encode() + b"\n")
-            s.recv(16)
+        self.mover.register(tid, token, self.root, dst_rel, self.who)
 
     def peak_rss(self) -> int:
-        with open(f"/proc/{self.proc.pid}/status") as f:
+        with open(f"/proc/{self.mover.pid}/status") as f:
             for line in f:
                 if line.startswith("VmHWM:"):
                     return int(line.split()[1])
         return 0
 
     def close(self) -> None:
-        self.proc.terminate()
-        self.proc.wait()
+        self.mover.stop()
 
 
 def _wait_idle(pid: int) -> None:
@@ -178,28 +181,6 @@ def _wait_idle(pid: int) -> None:
         cpu = int(fields[11]) + int(fields[12])
         still = still + 1 if fields[0] == "S" and cpu == last else 0
         last = cpu
-
-
-def serve(root: str) -> None:
-    """--serve mode: a TransferServer plus a tiny line-based control port for registering transfers."""
-    from pathlib import Path as P
-
-    from cm.transfer.receiver import TransferServer
-
-    server = TransferServer("127.0.0.1", 0)
-    server.start()
-    ctl = socket.socket()
-    ctl.bind(("127.0.0.1", 0))
-    ctl.listen()
-    print(server.port, flush=True)
-    print(ctl.getsockname()[1], flush=True)
-    while True:
-        conn, _ = ctl.accept()
-        with conn:
-            msg = json.loads(conn.makefile().readline())
-            tid, token, dst = msg["register"]
-            server.register(tid, token, P(root), dst)
-            conn.sendall(b"ok\n")
 
 
 class RsyncDaemon:
@@ -244,20 +225,25 @@ def main() -> None:
     ap.add_argument("--cold", action="store_true", help="drop the page cache before each run")
     ap.add_argument("--streams", type=int, default=4)
     ap.add_argument("--reps", type=int, default=2, help="runs per tool and scenario; the best is kept")
-    ap.add_argument("--serve", help=argparse.SUPPRESS)
+    ap.add_argument("--user", default="nobody",
+                    help="cm syncs as this user, as a user's job does (root: as root, keeping owners)")
     args = ap.parse_args()
-    if args.serve:
-        serve(args.serve)
-        return
+    import pwd
+
+    user = pwd.getpwnam(args.user)
+    if os.geteuid() != 0 and user.pw_uid != os.geteuid():
+        ap.error(f"only root can sync as {args.user}: add --user {pwd.getpwuid(os.geteuid()).pw_name}")
     big_size = (256 if args.quick else 2048) * MiB
     nfiles = 4000 if args.quick else 20000
     work = Path(args.dir)
     fresh(work)
+    work.chmod(0o755)  # the user reads the sources and writes the destination
     src_a, src_b, dst = work / "src-a", work / "src-b", work / "dst"
     print(f"making data in {work} ...", flush=True)
     make_big(src_a / "big.bin", big_size)
     small_bytes = make_small(src_b, nfiles)
     fresh(dst)
+    os.chown(dst, user.pw_uid, user.pw_gid)
     have_rsync = shutil.which("rsync") is not None
     if not have_rsync:
         print("rsync is not installed (apt-get install -y rsync): skipping the rsync baseline")
@@ -266,7 +252,7 @@ def main() -> None:
     cold_cm = {"a": [], "b": ["cm-cold"]}  # extra tools per scenario
     best: dict[str, dict[str, float]] = {"a": {}, "b": {}, "c": {}}
     rss: dict[str, list[int]] = {"sender": [], "receiver": []}
-    cm = Cm(dst)
+    cm = Cm(dst, user)
     daemon = RsyncDaemon(dst, work) if have_rsync else None
     try:
         for scen, src in (("a", src_a), ("b", src_b)):
@@ -335,7 +321,7 @@ def print_report(results, rss, big_size, nfiles, small_bytes, args) -> None:
              "c": "(c) re-sync of (b), no change"}
     print()
     print(f"mode: {'quick' if args.quick else 'full'}, {'cold' if args.cold else 'warm'} source cache, "
-          f"{args.streams} streams, {os.cpu_count()} CPUs")
+          f"{args.streams} streams, {os.cpu_count()} CPUs, cm as {args.user}")
     head = f"{'scenario':34} {'cm':>16} {'rsync daemon':>16} {'cp -r':>16} {'cm/rsync':>9} {'cm/cp':>7}"
     print(head)
     print("-" * len(head))

@@ -22,7 +22,8 @@ import pytest
 from cm.protocol import FRAME_HEADER, Reply, Request, decode, frame, unframe
 
 FINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL"}
-USERS = ("cmt_alice", "cmt_bob")
+USERS = ("cmt_alice", "cmt_bob", "cmt_oper")
+OPERATORS = "cmt_operators"
 
 
 @pytest.fixture(scope="module")
@@ -33,6 +34,7 @@ def users():
     if shutil.which("useradd") is None:
         pytest.skip("no useradd on this machine")
     made = []
+    group_made = subprocess.run(["groupadd", OPERATORS], capture_output=True).returncode == 0
     for name in USERS:
         try:
             pwd.getpwnam(name)
@@ -42,9 +44,12 @@ def users():
             if proc.returncode != 0:
                 pytest.skip(f"useradd {name} failed: {proc.stderr.strip()}")
             made.append(name)
+    subprocess.run(["usermod", "-a", "-G", OPERATORS, "cmt_oper"], capture_output=True, check=True)
     yield {name.removeprefix("cmt_"): pwd.getpwnam(name) for name in USERS}
     for name in made:
         subprocess.run(["userdel", name], capture_output=True)
+    if group_made:
+        subprocess.run(["groupdel", OPERATORS], capture_output=True)
 
 
 def in_child_as(user, fn):
@@ -143,7 +148,7 @@ def tree(root: Path) -> dict:
 def shared(make_cluster, users):
     """A cluster whose partitions hold a directory for each user, as a site would set them up."""
     cluster = make_cluster("gpu:2,cpu:2", nodes=4, chunk_mb=1, client_timeout=1, max_pending_per_user=3,
-                           operator_token="op-secret-0123456789abcdef")
+                           operator_token="op-secret-0123456789abcdef", operator_group=OPERATORS)
     for part in ("gpu", "cpu"):
         for name, user in users.items():
             owned_dir(cluster.data_dir / part / name, user, 0o755)
@@ -180,6 +185,15 @@ def test_a_root_sync_keeps_every_owner(shared, users):
     job_id = shared.submit("cmsync", "-n", "2", "--wait", "gpu:/mixed", "cpu:/mixed-copy")
     assert shared.job(job_id)["state"] == "COMPLETED"
     assert tree(shared.data_dir / "cpu" / "mixed-copy") == tree(src)
+
+
+def test_an_operators_sync_reads_everything_and_keeps_owners(shared, users):
+    alice, oper = users["alice"], users["oper"]
+    private = owned_dir(shared.data_dir / "gpu" / "alice" / "archive", alice, 0o700)
+    make_files(private, alice)
+    job = sync_as(shared, oper, "gpu:/alice/archive", "cpu:/backup/alice")
+    assert job["state"] == "COMPLETED", job
+    assert tree(shared.data_dir / "cpu" / "backup" / "alice") == tree(private)
 
 
 def test_bob_cannot_copy_alices_private_directory(shared, users):
