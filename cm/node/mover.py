@@ -25,7 +25,7 @@ from pathlib import Path
 
 from cm.creds import Identity
 from cm.logs import event
-from cm.transfer.receiver import listen
+from cm.transfer.wire import listen  # not the receiver: the daemon never loads numba
 
 log = logging.getLogger("cm.node.mover")
 ANSWER_TIMEOUT = 30.0  # seconds the mover may take to answer a control request (it loads numba at start)

@@ -37,7 +37,7 @@ from . import batchio, checksum
 from .destination import ChunkRefused, Destination
 from .partial import chunk_count
 from .paths import PathEscape, confine, wire_parts
-from .wire import MAX_BATCH, TRAILER, Channel, Kind, ProtocolError, tune
+from .wire import MAX_BATCH, TRAILER, Channel, Kind, ProtocolError, listen, tune
 
 log = logging.getLogger(__name__)
 
@@ -361,16 +361,6 @@ class TransferServer:
                 raise BadRequest("this transfer may not set owners (only root's and operators' syncs do)")
             return {"errors": dest.owners(_rows(meta, "entries", (bytes, int, int, "mode")))}
         raise BadRequest(f"unexpected {kind.name}")
-
-
-def listen(host: str, port: int) -> socket.socket:
-    """A TCP socket bound to (host, port) and listening (port 0: the kernel picks one)."""
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    lsock = socket.socket(family, socket.SOCK_STREAM)
-    lsock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    lsock.bind((host, port))
-    lsock.listen(128)
-    return lsock
 
 
 def _warm_up() -> None:

@@ -62,6 +62,16 @@ class RemoteError(Exception):
     """The peer answered a request with an ERROR frame."""
 
 
+def listen(host: str, port: int) -> socket.socket:
+    """A TCP socket bound to (host, port) and listening (port 0: the kernel picks one)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    lsock = socket.socket(family, socket.SOCK_STREAM)
+    lsock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    lsock.bind((host, port))
+    lsock.listen(128)
+    return lsock
+
+
 def _no_ext(code: int, data: bytes) -> Any:
     raise ProtocolError(f"msgpack extension type {code} is not allowed")
 
