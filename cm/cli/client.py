@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import socket
 import sys
-import time
 from typing import Any, NoReturn
 
 from cm import config
@@ -75,16 +74,20 @@ class Client:
             self.sock = None
 
     def wait(self, job_id: int, on_update=None) -> dict:
-        """Poll until the job is final; return its view. on_update(view) is called on each poll."""
-        delay = 0.02
+        """Wait until the job is final; return its view.
+
+        The head answers a waiting client the moment the job ends (a long
+        poll), so nothing is lost to a polling interval. With ``on_update``
+        (a progress bar) each poll lasts at most half a second and
+        on_update(view) is called after each.
+        """
+        timeout = 0.5 if on_update else min(20.0, max(self.timeout - 5.0, 1.0))
         while True:
-            view = self.call("info", job_id=job_id)["jobs"][0]
+            view = self.call("wait", job_id=job_id, timeout=timeout)["jobs"][0]
             if on_update:
                 on_update(view)
             if view["state"] in FINAL:
                 return view
-            time.sleep(delay)
-            delay = min(delay * 1.5, 0.5)
 
 
 FINAL = {s.value for s in FINAL_STATES}

@@ -24,6 +24,17 @@ class Refused(Exception):
     """The request is understood and refused; the message is for the user."""
 
 
+class Later(Exception):
+    """A long poll: answer when job ``job_id`` is final, or at ``deadline`` (monotonic) at the latest."""
+
+    def __init__(self, job_id: int, deadline: float):
+        super().__init__(job_id, deadline)
+        self.job_id, self.deadline = job_id, deadline
+
+
+MAX_WAIT = 60.0  # seconds one long poll may last; clients ask again
+
+
 def _int(args: dict, key: str, default: int, low: int = 0, high: int = 1 << 31) -> int:
     value = args.get(key, default)
     if value is None:
@@ -239,6 +250,18 @@ def info(head: "HeadServer", caller: Caller, args: dict) -> dict:
     return {"nodes": nodes, "jobs": [job_view(j) for j in shown]}
 
 
+def wait(head: "HeadServer", caller: Caller, args: dict) -> dict:
+    """``info`` of one job, answered once the job is final or after ``timeout`` seconds (a long poll)."""
+    job_id, timeout = args.get("job_id"), args.get("timeout", 0)
+    if not isinstance(job_id, int) or isinstance(job_id, bool):
+        raise Refused(f"invalid job id {job_id!r}")
+    if not isinstance(timeout, (int, float)) or isinstance(timeout, bool) or not 0 <= timeout <= MAX_WAIT:
+        raise Refused(f"timeout must be a number of seconds from 0 to {MAX_WAIT:g}")
+    if timeout > 0 and job_id in head.jobs.jobs:  # active: the head answers when it ends
+        raise Later(job_id, time.monotonic() + timeout)
+    return info(head, caller, {"job_id": job_id})
+
+
 def _iso(ts: float | None) -> str | None:
     return time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(ts)) if ts else None
 
@@ -328,6 +351,7 @@ HANDLERS: dict[str, Callable[..., Any]] = {
     "submit": submit,
     "cancel": lambda head, caller, args: cancel(head, caller, args, admin=False),
     "info": info,
+    "wait": wait,
     "control": control,
     "ping": lambda head, caller, args: {"pong": True, "user": caller.user},
     "stats": lambda head, caller, args: {
@@ -347,6 +371,8 @@ def handle(head: "HeadServer", caller: Caller, request: Request) -> Reply:
         return Reply(ok=False, error="the database is unreachable; the head is waiting for it, try again shortly")
     try:
         return Reply(ok=True, data=handler(head, caller, request.args))
+    except Later:
+        raise  # the server keeps the request and answers it later
     except Refused as exc:
         return Reply(ok=False, error=str(exc))
     except (store.StoreError, store.DatabaseUnreachable) as exc:

@@ -15,11 +15,11 @@ import zmq
 
 from cm import store
 from cm.config import Settings
-from cm.head.clients import ClientServer
+from cm.head.clients import ClientServer, Connection
 from cm.head.jobs import JobTable, Outcome
 from cm.head.policies import get_policy
 from cm.head.registry import Registry
-from cm.head.requests import handle
+from cm.head.requests import Later, handle
 from cm.head.resources import NodeView
 from cm.head.scheduler import Scheduler
 from cm.logs import event
@@ -35,6 +35,7 @@ from cm.protocol import (
     Progress,
     ProtocolError,
     Reply,
+    Request,
     RunJob,
     Welcome,
     decode,
@@ -64,6 +65,8 @@ class HeadServer:
         self.router: zmq.Socket | None = None
         self.gatekeeper = None  # CurveZMQ key checks, when curve is on
         self.clients: ClientServer | None = None
+        # long polls ("wait"): job id -> [(connection, request, deadline)], answered when the job is final
+        self.waiters: dict[int, list[tuple[Connection, Request, float]]] = {}
         self.sort_key = lambda name: NodeView(name, "", 0, 0).sort_key
 
     # --- start and loop ------------------------------------------------------
@@ -123,6 +126,8 @@ class HeadServer:
                 self.poll(timeout)
                 if self.dirty and not self.stale and time.monotonic() >= self.next_pass:
                     self.schedule()
+                if self.waiters:
+                    self.answer_waiters(time.monotonic())
         finally:
             self.close()
 
@@ -148,10 +153,36 @@ class HeadServer:
                 for conn, request in self.clients.read(key):
                     try:
                         reply = handle(self, conn.caller, request)
+                    except Later as later:
+                        self.waiters.setdefault(later.job_id, []).append((conn, request, later.deadline))
+                        continue
                     except Exception:  # a bug in one handler must not take the head down
                         log.exception("request failed")
                         reply = Reply(ok=False, error="internal error in the head; see its log")
                     self.clients.send(conn, reply)
+
+    def answer_waiters(self, now: float) -> None:
+        """Answer the long polls whose job is final now, or whose time is up."""
+        assert self.clients is not None
+        for job_id, waiting in list(self.waiters.items()):
+            final = job_id not in self.jobs.jobs
+            keep = []
+            for conn, request, deadline in waiting:
+                if self.clients.conns.get(conn.fd) is not conn:
+                    continue  # the client went away
+                if not final and now < deadline:
+                    keep.append((conn, request, deadline))
+                    continue
+                try:
+                    reply = handle(self, conn.caller, Request(op="info", args={"job_id": job_id}, id=request.id))
+                except Exception:
+                    log.exception("answering a wait failed")
+                    reply = Reply(ok=False, error="internal error in the head; see its log")
+                self.clients.send(conn, reply)
+            if keep:
+                self.waiters[job_id] = keep
+            else:
+                del self.waiters[job_id]
 
     # --- database outages ----------------------------------------------------
 

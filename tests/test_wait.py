@@ -1,0 +1,53 @@
+"""Waiting for a job: the head answers a long poll the moment the job ends, or when its time is up."""
+
+from __future__ import annotations
+
+import socket
+import time
+
+import pytest
+
+from cm.cli.client import Client, HeadError
+from cm.config import load
+from cm.protocol import Request, frame
+
+
+def client_of(cluster) -> Client:
+    return Client(load(env={"CM_RUN_DIR": str(cluster.run_dir)}))
+
+
+def test_a_wait_returns_as_soon_as_the_job_ends(cluster):
+    job_id = cluster.submit("cmrun", "sleep", "1")
+    client = client_of(cluster)
+    view = client.call("wait", job_id=job_id, timeout=30)["jobs"][0]
+    returned = time.time()
+    assert view["state"] == "COMPLETED"
+    assert returned - view["times"]["ended"] < 0.25  # not a poll interval later
+    assert client.wait(job_id)["state"] == "COMPLETED"  # a final job answers at once
+
+
+def test_a_wait_on_a_job_that_goes_on_returns_on_time(cluster):
+    job_id = cluster.submit("cmrun", "sleep", "30")
+    client = client_of(cluster)
+    started = time.monotonic()
+    view = client.call("wait", job_id=job_id, timeout=0.5)["jobs"][0]
+    took = time.monotonic() - started
+    assert view["state"] in ("PENDING", "DISPATCHING", "RUNNING") and 0.45 <= took < 1.5
+    cluster.cli("cmkill", str(job_id))
+    assert client.wait(job_id)["state"] == "CANCELLED"
+
+
+def test_bad_waits_are_refused_and_a_waiter_that_leaves_changes_nothing(cluster):
+    job_id = cluster.submit("cmrun", "sleep", "30")
+    client = client_of(cluster)
+    for args in ({"job_id": job_id, "timeout": 61}, {"job_id": job_id, "timeout": -1}, {"job_id": "x"},
+                 {"job_id": job_id, "timeout": True}):
+        with pytest.raises(HeadError):
+            client.call("wait", **args)
+    gone = socket.socket(socket.AF_UNIX)
+    gone.connect(str(cluster.run_dir / "head.sock"))
+    gone.sendall(frame(Request(op="wait", args={"job_id": job_id, "timeout": 30})))
+    gone.close()  # leaves while the head holds its request
+    cluster.cli("cmkill", str(job_id))
+    assert client.wait(job_id)["state"] == "CANCELLED"
+    assert cluster.info()["jobs"]
