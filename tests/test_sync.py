@@ -143,7 +143,7 @@ def test_a_destination_killed_mid_sync_costs_only_the_unverified_parts(make_clus
     (src / "one.bin").write_bytes(random.Random(5).randbytes(12 << 20))
     job_id = cluster.submit("cmsync", "--bwlimit", "3M", "gpu:/big", "cpu:/big")
     job = cluster.wait_state(job_id, "RUNNING")
-    time.sleep(2)
+    _wait_verified_chunks(cluster.data_dir / "cpu" / "big", 2)  # not a fixed sleep: a busy machine starts late
     receiver = [n for n in job["nodes"] if n in ("computenode-3", "computenode-4")][0]
     cluster.kill(receiver, signal.SIGKILL)
     job = cluster.wait_state(job_id, ("COMPLETED", "FAILED", "NODE_FAIL"), timeout=90)
@@ -151,6 +151,23 @@ def test_a_destination_killed_mid_sync_costs_only_the_unverified_parts(make_clus
     assert snapshot(cluster.data_dir / "cpu" / "big") == snapshot(src)
     sent_by_last_run = job["transfer"]["stats"]["bytes_sent"]
     assert 0 < sent_by_last_run < 12 << 20  # the chunks verified before the kill were not sent again
+
+
+def _wait_verified_chunks(dst: Path, count: int, timeout: float = 60) -> None:
+    """Wait until the sidecar of a file being received in dst records ``count`` verified chunks."""
+    import struct
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for side in dst.glob(".cm.*.ok") if dst.is_dir() else []:
+            try:
+                slots = side.read_bytes()[32:]
+            except OSError:
+                continue
+            if sum(verified for _, verified in struct.iter_unpack("<QB7x", slots[: len(slots) // 16 * 16])) >= count:
+                return
+        time.sleep(0.05)
+    raise AssertionError(f"no {count} verified chunks in {dst} after {timeout} s")
 
 
 def _spares_under(pid: int) -> set[int]:
