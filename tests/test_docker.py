@@ -129,6 +129,8 @@ def clean_tree(dest: Path) -> Path:
 def cluster(tmp_path_factory):
     if not engine_answers():
         pytest.skip("no Docker engine answers here (`make engine` as root installs and starts one)")
+    if os.geteuid() != 0:
+        pytest.skip("needs root: make adduser gives users' homes to them, the test gives them their data")
     tree = clean_tree(tmp_path_factory.mktemp("docker") / "cm")
     c = DockerCluster(tree)
     try:
