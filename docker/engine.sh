@@ -30,11 +30,11 @@ install_engine() {
     command -v dockerd >/dev/null 2>&1 && return 0
     [ "$(id -u)" = 0 ] || die "no Docker engine installed and not root: install docker.io (or Docker CE) first"
     command -v apt-get >/dev/null 2>&1 || die "no Docker engine installed and no apt-get to install docker.io"
-    say "installing the Docker engine (Debian package docker.io)"
+    say "installing the Docker engine (Debian package docker.io; and debootstrap for offline images)"
     local t0=$SECONDS
     timeout 300 apt-get update -qq >/dev/null || die "apt-get update failed"
     DEBIAN_FRONTEND=noninteractive timeout 600 apt-get install -y -qq --no-install-recommends \
-        docker.io tini iptables >/dev/null || die "apt-get install docker.io failed"
+        docker.io tini iptables debootstrap >/dev/null || die "apt-get install docker.io failed"
     say "docker.io installed in $((SECONDS - t0)) s"
 }
 

@@ -50,8 +50,9 @@ build_base() {
         [ "$(id -u)" = 0 ] || die "debootstrap needs root to make the base image $BASE_IMAGE"
         if ! command -v debootstrap >/dev/null 2>&1; then
             log "installing debootstrap (Debian package)"
-            DEBIAN_FRONTEND=noninteractive timeout 300 apt-get install -y -qq debootstrap >/dev/null ||
-                die "cannot install debootstrap"
+            { timeout 300 apt-get update -qq >/dev/null &&
+              DEBIAN_FRONTEND=noninteractive timeout 300 apt-get install -y -qq debootstrap >/dev/null; } ||
+                die "cannot install debootstrap (Debian package)"
         fi
         rm -rf "$root"
         mkdir -p "$root"
