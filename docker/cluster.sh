@@ -66,8 +66,7 @@ up() {
     seed_users "$CM_IMAGE"
     local t0=$SECONDS status
     compose up -d --wait --wait-timeout "$UP_TIMEOUT" --remove-orphans >/dev/null 2>.build/docker/up.log ||
-        { tail -n 5 .build/docker/up.log >&2; compose ps -a >&2 || true
-          die "the cluster did not come up healthy in ${UP_TIMEOUT} s (make stop cleans up)"; }
+        die "the cluster did not come up healthy: $(grep -v '^ *Container' .build/docker/up.log | tail -n1) (docker compose -p $PROJECT logs; make stop cleans up)"
     until status=$(nodes_idle); do
         [ $((SECONDS - t0)) -lt "$UP_TIMEOUT" ] || die "the cluster did not come up in ${UP_TIMEOUT} s: $status"
         sleep 1
@@ -83,8 +82,9 @@ MSG
 stop() {
     timeout 20 docker info >/dev/null 2>&1 || { echo "no Docker engine here: nothing to stop"; return 0; }
     docker compose version >/dev/null 2>&1 || die "no docker compose: nothing of the cluster can be running"
+    mkdir -p .build/docker
     compose down --remove-orphans --timeout 20 >/dev/null 2>.build/docker/down.log ||
-        { tail -n 5 .build/docker/down.log >&2; die "docker compose down failed"; }
+        die "docker compose down failed: $(tail -n1 .build/docker/down.log)"
     local left
     left=$(docker ps -aq --filter "label=com.docker.compose.project=$PROJECT"; \
            docker network ls -q --filter "label=com.docker.compose.project=$PROJECT")

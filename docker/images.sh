@@ -108,7 +108,7 @@ build() {  # build IMAGE DOCKERFILE ARGS...
     local image=$1 file=$2
     shift 2
     DOCKER_BUILDKIT=0 docker build -q -t "$image" -f "$file" "$@" . >"$CACHE/build.log" 2>&1 ||
-        { tail -n 15 "$CACHE/build.log" >&2; die "docker build of $image failed (log: $CACHE/build.log)"; }
+        die "docker build of $image failed: $(tail -n1 "$CACHE/build.log") (whole log: $CACHE/build.log)"
 }
 
 command -v docker >/dev/null 2>&1 || die "no docker client"
