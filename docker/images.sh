@@ -107,7 +107,8 @@ build_ferretdb() {
 build() {  # build IMAGE DOCKERFILE ARGS...
     local image=$1 file=$2
     shift 2
-    DOCKER_BUILDKIT=0 docker build -q -t "$image" -f "$file" "$@" . >"$CACHE/build.log" 2>&1 ||
+    # the :cache tag keeps the last build's layers in the engine when a project's own tag is removed
+    DOCKER_BUILDKIT=0 docker build -q -t "$image" -t "${image%:*}:cache" -f "$file" "$@" . >"$CACHE/build.log" 2>&1 ||
         die "docker build of $image failed: $(tail -n1 "$CACHE/build.log") (whole log: $CACHE/build.log)"
 }
 
