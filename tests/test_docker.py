@@ -192,6 +192,15 @@ def test_a_node_healthcheck_fails_when_the_head_does_not_list_the_node(cluster):
     assert "not registered" in lie.stderr + lie.stdout
 
 
+def test_the_containers_are_on_a_network_of_their_own_that_leads_nowhere_else(cluster):
+    networks = json.loads(run(["docker", "network", "inspect", f"{PROJECT}_default"]).stdout)
+    assert len(networks) == 1 and networks[0]["Internal"] is True
+    members = {c["Name"] for c in networks[0]["Containers"].values()}
+    assert members == {container(s) for s in SERVICES}
+    reach = cluster.head("python3", "-c", "import socket; socket.create_connection(('computenode-cpu-2', 7818), 5)")
+    assert reach.returncode == 0
+
+
 def test_make_exec_head_gives_a_shell_as_root_or_as_a_user_in_their_home(cluster, alice):
     root = cluster.make("exec-head", stdin="id -un; hostname; cminfo >/dev/null && echo head-answers\n")
     assert root.stdout.split() == ["root", "headnode", "head-answers"], root.stdout
