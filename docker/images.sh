@@ -30,10 +30,10 @@ die() { echo "docker/images.sh: $*" >&2; exit 1; }
 log() { echo "docker/images.sh: $*" >&2; }
 offline() { case "$OFFLINE" in 1 | yes | true) return 0 ;; esac; return 1; }
 
-# An image present in the engine, or pulled within PULL_TIMEOUT seconds.
+# An image present in the engine, or pulled within PULL_TIMEOUT seconds; never with OFFLINE=1.
 have_image() {
-    docker image inspect "$1" >/dev/null 2>&1 && return 0
     offline && return 1
+    docker image inspect "$1" >/dev/null 2>&1 && return 0
     timeout "$PULL_TIMEOUT" docker pull -q "$1" >/dev/null 2>&1
 }
 
@@ -105,11 +105,12 @@ build_ferretdb() {
 }
 
 build() {  # build IMAGE DOCKERFILE ARGS...
-    local image=$1 file=$2
+    local image=$1 file=$2 log
     shift 2
+    log=$CACHE/build-$(echo "$image" | tr '/:' '--').log
     # the :cache tag keeps the last build's layers in the engine when a project's own tag is removed
-    DOCKER_BUILDKIT=0 docker build -q -t "$image" -t "${image%:*}:cache" -f "$file" "$@" . >"$CACHE/build.log" 2>&1 ||
-        die "docker build of $image failed: $(tail -n1 "$CACHE/build.log") (whole log: $CACHE/build.log)"
+    DOCKER_BUILDKIT=0 docker build -q -t "$image" -t "${image%:*}:cache" -f "$file" "$@" . >"$log" 2>&1 ||
+        die "docker build of $image failed: $(tail -n1 "$log") (whole log: $log)"
 }
 
 command -v docker >/dev/null 2>&1 || die "no docker client"
