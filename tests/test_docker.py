@@ -206,6 +206,10 @@ def test_make_exec_head_gives_a_shell_as_root_or_as_a_user_in_their_home(cluster
     assert root.stdout.split() == ["root", "headnode", "head-answers"], root.stdout
     user = cluster.make("exec-head", "USER=alice", stdin="id -un; pwd\n")
     assert user.stdout.split() == ["alice", "/home/alice"], user.stdout
+    stranger = run(["make", "--no-print-directory", "-C", str(cluster.tree), "exec-head", "USER=nosuchuser"],
+                   env=cluster.env, input="id\n", check=False)
+    assert stranger.returncode != 0
+    assert stranger.stderr.splitlines()[0] == "make: no user nosuchuser: make adduser USER=nosuchuser first"
 
 
 def test_make_adduser_gives_every_node_the_user_and_a_home_on_the_drive(cluster, alice):
@@ -292,6 +296,23 @@ def test_a_container_whose_daemon_dies_is_brought_back_by_its_restart_policy(clu
     cluster.wait("container restarted by its policy", restarted, 60)
     cluster.wait("node IDLE under its name", lambda: cluster.node_states().get("computenode-gpu-2") == "IDLE", 90)
     assert sorted(cluster.node_states()) == sorted(NODES)
+
+
+def test_a_killed_head_container_comes_back_with_every_job_and_node(cluster):
+    jobs = {j["id"]: j["state"] for j in cluster.info()["jobs"]}
+    before = json.loads(run(["docker", "inspect", container("headnode")]).stdout)[0]
+    os.kill(before["State"]["Pid"], 9)
+    def restarted():
+        now = json.loads(run(["docker", "inspect", container("headnode")]).stdout)[0]
+        return now["RestartCount"] > before["RestartCount"] and now["State"]["Running"]
+    cluster.wait("head container restarted by its policy", restarted, 60)
+    def all_idle():
+        done = cluster.head("cminfo", "--all", "--json", check=False)
+        if done.returncode != 0:
+            return False
+        return {n["name"]: n["state"] for n in json.loads(done.stdout)["nodes"]} == dict.fromkeys(NODES, "IDLE")
+    cluster.wait("4 nodes IDLE again", all_idle, 90)
+    assert {j["id"]: j["state"] for j in cluster.info()["jobs"]} == jobs
 
 
 def test_make_stop_leaves_no_container_or_network_and_make_again_keeps_the_database(cluster):
