@@ -7,24 +7,34 @@ STAMP := $(VENV)/.installed
 FERRETDB := .build/bin/cm-ferretdb
 NODES ?= 4
 PARTITIONS ?=
-COMPOSE := docker compose
+# USER from the command line names a cluster user; the one in the environment (who runs make) does not
+CM_USER := $(if $(filter command line,$(origin USER)),$(USER))
 
-.PHONY: all up setup demo test bench fuzz local-up local-down exec-head stop clean
+.PHONY: all up setup demo test bench fuzz local-up local-down exec-head stop adduser engine clean
 
 all: up
 
-# The Docker cluster: head, 2 gpu + 2 cpu compute nodes, MongoDB.
+# The Docker cluster: the database, head, 2 gpu + 2 cpu compute nodes (docker/cluster.sh, docker-compose.yml).
+# Without a Docker engine it says so in one line and points at `make engine` and `make local-up`.
 up:
-	@if ! docker info >/dev/null 2>&1; then \
-	  echo "no Docker engine here: run 'make local-up' for the same cluster as local processes"; exit 0; fi; \
-	mkdir -p drive/run/docker drive/db/mongo drive/data/gpu drive/data/cpu drive/home && \
-	$(COMPOSE) up -d --build --scale computenode-gpu=2 --scale computenode-cpu=2
+	@if ! timeout 20 docker info >/dev/null 2>&1; then \
+	  echo "no Docker engine here: 'make engine' (root) installs and starts one, or 'make local-up' runs the same cluster as local processes"; \
+	  exit 0; fi; \
+	bash docker/cluster.sh up
 
 exec-head:
-	$(COMPOSE) exec headnode bash
+	@bash docker/cluster.sh exec $(CM_USER)
 
 stop:
-	$(COMPOSE) down
+	@bash docker/cluster.sh stop
+
+adduser:
+	@bash docker/cluster.sh adduser $(CM_USER)
+
+# Installs (Debian's docker.io, Compose v2 from its Go module) and starts a Docker engine here (root).
+engine:
+	@bash docker/engine.sh install
+	@bash docker/engine.sh start
 
 setup: $(STAMP) db-server
 
@@ -37,7 +47,7 @@ $(STAMP): pyproject.toml
 # The embedded MongoDB-compatible server, unless a real one is at hand.
 .PHONY: db-server
 db-server:
-	@if [ -n "$$MONGODB_URI" ]; then echo "database: MONGODB_URI=$$MONGODB_URI"; \
+	@if [ -n "$$MONGODB_URI" ] && [ "$$MONGODB_URI" != "$$CM_LOCAL_DB_URI" ]; then echo "database: MONGODB_URI=$$MONGODB_URI"; \
 	elif command -v mongod >/dev/null 2>&1; then echo "database: $$(command -v mongod)"; \
 	else bash cm/cluster/ferretdb/build.sh; fi
 

@@ -1,45 +1,28 @@
 #!/bin/sh
 # Entrypoint of a compute node container.
 #
-# 1. Names the node. One compose service (computenode-gpu, computenode-cpu) is
-#    scaled to several replicas that share one environment, so when
-#    CM_NODE_NAME is not set each replica names itself after its container:
-#    Docker's DNS maps the container's address back to its container name
-#    (cm-computenode-gpu-1), the node is called computenode-gpu-1 and its
-#    mover is advertised under the full container name, which every container
-#    of the project resolves (CM_TRANSFER_HOST, unless set). The names stay
-#    the same when containers are recreated. If that lookup fails, the
-#    container's hostname (its short id, also resolvable) is the name.
+# 1. Names the node: CM_NODE_NAME, else the container's hostname (docker-compose.yml
+#    gives each node service both, e.g. computenode-gpu-1), so a restarted or
+#    recreated container rejoins as the same node.
 # 2. Waits for the CurveZMQ keys the head node creates in CM_RUN_DIR/keys
 #    (shared volume) unless CM_CURVE turns CurveZMQ off.
-# 3. Runs the command (default: `cmdaemon node`).
+# 3. Runs the command (default: `cmdaemon node`). Users come from drive/etc (below).
 set -eu
+
+# Users shared by every container: /etc/passwd and /etc/group are the files
+# in /cm/etc (drive/etc on the host, see `make adduser`), when there.
+etc=/cm/etc
+for f in passwd group; do
+    if [ -s "$etc/$f" ] && [ "$(readlink /etc/$f || true)" != "$etc/$f" ]; then
+        ln -sf "$etc/$f" "/etc/$f"
+    fi
+done
 
 : "${CM_RUN_DIR:=/cm/run}"
 export CM_RUN_DIR
 
-# Prints this container's name as Docker's DNS knows it, or nothing.
-container_name() {
-    addr=$(getent ahostsv4 "$1" 2>/dev/null | { read -r a _ && echo "$a"; }) || return 0
-    [ -n "$addr" ] || return 0
-    fqdn=$(getent -s dns hosts "$addr" 2>/dev/null | { read -r _ n _ && echo "$n"; }) || return 0
-    echo "${fqdn%%.*}"
-}
-
-if [ -z "${CM_NODE_NAME:-}" ]; then
-    host=${HOSTNAME:-$(cat /etc/hostname)}
-    cname=$(container_name "$host")
-    case "$cname" in
-        "")
-            CM_NODE_NAME=$host ;;
-        *computenode-*)
-            CM_NODE_NAME="computenode-${cname##*computenode-}"
-            : "${CM_TRANSFER_HOST:=$cname}" ;;
-        *)
-            CM_NODE_NAME=$cname ;;
-    esac
-    export CM_NODE_NAME
-fi
+: "${CM_NODE_NAME:=${HOSTNAME:-$(cat /etc/hostname)}}"
+export CM_NODE_NAME
 if [ -n "${CM_TRANSFER_HOST:-}" ]; then
     export CM_TRANSFER_HOST
 fi
@@ -63,6 +46,7 @@ case "${CM_CURVE:-1}" in
         done ;;
 esac
 
+echo "$CM_NODE_NAME" >/run/cm-node-name  # for the healthcheck (cm-health node)
 echo "cm-entrypoint: node $CM_NODE_NAME, partition ${CM_PARTITION:-default}," \
     "mover at ${CM_TRANSFER_HOST:-$CM_NODE_NAME}:${CM_TRANSFER_PORT:-7818}" >&2
 exec "$@"

@@ -4,8 +4,17 @@
 # Makes sure the CurveZMQ keys exist in CM_RUN_DIR/keys (a volume shared with
 # every compute node): the head's pair and the one `node` pair all compute
 # nodes use (`cmdaemon keys` is idempotent: existing keys are kept), then runs
-# the command (default: `cmdaemon head`).
+# the command (default: `cmdaemon head`). Users come from drive/etc (below).
 set -eu
+
+# Users shared by every container: /etc/passwd and /etc/group are the files
+# in /cm/etc (drive/etc on the host, see `make adduser`), when there.
+etc=/cm/etc
+for f in passwd group; do
+    if [ -s "$etc/$f" ] && [ "$(readlink /etc/$f || true)" != "$etc/$f" ]; then
+        ln -sf "$etc/$f" "/etc/$f"
+    fi
+done
 
 : "${CM_RUN_DIR:=/cm/run}"
 export CM_RUN_DIR

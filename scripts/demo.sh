@@ -2,13 +2,17 @@
 # make demo: start a local cluster, run one command job and one sync job, show cminfo and cmlogs/, stop.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-PY=.venv/bin/python
+ROOT=$(pwd -P)
+PY=$ROOT/.venv/bin/python  # absolute: the demo cds into drive/home/demo, and the exit trap runs there
 
-cleanup() { $PY -m cm.cluster.local down >/dev/null 2>&1 || true; }
+cleanup() {
+  "$PY" -m cm.cluster.local down --run-dir "$ROOT/drive/run" >/dev/null ||
+    echo "demo: could not stop the local cluster; run 'make local-down'" >&2
+}
 trap cleanup EXIT
 
 echo "== starting a local cluster (head + 4 compute nodes: gpu x2, cpu x2)"
-$PY -m cm.cluster.local up
+"$PY" -m cm.cluster.local up --run-dir "$ROOT/drive/run"
 . drive/run/cm.env
 
 mkdir -p drive/home/demo

@@ -26,6 +26,18 @@ class ClusterError(RuntimeError):
     pass
 
 
+# cm.env exports the embedded server's URI under this name as well as MONGODB_URI, so that a later
+# `up` from a shell that sourced it can tell that URI (whose server `down` stopped) from one a user chose.
+OWN_DB_MARK = "CM_LOCAL_DB_URI"
+
+
+def chosen_mongodb_uri(environ: dict[str, str] | None = None) -> str:
+    """MONGODB_URI as the user chose it: empty when it is only what a local cluster's cm.env exported."""
+    environ = os.environ if environ is None else environ
+    uri = environ.get("MONGODB_URI", "")
+    return "" if uri and uri == environ.get(OWN_DB_MARK) else uri
+
+
 def parse_partitions(text: str, nodes: int) -> list[tuple[str, str]]:
     """'gpu:2,cpu:2' -> [(computenode-1, gpu), ...]; a bare name takes an equal share of NODES."""
     parts = [p.strip() for p in text.split(",") if p.strip()]
@@ -127,7 +139,8 @@ class LocalCluster:
         return proc
 
     def base_env(self) -> dict[str, str]:
-        env = {k: v for k, v in os.environ.items() if not k.startswith("CM_") and k != "MONGODB_URI"}
+        env = {k: v for k, v in os.environ.items()
+               if not k.startswith("CM_") and k not in ("MONGODB_URI", OWN_DB_MARK)}
         env.update(
             CM_RUN_DIR=str(self.run_dir), MONGODB_URI=self.mongodb_uri, CM_HEAD_HOST="127.0.0.1",
             CM_BIND_HOST="127.0.0.1", CM_HEAD_PORT=str(self.head_port), CM_TRANSFER_HOST="127.0.0.1",
@@ -143,15 +156,24 @@ class LocalCluster:
             return self._start_db_netns()
         if self.mongodb_uri:
             return
-        if os.environ.get("MONGODB_URI"):
-            self.mongodb_uri = os.environ["MONGODB_URI"]
-            return
         from cm.cluster.db import ping
 
+        chosen = chosen_mongodb_uri()
+        if chosen:
+            self.mongodb_uri = chosen
+            try:
+                ping(chosen, timeout=10)
+            except Exception as exc:  # pymongo's errors
+                from cm.cluster.db import _redact
+
+                raise ClusterError(f"the database at MONGODB_URI={_redact(chosen)} does not answer ({exc}); "
+                                   "unset MONGODB_URI to use the embedded server") from None
+            return
         self.db_dir.mkdir(parents=True, exist_ok=True)
         port = free_port()
+        env = {k: v for k, v in os.environ.items() if k not in ("MONGODB_URI", OWN_DB_MARK)}
         proc = self._spawn("db", [sys.executable, "-m", "cm.cluster.db", "--data-dir", str(self.db_dir),
-                                  "--port", str(port)], dict(os.environ))
+                                  "--port", str(port)], env)
         self.mongodb_uri = f"mongodb://127.0.0.1:{port}/"
         deadline = time.monotonic() + 30
         while True:
@@ -265,6 +287,8 @@ class LocalCluster:
             f"export PATH={bindir}:$PATH\n"
             f"export CM_RUN_DIR={self.run_dir}\n"
             f"export MONGODB_URI={self.mongodb_uri}\n"
+            + (f"export {OWN_DB_MARK}={self.mongodb_uri}  # this cluster's own server: not chosen by you\n"
+               if "db" in self.procs else f"unset {OWN_DB_MARK}\n")
             + (self._netns_env_note() if self.network is not None else "")
         )
 

@@ -10,7 +10,8 @@ hashing with socket I/O.
 numba caches the compiled code on disk (``cache=True``) so a new process does
 not compile again. When numba's default cache location (next to this file)
 is not writable and ``NUMBA_CACHE_DIR`` is unset or unwritable, a per-user
-directory under the system temp dir is used instead.
+directory under the system temp dir is used instead, seeded with a copy of
+an unwritable ``NUMBA_CACHE_DIR`` (a cache compiled ahead for every user).
 """
 
 from __future__ import annotations
@@ -38,6 +39,14 @@ def _choose_cache_dir() -> None:
     elif _writable_dir(Path(__file__).resolve().parent / "__pycache__"):
         return
     fallback = Path(tempfile.gettempdir()) / f"cm-numba-cache-{os.getuid()}"
+    if configured and Path(configured).is_dir() and not fallback.exists():
+        # a shared cache compiled ahead (the Docker image's) seeds this user's own copy
+        import shutil
+
+        try:
+            shutil.copytree(configured, fallback, dirs_exist_ok=True)
+        except (OSError, shutil.Error):
+            pass  # an incomplete copy only means compiling what is missing
     _writable_dir(fallback)
     os.environ["NUMBA_CACHE_DIR"] = str(fallback)
 
