@@ -38,8 +38,8 @@ def _choose_cache_dir() -> None:
             return
     elif _writable_dir(Path(__file__).resolve().parent / "__pycache__"):
         return
-    fallback = Path(tempfile.gettempdir()) / f"cm-numba-cache-{os.getuid()}"
-    if configured and Path(configured).is_dir() and not fallback.exists():
+    fallback = _private_dir(Path(tempfile.gettempdir()) / f"cm-numba-cache-{os.getuid()}")
+    if configured and Path(configured).is_dir() and not any(fallback.iterdir()):
         # a shared cache compiled ahead (the Docker image's) seeds this user's own copy
         import shutil
 
@@ -47,8 +47,25 @@ def _choose_cache_dir() -> None:
             shutil.copytree(configured, fallback, dirs_exist_ok=True)
         except (OSError, shutil.Error):
             pass  # an incomplete copy only means compiling what is missing
-    _writable_dir(fallback)
     os.environ["NUMBA_CACHE_DIR"] = str(fallback)
+
+
+def _private_dir(path: Path) -> Path:
+    """path if it is a directory of this user's that nobody else may write (made so if missing);
+    otherwise a fresh private one. Another user could have made the shared name first and filled it
+    with compiled code for us to load."""
+    import stat
+
+    try:
+        os.mkdir(path, 0o700)
+    except FileExistsError:
+        pass
+    except OSError:
+        return Path(tempfile.mkdtemp(prefix="cm-numba-cache-"))
+    st = os.lstat(path)
+    if stat.S_ISDIR(st.st_mode) and st.st_uid == os.getuid() and not st.st_mode & 0o022:
+        return path
+    return Path(tempfile.mkdtemp(prefix="cm-numba-cache-"))
 
 
 _choose_cache_dir()

@@ -4,6 +4,8 @@ import os
 import subprocess
 import sys
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -69,3 +71,37 @@ def test_compile_cache_falls_back_when_the_cache_dir_is_not_writable(tmp_path):
     value, cache_dir = out.stdout.split()
     assert int(value) == 0x44BC2CF5AD770999
     assert cache_dir != str(blocked / "cache")
+
+
+def test_a_cache_directory_planted_by_another_user_is_not_used():
+    """numba loads compiled code from its cache: a user's cache must be a directory only they can write."""
+    import pwd
+
+    from cm.transfer.checksum import _private_dir
+
+    if os.geteuid() != 0:
+        pytest.skip("needs root to act as another user")
+    nobody = pwd.getpwnam("nobody")
+    import tempfile
+
+    planted = Path(tempfile.mkdtemp(prefix="cmt-planted-"))
+    planted.chmod(0o777)  # root's and writable by everyone: what another user could leave under the shared name
+
+    mine = Path(tempfile.gettempdir()) / f"cmt-cache-{os.getpid()}"  # where every user may make a directory
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        try:
+            os.setgid(nobody.pw_gid)
+            os.setuid(nobody.pw_uid)
+            got = [str(_private_dir(planted)), str(_private_dir(mine)), str(_private_dir(mine))]
+            os.write(w, "\n".join(got).encode())
+        finally:
+            os._exit(0)
+    os.close(w)
+    got = os.read(r, 65536).decode().split("\n")
+    os.waitpid(pid, 0)
+    assert got[0] != str(planted) and os.stat(got[0]).st_uid == nobody.pw_uid
+    assert got[1] == got[2] == str(mine) and os.stat(mine).st_uid == nobody.pw_uid
+    for d in (got[0], mine, planted):
+        os.rmdir(d)
