@@ -9,7 +9,7 @@ NODES ?= 4
 PARTITIONS ?=
 COMPOSE := docker compose
 
-.PHONY: all up setup demo test bench local-up local-down exec-head stop clean
+.PHONY: all up setup demo test soak bench local-up local-down exec-head stop clean
 
 all: up
 
@@ -52,6 +52,13 @@ demo: setup
 
 test: setup
 	$(PY) -m pytest -q -p no:cacheprovider
+
+# The model-based test with random seeds (each printed, so a failure can be replayed with
+# CM_MODEL_SEED=N) for SOAK_SECONDS; a failure prints the shortest sequence that reproduces it.
+SOAK_SECONDS ?= 900
+soak: setup
+	CM_MODEL_SOAK=1 CM_MODEL_SECONDS=$(SOAK_SECONDS) CM_MODEL_OPS=$${CM_MODEL_OPS:-120} \
+	  $(PY) -m pytest -q -s -p no:cacheprovider --timeout=0 tests/test_model.py -k keeps_its_promises
 
 bench: setup
 	$(PY) bench/bench_sched.py

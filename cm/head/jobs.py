@@ -100,6 +100,7 @@ class JobTable:
         self.stopping: dict[int, tuple[float, str]] = {}  # job -> (monotonic deadline, state its shares end in)
         self.reasons: dict[int, str] = {}  # why each pending job waits, from the last scheduler pass
         self.jobs: dict[int, Job] = {}
+        self._by_node: dict[str, set[int]] | None = None  # node -> jobs that may have a slot there
         self.requests: dict[int, Request] = {}
         self.ids: Iterator[int] = iter(())
         # finished jobs, newest last: cminfo shows them without scanning the database
@@ -119,6 +120,7 @@ class JobTable:
 
     def load(self) -> None:
         self.jobs = {j["_id"]: j for j in store.active_jobs()}
+        self._by_node = None
         self.recent = collections.OrderedDict(
             (j["_id"], j) for j in sorted(store.recent_jobs(time.time() - self.RECENT_SECONDS, finished=True),
                                           key=lambda j: j["ended"]))
@@ -154,12 +156,30 @@ class JobTable:
         return used
 
     def on_node(self, node: str) -> list[Job]:
-        return [j for j in self.jobs.values() if any(s["node"] == node and not s["ended"] for s in j["slots"])]
+        """Jobs with a slot on node that has not ended (through an index: every heartbeat asks)."""
+        if self._by_node is None:
+            self._by_node = collections.defaultdict(set)
+            for j in self.jobs.values():
+                for s in j.get("slots", ()):
+                    self._by_node[s["node"]].add(j["_id"])
+        ids = self._by_node.get(node)
+        if not ids:
+            return []
+        out = []
+        for job_id in list(ids):  # the index may name more than it should; never less
+            job = self.jobs.get(job_id)
+            if job is not None and any(s["node"] == node and not s["ended"] for s in job["slots"]):
+                out.append(job)
+            else:
+                ids.discard(job_id)
+        return out
 
     # --- changes ---------------------------------------------------------------
 
     def add(self, job: Job) -> None:
         self.jobs[job["_id"]] = job
+        if job.get("slots"):
+            self._by_node = None
         if job["state"] == JobState.PENDING.value:
             self.requests[job["_id"]] = request_of(job)
             job["pending_reason"] = "None"  # until the next pass
@@ -254,6 +274,9 @@ class JobTable:
         now = time.time()
         if not self._move(job, JobState.DISPATCHING, slots=slots, runs=run, dispatched=now):
             return
+        if self._by_node is not None:
+            for s in slots:
+                self._by_node[s["node"]].add(job_id)
         job["src_sent"] = False  # this run's senders start once its receivers have
         job.pop("node_progress", None)
         if job["kind"] == "sync":
