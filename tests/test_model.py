@@ -35,6 +35,7 @@ CPUS, MEM = 4, 4000
 GRACE = 1.0  # CM_KILL_GRACE in tests/conftest.py
 DETECT = 2.0 + 3.0 + 3.0  # heartbeat timeout + kill confirmation + a busy machine's slack
 INFO_LIMIT = 1.0  # cminfo answers within this many seconds
+REASONS = {"Resources", "Priority", "ReqNodeNotAvail", "Held", "Blocked", "None"}
 
 
 # --- operations ------------------------------------------------------------------------------
@@ -50,13 +51,13 @@ class Op:
         if self.kind == "cmd":
             part, n, cpus, dur, limit, requeue, hold, job = a
             flags = (" --requeue" if requeue else "") + (" --hold" if hold else "")
-            return f"job {job}: cmrun -n {n} -c {cpus} --partition {part} -t 0:{limit:02d}{flags} sleep {dur}"
+            return f"#{job}: cmrun -n {n} -c {cpus} --partition {part} -t 0:{limit:02d}{flags} sleep {dur}"
         if self.kind == "sync":
             src, dst, n, job = a
-            return f"job {job}: cmsync -n {n} -t 0:30 {src} {dst}"
+            return f"#{job}: cmsync -n {n} -t 0:30 {src} {dst}"
         if self.kind in ("cancel", "hold", "release"):
             return {"cancel": "cmkill", "hold": "cmcontrol hold", "release": "cmcontrol release"}[self.kind] + \
-                f" <job {a[0]}>"
+                f" #{a[0]}"
         if self.kind == "pause":
             return f"sleep {a[0]}"
         return f"{self.kind} {' '.join(map(str, a))}".strip()
@@ -120,7 +121,8 @@ def generate(seed: int, count: int) -> list[Op]:
 
 class Violation(AssertionError):
     def __init__(self, step: int, what: str, detail: str):
-        super().__init__(f"step {step}: {what}: {detail}")
+        where = f"after {-step} steps" if step < 0 else f"step {step}"
+        super().__init__(f"{where}: {what}: {detail}")
         self.step, self.what = step, what
 
 
@@ -239,17 +241,19 @@ class Runner:
         for job_id, j in jobs.items():
             if j["state"] in FINAL:
                 continue
+            if j["state"] in ("PENDING", "HELD") and j["reason"].split(";")[0] not in REASONS:
+                raise Violation(self.step, "waiting without a reason", f"job {job_id}: {j['reason']!r}")
             started = (j.get("times") or {}).get("started")
             if j["state"] in ACTIVE and started:
                 limit = j["time_limit"] + GRACE + DETECT + self.downtime_since(now - (now_wall - started))
                 if now_wall - started > limit:
                     raise Violation(self.step, "job outlived its time limit",
-                                    f"job {job_id} {j['state']} for {now_wall - started:.1f} s, limit "
+                                    f"job id {job_id} {j['state']} for {now_wall - started:.1f} s, limit "
                                     f"{j['time_limit']} s ({self.model.ops.get(job_id)})")
             asked = self.model.cancelled.get(job_id)
             if asked is not None and now - asked > GRACE + 5 + self.downtime_since(asked):
                 raise Violation(self.step, "cancel not done",
-                                f"job {job_id} still {j['state']} {now - asked:.1f} s after cmkill "
+                                f"job id {job_id} still {j['state']} {now - asked:.1f} s after cmkill "
                                 f"({self.model.ops.get(job_id)}); reason {j.get('reason')!r}")
         self.check_runs(jobs, final)
         return data
@@ -277,8 +281,8 @@ class Runner:
         for name in list(self.model.dead):
             self.apply(Op("start_node", (name,)))
         deadline = time.monotonic() + seconds
+        self.step = -(self.step + 1)  # the end phase: after that many steps
         while True:
-            self.step += 1
             data = self.check()
             jobs = {j["id"]: j for j in data["jobs"]}
             for j in jobs.values():
@@ -300,7 +304,9 @@ class Runner:
                 src, dst = (self._path(side) for side in op.args[:2])
                 if snapshot(dst) != snapshot(src):
                     raise Violation(self.step, "sync differs", f"job {job_id} ({op}): {dst} differs from {src}")
-        print("model: jobs ended", dict(collections.Counter(j["state"] for j in jobs.values())), flush=True)
+        print("model: jobs ended", dict(collections.Counter(
+            (self.model.ops[i].kind if i in self.model.ops else "?", j["state"]) for i, j in jobs.items())),
+            flush=True)
         deadline = time.monotonic() + GRACE + 3
         while (left := self._leftovers()) and time.monotonic() < deadline:
             time.sleep(0.1)
@@ -375,11 +381,20 @@ def explore(make_cluster, db_name: str, seed: int, count: int) -> None:
     first = failure(ops)
     if first is None:
         return
+    last = [first]
+
+    def fails_the_same_way(candidate: list[Op]) -> bool:
+        v = failure(candidate)
+        if v is not None and v.what == first.what:
+            last.append(v)
+            return True
+        return False
+
     budget = float(os.environ.get("CM_MODEL_SHRINK_SECONDS", "300"))
-    shortest = shrink(ops, lambda c: (v := failure(c)) is not None and v.what == first.what, budget)
+    shortest = shrink(ops, fails_the_same_way, budget)
     steps = "\n".join(f"  {i:3d}. {op}" for i, op in enumerate(shortest))
     pytest.fail(f"seed {seed}: {first}\nshortest sequence found ({len(shortest)} of {len(ops)} operations, "
-                f"{attempts['runs']} runs) that fails the same way:\n{steps}\n"
+                f"{attempts['runs']} runs) that fails the same way:\n{steps}\nwhich ends in: {last[-1]}\n"
                 f"replay: CM_MODEL_SEED={seed} CM_MODEL_OPS={count} .venv/bin/python -m pytest tests/test_model.py",
                 pytrace=False)
 
@@ -389,11 +404,11 @@ def _seeds() -> list[int]:
         return [int(os.environ["CM_MODEL_SEED"])]
     if os.environ.get("CM_MODEL_SOAK"):
         return [random.SystemRandom().randrange(1 << 32)]
-    return [14]
+    return [14, 3]
 
 
 def test_the_cluster_keeps_its_promises_under_random_operations(make_cluster, db_name):
-    count = int(os.environ.get("CM_MODEL_OPS", "45"))
+    count = int(os.environ.get("CM_MODEL_OPS", "60"))
     if os.environ.get("CM_MODEL_SOAK"):
         end = time.monotonic() + float(os.environ.get("CM_MODEL_SECONDS", "900"))
         while time.monotonic() < end:
