@@ -155,3 +155,43 @@ def test_a_waiting_job_says_why(make_cluster):
     reason(waiting, "ReqNodeNotAvail")
     cluster.cli("cmcontrol", "resume", "computenode-2")
     cluster.wait_state(waiting, "COMPLETED")
+
+
+def test_shares_travel_as_tuples_and_malformed_ones_are_refused():
+    import pytest
+
+    from cm.protocol import KillJob, ProtocolError
+
+    beat = decode(encode(Heartbeat(node="n", running=[3], shares=[(3, 1, "src", 0), (3, 1, "dst", 0)])))
+    assert beat.shares == [(3, 1, "src", 0), (3, 1, "dst", 0)] and beat.ending == []
+    kill = decode(encode(KillJob(job_id=3, state="CANCELLED", run=1, role="dst", rank=0)))
+    assert (kill.run, kill.role, kill.rank) == (1, "dst", 0)
+    for bad in ([(3, 1, "src")], [(3, "1", "src", 0)], [[3, 1, "src", 0, 9]], [3]):
+        with pytest.raises(ProtocolError, match="shares"):
+            decode(encode(Heartbeat(node="n", running=[], shares=bad)))
+
+
+def test_the_scheduler_says_why_each_job_waits():
+    from cm.head.policies import FirstFit
+    from cm.head.resources import Demand, NodeView, Request, Running
+    from cm.head.scheduler import Scheduler
+
+    nodes = {n: NodeView(n, "p", 4, 1000) for n in ("a", "b")}
+    nodes["b"].usable = False  # DOWN or drained
+    nodes["a"].take(4, 0)
+    running = [Running(9, 100.0, [("a", 4, 0)])]
+    pending = [Request(1, 0, 1.0, 10, (Demand("run", 1, 2, 0, partition="p"),)),
+               Request(2, 0, 2.0, 10, (Demand("run", 2, 1, 0, partition="p"),)),
+               Request(3, 0, 3.0, 10, (Demand("src", 1, 1, 0, node="b"), Demand("dst", 1, 1, 0, node="a")))]
+    scheduler = Scheduler(FirstFit())
+    assert scheduler.plan(pending, nodes, running, 0.0) == []
+    assert scheduler.reasons == {1: "Resources", 2: "ReqNodeNotAvail", 3: "ReqNodeNotAvail"}
+    # node a: 1 CPU free until t=100. Job 1 (2 CPUs) waits for it; a 1-CPU job of 200 s would delay it,
+    # one of 50 s would not (backfill)
+    nodes["a"].give(1, 0)
+    pending = [pending[0], Request(4, 0, 4.0, 200, (Demand("run", 1, 1, 0, partition="p"),)),
+               Request(5, 0, 5.0, 50, (Demand("run", 1, 1, 0, partition="p"),))]
+    running = [Running(9, 100.0, [("a", 3, 0)])]
+    started = scheduler.plan(pending, nodes, running, 0.0)
+    assert [r.job_id for r, _ in started] == [5]
+    assert scheduler.reasons == {1: "Resources", 4: "Priority"}

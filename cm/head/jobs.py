@@ -310,7 +310,7 @@ class JobTable:
                                      "nranks": nranks}}
 
     @staticmethod
-    def _matching(job: Job, node: str, role: str, rank: int) -> list[int]:
+    def matching(job: Job, node: str, role: str, rank: int) -> list[int]:
         """Indices of the job's slots on node with that role and rank (role "": every slot on node)."""
         return [i for i, s in enumerate(job["slots"])
                 if s["node"] == node and (not role or (s["role"] == role and s["rank"] == rank))]
@@ -320,7 +320,7 @@ class JobTable:
         job = self.jobs.get(job_id)
         if job is None or job.get("runs") != run or not JobState(job["state"]).active:
             return
-        for i in self._matching(job, node, role, rank):
+        for i in self.matching(job, node, role, rank):
             s = job["slots"][i]
             if s["started"]:
                 continue
@@ -349,7 +349,7 @@ class JobTable:
         job = self.jobs.get(job_id)
         if job is None or job.get("runs") != run or not JobState(job["state"]).active:
             return
-        mine = [i for i in self._matching(job, node, role, rank) if not job["slots"][i]["ended"]]
+        mine = [i for i in self.matching(job, node, role, rank) if not job["slots"][i]["ended"]]
         mine.sort(key=lambda i: job["slots"][i]["role"] == "dst")  # (older nodes) a node's sender before its receiver
         if (mine and job["kind"] == "sync" and exit_code == TRANSIENT_EXIT and not job.get("cancel_requested")
                 and job_id not in self.stopping and job.get("restarts", 0) < SYNC_RESTARTS):
@@ -362,7 +362,7 @@ class JobTable:
         """Whether run `run` of the job still has a share (of that role and rank) on node that has not ended."""
         job = self.jobs.get(job_id)
         return (job is not None and JobState(job["state"]).active and job.get("runs") == run
-                and any(not job["slots"][i]["ended"] for i in self._matching(job, node, role, rank)))
+                and any(not job["slots"][i]["ended"] for i in self.matching(job, node, role, rank)))
 
     def resend(self, addrs: dict[str, str], out: Outcome) -> None:
         """After a (re)load: RunJob again for every share of an active job not yet over (senders only once

@@ -295,7 +295,7 @@ class HeadServer:
                     out.kill.append(Stop(node, job_id, JobState.CANCELLED.value, run, role, rank,
                                          "the head does not know this share"))
             elif job is not None and not all(job["slots"][i]["started"]
-                                             for i in self.jobs._matching(job, node, role, rank)):
+                                             for i in self.jobs.matching(job, node, role, rank)):
                 addrs = addrs if addrs is not None else self.addrs()
                 self.jobs.started(job_id, node, run, addrs, out, role, rank)
         for job_id in legacy or ():
