@@ -69,6 +69,7 @@ def generate(seed: int, count: int) -> list[Op]:
     ops: list[Op] = []
     jobs = 0
     dead: str | None = None
+    frozen = False
     head_restarts = 0
     for _ in range(count):
         roll = rng.random()
@@ -98,16 +99,18 @@ def generate(seed: int, count: int) -> list[Op]:
             ops.append(Op("sync", (src, dst, n, jobs)))
             jobs += 1
         elif roll < 0.70 and jobs:
-            ops.append(Op("cancel", (rng.randrange(jobs),)))
+            # often the job just submitted: a cancel while it is being dispatched or starting
+            ops.append(Op("cancel", (jobs - 1 if rng.random() < 0.3 else rng.randrange(jobs),)))
         elif roll < 0.74 and jobs:
             ops.append(Op(rng.choice(["hold", "release"]), (rng.randrange(jobs),)))
         elif roll < 0.82:
             if dead:
-                ops.append(Op("start_node", (dead,)))
+                ops.append(Op("thaw_node" if frozen else "start_node", (dead,)))
                 dead = None
             else:
-                dead = rng.choice(list(NODES))
-                ops.append(Op("kill_node", (dead,)))
+                # killed (SIGKILL, started again later), or frozen (SIGSTOP: a hung daemon, or a node cut off)
+                dead, frozen = rng.choice(list(NODES)), rng.random() < 0.35
+                ops.append(Op("freeze_node" if frozen else "kill_node", (dead,)))
         elif roll < 0.85 and head_restarts < 2:
             ops.append(Op("restart_head"))
             head_restarts += 1
@@ -135,6 +138,7 @@ class Model:
     cancelled: dict[int, float] = field(default_factory=dict)  # job id -> when cmkill was answered
     head_down: list[tuple[float, float]] = field(default_factory=list)  # (from, to), monotonic
     dead: set[str] = field(default_factory=set)
+    frozen: set[str] = field(default_factory=set)
 
 
 class Runner:
@@ -197,6 +201,16 @@ class Runner:
             if name in m.dead:
                 self.cluster.start_node(name, NODES[name])
                 m.dead.discard(name)
+        elif op.kind == "freeze_node":
+            name = op.args[0]
+            if name not in m.dead and name not in m.frozen:
+                self.cluster.procs[name].send_signal(signal.SIGSTOP)
+                m.frozen.add(name)
+        elif op.kind == "thaw_node":
+            name = op.args[0]
+            if name in m.frozen:
+                self.cluster.procs[name].send_signal(signal.SIGCONT)
+                m.frozen.discard(name)
         elif op.kind == "restart_head":
             t = time.monotonic()
             self.cluster.kill("headnode", signal.SIGKILL)
@@ -280,6 +294,8 @@ class Runner:
         """Bring dead nodes back, cancel held jobs, and wait for every job to end; then the final checks."""
         for name in list(self.model.dead):
             self.apply(Op("start_node", (name,)))
+        for name in list(self.model.frozen):
+            self.apply(Op("thaw_node", (name,)))
         deadline = time.monotonic() + seconds
         self.step = -(self.step + 1)  # the end phase: after that many steps
         while True:
@@ -346,6 +362,9 @@ def run_ops(make_cluster, ops: list[Op], db_name: str, end_seconds: float = 60) 
             runner.check()
         runner.finish(end_seconds)
     finally:
+        for proc in cluster.procs.values():
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGCONT)  # a frozen daemon could not stop
         cluster.down()
 
 
@@ -436,6 +455,7 @@ def test_shrinking_keeps_only_what_the_failure_needs():
 def test_the_generator_is_repeatable_and_varied():
     assert generate(5, 200) == generate(5, 200)
     kinds = collections.Counter(op.kind for op in generate(5, 200))
-    assert {"cmd", "sync", "cancel", "kill_node", "start_node", "restart_head", "pause"} <= set(kinds)
+    assert {"cmd", "sync", "cancel", "kill_node", "start_node", "freeze_node", "thaw_node", "restart_head",
+            "pause"} <= set(kinds)
     shapes = {op.args[0].split(":")[0] == op.args[1].split(":")[0] for op in generate(5, 200) if op.kind == "sync"}
     assert shapes == {True, False}  # same storage/node and across
