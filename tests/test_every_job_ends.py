@@ -128,6 +128,30 @@ def test_a_share_the_node_does_not_run_ends_the_job_within_two_heartbeats(make_c
         node.close()
 
 
+def test_a_share_the_node_never_starts_ends_the_job_after_the_start_timeout(make_cluster):
+    cluster = make_cluster("cpu:1", nodes=1)
+    cluster.kill("computenode-1", signal.SIGKILL)
+    cluster.wait_node("computenode-1", "DOWN", timeout=10)
+    node = _fake_node(cluster, "computenode-1", "cpu")
+    try:
+        job_id = cluster.submit("cmrun", "sleep", "600")
+        sent = time.monotonic()
+        deadline = sent + 15  # the start timeout is grace + confirmation + 5 s: 9 s here
+        while time.monotonic() < deadline:  # acknowledge every RunJob, never start, heartbeat with nothing
+            if node.poll(200):
+                msg = decode(node.recv())
+                if isinstance(msg, RunJob):
+                    node.send(encode(Ack(ref=msg.id)))
+            node.send(encode(Heartbeat(node="computenode-1", running=[], shares=[], ending=[])))
+            if cluster.job(job_id)["state"] == "NODE_FAIL":
+                break
+        job = cluster.job(job_id)
+        assert job["state"] == "NODE_FAIL" and "did not start" in job["reason"], job
+        assert 8 < time.monotonic() - sent < 13
+    finally:
+        node.close()
+
+
 def test_a_waiting_job_says_why(make_cluster):
     cluster = make_cluster("cpu:2", nodes=2)
     cpus = str(cluster.info()["nodes"][0]["cpus"])

@@ -98,6 +98,10 @@ class JobTable:
         self.stop_timeout = stop_timeout
         self.node_alive: Callable[[str], bool] = lambda name: True  # the registry's view, set by the server
         self.stopping: dict[int, tuple[float, str]] = {}  # job -> (monotonic deadline, state its shares end in)
+        # a share sent to a live node must start within this many seconds (time for an earlier run there to be
+        # reaped first), or it is lost: nodes say why they refuse, so silence means the share went missing
+        self.start_timeout = stop_timeout + 5.0
+        self.sent_at: dict[int, float] = {}  # job -> when its latest RunJobs went out (monotonic)
         self.reasons: dict[int, str] = {}  # why each pending job waits, from the last scheduler pass
         self.jobs: dict[int, Job] = {}
         self._by_node: dict[str, set[int]] | None = None  # node -> jobs that may have a slot there
@@ -125,7 +129,7 @@ class JobTable:
             (j["_id"], j) for j in sorted(store.recent_jobs(time.time() - self.RECENT_SECONDS, finished=True),
                                           key=lambda j: j["ended"]))
         self.unsaved_running, self.unsaved_since = {}, {}
-        self.stopping, self.reasons = {}, {}
+        self.stopping, self.reasons, self.sent_at = {}, {}, {}
         self.requests = {i: request_of(j) for i, j in self.jobs.items() if j["state"] == JobState.PENDING.value}
         for j in self.jobs.values():
             if j["state"] in (JobState.PENDING.value, JobState.HELD.value):
@@ -236,6 +240,7 @@ class JobTable:
         self.requests.pop(job_id, None)
         self.stopping.pop(job_id, None)
         self.reasons.pop(job_id, None)
+        self.sent_at.pop(job_id, None)
         self.unsaved_running.pop(job_id, None)
         self.unsaved_since.pop(job_id, None)
 
@@ -278,6 +283,7 @@ class JobTable:
             for s in slots:
                 self._by_node[s["node"]].add(job_id)
         job["src_sent"] = False  # this run's senders start once its receivers have
+        self.sent_at[job_id] = time.monotonic()
         job.pop("node_progress", None)
         if job["kind"] == "sync":
             # destinations first: a sender may only connect once its receiver knows the transfer
@@ -339,6 +345,7 @@ class JobTable:
             dst = [s for s in job["slots"] if s["role"] == "dst"]
             if all(s["started"] for s in dst) and not job.get("src_sent"):
                 job["src_sent"] = True
+                self.sent_at[job_id] = time.monotonic()
                 for s in job["slots"]:
                     if s["role"] == "src" and not s["ended"]:
                         out.run.append((s["node"], job_id, self.spec(job, s, addrs)))
@@ -381,6 +388,7 @@ class JobTable:
                         out.kill.append(stop_slot(job, s, state))
                 continue
             receivers_ready = all(s["started"] for s in job["slots"] if s["role"] == "dst")
+            self.sent_at[job["_id"]] = now
             for s in job["slots"]:
                 if s["ended"] or (s["role"] == "src" and not receivers_ready):
                     continue
@@ -518,21 +526,28 @@ class JobTable:
         reason. `legacy_jobs`: job ids from a node that does not name its shares.
         """
         known = running | ending
+        now = time.monotonic()
         for job in self.on_node(node):
             if not JobState(job["state"]).active or job["_id"] in self.stopping:
                 continue
-            lost = []
+            lost, silent = [], []
             for i, s in enumerate(job["slots"]):
-                if s["node"] != node or s["ended"] or not s["started"]:
+                if s["node"] != node or s["ended"]:
+                    continue
+                if not s["started"]:
+                    sent = s["role"] != "src" or job.get("src_sent")
+                    if sent and now - self.sent_at.get(job["_id"], now) > self.start_timeout:
+                        silent.append(i)
                     continue
                 share = (job["_id"], job.get("runs", 0), s["role"], s["rank"])
                 here = job["_id"] in legacy_jobs if legacy_jobs is not None else share in known
                 if not here:
                     lost.append(i)
-            if lost:
-                s = job["slots"][lost[0]]
-                self.share_lost(job, lost, f"{node} is not running its share of the job ({s['role']} "
-                                           f"{s['rank']}, run {job.get('runs', 0)})", out, alive)
+            if lost or silent:
+                s = job["slots"][(lost or silent)[0]]
+                what = "is not running" if lost else f"did not start within {self.start_timeout:.0f} s"
+                self.share_lost(job, lost + silent, f"{node} {what} its share of the job ({s['role']} "
+                                                    f"{s['rank']}, run {job.get('runs', 0)})", out, alive)
 
     def share_lost(self, job: Job, indices: list[int], reason: str, out: Outcome, alive: dict[str, int]) -> None:
         event(log, "share lost", logging.WARNING, job=job["_id"], reason=reason)

@@ -108,7 +108,8 @@ class Registry:
         self.claimed = True
         for node in down:
             store.save_node(node.name, state="DOWN")
-            event(log, "node down", logging.WARNING, node=node.name, silent_for=round(now - node.last_seen, 2))
+            event(log, "node down", logging.WARNING, node=node.name,
+                  silent_for=round(now - (node.last_seen or self.started), 2))
         return down
 
     def set_drain(self, name: str, drain: bool, reason: str = "") -> NodeInfo:
