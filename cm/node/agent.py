@@ -3,7 +3,14 @@
 Reports that matter (a job started, a job ended) wait in an outbox and are
 resent until the head acknowledges them, so a head that was away when a job
 ended still hears of it. Commands from the head are idempotent: a repeated
-RunJob for a job already running here only repeats the JobStarted.
+RunJob for a share already running here only repeats the JobStarted, one
+for a share that ended repeats its JobEnded.
+
+A node may hold several shares of one job (a sync's sender and receiver on
+the same node, or ranks of a sync inside one partition), so every share is
+keyed by (job, run, role, rank), and every heartbeat names the shares this
+node runs and those whose end the head has not yet acknowledged: the head
+checks them against the slots it gave out.
 """
 
 from __future__ import annotations
