@@ -10,7 +10,7 @@ PARTITIONS ?=
 # USER from the command line names a cluster user; the one in the environment (who runs make) does not
 CM_USER := $(if $(filter command line,$(origin USER)),$(USER))
 
-.PHONY: all up setup demo test bench fuzz local-up local-down exec-head stop adduser engine clean
+.PHONY: all up setup demo test soak bench fuzz local-up local-down exec-head stop adduser engine clean
 
 all: up
 
@@ -68,6 +68,13 @@ FUZZ_EXAMPLES ?= 3000
 fuzz: setup
 	@seed=$${CM_FUZZ_SEED:-$$RANDOM}; echo "fuzz seed $$seed ($(FUZZ_EXAMPLES) examples per door)"; \
 	CM_FUZZ_SEED=$$seed CM_FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) $(PY) -m pytest -q -p no:cacheprovider tests/test_fuzz.py
+
+# The model-based test with random seeds (each printed, so a failure can be replayed with
+# CM_MODEL_SEED=N) for SOAK_SECONDS; a failure prints the shortest sequence that reproduces it.
+SOAK_SECONDS ?= 900
+soak: setup
+	CM_MODEL_SOAK=1 CM_MODEL_SECONDS=$(SOAK_SECONDS) CM_MODEL_OPS=$${CM_MODEL_OPS:-120} \
+	  $(PY) -m pytest -q -s -p no:cacheprovider --timeout=0 tests/test_model.py -k keeps_its_promises
 
 bench: setup
 	$(PY) bench/bench_sched.py

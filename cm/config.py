@@ -54,6 +54,8 @@ class Settings:
     mem_mb: int = _setting(0, "memory in MB this node offers (0: measure the machine)")
     data_root: str = _setting("drive/data/default", "where this node sees its partition's storage")
     kill_grace: float = _setting(5.0, "seconds between SIGTERM and SIGKILL when a job is stopped")
+    kill_confirm: float = _setting(3.0, "seconds after the kill grace a node has to confirm a stopped job is gone; "
+                                        "then its slot is released and the node drained")
     # admin
     operator_group: str = _setting("cmoperator", "Unix group whose members may act on every job")
     operator_token: str = _setting("", "token that grants admin rights (empty: none)")

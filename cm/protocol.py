@@ -34,6 +34,11 @@ class Message:
     id: str = field(default_factory=new_id, kw_only=True)
 
 
+# One node's share of one run of a job: (job_id, run, role, rank). A node may hold several
+# shares of a job (a sync's sender and receiver on one node), so they are told apart by all four.
+Share = tuple[int, int, str, int]
+
+
 # --- node -> head -----------------------------------------------------------
 
 
@@ -49,6 +54,8 @@ class Hello(Message):
     transfer_addr: str  # host:port of this node's mover
     data_root: str
     incarnation: str  # new on every daemon start: tells a reconnect from a restart
+    shares: list[Share] = field(default_factory=list)  # running here
+    ending: list[Share] = field(default_factory=list)  # ended here, the end not yet acknowledged
 
 
 @dataclass(frozen=True)
@@ -56,6 +63,8 @@ class Heartbeat(Message):
     TYPE = "heartbeat"
     node: str
     running: list[int]
+    shares: list[Share] = field(default_factory=list)  # as in Hello: the head checks them against its slots
+    ending: list[Share] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -64,6 +73,8 @@ class JobStarted(Message):
     job_id: int
     node: str
     run: int  # which dispatch of the job (a requeued job runs again)
+    role: str = ""  # run, src or dst; "" (older nodes): every share of the job on the node
+    rank: int = 0
 
 
 @dataclass(frozen=True)
@@ -77,6 +88,8 @@ class JobEnded(Message):
     state: str  # a final JobState name
     exit_code: int
     reason: str = ""
+    role: str = ""  # as in JobStarted
+    rank: int = 0
 
 
 @dataclass(frozen=True)
@@ -91,6 +104,7 @@ class Progress(Message):
     files_total: int
     rate: float
     stats: dict[str, Any] = field(default_factory=dict)  # final counters of a sync part
+    rank: int = 0  # the sender's rank: a node may send more than one rank of a sync
 
 
 # --- head -> node -----------------------------------------------------------
@@ -105,7 +119,7 @@ class Welcome(Message):
 
 @dataclass(frozen=True)
 class RunJob(Message):
-    """Start this node's share of a job. Idempotent: keyed by job_id."""
+    """Start this node's share of a job. Idempotent: keyed by (job_id, run, role, rank) from the spec."""
 
     TYPE = "run_job"
     job_id: int
@@ -120,6 +134,9 @@ class KillJob(Message):
     job_id: int
     state: str  # the final state to report: CANCELLED, TIMEOUT, NODE_FAIL (FAILED: a sync lost its receiver)
     reason: str = ""
+    run: int = 0  # 0: every run; else only that run (a late kill of run 1 must not stop run 2)
+    role: str = ""  # "": every share of the job here; else only that role ...
+    rank: int = -1  # ... and rank (-1: any)
 
 
 # --- both ways --------------------------------------------------------------
@@ -168,6 +185,10 @@ def _conforms(value: Any, hint: Any) -> bool:
     origin = typing.get_origin(hint)
     if hint is Any:
         return True
+    if origin is tuple:  # a fixed-length array on the wire (msgpack gives a list)
+        items = typing.get_args(hint)
+        return (isinstance(value, (list, tuple)) and len(value) == len(items)
+                and all(_conforms(v, h) for v, h in zip(value, items)))
     if origin is list:
         (item,) = typing.get_args(hint)
         return isinstance(value, list) and all(_conforms(v, item) for v in value)
@@ -179,6 +200,16 @@ def _conforms(value: Any, hint: Any) -> bool:
     if hint is int:
         return isinstance(value, int) and not isinstance(value, bool)
     return isinstance(value, hint)
+
+
+def _tuples(value: Any, hint: Any) -> Any:
+    """Arrays that the schema calls tuples become tuples (hashable, as they were sent)."""
+    origin = typing.get_origin(hint)
+    if origin is tuple:
+        return tuple(value)
+    if origin is list and typing.get_origin(typing.get_args(hint)[0]) is tuple:
+        return [tuple(v) for v in value]
+    return value
 
 
 _HINTS = {cls: typing.get_type_hints(cls) for cls in TYPES.values()}
@@ -220,7 +251,7 @@ def decode(data: bytes) -> Message:
         value = body[f.name]
         if not _conforms(value, hints[f.name]):
             raise ProtocolError(f"{cls.TYPE}: field {f.name!r} has the wrong type")
-        kwargs[f.name] = value
+        kwargs[f.name] = _tuples(value, hints[f.name])
     extra = set(body) - {"v", "t", "id"} - {f.name for f in _FIELDS[cls]}
     if extra:
         raise ProtocolError(f"{cls.TYPE}: unknown fields {sorted(extra)}")

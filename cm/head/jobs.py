@@ -12,7 +12,7 @@ import hmac
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 from cm import store
 from cm.head.resources import Demand, NodeView, Request, Running
@@ -26,13 +26,35 @@ TRANSIENT_EXIT = 75  # EX_TEMPFAIL: a sender lost its receiver; the sync is wort
 SYNC_RESTARTS = 5
 
 
+Share = tuple[int, int, str, int]  # (job_id, run, role, rank): one slot of one run, as nodes name it
+
+
+@dataclass(frozen=True)
+class Stop:
+    """Stop one share of a job on a node (role "": every share of the job there) and report it as `state`."""
+
+    node: str
+    job_id: int
+    state: str
+    run: int = 0
+    role: str = ""
+    rank: int = -1
+    reason: str = ""
+
+
 @dataclass
 class Outcome:
-    """What the server must do after a change: commands for nodes, whether to schedule."""
+    """What the server must do after a change: commands for nodes, nodes to drain, whether to schedule."""
 
     run: list[tuple[str, int, dict]] = field(default_factory=list)  # (node, job_id, spec)
-    kill: list[tuple[str, int, str]] = field(default_factory=list)  # (node, job_id, state)
+    kill: list[Stop] = field(default_factory=list)
     finished: list[int] = field(default_factory=list)
+    drain: list[tuple[str, str]] = field(default_factory=list)  # (node, reason)
+
+
+def stop_slot(job: "Job", slot: dict, state: JobState | str, reason: str = "") -> Stop:
+    state = state.value if isinstance(state, JobState) else state
+    return Stop(slot["node"], job["_id"], state, job.get("runs", 0), slot["role"], slot["rank"], reason)
 
 
 def demands_of(job: Job) -> tuple[Demand, ...]:
@@ -70,8 +92,20 @@ class JobTable:
     RECENT_SECONDS = 300.0  # finished jobs cminfo shows without --all
     RECENT_MAX = 20000
 
-    def __init__(self) -> None:
+    def __init__(self, stop_timeout: float = 8.0) -> None:
+        # a share told to stop must be confirmed gone within this many seconds (the node's kill grace plus
+        # a confirmation timeout); after that its slot is released and its node drained, like Slurm's
+        # "Kill task failed"
+        self.stop_timeout = stop_timeout
+        self.node_alive: Callable[[str], bool] = lambda name: True  # the registry's view, set by the server
+        self.stopping: dict[int, tuple[float, str]] = {}  # job -> (monotonic deadline, state its shares end in)
+        # a share sent to a live node must start within this many seconds (time for an earlier run there to be
+        # reaped first), or it is lost: nodes say why they refuse, so silence means the share went missing
+        self.start_timeout = stop_timeout + 5.0
+        self.sent_at: dict[int, float] = {}  # job -> when its latest RunJobs went out (monotonic)
+        self.reasons: dict[int, str] = {}  # why each pending job waits, from the last scheduler pass
         self.jobs: dict[int, Job] = {}
+        self._by_node: dict[str, set[int]] | None = None  # node -> jobs that may have a slot there
         self.requests: dict[int, Request] = {}
         self.ids: Iterator[int] = iter(())
         # finished jobs, newest last: cminfo shows them without scanning the database
@@ -91,11 +125,16 @@ class JobTable:
 
     def load(self) -> None:
         self.jobs = {j["_id"]: j for j in store.active_jobs()}
+        self._by_node = None
         self.recent = collections.OrderedDict(
             (j["_id"], j) for j in sorted(store.recent_jobs(time.time() - self.RECENT_SECONDS, finished=True),
                                           key=lambda j: j["ended"]))
         self.unsaved_running, self.unsaved_since = {}, {}
+        self.stopping, self.reasons, self.sent_at = {}, {}, {}
         self.requests = {i: request_of(j) for i, j in self.jobs.items() if j["state"] == JobState.PENDING.value}
+        for j in self.jobs.values():
+            if j["state"] in (JobState.PENDING.value, JobState.HELD.value):
+                j["pending_reason"] = "Held" if j["state"] == JobState.HELD.value else "None"
         event(log, "jobs loaded", active=len(self.jobs), pending=len(self.requests))
 
     def pending(self) -> list[Request]:
@@ -122,14 +161,35 @@ class JobTable:
         return used
 
     def on_node(self, node: str) -> list[Job]:
-        return [j for j in self.jobs.values() if any(s["node"] == node and not s["ended"] for s in j["slots"])]
+        """Jobs with a slot on node that has not ended (through an index: every heartbeat asks)."""
+        if self._by_node is None:
+            self._by_node = collections.defaultdict(set)
+            for j in self.jobs.values():
+                for s in j.get("slots", ()):
+                    self._by_node[s["node"]].add(j["_id"])
+        ids = self._by_node.get(node)
+        if not ids:
+            return []
+        out = []
+        for job_id in list(ids):  # the index may name more than it should; never less
+            job = self.jobs.get(job_id)
+            if job is not None and any(s["node"] == node and not s["ended"] for s in job["slots"]):
+                out.append(job)
+            else:
+                ids.discard(job_id)
+        return out
 
     # --- changes ---------------------------------------------------------------
 
     def add(self, job: Job) -> None:
         self.jobs[job["_id"]] = job
+        if job.get("slots"):
+            self._by_node = None
         if job["state"] == JobState.PENDING.value:
             self.requests[job["_id"]] = request_of(job)
+            job["pending_reason"] = "None"  # until the next pass
+        elif job["state"] == JobState.HELD.value:
+            job["pending_reason"] = "Held"
 
     def _move(self, job: Job, dst: JobState, **fields: Any) -> bool:
         """Conditional write, then memory. False (and the job reloaded) if someone else moved it."""
@@ -152,6 +212,10 @@ class JobTable:
             self.requests.pop(job["_id"], None)
         else:
             self.requests[job["_id"]] = request_of(job)
+        if dst in (JobState.PENDING, JobState.HELD):
+            job["pending_reason"] = "Held" if dst == JobState.HELD else "None"  # until the next pass
+        else:
+            job.pop("pending_reason", None)
         if dst in FINAL_STATES:
             self._forget(job["_id"])
             self.recent[job["_id"]] = job
@@ -175,6 +239,9 @@ class JobTable:
     def _forget(self, job_id: int) -> None:
         self.jobs.pop(job_id, None)
         self.requests.pop(job_id, None)
+        self.stopping.pop(job_id, None)
+        self.reasons.pop(job_id, None)
+        self.sent_at.pop(job_id, None)
         self.unsaved_running.pop(job_id, None)
         self.unsaved_since.pop(job_id, None)
 
@@ -213,7 +280,11 @@ class JobTable:
         now = time.time()
         if not self._move(job, JobState.DISPATCHING, slots=slots, runs=run, dispatched=now):
             return
+        if self._by_node is not None:
+            for s in slots:
+                self._by_node[s["node"]].add(job_id)
         job["src_sent"] = False  # this run's senders start once its receivers have
+        self.sent_at[job_id] = time.monotonic()
         job.pop("node_progress", None)
         if job["kind"] == "sync":
             # destinations first: a sender may only connect once its receiver knows the transfer
@@ -249,57 +320,80 @@ class JobTable:
                                      "dst_host": host, "dst_port": int(port or 0), "rank": slot["rank"],
                                      "nranks": nranks}}
 
-    def started(self, job_id: int, node: str, run: int, addrs: dict[str, str], out: Outcome) -> None:
+    @staticmethod
+    def matching(job: Job, node: str, role: str, rank: int) -> list[int]:
+        """Indices of the job's slots on node with that role and rank (role "": every slot on node)."""
+        return [i for i, s in enumerate(job["slots"])
+                if s["node"] == node and (not role or (s["role"] == role and s["rank"] == rank))]
+
+    def started(self, job_id: int, node: str, run: int, addrs: dict[str, str], out: Outcome,
+                role: str = "", rank: int = 0) -> None:
         job = self.jobs.get(job_id)
         if job is None or job.get("runs") != run or not JobState(job["state"]).active:
             return
-        for i, s in enumerate(job["slots"]):
-            if s["node"] == node and not s["started"]:
-                s["started"] = True
-                if job["state"] == JobState.DISPATCHING.value and s["role"] != "dst":
-                    self.unsaved_since.setdefault(job_id, time.monotonic())
-                    unsaved = self.unsaved_running.setdefault(job_id, {})
-                    unsaved.setdefault("started", time.time())
-                    unsaved[f"slots.{i}.started"] = True
-                    job["started"] = unsaved["started"]
-                elif job_id in self.unsaved_running:
-                    self.unsaved_running[job_id][f"slots.{i}.started"] = True
-                else:
-                    store.update_job(job_id, [JobState(job["state"])], **{f"slots.{i}.started": True})
-        if job["kind"] == "sync":
+        for i in self.matching(job, node, role, rank):
+            s = job["slots"][i]
+            if s["started"]:
+                continue
+            s["started"] = True
+            if job["state"] == JobState.DISPATCHING.value and s["role"] != "dst":
+                self.unsaved_since.setdefault(job_id, time.monotonic())
+                unsaved = self.unsaved_running.setdefault(job_id, {})
+                unsaved.setdefault("started", time.time())
+                unsaved[f"slots.{i}.started"] = True
+                job["started"] = unsaved["started"]
+            elif job_id in self.unsaved_running:
+                self.unsaved_running[job_id][f"slots.{i}.started"] = True
+            else:
+                store.update_job(job_id, [JobState(job["state"])], **{f"slots.{i}.started": True})
+        if job["kind"] == "sync" and job_id not in self.stopping:
             dst = [s for s in job["slots"] if s["role"] == "dst"]
             if all(s["started"] for s in dst) and not job.get("src_sent"):
                 job["src_sent"] = True
+                self.sent_at[job_id] = time.monotonic()
                 for s in job["slots"]:
-                    if s["role"] == "src":
+                    if s["role"] == "src" and not s["ended"]:
                         out.run.append((s["node"], job_id, self.spec(job, s, addrs)))
 
     def ended(self, job_id: int, node: str, run: int, state: JobState, exit_code: int, reason: str,
-              out: Outcome) -> None:
-        """One node's share of a job is over; finish the job when every share is."""
+              out: Outcome, role: str = "", rank: int = 0) -> None:
+        """One share of a job is over; finish the job when every share is."""
         job = self.jobs.get(job_id)
         if job is None or job.get("runs") != run or not JobState(job["state"]).active:
             return
-        mine = [i for i, s in enumerate(job["slots"]) if s["node"] == node and not s["ended"]]
-        mine.sort(key=lambda i: job["slots"][i]["role"] == "dst")  # a node's sender before its receiver
+        mine = [i for i in self.matching(job, node, role, rank) if not job["slots"][i]["ended"]]
+        mine.sort(key=lambda i: job["slots"][i]["role"] == "dst")  # (older nodes) a node's sender before its receiver
         if (mine and job["kind"] == "sync" and exit_code == TRANSIENT_EXIT and not job.get("cancel_requested")
-                and job.get("restarts", 0) < SYNC_RESTARTS):
-            self._restart_sync(job, node, f"{node}: {reason or 'lost its receiver'}", out, alive=None)
+                and job_id not in self.stopping and job.get("restarts", 0) < SYNC_RESTARTS):
+            self._restart_sync(job, f"{node}: {reason or 'lost its receiver'}", out, None,
+                               keep=lambda i, s: i == mine[0])
             return
         self._end_slots(job, mine[:1], state, exit_code, reason, out)
 
-    def wants(self, node: str, job_id: int, run: int | None) -> bool:
-        """Whether run `run` of the job still has a share on node that has not ended."""
+    def wants(self, node: str, job_id: int, run: int | None, role: str = "", rank: int = 0) -> bool:
+        """Whether run `run` of the job still has a share (of that role and rank) on node that has not ended."""
         job = self.jobs.get(job_id)
         return (job is not None and JobState(job["state"]).active and job.get("runs") == run
-                and any(s["node"] == node and not s["ended"] for s in job["slots"]))
+                and any(not job["slots"][i]["ended"] for i in self.matching(job, node, role, rank)))
 
     def resend(self, addrs: dict[str, str], out: Outcome) -> None:
-        """RunJob again for every share of an active job not yet over (senders only once receivers started)."""
+        """After a (re)load: RunJob again for every share of an active job not yet over (senders only once
+        receivers started), or KillJob for the shares of a job that was being stopped."""
+        now = time.monotonic()
         for job in self.jobs.values():
             if not JobState(job["state"]).active:
                 continue
+            forced = {s["state"] for s in job["slots"] if s["ended"]} & {
+                JobState.TIMEOUT.value, JobState.NODE_FAIL.value, JobState.CANCELLED.value}
+            if job.get("cancel_requested") or forced:
+                state = JobState.CANCELLED.value if job.get("cancel_requested") else sorted(forced)[0]
+                self.stopping.setdefault(job["_id"], (now + self.stop_timeout, state))
+                for s in job["slots"]:
+                    if not s["ended"] and s["role"] != "dst":
+                        out.kill.append(stop_slot(job, s, state))
+                continue
             receivers_ready = all(s["started"] for s in job["slots"] if s["role"] == "dst")
+            self.sent_at[job["_id"]] = now
             for s in job["slots"]:
                 if s["ended"] or (s["role"] == "src" and not receivers_ready):
                     continue
@@ -323,26 +417,37 @@ class JobTable:
             state = JobState.FAILED
         if state in (JobState.TIMEOUT, JobState.NODE_FAIL, JobState.CANCELLED) or lost_receiver:
             # one share stopped by force, or a receiver is gone: the rest of the job goes too
-            for i, s in enumerate(job["slots"]):
-                if s["ended"] or s["role"] == "dst":
-                    continue
-                if s["role"] == "src" and not job.get("src_sent"):
-                    # never told to start: nothing to stop
-                    s.update(ended=True, state=state.value, exit_code=exit_code)
-                    fields.update({f"slots.{i}.ended": True, f"slots.{i}.state": state.value,
-                                   f"slots.{i}.exit_code": exit_code})
-                else:
-                    out.kill.append((s["node"], job["_id"], state.value))
+            self._stop_rest(job, state, fields, out)
         if any(s["role"] != "dst" and not s["ended"] for s in job["slots"]):
             store.update_job(job["_id"], [JobState(job["state"])], **fields)
         else:
             self._finish(job, out, fields)
 
+    def _stop_rest(self, job: Job, state: JobState, fields: dict[str, Any], out: Outcome) -> None:
+        """Tell every share still going to stop, and give them stop_timeout seconds to confirm.
+
+        A share on a node that is DOWN, or a sender never told to start, has nothing to stop: it ends now.
+        """
+        if job["_id"] not in self.stopping:
+            self.stopping[job["_id"]] = (time.monotonic() + self.stop_timeout, state.value)
+        for i, s in enumerate(job["slots"]):
+            if s["ended"] or s["role"] == "dst":
+                continue
+            never_sent = s["role"] == "src" and not job.get("src_sent")
+            if never_sent or not self.node_alive(s["node"]):
+                code = s["exit_code"] if never_sent else -1
+                s.update(ended=True, state=state.value, exit_code=code)
+                fields.update({f"slots.{i}.ended": True, f"slots.{i}.state": state.value,
+                               f"slots.{i}.exit_code": code})
+            else:
+                out.kill.append(stop_slot(job, s, state))
+
     def _finish(self, job: Job, out: Outcome, fields: dict[str, Any]) -> None:
         final, exit_code = final_state(job)
         for i, s in enumerate(job["slots"]):
             if s["role"] == "dst" and not s["ended"]:
-                out.kill.append((s["node"], job["_id"], final.value))  # releases the receiver
+                if self.node_alive(s["node"]):
+                    out.kill.append(stop_slot(job, s, final))  # releases the receiver
                 s["ended"] = True
                 fields[f"slots.{i}.ended"] = True
         if job.get("progress"):
@@ -351,7 +456,11 @@ class JobTable:
             out.finished.append(job["_id"])
 
     def cancel(self, job_id: int, out: Outcome) -> str:
-        """Cancel a job; return what happened, in words."""
+        """Cancel a job; return what happened, in words.
+
+        A running job's shares are told to stop; it is CANCELLED once they are gone, or after stop_timeout
+        at the latest (expire_stops). Shares on DOWN nodes end at once.
+        """
         job = self.jobs.get(job_id)
         if job is None:
             raise KeyError(job_id)
@@ -360,14 +469,99 @@ class JobTable:
             self._move(job, JobState.CANCELLED, ended=time.time(), exit_code=0)
             out.finished.append(job_id)
             return "cancelled"
-        job["cancel_requested"] = True
-        store.update_job(job_id, [state], cancel_requested=True)
-        for s in job["slots"]:
-            if not s["ended"] and s["role"] != "dst":
-                out.kill.append((s["node"], job_id, JobState.CANCELLED.value))
+        fields: dict[str, Any] = {}
+        if not job.get("cancel_requested"):
+            job["cancel_requested"] = True
+            fields["cancel_requested"] = True
+        self._stop_rest(job, JobState.CANCELLED, fields, out)
         if all(s["ended"] for s in job["slots"] if s["role"] != "dst"):
-            self._finish(job, out, {})
+            self._finish(job, out, fields)
+            return "cancelled"
+        if fields:
+            store.update_job(job_id, [state], **fields)
         return "cancelling"
+
+    def expire_stops(self, now: float, out: Outcome) -> None:
+        """Shares told to stop that no node confirmed within stop_timeout: release them, drain their nodes."""
+        for job_id, (deadline, state) in list(self.stopping.items()):
+            job = self.jobs.get(job_id)
+            if job is None or not JobState(job["state"]).active:
+                self.stopping.pop(job_id, None)
+                continue
+            if now < deadline:
+                continue
+            late = [i for i, s in enumerate(job["slots"]) if not s["ended"] and s["role"] != "dst"]
+            self.stopping.pop(job_id, None)
+            if not late:
+                self._finish(job, out, {})
+                continue
+            for i in late:
+                node = job["slots"][i]["node"]
+                if self.node_alive(node):
+                    out.drain.append((node, "kill not confirmed"))
+                event(log, "stop not confirmed; slot released", logging.WARNING, job=job_id, node=node)
+            nodes = ",".join(sorted({job["slots"][i]["node"] for i in late}))
+            job["reason"] = f"kill not confirmed by {nodes}" + (f"; {job['reason']}" if job.get("reason") else "")
+            store.update_job(job_id, [JobState(job["state"])], reason=job["reason"])
+            self._end_slots(job, late, JobState(state), -1, "", out)
+
+    def overdue(self, now_wall: float, margin: float, out: Outcome) -> None:
+        """Jobs past their time limit plus margin that no node ended: the head stops them (TIMEOUT) itself."""
+        for job in list(self.jobs.values()):
+            if not JobState(job["state"]).active or job["_id"] in self.stopping:
+                continue
+            start = job.get("started") or job.get("dispatched")
+            if not start or now_wall <= start + job["time_limit"] + margin:
+                continue
+            fields: dict[str, Any] = {}
+            if not job.get("reason"):
+                fields["reason"] = job["reason"] = "time limit reached; stopped by the head"
+            self._stop_rest(job, JobState.TIMEOUT, fields, out)
+            if all(s["ended"] for s in job["slots"] if s["role"] != "dst"):
+                self._finish(job, out, fields)
+            else:
+                store.update_job(job["_id"], [JobState(job["state"])], **fields)
+
+    def check_node(self, node: str, running: set[Share], ending: set[Share], legacy_jobs: set[int] | None,
+                   out: Outcome, alive: dict[str, int]) -> None:
+        """Compare what a node says it runs with the slots it was given.
+
+        A started slot the node neither runs nor has just ended was lost there (never started, refused
+        silently, forgotten): the job restarts (sync), requeues (--requeue) or ends NODE_FAIL, with the
+        reason. `legacy_jobs`: job ids from a node that does not name its shares.
+        """
+        known = running | ending
+        now = time.monotonic()
+        for job in self.on_node(node):
+            if not JobState(job["state"]).active or job["_id"] in self.stopping:
+                continue
+            lost, silent = [], []
+            for i, s in enumerate(job["slots"]):
+                if s["node"] != node or s["ended"]:
+                    continue
+                if not s["started"]:
+                    sent = s["role"] != "src" or job.get("src_sent")
+                    if sent and now - self.sent_at.get(job["_id"], now) > self.start_timeout:
+                        silent.append(i)
+                    continue
+                share = (job["_id"], job.get("runs", 0), s["role"], s["rank"])
+                here = job["_id"] in legacy_jobs if legacy_jobs is not None else share in known
+                if not here:
+                    lost.append(i)
+            if lost or silent:
+                s = job["slots"][(lost or silent)[0]]
+                what = "is not running" if lost else f"did not start within {self.start_timeout:.0f} s"
+                self.share_lost(job, lost + silent, f"{node} {what} its share of the job ({s['role']} "
+                                                    f"{s['rank']}, run {job.get('runs', 0)})", out, alive)
+
+    def share_lost(self, job: Job, indices: list[int], reason: str, out: Outcome, alive: dict[str, int]) -> None:
+        event(log, "share lost", logging.WARNING, job=job["_id"], reason=reason)
+        if job["kind"] == "sync" and not job.get("cancel_requested") and job.get("restarts", 0) < SYNC_RESTARTS:
+            self._restart_sync(job, reason, out, alive, keep=lambda i, s: i in indices)
+        elif job.get("requeue") and job["kind"] == "command" and not job.get("cancel_requested"):
+            self._requeue(job, reason, out, keep=lambda i, s: i in indices)
+        else:
+            self._end_slots(job, indices, JobState.NODE_FAIL, -1, reason, out)
 
     def node_lost(self, node: str, reason: str, out: Outcome, alive: dict[str, int]) -> None:
         """A node is DOWN or its daemon restarted: its shares of jobs are gone.
@@ -375,24 +569,32 @@ class JobTable:
         `alive` counts the usable nodes of each partition: a sync job starts
         again on as many as remain (what was verified is not sent again).
         """
+        on_node = lambda i, s: s["node"] == node  # noqa: E731
         for job in self.on_node(node):
-            if job["kind"] == "sync" and not job.get("cancel_requested"):
-                self._restart_sync(job, node, reason, out, alive)
+            if job["kind"] == "sync" and not job.get("cancel_requested") and job["_id"] not in self.stopping:
+                self._restart_sync(job, reason, out, alive, keep=on_node)
                 continue
-            if job.get("requeue") and not job.get("cancel_requested") and job["kind"] == "command":
-                for s in job["slots"]:
-                    if not s["ended"] and s["node"] != node:
-                        out.kill.append((s["node"], job["_id"], JobState.NODE_FAIL.value))
-                self._move(job, JobState.PENDING, slots=[], reason=f"requeued: {reason}", started=None)
+            if (job.get("requeue") and not job.get("cancel_requested") and job["kind"] == "command"
+                    and job["_id"] not in self.stopping):
+                self._requeue(job, reason, out, keep=on_node)
                 continue
             lost = [i for i, s in enumerate(job["slots"]) if s["node"] == node and not s["ended"]]
             self._end_slots(job, lost, JobState.NODE_FAIL, -1, reason, out)
 
-    def _restart_sync(self, job: Job, node: str, reason: str, out: Outcome, alive: dict[str, int] | None) -> None:
+    def _stop_others(self, job: Job, keep: Callable[[int, dict], bool], out: Outcome) -> None:
+        """Stop this run's shares except those `keep` names (already gone), on nodes that are alive."""
+        for i, s in enumerate(job["slots"]):
+            if not s["ended"] and not keep(i, s) and self.node_alive(s["node"]):
+                out.kill.append(stop_slot(job, s, JobState.NODE_FAIL))
+
+    def _requeue(self, job: Job, reason: str, out: Outcome, keep: Callable[[int, dict], bool]) -> None:
+        self._stop_others(job, keep, out)
+        self._move(job, JobState.PENDING, slots=[], reason=f"requeued: {reason}", started=None)
+
+    def _restart_sync(self, job: Job, reason: str, out: Outcome, alive: dict[str, int] | None,
+                      keep: Callable[[int, dict], bool]) -> None:
         """Stop this run's other parts and queue the sync again, on as many nodes as remain alive."""
-        for s in job["slots"]:
-            if not s["ended"] and s["node"] != node:
-                out.kill.append((s["node"], job["_id"], JobState.NODE_FAIL.value))
+        self._stop_others(job, keep, out)
         nodes = job["nodes"]
         if alive is not None:
             sync = job["sync"]
@@ -400,6 +602,12 @@ class JobTable:
                                    for side in ("src", "dst") if sync[side].get("partition")])
         self._move(job, JobState.PENDING, slots=[], nodes=max(1, nodes), started=None,
                    restarts=job.get("restarts", 0) + 1, reason=f"restarting: {reason}")
+
+    def set_reasons(self, reasons: dict[int, str], blocked: Callable[[Job], bool]) -> None:
+        """Why each pending job waits, after a scheduler pass (memory only: it changes with every pass)."""
+        for job_id in self.requests:
+            job = self.jobs[job_id]
+            job["pending_reason"] = "Blocked" if blocked(job) else reasons.get(job_id, "None")
 
     def hold(self, job_id: int, held: bool) -> None:
         job = self.jobs.get(job_id)

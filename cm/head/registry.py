@@ -40,6 +40,7 @@ class Registry:
         self.timeout = heartbeat_timeout
         self.nodes: dict[str, NodeInfo] = {}
         self.started = time.monotonic()
+        self.claimed = False  # whether nodes silent since the head started were declared DOWN
 
     def load(self) -> None:
         """Known nodes from the database; none is alive until it calls back."""
@@ -102,9 +103,13 @@ class Registry:
             if node.alive and now - node.last_seen > self.timeout:
                 node.alive = False
                 down.append(node)
+            elif not node.alive and not node.last_seen and not self.claimed:
+                down.append(node)  # never called back after this head started: its jobs are lost too
+        self.claimed = True
         for node in down:
             store.save_node(node.name, state="DOWN")
-            event(log, "node down", logging.WARNING, node=node.name, silent_for=round(now - node.last_seen, 2))
+            event(log, "node down", logging.WARNING, node=node.name,
+                  silent_for=round(now - (node.last_seen or self.started), 2))
         return down
 
     def set_drain(self, name: str, drain: bool, reason: str = "") -> NodeInfo:

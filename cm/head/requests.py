@@ -82,6 +82,26 @@ def _location(head: "HeadServer", spec: Any, side: str) -> dict:
     raise Refused(f"{side} {spec!r}: no partition or node named {where!r}")
 
 
+def _check_overlap(head: "HeadServer", src_text: str, src: dict, dst_text: str, dst: dict, delete: bool) -> None:
+    """Refuse a destination inside its own source on the same storage (the copy would copy itself,
+    without end), the source itself, and --delete into a directory that holds the source."""
+    nodes = head.registry.nodes
+    storage = [loc.get("partition") or nodes[loc["node"]].partition for loc in (src, dst)]
+    if storage[0] != storage[1]:
+        return
+
+    def inside(inner: str, outer: str) -> bool:
+        return outer == "" or inner == outer or inner.startswith(outer + "/")
+
+    if src["path"] == dst["path"]:
+        raise Refused(f"DST {dst_text!r} is the same directory as SRC {src_text!r} (same storage)")
+    if inside(dst["path"], src["path"]):
+        raise Refused(f"DST {dst_text!r} is inside SRC {src_text!r} on the same storage: the copy would copy "
+                      "itself; choose a destination outside the source")
+    if delete and inside(src["path"], dst["path"]):
+        raise Refused(f"--delete with SRC {src_text!r} inside DST {dst_text!r} would delete the source")
+
+
 def _default_partition(head: "HeadServer") -> str:
     partitions = sorted({n.partition for n in head.registry.nodes.values()})
     if not partitions:
@@ -144,6 +164,7 @@ def submit(head: "HeadServer", caller: Caller, args: dict) -> dict:
         elif options.get("transport", "tcp") != "tcp":
             raise Refused(f"unknown transport {options.get('transport')!r}: use tcp or rdma")
         src, dst = _location(head, args.get("src"), "SRC"), _location(head, args.get("dst"), "DST")
+        _check_overlap(head, args.get("src"), src, args.get("dst"), dst, bool(options.get("delete")))
         exclude = options.get("exclude", [])
         if not isinstance(exclude, list) or not all(isinstance(e, str) for e in exclude):
             raise Refused("exclude must be a list of patterns")
@@ -266,6 +287,15 @@ def _iso(ts: float | None) -> str | None:
     return time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(ts)) if ts else None
 
 
+def waiting_reason(job: dict) -> str:
+    """For a waiting job, why (squeue's code, then what happened to it before, if anything); else the
+    stored reason (why it ended, or was requeued)."""
+    why, before = job.get("pending_reason"), job.get("reason", "")
+    if why and job["state"] in (JobState.PENDING.value, JobState.HELD.value):
+        return f"{why}; {before}" if before else why
+    return before
+
+
 def job_view(job: dict) -> dict:
     state = job["state"]
     progress = None
@@ -287,7 +317,7 @@ def job_view(job: dict) -> dict:
         "exit_code": job.get("exit_code"), "progress": progress,
         "submitted": _iso(job.get("submitted")), "started": _iso(started), "ended": _iso(ended),
         "elapsed": ((ended or time.time()) - started) if started else None,
-        "partition": job.get("partition"), "reason": job.get("reason", ""), "time_limit": job.get("time_limit"),
+        "partition": job.get("partition"), "reason": waiting_reason(job), "time_limit": job.get("time_limit"),
         "priority": job.get("priority", 0), "transfer": job.get("progress") if job["kind"] == "sync" else None,
         "num_nodes": job.get("nodes"),
         "times": {"submitted": job.get("submitted"), "started": started, "ended": ended},  # epoch seconds
@@ -343,6 +373,7 @@ def control(head: "HeadServer", caller: Caller, args: dict) -> dict:
             change = {"blocked_users": sorted(blocked)}
         store.set_policy(**change)
         head.admin_policy.update(change)
+        head.dirty = True  # pending jobs of that user wait (Blocked) or may start
         return {"user": user or "ALL", "blocked": action == "block"}
     raise Refused(f"unknown action {action!r}")
 

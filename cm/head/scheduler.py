@@ -84,12 +84,24 @@ def reserve(request: Request, nodes: dict[str, NodeView], running: Sequence[Runn
     return None
 
 
+class Reason:
+    """Why a pending job waits, in squeue's words."""
+
+    RESOURCES = "Resources"  # the nodes it needs are busy
+    PRIORITY = "Priority"  # it would fit, but would delay a job ahead of it
+    NODES_DOWN = "ReqNodeNotAvail"  # not enough of the nodes it needs are up and undrained
+    HELD = "Held"
+    BLOCKED = "Blocked"  # its user is blocked by an administrator
+    NONE = "None"  # not looked at yet
+
+
 class Scheduler:
-    """One pass: which pending jobs start now, and on which nodes."""
+    """One pass: which pending jobs start now, and on which nodes (and why the others wait: `reasons`)."""
 
     def __init__(self, policy: Placement, backfill: bool = True):
         self.policy = policy
         self.backfill = backfill
+        self.reasons: dict[int, str] = {}
 
     def plan(
         self, pending: Sequence[Request], nodes: dict[str, NodeView], running: Sequence[Running], now: float
@@ -99,14 +111,32 @@ class Scheduler:
         reservation: Reservation | None = None
         blocked_partitions: set[tuple] = set()
         failed: list[Demand] = []  # demands known not to fit now: skip anything at least as big
+        self.reasons = reasons = {}
+        available: dict[tuple, bool] = {}
+
+        def lacking(request: Request) -> str:
+            """ReqNodeNotAvail when too few usable nodes could ever hold a demand, else Resources."""
+            for d in request.demands:
+                key = (d.key, d.count, d.cpus, d.mem_mb)
+                if key not in available:
+                    big = sum(1 for n in nodes.values()
+                              if n.usable and d.matches(n) and n.cpus >= d.cpus and n.mem_mb >= d.mem_mb)
+                    available[key] = big >= d.count
+                if not available[key]:
+                    return Reason.NODES_DOWN
+            return Reason.RESOURCES
+
         for request in sorted(pending, key=lambda r: r.order_key):
             if any(d.at_least(f) for d in request.demands for f in failed) and len(request.demands) == 1:
+                reasons[request.job_id] = lacking(request)
                 continue
             if reservation is not None and not self.backfill:
                 if any(d.key in blocked_partitions for d in request.demands):
+                    reasons[request.job_id] = Reason.PRIORITY
                     continue
             assignment = place(request, nodes, self.policy)
             if assignment is None:
+                reasons[request.job_id] = lacking(request)
                 if len(request.demands) == 1:
                     failed.append(request.demands[0])
                 if reservation is None:
@@ -122,6 +152,7 @@ class Scheduler:
                     for d, group in zip(request.demands, assignment):
                         for name in group:
                             nodes[name].give(d.cpus, d.mem_mb)
+                    reasons[request.job_id] = Reason.PRIORITY
                     continue
             started.append((request, assignment))
         return started

@@ -16,7 +16,7 @@ import zmq
 from cm import store
 from cm.config import Settings
 from cm.head.clients import ClientServer, Connection
-from cm.head.jobs import JobTable, Outcome
+from cm.head.jobs import JobTable, Outcome, Stop
 from cm.head.policies import get_policy
 from cm.head.registry import Registry
 from cm.head.requests import Later, handle
@@ -51,7 +51,8 @@ class HeadServer:
     def __init__(self, settings: Settings):
         self.settings = settings
         self.registry = Registry(settings.heartbeat_timeout)
-        self.jobs = JobTable()
+        self.jobs = JobTable(stop_timeout=settings.kill_grace + settings.kill_confirm)
+        self.jobs.node_alive = self._alive
         self.scheduler = Scheduler(get_policy(settings.policy), settings.backfill)
         self.dirty = True
         # commands awaiting an ack: msg id -> (node, message, last sent)
@@ -264,15 +265,14 @@ class HeadServer:
             if not self.registry.seen(peer, now):
                 self.send(peer, Error(ref=msg.id, message="unknown node: say hello"))
                 return
-            for job_id in msg.running:
-                if not self._runs_on(job_id, peer):
-                    out.kill.append((peer, job_id, JobState.CANCELLED.value))
+            if not self.stale:
+                self.reconcile(peer, msg.running, msg.shares, msg.ending, out)
         elif not self.registry.seen(peer, now):
             self.send(peer, Error(ref=msg.id, message="unknown node: say hello"))
             return
         elif isinstance(msg, JobStarted):
-            self._drop_unacked(peer, msg.job_id, RunJob, msg.run)
-            self.jobs.started(msg.job_id, peer, msg.run, self.addrs(), out)
+            self._drop_unacked(peer, msg.job_id, RunJob, msg.run, msg.role, msg.rank)
+            self.jobs.started(msg.job_id, peer, msg.run, self.addrs(), out, msg.role, msg.rank)
             self.held_acks.append((peer, msg.job_id, Ack(ref=msg.id)))  # acknowledged once written: see flush()
         elif isinstance(msg, JobEnded):
             try:
@@ -283,12 +283,12 @@ class HeadServer:
             if not state.final:
                 self.send(peer, Error(ref=msg.id, message=f"state {msg.state} is not final"))
                 return
-            self._drop_unacked(peer, msg.job_id, RunJob, msg.run)
-            self.jobs.ended(msg.job_id, peer, msg.run, state, msg.exit_code, msg.reason, out)
+            self._drop_unacked(peer, msg.job_id, RunJob, msg.run, msg.role, msg.rank)
+            self.jobs.ended(msg.job_id, peer, msg.run, state, msg.exit_code, msg.reason, out, msg.role, msg.rank)
             self.send(peer, Ack(ref=msg.id))
             self.dirty = True
         elif isinstance(msg, Progress):
-            self.jobs.progress(msg.job_id, peer, msg.run, {
+            self.jobs.progress(msg.job_id, f"{peer}/{msg.rank}", msg.run, {
                 "bytes_done": msg.bytes_done, "bytes_total": msg.bytes_total, "files_done": msg.files_done,
                 "files_total": msg.files_total, "rate": msg.rate, "stats": msg.stats})
             if msg.stats:
@@ -305,22 +305,44 @@ class HeadServer:
         _, restarted = self.registry.hello(msg, now)
         if restarted:
             self.jobs.node_lost(msg.node, "node daemon restarted", out, self.alive())
-        kill = []
-        for job_id in msg.running:
-            if self._runs_on(job_id, msg.node):
-                self.jobs.started(job_id, msg.node, self.jobs.jobs[job_id]["runs"], self.addrs(), out)
-            else:
-                kill.append(job_id)
-        self.send(msg.node, Welcome(heartbeat_interval=self.settings.heartbeat_interval, kill=kill))
+        self.send(msg.node, Welcome(heartbeat_interval=self.settings.heartbeat_interval, kill=[]))
+        self.reconcile(msg.node, msg.running, msg.shares, msg.ending, out)
         # whatever it missed while away, send again now
         for msg_id, (target, command, _) in list(self.unacked.items()):
             if target == msg.node:
                 self.resend(msg_id, target, command)
         self.dirty = True
 
-    def _runs_on(self, job_id: int, node: str) -> bool:
-        job = self.jobs.jobs.get(job_id)
-        return job is not None and any(s["node"] == node and not s["ended"] for s in job["slots"])
+    def reconcile(self, node: str, running: list[int], shares: list, ending: list, out: Outcome) -> None:
+        """Make the head and a node agree on its slots (on HELLO and on every heartbeat).
+
+        A share the node runs that no active job gives it is stopped; a share it runs that the head
+        did not know had started is marked started; a started slot the node neither runs nor has just
+        ended is lost (see JobTable.check_node).
+        """
+        addrs = None
+        legacy = set(running) if running and not shares else None  # an older node names jobs, not shares
+        for job_id, run, role, rank in shares:
+            job = self.jobs.jobs.get(job_id)
+            if not self.jobs.wants(node, job_id, run, role, rank):
+                if job_id not in self.jobs.stopping:  # those are being stopped already
+                    out.kill.append(Stop(node, job_id, JobState.CANCELLED.value, run, role, rank,
+                                         "the head does not know this share"))
+            elif job is not None and not all(job["slots"][i]["started"]
+                                             for i in self.jobs.matching(job, node, role, rank)):
+                addrs = addrs if addrs is not None else self.addrs()
+                self.jobs.started(job_id, node, run, addrs, out, role, rank)
+        for job_id in legacy or ():
+            job = self.jobs.jobs.get(job_id)
+            if job is None or not self.jobs.wants(node, job_id, job.get("runs")):
+                out.kill.append(Stop(node, job_id, JobState.CANCELLED.value, reason="the head does not know this job"))
+            else:
+                self.jobs.started(job_id, node, job["runs"], self.addrs(), out)
+        self.jobs.check_node(node, set(shares), set(ending), legacy, out, self.alive())
+
+    def _alive(self, name: str) -> bool:
+        info = self.registry.nodes.get(name)
+        return info is not None and info.alive
 
     # --- sending -------------------------------------------------------------
 
@@ -336,6 +358,10 @@ class HeadServer:
 
     def command(self, node: str, msg: Message) -> None:
         """Send a command that must be acknowledged; resent until it is."""
+        if isinstance(msg, KillJob) and any(
+                target == node and isinstance(c, KillJob) and (c.job_id, c.run, c.role, c.rank)
+                == (msg.job_id, msg.run, msg.role, msg.rank) for target, c, _ in self.unacked.values()):
+            return  # the same stop is on its way already
         self.unacked[msg.id] = (node, msg, time.monotonic())
         info = self.registry.nodes.get(node)
         if info is not None and info.alive:
@@ -348,28 +374,43 @@ class HeadServer:
         node's daemon restarted and its share was declared lost): sent again, a fresh
         daemon with no memory of the job would start it a second time.
         """
-        if isinstance(command, RunJob) and not self.jobs.wants(node, command.job_id, command.spec.get("run")):
+        spec = command.spec if isinstance(command, RunJob) else {}
+        if isinstance(command, RunJob) and (
+                command.job_id in self.jobs.stopping
+                or not self.jobs.wants(node, command.job_id, spec.get("run"), spec.get("role", ""),
+                                       spec.get("rank", 0))):
             del self.unacked[msg_id]
             return
         self.send(node, command)
         self.unacked[msg_id] = (node, command, time.monotonic())
 
-    def _drop_unacked(self, node: str, job_id: int, kind: type, run: int | None = None) -> None:
-        """Forget commands of `kind` for a job on a node; for RunJob, only those of `run` if given."""
+    def _drop_unacked(self, node: str, job_id: int, kind: type, run: int | None = None, role: str = "",
+                      rank: int = -1) -> None:
+        """Forget commands of `kind` for a job on a node; for RunJob, only those of that run, role and rank
+        when given (run None or 0: any run; role "": any role; rank -1: any rank)."""
         for msg_id, (target, command, _) in list(self.unacked.items()):
             if target != node or not isinstance(command, kind) or getattr(command, "job_id", None) != job_id:
                 continue
-            if run is not None and isinstance(command, RunJob) and command.spec.get("run") != run:
-                continue  # a report about another run says nothing about this one
+            if isinstance(command, RunJob):
+                spec = command.spec
+                if run and spec.get("run") != run:
+                    continue  # a report about another run says nothing about this one
+                if role and (spec.get("role") != role or (rank >= 0 and spec.get("rank") != rank)):
+                    continue  # nor one about another share of the same run
             del self.unacked[msg_id]
 
     def apply(self, out: Outcome) -> None:
         for node, job_id, spec in out.run:
             self.command(node, RunJob(job_id=job_id, spec=spec))
-        for node, job_id, state in out.kill:
-            self._drop_unacked(node, job_id, RunJob)  # never start what is being stopped
-            self.command(node, KillJob(job_id=job_id, state=state))
-        if out.finished or out.kill:
+        for stop in out.kill:
+            self._drop_unacked(stop.node, stop.job_id, RunJob, stop.run, stop.role, stop.rank)  # never start what is being stopped
+            self.command(stop.node, KillJob(job_id=stop.job_id, state=stop.state, reason=stop.reason, run=stop.run,
+                                            role=stop.role, rank=stop.rank))
+        for node, reason in out.drain:
+            if node in self.registry.nodes and not self.registry.nodes[node].drain:
+                self.registry.set_drain(node, True, reason)
+                event(log, "node drained", logging.WARNING, node=node, reason=reason)
+        if out.finished or out.kill or out.drain:
             self.dirty = True
 
     def _resend_unfinished(self) -> None:
@@ -403,6 +444,9 @@ class HeadServer:
             for node in self.registry.expire(now):
                 self.jobs.node_lost(node.name, f"node {node.name} stopped answering", out, self.alive())
                 self.dirty = True
+            self.jobs.expire_stops(now, out)
+            self.jobs.overdue(time.time(), self.settings.kill_grace + self.settings.kill_confirm
+                              + self.settings.heartbeat_timeout, out)
             self.apply(out)
         except (store.StoreError, store.DatabaseError) as exc:
             self.db_failed("in timers", exc)
@@ -412,6 +456,11 @@ class HeadServer:
             if now - sent >= retry and info is not None and info.alive:
                 self.resend(msg_id, node, command)
 
+    def blocked(self, job: dict) -> bool:
+        """Whether an administrator's block keeps this job waiting (root's jobs are never blocked)."""
+        policy = self.admin_policy
+        return job.get("uid") != 0 and bool(policy.get("block_all") or job["user"] in policy.get("blocked_users", ()))
+
     def schedule(self) -> None:
         self.dirty = False
         pending = self.jobs.pending()
@@ -420,7 +469,10 @@ class HeadServer:
         started = time.monotonic()
         try:
             nodes = self.jobs.views(self.registry.nodes.values())
+            if self.admin_policy.get("block_all") or self.admin_policy.get("blocked_users"):
+                pending = [r for r in pending if not self.blocked(self.jobs.jobs[r.job_id])]
             plan = self.scheduler.plan(pending, nodes, self.jobs.running(), time.time())
+            self.jobs.set_reasons(self.scheduler.reasons, blocked=self.blocked)
             out = Outcome()
             addrs = self.addrs()
             planned = time.monotonic()

@@ -3,7 +3,14 @@
 Reports that matter (a job started, a job ended) wait in an outbox and are
 resent until the head acknowledges them, so a head that was away when a job
 ended still hears of it. Commands from the head are idempotent: a repeated
-RunJob for a job already running here only repeats the JobStarted.
+RunJob for a share already running here only repeats the JobStarted, one
+for a share that ended repeats its JobEnded.
+
+A node may hold several shares of one job (a sync's sender and receiver on
+the same node, or ranks of a sync inside one partition), so every share is
+keyed by (job, run, role, rank), and every heartbeat names the shares this
+node runs and those whose end the head has not yet acknowledged: the head
+checks them against the slots it gave out.
 """
 
 from __future__ import annotations
@@ -23,7 +30,7 @@ from cm.config import Settings
 from cm.creds import Identity
 from cm.logs import event
 from cm.node import launch
-from cm.node.purge import Purge, Tracked
+from cm.node.purge import Purge, Share, Tracked
 from cm.node.resources import measure
 from cm.node.sync import Spares, last_line, start_sender
 from cm.protocol import (
@@ -46,7 +53,7 @@ from cm.protocol import (
 from cm.states import JobState
 
 log = logging.getLogger("cm.node")
-REMEMBER = 10000  # finished (job, run) pairs kept to ignore repeated commands
+REMEMBER = 10000  # finished shares kept to answer repeated commands
 RECONNECT_AFTER = 10.0  # seconds without a welcome before the link to the head is rebuilt
 
 
@@ -59,9 +66,10 @@ class NodeAgent:
         self.incarnation = new_id()
         self.purge = Purge(settings.kill_grace)
         self.outbox: dict[str, tuple[Message, float]] = {}
-        self.finished: collections.OrderedDict[tuple[int, int], None] = collections.OrderedDict()
-        self.receiving: dict[int, tuple[int, str]] = {}  # job -> (run, transfer id)
-        self.senders: dict[int, dict] = {}  # job -> {proc, buffer, report, sent_at, err, run}
+        # shares that ended here, with how: a repeated RunJob for one is answered with its end again
+        self.finished: collections.OrderedDict[Share, tuple[JobState, int, str]] = collections.OrderedDict()
+        self.receiving: dict[Share, str] = {}  # dst share -> transfer id
+        self.senders: dict[Share, dict] = {}  # src share -> {proc, buffer, report, sent_at, err, run, rank}
         self.spares = Spares(settings.sender_spares)
         self.welcomed = False
         self.dealer: zmq.Socket | None = None
@@ -108,7 +116,8 @@ class NodeAgent:
                     self.send(self._hello())
                     next_hello = now + min(1.0, self.settings.heartbeat_interval)
                 if self.welcomed and now >= next_beat:
-                    self.send(Heartbeat(node=self.name, running=self.running()))
+                    self.send(Heartbeat(node=self.name, running=self.running(), shares=self.shares(),
+                                        ending=self.ending()))
                     next_beat = now + self.settings.heartbeat_interval
                 self._resend(now)
                 self.poll(0.1)
@@ -134,7 +143,7 @@ class NodeAgent:
         poller.register(self.dealer, zmq.POLLIN)
         if self.wakeup_fd is not None:
             poller.register(self.wakeup_fd, zmq.POLLIN)
-        for job_id, s in self.senders.items():
+        for s in self.senders.values():
             poller.register(s["proc"].stdout.fileno(), zmq.POLLIN)
         deadline = self.purge.next_deadline()
         if deadline is not None:
@@ -155,9 +164,9 @@ class NodeAgent:
                     self.on_message(decode(payload))
                 except ProtocolError as exc:
                     event(log, "bad message from head", logging.WARNING, error=str(exc))
-        for job_id, s in list(self.senders.items()):
+        for share, s in list(self.senders.items()):
             if s["proc"].stdout.fileno() in ready:
-                self._read_progress(job_id, s)
+                self._read_progress(share, s)
 
     # --- messages --------------------------------------------------------------
 
@@ -184,10 +193,19 @@ class NodeAgent:
         port = self.transfer.port if self.transfer is not None else 0
         return Hello(node=self.name, partition=self.settings.partition, cpus=self.cpus, mem_mb=self.mem_mb,
                      version=__version__, running=self.running(), transfer_addr=f"{host}:{port}",
-                     data_root=str(Path(self.settings.data_root).resolve()), incarnation=self.incarnation)
+                     data_root=str(Path(self.settings.data_root).resolve()), incarnation=self.incarnation,
+                     shares=self.shares(), ending=self.ending())
 
     def running(self) -> list[int]:
+        return sorted({share[0] for share in self.shares()})
+
+    def shares(self) -> list[Share]:
+        """Every share of a job running here (processes or a registered receiver)."""
         return sorted({*self.purge.jobs, *self.receiving})
+
+    def ending(self) -> list[Share]:
+        """Shares whose end is reported but not yet acknowledged: the head must not think them lost."""
+        return sorted({_share_of(m) for m, _ in self.outbox.values() if isinstance(m, JobEnded)})
 
     def on_message(self, msg: Message) -> None:
         if isinstance(msg, Welcome):
@@ -212,45 +230,68 @@ class NodeAgent:
                 state = JobState(msg.state)
             except ValueError:
                 state = JobState.CANCELLED
-            self.stop(msg.job_id, state, msg.reason or f"stopped by the head ({state.value})")
+            self.stop(msg.job_id, state, msg.reason or f"stopped by the head ({state.value})", msg.run, msg.role,
+                      msg.rank)
         else:
             event(log, "unexpected message from head", logging.WARNING, type=msg.TYPE)
 
     # --- jobs ------------------------------------------------------------------
 
+    def _report_end(self, share: Share, state: JobState, exit_code: int, reason: str) -> None:
+        self.finished[share] = (state, exit_code, reason)
+        while len(self.finished) > REMEMBER:
+            self.finished.popitem(last=False)
+        job_id, run, role, rank = share
+        self.report(JobEnded(job_id=job_id, node=self.name, run=run, state=state.value, exit_code=exit_code,
+                             reason=reason, role=role, rank=rank))
+
     def run_job(self, job_id: int, spec: dict) -> bool:
-        """Start this node's share of a job (once per run). False: not now, ask again later."""
-        run = spec.get("run", 0)
-        if (job_id, run) in self.finished:
+        """Start this node's share of a job (once per run, role and rank). False: not now, ask again later."""
+        try:
+            share: Share = (job_id, int(spec.get("run", 0)), str(spec.get("role", "run")), int(spec.get("rank", 0)))
+        except (TypeError, ValueError):
+            event(log, "RunJob with a bad share", logging.WARNING, job=job_id)
             return True
-        tracked = self.purge.jobs.get(job_id)
-        if (tracked and tracked.run == run) or self.receiving.get(job_id, (None,))[0] == run:
-            self.report(JobStarted(job_id=job_id, node=self.name, run=run))
+        run = share[1]
+        if share in self.finished:
+            # over already; say so again (the head may have lost the first report in an outage)
+            state, exit_code, reason = self.finished[share]
+            if not any(isinstance(m, JobEnded) and _share_of(m) == share for m, _ in self.outbox.values()):
+                self._report_end(share, state, exit_code, reason)
             return True
-        if tracked is not None:
+        if share in self.purge.jobs or share in self.receiving:
+            self.report(JobStarted(job_id=job_id, node=self.name, run=run, role=share[2], rank=share[3]))
+            return True
+        here = [s for s in (*self.purge.jobs, *self.receiving) if s[0] == job_id and s[1] != run]
+        if any(s[1] > run for s in here):
+            self._report_end(share, JobState.FAILED, 1, f"run {run} arrived after a newer run of the job")
+            return True
+        if here:
             # an earlier run of this job is still here (e.g. requeued while this node was cut off):
             # the new run starts only once the old one is reaped, so the two never overlap
-            self.purge.stop(job_id, JobState.NODE_FAIL, "superseded by a newer run", time.monotonic())
+            for old in here:
+                self._stop_share(old, JobState.NODE_FAIL, "superseded by a newer run")
             return False
         try:
             if spec.get("kind") == "sync":
-                self._start_sync(job_id, spec)
+                self._start_sync(share, spec)
             else:
                 procs = launch.start(spec, self.name, job_id)
-                self.purge.add(Tracked(job_id, run, procs, time.monotonic() + float(spec["time_limit"])))
+                self.purge.add(Tracked(job_id, run, procs, time.monotonic() + float(spec["time_limit"]),
+                                       role=share[2], rank=share[3]))
         except (launch.LaunchError, KeyError, TypeError, ValueError) as exc:
             reason = str(exc) if isinstance(exc, launch.LaunchError) else f"bad job spec: {exc!r}"
-            event(log, "job failed to start", logging.WARNING, job=job_id, reason=reason)
-            self._remember(job_id, run)
-            self.report(JobEnded(job_id=job_id, node=self.name, run=run, state=JobState.FAILED.value,
-                                 exit_code=127, reason=reason))
+            event(log, "job failed to start", logging.WARNING, job=job_id, role=share[2], rank=share[3],
+                  reason=reason)
+            self._report_end(share, JobState.FAILED, 127, reason)
             return True
-        self.report(JobStarted(job_id=job_id, node=self.name, run=run))
+        self.report(JobStarted(job_id=job_id, node=self.name, run=run, role=share[2], rank=share[3]))
         self._save_state()
-        event(log, "job started", job=job_id, run=run, kind=spec.get("kind"), role=spec.get("role"))
+        event(log, "job started", job=job_id, run=run, kind=spec.get("kind"), role=share[2], rank=share[3])
         return True
 
-    def _start_sync(self, job_id: int, spec: dict) -> None:
+    def _start_sync(self, share: Share, spec: dict) -> None:
+        job_id = share[0]
         transfer = spec["transfer"]
         if spec["role"] == "dst":
             if self.transfer is None:
@@ -266,46 +307,48 @@ class NodeAgent:
                                        transfer["dst_path"], who, keep_owners=owners)
             except MoverError as exc:
                 raise launch.LaunchError(str(exc)) from None
-            self.receiving[job_id] = (spec["run"], transfer["transfer_id"])
+            self.receiving[share] = transfer["transfer_id"]
             return
         proc, err = start_sender(spec, self.name, job_id, str(Path(self.settings.data_root).resolve()), self.spares)
-        self.senders[job_id] = {"proc": proc, "buffer": b"", "report": None, "sent_at": 0.0, "err": err,
-                                "run": spec["run"], "stats": {}}
+        self.senders[share] = {"proc": proc, "buffer": b"", "report": None, "sent_at": 0.0, "err": err,
+                               "run": spec["run"], "rank": share[3], "stats": {}}
         self.purge.add(Tracked(job_id, spec["run"], [proc], time.monotonic() + float(spec["time_limit"]),
-                               on_end=lambda: self._close_sender(job_id)))
+                               role=share[2], rank=share[3], on_end=lambda: self._close_sender(share)))
 
-    def stop(self, job_id: int, state: JobState, reason: str) -> None:
-        if job_id in self.receiving:
-            run, transfer_id = self.receiving.pop(job_id)
+    def stop(self, job_id: int, state: JobState, reason: str, run: int = 0, role: str = "", rank: int = -1) -> None:
+        """Stop the shares of a job here that match run (0: any), role ("": any) and rank (-1: any)."""
+        for share in [*self.purge.jobs, *self.receiving]:
+            if (share[0] == job_id and run in (0, share[1]) and role in ("", share[2])
+                    and rank in (-1, share[3])):
+                self._stop_share(share, state, reason)
+
+    def _stop_share(self, share: Share, state: JobState, reason: str) -> None:
+        if share in self.receiving:
+            transfer_id = self.receiving.pop(share)
             if self.transfer is not None:
                 self.transfer.unregister(transfer_id)
-            self._remember(job_id, run)
-        self.purge.stop(job_id, state, reason, time.monotonic())
+            self._report_end(share, state, 0, reason)  # a receiver is gone at once: confirm it
+            return
+        self.purge.stop(share, state, reason, time.monotonic())
 
     def _reap(self, now: float) -> None:
         ended = self.purge.tick(now)
         for f in ended:
-            self._remember(f.job_id, f.run)
             reason = f.reason
-            sender = self.senders.pop(f.job_id, None)
+            sender = self.senders.pop(f.share, None)
             if sender is not None and f.state == JobState.FAILED and not reason:
                 reason = last_line(sender["err"])
-            self.report(JobEnded(job_id=f.job_id, node=self.name, run=f.run, state=f.state.value,
-                                 exit_code=f.exit_code, reason=reason))
-            event(log, "job ended", job=f.job_id, state=f.state.value, exit_code=f.exit_code)
+            self._report_end(f.share, f.state, f.exit_code, reason)
+            event(log, "job ended", job=f.job_id, run=f.run, role=f.role, rank=f.rank, state=f.state.value,
+                  exit_code=f.exit_code)
         if ended:
             self._save_state()
         if not self.senders:
             self.spares.fill()  # between transfers, so a spare's start-up never slows one down
 
-    def _remember(self, job_id: int, run: int) -> None:
-        self.finished[(job_id, run)] = None
-        while len(self.finished) > REMEMBER:
-            self.finished.popitem(last=False)
-
     # --- sync progress -----------------------------------------------------------
 
-    def _read_progress(self, job_id: int, s: dict) -> None:
+    def _read_progress(self, share: Share, s: dict) -> None:
         try:
             chunk = os.read(s["proc"].stdout.fileno(), 1 << 16)
         except (BlockingIOError, OSError):
@@ -325,12 +368,13 @@ class NodeAgent:
         now = time.monotonic()
         if s["report"] and (now - s["sent_at"] >= 0.5 or s["stats"]):
             s["sent_at"] = now
-            self._send_progress(job_id, s)
+            self._send_progress(share, s)
 
-    def _send_progress(self, job_id: int, s: dict) -> None:
+    def _send_progress(self, share: Share, s: dict) -> None:
         r = s["report"] or {}
         try:
-            msg = Progress(job_id=job_id, node=self.name, run=s["run"], bytes_done=int(r.get("bytes_done", 0)),
+            msg = Progress(job_id=share[0], node=self.name, run=s["run"], rank=s["rank"],
+                           bytes_done=int(r.get("bytes_done", 0)),
                            bytes_total=int(r.get("bytes_total", 0)), files_done=int(r.get("files_done", 0)),
                            files_total=int(r.get("files_total", 0)), rate=float(r.get("rate", 0.0)),
                            stats={k: v for k, v in s["stats"].items() if k != "would"} if s["stats"] else {})
@@ -341,22 +385,22 @@ class NodeAgent:
         else:
             self.send(msg)
 
-    def _close_sender(self, job_id: int) -> None:
-        s = self.senders.get(job_id)
+    def _close_sender(self, share: Share) -> None:
+        s = self.senders.get(share)
         if s is None:
             return
-        self._read_progress(job_id, s)
+        self._read_progress(share, s)
         if s["stats"] and not s["report"]:
             s["report"] = {}
         if s["stats"]:
-            self._send_progress(job_id, s)
+            self._send_progress(share, s)
         s["proc"].stdout.close()
 
     # --- surviving our own restart -----------------------------------------------
 
     def _save_state(self) -> None:
         """Process groups of running jobs, so a restarted daemon can stop orphans."""
-        groups = {str(j.job_id): [p.pid for p in j.procs] for j in self.purge.jobs.values()}
+        groups = {".".join(map(str, j.share)): [p.pid for p in j.procs] for j in self.purge.jobs.values()}
         tmp = self.state_file.with_suffix(".tmp")
         try:
             tmp.write_text(json.dumps(groups))
@@ -379,3 +423,7 @@ class NodeAgent:
                 except (ProcessLookupError, PermissionError):
                     pass
         self.state_file.unlink(missing_ok=True)
+
+
+def _share_of(msg: JobEnded) -> Share:
+    return (msg.job_id, msg.run, msg.role, msg.rank)

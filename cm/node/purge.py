@@ -22,17 +22,28 @@ from cm.states import JobState
 log = logging.getLogger("cm.node.purge")
 
 
+Share = tuple[int, int, str, int]  # (job_id, run, role, rank), as in cm.protocol
+
+
 @dataclass
 class Tracked:
+    """The processes of one share of a job on this node."""
+
     job_id: int
     run: int
     procs: list[subprocess.Popen]
     deadline: float  # monotonic time the job must end by
+    role: str = "run"
+    rank: int = 0
     stop_state: JobState | None = None
     reason: str = ""
     kill_at: float | None = None
     exit_codes: dict[int, int] = field(default_factory=dict)  # index in procs -> code
     on_end: Callable[[], None] | None = None  # extra clean-up (e.g. close pipes)
+
+    @property
+    def share(self) -> Share:
+        return (self.job_id, self.run, self.role, self.rank)
 
 
 @dataclass(frozen=True)
@@ -42,6 +53,12 @@ class Finished:
     state: JobState
     exit_code: int
     reason: str
+    role: str = "run"
+    rank: int = 0
+
+    @property
+    def share(self) -> Share:
+        return (self.job_id, self.run, self.role, self.rank)
 
 
 def _signal_group(pid: int, sig: int) -> None:
@@ -58,14 +75,14 @@ def exit_code_of(returncode: int) -> int:
 class Purge:
     def __init__(self, grace: float):
         self.grace = grace
-        self.jobs: dict[int, Tracked] = {}
+        self.jobs: dict[Share, Tracked] = {}
 
     def add(self, tracked: Tracked) -> None:
-        self.jobs[tracked.job_id] = tracked
+        self.jobs[tracked.share] = tracked
 
-    def stop(self, job_id: int, state: JobState, reason: str, now: float) -> bool:
-        """Ask a job's processes to end (SIGTERM now, SIGKILL after the grace). False if unknown."""
-        job = self.jobs.get(job_id)
+    def stop(self, share: Share, state: JobState, reason: str, now: float) -> bool:
+        """Ask a share's processes to end (SIGTERM now, SIGKILL after the grace). False if unknown."""
+        job = self.jobs.get(share)
         if job is None:
             return False
         if job.stop_state is None:
@@ -74,7 +91,8 @@ class Purge:
             for i, proc in enumerate(job.procs):
                 if i not in job.exit_codes:
                     _signal_group(proc.pid, signal.SIGTERM)
-            event(log, "stopping job", job=job_id, state=state.value, reason=reason)
+            event(log, "stopping job", job=job.job_id, run=job.run, role=job.role, rank=job.rank, state=state.value,
+                  reason=reason)
         return True
 
     def tick(self, now: float) -> list[Finished]:
@@ -89,13 +107,13 @@ class Purge:
             if len(job.exit_codes) == len(job.procs):
                 for proc in job.procs:
                     _signal_group(proc.pid, signal.SIGKILL)  # leftovers a process left behind
-                del self.jobs[job.job_id]
+                del self.jobs[job.share]
                 if job.on_end:
                     job.on_end()
                 done.append(self._result(job))
                 continue
             if job.stop_state is None and now >= job.deadline:
-                self.stop(job.job_id, JobState.TIMEOUT, "time limit reached", now)
+                self.stop(job.share, JobState.TIMEOUT, "time limit reached", now)
             elif job.kill_at is not None and now >= job.kill_at:
                 for i, proc in enumerate(job.procs):
                     if i not in job.exit_codes:
@@ -111,12 +129,12 @@ class Purge:
             state = job.stop_state
         else:
             state = JobState.COMPLETED if exit_code == 0 else JobState.FAILED
-        return Finished(job.job_id, job.run, state, exit_code, job.reason)
+        return Finished(job.job_id, job.run, state, exit_code, job.reason, job.role, job.rank)
 
     def next_deadline(self) -> float | None:
         times = [j.kill_at if j.kill_at is not None else j.deadline for j in self.jobs.values()]
         return min(times) if times else None
 
     def stop_all(self, now: float) -> None:
-        for job_id in list(self.jobs):
-            self.stop(job_id, JobState.NODE_FAIL, "node daemon stopping", now)
+        for share in list(self.jobs):
+            self.stop(share, JobState.NODE_FAIL, "node daemon stopping", now)

@@ -1,0 +1,221 @@
+"""Every job ends and cmkill always works: syncs within one partition and onto one node, kills a node
+never confirms, slots the head and a node disagree on, and why a waiting job waits."""
+
+from __future__ import annotations
+
+import signal
+import time
+
+import zmq
+
+from cm.keys import secure_client
+from cm.protocol import Ack, Heartbeat, Hello, JobStarted, RunJob, Welcome, decode, encode
+from test_sync import make_tree, snapshot
+
+
+def test_a_sync_inside_one_partition_copies_the_tree(make_cluster):
+    cluster = make_cluster("gpu:2,cpu:2", nodes=4, chunk_mb=1)
+    src = cluster.data_dir / "gpu" / "bar"
+    make_tree(src, big=2 << 20, small=50)
+    job_id = cluster.submit("cmsync", "--wait", "gpu:/bar", "gpu:/bar-copy", timeout=60)
+    job = cluster.job(job_id)
+    assert job["state"] == "COMPLETED", job
+    assert snapshot(cluster.data_dir / "gpu" / "bar-copy") == snapshot(src)
+    # -n 2 inside one partition: each node sends one rank and receives one
+    job_id = cluster.submit("cmsync", "-n", "2", "--wait", "gpu:/bar", "gpu:/bar-two", timeout=60)
+    job = cluster.job(job_id)
+    assert job["state"] == "COMPLETED" and sorted(job["nodes"]) == ["computenode-1"] * 2 + ["computenode-2"] * 2
+    assert snapshot(cluster.data_dir / "gpu" / "bar-two") == snapshot(src)
+    assert set(cluster.node_states().values()) == {"IDLE"}
+
+
+def test_a_sync_from_a_node_onto_itself_copies_the_tree(make_cluster):
+    cluster = make_cluster("cpu:1", nodes=1)
+    src = cluster.data_dir / "cpu" / "a"
+    make_tree(src, big=1 << 20, small=20)
+    job_id = cluster.submit("cmsync", "--wait", "computenode-1:/a", "computenode-1:/b", timeout=60)
+    assert cluster.job(job_id)["state"] == "COMPLETED"
+    assert snapshot(cluster.data_dir / "cpu" / "b") == snapshot(src)
+
+
+def test_a_destination_inside_its_source_is_refused_at_submit(make_cluster):
+    cluster = make_cluster("gpu:1,cpu:1", nodes=2)
+    for src, dst in (("gpu:/a", "gpu:/a/b"), ("gpu:/", "gpu:/x"), ("gpu:/a", "computenode-1:/a/b/c"),
+                     ("gpu:/a", "gpu:/a")):
+        proc = cluster.cli("cmsync", src, dst, check=False)
+        assert proc.returncode != 0 and "Traceback" not in proc.stderr, (src, dst, proc)
+        assert "inside SRC" in proc.stderr or "same directory" in proc.stderr, proc.stderr
+    proc = cluster.cli("cmsync", "--delete", "gpu:/a/b", "gpu:/a", check=False)
+    assert proc.returncode != 0 and "would delete the source" in proc.stderr
+    assert cluster.info()["jobs"] == []
+    # the same paths on other storage are fine
+    cluster.submit("cmsync", "gpu:/a", "cpu:/a/b")
+    cluster.submit("cmsync", "gpu:/ab", "gpu:/a")
+
+
+def test_cmkill_ends_a_job_whose_node_never_confirms_and_drains_the_node(make_cluster):
+    cluster = make_cluster("cpu:2", nodes=2, heartbeat_misses=200)  # the stopped node is not declared DOWN
+    job_id = cluster.submit("cmrun", "-n", "2", "sleep", "600")
+    cluster.wait_state(job_id, "RUNNING")
+    cluster.procs["computenode-2"].send_signal(signal.SIGSTOP)
+    try:
+        started = time.monotonic()
+        assert "cancel" in cluster.cli("cmkill", str(job_id)).stdout
+        job = cluster.wait_state(job_id, "CANCELLED", timeout=10)
+        assert time.monotonic() - started < 1 + 3 + 2  # grace + confirmation timeout + a tick
+        assert "kill not confirmed" in job["reason"]
+        nodes = {n["name"]: n for n in cluster.info()["nodes"]}
+        assert nodes["computenode-2"]["state"] == "DRAIN" and nodes["computenode-2"]["reason"] == "kill not confirmed"
+        assert nodes["computenode-2"]["cpus_free"] == nodes["computenode-2"]["cpus"]
+        assert nodes["computenode-1"]["state"] == "IDLE"
+    finally:
+        cluster.procs["computenode-2"].send_signal(signal.SIGCONT)
+
+
+def test_cancelling_a_job_whose_node_is_not_answering_ends_it_at_once(make_cluster):
+    cluster = make_cluster("cpu:1", nodes=1, heartbeat_misses=100)
+    job_id = cluster.submit("cmrun", "sleep", "600")
+    cluster.wait_state(job_id, "RUNNING")
+    cluster.kill("headnode", signal.SIGKILL)
+    cluster.kill("computenode-1", signal.SIGKILL)
+    cluster.start_head()
+    cluster.wait_head()
+    assert cluster.node_states()["computenode-1"] in ("UNKNOWN", "DOWN")
+    started = time.monotonic()
+    cluster.cli("cmkill", str(job_id))
+    job = cluster.wait_state(job_id, "CANCELLED", timeout=5)
+    assert time.monotonic() - started < 2, job
+    assert cluster.info()["nodes"][0]["cpus_free"] == cluster.info()["nodes"][0]["cpus"]
+
+
+def _fake_node(cluster, name: str, partition: str) -> zmq.Socket:
+    sock = zmq.Context.instance().socket(zmq.DEALER)
+    sock.linger = 0
+    sock.identity = name.encode()
+    secure_client(sock, cluster.run_dir, name)
+    sock.connect(f"tcp://127.0.0.1:{cluster.head_port}")
+    sock.send(encode(Hello(node=name, partition=partition, cpus=2, mem_mb=1000, version="0", running=[],
+                           transfer_addr="127.0.0.1:1", data_root="/", incarnation="fake")))
+    assert sock.poll(5000) and isinstance(decode(sock.recv()), Welcome)
+    return sock
+
+
+def test_a_share_the_node_does_not_run_ends_the_job_within_two_heartbeats(make_cluster):
+    cluster = make_cluster("cpu:1", nodes=1)
+    cluster.kill("computenode-1", signal.SIGKILL)  # a fake node takes its name and key
+    cluster.wait_node("computenode-1", "DOWN", timeout=10)
+    node = _fake_node(cluster, "computenode-1", "cpu")
+    try:
+        job_id = cluster.submit("cmrun", "sleep", "600")
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline:  # accept the job, say it started ... then never run it
+            assert node.poll(int((deadline - time.monotonic()) * 1000) + 1), "no RunJob"
+            msg = decode(node.recv())
+            if isinstance(msg, RunJob):
+                node.send(encode(Ack(ref=msg.id)))
+                node.send(encode(JobStarted(job_id=job_id, node="computenode-1", run=msg.spec["run"],
+                                            role=msg.spec["role"], rank=msg.spec["rank"])))
+                break
+        cluster.wait_state(job_id, "RUNNING", timeout=5)
+        beat = time.monotonic()
+        for _ in range(3):  # 0.2 s heartbeats that name no share
+            node.send(encode(Heartbeat(node="computenode-1", running=[], shares=[], ending=[])))
+            time.sleep(0.2)
+        job = cluster.wait_state(job_id, "NODE_FAIL", timeout=3)
+        assert time.monotonic() - beat < 2
+        assert "not running its share" in job["reason"]
+    finally:
+        node.close()
+
+
+def test_a_share_the_node_never_starts_ends_the_job_after_the_start_timeout(make_cluster):
+    cluster = make_cluster("cpu:1", nodes=1)
+    cluster.kill("computenode-1", signal.SIGKILL)
+    cluster.wait_node("computenode-1", "DOWN", timeout=10)
+    node = _fake_node(cluster, "computenode-1", "cpu")
+    try:
+        job_id = cluster.submit("cmrun", "sleep", "600")
+        sent = time.monotonic()
+        deadline = sent + 15  # the start timeout is grace + confirmation + 5 s: 9 s here
+        while time.monotonic() < deadline:  # acknowledge every RunJob, never start, heartbeat with nothing
+            if node.poll(200):
+                msg = decode(node.recv())
+                if isinstance(msg, RunJob):
+                    node.send(encode(Ack(ref=msg.id)))
+            node.send(encode(Heartbeat(node="computenode-1", running=[], shares=[], ending=[])))
+            if cluster.job(job_id)["state"] == "NODE_FAIL":
+                break
+        job = cluster.job(job_id)
+        assert job["state"] == "NODE_FAIL" and "did not start" in job["reason"], job
+        assert 8 < time.monotonic() - sent < 13
+    finally:
+        node.close()
+
+
+def test_a_waiting_job_says_why(make_cluster):
+    cluster = make_cluster("cpu:2", nodes=2)
+    cpus = str(cluster.info()["nodes"][0]["cpus"])
+    wide = cluster.submit("cmrun", "-n", "2", "-c", cpus, "sleep", "600")
+    cluster.wait_state(wide, "RUNNING")
+    waiting = cluster.submit("cmrun", "-n", "2", "-c", cpus, "-t", "10:00", "true")
+    held = cluster.submit("cmrun", "--hold", "true")
+
+    def reason(job_id: int, expected: str, timeout: float = 5) -> dict:
+        deadline = time.monotonic() + timeout
+        while True:
+            job = cluster.job(job_id)
+            if job["reason"].split(";")[0] == expected or time.monotonic() > deadline:
+                assert job["reason"].split(";")[0] == expected, job
+                return job
+            time.sleep(0.1)
+
+    reason(waiting, "Resources")
+    reason(held, "Held")
+    small = cluster.submit("cmrun", "-t", "20:00", "true")  # would fit nowhere now, and must not jump ahead
+    reason(small, "Resources")
+    assert "Resources" in cluster.cli("cminfo").stdout  # the NODES column shows (reason), as squeue does
+    cluster.cli("cmcontrol", "drain", "computenode-2")
+    cluster.cli("cmkill", str(wide))
+    reason(waiting, "ReqNodeNotAvail")
+    cluster.cli("cmcontrol", "resume", "computenode-2")
+    cluster.wait_state(waiting, "COMPLETED")
+
+
+def test_shares_travel_as_tuples_and_malformed_ones_are_refused():
+    import pytest
+
+    from cm.protocol import KillJob, ProtocolError
+
+    beat = decode(encode(Heartbeat(node="n", running=[3], shares=[(3, 1, "src", 0), (3, 1, "dst", 0)])))
+    assert beat.shares == [(3, 1, "src", 0), (3, 1, "dst", 0)] and beat.ending == []
+    kill = decode(encode(KillJob(job_id=3, state="CANCELLED", run=1, role="dst", rank=0)))
+    assert (kill.run, kill.role, kill.rank) == (1, "dst", 0)
+    for bad in ([(3, 1, "src")], [(3, "1", "src", 0)], [[3, 1, "src", 0, 9]], [3]):
+        with pytest.raises(ProtocolError, match="shares"):
+            decode(encode(Heartbeat(node="n", running=[], shares=bad)))
+
+
+def test_the_scheduler_says_why_each_job_waits():
+    from cm.head.policies import FirstFit
+    from cm.head.resources import Demand, NodeView, Request, Running
+    from cm.head.scheduler import Scheduler
+
+    nodes = {n: NodeView(n, "p", 4, 1000) for n in ("a", "b")}
+    nodes["b"].usable = False  # DOWN or drained
+    nodes["a"].take(4, 0)
+    running = [Running(9, 100.0, [("a", 4, 0)])]
+    pending = [Request(1, 0, 1.0, 10, (Demand("run", 1, 2, 0, partition="p"),)),
+               Request(2, 0, 2.0, 10, (Demand("run", 2, 1, 0, partition="p"),)),
+               Request(3, 0, 3.0, 10, (Demand("src", 1, 1, 0, node="b"), Demand("dst", 1, 1, 0, node="a")))]
+    scheduler = Scheduler(FirstFit())
+    assert scheduler.plan(pending, nodes, running, 0.0) == []
+    assert scheduler.reasons == {1: "Resources", 2: "ReqNodeNotAvail", 3: "ReqNodeNotAvail"}
+    # node a: 1 CPU free until t=100. Job 1 (2 CPUs) waits for it; a 1-CPU job of 200 s would delay it,
+    # one of 50 s would not (backfill)
+    nodes["a"].give(1, 0)
+    pending = [pending[0], Request(4, 0, 4.0, 200, (Demand("run", 1, 1, 0, partition="p"),)),
+               Request(5, 0, 5.0, 50, (Demand("run", 1, 1, 0, partition="p"),))]
+    running = [Running(9, 100.0, [("a", 3, 0)])]
+    started = scheduler.plan(pending, nodes, running, 0.0)
+    assert [r.job_id for r, _ in started] == [5]
+    assert scheduler.reasons == {1: "Resources", 4: "Priority"}
