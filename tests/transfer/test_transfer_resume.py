@@ -5,7 +5,7 @@ import os
 import signal
 import time
 
-from .conftest import CHUNK, assert_same_tree, finish, run_sender, spec_for, start_sender, write
+from .conftest import CHUNK, assert_same_tree, finish, run_sender, send_in_process, spec_for, spoiling, start_sender, write
 
 NCHUNKS = 96
 
@@ -83,9 +83,9 @@ def test_a_corrupted_chunk_is_detected_and_resent(roots, receiver):
     src, _ = roots
     size = 10 * CHUNK + 99
     write(src / "big.bin", os.urandom(size))
-    result = run_sender(spec_for(receiver, src), env={"CM_TEST_CORRUPT": "big.bin:3"})
-    assert result.report["chunks_resent"] == 1
-    assert result.report["bytes_sent"] == size + CHUNK
+    report = send_in_process(spec_for(receiver, src), channel=spoiling("big.bin", 3))
+    assert report["chunks_resent"] == 1
+    assert report["bytes_sent"] == size + CHUNK
     assert_same_tree(src, receiver.dst)
 
 
@@ -93,7 +93,7 @@ def test_a_corrupted_small_file_is_detected_and_resent(roots, receiver):
     src, _ = roots
     for i in range(20):
         write(src / f"f{i}.txt", os.urandom(100 + i))
-    result = run_sender(spec_for(receiver, src), env={"CM_TEST_CORRUPT": "f7.txt:0"})
-    assert result.report["chunks_resent"] == 1
-    assert result.report["bytes_sent"] == sum(100 + i for i in range(20)) + 107
+    report = send_in_process(spec_for(receiver, src), channel=spoiling("f7.txt"))
+    assert report["chunks_resent"] == 1
+    assert report["bytes_sent"] == sum(100 + i for i in range(20)) + 107
     assert_same_tree(src, receiver.dst)
