@@ -74,7 +74,7 @@ class SpareJob(Struct, frozen=True, forbid_unknown_fields=True):
     uid: Id
     gid: Id
     groups: list[Id]
-    stderr: str = ""  # the job's error log, opened as the user
+    stderr: str | None = None  # the job's error log, opened as the user
 
     @classmethod
     def from_json(cls, raw: bytes | str) -> "SpareJob":

@@ -50,6 +50,13 @@ def test_a_spec_decodes_from_json_as_from_a_dict():
     (b'{"transfer": {}, "uid": 0, "gid": 0}', "groups"),
     (b'{"transfer": {}, "uid": 0, "gid": 0, "groups": [], "shell": "/bin/sh"}', "shell"),
 ])
+def test_a_spare_job_may_leave_its_error_log_out():
+    for raw in (b'{"transfer": {"a": 1}, "uid": 0, "gid": 0, "groups": [], "stderr": null}',
+                b'{"transfer": {"a": 1}, "uid": 0, "gid": 0, "groups": []}'):
+        job = SpareJob.from_json(raw)
+        assert not job.stderr and bytes(job.transfer) == b'{"a": 1}'
+
+
 def test_a_bad_spare_job_is_refused_naming_the_field(raw, word):
     with pytest.raises(SpecError) as refused:
         SpareJob.from_json(raw)
