@@ -44,12 +44,6 @@ def test_a_spec_decodes_from_json_as_from_a_dict():
     assert spec.exclude == ("*.tmp",) and spec.streams == 4
 
 
-@pytest.mark.parametrize("raw, word", [
-    (b'{"transfer": {}, "uid": true, "gid": 0, "groups": []}', "uid"),
-    (b'{"transfer": {}, "uid": 0, "gid": 0, "groups": ["wheel"]}', "groups[0]"),
-    (b'{"transfer": {}, "uid": 0, "gid": 0}', "groups"),
-    (b'{"transfer": {}, "uid": 0, "gid": 0, "groups": [], "shell": "/bin/sh"}', "shell"),
-])
 def test_a_spare_job_may_leave_its_error_log_out():
     for raw in (b'{"transfer": {"a": 1}, "uid": 0, "gid": 0, "groups": [], "stderr": null}',
                 b'{"transfer": {"a": 1}, "uid": 0, "gid": 0, "groups": []}'):
@@ -57,6 +51,12 @@ def test_a_spare_job_may_leave_its_error_log_out():
         assert not job.stderr and bytes(job.transfer) == b'{"a": 1}'
 
 
+@pytest.mark.parametrize("raw, word", [
+    (b'{"transfer": {}, "uid": true, "gid": 0, "groups": []}', "uid"),
+    (b'{"transfer": {}, "uid": 0, "gid": 0, "groups": ["wheel"]}', "groups[0]"),
+    (b'{"transfer": {}, "uid": 0, "gid": 0}', "groups"),
+    (b'{"transfer": {}, "uid": 0, "gid": 0, "groups": [], "shell": "/bin/sh"}', "shell"),
+])
 def test_a_bad_spare_job_is_refused_naming_the_field(raw, word):
     with pytest.raises(SpecError) as refused:
         SpareJob.from_json(raw)
