@@ -33,11 +33,11 @@ from pathlib import Path
 from cm.creds import CredentialsError, Identity, acting_as
 
 from . import batchio, checksum
+from . import frames as f
+from .control import Answer, Register, Unregister, decode_control, encode_answer
 from .destination import ChunkRefused, Destination
 from .partial import chunk_count
 from .paths import PathEscape, confine, wire_parts
-from . import frames as f
-from .control import Answer, Register, Unregister, decode_control, encode_answer
 from .wire import MAX_BATCH, TRAILER, Channel, Kind, ProtocolError, listen, tune
 
 log = logging.getLogger(__name__)

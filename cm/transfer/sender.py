@@ -37,7 +37,7 @@ from .wire import Channel, ProtocolError, RemoteError
 
 PROGRESS_EVERY = 0.25  # seconds between progress lines
 
-__all__ = ["Sender", "TransferError", "Stats", "Throttle", "warm_up"]
+__all__ = ["Sender", "TransferError", "warm_up"]
 
 
 def warm_up() -> None:
