@@ -6,14 +6,15 @@ are msgpack arrays (``array_like`` Structs: ``[path, mode, mtime]``).
 Paths are raw bytes (msgpack bin), relative to the transfer's destination.
 ``decode_request`` and ``decode_answer`` refuse anything that does not
 fit with ``FrameError`` naming the field (``files[3].mode``). What a
-schema cannot say (a path's parts, a chunk size the server accepts) is
-checked where it is used (``paths.wire_parts``, the receiver).
+schema cannot say (a path's parts, the largest chunk this receiver takes)
+is checked where it is used (``paths.wire_parts``, the receiver).
 
 Requests go sender → receiver, each answered by OK with the Struct that
 ``ANSWERS`` names for its kind, or by ERROR (``Error``).
 """
 
 import enum
+import mmap
 import re
 import types
 from typing import Annotated, Literal, Union, get_args, get_origin
@@ -24,6 +25,7 @@ from msgspec import Meta, Struct
 Count = Annotated[int, Meta(ge=0)]
 Mode = Annotated[int, Meta(ge=0, le=0o7777)]  # permission bits, set-id and sticky bits
 Mtime = Annotated[int, Meta(ge=-(1 << 63), le=(1 << 63) - 1)]  # nanoseconds since the epoch
+ChunkSize = Annotated[int, Meta(gt=0, multiple_of=mmap.ALLOCATIONGRANULARITY)]  # chunks are mapped at offsets
 Digest = Annotated[int, Meta(ge=0)]  # xxh64 (msgpack holds no more than 64 bits)
 MAX_ROWS = 1_000_000  # rows in one request (the frame's size is bounded as well)
 
@@ -70,13 +72,13 @@ class PartialRow(Row):
     path: bytes
     size: Count
     mtime: Mtime
-    chunk_size: Count
+    chunk_size: ChunkSize
 
 
 class ChecksumRow(Row):
     path: bytes
     size: Count
-    chunk_size: Count
+    chunk_size: ChunkSize
 
 
 class DirRow(Row):
@@ -203,7 +205,7 @@ class Chunk(Frame):
     size: Count
     mode: Mode
     mtime: Mtime
-    chunk_size: Count
+    chunk_size: ChunkSize
     index: Count
     uid: Count | None = None
     gid: Count | None = None

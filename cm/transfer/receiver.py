@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import hmac
 import logging
-import mmap
 import os
 import socket
 import sys
@@ -63,9 +62,9 @@ class _Registration:
 
 
 def _chunk_size(v: int, max_chunk: int) -> int:
-    # what the schema cannot say: the mapping granularity, and this server's maximum
-    if v < 1 or v % mmap.ALLOCATIONGRANULARITY or v > max_chunk:
-        raise BadRequest(f"chunk size must be a multiple of {mmap.ALLOCATIONGRANULARITY} up to {max_chunk}")
+    # what the schema cannot say: this server's maximum (frames.ChunkSize checks the rest)
+    if v > max_chunk:
+        raise BadRequest(f"chunk size {v} is above this receiver's {max_chunk}")
     return v
 
 

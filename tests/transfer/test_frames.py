@@ -35,7 +35,7 @@ BAD = {
     Kind.HELLO: ({"token": 5}, "`token`"),
     Kind.MANIFEST: ({"page": -1}, "`page`"),
     Kind.PARTIALS: ({"files": [[P, 10, 1 << 63, 4096]]}, "`files[0].mtime`"),
-    Kind.CHECKSUMS: ({"files": [[P, "10", 4096]]}, "`files[0].size`"),
+    Kind.CHECKSUMS: ({"files": [[P, 10, 1000]]}, "`files[0].chunk_size`"),
     Kind.MKDIRS: ({"dirs": [[P, 0o7777777]]}, "`dirs[0].mode`"),
     Kind.DELETE: ({"paths": [P, "text"]}, "`paths[1]`"),
     Kind.SYMLINKS: ({"links": [[P, "text", 0]]}, "`links[0].target`"),
@@ -75,6 +75,15 @@ def test_a_malformed_request_is_refused_with_its_field_named(kind):
 def test_bytes_that_are_no_map_of_fields_are_refused(raw):
     with pytest.raises(f.FrameError):
         f.decode_request(Kind.CHUNK, raw)
+
+
+def test_a_chunk_size_above_the_receivers_maximum_is_refused_by_the_receiver(receiver):
+    chan = _connect(receiver)  # this receiver takes chunks up to 8 MiB
+    try:
+        with pytest.raises(RemoteError, match="above this receiver's"):
+            chan.request(f.Checksums([f.ChecksumRow(P, 10, 16 << 20)]))
+    finally:
+        chan.close()
 
 
 def test_a_missing_field_is_named():
