@@ -143,7 +143,7 @@ class Hello(Frame):
 
     transfer_id: str
     token: str
-    version: int = 1
+    version: int = 1  # unused: the header's version is the one checked
 
 
 class Manifest(Frame):
