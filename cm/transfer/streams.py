@@ -107,6 +107,9 @@ class Streams:
             self.queue.fail(exc)
         except OSError as exc:
             self.queue.fail(TransferError(f"stream failed: {exc}"))
+        except Exception as exc:  # a bug: stop the others too, or the run waits on a connection left mid-frame
+            self.queue.fail(TransferError(f"stream failed: internal error in the sender: {exc!r}"))
+            raise
         finally:
             handles.close()
 

@@ -5,6 +5,8 @@ import os
 import signal
 import time
 
+import pytest
+
 from .conftest import CHUNK, assert_same_tree, finish, run_sender, send_in_process, spec_for, spoiling, start_sender, write
 
 NCHUNKS = 96
@@ -97,3 +99,31 @@ def test_a_corrupted_small_file_is_detected_and_resent(roots, receiver):
     assert report["chunks_resent"] == 1
     assert report["bytes_sent"] == sum(100 + i for i in range(20)) + 107
     assert_same_tree(src, receiver.dst)
+
+
+@pytest.mark.timeout(90)
+def test_a_stream_that_meets_a_bug_ends_the_run_with_an_error_instead_of_hanging(roots, receiver):
+    import threading
+
+    from cm.transfer import frames
+    from cm.transfer.sender import TransferError
+    from cm.transfer.wire import HEADER, MAGIC, VERSION, Channel
+
+    class Broken(Channel):
+        def send_stream(self, frame, data, hasher, pace=None, sent=None):
+            if frame.index == 2:  # the frame's head has left, its payload never will: the receiver waits for it
+                body = frames.encode(frame)
+                self.sock.sendall(HEADER.pack(MAGIC, VERSION, frames.Kind.CHUNK, len(body), len(data)) + body)
+                raise RuntimeError("a bug in the middle of a frame")
+            return super().send_stream(frame, data, hasher, pace, sent)
+
+    src, _ = roots
+    write(src / "big.bin", os.urandom(6 * CHUNK))
+    hook, threading.excepthook = threading.excepthook, lambda args: None  # the stream thread's traceback
+    try:
+        started = time.monotonic()
+        with pytest.raises(TransferError, match="internal error"):
+            send_in_process(spec_for(receiver, src, streams=1), channel=Broken)
+        assert time.monotonic() - started < 30
+    finally:
+        threading.excepthook = hook
