@@ -22,7 +22,7 @@ from cm.states import FINAL_STATES, JobState
 log = logging.getLogger("cm.head.jobs")
 
 Job = dict[str, Any]  # the stored document
-TRANSIENT_EXIT = 75  # EX_TEMPFAIL: a sender lost its receiver; the sync is worth running again
+from cm.transfer.exitcodes import TRANSIENT as TRANSIENT_EXIT  # a sender lost its receiver: run the sync again
 SYNC_RESTARTS = 5
 
 

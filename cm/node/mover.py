@@ -13,7 +13,6 @@ was registered; senders that lost their connection end with the
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import select
@@ -25,6 +24,7 @@ from pathlib import Path
 
 from cm.creds import Identity
 from cm.logs import event
+from cm.transfer.control import Answer, Register, Request, Unregister, decode_answer, encode_request
 from cm.transfer.wire import listen  # not the receiver: the daemon never loads numba
 
 log = logging.getLogger("cm.node.mover")
@@ -46,7 +46,7 @@ class Mover:
         self.proc: subprocess.Popen | None = None
         self.starts = 0
         self._lock = threading.Lock()
-        self._registered: dict[str, dict] = {}
+        self._registered: dict[str, Register] = {}
         self._not_before = 0.0
 
     # ---- lifecycle ----
@@ -57,19 +57,19 @@ class Mover:
             self._start()
 
     def _start(self) -> None:
-        env = {k: v for k, v in os.environ.items() if not k.startswith("CM_") or k == "CM_TEST_CORRUPT"}
+        env = {k: v for k, v in os.environ.items() if not k.startswith("CM_")}
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "cm.transfer.receiver", "--listen-fd", str(self.listener.fileno()),
              "--chunk-size", str(self.chunk_size), "--log-level", self.log_level],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, pass_fds=[self.listener.fileno()], cwd="/", env=env)
         self.starts += 1
         ready = self._read_answer()
-        event(log, "mover started", pid=ready.get("pid"), port=self.port, starts=self.starts)
+        event(log, "mover started", pid=ready.pid, port=self.port, starts=self.starts)
         for req in list(self._registered.values()):
             answer = self._ask(req)
-            if not answer.get("ok"):
-                event(log, "transfer not registered again", logging.WARNING, transfer=req["transfer_id"],
-                      error=answer.get("error"))
+            if not answer.ok:
+                event(log, "transfer not registered again", logging.WARNING, transfer=req.transfer_id,
+                      error=answer.error)
 
     def check(self) -> None:
         """Start a new mover if the running one died (at most every few seconds)."""
@@ -118,13 +118,11 @@ class Mover:
     def register(self, transfer_id: str, token: str, root: Path, dst_path: str, who: Identity,
                  keep_owners: bool = False) -> None:
         """Let senders with (transfer_id, token) write under root/dst_path as ``who``; raises MoverError."""
-        req = {"op": "register", "transfer_id": transfer_id, "token": token, "root": str(root),
-               "dst_path": dst_path, "uid": who.uid, "gid": who.gid, "groups": list(who.groups),
-               "keep_owners": keep_owners}
+        req = Register(transfer_id, token, str(root), dst_path, who.uid, who.gid, list(who.groups), keep_owners)
         with self._lock:
             answer = self._ask(req)
-            if not answer.get("ok"):
-                raise MoverError(answer.get("error") or "the mover refused the transfer")
+            if not answer.ok:
+                raise MoverError(answer.error or "the mover refused the transfer")
             self._registered[transfer_id] = req
 
     def unregister(self, transfer_id: str) -> None:
@@ -132,22 +130,22 @@ class Mover:
         with self._lock:
             if self._registered.pop(transfer_id, None) is not None:
                 try:
-                    self._ask({"op": "unregister", "transfer_id": transfer_id})
+                    self._ask(Unregister(transfer_id))
                 except MoverError as exc:  # a dead mover has forgotten it already
                     event(log, "unregister failed", logging.WARNING, transfer=transfer_id, error=str(exc))
 
-    def _ask(self, req: dict) -> dict:
+    def _ask(self, req: Request) -> Answer:
         proc = self.proc
         if proc is None or proc.poll() is not None:
             raise MoverError("this node's mover is not running (it is being restarted)")
         try:
-            proc.stdin.write(json.dumps(req).encode() + b"\n")
+            proc.stdin.write(encode_request(req))
             proc.stdin.flush()
         except OSError as exc:
             raise MoverError(f"this node's mover went away: {exc}") from None
         return self._read_answer()
 
-    def _read_answer(self) -> dict:
+    def _read_answer(self) -> Answer:
         proc = self.proc
         fd = proc.stdout.fileno()
         ready, _, _ = select.select([fd], [], [], ANSWER_TIMEOUT)
@@ -156,8 +154,7 @@ class Mover:
             proc.kill()
             raise MoverError("this node's mover did not answer")
         try:
-            answer = json.loads(line)
+            return decode_answer(line)
         except ValueError:
             proc.kill()
             raise MoverError("this node's mover answered garbage") from None
-        return answer if isinstance(answer, dict) else {"ok": False, "error": "bad answer"}

@@ -25,9 +25,8 @@ from cm.node.launch import LaunchError, identity, log_paths, make_log_dir
 
 def _sender_env() -> dict:
     # Not the daemon's CM_* settings: the sender runs as the user, who could read them from
-    # /proc (CM_OPERATOR_TOKEN grants admin rights). Only the tests' corruption hook passes.
-    return {k: v for k, v in os.environ.items()
-            if k.startswith(("NUMBA_", "PATH", "HOME", "LANG", "LC_")) or k == "CM_TEST_CORRUPT"}
+    # /proc (CM_OPERATOR_TOKEN grants admin rights).
+    return {k: v for k, v in os.environ.items() if k.startswith(("NUMBA_", "PATH", "HOME", "LANG", "LC_"))}
 
 
 class Spares:

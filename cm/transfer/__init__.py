@@ -2,8 +2,13 @@
 
 Modules, by concept: ``paths`` (confinement), ``tree`` (walks, excludes),
 ``plan`` (work items, rank assignment), ``diff`` (what the destination
-lacks), ``checksum`` (xxh64), ``wire`` (frames: the only place bytes meet
-sockets), ``partial`` (resume state of large files), ``destination`` (writes
-on the receiving side), ``receiver`` (``TransferServer``), ``sender`` and
-``send`` (the ``python -m cm.transfer.send`` process), ``rdma``.
+lacks), ``checksum`` (xxh64), ``frames`` (what each frame says: one msgspec
+Struct per request and answer), ``wire`` (frames: the only place bytes meet
+sockets), ``partial`` (resume state of large files), ``destination``
+(writes on the receiving side), ``receiver`` (``TransferServer`` and the
+mover process), ``control`` (the node daemon → mover lines), ``spec`` (what
+a sender is asked to do), ``sender`` (one rank's run) with ``connection``,
+``decide``, ``streams``, ``source``, ``throttle`` and ``stats``, ``send``
+(the ``python -m cm.transfer.send`` process) and its ``exitcodes``,
+``rdma``.
 """

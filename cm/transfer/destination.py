@@ -27,6 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from . import batchio, checksum
+from .frames import BatchRow, ChecksumRow, Chunk, DirRow, LinkRow, MetaRow, OwnerRow, PartialRow, PathError
 from .partial import ChunkRecord, chunk_count, partial_names
 from .paths import DirHandles, PathEscape, wire_parts
 from .tree import Excluder, walk_fd
@@ -37,8 +38,6 @@ _READ = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
 
 
 def _split(path: bytes) -> tuple[str, ...]:
-    if not isinstance(path, bytes):
-        raise PathEscape("paths travel as bytes")
     return wire_parts(os.fsdecode(path))
 
 
@@ -64,7 +63,7 @@ class ChunkRefused(OSError):
 
 
 def _fail(errors: list, path, exc: Exception) -> None:
-    errors.append([path, f"{type(exc).__name__}: {exc}"])
+    errors.append(PathError(path, f"{type(exc).__name__}: {exc}"))
 
 
 class Destination:
@@ -102,7 +101,7 @@ class Destination:
                 self._manifest = []
             else:
                 entries = walk_fd(top, Excluder(exclude), skip_temp=True)
-                self._manifest = [e.to_wire() for e in entries]
+                self._manifest = [e.to_wire() for e in entries]  # frames.EntryRow, as plain lists
             self._pages = [0]
             size = 0
             for i, item in enumerate(self._manifest):
@@ -116,11 +115,12 @@ class Destination:
         start, end = self._pages[page], self._pages[page + 1]
         return self._manifest[start:end], page + 2 < len(self._pages)
 
-    def partials(self, files: list) -> list:
-        """For each [path, size, mtime, chunk_size]: [[index, digest], ...] already verified."""
+    def partials(self, files: list[PartialRow]) -> list:
+        """For each file: [[index, digest], ...] already verified (``frames.VerifiedRow``)."""
         out = []
-        for path, size, mtime, chunk_size in files:
-            parts = _split(path)
+        for row in files:
+            size, mtime, chunk_size = row.size, row.mtime, row.chunk_size
+            parts = _split(row.path)
             try:
                 dfd = self._parent(parts)
                 part, ok = partial_names(parts[-1], size, mtime, chunk_size)
@@ -139,11 +139,12 @@ class Destination:
                 rec.close()
         return out
 
-    def checksums(self, files: list) -> list:
-        """For each [path, size, chunk_size]: the file's chunk digests, or None if absent/different size."""
+    def checksums(self, files: list[ChecksumRow]) -> list:
+        """For each file: its chunk digests, or None if absent/different size."""
         out = []
-        for path, size, chunk_size in files:
-            parts = _split(path)
+        for row in files:
+            size, chunk_size = row.size, row.chunk_size
+            parts = _split(row.path)
             try:
                 dfd = self._parent(parts)  # first: it refuses the top of the tree, which has no name
                 fd = os.open(parts[-1], _READ, dir_fd=dfd)
@@ -164,10 +165,11 @@ class Destination:
 
     # ---- structure ----
 
-    def mkdirs(self, dirs: list) -> list:
-        """Create each [path, mode] directory (parents first); a non-directory in the way is replaced."""
+    def mkdirs(self, dirs: list[DirRow]) -> list[PathError]:
+        """Create each directory (parents first); a non-directory in the way is replaced."""
         errors: list = []
-        for path, mode in dirs:
+        for row in dirs:
+            path = row.path
             parts = _split(path)
             try:
                 fd = self._make_dir(parts)
@@ -192,7 +194,7 @@ class Destination:
             self.dirs.forget(parts)
         return self.dirs.open(parts, create=True, mode=0o700)
 
-    def delete(self, paths: list) -> tuple[int, list]:
+    def delete(self, paths: list[bytes]) -> tuple[int, list[PathError]]:
         """Remove each path (directories with everything in them); returns (removed, errors)."""
         removed = 0
         errors: list = []
@@ -215,12 +217,13 @@ class Destination:
                 _fail(errors, path, exc)
         return removed, errors
 
-    def symlinks(self, links: list) -> list:
-        """Create each [path, target, mtime] symlink, replacing what is there."""
+    def symlinks(self, links: list[LinkRow]) -> list[PathError]:
+        """Create each symlink, replacing what is there."""
         errors: list = []
-        for path, target, mtime in links:
+        for row in links:
+            path, target, mtime = row.path, row.target, row.mtime
             parts = _split(path)
-            if not isinstance(target, bytes) or not target or b"\0" in target:
+            if not target or b"\0" in target:
                 _fail(errors, path, ValueError("bad symlink target"))
                 continue
             try:
@@ -237,10 +240,11 @@ class Destination:
                 _fail(errors, path, exc)
         return errors
 
-    def set_meta(self, files: list) -> list:
-        """Set mode and mtime of each existing [path, mode, mtime] regular file."""
+    def set_meta(self, files: list[MetaRow]) -> list[PathError]:
+        """Set mode and mtime of each existing regular file."""
         errors: list = []
-        for path, mode, mtime in files:
+        for row in files:
+            path, mode, mtime = row.path, row.mode, row.mtime
             parts = _split(path)
             try:
                 dfd = self._parent(parts)  # first: it refuses the top of the tree, which has no name
@@ -256,10 +260,11 @@ class Destination:
                 _fail(errors, path, exc)
         return errors
 
-    def dir_meta(self, dirs: list) -> list:
-        """Set mode and mtime of each [path, mode, mtime] directory (done after its contents)."""
+    def dir_meta(self, dirs: list[MetaRow]) -> list[PathError]:
+        """Set mode and mtime of each directory (done after its contents)."""
         errors: list = []
-        for path, mode, mtime in dirs:
+        for row in dirs:
+            path, mode, mtime = row.path, row.mode, row.mtime
             parts = _split(path)
             try:
                 fd = self.dirs.open(parts)
@@ -269,14 +274,15 @@ class Destination:
                 _fail(errors, path, exc)
         return errors
 
-    def owners(self, entries: list) -> list:
-        """Give each [path, uid, gid, mode] its owner (never through a symlink); root's syncs only.
+    def owners(self, entries: list[OwnerRow]) -> list[PathError]:
+        """Give each entry its owner (never through a symlink); root's syncs only.
 
         A change of owner clears set-user-ID and set-group-ID bits, so a
         file or directory that has them gets its mode again afterwards.
         """
         errors: list = []
-        for path, uid, gid, mode in entries:
+        for row in entries:
+            path, uid, gid, mode = row.path, row.uid, row.gid, row.mode
             try:
                 parts = _split(path)
                 if parts:
@@ -305,23 +311,23 @@ class Destination:
             self.dirs.forget_child(dfd, name)
             os.rename(tmp, name, src_dir_fd=dfd, dst_dir_fd=dfd)
 
-    def write_batch(self, files: list, data: memoryview) -> tuple[list, list]:
-        """Write small files packed in ``data`` (fields [path, size, mode, mtime, digest]).
+    def write_batch(self, files: list[BatchRow], data: memoryview) -> tuple[list[int], list[PathError]]:
+        """Write small files packed in ``data``, one after another.
 
         Returns (indices whose checksum did not match, [path, error] list).
         Nothing is written for a file that does not match.
         """
         offsets = [0]
         for f in files:
-            offsets.append(offsets[-1] + f[1])
+            offsets.append(offsets[-1] + f.size)
         if offsets[-1] != len(data):
             raise ValueError("batch sizes do not add up to the payload")
-        split = [f[0].rpartition(b"/") for f in files]
+        split = [f.path.rpartition(b"/") for f in files]
         for parent, _, name in split:  # refuse the whole batch if any name is unsafe, before writing anything
             _split(parent)
             _check_name(name)
         digests = checksum.digest_many(data, offsets)
-        bad = [i for i, f in enumerate(files) if digests[i] != f[4]]
+        bad = [i for i, f in enumerate(files) if digests[i] != f.digest]
         skip = set(bad)
         errors: list = []
         compiled = _Compiled(files, split, data, offsets, bad, self._umask) if self._unnamed and files else None
@@ -331,7 +337,7 @@ class Destination:
             except (OSError, PathEscape) as exc:
                 for k in range(i, end):
                     if k not in skip:
-                        _fail(errors, files[k][0], exc)
+                        _fail(errors, files[k].path, exc)
                 continue
             k = i
             while k < end:
@@ -340,11 +346,11 @@ class Destination:
                     if k == end:
                         break
                 if k not in skip:  # this one in Python: it reports why, or takes the slow road
-                    path, _, mode, mtime, _ = files[k]
+                    f = files[k]
                     try:
-                        self._write_small(dfd, split[k][2], data[offsets[k]:offsets[k + 1]], mode, mtime)
+                        self._write_small(dfd, split[k][2], data[offsets[k]:offsets[k + 1]], f.mode, f.mtime)
                     except (OSError, PathEscape) as exc:
-                        _fail(errors, path, exc)
+                        _fail(errors, f.path, exc)
                 k += 1
         return bad, errors
 
@@ -420,7 +426,7 @@ class Destination:
             raise
         self._finish(dfd, fd, tmp, name, mode, mtime)
 
-    def receive_chunk(self, meta: dict, channel, buf: memoryview,
+    def receive_chunk(self, req: Chunk, channel, buf: memoryview,
                       owner: tuple[int, int] | None = None) -> tuple[bool, bool]:
         """Receive one streamed chunk from ``channel`` into its place; returns (verified, published).
 
@@ -429,9 +435,9 @@ class Destination:
         ``owner`` (uid, gid), for syncs that keep owners, is given to the
         file before it is published (then its mode, which a chown may clear).
         """
-        parts = _split(meta["path"])
-        size, chunk_size, index = meta["size"], meta["chunk_size"], meta["index"]
-        mode, mtime = meta["mode"], meta["mtime"]
+        parts = _split(req.path)
+        size, chunk_size, index = req.size, req.chunk_size, req.index
+        mode, mtime = req.mode, req.mtime
         try:
             dfd = self._parent(parts, create=True)
         except OSError as exc:
@@ -507,15 +513,15 @@ class Destination:
 class _Compiled:
     """A batch of small files laid out for ``batchio.publish_run``."""
 
-    def __init__(self, files: list, split: list, data: memoryview, offsets: list, bad: list, umask: int):
+    def __init__(self, files: list[BatchRow], split: list, data: memoryview, offsets: list, bad: list, umask: int):
         n = len(files)
         self.names, self.name_off = batchio.pack_names([name for _, _, name in split])
         self.data = np.frombuffer(data, dtype=np.uint8) if len(data) else np.zeros(0, dtype=np.uint8)
         self.data.flags.writeable = False  # read-only like the names: one compiled variant for every caller
         self.data_off = np.asarray(offsets, dtype=np.int64)
-        self.modes = np.fromiter((f[2] for f in files), dtype=np.uint32, count=n)
+        self.modes = np.fromiter((f.mode for f in files), dtype=np.uint32, count=n)
         self.chmod = ((self.modes & umask) != 0) | (self.modes > 0o777)
-        self.mtimes = np.fromiter((f[3] for f in files), dtype=np.int64, count=n)
+        self.mtimes = np.fromiter((f.mtime for f in files), dtype=np.int64, count=n)
         self.skip = np.zeros(n, dtype=np.bool_)
         self.skip[bad] = True
 

@@ -21,9 +21,7 @@ senders open a few.
 from __future__ import annotations
 
 import hmac
-import json
 import logging
-import mmap
 import os
 import socket
 import sys
@@ -34,6 +32,8 @@ from pathlib import Path
 from cm.creds import CredentialsError, Identity, acting_as
 
 from . import batchio, checksum
+from . import frames as f
+from .control import Answer, Register, Unregister, decode_control, encode_answer
 from .destination import ChunkRefused, Destination
 from .partial import chunk_count
 from .paths import PathEscape, confine, wire_parts
@@ -48,7 +48,7 @@ RECV_PIECE = 256 << 10  # received, hashed and written while still in the CPU ca
 
 
 class BadRequest(ValueError):
-    """A request whose fields do not fit its schema."""
+    """A request that fits its schema but not this transfer (chunk size, owners, lengths)."""
 
 
 @dataclass
@@ -61,34 +61,10 @@ class _Registration:
     channels: set = field(default_factory=set)
 
 
-def _is_int(v, lo: int | None = 0) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool) and (lo is None or v >= lo)
-
-
-_SCALARS = {
-    bytes: lambda v: isinstance(v, bytes),
-    int: _is_int,
-    "mtime": lambda v: _is_int(v, None) and -(1 << 63) <= v < 1 << 63,
-    "mode": lambda v: _is_int(v) and v <= 0o7777,
-}
-
-
-def _rows(meta: dict, key: str, shape: tuple, limit: int = 1_000_000) -> list:
-    rows = meta.get(key)
-    if not isinstance(rows, list) or len(rows) > limit:
-        raise BadRequest(f"{key!r} must be a list")
-    for row in rows:
-        if not isinstance(row, list) or len(row) != len(shape):
-            raise BadRequest(f"{key!r} rows must have {len(shape)} fields")
-        for value, kind in zip(row, shape):
-            if not _SCALARS[kind](value):
-                raise BadRequest(f"bad value in {key!r}: {value!r}")
-    return rows
-
-
-def _chunk_size(v, max_chunk: int) -> int:
-    if not _is_int(v, 1) or v % mmap.ALLOCATIONGRANULARITY or v > max_chunk:
-        raise BadRequest(f"chunk size must be a multiple of {mmap.ALLOCATIONGRANULARITY} up to {max_chunk}")
+def _chunk_size(v: int, max_chunk: int) -> int:
+    # what the schema cannot say: this server's maximum (frames.ChunkSize checks the rest)
+    if v > max_chunk:
+        raise BadRequest(f"chunk size {v} is above this receiver's {max_chunk}")
     return v
 
 
@@ -227,24 +203,23 @@ class TransferServer:
 
     def _hello(self, chan: Channel) -> _Registration | None:
         try:
-            kind, meta, _ = chan.recv()
+            kind, hello, _ = chan.recv()
         except ProtocolError as exc:
             chan.reply_error(str(exc))
             return None
-        tid, token = meta.get("transfer_id"), meta.get("token")
-        if kind != Kind.HELLO or not isinstance(tid, str) or not isinstance(token, str):
+        if kind != Kind.HELLO:
             chan.reply_error("expected HELLO with transfer_id and token")
             return None
         with self._lock:
-            reg = self._transfers.get(tid)
-            if reg is None or not hmac.compare_digest(reg.token.encode(), token.encode()):
+            reg = self._transfers.get(hello.transfer_id)
+            if reg is None or not hmac.compare_digest(reg.token.encode(), hello.token.encode()):
                 reg = None
             else:
                 reg.channels.add(chan.sock)
         if reg is None:
             chan.reply_error("unknown transfer or wrong token")
             return None
-        chan.reply({"max_chunk": self.chunk_size, "max_batch": MAX_BATCH})
+        chan.reply(f.Welcome(self.chunk_size, MAX_BATCH))
         return reg
 
     def _session(self, chan: Channel, reg: _Registration) -> None:
@@ -254,7 +229,7 @@ class TransferServer:
         try:
             while not self._stopping.is_set():
                 try:
-                    kind, meta, plen = chan.recv()
+                    kind, req, plen = chan.recv()
                 except ProtocolError as exc:
                     chan.reply_error(str(exc))
                     return
@@ -262,21 +237,20 @@ class TransferServer:
                     return
                 try:
                     if kind == Kind.CHUNK:
-                        chan.reply(self._chunk(dest, reg, chan, meta, plen, memoryview(buf)))
+                        chan.reply(self._chunk(dest, reg, chan, req, plen, memoryview(buf)))
                     elif kind == Kind.BATCH:
                         if plen > MAX_BATCH:
                             raise BadRequest("batch too large")
                         if len(batch) < plen:
                             batch = bytearray(plen)
                         view = memoryview(batch)[:plen]
-                        files = _rows(meta, "files", (bytes, int, "mode", "mtime", int))
                         chan.recv_into(view)
-                        bad, errors = dest.write_batch(files, view)
-                        chan.reply({"bad": bad, "errors": errors})
+                        bad, errors = dest.write_batch(req.files, view)
+                        chan.reply(f.BatchDone(bad, errors))
                     else:
                         if plen:
                             raise BadRequest(f"{kind.name} carries no payload")
-                        chan.reply(self._request(dest, reg, kind, meta))
+                        chan.reply(self._request(dest, reg, req))
                 except (BadRequest, PathEscape, ValueError) as exc:
                     chan.reply_error(f"refused {kind.name}: {exc}")
                     return  # the stream may be out of step now: make the sender reconnect
@@ -292,75 +266,60 @@ class TransferServer:
         finally:
             dest.close()
 
-    def _chunk(self, dest: Destination, reg: _Registration, chan: Channel, meta: dict, plen: int,
-               buf: memoryview) -> dict:
-        if not isinstance(meta.get("path"), bytes):
-            raise BadRequest("chunk needs a path")
-        wire_parts(os.fsdecode(meta["path"]))
-        for key in ("size", "index"):
-            if not _is_int(meta.get(key)):
-                raise BadRequest(f"chunk needs {key}")
-        if not _SCALARS["mode"](meta.get("mode")) or not _SCALARS["mtime"](meta.get("mtime")):
-            raise BadRequest("chunk needs mode and mtime")
-        chunk_size = _chunk_size(meta.get("chunk_size"), self.chunk_size)
-        size, index = meta["size"], meta["index"]
+    def _chunk(self, dest: Destination, reg: _Registration, chan: Channel, req: f.Chunk, plen: int,
+               buf: memoryview) -> f.ChunkDone:
+        wire_parts(os.fsdecode(req.path))
+        chunk_size = _chunk_size(req.chunk_size, self.chunk_size)
+        size, index = req.size, req.index
         if index >= chunk_count(size, chunk_size) or plen != min(chunk_size, size - index * chunk_size):
             raise BadRequest("chunk index or length does not fit the file size")
         owner = None
-        if "uid" in meta or "gid" in meta:
+        if req.uid is not None or req.gid is not None:
             if not reg.keep_owners:
                 raise BadRequest("this transfer may not set owners (only root's and operators' syncs do)")
-            if not _is_int(meta.get("uid")) or not _is_int(meta.get("gid")):
+            if req.uid is None or req.gid is None:
                 raise BadRequest("chunk owner needs uid and gid")
-            owner = (meta["uid"], meta["gid"])
+            owner = (req.uid, req.gid)
         try:
-            ok, published = dest.receive_chunk(meta, chan, buf, owner)
+            ok, published = dest.receive_chunk(req, chan, buf, owner)
         except ChunkRefused as exc:  # nothing of the payload read yet: pass it by, the stream goes on
             chan.skip(plen + TRAILER.size, buf)
-            return {"ok": False, "published": False, "error": exc.strerror or str(exc)}
+            return f.ChunkDone(False, False, exc.strerror or str(exc))
         except OSError as exc:
             if isinstance(exc, (ConnectionError, TimeoutError)):
                 raise
-            raise BadRequest(f"cannot write {os.fsdecode(meta['path'])!r}: {exc}") from exc
-        return {"ok": ok, "published": published}
+            raise BadRequest(f"cannot write {os.fsdecode(req.path)!r}: {exc}") from exc
+        return f.ChunkDone(ok, published)
 
-    def _request(self, dest: Destination, reg: _Registration, kind: Kind, meta: dict) -> dict:
-        if kind == Kind.MANIFEST:
-            exclude = meta.get("exclude", [])
-            page = meta.get("page", 0)
-            if not isinstance(exclude, list) or not all(isinstance(p, str) for p in exclude) or not _is_int(page):
-                raise BadRequest("MANIFEST needs exclude (list of text) and page")
-            entries, more = dest.manifest_page(exclude, page)
-            return {"entries": entries, "more": more}
-        if kind == Kind.PARTIALS:
-            files = _rows(meta, "files", (bytes, int, "mtime", int))
-            for f in files:
-                _chunk_size(f[3], self.chunk_size)
-            return {"verified": dest.partials(files)}
-        if kind == Kind.CHECKSUMS:
-            files = _rows(meta, "files", (bytes, int, int))
-            for f in files:
-                _chunk_size(f[2], self.chunk_size)
-            return {"digests": dest.checksums(files)}
-        if kind == Kind.MKDIRS:
-            return {"errors": dest.mkdirs(_rows(meta, "dirs", (bytes, "mode")))}
-        if kind == Kind.DELETE:
-            paths = meta.get("paths")
-            if not isinstance(paths, list) or not all(isinstance(p, bytes) for p in paths):
-                raise BadRequest("DELETE needs paths")
-            removed, errors = dest.delete(paths)
-            return {"removed": removed, "errors": errors}
-        if kind == Kind.SYMLINKS:
-            return {"errors": dest.symlinks(_rows(meta, "links", (bytes, bytes, "mtime")))}
-        if kind == Kind.META:
-            return {"errors": dest.set_meta(_rows(meta, "files", (bytes, "mode", "mtime")))}
-        if kind == Kind.DIRMETA:
-            return {"errors": dest.dir_meta(_rows(meta, "dirs", (bytes, "mode", "mtime")))}
-        if kind == Kind.OWNERS:
+    def _request(self, dest: Destination, reg: _Registration, req: f.Frame) -> f.Frame:
+        # the fields fit their schema already (decoded by the channel); what is left is this transfer's business
+        if isinstance(req, f.Manifest):
+            entries, more = dest.manifest_page(req.exclude, req.page)
+            return f.ManifestPage(entries, more)
+        if isinstance(req, f.Partials):
+            for row in req.files:
+                _chunk_size(row.chunk_size, self.chunk_size)
+            return f.Verified(dest.partials(req.files))
+        if isinstance(req, f.Checksums):
+            for row in req.files:
+                _chunk_size(row.chunk_size, self.chunk_size)
+            return f.Digests(dest.checksums(req.files))
+        if isinstance(req, f.Mkdirs):
+            return f.Done(dest.mkdirs(req.dirs))
+        if isinstance(req, f.Delete):
+            removed, errors = dest.delete(req.paths)
+            return f.Removed(removed, errors)
+        if isinstance(req, f.Symlinks):
+            return f.Done(dest.symlinks(req.links))
+        if isinstance(req, f.FileMeta):
+            return f.Done(dest.set_meta(req.files))
+        if isinstance(req, f.DirMeta):
+            return f.Done(dest.dir_meta(req.dirs))
+        if isinstance(req, f.Owners):
             if not reg.keep_owners:
                 raise BadRequest("this transfer may not set owners (only root's and operators' syncs do)")
-            return {"errors": dest.owners(_rows(meta, "entries", (bytes, int, int, "mode")))}
-        raise BadRequest(f"unexpected {kind.name}")
+            return f.Done(dest.owners(req.entries))
+        raise BadRequest(f"unexpected {f.KINDS[type(req)].name}")
 
 
 def _warm_up() -> None:
@@ -377,36 +336,25 @@ def _shutdown(sock: socket.socket) -> None:
 
 # ---- the mover process: ``python -m cm.transfer.receiver --listen-fd N`` ----
 #
-# The node daemon writes one JSON object per line on the mover's stdin and
-# reads one answer per line on its stdout:
-#   {"op": "register", "transfer_id", "token", "root", "dst_path", "uid", "gid", "groups", "keep_owners"}
-#   {"op": "unregister", "transfer_id"}
-# → {"ok": true} or {"ok": false, "error": "..."}. End of stdin: stop and exit.
+# The node daemon writes one JSON control request per line on the mover's
+# stdin and reads one ``Answer`` per line on its stdout (``control``).
+# End of stdin: stop and exit.
 
-def _control(server: TransferServer, line: bytes) -> dict:
+def _control(server: TransferServer, line: bytes) -> Answer:
     try:
-        req = json.loads(line)
-        if not isinstance(req, dict):
-            raise ValueError("not an object")
-        op = req.get("op")
-        if op == "register":
-            ints = [req["uid"], req["gid"], *req["groups"]]
-            if not all(_is_int(v) for v in ints):
-                raise ValueError("uid, gid and groups must be integers")
-            who = Identity(req["uid"], req["gid"], tuple(req["groups"]))
-            server.register(str(req["transfer_id"]), str(req["token"]), Path(req["root"]), str(req["dst_path"]),
-                            who, bool(req.get("keep_owners")))
-        elif op == "unregister":
-            server.unregister(str(req["transfer_id"]))
-        elif op != "ping":
-            raise ValueError(f"unknown op {op!r}")
-        return {"ok": True}
+        req = decode_control(line)
+        if isinstance(req, Register):
+            who = Identity(req.uid, req.gid, tuple(req.groups))
+            server.register(req.transfer_id, req.token, Path(req.root), req.dst_path, who, req.keep_owners)
+        elif isinstance(req, Unregister):
+            server.unregister(req.transfer_id)
+        return Answer(True)
     except PathEscape as exc:
-        return {"ok": False, "error": f"destination refused: {exc}"}
-    except (ValueError, KeyError, TypeError) as exc:
-        return {"ok": False, "error": f"bad control request: {exc!r}"}
+        return Answer(False, f"destination refused: {exc}")
+    except ValueError as exc:
+        return Answer(False, f"bad control request: {exc}")
     except OSError as exc:
-        return {"ok": False, "error": f"destination refused: {exc.strerror or exc}"}
+        return Answer(False, f"destination refused: {exc.strerror or exc}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -425,12 +373,12 @@ def main(argv: list[str] | None = None) -> int:
     server = TransferServer(host, port, chunk_size=args.chunk_size, listener=listener)
     server.start()
     out = sys.stdout.buffer
-    out.write(json.dumps({"ok": True, "ready": True, "pid": os.getpid()}).encode() + b"\n")
+    out.write(encode_answer(Answer(True, ready=True, pid=os.getpid())))
     out.flush()
     try:
         for line in sys.stdin.buffer:
             if line.strip():
-                out.write(json.dumps(_control(server, line)).encode() + b"\n")
+                out.write(encode_answer(_control(server, line)))
                 out.flush()
     finally:
         server.stop()

@@ -1,14 +1,15 @@
 """``python -m cm.transfer.send``: run one rank of a sync job.
 
-Reads the job's JSON spec (see ``sender.Spec``) from stdin, prints progress
+Reads the job's JSON spec (``spec.Spec``) from stdin, prints progress
 as one JSON object per line on stdout (a few per second), then a final line
 with ``"done": true`` and the counts. Exit status 0 on success; otherwise a
 one-line message on stderr and a non-zero status: 1 when the transfer
 failed or some paths could not be copied, 2 for a bad spec, 75 when the
-receiver or the network went away (worth another attempt), 143 on SIGTERM.
+receiver or the network went away (worth another attempt), 143 on SIGTERM
+(``exitcodes``).
 
 With ``--spare`` it first loads numba and the compiled checksums, then
-waits for a job: ``{"transfer": spec, "uid", "gid", "groups", "stderr"}``.
+waits for a job (``spec.SpareJob``): ``{"transfer": spec, "uid", "gid", "groups", "stderr"}``.
 It takes on that user and groups (when it is not that user already) and
 that error log, then runs the spec. Empty stdin means the daemon let it go:
 it exits 0. Nodes keep one started ahead of need (see ``cm.node.sync``).
@@ -22,13 +23,9 @@ import os
 import signal
 import sys
 
+from . import exitcodes
 from .sender import Sender, TransferError
-from .spec import Spec, SpecError
-
-EXIT_FAILED = 1
-EXIT_BAD_SPEC = 2
-EXIT_TRANSIENT = 75  # EX_TEMPFAIL: the receiver or the network went away; worth another attempt
-EXIT_TERMINATED = 143
+from .spec import SpareJob, Spec, SpecError
 
 
 def _emit(obj: dict) -> None:
@@ -44,16 +41,12 @@ def _die(code: int, message: str) -> None:
 
 def _on_sigterm(signum, frame) -> None:
     # Stop at once: the receiver keeps every chunk verified so far, so a re-run resumes.
-    _die(EXIT_TERMINATED, "terminated")
+    _die(exitcodes.TERMINATED, "terminated")
 
 
-def _take_job(job: dict) -> dict:
-    """Spare mode: become the job's user, write errors to its log; returns its transfer spec."""
-    if not isinstance(job, dict) or not {"transfer", "uid", "gid", "groups"} <= set(job):
-        raise SpecError("a spare's job needs transfer, uid, gid and groups")
-    uid, gid, groups = job["uid"], job["gid"], job["groups"]
-    if not all(isinstance(v, int) and not isinstance(v, bool) for v in [uid, gid, *groups]):
-        raise SpecError("uid, gid and groups must be integers")
+def _take_job(job: SpareJob) -> bytes:
+    """Spare mode: become the job's user, write errors to its log; returns its transfer spec (JSON)."""
+    uid, gid, groups = job.uid, job.gid, job.groups
     try:
         if (uid, gid) == (os.geteuid(), os.getegid()) and set(groups) <= set(os.getgroups()):
             pass  # already this user
@@ -65,15 +58,15 @@ def _take_job(job: dict) -> dict:
             raise PermissionError(f"running as uid {os.geteuid()}, not root")
     except OSError as exc:
         raise SpecError(f"cannot become uid {uid} gid {gid}: {exc}") from None
-    if job.get("stderr"):
+    if job.stderr:
         try:
-            fd = os.open(job["stderr"], os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
-        except (OSError, TypeError, ValueError) as exc:
-            sys.stderr.write(f"cm.transfer.send: cannot open the error log {job['stderr']!r}: {exc}\n")
+            fd = os.open(job.stderr, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+        except (OSError, ValueError) as exc:
+            sys.stderr.write(f"cm.transfer.send: cannot open the error log {job.stderr!r}: {exc}\n")
         else:
             os.dup2(fd, 2)
             os.close(fd)
-    return job["transfer"]
+    return bytes(job.transfer)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -86,32 +79,28 @@ def main(argv: list[str] | None = None) -> int:
         from .sender import warm_up
 
         warm_up()  # before the job arrives: this is the half second a spare saves
-    raw = sys.stdin.read()
+    raw = sys.stdin.buffer.read()
     if spare and not raw.strip():
-        return 0  # the daemon let this spare go
+        return exitcodes.OK  # the daemon let this spare go
     try:
-        data = json.loads(raw)
-        spec = Spec.from_dict(_take_job(data) if spare else data)
-    except json.JSONDecodeError as exc:
-        sys.stderr.write(f"cm.transfer.send: the spec on stdin is not JSON: {exc}\n")
-        return EXIT_BAD_SPEC
+        spec = Spec.from_json(_take_job(SpareJob.from_json(raw)) if spare else raw)
     except SpecError as exc:
         sys.stderr.write(f"cm.transfer.send: {exc}\n")
-        return EXIT_BAD_SPEC
+        return exitcodes.BAD_SPEC
     gc.disable()  # a short-lived process building many tuples: collections would only cost time
     sender = Sender(spec, _emit)
     try:
         report = sender.run()
     except TransferError as exc:
         sys.stderr.write(f"cm.transfer.send: {exc}\n")
-        return EXIT_TRANSIENT if exc.transient else EXIT_FAILED
+        return exitcodes.TRANSIENT if exc.transient else exitcodes.FAILED
     _emit(report)
     errors = sender.stats.errors
     if errors:
         more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
         sys.stderr.write(f"cm.transfer.send: {errors[0]}{more}\n")
-        return EXIT_FAILED
-    return 0
+        return exitcodes.FAILED
+    return exitcodes.OK
 
 
 if __name__ == "__main__":

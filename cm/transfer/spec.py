@@ -1,20 +1,32 @@
-"""What one sender process is asked to do: the JSON spec on its stdin, validated."""
+"""What one sender process is asked to do: the JSON on its stdin, one msgspec Struct each.
+
+``Spec`` is one rank's transfer; ``SpareJob`` is what a spare sender (one
+started ahead of need) is handed: the spec, whose credentials to take on,
+and where its errors go. Decoding validates; what does not fit raises
+``SpecError`` naming the field.
+"""
 
 from __future__ import annotations
 
 import mmap
-from dataclasses import MISSING, dataclass
+import re
+from typing import Annotated, Literal
+
+import msgspec
+from msgspec import Meta, Struct
 
 from . import plan
 from .tree import Excluder
+
+Policy = Literal[plan.POLICIES]
+Id = Annotated[int, Meta(ge=0, le=(1 << 32) - 1)]  # a uid or gid
 
 
 class SpecError(ValueError):
     """The job description given to the sender is unusable."""
 
 
-@dataclass(frozen=True)
-class Spec:
+class Spec(Struct, frozen=True, forbid_unknown_fields=True):
     """What one sender process is asked to do (the JSON read from stdin)."""
 
     transfer_id: str
@@ -22,64 +34,72 @@ class Spec:
     src_root: str
     src_path: str
     dst_host: str
-    dst_port: int
-    rank: int = 0
-    nranks: int = 1
-    policy: str = "round-robin"
+    dst_port: Annotated[int, Meta(gt=0, lt=65536)]
+    rank: Annotated[int, Meta(ge=0)] = 0
+    nranks: Annotated[int, Meta(ge=1)] = 1
+    policy: Policy = "round-robin"
     delete: bool = False
     dry_run: bool = False
     checksum: bool = False
-    exclude: tuple[str, ...] = ()
-    bwlimit: int | None = None
-    streams: int = 4
-    chunk_size: int = 64 << 20
+    exclude: tuple[Annotated[str, Meta(min_length=1)], ...] = ()
+    bwlimit: Annotated[float, Meta(gt=0)] | None = None  # bytes per second
+    streams: Annotated[int, Meta(ge=1, le=64)] = 4
+    chunk_size: Annotated[int, Meta(gt=0, multiple_of=mmap.ALLOCATIONGRANULARITY)] = 64 << 20
     owners: bool = False  # also send owners (root's and operators' syncs keep them, like rsync -a as root)
+
+    def __post_init__(self) -> None:
+        # what a schema cannot say (msgspec reports these at the spec's top level)
+        if self.rank >= self.nranks:
+            raise ValueError(f"rank {self.rank} is not in 0..{self.nranks - 1}")
+        Excluder(self.exclude)  # raises ValueError for a pattern it cannot use
 
     @classmethod
     def from_dict(cls, data: dict) -> "Spec":
         """Validate a decoded JSON object; raises ``SpecError`` naming the bad field."""
-        if not isinstance(data, dict):
-            raise SpecError("the spec must be a JSON object")
-        known = set(cls.__dataclass_fields__)
-        unknown = set(data) - known
-        if unknown:
-            raise SpecError(f"unknown spec fields: {', '.join(sorted(unknown))}")
-        types = {
-            "transfer_id": str, "token": str, "src_root": str, "src_path": str, "dst_host": str,
-            "dst_port": int, "rank": int, "nranks": int, "policy": str, "delete": bool,
-            "dry_run": bool, "checksum": bool, "streams": int, "chunk_size": int, "owners": bool,
-        }
-        args = {}
-        for name, typ in types.items():
-            if name not in data:
-                if cls.__dataclass_fields__[name].default is MISSING:
-                    raise SpecError(f"spec field {name!r} is missing")
-                continue
-            value = data[name]
-            if not isinstance(value, typ) or (typ is int and isinstance(value, bool)):
-                raise SpecError(f"spec field {name!r} must be {typ.__name__}")
-            args[name] = value
-        exclude = data.get("exclude") or []
-        if not isinstance(exclude, list) or not all(isinstance(p, str) and p for p in exclude):
-            raise SpecError("spec field 'exclude' must be a list of patterns")
-        args["exclude"] = tuple(exclude)
-        bwlimit = data.get("bwlimit")
-        if bwlimit is not None and (not isinstance(bwlimit, (int, float)) or isinstance(bwlimit, bool) or bwlimit <= 0):
-            raise SpecError("spec field 'bwlimit' must be a positive number of bytes/s or null")
-        args["bwlimit"] = None if bwlimit is None else int(bwlimit)
-        spec = cls(**args)
-        if not 0 <= spec.rank < spec.nranks:
-            raise SpecError(f"rank {spec.rank} is not in 0..{spec.nranks - 1}")
-        if spec.policy not in plan.POLICIES:
-            raise SpecError(f"policy must be one of {', '.join(plan.POLICIES)}")
-        if not 1 <= spec.streams <= 64:
-            raise SpecError("streams must be 1..64")
-        if spec.chunk_size <= 0 or spec.chunk_size % mmap.ALLOCATIONGRANULARITY:
-            raise SpecError(f"chunk_size must be a positive multiple of {mmap.ALLOCATIONGRANULARITY}")
-        if not 0 < spec.dst_port < 65536:
-            raise SpecError("dst_port must be a TCP port")
         try:
-            Excluder(spec.exclude)
-        except ValueError as exc:
-            raise SpecError(str(exc)) from None
-        return spec
+            return msgspec.convert(data, cls)
+        except msgspec.ValidationError as exc:
+            raise SpecError(_named(exc)) from None
+
+    @classmethod
+    def from_json(cls, raw: bytes | str) -> "Spec":
+        """Decode and validate JSON text; raises ``SpecError`` naming the bad field."""
+        return _decode(_spec, raw)
+
+
+class SpareJob(Struct, frozen=True, forbid_unknown_fields=True):
+    """A spare sender's job: the transfer (decoded after the spare became its user) and that user."""
+
+    transfer: msgspec.Raw
+    uid: Id
+    gid: Id
+    groups: list[Id]
+    stderr: str | None = None  # the job's error log, opened as the user
+
+    @classmethod
+    def from_json(cls, raw: bytes | str) -> "SpareJob":
+        """Decode and validate JSON text; raises ``SpecError`` naming the bad field."""
+        return _decode(_spare, raw)
+
+
+_spec = msgspec.json.Decoder(Spec)
+_spare = msgspec.json.Decoder(SpareJob)
+_AT = re.compile(r" - at `\$\.?([^`]*)`$")
+
+
+def _decode(decoder: msgspec.json.Decoder, raw):
+    try:
+        return decoder.decode(raw)
+    except msgspec.ValidationError as exc:
+        raise SpecError(_named(exc)) from None
+    except msgspec.DecodeError as exc:
+        raise SpecError(f"the spec is not JSON: {exc}") from None
+
+
+def _named(exc: Exception) -> str:
+    """``spec field 'streams': Expected `int` <= 64`` from msgspec's ``... - at `$.streams```."""
+    message = str(exc)
+    m = _AT.search(message)
+    if m is None or not m.group(1):
+        return f"bad spec: {message[:m.start()] if m else message}"
+    return f"spec field {m.group(1)!r}: {message[:m.start()]}"

@@ -35,43 +35,16 @@ class Entry(NamedTuple):
     target: str = ""  # symlink target, verbatim
 
     def to_wire(self) -> list:
-        """Compact list form for msgpack: names as text when they are valid UTF-8, else raw bytes."""
-        return [_wire_text(self.path), self.kind, self.size, self.mtime_ns, self.mode, _wire_text(self.target)]
+        """A manifest row (``frames.EntryRow``): names as raw bytes."""
+        return [os.fsencode(self.path), self.kind, self.size, self.mtime_ns, self.mode, os.fsencode(self.target)]
 
     @classmethod
-    def from_wire(cls, item) -> "Entry":
-        """Inverse of ``to_wire``; raises ValueError on a malformed item."""
-        try:
-            path, kind, size, mtime, mode, target = item
-        except (TypeError, ValueError):
-            raise ValueError("manifest entry must have 6 fields") from None
-        if path.__class__ is not str:
-            path = _from_wire_text(path)
-        if target.__class__ is not str:
-            target = _from_wire_text(target)
-        if kind not in _KINDS or size.__class__ is not int or mtime.__class__ is not int or mode.__class__ is not int:
-            raise ValueError("malformed manifest entry")
-        return _make(cls, (path, kind, size, mtime, mode, target))
+    def from_wire(cls, row) -> "Entry":
+        """Inverse of ``to_wire``, from a decoded ``frames.EntryRow``."""
+        return _make(cls, (os.fsdecode(row.path), row.kind, row.size, row.mtime, row.mode, os.fsdecode(row.target)))
 
 
-_KINDS = frozenset((FILE, DIR, LINK))
 _make = tuple.__new__  # builds an Entry without the generated __new__'s overhead (walks make millions)
-
-
-def _wire_text(name: str):
-    if name.isascii():
-        return name
-    try:
-        name.encode()
-        return name
-    except UnicodeEncodeError:  # not valid UTF-8 on disk: travels as the raw bytes
-        return os.fsencode(name)
-
-
-def _from_wire_text(value) -> str:
-    if not isinstance(value, bytes):
-        raise ValueError("malformed manifest entry")
-    return os.fsdecode(value)
 
 
 def is_temp_name(name: str) -> bool:

@@ -5,53 +5,33 @@ optional raw payload (file data) that is never copied into Python objects
 larger than a bounded buffer::
 
     header  = magic "CM" | version u8 | kind u8 | meta_len u32 | payload_len u64
-    meta    = msgpack map (no ext types; paths are msgpack bin = raw bytes)
+    meta    = msgpack map: the frame's fields, one Struct per kind (``frames``)
     payload = payload_len bytes
     trailer = u64 xxh64 of the payload, only for streamed frames (CHUNK)
 
 A sender streams a chunk straight out of a mapped file, hashing each piece
 just before it leaves; a receiver reads pieces into one reusable buffer,
 hashes them and writes them at their offset in the destination file. A
-frame that does not parse raises ``ProtocolError``; the peer's ERROR answer
-raises ``RemoteError``.
+frame that does not parse, or whose fields do not fit the schema of its
+kind, raises ``ProtocolError``; the peer's ERROR answer raises
+``RemoteError``.
 """
 
 from __future__ import annotations
 
-import enum
 import os
 import socket
 import struct
-from typing import Any, Callable
+from typing import Callable
 
-import msgpack
+from .frames import KINDS, REQUESTS, Error, Frame, FrameError, Kind, decode_answer, decode_request, encode
 
 MAGIC = b"CM"
-VERSION = 1
+VERSION = 2  # 2: manifest rows carry names as bytes only (frames.EntryRow)
 HEADER = struct.Struct("<2sBBIQ")
 TRAILER = struct.Struct("<Q")
 PIECE = 1 << 20  # bytes handed to the kernel (and the hash) at a time; a multiple of 32
 MAX_BATCH = 16 << 20  # largest payload of one BATCH frame (many small files)
-
-
-class Kind(enum.IntEnum):
-    """Frame kinds. Requests go sender → receiver; OK/ERROR answer each one."""
-
-    HELLO = 1  # transfer_id, token, version → OK {max_chunk}
-    OK = 2
-    ERROR = 3  # message
-    MANIFEST = 4  # exclude, page → OK {entries, more}
-    PARTIALS = 5  # files [[path, size, mtime, chunk_size]] → OK {verified [[[idx, digest]...]]}
-    CHECKSUMS = 6  # files [[path, size, chunk_size]] → OK {digests [[...] | None]}
-    MKDIRS = 7  # dirs [[path, mode]] → OK {errors}
-    DELETE = 8  # paths → OK {removed, errors}
-    SYMLINKS = 9  # links [[path, target, mtime]] → OK {errors}
-    META = 10  # files [[path, mode, mtime]] → OK {errors}
-    BATCH = 11  # files [[path, size, mode, mtime, digest]] + payload → OK {bad, errors}
-    CHUNK = 12  # path, size, mode, mtime, chunk_size, index + payload + trailer → OK {ok, published}
-    DIRMETA = 13  # dirs [[path, mode, mtime]] → OK {errors}
-    BYE = 14
-    OWNERS = 15  # entries [[path, uid, gid, mode]] → OK {errors}; only for transfers that keep owners
 
 
 class ProtocolError(Exception):
@@ -70,10 +50,6 @@ def listen(host: str, port: int) -> socket.socket:
     lsock.bind((host, port))
     lsock.listen(128)
     return lsock
-
-
-def _no_ext(code: int, data: bytes) -> Any:
-    raise ProtocolError(f"msgpack extension type {code} is not allowed")
 
 
 def tune(sock: socket.socket) -> None:
@@ -102,9 +78,10 @@ class Channel:
 
     # ---- sending ----
 
-    def send(self, kind: Kind, meta: dict, payload=None) -> None:
-        """Send one frame; ``payload`` is any buffer (sent without copying)."""
-        body = msgpack.packb(meta, use_bin_type=True)
+    def send(self, frame: Frame, payload=None, kind: Kind | None = None) -> None:
+        """Send one frame (its kind from its type); ``payload`` is any buffer (sent without copying)."""
+        body = encode(frame)
+        kind = KINDS[type(frame)] if kind is None else kind
         plen = 0 if payload is None else len(payload)
         head = HEADER.pack(MAGIC, VERSION, int(kind), len(body), plen)
         if plen:
@@ -124,36 +101,28 @@ class Channel:
 
     def send_stream(
         self,
-        kind: Kind,
-        meta: dict,
+        frame: Frame,
         data,
         hasher,
         pace: Callable[[int], None] | None = None,
-        corrupt: bool = False,
         sent: Callable[[int, int], None] | None = None,
     ) -> int:
         """Send ``data`` (e.g. a mapped chunk) as a streamed frame with a digest trailer.
 
         Each piece is folded into ``hasher`` right before it is sent, so the
         bytes are read once while they are hot in cache. ``pace(n)`` is
-        called before each piece (bandwidth limit, progress). ``corrupt``
-        (test hook) flips one byte on the wire after hashing. ``sent(pos, n)``
+        called before each piece (bandwidth limit, progress). ``sent(pos, n)``
         is called after each piece has left (e.g. to drop mapped pages, which
         keeps the sender's memory flat). Returns the digest sent.
         """
         view = memoryview(data).cast("B")
         piece = view
         try:
-            body = msgpack.packb(meta, use_bin_type=True)
-            self.sock.sendall(HEADER.pack(MAGIC, VERSION, int(kind), len(body), len(view)) + body)
+            body = encode(frame)
+            self.sock.sendall(HEADER.pack(MAGIC, VERSION, KINDS[type(frame)], len(body), len(view)) + body)
             for pos in range(0, len(view), PIECE):
                 piece = view[pos:pos + PIECE]
                 hasher.update(piece)
-                if corrupt and pos == 0:
-                    spoiled = bytearray(piece)
-                    spoiled[0] ^= 0xFF
-                    piece.release()
-                    piece = memoryview(spoiled)
                 if pace is not None:
                     pace(len(piece))
                 self.sock.sendall(piece)
@@ -167,13 +136,13 @@ class Channel:
         self.sock.sendall(TRAILER.pack(digest))
         return digest
 
-    def reply(self, meta: dict | None = None) -> None:
-        """Answer the current request with OK."""
-        self.send(Kind.OK, meta or {})
+    def reply(self, answer: Frame) -> None:
+        """Answer the current request with OK and ``answer`` (the Struct ``frames.ANSWERS`` names)."""
+        self.send(answer, kind=Kind.OK)
 
     def reply_error(self, message: str) -> None:
         """Answer the current request with ERROR."""
-        self.send(Kind.ERROR, {"message": message})
+        self.send(Error(message), kind=Kind.ERROR)
 
     # ---- receiving ----
 
@@ -187,12 +156,8 @@ class Channel:
                 raise ConnectionError("peer closed the connection")
             got += r
 
-    def recv(self) -> tuple[Kind, dict, int]:
-        """Read a frame's header and fields; the payload (if any) is left to read.
-
-        Returns (kind, fields, payload_len). Raises ``ProtocolError`` for a
-        malformed frame and ``ConnectionError`` when the peer goes away.
-        """
+    def _recv_frame(self) -> tuple[Kind, bytearray, int]:
+        """A frame's header and undecoded fields; the payload (if any) is left to read."""
         self.recv_into(memoryview(self._header))
         magic, version, kind, mlen, plen = HEADER.unpack(self._header)
         if magic != MAGIC:
@@ -209,15 +174,22 @@ class Channel:
             raise ProtocolError(f"frame payload too large ({plen} bytes)")
         raw = bytearray(mlen)
         self.recv_into(memoryview(raw))
+        return kind, raw, plen
+
+    def recv(self) -> tuple[Kind, Frame, int]:
+        """Read a request's header and fields; the payload (if any) is left to read.
+
+        Returns (kind, fields as the kind's Struct, payload_len). Raises
+        ``ProtocolError`` for a malformed frame or one whose fields do not
+        fit its kind, and ``ConnectionError`` when the peer goes away.
+        """
+        kind, raw, plen = self._recv_frame()
+        if kind not in REQUESTS:
+            raise ProtocolError(f"{kind.name} is not a request")
         try:
-            meta = msgpack.unpackb(raw, raw=False, strict_map_key=True, ext_hook=_no_ext)
-        except ProtocolError:
-            raise
-        except (ValueError, TypeError, msgpack.UnpackException) as exc:
-            raise ProtocolError(f"undecodable frame fields: {exc}") from None
-        if not isinstance(meta, dict):
-            raise ProtocolError("frame fields must be a map")
-        return kind, meta, plen
+            return kind, decode_request(kind, raw), plen
+        except FrameError as exc:
+            raise ProtocolError(str(exc)) from None
 
     def skip(self, n: int, scratch: memoryview) -> None:
         """Read and drop ``n`` payload bytes (after a refused frame)."""
@@ -247,21 +219,25 @@ class Channel:
         self.recv_into(memoryview(trailer))
         return hasher.digest(), TRAILER.unpack(trailer)[0]
 
-    def request(self, kind: Kind, meta: dict, payload=None) -> dict:
-        """Send a request and wait for its answer; returns the OK fields."""
-        self.send(kind, meta, payload)
-        return self.answer()
+    def request(self, frame: Frame, payload=None) -> Frame:
+        """Send a request and wait for its answer; returns the OK fields (see ``frames.ANSWERS``)."""
+        self.send(frame, payload)
+        return self.answer(KINDS[type(frame)])
 
-    def answer(self) -> dict:
-        """Wait for the OK/ERROR answer to the last request."""
-        kind, meta, plen = self.recv()
+    def answer(self, to: Kind) -> Frame:
+        """Wait for the OK/ERROR answer to the last request, of kind ``to``."""
+        kind, raw, plen = self._recv_frame()
         if plen:
             raise ProtocolError("answers carry no payload")
-        if kind == Kind.ERROR:
-            raise RemoteError(str(meta.get("message", "unspecified error")))
-        if kind != Kind.OK:
+        if kind not in (Kind.OK, Kind.ERROR):
             raise ProtocolError(f"expected an answer, got {kind.name}")
-        return meta
+        try:
+            fields = decode_answer(to, kind == Kind.OK, raw)
+        except FrameError as exc:
+            raise ProtocolError(str(exc)) from None
+        if kind == Kind.ERROR:
+            raise RemoteError(fields.message)
+        return fields
 
     def close(self) -> None:
         """Close the socket (idempotent)."""

@@ -7,14 +7,19 @@ import os
 import secrets
 import subprocess
 import sys
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
+from cm.transfer import frames
+from cm.transfer.checksum import Hasher, digest
 from cm.transfer.receiver import TransferServer
+from cm.transfer.sender import Sender
+from cm.transfer.spec import Spec
 from cm.transfer.tree import walk
-from cm.transfer.checksum import digest
+from cm.transfer.wire import Channel
 
 REPO = Path(__file__).resolve().parents[2]
 CHUNK = 64 << 10  # small chunks so that modest files span many of them
@@ -70,7 +75,6 @@ def spec_for(ep: Endpoint, src_root: Path, **overrides) -> dict:
 def sender_env(extra: dict | None = None) -> dict:
     env = dict(os.environ)
     env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
-    env.pop("CM_TEST_CORRUPT", None)
     env.update(extra or {})
     return env
 
@@ -109,6 +113,65 @@ def run_sender(spec: dict, env: dict | None = None, expect_ok: bool = True) -> S
         assert result.returncode == 0, result.stderr
         assert result.report is not None
     return result
+
+
+def send_in_process(spec: dict, channel: type[Channel] = Channel) -> dict:
+    """Run a sender in this process (its connections of class ``channel``); returns its report."""
+    sender = Sender(Spec.from_dict(spec), lambda progress: None, channel=channel)
+    report = sender.run()
+    assert not sender.stats.errors, sender.stats.errors
+    return report
+
+
+class _Told:
+    """A hasher that has been told the digest already: what it is fed does not change it."""
+
+    def __init__(self, digest: int):
+        self._digest = digest
+
+    def update(self, piece) -> None:
+        pass
+
+    def digest(self) -> int:
+        return self._digest
+
+
+def spoiling(path: str, index: int = 0) -> type[Channel]:
+    """A Channel class that flips the first byte of chunk ``index`` of ``path`` (a small file: index 0) once.
+
+    The byte is flipped on the wire, after the digest of the true data was
+    taken, as a bad link or bad memory would: the receiver must catch it.
+    """
+    armed = [True]
+    lock = threading.Lock()
+
+    def take(p: bytes, i: int) -> bool:
+        with lock:
+            if armed[0] and (os.fsdecode(p), i) == (path, index):
+                armed[0] = False
+                return True
+            return False
+
+    class Spoiling(Channel):
+        def send_stream(self, frame, data, hasher, pace=None, sent=None):
+            if not take(frame.path, frame.index):
+                return super().send_stream(frame, data, hasher, pace, sent)
+            with memoryview(data) as view:
+                hasher.update(view)
+                spoiled = bytearray(view)
+            spoiled[0] ^= 0xFF
+            return super().send_stream(frame, spoiled, _Told(hasher.digest()), pace, sent)
+
+        def send(self, frame, payload=None, kind=None):
+            if isinstance(frame, frames.Batch) and payload is not None:
+                pos = 0
+                for row in frame.files:
+                    if row.size and take(row.path, 0):
+                        payload[pos] ^= 0xFF
+                    pos += row.size
+            return super().send(frame, payload, kind)
+
+    return Spoiling
 
 
 def write(path: Path, data: bytes, mode: int | None = None, mtime: int | None = None) -> None:

@@ -65,16 +65,21 @@ class _Recorder:
     def __init__(self):
         self.sent = []
 
-    def request(self, kind, meta, payload):
-        self.sent.append((meta["files"], bytes(payload)))
-        return {"bad": [], "errors": []}
+    def request(self, frame, payload):
+        from cm.transfer import frames
+
+        self.sent.append((frame.files, bytes(payload)))
+        return frames.BatchDone()
 
 
 def test_files_that_cannot_be_read_are_left_out_of_the_batch_and_the_rest_closes_up(tmp_path):
     from cm.transfer import plan
     from cm.transfer.paths import DirHandles
-    from cm.transfer.sender import Sender
+    from cm.transfer.decide import Work
+    from cm.transfer.source import Source
     from cm.transfer.spec import Spec
+    from cm.transfer.stats import Stats
+    from cm.transfer.streams import Streams, WorkQueue
     from cm.transfer.tree import walk
 
     bodies = {f"d{i % 2}/f{i}": os.urandom(100 + i) for i in range(8)}
@@ -88,16 +93,16 @@ def test_files_that_cannot_be_read_are_left_out_of_the_batch_and_the_rest_closes
     os.utime(tmp_path / "d1/f7", ns=(1, 1))  # same size, another mtime
     spec = Spec.from_dict({"transfer_id": "t", "token": "k", "src_root": str(tmp_path), "src_path": "/",
                            "dst_host": "127.0.0.1", "dst_port": 1})
-    sender = Sender(spec, lambda report: None)
-    sender.src_dir = tmp_path
+    stats, work = Stats(), Work()
+    streams = Streams(spec, Source(tmp_path, stats), stats, work, WorkQueue(work))
     chan, handles = _Recorder(), DirHandles(tmp_path)
     try:
-        sender._send_batch(chan, handles, items, memoryview(bytearray(plan.BATCH_BYTES)))
+        streams._send_batch(chan, handles, items, memoryview(bytearray(plan.BATCH_BYTES)))
     finally:
         handles.close()
     ((rows, payload),) = chan.sent
-    kept = [os.fsdecode(row[0]) for row in rows]
+    kept = [os.fsdecode(row.path) for row in rows]
     assert sorted(kept) == sorted(set(bodies) - {"d0/f2", "d1/f5", "d1/f7"})
     assert payload == b"".join(bodies[path] for path in kept)
-    assert [row[4] for row in rows] == [xxh64_reference(bodies[path]) for path in kept]
-    assert sorted(e.split(":")[0] for e in sender.stats.errors) == ["d0/f2", "d1/f5", "d1/f7"]
+    assert [row.digest for row in rows] == [xxh64_reference(bodies[path]) for path in kept]
+    assert sorted(e.split(":")[0] for e in stats.errors) == ["d0/f2", "d1/f5", "d1/f7"]

@@ -5,7 +5,9 @@ import os
 import signal
 import time
 
-from .conftest import CHUNK, assert_same_tree, finish, run_sender, spec_for, start_sender, write
+import pytest
+
+from .conftest import CHUNK, assert_same_tree, finish, run_sender, send_in_process, spec_for, spoiling, start_sender, write
 
 NCHUNKS = 96
 
@@ -83,9 +85,9 @@ def test_a_corrupted_chunk_is_detected_and_resent(roots, receiver):
     src, _ = roots
     size = 10 * CHUNK + 99
     write(src / "big.bin", os.urandom(size))
-    result = run_sender(spec_for(receiver, src), env={"CM_TEST_CORRUPT": "big.bin:3"})
-    assert result.report["chunks_resent"] == 1
-    assert result.report["bytes_sent"] == size + CHUNK
+    report = send_in_process(spec_for(receiver, src), channel=spoiling("big.bin", 3))
+    assert report["chunks_resent"] == 1
+    assert report["bytes_sent"] == size + CHUNK
     assert_same_tree(src, receiver.dst)
 
 
@@ -93,7 +95,35 @@ def test_a_corrupted_small_file_is_detected_and_resent(roots, receiver):
     src, _ = roots
     for i in range(20):
         write(src / f"f{i}.txt", os.urandom(100 + i))
-    result = run_sender(spec_for(receiver, src), env={"CM_TEST_CORRUPT": "f7.txt:0"})
-    assert result.report["chunks_resent"] == 1
-    assert result.report["bytes_sent"] == sum(100 + i for i in range(20)) + 107
+    report = send_in_process(spec_for(receiver, src), channel=spoiling("f7.txt"))
+    assert report["chunks_resent"] == 1
+    assert report["bytes_sent"] == sum(100 + i for i in range(20)) + 107
     assert_same_tree(src, receiver.dst)
+
+
+@pytest.mark.timeout(90)
+def test_a_stream_that_meets_a_bug_ends_the_run_with_an_error_instead_of_hanging(roots, receiver):
+    import threading
+
+    from cm.transfer import frames
+    from cm.transfer.sender import TransferError
+    from cm.transfer.wire import HEADER, MAGIC, VERSION, Channel
+
+    class Broken(Channel):
+        def send_stream(self, frame, data, hasher, pace=None, sent=None):
+            if frame.index == 2:  # the frame's head has left, its payload never will: the receiver waits for it
+                body = frames.encode(frame)
+                self.sock.sendall(HEADER.pack(MAGIC, VERSION, frames.Kind.CHUNK, len(body), len(data)) + body)
+                raise RuntimeError("a bug in the middle of a frame")
+            return super().send_stream(frame, data, hasher, pace, sent)
+
+    src, _ = roots
+    write(src / "big.bin", os.urandom(6 * CHUNK))
+    hook, threading.excepthook = threading.excepthook, lambda args: None  # the stream thread's traceback
+    try:
+        started = time.monotonic()
+        with pytest.raises(TransferError, match="internal error"):
+            send_in_process(spec_for(receiver, src, streams=1), channel=Broken)
+        assert time.monotonic() - started < 30
+    finally:
+        threading.excepthook = hook

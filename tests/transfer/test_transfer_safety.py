@@ -7,6 +7,7 @@ import struct
 import msgpack
 import pytest
 
+from cm.transfer import frames as f
 from cm.transfer.paths import PathEscape
 from cm.transfer.wire import HEADER, MAGIC, VERSION, Channel, Kind, RemoteError
 
@@ -15,7 +16,7 @@ from .conftest import assert_same_tree, run_sender, spec_for, write
 
 def _connect(ep, token=None) -> Channel:
     chan = Channel(socket.create_connection(("127.0.0.1", ep.server.port), timeout=10))
-    chan.request(Kind.HELLO, {"transfer_id": ep.transfer_id, "token": token or ep.token, "version": 1})
+    chan.request(f.Hello(ep.transfer_id, token or ep.token))
     return chan
 
 
@@ -35,9 +36,8 @@ def test_registering_a_destination_outside_the_root_is_refused(tmp_path, receive
 @pytest.mark.parametrize("path", [b"../escape.txt", b"/tmp/escape.txt", b"a/../../escape.txt", b"a//b", b"."])
 def test_paths_that_leave_the_destination_are_refused(tmp_path, receiver, path):
     chan = _connect(receiver)
-    row = [path, 3, 0o644, 0, 0]
     with pytest.raises(RemoteError):
-        chan.request(Kind.BATCH, {"files": [row]}, b"abc")
+        chan.request(f.Batch([f.BatchRow(path, 3, 0o644, 0, 0)]), b"abc")
     chan.close()
     assert not (tmp_path / "escape.txt").exists() and not (receiver.root.parent / "escape.txt").exists()
     assert not receiver.dst.exists() or not _files_under(receiver.dst)
@@ -52,11 +52,10 @@ def test_a_symlinked_directory_in_the_destination_is_never_followed(tmp_path, ro
     chan = _connect(receiver)
     from cm.transfer.checksum import digest
 
-    answer = chan.request(Kind.BATCH, {"files": [[b"sub/x.txt", 3, 0o644, 0, digest(b"abc")]]}, b"abc")
-    assert answer["errors"], "writing through a symlinked directory must fail"
+    answer = chan.request(f.Batch([f.BatchRow(b"sub/x.txt", 3, 0o644, 0, digest(b"abc"))]), b"abc")
+    assert answer.errors, "writing through a symlinked directory must fail"
     with pytest.raises(RemoteError):
-        chan.request(Kind.CHUNK, {"path": b"sub/y", "size": 1, "mode": 0o644, "mtime": 0,
-                                  "chunk_size": 4096, "index": 5})
+        chan.request(f.Chunk(b"sub/y", size=1, mode=0o644, mtime=0, chunk_size=4096, index=5))
     assert not list(outside.iterdir())
     # a real sync replaces the link with the directory the source has, still writing nothing outside
     write(src / "sub" / "x.txt", b"abc")
@@ -130,7 +129,7 @@ def test_malformed_requests_after_hello_get_an_error_not_a_crash(roots, receiver
         body = msgpack.packb(meta, use_bin_type=True)
         chan.sock.sendall(HEADER.pack(MAGIC, VERSION, int(kind), len(body), len(payload)) + body + payload)
         with pytest.raises((RemoteError, ConnectionError)):
-            chan.answer()
+            chan.answer(kind)
         chan.close()
     assert receiver.root.exists() and not (receiver.root.parent / "d").exists()
     write(src / "f", b"ok")

@@ -1,0 +1,145 @@
+"""Reading the source tree for a sender: files opened safely, chunk digests, batches of small files."""
+
+from __future__ import annotations
+
+import os
+import stat
+from pathlib import Path
+
+from . import plan
+from .connection import TransferError
+from .paths import DirHandles, PathEscape
+from .stats import Stats
+from .tree import Entry
+
+_READ = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
+
+
+class SourceChanged(FileExistsError):
+    """A file is not the one that was walked any more (size or mtime changed)."""
+
+
+def parts(path: str) -> tuple[str, ...]:
+    """A tree path's components (``""``, the top: none)."""
+    return tuple(path.split("/")) if path else ()
+
+
+class Source:
+    """The source directory of one rank, as walked; failures per path go to ``stats``.
+
+    Every read goes through a ``DirHandles`` (one per thread: never through
+    a symlink) and checks the file is still the one walked.
+    """
+
+    def __init__(self, top: Path, stats: Stats):
+        self.top = top
+        self.stats = stats
+
+    def handles(self, capacity: int = 64) -> DirHandles:
+        """Directory handles for one thread (the caller closes them)."""
+        return DirHandles(self.top, capacity=capacity)
+
+    def open(self, handles: DirHandles, e: Entry) -> int:
+        """A read descriptor for ``e``; raises ``SourceChanged`` if it is not as walked."""
+        p = parts(e.path)
+        fd = os.open(p[-1], _READ, dir_fd=handles.open(p[:-1]))
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode) or st.st_size != e.size or st.st_mtime_ns != e.mtime_ns:
+            os.close(fd)
+            raise SourceChanged("changed while being copied; run the sync again")
+        return fd
+
+    def chunk_digest(self, handles: DirHandles, it: plan.Item) -> int | None:
+        """The digest of one chunk as the source has it, or None if it cannot be read."""
+        from . import checksum
+
+        try:
+            fd = self.open(handles, it.entry)
+        except (OSError, PathEscape):
+            return None
+        try:
+            return checksum.chunk_digest(fd, it.offset, it.length)
+        finally:
+            os.close(fd)
+
+    def digests(self, e: Entry, chunk_size: int) -> list[int] | None:
+        """Every chunk digest of a file, or None if it cannot be read."""
+        from . import checksum
+
+        handles = self.handles(capacity=4)
+        try:
+            fd = self.open(handles, e)
+        except (OSError, PathEscape):
+            return None
+        finally:
+            handles.close()
+        try:
+            return checksum.file_digests(fd, e.size, chunk_size)
+        finally:
+            os.close(fd)
+
+    def owner_rows(self, entries: list[Entry]) -> list:
+        """(path, uid, gid, mode) of each entry as the source has it now (gone ones left out)."""
+        rows = []
+        for e in entries:
+            try:
+                st = os.lstat(os.path.join(self.top, e.path) if e.path else self.top)
+            except FileNotFoundError:
+                continue
+            rows.append((os.fsencode(e.path), st.st_uid, st.st_gid, stat.S_IMODE(st.st_mode)))
+        return rows
+
+    def read_batch(self, handles: DirHandles, items: list[plan.Item], buf: memoryview) -> list[bool]:
+        """Read each file of a batch into ``buf``, one after another; returns which were read whole.
+
+        Compiled code reads the runs of files that share a directory; a file
+        it could not read is tried again here, which records why.
+        """
+        import numpy as np
+
+        from . import batchio
+
+        n = len(items)
+        split = [it.entry.path.rpartition("/") for it in items]
+        names, name_off = batchio.pack_names([os.fsencode(name) for _, _, name in split])
+        sizes = np.fromiter((it.entry.size for it in items), dtype=np.int64, count=n)
+        mtimes = np.fromiter((it.entry.mtime_ns for it in items), dtype=np.int64, count=n)
+        offsets = np.zeros(n + 1, dtype=np.int64)
+        np.cumsum(sizes, out=offsets[1:])
+        if offsets[-1] > len(buf):
+            raise TransferError(f"a batch of {offsets[-1]} bytes does not fit its {len(buf)}-byte buffer")
+        ok = np.zeros(n, dtype=np.bool_)
+        arr, work = np.frombuffer(buf, dtype=np.uint8), batchio.stat_scratch()
+        for i, end in batchio.runs([parent for parent, _, _ in split]):
+            try:
+                dfd = handles.open(parts(split[i][0]))
+            except (OSError, PathEscape) as exc:
+                for k in range(i, end):
+                    self.stats.error(items[k].entry.path, str(exc))
+                continue
+            batchio.read_run(dfd, names, name_off, sizes, mtimes, arr, offsets, ok, i, end, work)
+            for k in range(i, end):
+                if not ok[k]:
+                    ok[k] = self.read_one(handles, items[k].entry, buf[offsets[k]:offsets[k + 1]])
+        return ok.tolist()
+
+    def read_one(self, handles: DirHandles, e: Entry, into: memoryview) -> bool:
+        """Read one file whole into ``into`` (its size); records why not and returns False."""
+        try:
+            fd = self.open(handles, e)
+        except (OSError, PathEscape) as exc:
+            self.stats.error(e.path, str(exc))
+            return False
+        try:
+            n = 0
+            while n < e.size:
+                r = os.readv(fd, [into[n:]])
+                if r == 0:
+                    raise EOFError
+                n += r
+            return True
+        except (OSError, EOFError):
+            self.stats.error(e.path, "could not be read whole; run the sync again")
+            return False
+        finally:
+            os.close(fd)

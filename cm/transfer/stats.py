@@ -1,0 +1,46 @@
+"""A sender's counters, shared by its stream threads, and the final report made of them."""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass, field
+
+
+@dataclass
+class Stats:
+    """Counters shared by the stream threads."""
+
+    bytes_done: int = 0
+    bytes_total: int = 0
+    files_done: int = 0
+    files_total: int = 0
+    bytes_sent: int = 0
+    files_sent: int = 0
+    files_deleted: int = 0
+    files_skipped: int = 0
+    chunks_resent: int = 0
+    chunks_resumed: int = 0
+    errors: list = field(default_factory=list)
+    lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def add(self, **counts: int) -> None:
+        """Add to several counters at once."""
+        with self.lock:
+            for name, n in counts.items():
+                setattr(self, name, getattr(self, name) + n)
+
+    def error(self, path: str, message: str) -> None:
+        """Record a failure for one path; the transfer goes on."""
+        with self.lock:
+            self.errors.append(f"{path or '.'}: {message}")
+
+    def report(self, elapsed: float, would: list[str] | None = None) -> dict:
+        """The sender's last line: what was done (``would``: what a dry run would do)."""
+        report = {"done": True, "bytes_sent": self.bytes_sent, "files_sent": self.files_sent,
+                  "files_deleted": self.files_deleted, "files_skipped": self.files_skipped,
+                  "chunks_resent": self.chunks_resent, "chunks_resumed": self.chunks_resumed,
+                  "bytes_total": self.bytes_total, "files_total": self.files_total,
+                  "errors": len(self.errors), "elapsed": round(elapsed, 3)}
+        if would is not None:
+            report["would"] = would
+        return report
