@@ -18,11 +18,11 @@ from cm import store
 from cm.head.resources import Demand, NodeView, Request, Running
 from cm.logs import event
 from cm.states import FINAL_STATES, JobState
+from cm.transfer.exitcodes import TRANSIENT as TRANSIENT_EXIT  # a sender lost its receiver: run the sync again
 
 log = logging.getLogger("cm.head.jobs")
 
 Job = dict[str, Any]  # the stored document
-from cm.transfer.exitcodes import TRANSIENT as TRANSIENT_EXIT  # a sender lost its receiver: run the sync again
 SYNC_RESTARTS = 5
 
 
