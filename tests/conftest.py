@@ -131,28 +131,22 @@ def cluster(make_cluster):
     return make_cluster()
 
 
-def call_as(uid: int, gid: int, run_dir: Path, op: str, /, **args):
-    """Make one request to the head from a child process running as uid:gid.
+def run_as(uid: int, gid: int, fn, groups: list[int] | None = None):
+    """fn() in a forked child that has become uid:gid (with groups, default none); returns what fn returned.
 
-    The child drops privileges after fork and speaks the real client protocol,
-    so the head sees that uid through SO_PEERCRED. Returns (ok, data or error).
+    fn's result travels back as JSON; an exception in the child fails the caller with its message.
     """
-    from cm.cli.client import Client, HeadError
-    from cm.config import load
-
     r, w = os.pipe()
     pid = os.fork()
     if pid == 0:
         os.close(r)
         try:
-            os.setgroups([])
+            os.setgroups(groups or [])
             os.setgid(gid)
             os.setuid(uid)
-            result = [True, Client(load(env={"CM_RUN_DIR": str(run_dir)})).call(op, **args)]
-        except HeadError as exc:
-            result = [False, str(exc)]
+            result = {"ok": True, "value": fn()}
         except BaseException as exc:  # report anything to the parent, never run pytest in the child
-            result = [False, f"child failed: {exc!r}"]
+            result = {"ok": False, "error": f"{type(exc).__name__}: {exc}"[:4000]}
         os.write(w, json.dumps(result).encode())
         os._exit(0)
     os.close(w)
@@ -161,7 +155,28 @@ def call_as(uid: int, gid: int, run_dir: Path, op: str, /, **args):
         data += chunk
     os.close(r)
     os.waitpid(pid, 0)
-    return tuple(json.loads(data))
+    result = json.loads(data)
+    if not result["ok"]:
+        raise AssertionError(f"child as uid {uid} failed: {result['error']}")
+    return result["value"]
+
+
+def call_as(uid: int, gid: int, run_dir: Path, op: str, /, groups: list[int] | None = None, **args):
+    """Make one request to the head from a child process running as uid:gid.
+
+    The child drops privileges after fork and speaks the real client protocol,
+    so the head sees that uid through SO_PEERCRED. Returns (ok, data or error).
+    """
+    from cm.cli.client import Client, HeadError
+    from cm.config import load
+
+    def call():
+        try:
+            return [True, Client(load(env={"CM_RUN_DIR": str(run_dir)})).call(op, **args)]
+        except HeadError as exc:
+            return [False, str(exc)]
+
+    return tuple(run_as(uid, gid, call, groups))
 
 
 @pytest.fixture

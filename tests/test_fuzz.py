@@ -10,7 +10,6 @@ runs many more examples (``CM_FUZZ_EXAMPLES``) from a random seed
 
 from __future__ import annotations
 
-import json
 import os
 import pwd
 import socket
@@ -25,6 +24,7 @@ from hypothesis import HealthCheck, given, seed, settings
 from hypothesis import strategies as st
 
 from cm.keys import ensure_keys, secure_client
+from conftest import run_as
 from cm.protocol import FRAME_HEADER, TYPES, VERSION, Reply, decode, unframe
 
 EXAMPLES = int(os.environ.get("CM_FUZZ_EXAMPLES", "150"))
@@ -68,32 +68,6 @@ def files_not_owned_by(root: Path, uid: int) -> dict:
     return out
 
 
-def run_as(user, fn) -> dict:
-    """fn() in a forked child that became user; returns its JSON result (or raises with its error)."""
-    r, w = os.pipe()
-    pid = os.fork()
-    if pid == 0:
-        os.close(r)
-        try:
-            os.setgroups([])
-            os.setgid(user.pw_gid)
-            os.setuid(user.pw_uid)
-            result = {"ok": True, "value": fn()}
-        except BaseException as exc:  # noqa: BLE001  (reported to the parent, which fails the test)
-            result = {"ok": False, "error": f"{type(exc).__name__}: {exc}"[:4000]}
-        os.write(w, json.dumps(result).encode())
-        os._exit(0)
-    os.close(w)
-    data = b""
-    while chunk := os.read(r, 1 << 16):
-        data += chunk
-    os.close(r)
-    os.waitpid(pid, 0)
-    result = json.loads(data)
-    assert result["ok"], result["error"]
-    return result["value"]
-
-
 def daemons_alive(cluster) -> None:
     for pidfile in cluster.run_dir.glob("*.pid"):
         pid = int(pidfile.read_text())
@@ -132,7 +106,7 @@ def test_fuzzed_requests_on_the_client_socket_each_get_an_answer_and_write_nothi
         one()
         return answered[0]
 
-    assert run_as(fuzzer_user, fuzz) >= EXAMPLES // 2
+    assert run_as(fuzzer_user.pw_uid, fuzzer_user.pw_gid, fuzz) >= EXAMPLES // 2
     daemons_alive(cluster)
     time.sleep(1.0)  # whatever was accepted has had time to run
     assert files_not_owned_by(data, fuzzer_user.pw_uid) == before

@@ -20,6 +20,8 @@ from pathlib import Path
 import pytest
 
 from cm.protocol import FRAME_HEADER, Reply, Request, decode, frame, unframe
+from cm.cli.cminfo import job_details
+from conftest import call_as, run_as
 
 FINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL"}
 USERS = ("cmt_alice", "cmt_bob", "cmt_oper")
@@ -53,44 +55,14 @@ def users():
 
 
 def in_child_as(user, fn):
-    """Run fn() in a forked child that has become user (uid, gid, groups); returns what fn returned (JSON)."""
-    r, w = os.pipe()
-    pid = os.fork()
-    if pid == 0:
-        os.close(r)
-        try:
-            os.setgroups(os.getgrouplist(user.pw_name, user.pw_gid))
-            os.setgid(user.pw_gid)
-            os.setuid(user.pw_uid)
-            result = [True, fn()]
-        except BaseException as exc:  # report anything to the parent, never run pytest in the child
-            result = [False, f"{type(exc).__name__}: {exc}"]
-        os.write(w, json.dumps(result).encode())
-        os._exit(0)
-    os.close(w)
-    data = b""
-    while chunk := os.read(r, 65536):
-        data += chunk
-    os.close(r)
-    os.waitpid(pid, 0)
-    ok, value = json.loads(data)
-    if not ok:
-        raise AssertionError(f"child as {user.pw_name} failed: {value}")
-    return value
+    """fn() in a forked child that has become user (uid, gid, groups); returns what fn returned (JSON)."""
+    return run_as(user.pw_uid, user.pw_gid, fn, os.getgrouplist(user.pw_name, user.pw_gid))
 
 
 def ask(cluster, who, op, /, **args):
     """One request to the head as user, over the real socket: (ok, data or error)."""
-    from cm.cli.client import Client, HeadError
-    from cm.config import load
-
-    def call():
-        try:
-            return [True, Client(load(env={"CM_RUN_DIR": str(cluster.run_dir)})).call(op, **args)]
-        except HeadError as exc:
-            return [False, str(exc)]
-
-    return tuple(in_child_as(who, call))
+    return call_as(who.pw_uid, who.pw_gid, cluster.run_dir, op, groups=os.getgrouplist(who.pw_name, who.pw_gid),
+                   **args)
 
 
 def submit_as(cluster, who, /, **args) -> int:
@@ -211,7 +183,7 @@ def test_bob_cannot_copy_alices_private_directory(shared, users):
 
 
 def test_bob_cannot_write_into_alices_directory(shared, users):
-    alice, bob = users["alice"], users["bob"]
+    bob = users["bob"]
     src = owned_dir(shared.data_dir / "gpu" / "bob" / "mine", bob, 0o755)
     make_files(src, bob)
     before = tree(shared.data_dir / "cpu" / "alice")
@@ -249,8 +221,10 @@ def test_users_act_only_on_their_own_jobs_and_see_only_their_own_environment(sha
     assert shared.job(job_id)["state"] == "HELD"
     ok, data = ask(shared, bob, "info", job_id=job_id)
     assert ok and data["jobs"][0]["env"] is None and "alices-secret" not in json.dumps(data)
+    assert "alices-secret" not in job_details(data["jobs"][0]) and "sleep 30" in job_details(data["jobs"][0])
     ok, data = ask(shared, alice, "info", job_id=job_id)
     assert ok and "SECRET=alices-secret" in data["jobs"][0]["env"]
+    assert "SECRET=alices-secret" in job_details(data["jobs"][0])  # what `cminfo JOBID` prints for her
     ok, data = ask(shared, alice, "cancel", job_ids=[job_id])
     assert ok and data[str(job_id)]["ok"]
 

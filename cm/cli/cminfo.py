@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import time
 
 import click
 
@@ -31,8 +30,6 @@ def nodes_table(nodes: list[dict]) -> str:
 def progress_text(job: dict) -> str:
     if job["progress"] is None:
         return ""
-    for i, var in enumerate(job.get("env") or []):
-        lines.append(f"{'ENV' if i == 0 else '':>10}: {var}")
     t = job.get("transfer") or {}
     text = f"{job['progress']:.0f}%"
     if t.get("rate") and job["state"] == "RUNNING":
@@ -73,6 +70,8 @@ def job_details(job: dict) -> str:
         elif key == "nodes":
             value = ",".join(value)
         lines.append(f"{key.upper():>10}: {'' if value is None else value}")
+    for i, var in enumerate(job.get("env") or []):
+        lines.append(f"{'ENV' if i == 0 else '':>10}: {var}")
     for i, var in enumerate(job.get("env") or []):
         lines.append(f"{'ENV' if i == 0 else '':>10}: {var}")
     t = job.get("transfer") or {}

@@ -45,7 +45,11 @@ class SimNode:
     sock: zmq.Socket
     incarnation: str = field(default_factory=new_id)
     welcomed: bool = False
-    running: dict[int, int] = field(default_factory=dict)  # job -> run
+    running: set[tuple[int, int, str, int]] = field(default_factory=set)  # shares: (job, run, role, rank)
+
+    def beat(self) -> Heartbeat:
+        """A heartbeat naming its shares, as a real node's does (the head checks them against its slots)."""
+        return Heartbeat(node=self.name, running=sorted({s[0] for s in self.running}), shares=sorted(self.running))
 
 
 class Simulator:
@@ -65,14 +69,14 @@ class Simulator:
                 secure_client(sock, run_dir, name)
             sock.connect(head)
             self.nodes[sock] = SimNode(name, sock)
-        self.ends: list[tuple[float, str, int, int]] = []  # (when, node, job, run)
+        self.ends: list[tuple[float, str, tuple[int, int, str, int]]] = []  # (when, node, share)
         self.by_name = {n.name: n for n in self.nodes.values()}
         self.stop = threading.Event()
 
     def hello(self, node: SimNode) -> Hello:
         return Hello(node=node.name, partition=self.partition, cpus=self.cpus, mem_mb=self.mem_mb,
-                     version=__version__, running=sorted(node.running), transfer_addr=f"{node.name}:0",
-                     data_root="/nonexistent", incarnation=node.incarnation)
+                     version=__version__, running=sorted({s[0] for s in node.running}), transfer_addr=f"{node.name}:0",
+                     data_root="/nonexistent", incarnation=node.incarnation, shares=sorted(node.running))
 
     def run(self) -> None:
         poller = zmq.Poller()
@@ -86,14 +90,17 @@ class Simulator:
             now = time.monotonic()
             while due and due[0][0] <= now:
                 _, i, node = heapq.heappop(due)
-                msg = Heartbeat(node=node.name, running=sorted(node.running)) if node.welcomed else self.hello(node)
+                msg = node.beat() if node.welcomed else self.hello(node)
                 self.send(node, msg)
                 heapq.heappush(due, (now + (self.interval if node.welcomed else 0.5), i, node))
             while self.ends and self.ends[0][0] <= now:
-                _, name, job_id, run = heapq.heappop(self.ends)
+                _, name, share = heapq.heappop(self.ends)
                 node = self.by_name[name]
-                if node.running.pop(job_id, None) is not None:
-                    self.send(node, JobEnded(job_id=job_id, node=name, run=run, state="COMPLETED", exit_code=0))
+                if share in node.running:
+                    node.running.discard(share)
+                    job_id, run, role, rank = share
+                    self.send(node, JobEnded(job_id=job_id, node=name, run=run, state="COMPLETED", exit_code=0,
+                                             role=role, rank=rank))
             wait = min([due[0][0] if due else now + 0.1] + ([self.ends[0][0]] if self.ends else [])) - now
             for sock, _ in poller.poll(max(0, int(wait * 1000))):
                 node = self.nodes[sock]
@@ -121,17 +128,21 @@ class Simulator:
             node.welcomed = False
         elif isinstance(msg, RunJob):
             self.send(node, Ack(ref=msg.id))
-            run = msg.spec.get("run", 0)
-            if msg.job_id not in node.running:
-                node.running[msg.job_id] = run
+            spec = msg.spec
+            share = (msg.job_id, spec.get("run", 0), spec.get("role", "run"), spec.get("rank", 0))
+            if share not in node.running:
+                node.running.add(share)
                 if self.job_seconds is not None:
-                    heapq.heappush(self.ends, (time.monotonic() + self.job_seconds, node.name, msg.job_id, run))
-            self.send(node, JobStarted(job_id=msg.job_id, node=node.name, run=run))
+                    heapq.heappush(self.ends, (time.monotonic() + self.job_seconds, node.name, share))
+            self.send(node, JobStarted(job_id=share[0], node=node.name, run=share[1], role=share[2], rank=share[3]))
         elif isinstance(msg, KillJob):
             self.send(node, Ack(ref=msg.id))
-            run = node.running.pop(msg.job_id, None)
-            if run is not None:
-                self.send(node, JobEnded(job_id=msg.job_id, node=node.name, run=run, state=msg.state, exit_code=143))
+            for share in sorted(node.running):
+                job_id, run, role, rank = share
+                if job_id == msg.job_id and msg.run in (0, run) and msg.role in ("", role) and msg.rank in (-1, rank):
+                    node.running.discard(share)
+                    self.send(node, JobEnded(job_id=job_id, node=node.name, run=run, state=msg.state, exit_code=143,
+                                             role=role, rank=rank))
 
     def close(self) -> None:
         for sock in self.nodes:

@@ -507,11 +507,11 @@ class JobTable:
 
     def overdue(self, now_wall: float, margin: float, out: Outcome) -> None:
         """Jobs past their time limit plus margin that no node ended: the head stops them (TIMEOUT) itself."""
-        for job in list(self.jobs.values()):
+        # one cheap pass (the head calls this every tick, with maybe 10,000 jobs waiting), then the checks
+        due = [job for job in self.jobs.values()
+               if (start := job.get("started") or job.get("dispatched")) and now_wall > start + job["time_limit"] + margin]
+        for job in due:
             if not JobState(job["state"]).active or job["_id"] in self.stopping:
-                continue
-            start = job.get("started") or job.get("dispatched")
-            if not start or now_wall <= start + job["time_limit"] + margin:
                 continue
             fields: dict[str, Any] = {}
             if not job.get("reason"):
@@ -523,12 +523,13 @@ class JobTable:
                 store.update_job(job["_id"], [JobState(job["state"])], **fields)
 
     def check_node(self, node: str, running: set[Share], ending: set[Share], legacy_jobs: set[int] | None,
-                   out: Outcome, alive: dict[str, int]) -> None:
+                   out: Outcome, alive: Callable[[], dict[str, int]]) -> None:
         """Compare what a node says it runs with the slots it was given.
 
         A started slot the node neither runs nor has just ended was lost there (never started, refused
         silently, forgotten): the job restarts (sync), requeues (--requeue) or ends NODE_FAIL, with the
-        reason. `legacy_jobs`: job ids from a node that does not name its shares.
+        reason. `legacy_jobs`: job ids from a node that does not name its shares. `alive()` (usable nodes
+        per partition) is asked only when a slot is lost: this runs on every heartbeat of every node.
         """
         known = running | ending
         now = time.monotonic()
@@ -552,7 +553,7 @@ class JobTable:
                 s = job["slots"][(lost or silent)[0]]
                 what = "is not running" if lost else f"did not start within {self.start_timeout:.0f} s"
                 self.share_lost(job, lost + silent, f"{node} {what} its share of the job ({s['role']} "
-                                                    f"{s['rank']}, run {job.get('runs', 0)})", out, alive)
+                                                    f"{s['rank']}, run {job.get('runs', 0)})", out, alive())
 
     def share_lost(self, job: Job, indices: list[int], reason: str, out: Outcome, alive: dict[str, int]) -> None:
         event(log, "share lost", logging.WARNING, job=job["_id"], reason=reason)

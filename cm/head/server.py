@@ -338,7 +338,7 @@ class HeadServer:
                 out.kill.append(Stop(node, job_id, JobState.CANCELLED.value, reason="the head does not know this job"))
             else:
                 self.jobs.started(job_id, node, job["runs"], self.addrs(), out)
-        self.jobs.check_node(node, set(shares), set(ending), legacy, out, self.alive())
+        self.jobs.check_node(node, set(shares), set(ending), legacy, out, self.alive)
 
     def _alive(self, name: str) -> bool:
         info = self.registry.nodes.get(name)

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from cm.transfer import frames
-from cm.transfer.checksum import Hasher, digest
+from cm.transfer.checksum import digest
 from cm.transfer.receiver import TransferServer
 from cm.transfer.sender import Sender
 from cm.transfer.spec import Spec
