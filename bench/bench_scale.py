@@ -13,6 +13,7 @@ import os
 import random
 import shutil
 import subprocess
+import signal
 import sys
 import tempfile
 import time
@@ -44,6 +45,8 @@ def wait_for(predicate, timeout: float, what: str) -> None:
 
 
 def main() -> int:
+    # stopped with SIGTERM (or Ctrl-C), the cluster and data it made are still cleaned up by `finally`
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     parser = argparse.ArgumentParser()
     parser.add_argument("--nodes", type=int, default=1000)
     parser.add_argument("--jobs", type=int, default=10000)

@@ -13,6 +13,7 @@ import os
 import platform
 import shutil
 import subprocess
+import signal
 import sys
 import tempfile
 import time
@@ -84,6 +85,8 @@ def run_slurm(jobs: int) -> dict | None:
 
 
 def main() -> int:
+    # stopped with SIGTERM (or Ctrl-C), the cluster and data it made are still cleaned up by `finally`
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     parser = argparse.ArgumentParser()
     parser.add_argument("--jobs", type=int, default=500)
     parser.add_argument("--nodes", type=int, default=4)

@@ -33,6 +33,7 @@ import secrets
 import shutil
 import socket
 import subprocess
+import signal
 import sys
 import time
 from pathlib import Path
@@ -219,6 +220,8 @@ def _free_port() -> int:
 # ---- the run ----
 
 def main() -> None:
+    # stopped with SIGTERM (or Ctrl-C), the cluster and data it made are still cleaned up by `finally`
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="smaller data (256 MiB, 4,000 files)")
     ap.add_argument("--dir", default="/tmp/cm-bench", help="scratch directory (wiped)")
