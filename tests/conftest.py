@@ -179,6 +179,20 @@ def call_as(uid: int, gid: int, run_dir: Path, op: str, /, groups: list[int] | N
     return tuple(run_as(uid, gid, call, groups))
 
 
+def node_dealer(cluster: LocalCluster, name: str):
+    """A DEALER connected to the head's ROUTER with node ``name``'s CurveZMQ key: a node, as the head sees it."""
+    import zmq
+
+    from cm.keys import secure_client
+
+    sock = zmq.Context.instance().socket(zmq.DEALER)
+    sock.linger = 0
+    sock.identity = name.encode()
+    secure_client(sock, cluster.run_dir, name)
+    sock.connect(f"tcp://127.0.0.1:{cluster.head_port}")
+    return sock
+
+
 @pytest.fixture
 def nobody():
     import pwd

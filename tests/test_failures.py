@@ -9,8 +9,8 @@ import time
 
 import msgpack
 import zmq
+from conftest import node_dealer
 
-from cm.keys import secure_client
 from cm.protocol import Heartbeat, Hello, encode
 
 
@@ -80,12 +80,7 @@ def test_malformed_messages_to_the_router_leave_the_head_answering(cluster):
     with socket.create_connection(("127.0.0.1", cluster.head_port), timeout=5) as s:
         s.sendall(os.urandom(2048))
     # an authenticated peer sending nonsense gets errors, and changes nothing
-    ctx = zmq.Context.instance()
-    dealer = ctx.socket(zmq.DEALER)
-    dealer.linger = 0
-    dealer.identity = b"computenode-1"
-    secure_client(dealer, cluster.run_dir, "computenode-1")
-    dealer.connect(f"tcp://127.0.0.1:{cluster.head_port}")
+    dealer = node_dealer(cluster, "computenode-1")
     bad = [b"", b"\xc1", msgpack.packb({"v": 1, "t": "job_ended", "id": "x", "job_id": "one"}),
            msgpack.packb({"v": 1, "t": "run_job", "id": "y", "job_id": 1, "spec": {}}),
            encode(Heartbeat(node="computenode-2", running=[])),
@@ -97,7 +92,7 @@ def test_malformed_messages_to_the_router_leave_the_head_answering(cluster):
     time.sleep(0.5)
     dealer.close()
     # an unknown key is refused outright
-    stranger = ctx.socket(zmq.DEALER)
+    stranger = zmq.Context.instance().socket(zmq.DEALER)
     stranger.linger = 0
     public, secret = zmq.curve_keypair()
     stranger.curve_publickey, stranger.curve_secretkey = public, secret
@@ -173,14 +168,9 @@ def test_a_restarted_daemon_is_never_sent_the_run_it_lost(make_cluster):
     cluster = make_cluster("cpu:1", nodes=1)
     cluster.kill("computenode-1", signal.SIGKILL)  # a fake node takes its name and key
     cluster.wait_node("computenode-1", "DOWN", timeout=10)
-    ctx = zmq.Context.instance()
 
     def incarnation(name: str) -> zmq.Socket:
-        sock = ctx.socket(zmq.DEALER)
-        sock.linger = 0
-        sock.identity = b"computenode-1"
-        secure_client(sock, cluster.run_dir, "computenode-1")
-        sock.connect(f"tcp://127.0.0.1:{cluster.head_port}")
+        sock = node_dealer(cluster, "computenode-1")
         sock.send(encode(Hello(node="computenode-1", partition="cpu", cpus=2, mem_mb=1000, version="0", running=[],
                                transfer_addr="127.0.0.1:1", data_root="/", incarnation=name)))
         assert sock.poll(5000) and isinstance(decode(sock.recv()), Welcome)

@@ -19,12 +19,11 @@ from pathlib import Path
 
 import msgpack
 import pytest
-import zmq
 from hypothesis import HealthCheck, given, seed, settings
 from hypothesis import strategies as st
 
-from cm.keys import ensure_keys, secure_client
-from conftest import run_as
+from cm.keys import ensure_keys
+from conftest import node_dealer, run_as
 from cm.protocol import FRAME_HEADER, TYPES, VERSION, Reply, decode, unframe
 
 EXAMPLES = int(os.environ.get("CM_FUZZ_EXAMPLES", "150"))
@@ -130,12 +129,7 @@ def test_fuzzed_node_messages_on_the_router_never_take_the_head_down(make_cluste
     cluster = make_cluster("gpu:1,cpu:1", nodes=2)
     ensure_keys(cluster.run_dir, ["fuzznode"])  # an authenticated peer: the worst the network can be
     time.sleep(0.5)  # the head rereads the authorised keys on its next tick
-    ctx = zmq.Context.instance()
-    dealer = ctx.socket(zmq.DEALER)
-    dealer.linger = 0
-    dealer.identity = b"fuzznode"
-    secure_client(dealer, cluster.run_dir, "fuzznode")
-    dealer.connect(f"tcp://127.0.0.1:{cluster.head_port}")
+    dealer = node_dealer(cluster, "fuzznode")
     errors = [0]
 
     @seed(SEED + 1)

@@ -27,12 +27,11 @@ import zmq
 
 from cm import __version__
 from cm.config import Settings
-from cm.creds import Identity
 from cm.logs import event
 from cm.node import launch
 from cm.node.purge import Purge, Share, Tracked
 from cm.node.resources import measure
-from cm.node.sync import Spares, last_line, start_sender
+from cm.node.sync import Spares, data_identity, last_line, start_sender
 from cm.protocol import (
     Ack,
     Error,
@@ -298,13 +297,10 @@ class NodeAgent:
                 raise launch.LaunchError(f"{self.name} has no mover running")
             from cm.node.mover import MoverError
 
-            launch.identity(spec["uid"], spec["gid"])  # refuses a uid this daemon cannot act as
-            # root's and operators' syncs write as root and keep owners; everybody else's write as themselves
-            owners = bool(transfer.get("owners"))
-            who = Identity(0, 0, ()) if owners else Identity.of_user(spec["uid"], spec["gid"])
+            who = data_identity(transfer, launch.job_identity(spec))
             try:
                 self.transfer.register(transfer["transfer_id"], transfer["token"], Path(self.settings.data_root),
-                                       transfer["dst_path"], who, keep_owners=owners)
+                                       transfer["dst_path"], who, keep_owners=bool(transfer.get("owners")))
             except MoverError as exc:
                 raise launch.LaunchError(str(exc)) from None
             self.receiving[share] = transfer["transfer_id"]

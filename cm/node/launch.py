@@ -11,7 +11,7 @@ import os
 import subprocess
 from pathlib import Path
 
-from cm.creds import Identity, acting_as, groups_of
+from cm.creds import Identity, acting_as
 
 # $1/$2: stdout/stderr paths; the rest is the command, executed without a shell's interpretation
 _WRAPPER = 'exec >"$1" 2>"$2" </dev/null || exit 126; shift 2; exec "$@"'
@@ -67,9 +67,8 @@ def check_workdir(cwd: Path, who: Identity, node: str) -> None:
 
 def start(spec: dict, node: str, job_id: int) -> list[subprocess.Popen]:
     """Start every process of this node's share; raise LaunchError if none can start."""
-    uid, gid = spec["uid"], spec["gid"]
-    extra = identity(uid, gid)
-    who = Identity.of_user(uid, gid)
+    who = job_identity(spec)
+    extra = popen_identity(who)
     cwd = Path(spec["cwd"])
     check_workdir(cwd, who, node)
     procs_per_node, node_rank = spec["procs"], spec["rank"]
@@ -103,15 +102,23 @@ def start(spec: dict, node: str, job_id: int) -> list[subprocess.Popen]:
     return procs
 
 
-def identity(uid: int, gid: int) -> dict:
-    """Popen arguments that make a child run as uid:gid with that user's groups.
+def job_identity(spec: dict) -> Identity:
+    """Who a job acts as: its uid and gid with the user's groups (looked up once).
+
+    Raises LaunchError when this daemon cannot become that user.
+    """
+    uid, gid = spec["uid"], spec["gid"]
+    if os.geteuid() != 0 and uid != os.geteuid():
+        raise LaunchError(f"this node's daemon is not root and cannot run jobs as uid {uid}")
+    return Identity.of_user(uid, gid)
+
+
+def popen_identity(who: Identity) -> dict:
+    """Popen arguments that make a child run as ``who``.
 
     Empty when the daemon already is that user: CPython can then start the
     child with vfork, which matters because this daemon is a large process.
-    Raises LaunchError when the daemon cannot become that user.
     """
-    if os.geteuid() != 0 and uid != os.geteuid():
-        raise LaunchError(f"this node's daemon is not root and cannot run jobs as uid {uid}")
-    if uid == os.geteuid() and gid == os.getegid() and set(groups_of(uid, gid)) <= set(os.getgroups()):
+    if who.uid == os.geteuid() and who.gid == os.getegid() and set(who.groups) <= set(os.getgroups()):
         return {}
-    return {"user": uid, "group": gid, "extra_groups": groups_of(uid, gid)}
+    return {"user": who.uid, "group": who.gid, "extra_groups": list(who.groups)}

@@ -20,7 +20,13 @@ import time
 from pathlib import Path
 
 from cm.creds import Identity, acting_as
-from cm.node.launch import LaunchError, identity, log_paths, make_log_dir
+from cm.node.launch import LaunchError, job_identity, log_paths, make_log_dir
+
+
+def data_identity(transfer: dict, who: Identity) -> Identity:
+    """Who a sync reads and writes its data as: root for root's and operators' syncs, which keep
+    owners (the head sets ``owners``), otherwise the job's user."""
+    return Identity(0, 0, ()) if transfer.get("owners") else who
 
 
 def _sender_env() -> dict:
@@ -105,9 +111,7 @@ def _discard(proc: subprocess.Popen) -> None:
 def start_sender(spec: dict, node: str, job_id: int, data_root: str,
                  spares: Spares | None = None) -> tuple[subprocess.Popen, Path]:
     """Hand this rank's transfer to a sender running as the user; progress comes back on its stdout."""
-    uid, gid = spec["uid"], spec["gid"]
-    identity(uid, gid)  # refuses a uid this daemon cannot become
-    who = Identity.of_user(uid, gid)
+    who = job_identity(spec)
     transfer = {**spec["transfer"], "src_root": data_root}
     cwd = Path(spec.get("cwd") or "/")
     _, err_path = log_paths({**spec, "cwd": str(cwd), "stdout": "", "stderr": ""}, node, job_id, spec["rank"])
@@ -117,8 +121,7 @@ def start_sender(spec: dict, node: str, job_id: int, data_root: str,
             os.close(os.open(err_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644))
     except (LaunchError, OSError):
         err_path = Path(os.devnull)
-    # root's and operators' syncs read as root and keep owners; everybody else's read as themselves
-    reader = Identity(0, 0, ()) if transfer.get("owners") else who
+    reader = data_identity(transfer, who)
     job = {"transfer": transfer, "uid": reader.uid, "gid": reader.gid, "groups": list(reader.groups),
            "stderr": str(err_path)}
     data = json.dumps(job).encode()
