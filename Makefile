@@ -41,7 +41,7 @@ setup: $(STAMP) db-server
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[test]'
+	$(PY) -m pip install -q -e '.[test]' --config-settings editable_mode=compat  # a path in a .pth: the import hook of the default mode costs every command ~10 ms
 	@touch $(STAMP)
 
 # The embedded MongoDB-compatible server, unless a real one is at hand.

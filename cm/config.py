@@ -69,7 +69,7 @@ class Settings:
     transfer_port: int = _setting(7818, "TCP port of this node's mover (0: pick a free one)")
     streams: int = _setting(4, "parallel TCP streams per sync job")
     chunk_mb: int = _setting(64, "size of a chunk of a large file, in MiB")
-    sender_spares: int = _setting(1, "senders a node keeps started and warmed up for its next sync, ~150 MB each (0: none)")
+    sender_spares: int = _setting(1, "senders a node keeps started and warmed up from its start for the next sync, ~130 MB each (0: none)")
     # logging
     log_level: str = _setting("INFO", "DEBUG, INFO, WARNING or ERROR")
 

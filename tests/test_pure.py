@@ -96,17 +96,24 @@ def test_the_readme_documents_every_setting_with_its_default():
         assert f"| `{name}` | {shown} | {meaning} |" in readme, name
 
 
-def test_the_fast_job_table_lays_out_exactly_like_tabulate():
+def test_the_commands_tables_lay_out_exactly_like_tabulate():
     import random
 
     from tabulate import tabulate
 
-    from cm.cli.cminfo import plain_table
+    from cm.cli.cminfo import nodes_table, plain_table
 
     rng = random.Random(2)
     headers = ["ID", "NAME", "USER", "TYPE", "STATE", "TIME", "NODES", "PROGRESS"]
     for _ in range(50):
         rows = [[str(rng.randint(1, 10 ** rng.randint(1, 6))), "x" * rng.randint(0, 12), "root",
                  rng.choice(["command", "sync"]), "RUNNING", "", "n" * rng.randint(0, 20), rng.choice(["", "5%"])]
-                for _ in range(rng.randint(1, 5))]
+                for _ in range(rng.randint(0, 5))]
         assert plain_table(rows, headers) == tabulate(rows, headers=headers, tablefmt="plain", disable_numparse=True)
+    headers = ["NAME", "PARTITION", "STATE", "CPUS(free/total)", "MEMORY(free/total)"]
+    for _ in range(20):
+        nodes = [{"name": f"computenode-{i}", "partition": rng.choice(["gpu", "cpu-long"]), "state": "IDLE",
+                  "cpus": 2, "cpus_free": i % 3, "mem_mb": 4096, "mem_free_mb": 100 * i} for i in range(rng.randint(0, 4))]
+        rows = [[n["name"], n["partition"], n["state"], f"{n['cpus_free']}/{n['cpus']}", f"{n['mem_free_mb']}/{n['mem_mb']}"]
+                for n in nodes]
+        assert nodes_table(nodes) == tabulate(rows, headers=headers, tablefmt="plain")

@@ -200,12 +200,14 @@ def _wait_for_spares(pid: int, timeout: float = 30) -> set[int]:
     return spares
 
 
-def test_after_its_first_sync_a_node_hands_the_next_to_a_spare_sender(synced):
+def test_a_node_keeps_a_spare_sender_from_its_start_and_each_sync_takes_it(synced):
     cluster, src, dst = synced
     source = cluster.procs["computenode-1"].pid
-    assert not _spares_under(source)  # none before the node has been a source
+    spares = _wait_for_spares(source)  # before any sync: the first one on a new cluster is not cold
+    assert len(spares) == 1
     first = cluster.submit("cmsync", "--wait", "gpu:/proj", "cpu:/copy")
     assert cluster.job(first)["nodes"][0] == "computenode-1"
+    assert not _alive_spares(spares)  # the first sync ran in the spare
     spares = _wait_for_spares(source)
     assert len(spares) == 1
     (dst / "deep" / "f0001.txt").unlink()
