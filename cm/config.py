@@ -11,7 +11,6 @@ from __future__ import annotations
 import dataclasses
 import os
 import socket
-import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
@@ -69,7 +68,7 @@ class Settings:
     transfer_port: int = _setting(7818, "TCP port of this node's mover (0: pick a free one)")
     streams: int = _setting(4, "parallel TCP streams per sync job")
     chunk_mb: int = _setting(64, "size of a chunk of a large file, in MiB")
-    sender_spares: int = _setting(1, "senders a node keeps started and warmed up from its start for the next sync, ~130 MB each (0: none)")
+    warm_sender: bool = _setting(True, "keep a sender loaded from the node's start and fork every sync's senders from it (~130 MB); false: each starts cold, ~0.5 s")
     # logging
     log_level: str = _setting("INFO", "DEBUG, INFO, WARNING or ERROR")
 
@@ -112,6 +111,8 @@ def load(env: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
     path = Path(env.get("CM_CONFIG", "/etc/cm/cm.toml"))
     from_file: dict[str, Any] = {}
     if path.is_file():
+        import tomllib  # only here: most processes have no config file, and every command starts here
+
         try:
             from_file = tomllib.loads(path.read_text())
         except (OSError, tomllib.TOMLDecodeError) as exc:

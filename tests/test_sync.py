@@ -170,8 +170,7 @@ def _wait_verified_chunks(dst: Path, count: int, timeout: float = 60) -> None:
     raise AssertionError(f"no {count} verified chunks in {dst} after {timeout} s")
 
 
-def _spares_under(pid: int) -> set[int]:
-    """Spare senders (``cm.transfer.send --spare`` waiting for a job) among the descendants of ``pid``."""
+def _children() -> dict[int, list[int]]:
     children: dict[int, list[int]] = {}
     for entry in os.listdir("/proc"):
         if entry.isdigit():
@@ -180,6 +179,12 @@ def _spares_under(pid: int) -> set[int]:
             except (OSError, ValueError, IndexError):
                 continue
             children.setdefault(ppid, []).append(int(entry))
+    return children
+
+
+def _zygotes_under(pid: int) -> set[int]:
+    """Zygotes (``cm.transfer.send --zygote``) among the descendants of ``pid``."""
+    children = _children()
     found, todo = set(), [pid]
     while todo:
         for child in children.get(todo.pop(), []):
@@ -188,50 +193,36 @@ def _spares_under(pid: int) -> set[int]:
                 argv = Path(f"/proc/{child}/cmdline").read_bytes().split(b"\0")
             except OSError:
                 continue
-            if b"cm.transfer.send" in argv and b"--spare" in argv:
+            if b"cm.transfer.send" in argv and b"--zygote" in argv:
                 found.add(child)
     return found
 
 
-def _wait_for_spares(pid: int, timeout: float = 30) -> set[int]:
+def _wait_for(probe, timeout: float = 30):
     deadline = time.monotonic() + timeout
-    while not (spares := _spares_under(pid)) and time.monotonic() < deadline:
-        time.sleep(0.1)
-    return spares
+    while not (found := probe()) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return found
 
 
-def test_a_node_keeps_a_spare_sender_from_its_start_and_each_sync_takes_it(synced):
-    cluster, src, dst = synced
-    source = cluster.procs["computenode-1"].pid
-    spares = _wait_for_spares(source)  # before any sync: the first one on a new cluster is not cold
-    assert len(spares) == 1
-    first = cluster.submit("cmsync", "--wait", "gpu:/proj", "cpu:/copy")
-    assert cluster.job(first)["nodes"][0] == "computenode-1"
-    assert not _alive_spares(spares)  # the first sync ran in the spare
-    spares = _wait_for_spares(source)
-    assert len(spares) == 1
-    (dst / "deep" / "f0001.txt").unlink()
-    second = cluster.submit("cmsync", "--wait", "gpu:/proj", "cpu:/copy")
-    job = cluster.job(second)
-    assert job["state"] == "COMPLETED" and job["nodes"][0] == "computenode-1"
-    assert job["transfer"]["stats"]["files_sent"] == 1
-    assert snapshot(dst) == snapshot(src)
-    assert (cluster.home / "cmlogs" / str(second) / "computenode-1" / "0.err").exists()
-    later = _wait_for_spares(source)
-    assert len(later) == 1 and not later & spares  # the spare ran the job; a new one waits for the next
-    cluster.down()  # the daemon lets its spare go
-    deadline = time.monotonic() + 10
-    while _alive_spares(later) and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert not _alive_spares(later)
+def test_a_node_keeps_a_zygote_from_its_start_and_forks_every_sender_from_it(make_cluster):
+    cluster = make_cluster("gpu:2,cpu:2", nodes=4, chunk_mb=1)
+    src = cluster.data_dir / "gpu" / "slow"
+    src.mkdir(parents=True)
+    (src / "one.bin").write_bytes(os.urandom(3 << 20))
+    zygotes = {name: _wait_for(lambda: _zygotes_under(proc.pid)) for name, proc in cluster.procs.items()
+               if name != "headnode"}
+    assert all(len(z) == 1 for z in zygotes.values()), zygotes  # from the start: the first sync is not cold
+    job_id = cluster.submit("cmsync", "--bwlimit", "1M", "gpu:/slow", "cpu:/slow")
+    job = cluster.wait_state(job_id, "RUNNING")
+    source = job["nodes"][0]
+    (zygote,) = zygotes[source]
+    assert _wait_for(lambda: _children().get(zygote))  # the sender is the zygote's child
+    job = cluster.wait_state(job_id, ("COMPLETED", "FAILED"), timeout=60)
+    assert job["state"] == "COMPLETED", job
+    assert snapshot(cluster.data_dir / "cpu" / "slow") == snapshot(src)
+    assert _zygotes_under(cluster.procs[source].pid) == {zygote}  # one zygote serves every sync
+    cluster.down()  # the daemon lets its zygote go
+    assert _wait_for(lambda: not Path(f"/proc/{zygote}").exists(), timeout=10)
 
 
-def _alive_spares(pids: set[int]) -> set[int]:
-    alive = set()
-    for pid in pids:
-        try:
-            if b"--spare" in Path(f"/proc/{pid}/cmdline").read_bytes():
-                alive.add(pid)
-        except OSError:
-            pass
-    return alive

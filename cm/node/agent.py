@@ -31,7 +31,7 @@ from cm.logs import event
 from cm.node import launch
 from cm.node.purge import Purge, Share, Tracked
 from cm.node.resources import measure
-from cm.node.sync import Spares, data_identity, last_line, start_sender
+from cm.node.sync import WarmSenders, data_identity, last_line, start_sender
 from cm.protocol import (
     Ack,
     Error,
@@ -69,7 +69,7 @@ class NodeAgent:
         self.finished: collections.OrderedDict[Share, tuple[JobState, int, str]] = collections.OrderedDict()
         self.receiving: dict[Share, str] = {}  # dst share -> transfer id
         self.senders: dict[Share, dict] = {}  # src share -> {proc, buffer, report, sent_at, err, run, rank}
-        self.spares = Spares(settings.sender_spares)
+        self.warm = WarmSenders(settings.warm_sender)
         self.welcomed = False
         self.dealer: zmq.Socket | None = None
         self.connected_at = 0.0
@@ -131,7 +131,7 @@ class NodeAgent:
         while self.purge.jobs and time.monotonic() < deadline:
             self.purge.tick(time.monotonic())
             time.sleep(0.05)
-        self.spares.close()
+        self.warm.close()
         if self.dealer is not None:
             self.dealer.close(0)
             self.dealer = None
@@ -144,6 +144,9 @@ class NodeAgent:
             poller.register(self.wakeup_fd, zmq.POLLIN)
         for s in self.senders.values():
             poller.register(s["proc"].stdout.fileno(), zmq.POLLIN)
+        warm = self.warm.fileno()
+        if warm is not None:
+            poller.register(warm, zmq.POLLIN)  # a forked sender ended
         deadline = self.purge.next_deadline()
         if deadline is not None:
             timeout = max(0.0, min(timeout, deadline - time.monotonic()))
@@ -166,6 +169,8 @@ class NodeAgent:
         for share, s in list(self.senders.items()):
             if s["proc"].stdout.fileno() in ready:
                 self._read_progress(share, s)
+        if warm is not None and warm in ready:
+            self.warm.collect()
 
     # --- messages --------------------------------------------------------------
 
@@ -305,7 +310,7 @@ class NodeAgent:
                 raise launch.LaunchError(str(exc)) from None
             self.receiving[share] = transfer["transfer_id"]
             return
-        proc, err = start_sender(spec, self.name, job_id, str(Path(self.settings.data_root).resolve()), self.spares)
+        proc, err = start_sender(spec, self.name, job_id, str(Path(self.settings.data_root).resolve()), self.warm)
         self.senders[share] = {"proc": proc, "buffer": b"", "report": None, "sent_at": 0.0, "err": err,
                                "run": spec["run"], "rank": share[3], "stats": {}}
         self.purge.add(Tracked(job_id, spec["run"], [proc], time.monotonic() + float(spec["time_limit"]),
@@ -340,7 +345,7 @@ class NodeAgent:
         if ended:
             self._save_state()
         if not self.senders:
-            self.spares.fill()  # between transfers, so a spare's start-up never slows one down
+            self.warm.start()  # at the start, and again if it died: between transfers, never slowing one
 
     # --- sync progress -----------------------------------------------------------
 

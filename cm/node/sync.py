@@ -3,23 +3,27 @@ a registration with this node's mover on the destination side.
 
 A sender spends about half a second loading numba and its compiled
 checksums before it can send anything, which is most of the time a sync of
-a few thousand small files takes. So the node keeps ``sender_spares``
-senders started ahead of need (``python -m cm.transfer.send --spare``),
-from the daemon's start on, so that the first sync on a new cluster is as
-fast as the next ones: each loads everything, then waits for its job on
-stdin, takes on the job's user and error log, and runs. A spare costs
-~130 MB (its unique set size) while it waits. A job that finds no spare
-starts one there and then, and waits that half second.
+a few thousand small files takes. So the node keeps one sender loaded from
+the daemon's start on (``warm_sender``), the zygote
+(``cm.transfer.zygote``), and forks each sync's senders from it: the first
+sync on a new cluster, syncs that follow each other closely and the ranks of
+a parallel sync all start warm. The zygote costs ~130 MB (its unique set
+size); its forks share its loaded code. Each fork reads its job on stdin,
+takes on the job's user and error log, and runs. Without a zygote (it
+failed, or ``warm_sender`` is off) a sender starts cold.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+from cm.transfer import exitcodes, zygote
 
 from cm.creds import Identity, acting_as
 from cm.node.launch import LaunchError, job_identity, log_paths, make_log_dir
@@ -37,56 +41,205 @@ def _sender_env() -> dict:
     return {k: v for k, v in os.environ.items() if k.startswith(("NUMBA_", "PATH", "HOME", "LANG", "LC_"))}
 
 
-class Spares:
-    """Sender processes started ahead of need, waiting for a job on stdin.
+class ForkedSender:
+    """A sender forked by the zygote, with the part of ``subprocess.Popen`` the node uses
+    (pid, stdin, stdout, poll, wait, kill). The zygote is its parent and tells how it ended."""
 
-    ``fill`` starts spares up to ``count``: the agent calls it when no
-    sender is running (at its start, and between transfers), so a spare's
-    start-up never competes with a transfer.
-    A spare whose stdin closes (the daemon went away) exits at once.
+    def __init__(self, pid: int, stdin, stdout, senders: "WarmSenders"):
+        self.pid = pid
+        self.stdin = stdin
+        self.stdout = stdout
+        self.returncode: int | None = None
+        self._senders = senders
+
+    def poll(self) -> int | None:
+        if self.returncode is None:
+            self.returncode = self._senders.exit_of(self.pid)
+        return self.returncode
+
+    def wait(self, timeout: float | None = None) -> int:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while self.poll() is None:
+            if deadline is not None and time.monotonic() >= deadline:
+                raise subprocess.TimeoutExpired(f"sender {self.pid}", timeout or 0)
+            self._senders.wait_readable(0.05)
+        return self.returncode  # type: ignore[return-value]
+
+    def kill(self) -> None:
+        if self.returncode is None:
+            try:
+                os.kill(self.pid, 9)
+            except ProcessLookupError:
+                pass
+
+
+class WarmSenders:
+    """The node's zygote: a sender loaded once, from which each sync's senders are forked.
+
+    ``take`` gives a sender waiting for its job: forked from the zygote when one
+    runs (it is started again, at most every ``RETRY_AFTER`` seconds, if it
+    died), else started cold. ``fileno`` is for the node's poller: the zygote
+    writes there when a child ended, and ``collect`` reads it.
     """
 
-    RETRY_AFTER = 30.0  # seconds before replacing a spare that died idle (it may die again)
+    RETRY_AFTER = 30.0  # seconds before starting again a zygote that died (it may die again)
+    ANSWER_TIMEOUT = 5.0  # seconds a fork may take to be answered before the sender starts cold
 
-    def __init__(self, count: int):
-        self.count = max(count, 0)
-        self._ready: list[subprocess.Popen] = []
+    def __init__(self, enabled: bool):
+        self.enabled = enabled
+        self.proc: subprocess.Popen | None = None
+        self.sock: socket.socket | None = None
+        self.exits: dict[int, int] = {}  # pid -> returncode, as Popen gives it
+        self.children: set[int] = set()
         self._not_before = 0.0
+        self._tokens = 0
 
-    def fill(self) -> None:
-        """Start spares up to ``count``."""
-        alive = [p for p in self._ready if p.poll() is None]
-        if len(alive) < len(self._ready):
-            for p in self._ready:
-                if p.returncode is not None:
-                    _discard(p)
+    def start(self) -> None:
+        """Start the zygote (from the daemon's start on, so no sync waits for it to load)."""
+        if not self.enabled or self.alive() or time.monotonic() < self._not_before:
+            return
+        self._let_go()
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        try:
+            self.proc = subprocess.Popen([sys.executable, "-m", "cm.transfer.send", "--zygote"], stdin=theirs,
+                                         stdout=subprocess.DEVNULL, start_new_session=True, close_fds=True,
+                                         cwd="/", env=_sender_env())
+        except OSError:
+            ours.close()
             self._not_before = time.monotonic() + self.RETRY_AFTER
-        self._ready = alive
-        while len(self._ready) < self.count and time.monotonic() >= self._not_before:
+            return
+        finally:
+            theirs.close()
+        ours.setblocking(False)
+        self.sock = ours
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def fileno(self) -> int | None:
+        return self.sock.fileno() if self.sock is not None else None
+
+    def take(self) -> subprocess.Popen | ForkedSender:
+        """A sender waiting for its job on stdin: forked from the zygote if one runs, else started cold."""
+        if self.sock is not None and self.alive():
             try:
-                self._ready.append(_start_sender_process())
+                return self._fork()
             except OSError:
                 self._not_before = time.monotonic() + self.RETRY_AFTER
-
-    def take(self) -> subprocess.Popen:
-        """A sender waiting for its job: a spare if one is alive, else one started now."""
-        while self._ready:
-            proc = self._ready.pop(0)
-            if proc.poll() is None:
-                return proc
-            _discard(proc)
+                self._let_go()  # it does not answer as it should: a cold sender now, a new zygote later
         return _start_sender_process()
 
-    def close(self) -> None:
-        """Let every spare go: each exits when its stdin closes."""
-        for proc in self._ready:
-            _discard(proc)
+    def _fork(self) -> ForkedSender:
+        assert self.sock is not None
+        in_r, in_w = os.pipe2(os.O_CLOEXEC)
+        out_r, out_w = os.pipe2(os.O_CLOEXEC)
+        self._tokens += 1
+        token = self._tokens.to_bytes(8, "little")
+        try:
+            zygote.send_fork(self.sock, token, (in_r, out_w))
+            pid = self._answer(token)
+        except BaseException:
+            for fd in (in_w, out_r):
+                os.close(fd)
+            raise
+        finally:
+            os.close(in_r)
+            os.close(out_w)
+        self.children.add(pid)
+        return ForkedSender(pid, os.fdopen(in_w, "wb"), os.fdopen(out_r, "rb", buffering=0), self)
+
+    def _answer(self, token: bytes) -> int:
+        deadline = time.monotonic() + self.ANSWER_TIMEOUT
+        while True:
+            for kind, got, value in self.collect():
+                if got != token:
+                    continue
+                if kind == "started":
+                    return value
+                raise OSError(value, f"the zygote could not fork: {os.strerror(value)}")
+            left = deadline - time.monotonic()
+            if left <= 0 or not self.alive():
+                raise OSError("the zygote did not answer")
+            self.wait_readable(min(left, 0.05))
+
+    def wait_readable(self, timeout: float) -> None:
+        import select
+
+        if self.sock is not None:
+            select.select([self.sock], [], [], timeout)
+        else:
+            time.sleep(timeout)
+
+    def collect(self) -> list[tuple[str, bytes, int]]:
+        """Read what the zygote said; record exits; return the other answers (kind, token, value)."""
+        answers = []
+        while self.sock is not None:
             try:
-                proc.wait(timeout=2)
+                message = self.sock.recv(zygote.MAX_MESSAGE)
+            except (BlockingIOError, InterruptedError):
+                break
+            except OSError:
+                message = b""
+            if not message:  # the zygote is gone
+                self._let_go()
+                break
+            try:
+                kind, token, value, status = zygote.parse(message)
+            except ValueError:
+                continue
+            if kind == "exited":
+                self.children.discard(value)
+                self.exits[value] = os.waitstatus_to_exitcode(status)
+            else:
+                answers.append((kind, token, value))
+        return answers
+
+    def exit_of(self, pid: int) -> int | None:
+        """How a forked sender ended, or None while it runs."""
+        if pid not in self.exits:
+            self.collect()
+        if pid in self.exits:
+            return self.exits.pop(pid)
+        if self.sock is None and pid in self.children and not _exists(pid):
+            self.children.discard(pid)  # its zygote died before telling: worth another attempt
+            return exitcodes.TRANSIENT
+        return None
+
+    def _let_go(self) -> None:
+        if self.sock is not None:
+            self.sock.close()
+            self.sock = None
+        if self.proc is not None:
+            if self.proc.poll() is None:
+                self.proc.kill()
+            try:
+                self.proc.wait(timeout=2)
             except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-        self._ready = []
+                pass
+            self.proc = None
+
+    def close(self) -> None:
+        """Let the zygote go: it exits when its end closes; running senders go on to their end."""
+        if self.sock is not None:
+            self.sock.close()
+            self.sock = None
+        if self.proc is not None:
+            try:
+                self.proc.wait(timeout=2)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+            self.proc = None
+
+
+def _exists(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def _start_sender_process() -> subprocess.Popen:
@@ -107,7 +260,7 @@ def _discard(proc: subprocess.Popen) -> None:
 
 
 def start_sender(spec: dict, node: str, job_id: int, data_root: str,
-                 spares: Spares | None = None) -> tuple[subprocess.Popen, Path]:
+                 warm: WarmSenders | None = None) -> tuple[subprocess.Popen | ForkedSender, Path]:
     """Hand this rank's transfer to a sender running as the user; progress comes back on its stdout."""
     who = job_identity(spec)
     transfer = {**spec["transfer"], "src_root": data_root}
@@ -125,7 +278,7 @@ def start_sender(spec: dict, node: str, job_id: int, data_root: str,
     data = json.dumps(job).encode()
     for attempt in range(2):
         try:
-            proc = spares.take() if spares is not None and attempt == 0 else _start_sender_process()
+            proc = warm.take() if warm is not None and attempt == 0 else _start_sender_process()
         except OSError as exc:
             raise LaunchError(f"cannot start the sender on {node}: {exc}") from None
         assert proc.stdin is not None and proc.stdout is not None

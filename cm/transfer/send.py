@@ -12,7 +12,9 @@ With ``--spare`` it first loads numba and the compiled checksums, then
 waits for a job (``spec.SpareJob``): ``{"transfer": spec, "uid", "gid", "groups", "stderr"}``.
 It takes on that user and groups (when it is not that user already) and
 that error log, then runs the spec. Empty stdin means the daemon let it go:
-it exits 0. Nodes keep one started ahead of need (see ``cm.node.sync``).
+it exits 0. With ``--zygote`` it loads the same, then forks a spare for
+each request of the node daemon on stdin (``cm.transfer.zygote``): nodes
+keep one from their start (see ``cm.node.sync``).
 """
 
 from __future__ import annotations
@@ -71,7 +73,8 @@ def _take_job(job: SpareJob) -> bytes:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point; returns the process exit status."""
-    spare = "--spare" in (sys.argv[1:] if argv is None else argv)
+    args = sys.argv[1:] if argv is None else argv
+    spare = "--spare" in args or "--zygote" in args
     signal.signal(signal.SIGTERM, _on_sigterm)
     if spare:
         import encodings.idna  # noqa: F401  (name lookups need it; once the user, we may not read the stdlib)
@@ -79,6 +82,12 @@ def main(argv: list[str] | None = None) -> int:
         from .sender import warm_up
 
         warm_up()  # before the job arrives: this is the half second a spare saves
+    if "--zygote" in args:
+        from .zygote import serve
+
+        if not serve(0):
+            return exitcodes.OK  # the daemon let the zygote go
+        # a forked child from here on: a spare with its job's pipes on stdin and stdout
     raw = sys.stdin.buffer.read()
     if spare and not raw.strip():
         return exitcodes.OK  # the daemon let this spare go

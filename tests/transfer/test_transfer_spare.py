@@ -1,4 +1,5 @@
-"""A spare sender (``send --spare``): loaded ahead of its job, then runs it as the job's user."""
+"""A spare sender (``send --spare``, or forked by the node's zygote): loaded ahead of its job, then runs it
+as the job's user."""
 
 from __future__ import annotations
 
@@ -8,11 +9,12 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import pytest
 
-from cm.node.sync import Spares, start_sender
+from cm.node.sync import ForkedSender, WarmSenders, start_sender
 
 from .conftest import assert_same_tree, make_tree, sender_env, spec_for, write
 
@@ -87,30 +89,88 @@ def _wait(proc: subprocess.Popen) -> int:
     return proc.wait(timeout=60)
 
 
-def test_the_node_hands_a_job_to_its_spare_and_keeps_one_ready(receiver, roots, tmp_path, monkeypatch):
+def _wait_loaded(warm: WarmSenders, timeout: float = 60) -> None:
+    """Until the zygote has loaded numba (its forks answer from then on)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            status = Path(f"/proc/{warm.proc.pid}/wchan").read_text()
+        except OSError:
+            status = ""
+        if "select" in status or "poll" in status:  # waiting for requests: loaded
+            return
+        time.sleep(0.05)
+    raise AssertionError("the zygote did not load in time")
+
+
+@pytest.fixture
+def warm(monkeypatch):
+    monkeypatch.setenv("PYTHONPATH", sender_env()["PYTHONPATH"])
+    senders = WarmSenders(True)
+    senders.start()
+    _wait_loaded(senders)
+    yield senders
+    senders.close()
+
+
+def _node_spec(receiver, src: Path, tmp_path: Path) -> dict:
+    return {"uid": os.geteuid(), "gid": os.getegid(), "rank": 0, "cwd": str(tmp_path), "name": "sync",
+            "user": "me", "transfer": {k: v for k, v in spec_for(receiver, src).items() if k != "src_root"}}
+
+
+def test_the_node_forks_its_senders_from_a_zygote_loaded_at_its_start(warm, receiver, roots, tmp_path):
     src = roots[0]
     make_tree(src)
-    monkeypatch.setenv("PYTHONPATH", sender_env()["PYTHONPATH"])
-    spares = Spares(1)
-    spares.fill()
-    assert spares._ready == []  # none until this node has been a source once
-    spec = {"uid": os.geteuid(), "gid": os.getegid(), "rank": 0, "cwd": str(tmp_path), "name": "sync",
-            "user": "me", "transfer": {k: v for k, v in spec_for(receiver, src).items() if k != "src_root"}}
-    try:
-        proc, err = start_sender(spec, "n1", 7, str(src), spares)
-        assert _wait(proc) == 0, err.read_text()
-        assert err == tmp_path / "cmlogs/7/n1/0.err"
-        spares.fill()
-        (spare,) = spares._ready
-        assert spare.poll() is None
-        spec["transfer"]["transfer_id"] = "unknown"  # refused by the receiver: the error reaches the log
-        proc, err = start_sender(spec, "n1", 8, str(src), spares)
-        assert proc is spare
-        assert _wait(proc) == 1
-        assert "refused" in err.read_text()
-    finally:
-        spares.close()
-    assert spare.poll() is not None
+    zygote = warm.proc.pid
+    spec = _node_spec(receiver, src, tmp_path)
+    started = time.monotonic()
+    proc, err = start_sender(spec, "n1", 7, str(src), warm)
+    forked_in = time.monotonic() - started
+    assert isinstance(proc, ForkedSender)
+    assert int(Path(f"/proc/{proc.pid}/stat").read_text().rpartition(")")[2].split()[1]) == zygote
+    assert os.getpgid(proc.pid) == proc.pid  # a session of its own: stopping the job stops its group
+    assert _wait(proc) == 0, err.read_text()
+    assert err == tmp_path / "cmlogs/7/n1/0.err"
+    assert_same_tree(src, receiver.dst)
+    assert forked_in < 0.3, forked_in  # a cold sender takes ~0.5 s before it answers at all
+    spec["transfer"]["transfer_id"] = "unknown"  # refused by the receiver: the error reaches the log
+    proc, err = start_sender(spec, "n1", 8, str(src), warm)
+    assert _wait(proc) == 1
+    assert "refused" in err.read_text()
+    assert warm.proc.pid == zygote and warm.alive()  # one zygote serves every sync
+
+
+def test_forked_senders_run_side_by_side_and_a_killed_one_reports_its_signal(warm, receiver, roots, tmp_path):
+    src = roots[0]
+    make_tree(src)
+    spec = _node_spec(receiver, src, tmp_path)
+    procs = [start_sender(spec, "n1", 9, str(src), warm)[0] for _ in range(3)]
+    assert len({p.pid for p in procs}) == 3
+    procs[0].kill()
+    assert procs[0].wait(timeout=30) == -9
+    for proc in procs[1:]:
+        proc.stdin.close() if not proc.stdin.closed else None
+        _wait(proc)
+
+
+def test_a_dead_zygote_means_cold_senders_then_a_new_zygote(warm, receiver, roots, tmp_path):
+    src = roots[0]
+    make_tree(src)
+    old = warm.proc.pid
+    os.kill(old, 9)
+    warm.proc.wait(timeout=10)
+    proc, err = start_sender(_node_spec(receiver, src, tmp_path), "n1", 10, str(src), warm)
+    assert isinstance(proc, subprocess.Popen)  # started cold, and it still does the job
+    assert _wait(proc) == 0, err.read_text()
+    warm._not_before = 0.0  # not the 30 s a node waits before starting a zygote that died again
+    warm.start()
+    assert warm.alive() and warm.proc.pid != old
+
+
+def test_a_zygote_let_go_exits(warm):
+    proc = warm.proc
+    warm.close()
+    assert proc.poll() == 0
 
 
 def test_a_sender_gets_none_of_the_daemons_secrets(monkeypatch):
