@@ -7,7 +7,7 @@ import os
 
 import click
 
-from cm.cli.client import Client, run_command
+from cm.cli.client import Client, main_of, run_command
 
 _token = click.option("--token", default=lambda: os.environ.get("CM_OPERATOR_TOKEN", ""), hidden=True)
 
@@ -78,4 +78,4 @@ def unblock(user, token):
 
 
 def main() -> None:
-    cli(prog_name="cmcontrol")
+    main_of(cli, "cmcontrol")

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import click
 
-from cm.cli.client import Client, run_command
+from cm.cli.client import Client, main_of, run_command
 from cm.timefmt import format_duration
 
 
@@ -99,4 +99,4 @@ def cli(job_id, all_, as_json):
 
 
 def main() -> None:
-    cli(prog_name="cminfo")
+    main_of(cli, "cminfo")

@@ -6,7 +6,7 @@ import sys
 
 import click
 
-from cm.cli.client import Client, run_command
+from cm.cli.client import Client, main_of, run_command
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
@@ -38,4 +38,4 @@ def cli(job_ids):
 
 
 def main() -> None:
-    cli(prog_name="cmkill")
+    main_of(cli, "cmkill")

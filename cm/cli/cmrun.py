@@ -7,7 +7,7 @@ import sys
 
 import click
 
-from cm.cli.client import Client, exit_code_of, fail, run_command
+from cm.cli.client import Client, exit_code_of, fail, main_of, run_command
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"], "allow_interspersed_args": False})
@@ -52,4 +52,4 @@ def cli(nodes, procs, cpus, mem_mb, time_limit, name, partition, stdout, stderr,
 
 
 def main() -> None:
-    cli(prog_name="cmrun")
+    main_of(cli, "cmrun")

@@ -9,7 +9,7 @@ import time
 
 import click
 
-from cm.cli.client import Client, exit_code_of, fail, run_command
+from cm.cli.client import Client, exit_code_of, fail, main_of, run_command
 from cm.cli.cminfo import human_bytes
 from cm.timefmt import format_duration
 
@@ -99,4 +99,4 @@ def cli(nodes, delete, dry_run, checksum, exclude, bwlimit, transport, policy, t
 
 
 def main() -> None:
-    cli(prog_name="cmsync")
+    main_of(cli, "cmsync")
