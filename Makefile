@@ -79,6 +79,7 @@ soak: setup
 bench: setup
 	$(PY) bench/bench_sched.py
 	$(PY) bench/bench_sync.py
+	$(PY) bench/bench_datapath.py
 	$(PY) bench/bench_scale.py
 
 clean: local-down
