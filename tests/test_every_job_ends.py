@@ -113,8 +113,8 @@ def test_a_share_the_node_does_not_run_ends_the_job_within_two_heartbeats(make_c
             msg = decode(node.recv())
             if isinstance(msg, RunJob):
                 node.send(encode(Ack(ref=msg.id)))
-                node.send(encode(JobStarted(job_id=job_id, node="computenode-1", run=msg.spec["run"],
-                                            role=msg.spec["role"], rank=msg.spec["rank"])))
+                node.send(encode(JobStarted(job_id=job_id, node="computenode-1", run=msg.spec.run,
+                                            role=msg.spec.role, rank=msg.spec.rank)))
                 break
         cluster.wait_state(job_id, "RUNNING", timeout=5)
         beat = time.monotonic()
