@@ -219,3 +219,35 @@ def test_the_scheduler_says_why_each_job_waits():
     started = scheduler.plan(pending, nodes, running, 0.0)
     assert [r.job_id for r, _ in started] == [5]
     assert scheduler.reasons == {1: "Resources", 4: "Priority"}
+
+
+def test_the_transport_a_sync_asks_for_reaches_the_node(make_cluster):
+    """cmsync --transport tcp: the node's RunJob for the sender carries it, on the wire and decoded."""
+    import msgpack
+
+    cluster = make_cluster("cpu:1", nodes=1)
+    cluster.kill("computenode-1", signal.SIGKILL)  # a fake node takes its name and key
+    cluster.wait_node("computenode-1", "DOWN", timeout=10)
+    node = _fake_node(cluster, "computenode-1", "cpu")
+    try:
+        job_id = cluster.submit("cmsync", "--transport", "tcp", "cpu:/a", "cpu:/b")
+        deadline = time.monotonic() + 10
+        sender = None
+        while sender is None and time.monotonic() < deadline:
+            assert node.poll(int((deadline - time.monotonic()) * 1000) + 1), "no RunJob for the sender"
+            raw = node.recv()
+            msg = decode(raw)
+            if not isinstance(msg, RunJob):
+                continue
+            node.send(encode(Ack(ref=msg.id)))
+            if msg.spec.role == "dst":  # the sender is sent once its receiver has started
+                node.send(encode(JobStarted(job_id=job_id, node="computenode-1", run=msg.spec.run, role="dst",
+                                            rank=0)))
+            else:
+                sender = (msg, msgpack.unpackb(raw))
+        assert sender is not None, "no RunJob for the sender"
+        msg, wire = sender
+        assert msg.spec.transfer.transport == "tcp" and wire["spec"]["transfer"]["transport"] == "tcp"
+    finally:
+        node.close()
+    cluster.cli("cmkill", str(job_id))

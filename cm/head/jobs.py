@@ -433,9 +433,11 @@ class JobTable:
         at the latest (expire_stops). Shares on DOWN nodes end at once. A write that loses a race reloads
         the job, and the cancel is tried once more on what was stored.
         """
-        for _ in range(2):
+        for attempt in range(2):
             job = self.jobs.get(job_id)
             if job is None:
+                if attempt:
+                    break  # the stored job is final: someone else ended it
                 raise KeyError(job_id)
             state = JobState(job["state"])
             if state in (JobState.PENDING, JobState.HELD):
