@@ -15,8 +15,9 @@ from __future__ import annotations
 import collections
 import logging
 import time
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any, Callable, Iterable
 
+from cm.head.ids import JobIds
 from cm.head.outcome import Outcome, Stop, stop_slot
 from cm.head.progress import merge
 from cm.head.recent import RecentJobs
@@ -73,8 +74,6 @@ def preview(job: Job, fields: dict[str, Any]) -> Job:
 
 
 class JobTable:
-    ID_BLOCK = 64
-
     def __init__(self, store: JobStore, stop_timeout: float = 8.0) -> None:
         self.store = store
         # a share told to stop must be confirmed gone within this many seconds (the node's kill grace plus
@@ -91,16 +90,10 @@ class JobTable:
         self.jobs: dict[int, Job] = {}
         self._by_node: dict[str, set[int]] | None = None  # node -> jobs that may have a slot there
         self.requests: dict[int, Request] = {}
-        self.ids: Iterator[int] = iter(())
+        self.ids = JobIds(store.reserve_job_ids)
         self.recent = RecentJobs()
         self.held = HeldStarts()
         self.lost_races = 0  # conditional writes another writer won (each one reloaded that job)
-
-    def next_id(self) -> int:
-        for job_id in self.ids:
-            return job_id
-        self.ids = iter(self.store.reserve_job_ids(self.ID_BLOCK))
-        return next(self.ids)
 
     # --- loading and views ---------------------------------------------------
 
@@ -180,7 +173,7 @@ class JobTable:
 
     def submit(self, fields: dict[str, Any]) -> Job:
         """Store a new job (``fields`` without its id) and keep it; return its record."""
-        job: Job = self.store.insert_job({**fields, "id": self.next_id()})  # type: ignore[assignment]
+        job: Job = self.store.insert_job({**fields, "id": self.ids.next()})  # type: ignore[assignment]
         self.add(job)
         return job
 
