@@ -5,8 +5,6 @@ from __future__ import annotations
 import threading
 from dataclasses import dataclass, field
 
-from cm.protocol import SyncStats
-
 
 @dataclass
 class Stats:
@@ -38,9 +36,11 @@ class Stats:
 
     def report(self, elapsed: float, would: list[str] | None = None) -> dict:
         """The sender's last line: what was done (``would``: what a dry run would do)."""
-        # the counters are the node's SyncStats (cm.protocol), which it sends on to the head
-        counters = {name: getattr(self, name) for name in SyncStats.__struct_fields__ if name not in ("errors", "elapsed")}
-        report = {"done": True, **counters, "errors": len(self.errors), "elapsed": round(elapsed, 3)}
+        report = {"done": True, "bytes_sent": self.bytes_sent, "files_sent": self.files_sent,
+                  "files_deleted": self.files_deleted, "files_skipped": self.files_skipped,
+                  "chunks_resent": self.chunks_resent, "chunks_resumed": self.chunks_resumed,
+                  "bytes_total": self.bytes_total, "files_total": self.files_total,
+                  "errors": len(self.errors), "elapsed": round(elapsed, 3)}
         if would is not None:
             report["would"] = would
         return report
