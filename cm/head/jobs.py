@@ -86,7 +86,11 @@ class JobTable:
         # reaped first), or it is lost: nodes say why they refuse, so silence means the share went missing
         self.start_timeout = stop_timeout + 5.0
         self.sent_at: dict[int, float] = {}  # job -> when its latest RunJobs went out (monotonic)
-        self.reasons: dict[int, str] = {}  # why each pending job waits, from the last scheduler pass
+        # memory only, never stored: why each waiting job waits (Held, Blocked, the scheduler's reason),
+        # the jobs whose current run's senders were told to start, each sync's progress by sender rank
+        self.reasons: dict[int, str] = {}
+        self.src_sent: set[int] = set()
+        self.node_progress: dict[int, dict[str, dict[str, Any]]] = {}
         self.jobs: dict[int, Job] = {}
         self._by_node: dict[str, set[int]] | None = None  # node -> jobs that may have a slot there
         self.requests: dict[int, Request] = {}
@@ -102,11 +106,10 @@ class JobTable:
         self._by_node = None
         self.recent.load(self.store.recent_jobs(time.time() - self.recent.seconds, finished=True))
         self.held = HeldStarts()
-        self.stopping, self.reasons, self.sent_at = {}, {}, {}
+        self.stopping, self.reasons, self.sent_at, self.src_sent, self.node_progress = {}, {}, {}, set(), {}
         self.requests = {i: request_of(j) for i, j in self.jobs.items() if j["state"] == JobState.PENDING.value}
         for j in self.jobs.values():
-            if j["state"] in (JobState.PENDING.value, JobState.HELD.value):
-                j["pending_reason"] = "Held" if j["state"] == JobState.HELD.value else "None"
+            self._waits(j)
         event(log, "jobs loaded", active=len(self.jobs), pending=len(self.requests))
 
     def pending(self) -> list[Request]:
@@ -167,9 +170,18 @@ class JobTable:
             self._by_node = None
         if job["state"] == JobState.PENDING.value:
             self.requests[job["_id"]] = request_of(job)
-            job["pending_reason"] = "None"  # until the next pass
-        elif job["state"] == JobState.HELD.value:
-            job["pending_reason"] = "Held"
+        self._waits(job)
+
+    def _waits(self, job: Job) -> None:
+        """A waiting job's reason until the next scheduler pass says better; none for others."""
+        if job["state"] in (JobState.PENDING.value, JobState.HELD.value):
+            self.reasons[job["_id"]] = "Held" if job["state"] == JobState.HELD.value else "None"
+        else:
+            self.reasons.pop(job["_id"], None)
+
+    def why_waiting(self, job_id: int) -> str | None:
+        """Why a PENDING or HELD job waits (squeue's reason code); None for any other job."""
+        return self.reasons.get(job_id)
 
     def submit(self, fields: dict[str, Any]) -> Job:
         """Store a new job (``fields`` without its id) and keep it; return its record."""
@@ -210,10 +222,7 @@ class JobTable:
             self.requests.pop(job["_id"], None)
         else:
             self.requests[job["_id"]] = request_of(job)
-        if dst in (JobState.PENDING, JobState.HELD):
-            job["pending_reason"] = "Held" if dst == JobState.HELD else "None"  # until the next pass
-        else:
-            job.pop("pending_reason", None)
+        self._waits(job)
         if dst in FINAL_STATES:
             self._forget(job["_id"])
             self.recent.add(job)
@@ -226,6 +235,8 @@ class JobTable:
         self.stopping.pop(job_id, None)
         self.reasons.pop(job_id, None)
         self.sent_at.pop(job_id, None)
+        self.src_sent.discard(job_id)
+        self.node_progress.pop(job_id, None)
         self.held.take(job_id)
 
     # --- write-behind of RUNNING ---------------------------------------------
@@ -261,9 +272,9 @@ class JobTable:
         if self._by_node is not None:
             for s in slots:
                 self._by_node[s["node"]].add(job_id)
-        job["src_sent"] = False  # this run's senders start once its receivers have
+        self.src_sent.discard(job_id)  # this run's senders start once its receivers have
         self.sent_at[job_id] = time.monotonic()
-        job.pop("node_progress", None)
+        self.node_progress.pop(job_id, None)
         # a sync's destinations first: a sender may only connect once its receiver knows the transfer
         for s in slots:
             if job["kind"] != "sync" or s["role"] == "dst":
@@ -298,8 +309,8 @@ class JobTable:
                 return
         if job["kind"] == "sync" and job_id not in self.stopping:
             dst = [s for s in job["slots"] if s["role"] == "dst"]
-            if all(s["started"] for s in dst) and not job.get("src_sent"):
-                job["src_sent"] = True
+            if all(s["started"] for s in dst) and job_id not in self.src_sent:
+                self.src_sent.add(job_id)
                 self.sent_at[job_id] = time.monotonic()
                 for s in job["slots"]:
                     if s["role"] == "src" and not s["ended"]:
@@ -348,7 +359,7 @@ class JobTable:
                 if s["ended"] or (s["role"] == "src" and not receivers_ready):
                     continue
                 if s["role"] == "src":
-                    job["src_sent"] = True
+                    self.src_sent.add(job["_id"])
                 out.run.append((s["node"], job["_id"], node_spec(job, s, addrs)))
 
     # --- ending and stopping: every path computes its writes on a preview, writes, then changes memory ---
@@ -394,7 +405,7 @@ class JobTable:
         for i, s in enumerate(view["slots"]):
             if s["ended"] or s["role"] == "dst":
                 continue
-            never_sent = s["role"] == "src" and not job.get("src_sent")
+            never_sent = s["role"] == "src" and job["_id"] not in self.src_sent
             if never_sent or not self.node_alive(s["node"]):
                 code = s["exit_code"] if never_sent else -1
                 fields.update({f"slots.{i}.ended": True, f"slots.{i}.state": state.value,
@@ -503,7 +514,7 @@ class JobTable:
                 if s["node"] != node or s["ended"]:
                     continue
                 if not s["started"]:
-                    sent = s["role"] != "src" or job.get("src_sent")
+                    sent = s["role"] != "src" or job["_id"] in self.src_sent
                     if sent and now - self.sent_at.get(job["_id"], now) > self.start_timeout:
                         silent.append(i)
                     continue
@@ -571,7 +582,7 @@ class JobTable:
         """Why each pending job waits, after a scheduler pass (memory only: it changes with every pass)."""
         for job_id in self.requests:
             job = self.jobs[job_id]
-            job["pending_reason"] = "Blocked" if blocked(job) else reasons.get(job_id, "None")
+            self.reasons[job_id] = "Blocked" if blocked(job) else reasons.get(job_id, "None")
 
     def hold(self, job_id: int, held: bool) -> bool:
         """PENDING -> HELD (or back); False if the job moved meanwhile (it is reloaded)."""
@@ -595,7 +606,7 @@ class JobTable:
         job = self.jobs.get(job_id)
         if job is None or job.get("runs") != run:
             return
-        per_node = job.setdefault("node_progress", {})
+        per_node = self.node_progress.setdefault(job_id, {})
         if not report["stats"] and per_node.get(node, {}).get("stats"):
             return  # a late running report must not hide the final one
         per_node[node] = report

@@ -1,8 +1,10 @@
-"""The head's job record: what is stored (cm.store.documents declares the same fields) and what is memory only.
+"""The head's job record: exactly what is stored (cm.store.documents declares the same fields).
 
-A record is the stored document as pymongo returns it, a plain dict, typed
-here so every key has one declaration. Keys marked *memory* are never
-written: they are rebuilt from what is stored, or by the next event.
+A record is the stored document as pymongo returns it, a plain dict (the
+head reads thousands per scheduler pass), typed here so every key has one
+declaration. What the head knows of a job only in memory (why it waits,
+whether its senders were told to start, each rank's progress) is kept
+beside the records, in ``JobTable``, never in them.
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ class SyncRecord(TypedDict, total=False):
 
 
 class Job(TypedDict, total=False):
-    """A job (documents.Job). Stored unless marked memory."""
+    """A job (documents.Job)."""
 
     _id: int
     name: str
@@ -64,13 +66,8 @@ class Job(TypedDict, total=False):
     cancel_requested: bool  # cancelled while running: CANCELLED once its shares are gone
     slots: list[SlotRecord]
     sync: SyncRecord
-    progress: dict[str, Any]  # bytes_done, bytes_total, files_done, files_total, rate, stats: merged over nodes
+    # bytes_done, bytes_total, files_done, files_total, rate, stats: merged over ranks; kept in memory while
+    # the sync runs, stored when it ends
+    progress: dict[str, Any]
     runs: int
     restarts: int
-    # memory only
-    pending_reason: str  # why a waiting job waits, from the last scheduler pass
-    src_sent: bool  # this run's senders were told to start (its receivers had started)
-    node_progress: dict[str, dict[str, Any]]  # "node/rank" -> its last progress report
-
-
-MEMORY_ONLY = frozenset({"pending_reason", "src_sent", "node_progress"})

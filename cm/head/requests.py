@@ -55,6 +55,8 @@ class Head(Protocol):
         """Any job: unfinished, recently finished, or stored."""
     def listed(self, all_jobs: bool) -> list[Job]:
         """Jobs for cminfo, by id: unfinished and recent ones, or every stored one."""
+    def why_waiting(self, job_id: int) -> str | None:
+        """Why a PENDING or HELD job waits (squeue's code: None, Held, Blocked, Resources, ...)."""
     def waiting(self, uid: int) -> int:
         """How many of a user's jobs wait (PENDING or HELD)."""
     def submit(self, fields: dict[str, Any]) -> Job: ...
@@ -232,7 +234,7 @@ def info(head: Head, caller: Caller, args: Info) -> dict:
         job = head.find(args.job_id)
         if job is None:
             raise Refused(f"job {args.job_id} does not exist", ErrorCode.NOT_FOUND)
-        view = job_view(job)
+        view = job_view(job, head.why_waiting(job["_id"]))
         if job["kind"] == "sync":
             sync = job.get("sync") or {}
             view["command"] = " ".join(f"{s.get('node') or s.get('partition')}:{s.get('path')}"
@@ -243,7 +245,7 @@ def info(head: Head, caller: Caller, args: Info) -> dict:
         # like Slurm's PrivateData: a job's environment is its owner's (and the admins') business
         view["env"] = list(job.get("env") or []) if caller.operator or job["uid"] == caller.uid else None
         return {"nodes": nodes, "jobs": [view]}
-    return {"nodes": nodes, "jobs": [job_view(j) for j in head.listed(args.all)]}
+    return {"nodes": nodes, "jobs": [job_view(j, head.why_waiting(j["_id"])) for j in head.listed(args.all)]}
 
 
 def wait(head: Head, caller: Caller, args: Wait) -> dict:
@@ -257,16 +259,17 @@ def _iso(ts: float | None) -> str | None:
     return time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(ts)) if ts else None
 
 
-def waiting_reason(job: dict) -> str:
+def waiting_reason(job: Job, why: str | None) -> str:
     """For a waiting job, why (squeue's code, then what happened to it before, if anything); else the
     stored reason (why it ended, or was requeued)."""
-    why, before = job.get("pending_reason"), job.get("reason", "")
+    before = job.get("reason", "")
     if why and job["state"] in (JobState.PENDING.value, JobState.HELD.value):
         return f"{why}; {before}" if before else why
     return before
 
 
-def job_view(job: dict) -> dict:
+def job_view(job: Job, why: str | None = None) -> dict:
+    """A job as cminfo shows it; ``why``: why it waits, if it does (memory only)."""
     state = job["state"]
     progress = None
     if job["kind"] == "sync":
@@ -287,7 +290,7 @@ def job_view(job: dict) -> dict:
         "exit_code": job.get("exit_code"), "progress": progress,
         "submitted": _iso(job.get("submitted")), "started": _iso(started), "ended": _iso(ended),
         "elapsed": ((ended or time.time()) - started) if started else None,
-        "partition": job.get("partition"), "reason": waiting_reason(job), "time_limit": job.get("time_limit"),
+        "partition": job.get("partition"), "reason": waiting_reason(job, why), "time_limit": job.get("time_limit"),
         "priority": job.get("priority", 0), "transfer": job.get("progress") if job["kind"] == "sync" else None,
         "num_nodes": job.get("nodes"),
         "times": {"submitted": job.get("submitted"), "started": started, "ended": ended},  # epoch seconds

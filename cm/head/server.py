@@ -233,6 +233,9 @@ class HeadServer:
             return [j for _, j in sorted(known.items())]
         return sorted(self.jobs.shown(), key=lambda j: j["_id"])
 
+    def why_waiting(self, job_id: int) -> str | None:
+        return self.jobs.why_waiting(job_id)
+
     def waiting(self, uid: int) -> int:
         waiting = (JobState.PENDING.value, JobState.HELD.value)
         return sum(1 for j in self.jobs.jobs.values() if j["uid"] == uid and j["state"] in waiting)

@@ -269,8 +269,8 @@ def test_an_end_that_loses_leaves_memory_as_stored(table, store):
     out = Outcome()
     table.ended(job_id, "n1", 1, JobState.COMPLETED, 0, "", out, "run", 0)
     assert table.lost_races == 1 and out.finished == [] and out.kill == []
-    assert table.jobs[job_id]["state"] == "HELD" and table.jobs[job_id] == table.store.get_job(job_id) | {
-        "pending_reason": "Held"}
+    assert table.jobs[job_id]["state"] == "HELD" and table.jobs[job_id] == table.store.get_job(job_id)
+    assert table.why_waiting(job_id) == "Held"
 
 
 def test_a_dispatch_that_loses_sends_nothing(table, store):
@@ -300,3 +300,18 @@ def test_a_restart_after_load_resends_what_each_job_waits_for(table, store):
     table.resend(ADDRS, out)
     assert [(n, j) for n, j, _ in out.run] == [("n1", job_id)]
     assert [(s.node, s.job_id, s.state) for s in out.kill] == [("n2", cancelled, "CANCELLED")]
+
+
+def test_a_job_record_in_memory_holds_only_stored_fields_and_equals_what_is_stored(table, store):
+    from cm.head.progress import report_of
+    from cm.head.records import Job
+    from cm.protocol import Progress
+
+    job_id = sync_running(table, store)
+    table.progress(job_id, "n1/0", 1, report_of(Progress(job_id=job_id, node="n1", run=1, bytes_done=5,
+                                                          bytes_total=10, files_done=1, files_total=2, rate=1.0)))
+    job = table.jobs[job_id]
+    assert set(job) <= set(Job.__annotations__)
+    assert {k: v for k, v in job.items() if k != "progress"} == {
+        k: v for k, v in store.get_job(job_id).items() if k != "progress"}  # progress: stored when it ends
+    assert job["progress"]["bytes_done"] == 5

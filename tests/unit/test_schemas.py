@@ -125,10 +125,19 @@ def test_the_head_package_has_no_import_cycle():
 
 
 def test_every_stored_field_of_a_job_record_is_declared_in_the_document_and_nothing_else():
-    from cm.head.records import MEMORY_ONLY, Job, SlotRecord
+    from cm.head.records import Job, SlotRecord
     from cm.store import documents
 
-    stored = set(Job.__annotations__) - MEMORY_ONLY
+    stored = set(Job.__annotations__)
     declared = {"_id" if name == "id" else name for name in documents.Job._fields}
     assert stored == declared
     assert set(SlotRecord.__annotations__) == set(documents.Slot._fields)
+
+
+def test_the_senders_final_report_fits_sync_stats_field_for_field():
+    from cm.transfer.stats import Stats
+
+    report = Stats(bytes_sent=5, files_sent=2).report(1.5, would=["x"])
+    counters = {k: v for k, v in report.items() if k not in ("done", "would")}
+    assert set(counters) == set(SyncStats.__struct_fields__)
+    assert msgspec.convert(counters, SyncStats) == SyncStats(bytes_sent=5, files_sent=2, elapsed=1.5)
