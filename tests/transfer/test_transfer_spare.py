@@ -10,9 +10,11 @@ import sys
 import tempfile
 from pathlib import Path
 
+import msgspec
 import pytest
 
 from cm.node.sync import Spares, start_sender
+from cm.protocol import SourceTransfer, SyncSource
 
 from .conftest import assert_same_tree, make_tree, sender_env, spec_for, write
 
@@ -94,8 +96,9 @@ def test_the_node_hands_a_job_to_its_spare_and_keeps_one_ready(receiver, roots, 
     spares = Spares(1)
     spares.fill()
     assert spares._ready == []  # none until this node has been a source once
-    spec = {"uid": os.geteuid(), "gid": os.getegid(), "rank": 0, "cwd": str(tmp_path), "name": "sync",
-            "user": "me", "transfer": {k: v for k, v in spec_for(receiver, src).items() if k != "src_root"}}
+    transfer = {k: v for k, v in spec_for(receiver, src).items() if k != "src_root"}
+    spec = SyncSource(run=1, uid=os.geteuid(), gid=os.getegid(), rank=0, cwd=str(tmp_path), name="sync", user="me",
+                      time_limit=60.0, transfer=SourceTransfer(**transfer, transport="tcp", owners=False))
     try:
         proc, err = start_sender(spec, "n1", 7, str(src), spares)
         assert _wait(proc) == 0, err.read_text()
@@ -103,7 +106,8 @@ def test_the_node_hands_a_job_to_its_spare_and_keeps_one_ready(receiver, roots, 
         spares.fill()
         (spare,) = spares._ready
         assert spare.poll() is None
-        spec["transfer"]["transfer_id"] = "unknown"  # refused by the receiver: the error reaches the log
+        # refused by the receiver: the error reaches the log
+        spec = msgspec.structs.replace(spec, transfer=msgspec.structs.replace(spec.transfer, transfer_id="unknown"))
         proc, err = start_sender(spec, "n1", 8, str(src), spares)
         assert proc is spare
         assert _wait(proc) == 1
