@@ -23,8 +23,6 @@ The payloads are typed too:
   code, never on the message text.
 """
 
-from __future__ import annotations
-
 import enum
 import os
 import re
