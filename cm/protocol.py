@@ -1,22 +1,39 @@
 """The wire protocol: every message type, its schema, and encode/decode.
 
-A message on the wire is a msgpack map ``{"v": VERSION, "t": TYPE, "id": MSGID,
-...fields}``. Each type below is a frozen dataclass; its annotations are its
-schema. ``decode`` turns bytes into one of these or raises ProtocolError, so
-nothing that does not fit a schema gets past the socket. No pickle anywhere.
+A message on the wire is a msgpack map ``{"t": TYPE, "v": VERSION, "id": MSGID,
+...fields}``. Each type below is a frozen ``msgspec.Struct``; its declaration
+is its schema, and ``decode`` validates against it, so nothing that does not
+fit gets past the socket: a bad message raises ``ProtocolError`` naming the
+field. No pickle anywhere.
+
+The payloads are typed too:
+
+- ``RunJob.spec`` is a ``NodeJob``: ``CommandShare`` (role ``run``),
+  ``SyncSource`` (``src``: its ``SourceTransfer`` becomes the sender's
+  ``cm.transfer.spec.Spec``) or ``SyncDestination`` (``dst``), told apart by
+  the ``role`` field on the wire.
+- ``Progress.stats`` is a ``SyncStats`` (a sender's final counters) or None.
+- ``Request.args`` is a map on the wire; ``request_args(op, args)`` turns it
+  into the typed arguments of that op (``ARGS``): ``SubmitCommand`` or
+  ``SubmitSync`` (one submit op, told apart by ``kind``), ``Cancel``,
+  ``Info``, ``Wait``, ``Control``, ``Ping``, ``Stats``. These are public
+  types with documented fields and limits (``msgspec.Meta``): an HTTP API can
+  publish them with ``msgspec.json.schema``.
+- ``Error.code`` and ``Reply.code`` are an ``ErrorCode``: programs act on the
+  code, never on the message text.
 """
 
 from __future__ import annotations
 
-import dataclasses
+import enum
 import os
-import typing
-from dataclasses import dataclass, field
-from typing import Any, ClassVar
+import re
+from typing import Annotated, Any, ClassVar, Literal, Union
 
-import msgpack
+import msgspec
+from msgspec import Meta, Struct, field
 
-VERSION = 1
+VERSION = 2  # 2: msgspec Structs, typed job specs, progress counters, request arguments, error codes
 MAX_MESSAGE = 16 * 1024 * 1024
 
 
@@ -28,10 +45,28 @@ def new_id() -> str:
     return os.urandom(8).hex()
 
 
-@dataclass(frozen=True)
-class Message:
+class ErrorCode(enum.StrEnum):
+    """What kind of error an ``Error`` or a refused ``Reply`` reports."""
+
+    BAD_MESSAGE = "bad_message"  # did not fit its schema, or made no sense here
+    UNKNOWN_NODE = "unknown_node"  # the head does not know the sender: it must say hello again
+    UNKNOWN_OPERATION = "unknown_operation"
+    REFUSED = "refused"  # understood, and not allowed or not possible
+    NOT_FOUND = "not_found"  # no such job or node
+    FORBIDDEN = "forbidden"  # someone else's job, or an administrator's operation
+    DB_UNAVAILABLE = "db_unavailable"  # the head waits for its database: try again shortly
+    INTERNAL = "internal"  # a bug in the head; see its log
+
+
+JobId = Annotated[int, Meta(ge=0, le=(1 << 63) - 1)]
+Id = Annotated[int, Meta(ge=0, le=(1 << 32) - 1)]  # a uid or gid
+Count = Annotated[int, Meta(ge=0, le=(1 << 63) - 1)]
+
+
+class Message(Struct, frozen=True, kw_only=True, forbid_unknown_fields=True, tag_field="t"):
     TYPE: ClassVar[str] = ""
-    id: str = field(default_factory=new_id, kw_only=True)
+    v: int = VERSION
+    id: Annotated[str, Meta(min_length=1, max_length=64)] = field(default_factory=new_id)
 
 
 # One node's share of one run of a job: (job_id, run, role, rank). A node may hold several
@@ -39,11 +74,113 @@ class Message:
 Share = tuple[int, int, str, int]
 
 
+# --- what a node runs (RunJob.spec) -----------------------------------------
+
+
+class ShareSpec(Struct, frozen=True, forbid_unknown_fields=True, tag_field="role"):
+    """What every share of a job carries: which run and rank, and who it runs as."""
+
+    ROLE: ClassVar[str] = ""
+    KIND: ClassVar[str] = ""
+    run: Annotated[int, Meta(ge=1)]  # which dispatch of the job (a requeued job runs again)
+    rank: Annotated[int, Meta(ge=0)]
+    name: str
+    user: str
+    uid: Id
+    gid: Id
+    time_limit: Annotated[float, Meta(gt=0)]  # seconds
+    cwd: str
+
+    @property
+    def role(self) -> str:
+        return self.ROLE
+
+    @property
+    def kind(self) -> str:
+        return self.KIND
+
+
+class CommandShare(ShareSpec, tag="run"):
+    """A command job's processes on one node."""
+
+    ROLE, KIND = "run", "command"
+    argv: Annotated[list[str], Meta(min_length=1)]
+    env: list[str]  # NAME=value
+    procs: Annotated[int, Meta(ge=1)]  # processes on this node
+    nnodes: Annotated[int, Meta(ge=1)]
+    nodelist: list[str]
+    stdout: str  # pattern; "" for the default
+    stderr: str
+    cpus: Annotated[int, Meta(ge=1)]
+
+
+class SourceTransfer(Struct, frozen=True, forbid_unknown_fields=True):
+    """One sender rank's transfer; with the node's data root it is the sender's ``Spec``."""
+
+    transfer_id: str
+    token: str
+    src_path: str
+    dst_host: str
+    dst_port: Annotated[int, Meta(ge=0, lt=65536)]
+    rank: Annotated[int, Meta(ge=0)]
+    nranks: Annotated[int, Meta(ge=1)]
+    transport: Literal["tcp", "rdma"]  # no default: a spec that lost it is refused, not run over TCP
+    policy: Literal["round-robin", "size-balanced"]
+    delete: bool
+    dry_run: bool
+    checksum: bool
+    exclude: list[str]
+    bwlimit: Annotated[float, Meta(gt=0)] | None  # bytes per second
+    streams: Annotated[int, Meta(ge=1)]
+    chunk_size: Annotated[int, Meta(gt=0)]
+    owners: bool  # keep owners and groups (root's and operators' syncs)
+
+
+class SyncSource(ShareSpec, tag="src"):
+    """A sync's sender on one node."""
+
+    ROLE, KIND = "src", "sync"
+    transfer: SourceTransfer
+
+
+class DestinationTransfer(Struct, frozen=True, forbid_unknown_fields=True):
+    """What a node's mover needs to accept one run of a sync."""
+
+    transfer_id: str
+    token: str
+    dst_path: str
+    owners: bool
+
+
+class SyncDestination(ShareSpec, tag="dst"):
+    """A sync's receiver: a registration with the node's mover."""
+
+    ROLE, KIND = "dst", "sync"
+    transfer: DestinationTransfer
+
+
+NodeJob = Union[CommandShare, SyncSource, SyncDestination]
+
+
+class SyncStats(Struct, frozen=True, forbid_unknown_fields=True):
+    """A sender's final counters (the last line it prints), summed over ranks by the head."""
+
+    bytes_sent: Count = 0
+    files_sent: Count = 0
+    files_deleted: Count = 0
+    files_skipped: Count = 0
+    chunks_resent: Count = 0
+    chunks_resumed: Count = 0
+    bytes_total: Count = 0
+    files_total: Count = 0
+    errors: Count = 0  # paths that could not be copied
+    elapsed: Annotated[float, Meta(ge=0)] = 0.0  # seconds
+
+
 # --- node -> head -----------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class Hello(Message):
+class Hello(Message, tag="hello"):
     TYPE = "hello"
     node: str
     partition: str
@@ -54,31 +191,28 @@ class Hello(Message):
     transfer_addr: str  # host:port of this node's mover
     data_root: str
     incarnation: str  # new on every daemon start: tells a reconnect from a restart
-    shares: list[Share] = field(default_factory=list)  # running here
-    ending: list[Share] = field(default_factory=list)  # ended here, the end not yet acknowledged
+    shares: list[Share] = []  # running here
+    ending: list[Share] = []  # ended here, the end not yet acknowledged
 
 
-@dataclass(frozen=True)
-class Heartbeat(Message):
+class Heartbeat(Message, tag="heartbeat"):
     TYPE = "heartbeat"
     node: str
     running: list[int]
-    shares: list[Share] = field(default_factory=list)  # as in Hello: the head checks them against its slots
-    ending: list[Share] = field(default_factory=list)
+    shares: list[Share] = []  # as in Hello: the head checks them against its slots
+    ending: list[Share] = []
 
 
-@dataclass(frozen=True)
-class JobStarted(Message):
+class JobStarted(Message, tag="job_started"):
     TYPE = "job_started"
     job_id: int
     node: str
     run: int  # which dispatch of the job (a requeued job runs again)
-    role: str = ""  # run, src or dst; "" (older nodes): every share of the job on the node
+    role: str = ""  # run, src or dst; "": every share of the job on the node
     rank: int = 0
 
 
-@dataclass(frozen=True)
-class JobEnded(Message):
+class JobEnded(Message, tag="job_ended"):
     """A job's processes on one node are gone; ``state`` is what ended them."""
 
     TYPE = "job_ended"
@@ -92,8 +226,7 @@ class JobEnded(Message):
     rank: int = 0
 
 
-@dataclass(frozen=True)
-class Progress(Message):
+class Progress(Message, tag="progress"):
     TYPE = "progress"
     job_id: int
     node: str
@@ -103,31 +236,28 @@ class Progress(Message):
     files_done: int
     files_total: int
     rate: float
-    stats: dict[str, Any] = field(default_factory=dict)  # final counters of a sync part
+    stats: SyncStats | None = None  # final counters of a sync part
     rank: int = 0  # the sender's rank: a node may send more than one rank of a sync
 
 
 # --- head -> node -----------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class Welcome(Message):
+class Welcome(Message, tag="welcome"):
     TYPE = "welcome"
     heartbeat_interval: float
     kill: list[int]  # jobs the node reported that must not run (reconciliation)
 
 
-@dataclass(frozen=True)
-class RunJob(Message):
+class RunJob(Message, tag="run_job"):
     """Start this node's share of a job. Idempotent: keyed by (job_id, run, role, rank) from the spec."""
 
     TYPE = "run_job"
     job_id: int
-    spec: dict[str, Any]
+    spec: NodeJob
 
 
-@dataclass(frozen=True)
-class KillJob(Message):
+class KillJob(Message, tag="kill_job"):
     """Stop a job's processes here and report them with ``state``. Idempotent."""
 
     TYPE = "kill_job"
@@ -142,37 +272,35 @@ class KillJob(Message):
 # --- both ways --------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class Ack(Message):
+class Ack(Message, tag="ack"):
     TYPE = "ack"
     ref: str
 
 
-@dataclass(frozen=True)
-class Error(Message):
+class Error(Message, tag="error"):
     TYPE = "error"
     ref: str
     message: str
+    code: ErrorCode
 
 
 # --- client <-> head (Unix socket) ------------------------------------------
 
 
-@dataclass(frozen=True)
-class Request(Message):
-    """A command from a client. ``op`` names the operation, ``args`` its arguments."""
+class Request(Message, tag="request"):
+    """A command from a client. ``op`` names the operation, ``args`` its arguments (see ``request_args``)."""
 
     TYPE = "request"
     op: str
-    args: dict[str, Any]
+    args: dict[str, Any] = {}
 
 
-@dataclass(frozen=True)
-class Reply(Message):
+class Reply(Message, tag="reply"):
     TYPE = "reply"
     ok: bool
     data: Any = None
     error: str = ""
+    code: ErrorCode | None = None  # set when not ok
 
 
 TYPES: dict[str, type[Message]] = {
@@ -181,46 +309,142 @@ TYPES: dict[str, type[Message]] = {
 }
 
 
-def _conforms(value: Any, hint: Any) -> bool:
-    origin = typing.get_origin(hint)
-    if hint is Any:
-        return True
-    if origin is tuple:  # a fixed-length array on the wire (msgpack gives a list)
-        items = typing.get_args(hint)
-        return (isinstance(value, (list, tuple)) and len(value) == len(items)
-                and all(_conforms(v, h) for v, h in zip(value, items)))
-    if origin is list:
-        (item,) = typing.get_args(hint)
-        return isinstance(value, list) and all(_conforms(v, item) for v in value)
-    if origin is dict:
-        key, item = typing.get_args(hint)
-        return isinstance(value, dict) and all(_conforms(k, key) and _conforms(v, item) for k, v in value.items())
-    if hint is float:
-        return isinstance(value, (int, float)) and not isinstance(value, bool)
-    if hint is int:
-        return isinstance(value, int) and not isinstance(value, bool)
-    return isinstance(value, hint)
+# --- the arguments of each client request -----------------------------------
+# Unknown fields are ignored, as they always were: a request that says user=root is still the caller's.
+
+Text = Annotated[str, Meta(max_length=4096, pattern="^[^\x00]*$")]
+Name = Annotated[str, Meta(max_length=200, pattern="^[^\x00]*$")]
+TimeText = Annotated[str, Meta(max_length=64, description="a Slurm time: MM, MM:SS, HH:MM:SS, D-HH[:MM[:SS]]")]
 
 
-def _tuples(value: Any, hint: Any) -> Any:
-    """Arrays that the schema calls tuples become tuples (hashable, as they were sent)."""
-    origin = typing.get_origin(hint)
-    if origin is tuple:
-        return tuple(value)
-    if origin is list and typing.get_origin(typing.get_args(hint)[0]) is tuple:
-        return [tuple(v) for v in value]
-    return value
+class Submit(Struct, frozen=True, tag_field="kind"):
+    """What every job submission may say (``kind`` tells a command from a sync)."""
+
+    nodes: Annotated[int, Meta(ge=1, le=4096, description="nodes to run on (a sync: sender/receiver pairs)")] = 1
+    time: TimeText | None = None  # the time limit; None: the cluster's default
+    name: Name | None = None
+    cwd: Text = "/"
+    requeue: bool = False  # requeue on a node failure instead of ending NODE_FAIL (command jobs)
+    hold: bool = False  # submit HELD; cmcontrol release lets it run
+    priority: Annotated[int, Meta(ge=-1000, le=1000, description="operators only; ignored for others")] | None = None
 
 
-_HINTS = {cls: typing.get_type_hints(cls) for cls in TYPES.values()}
-_FIELDS = {cls: [f for f in dataclasses.fields(cls) if f.name != "id"] for cls in TYPES.values()}
+class SubmitCommand(Submit, kw_only=True, tag="command"):
+    """Run a command on ``nodes`` nodes, ``procs`` processes on each (cmrun)."""
+
+    argv: Annotated[list[Annotated[str, Meta(max_length=1 << 16)]], Meta(min_length=1)]
+    env: list[Annotated[str, Meta(pattern="^[^=]+=", description="NAME=value")]] = []
+    procs: Annotated[int, Meta(ge=1, le=4096)] = 1
+    cpus: Annotated[int, Meta(ge=1, le=1 << 16, description="CPUs per node; default: procs")] | None = None
+    mem_mb: Annotated[int, Meta(ge=0, le=1 << 30)] = 0
+    partition: Name | None = None  # None: the first partition
+    stdout: Text | None = None  # a pattern with %j %n %t %x %u
+    stderr: Text | None = None
+
+
+class SyncOptions(Struct, frozen=True):
+    """How a sync copies (cmsync's options)."""
+
+    delete: bool = False  # delete what the source does not have
+    dry_run: bool = False
+    checksum: bool = False  # compare contents, not sizes and times
+    exclude: list[Annotated[str, Meta(min_length=1, max_length=4096)]] = []
+    bwlimit: Annotated[int, Meta(gt=0, description="bytes per second")] | None = None
+    transport: Literal["tcp", "rdma"] = "tcp"
+    policy: Literal["round-robin", "size-balanced"] = "size-balanced"
+
+
+class SubmitSync(Submit, kw_only=True, tag="sync"):
+    """Copy ``src`` to ``dst``, each ``PARTITION:/path`` or ``NODE:/path`` (cmsync)."""
+
+    src: Annotated[str, Meta(max_length=4096, description="PARTITION:/path or NODE:/path")]
+    dst: Annotated[str, Meta(max_length=4096, description="PARTITION:/path or NODE:/path")]
+    options: SyncOptions = SyncOptions()
+
+
+class Cancel(Struct, frozen=True):
+    job_ids: Annotated[list[JobId], Meta(min_length=1, max_length=100000)]
+
+
+class Info(Struct, frozen=True):
+    job_id: JobId | None = None  # one job, in detail
+    all: bool = False  # finished jobs too, not only recent ones
+
+
+MAX_WAIT = 60.0  # seconds one long poll may last; clients ask again
+
+
+class Wait(Struct, frozen=True):
+    job_id: JobId
+    timeout: Annotated[float, Meta(ge=0, le=MAX_WAIT)] = 0.0  # seconds; 0: answer now
+
+
+class Control(Struct, frozen=True):
+    """cmcontrol: hold/release/priority on jobs, drain/resume nodes, block/unblock users."""
+
+    action: Literal["hold", "release", "priority", "drain", "resume", "block", "unblock"]
+    job_id: JobId | None = None
+    value: Literal["high", "normal", "low"] | int | None = None  # priority
+    node: Name = ""
+    reason: Text = ""
+    user: Name = ""  # "" or ALL: everyone
+    token: Text = ""  # the operator token, for those who are not operators
+
+
+class Ping(Struct, frozen=True):
+    pass
+
+
+class Stats(Struct, frozen=True):
+    pass
+
+
+Args = Union[SubmitCommand, SubmitSync, Cancel, Info, Wait, Control, Ping, Stats]
+ARGS: dict[str, Any] = {
+    "submit": Union[SubmitCommand, SubmitSync], "cancel": Cancel, "info": Info, "wait": Wait, "control": Control,
+    "ping": Ping, "stats": Stats,
+}
+
+
+def request_args(op: str, args: dict[str, Any]) -> Args:
+    """The typed arguments of a request; raises ProtocolError naming the field that does not fit.
+
+    A submit without ``kind`` is a command job. KeyError for an op not in ``ARGS``.
+    """
+    schema = ARGS[op]
+    if op == "submit" and "kind" not in args:
+        args = {**args, "kind": "command"}
+    try:
+        return msgspec.convert(args, schema)
+    except msgspec.ValidationError as exc:
+        raise ProtocolError(_named(exc, f"{op} arguments")) from None
+
+
+# --- encoding ---------------------------------------------------------------
+
+_encoder = msgspec.msgpack.Encoder()
+_decoder = msgspec.msgpack.Decoder(Union[tuple(TYPES.values())])  # type: ignore[misc]
+
+
+class _Envelope(Struct):
+    v: Any = None
+
+
+_envelope = msgspec.msgpack.Decoder(_Envelope)
+_AT = re.compile(r" - at `\$\.?([^`]*)`$")
+
+
+def _named(exc: Exception, what: str = "message") -> str:
+    """``field 'job_id': Expected `int`, got `str``` from msgspec's ``... - at `$.job_id```."""
+    text = str(exc)
+    m = _AT.search(text)
+    if m is None or not m.group(1):
+        return f"{what}: {text[:m.start()] if m else text}"
+    return f"{what} field {m.group(1)!r}: {text[:m.start()]}"
 
 
 def encode(msg: Message) -> bytes:
-    body = {"v": VERSION, "t": msg.TYPE, "id": msg.id}
-    for f in _FIELDS[type(msg)]:
-        body[f.name] = getattr(msg, f.name)
-    return msgpack.packb(body, use_bin_type=True)
+    return _encoder.encode(msg)
 
 
 def decode(data: bytes) -> Message:
@@ -228,34 +452,25 @@ def decode(data: bytes) -> Message:
     if len(data) > MAX_MESSAGE:
         raise ProtocolError(f"message of {len(data)} bytes exceeds {MAX_MESSAGE}")
     try:
-        body = msgpack.unpackb(data, raw=False, strict_map_key=False)
-    except Exception as exc:  # msgpack raises several unrelated types for garbage
-        raise ProtocolError(f"not msgpack: {exc.__class__.__name__}") from None
-    if not isinstance(body, dict):
-        raise ProtocolError("message is not a map")
-    if body.get("v") != VERSION:
-        raise ProtocolError(f"protocol version {body.get('v')!r}, expected {VERSION}")
-    cls = TYPES.get(body.get("t"))  # type: ignore[arg-type]
-    if cls is None:
-        raise ProtocolError(f"unknown message type {body.get('t')!r}")
-    msg_id = body.get("id")
-    if not isinstance(msg_id, str) or not msg_id:
-        raise ProtocolError("message id missing")
-    hints = _HINTS[cls]
-    kwargs: dict[str, Any] = {}
-    for f in _FIELDS[cls]:
-        if f.name not in body:
-            if f.default is dataclasses.MISSING:
-                raise ProtocolError(f"{cls.TYPE}: field {f.name!r} missing")
-            continue
-        value = body[f.name]
-        if not _conforms(value, hints[f.name]):
-            raise ProtocolError(f"{cls.TYPE}: field {f.name!r} has the wrong type")
-        kwargs[f.name] = _tuples(value, hints[f.name])
-    extra = set(body) - {"v", "t", "id"} - {f.name for f in _FIELDS[cls]}
-    if extra:
-        raise ProtocolError(f"{cls.TYPE}: unknown fields {sorted(extra)}")
-    return cls(id=msg_id, **kwargs)
+        msg = _decoder.decode(data)
+    except msgspec.ValidationError as exc:
+        _check_version(data)
+        raise ProtocolError(_named(exc)) from None
+    except msgspec.DecodeError as exc:
+        raise ProtocolError(f"not msgpack: {exc}") from None
+    if msg.v != VERSION:
+        raise ProtocolError(f"protocol version {msg.v!r}, expected {VERSION}")
+    return msg
+
+
+def _check_version(data: bytes) -> None:
+    """A message of another version is refused as such, not for the fields that changed."""
+    try:
+        v = _envelope.decode(data).v
+    except (msgspec.ValidationError, msgspec.DecodeError):
+        return
+    if v != VERSION:
+        raise ProtocolError(f"protocol version {v!r}, expected {VERSION}")
 
 
 # --- framing on stream sockets (the client's Unix socket) --------------------

@@ -100,22 +100,36 @@ def _fake_node(cluster, name: str, partition: str) -> zmq.Socket:
     return sock
 
 
+def _replace_node(cluster, name: str, partition: str) -> zmq.Socket:
+    """Kill node name's daemon; a fake node takes its name and key."""
+    cluster.kill(name, signal.SIGKILL)
+    cluster.wait_node(name, "DOWN", timeout=10)
+    return _fake_node(cluster, name, partition)
+
+
+def _next_run_job(node: zmq.Socket, deadline: float) -> tuple[RunJob, bytes]:
+    """The next RunJob the fake node gets (acknowledged), and its bytes as they came."""
+    while True:
+        assert node.poll(max(0, int((deadline - time.monotonic()) * 1000)) + 1), "no RunJob"
+        raw = node.recv()
+        msg = decode(raw)
+        if isinstance(msg, RunJob):
+            node.send(encode(Ack(ref=msg.id)))
+            return msg, raw
+
+
+def _say_started(node: zmq.Socket, msg: RunJob) -> None:
+    node.send(encode(JobStarted(job_id=msg.job_id, node=node.identity.decode(), run=msg.spec.run,
+                                role=msg.spec.role, rank=msg.spec.rank)))
+
+
 def test_a_share_the_node_does_not_run_ends_the_job_within_two_heartbeats(make_cluster):
     cluster = make_cluster("cpu:1", nodes=1)
-    cluster.kill("computenode-1", signal.SIGKILL)  # a fake node takes its name and key
-    cluster.wait_node("computenode-1", "DOWN", timeout=10)
-    node = _fake_node(cluster, "computenode-1", "cpu")
+    node = _replace_node(cluster, "computenode-1", "cpu")
     try:
         job_id = cluster.submit("cmrun", "sleep", "600")
-        deadline = time.monotonic() + 5
-        while time.monotonic() < deadline:  # accept the job, say it started ... then never run it
-            assert node.poll(int((deadline - time.monotonic()) * 1000) + 1), "no RunJob"
-            msg = decode(node.recv())
-            if isinstance(msg, RunJob):
-                node.send(encode(Ack(ref=msg.id)))
-                node.send(encode(JobStarted(job_id=job_id, node="computenode-1", run=msg.spec["run"],
-                                            role=msg.spec["role"], rank=msg.spec["rank"])))
-                break
+        msg, _ = _next_run_job(node, time.monotonic() + 5)  # accept the job, say it started ... then never run it
+        _say_started(node, msg)
         cluster.wait_state(job_id, "RUNNING", timeout=5)
         beat = time.monotonic()
         for _ in range(3):  # 0.2 s heartbeats that name no share
@@ -130,9 +144,7 @@ def test_a_share_the_node_does_not_run_ends_the_job_within_two_heartbeats(make_c
 
 def test_a_share_the_node_never_starts_ends_the_job_after_the_start_timeout(make_cluster):
     cluster = make_cluster("cpu:1", nodes=1)
-    cluster.kill("computenode-1", signal.SIGKILL)
-    cluster.wait_node("computenode-1", "DOWN", timeout=10)
-    node = _fake_node(cluster, "computenode-1", "cpu")
+    node = _replace_node(cluster, "computenode-1", "cpu")
     try:
         job_id = cluster.submit("cmrun", "sleep", "600")
         sent = time.monotonic()
@@ -219,3 +231,23 @@ def test_the_scheduler_says_why_each_job_waits():
     started = scheduler.plan(pending, nodes, running, 0.0)
     assert [r.job_id for r, _ in started] == [5]
     assert scheduler.reasons == {1: "Resources", 4: "Priority"}
+
+
+def test_the_transport_a_sync_asks_for_reaches_the_node(make_cluster):
+    """cmsync --transport tcp: the node's RunJob for the sender carries it, on the wire and decoded."""
+    import msgpack
+
+    cluster = make_cluster("cpu:1", nodes=1)
+    node = _replace_node(cluster, "computenode-1", "cpu")
+    try:
+        job_id = cluster.submit("cmsync", "--transport", "tcp", "cpu:/a", "cpu:/b")
+        deadline = time.monotonic() + 10
+        receiver, _ = _next_run_job(node, deadline)
+        assert receiver.spec.role == "dst"
+        _say_started(node, receiver)  # the sender is sent once its receiver has started
+        msg, raw = _next_run_job(node, deadline)
+        assert msg.spec.role == "src" and msg.spec.transfer.transport == "tcp"
+        assert msgpack.unpackb(raw)["spec"]["transfer"]["transport"] == "tcp"  # on the wire, not a default
+    finally:
+        node.close()
+    cluster.cli("cmkill", str(job_id))

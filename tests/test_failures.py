@@ -11,7 +11,7 @@ import msgpack
 import zmq
 from conftest import node_dealer
 
-from cm.protocol import Heartbeat, Hello, encode
+from cm.protocol import VERSION, Heartbeat, Hello, encode
 
 
 def test_a_killed_compute_daemon_makes_its_node_down_and_its_job_node_fail(cluster):
@@ -81,10 +81,10 @@ def test_malformed_messages_to_the_router_leave_the_head_answering(cluster):
         s.sendall(os.urandom(2048))
     # an authenticated peer sending nonsense gets errors, and changes nothing
     dealer = node_dealer(cluster, "computenode-1")
-    bad = [b"", b"\xc1", msgpack.packb({"v": 1, "t": "job_ended", "id": "x", "job_id": "one"}),
-           msgpack.packb({"v": 1, "t": "run_job", "id": "y", "job_id": 1, "spec": {}}),
+    bad = [b"", b"\xc1", msgpack.packb({"v": VERSION, "t": "job_ended", "id": "x", "job_id": "one"}),
+           msgpack.packb({"v": VERSION, "t": "run_job", "id": "y", "job_id": 1, "spec": {}}),
            encode(Heartbeat(node="computenode-2", running=[])),
-           msgpack.packb({"v": 1, "t": "job_ended", "id": "z", "job_id": 123456, "node": "computenode-1", "run": 1,
+           msgpack.packb({"v": VERSION, "t": "job_ended", "id": "z", "job_id": 123456, "node": "computenode-1", "run": 1,
                           "state": "COMPLETED", "exit_code": 0})]
     for payload in bad:
         dealer.send(payload)

@@ -276,7 +276,7 @@ def test_acting_as_a_user_in_one_thread_leaves_the_others_root(open_dir, fuzzer_
 def test_each_run_of_a_sync_has_its_own_128_bit_token_and_one_runs_token_opens_no_other(open_dir):
     import secrets
 
-    from cm.head.jobs import JobTable
+    from cm.head.specs import node_spec
     from cm.transfer.receiver import TransferServer
     from cm.transfer.wire import HEADER, MAGIC, VERSION as WIRE_VERSION, Kind
 
@@ -284,17 +284,16 @@ def test_each_run_of_a_sync_has_its_own_128_bit_token_and_one_runs_token_opens_n
            "cwd": "/", "sync": {"token": secrets.token_hex(16), "src": {"path": "/a"}, "dst": {"path": "/b"},
                                 "options": {}},
            "slots": [{"node": "n1", "role": "src", "rank": 0}, {"node": "n2", "role": "dst", "rank": 0}]}
-    table = JobTable()
-    first = table.spec(job, job["slots"][1], {})["transfer"]
+    first = node_spec(job, job["slots"][1], {}).transfer
     job["runs"] = 2
-    second = table.spec(job, job["slots"][1], {})["transfer"]
-    assert first["transfer_id"] == "5.1" and second["transfer_id"] == "5.2"
-    assert len(bytes.fromhex(first["token"])) == 16 and first["token"] != second["token"]
-    assert table.spec(job, job["slots"][0], {"n2": "h:1"})["transfer"]["token"] == second["token"]
+    second = node_spec(job, job["slots"][1], {}).transfer
+    assert first.transfer_id == "5.1" and second.transfer_id == "5.2"
+    assert len(bytes.fromhex(first.token)) == 16 and first.token != second.token
+    assert node_spec(job, job["slots"][0], {"n2": "h:1"}).transfer.token == second.token
     server = TransferServer("127.0.0.1", 0)
     server.start()
     try:
-        server.register("5.2", second["token"], open_dir, "/b")
+        server.register("5.2", second.token, open_dir, "/b")
 
         def hello(tid: str, token: str) -> int:
             with socket.create_connection(("127.0.0.1", server.port), timeout=5) as s:
@@ -302,7 +301,7 @@ def test_each_run_of_a_sync_has_its_own_128_bit_token_and_one_runs_token_opens_n
                 s.sendall(HEADER.pack(MAGIC, WIRE_VERSION, Kind.HELLO, len(meta), 0) + meta)
                 return HEADER.unpack(s.recv(HEADER.size, socket.MSG_WAITALL))[2]
 
-        assert hello("5.2", first["token"]) == Kind.ERROR
-        assert hello("5.2", second["token"]) == Kind.OK
+        assert hello("5.2", first.token) == Kind.ERROR
+        assert hello("5.2", second.token) == Kind.OK
     finally:
         server.stop()

@@ -5,7 +5,7 @@ import pytest
 
 from cm import config
 from cm.node.launch import expand
-from cm.protocol import Heartbeat, JobEnded, ProtocolError, Request, decode, encode, frame, unframe
+from cm.protocol import VERSION, Heartbeat, JobEnded, ProtocolError, Request, decode, encode, frame, unframe
 from cm.states import TRANSITIONS, InvalidTransition, JobState, check_transition
 from cm.timefmt import TimeFormatError, format_duration, parse_time
 
@@ -30,12 +30,12 @@ def test_messages_round_trip():
 
 @pytest.mark.parametrize("payload", [
     b"", b"\xff\xfe garbage", msgpack.packb([1, 2, 3]), msgpack.packb({"v": 99, "t": "heartbeat", "id": "x"}),
-    msgpack.packb({"v": 1, "t": "nope", "id": "x"}),
-    msgpack.packb({"v": 1, "t": "heartbeat", "id": "x", "node": "n"}),
-    msgpack.packb({"v": 1, "t": "heartbeat", "id": "x", "node": 5, "running": []}),
-    msgpack.packb({"v": 1, "t": "heartbeat", "id": "x", "node": "n", "running": ["a"]}),
-    msgpack.packb({"v": 1, "t": "heartbeat", "id": "x", "node": "n", "running": [], "evil": 1}),
-    msgpack.packb({"v": 1, "t": "job_ended", "id": "x", "job_id": True, "node": "n", "run": 1, "state": "X",
+    msgpack.packb({"v": VERSION, "t": "nope", "id": "x"}),
+    msgpack.packb({"v": VERSION, "t": "heartbeat", "id": "x", "node": "n"}),
+    msgpack.packb({"v": VERSION, "t": "heartbeat", "id": "x", "node": 5, "running": []}),
+    msgpack.packb({"v": VERSION, "t": "heartbeat", "id": "x", "node": "n", "running": ["a"]}),
+    msgpack.packb({"v": VERSION, "t": "heartbeat", "id": "x", "node": "n", "running": [], "evil": 1}),
+    msgpack.packb({"v": VERSION, "t": "job_ended", "id": "x", "job_id": True, "node": "n", "run": 1, "state": "X",
                    "exit_code": 0}),
 ])
 def test_anything_that_does_not_fit_a_schema_is_refused(payload):

@@ -9,7 +9,7 @@ import pytest
 
 from cm.cli.client import Client, HeadError
 from cm.config import load
-from cm.protocol import Request, frame
+from cm.protocol import ErrorCode, Request, frame
 
 
 def client_of(cluster) -> Client:
@@ -42,8 +42,9 @@ def test_bad_waits_are_refused_and_a_waiter_that_leaves_changes_nothing(cluster)
     client = client_of(cluster)
     for args in ({"job_id": job_id, "timeout": 61}, {"job_id": job_id, "timeout": -1}, {"job_id": "x"},
                  {"job_id": job_id, "timeout": True}):
-        with pytest.raises(HeadError):
+        with pytest.raises(HeadError) as refused:
             client.call("wait", **args)
+        assert refused.value.code == ErrorCode.BAD_MESSAGE and "wait arguments field" in str(refused.value)
     gone = socket.socket(socket.AF_UNIX)
     gone.connect(str(cluster.run_dir / "head.sock"))
     gone.sendall(frame(Request(op="wait", args={"job_id": job_id, "timeout": 30})))

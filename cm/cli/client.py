@@ -9,11 +9,16 @@ from typing import Any, NoReturn
 
 from cm import config
 from cm.states import FINAL_STATES
-from cm.protocol import ProtocolError, Reply, Request, decode, frame, unframe
+from cm.protocol import ErrorCode, ProtocolError, Reply, Request, decode, frame, unframe
 
 
 class HeadError(RuntimeError):
-    """The head refused the request or could not be reached; the message is for the user."""
+    """The head refused the request or could not be reached; the message is for the user, ``code``
+    (a cm.protocol.ErrorCode, None when the head was not reached) for programs."""
+
+    def __init__(self, message: str, code: ErrorCode | None = None):
+        super().__init__(message)
+        self.code = code
 
 
 class Client:
@@ -65,7 +70,7 @@ class Client:
         if not isinstance(reply, Reply):
             raise HeadError(f"unexpected {reply.TYPE} from the head")
         if not reply.ok:
-            raise HeadError(reply.error)
+            raise HeadError(reply.error, reply.code)
         return reply.data
 
     def close(self) -> None:

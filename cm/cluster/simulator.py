@@ -25,6 +25,7 @@ from cm import __version__
 from cm.protocol import (
     Ack,
     Error,
+    ErrorCode,
     Heartbeat,
     Hello,
     JobEnded,
@@ -125,11 +126,12 @@ class Simulator:
         if isinstance(msg, Welcome):
             node.welcomed = True
         elif isinstance(msg, Error):
-            node.welcomed = False
+            if msg.code == ErrorCode.UNKNOWN_NODE:
+                node.welcomed = False
         elif isinstance(msg, RunJob):
             self.send(node, Ack(ref=msg.id))
             spec = msg.spec
-            share = (msg.job_id, spec.get("run", 0), spec.get("role", "run"), spec.get("rank", 0))
+            share = (msg.job_id, spec.run, spec.role, spec.rank)
             if share not in node.running:
                 node.running.add(share)
                 if self.job_seconds is not None:

@@ -1,75 +1,44 @@
-"""The head's table of unfinished jobs: memory for speed, MongoDB for truth.
+"""The head's table of unfinished jobs, and every change of state they go through.
 
-Every change is written through to the database with a conditional update
-before it is made in memory, so a head killed at any point restarts from
-what was stored. Finished jobs leave memory; they stay in the database.
+Memory is for speed, the store (MongoDB; an in-memory one in the unit tests)
+for truth: every change is a conditional write first and a change in memory
+after, only if the write won. A write that loses (someone else moved the job)
+reloads that job from the store and is logged. So a head killed at any point
+restarts from what was stored. Finished jobs leave memory; they stay stored.
+
+Each change returns what the server must do in an ``Outcome`` (commands for
+nodes, nodes to drain); nothing here touches a socket.
 """
 
 from __future__ import annotations
 
 import collections
-import hmac
 import logging
 import time
-from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any, Callable, Iterable
 
-from cm import store
-from cm.head.resources import Demand, NodeView, Request, Running
+from cm.head.ids import JobIds
+from cm.head.outcome import Outcome, Stop, stop_slot
+from cm.head.progress import merge
+from cm.head.recent import RecentJobs
+from cm.head.records import Job, SlotRecord
+from cm.head.resources import NodeView, Request, Running
+from cm.head.specs import demands_of, node_spec, request_of
+from cm.head.writebehind import HeldStarts
 from cm.logs import event
+from cm.protocol import NodeJob
 from cm.states import FINAL_STATES, JobState
+from cm.store.jobstore import JobStore
 from cm.transfer.exitcodes import TRANSIENT as TRANSIENT_EXIT  # a sender lost its receiver: run the sync again
 
 log = logging.getLogger("cm.head.jobs")
 
-Job = dict[str, Any]  # the stored document
 SYNC_RESTARTS = 5
+FORCED = (JobState.TIMEOUT, JobState.NODE_FAIL, JobState.CANCELLED)  # a share stopped by force stops the job
 
+__all__ = ["JobTable", "Outcome", "Stop", "final_state", "request_of"]
 
 Share = tuple[int, int, str, int]  # (job_id, run, role, rank): one slot of one run, as nodes name it
-
-
-@dataclass(frozen=True)
-class Stop:
-    """Stop one share of a job on a node (role "": every share of the job there) and report it as `state`."""
-
-    node: str
-    job_id: int
-    state: str
-    run: int = 0
-    role: str = ""
-    rank: int = -1
-    reason: str = ""
-
-
-@dataclass
-class Outcome:
-    """What the server must do after a change: commands for nodes, nodes to drain, whether to schedule."""
-
-    run: list[tuple[str, int, dict]] = field(default_factory=list)  # (node, job_id, spec)
-    kill: list[Stop] = field(default_factory=list)
-    finished: list[int] = field(default_factory=list)
-    drain: list[tuple[str, str]] = field(default_factory=list)  # (node, reason)
-
-
-def stop_slot(job: "Job", slot: dict, state: JobState | str, reason: str = "") -> Stop:
-    state = state.value if isinstance(state, JobState) else state
-    return Stop(slot["node"], job["_id"], state, job.get("runs", 0), slot["role"], slot["rank"], reason)
-
-
-def demands_of(job: Job) -> tuple[Demand, ...]:
-    if job["kind"] == "sync":
-        sync = job["sync"]
-        n = job["nodes"]
-        return (
-            Demand("src", n, 1, 0, partition=sync["src"].get("partition", ""), node=sync["src"].get("node", "")),
-            Demand("dst", n, 1, 0, partition=sync["dst"].get("partition", ""), node=sync["dst"].get("node", "")),
-        )
-    return (Demand("run", job["nodes"], job["cpus"], job["mem_mb"], partition=job["partition"]),)
-
-
-def request_of(job: Job) -> Request:
-    return Request(job["_id"], job.get("priority", 0), job["submitted"], job["time_limit"], demands_of(job))
 
 
 def final_state(job: Job) -> tuple[JobState, int]:
@@ -79,7 +48,7 @@ def final_state(job: Job) -> tuple[JobState, int]:
     exit_code = next((s["exit_code"] for s in slots if s["exit_code"] != 0), 0)
     if job.get("cancel_requested"):
         return JobState.CANCELLED, exit_code
-    for severe in (JobState.TIMEOUT, JobState.NODE_FAIL, JobState.CANCELLED):
+    for severe in FORCED:
         if severe.value in states:
             return severe, exit_code
     if exit_code or JobState.FAILED.value in states:
@@ -87,12 +56,26 @@ def final_state(job: Job) -> tuple[JobState, int]:
     return JobState.COMPLETED, 0
 
 
-class JobTable:
-    ID_BLOCK = 64
-    RECENT_SECONDS = 300.0  # finished jobs cminfo shows without --all
-    RECENT_MAX = 20000
+def apply_fields(job: Job, fields: dict[str, Any]) -> None:
+    """Make in memory the change ``fields`` made in the store (``slots.N.key``: one slot's key)."""
+    for key, value in fields.items():
+        if key.startswith("slots."):
+            _, index, name = key.split(".", 2)
+            job["slots"][int(index)][name] = value  # type: ignore[literal-required]
+        elif "." not in key:
+            job[key] = value  # type: ignore[literal-required]
 
-    def __init__(self, stop_timeout: float = 8.0) -> None:
+
+def preview(job: Job, fields: dict[str, Any]) -> Job:
+    """The job as it will be once ``fields`` are written (memory is changed only after the write)."""
+    view: Job = {**job, "slots": [SlotRecord(**s) for s in job.get("slots", ())]}  # type: ignore[typeddict-item]
+    apply_fields(view, fields)
+    return view
+
+
+class JobTable:
+    def __init__(self, store: JobStore, stop_timeout: float = 8.0) -> None:
+        self.store = store
         # a share told to stop must be confirmed gone within this many seconds (the node's kill grace plus
         # a confirmation timeout); after that its slot is released and its node drained, like Slurm's
         # "Kill task failed"
@@ -103,38 +86,30 @@ class JobTable:
         # reaped first), or it is lost: nodes say why they refuse, so silence means the share went missing
         self.start_timeout = stop_timeout + 5.0
         self.sent_at: dict[int, float] = {}  # job -> when its latest RunJobs went out (monotonic)
-        self.reasons: dict[int, str] = {}  # why each pending job waits, from the last scheduler pass
+        # memory only, never stored: why each waiting job waits (Held, Blocked, the scheduler's reason),
+        # the jobs whose current run's senders were told to start, each sync's progress by sender rank
+        self.reasons: dict[int, str] = {}
+        self.src_sent: set[int] = set()
+        self.node_progress: dict[int, dict[str, dict[str, Any]]] = {}
         self.jobs: dict[int, Job] = {}
         self._by_node: dict[str, set[int]] | None = None  # node -> jobs that may have a slot there
         self.requests: dict[int, Request] = {}
-        self.ids: Iterator[int] = iter(())
-        # finished jobs, newest last: cminfo shows them without scanning the database
-        self.recent: collections.OrderedDict[int, Job] = collections.OrderedDict()
-        # DISPATCHING -> RUNNING writes held back a moment (RUNNING_HOLD), so a job that starts and
-        # ends within it costs one write; the node's JobStarted is acknowledged only once written
-        self.unsaved_running: dict[int, dict[str, Any]] = {}
-        self.unsaved_since: dict[int, float] = {}
-
-    def next_id(self) -> int:
-        for job_id in self.ids:
-            return job_id
-        self.ids = iter(store.reserve_job_ids(self.ID_BLOCK))
-        return next(self.ids)
+        self.ids = JobIds(store.reserve_job_ids)
+        self.recent = RecentJobs()
+        self.held = HeldStarts()
+        self.lost_races = 0  # conditional writes another writer won (each one reloaded that job)
 
     # --- loading and views ---------------------------------------------------
 
     def load(self) -> None:
-        self.jobs = {j["_id"]: j for j in store.active_jobs()}
+        self.jobs = {j["_id"]: j for j in self.store.active_jobs()}
         self._by_node = None
-        self.recent = collections.OrderedDict(
-            (j["_id"], j) for j in sorted(store.recent_jobs(time.time() - self.RECENT_SECONDS, finished=True),
-                                          key=lambda j: j["ended"]))
-        self.unsaved_running, self.unsaved_since = {}, {}
-        self.stopping, self.reasons, self.sent_at = {}, {}, {}
+        self.recent.load(self.store.recent_jobs(time.time() - self.recent.seconds, finished=True))
+        self.held = HeldStarts()
+        self.stopping, self.reasons, self.sent_at, self.src_sent, self.node_progress = {}, {}, {}, set(), {}
         self.requests = {i: request_of(j) for i, j in self.jobs.items() if j["state"] == JobState.PENDING.value}
         for j in self.jobs.values():
-            if j["state"] in (JobState.PENDING.value, JobState.HELD.value):
-                j["pending_reason"] = "Held" if j["state"] == JobState.HELD.value else "None"
+            self._waits(j)
         event(log, "jobs loaded", active=len(self.jobs), pending=len(self.requests))
 
     def pending(self) -> list[Request]:
@@ -179,7 +154,15 @@ class JobTable:
                 ids.discard(job_id)
         return out
 
-    # --- changes ---------------------------------------------------------------
+    def shown(self) -> list[Job]:
+        """What cminfo lists without --all: every unfinished job and the recently finished ones."""
+        return [*self.recent.values(), *self.jobs.values()]
+
+    def find(self, job_id: int) -> Job | None:
+        """An unfinished or recently finished job from memory, else the stored one, else None."""
+        return self.jobs.get(job_id) or self.recent.get(job_id) or self.store.get_job(job_id)
+
+    # --- writing: the store first, memory after ------------------------------
 
     def add(self, job: Job) -> None:
         self.jobs[job["_id"]] = job
@@ -187,54 +170,64 @@ class JobTable:
             self._by_node = None
         if job["state"] == JobState.PENDING.value:
             self.requests[job["_id"]] = request_of(job)
-            job["pending_reason"] = "None"  # until the next pass
-        elif job["state"] == JobState.HELD.value:
-            job["pending_reason"] = "Held"
+        self._waits(job)
+
+    def _waits(self, job: Job) -> None:
+        """A waiting job's reason until the next scheduler pass says better; none for others."""
+        if job["state"] in (JobState.PENDING.value, JobState.HELD.value):
+            self.reasons[job["_id"]] = "Held" if job["state"] == JobState.HELD.value else "None"
+        else:
+            self.reasons.pop(job["_id"], None)
+
+    def why_waiting(self, job_id: int) -> str | None:
+        """Why a PENDING or HELD job waits (squeue's reason code); None for any other job."""
+        return self.reasons.get(job_id)
+
+    def submit(self, fields: dict[str, Any]) -> Job:
+        """Store a new job (``fields`` without its id) and keep it; return its record."""
+        job: Job = self.store.insert_job({**fields, "id": self.ids.next()})  # type: ignore[assignment]
+        self.add(job)
+        return job
+
+    def _lost(self, job: Job, wanted: str) -> None:
+        """Another writer changed the job first: take the stored one as it is, and say so."""
+        self.lost_races += 1
+        fresh = self.store.get_job(job["_id"])
+        event(log, "lost a race on a job", logging.WARNING, job=job["_id"], wanted=wanted,
+              found=fresh and fresh["state"])
+        self._forget(job["_id"])
+        if fresh and fresh["state"] not in {s.value for s in FINAL_STATES}:
+            self.add(fresh)  # type: ignore[arg-type]
+
+    def _write(self, job: Job, fields: dict[str, Any]) -> bool:
+        """Set fields while the job keeps its state; then in memory. False (job reloaded) if it lost."""
+        if not fields:
+            return True
+        if not self.store.update_job(job["_id"], [JobState(job["state"])], **fields):
+            self._lost(job, f"update {sorted(fields)[:4]}")
+            return False
+        apply_fields(job, fields)
+        return True
 
     def _move(self, job: Job, dst: JobState, **fields: Any) -> bool:
         """Conditional write, then memory. False (and the job reloaded) if someone else moved it."""
         src = JobState(job["state"])
-        fields = {**self.unsaved_running.pop(job["_id"], {}), **fields}
-        self.unsaved_since.pop(job["_id"], None)
-        if not store.transition(job["_id"], src, dst, **fields):
-            fresh = store.get_job(job["_id"])
-            event(log, "lost a race on a job", logging.WARNING, job=job["_id"], wanted=dst.value,
-                  found=fresh and fresh["state"])
-            self._forget(job["_id"])
-            if fresh and fresh["state"] not in {s.value for s in FINAL_STATES}:
-                self.add(fresh)
+        fields = {**self.held.take(job["_id"]), **fields}
+        if not self.store.transition(job["_id"], src, dst, **fields):
+            self._lost(job, dst.value)
             return False
         job["state"] = dst.value
-        for key, value in fields.items():
-            if "." not in key:
-                job[key] = value
+        apply_fields(job, fields)
         if dst != JobState.PENDING:
             self.requests.pop(job["_id"], None)
         else:
             self.requests[job["_id"]] = request_of(job)
-        if dst in (JobState.PENDING, JobState.HELD):
-            job["pending_reason"] = "Held" if dst == JobState.HELD else "None"  # until the next pass
-        else:
-            job.pop("pending_reason", None)
+        self._waits(job)
         if dst in FINAL_STATES:
             self._forget(job["_id"])
-            self.recent[job["_id"]] = job
-            self._prune_recent()
+            self.recent.add(job)
         event(log, "job state", job=job["_id"], state=dst.value, **({"exit_code": fields["exit_code"]} if "exit_code" in fields else {}))
         return True
-
-    def _prune_recent(self) -> None:
-        oldest = time.time() - self.RECENT_SECONDS
-        while self.recent:
-            job = next(iter(self.recent.values()))
-            if len(self.recent) <= self.RECENT_MAX and (job.get("ended") or 0) >= oldest:
-                break
-            self.recent.popitem(last=False)
-
-    def shown(self) -> list[Job]:
-        """What cminfo lists without --all: every unfinished job and the recently finished ones."""
-        self._prune_recent()
-        return [*self.recent.values(), *self.jobs.values()]
 
     def _forget(self, job_id: int) -> None:
         self.jobs.pop(job_id, None)
@@ -242,83 +235,53 @@ class JobTable:
         self.stopping.pop(job_id, None)
         self.reasons.pop(job_id, None)
         self.sent_at.pop(job_id, None)
-        self.unsaved_running.pop(job_id, None)
-        self.unsaved_since.pop(job_id, None)
+        self.src_sent.discard(job_id)
+        self.node_progress.pop(job_id, None)
+        self.held.take(job_id)
+
+    # --- write-behind of RUNNING ---------------------------------------------
 
     def flush(self, older_than: float = 0.0) -> None:
         """Write the RUNNING transitions held back for longer than older_than seconds."""
-        now = time.monotonic()
-        for job_id in list(self.unsaved_running):
-            if now - self.unsaved_since.get(job_id, 0.0) < older_than:
-                continue
+        for job_id in self.held.due(older_than):
             job = self.jobs.get(job_id)
             if job is None or job["state"] != JobState.DISPATCHING.value:
-                self.unsaved_running.pop(job_id, None)
-                self.unsaved_since.pop(job_id, None)
+                self.held.take(job_id)
                 continue
             self._move(job, JobState.RUNNING)
 
     def unsaved(self, job_id: int) -> bool:
-        return job_id in self.unsaved_running
+        return job_id in self.held
 
     def next_flush(self, hold: float) -> float | None:
         """When the oldest held RUNNING write is due (monotonic), or None."""
-        return min(self.unsaved_since.values()) + hold if self.unsaved_since else None
+        return self.held.next_due(hold)
+
+    # --- what happens to jobs ------------------------------------------------
 
     def dispatch(self, job_id: int, assignment: list[list[str]], addrs: dict[str, str], out: Outcome) -> None:
         """PENDING -> DISPATCHING on the assigned nodes; queue the RunJob commands."""
         job = self.jobs[job_id]
-        demands = demands_of(job)
         slots = []
-        for demand, names in zip(demands, assignment):
+        for demand, names in zip(demands_of(job), assignment):
             for rank, name in enumerate(names):
-                slots.append(
-                    {"node": name, "rank": rank, "role": demand.role, "cpus": demand.cpus, "mem_mb": demand.mem_mb,
-                     "started": False, "ended": False, "state": "", "exit_code": 0}
-                )
-        run = job.get("runs", 0) + 1
-        now = time.time()
-        if not self._move(job, JobState.DISPATCHING, slots=slots, runs=run, dispatched=now):
+                slots.append(SlotRecord(node=name, rank=rank, role=demand.role, cpus=demand.cpus,
+                                        mem_mb=demand.mem_mb, started=False, ended=False, state="", exit_code=0))
+        if not self._move(job, JobState.DISPATCHING, slots=slots, runs=job.get("runs", 0) + 1, dispatched=time.time()):
             return
         if self._by_node is not None:
             for s in slots:
                 self._by_node[s["node"]].add(job_id)
-        job["src_sent"] = False  # this run's senders start once its receivers have
+        self.src_sent.discard(job_id)  # this run's senders start once its receivers have
         self.sent_at[job_id] = time.monotonic()
-        job.pop("node_progress", None)
-        if job["kind"] == "sync":
-            # destinations first: a sender may only connect once its receiver knows the transfer
-            for s in slots:
-                if s["role"] == "dst":
-                    out.run.append((s["node"], job_id, self.spec(job, s, addrs)))
-        else:
-            for s in slots:
-                out.run.append((s["node"], job_id, self.spec(job, s, addrs)))
+        self.node_progress.pop(job_id, None)
+        # a sync's destinations first: a sender may only connect once its receiver knows the transfer
+        for s in slots:
+            if job["kind"] != "sync" or s["role"] == "dst":
+                out.run.append((s["node"], job_id, node_spec(job, s, addrs)))
 
-    def spec(self, job: Job, slot: dict, addrs: dict[str, str]) -> dict:
-        """What a node needs to run its share of a job."""
-        base = {"kind": job["kind"], "run": job["runs"], "role": slot["role"], "rank": slot["rank"],
-                "name": job["name"], "user": job["user"], "uid": job["uid"], "gid": job["gid"],
-                "time_limit": job["time_limit"], "cwd": job["cwd"]}
-        if job["kind"] == "command":
-            nodelist = [s["node"] for s in job["slots"]]
-            return {**base, "env": job["env"], "argv": job["argv"], "procs": job["procs"],
-                    "nnodes": len(nodelist), "nodelist": nodelist, "stdout": job["stdout"], "stderr": job["stderr"],
-                    "cpus": slot["cpus"]}
-        sync = job["sync"]
-        transfer_id = f"{job['_id']}.{job['runs']}"
-        # each run its own 128-bit data-plane token: one run's token opens no other run's transfer
-        token = hmac.new(bytes.fromhex(sync["token"]), transfer_id.encode(), "sha256").hexdigest()[:32]
-        transfer = {"transfer_id": transfer_id, "token": token}
-        if slot["role"] == "dst":
-            return {**base, "transfer": {**transfer, "dst_path": sync["dst"]["path"],
-                                         "owners": bool(sync["options"].get("owners"))}}
-        dst = next(s for s in job["slots"] if s["role"] == "dst" and s["rank"] == slot["rank"])
-        host, _, port = addrs.get(dst["node"], ":0").rpartition(":")
-        nranks = sum(1 for s in job["slots"] if s["role"] == "src")
-        return {**base, "transfer": {**transfer, **sync["options"], "src_path": sync["src"]["path"],
-                                     "dst_host": host, "dst_port": int(port or 0), "rank": slot["rank"],
-                                     "nranks": nranks}}
+    def spec(self, job: Job, slot: SlotRecord, addrs: dict[str, str]) -> NodeJob:
+        return node_spec(job, slot, addrs)
 
     @staticmethod
     def matching(job: Job, node: str, role: str, rank: int) -> list[int]:
@@ -335,25 +298,23 @@ class JobTable:
             s = job["slots"][i]
             if s["started"]:
                 continue
-            s["started"] = True
             if job["state"] == JobState.DISPATCHING.value and s["role"] != "dst":
-                self.unsaved_since.setdefault(job_id, time.monotonic())
-                unsaved = self.unsaved_running.setdefault(job_id, {})
-                unsaved.setdefault("started", time.time())
-                unsaved[f"slots.{i}.started"] = True
-                job["started"] = unsaved["started"]
-            elif job_id in self.unsaved_running:
-                self.unsaved_running[job_id][f"slots.{i}.started"] = True
-            else:
-                store.update_job(job_id, [JobState(job["state"])], **{f"slots.{i}.started": True})
+                # written behind (HeldStarts): the node's JobStarted is acknowledged once it is
+                held = self.held.hold(job_id, started=time.time(), **{f"slots.{i}.started": True})
+                s["started"], job["started"] = True, held["started"]
+            elif job_id in self.held:
+                self.held.hold(job_id, **{f"slots.{i}.started": True})
+                s["started"] = True
+            elif not self._write(job, {f"slots.{i}.started": True}):
+                return
         if job["kind"] == "sync" and job_id not in self.stopping:
             dst = [s for s in job["slots"] if s["role"] == "dst"]
-            if all(s["started"] for s in dst) and not job.get("src_sent"):
-                job["src_sent"] = True
+            if all(s["started"] for s in dst) and job_id not in self.src_sent:
+                self.src_sent.add(job_id)
                 self.sent_at[job_id] = time.monotonic()
                 for s in job["slots"]:
                     if s["role"] == "src" and not s["ended"]:
-                        out.run.append((s["node"], job_id, self.spec(job, s, addrs)))
+                        out.run.append((s["node"], job_id, node_spec(job, s, addrs)))
 
     def ended(self, job_id: int, node: str, run: int, state: JobState, exit_code: int, reason: str,
               out: Outcome, role: str = "", rank: int = 0) -> None:
@@ -398,88 +359,103 @@ class JobTable:
                 if s["ended"] or (s["role"] == "src" and not receivers_ready):
                     continue
                 if s["role"] == "src":
-                    job["src_sent"] = True
-                out.run.append((s["node"], job["_id"], self.spec(job, s, addrs)))
+                    self.src_sent.add(job["_id"])
+                out.run.append((s["node"], job["_id"], node_spec(job, s, addrs)))
+
+    # --- ending and stopping: every path computes its writes on a preview, writes, then changes memory ---
 
     def _end_slots(self, job: Job, indices: list[int], state: JobState, exit_code: int, reason: str,
-                   out: Outcome) -> None:
+                   out: Outcome, fields: dict[str, Any] | None = None) -> None:
         if not indices:
             return
-        fields: dict[str, Any] = {}
+        fields = dict(fields or {})
         for i in indices:
-            job["slots"][i].update(ended=True, started=True, state=state.value, exit_code=exit_code)
             fields.update({f"slots.{i}.ended": True, f"slots.{i}.started": True, f"slots.{i}.state": state.value,
                            f"slots.{i}.exit_code": exit_code})
-        if reason and not job.get("reason"):
-            fields["reason"] = job["reason"] = reason
+        if reason and not job.get("reason") and "reason" not in fields:
+            fields["reason"] = reason
         lost_receiver = any(job["slots"][i]["role"] == "dst" for i in indices)
         if lost_receiver and state == JobState.COMPLETED:
             state = JobState.FAILED
-        if state in (JobState.TIMEOUT, JobState.NODE_FAIL, JobState.CANCELLED) or lost_receiver:
+        mine = Outcome()
+        if state in FORCED or lost_receiver:
             # one share stopped by force, or a receiver is gone: the rest of the job goes too
-            self._stop_rest(job, state, fields, out)
-        if any(s["role"] != "dst" and not s["ended"] for s in job["slots"]):
-            store.update_job(job["_id"], [JobState(job["state"])], **fields)
-        else:
-            self._finish(job, out, fields)
+            self._stop_rest(job, state, fields, mine)
+        self._commit(job, fields, mine, out, stopping=state)
+
+    def _commit(self, job: Job, fields: dict[str, Any], mine: Outcome, out: Outcome,
+                stopping: JobState | None) -> bool:
+        """Write fields: the job ends if no share but receivers is left. Only if the write won, the stops
+        in ``mine`` go out (and the job waits for them, if ``stopping``). False if it lost."""
+        if all(s["ended"] for s in preview(job, fields)["slots"] if s["role"] != "dst"):
+            return self._finish(job, mine, out, fields)
+        if not self._write(job, fields):
+            return False
+        if stopping is not None and mine.kill:
+            self.stopping.setdefault(job["_id"], (time.monotonic() + self.stop_timeout, stopping.value))
+        out.extend(mine)
+        return True
 
     def _stop_rest(self, job: Job, state: JobState, fields: dict[str, Any], out: Outcome) -> None:
-        """Tell every share still going to stop, and give them stop_timeout seconds to confirm.
+        """Tell every share still going to stop (kills into ``out``, ends into ``fields``).
 
         A share on a node that is DOWN, or a sender never told to start, has nothing to stop: it ends now.
         """
-        if job["_id"] not in self.stopping:
-            self.stopping[job["_id"]] = (time.monotonic() + self.stop_timeout, state.value)
-        for i, s in enumerate(job["slots"]):
+        view = preview(job, fields)
+        for i, s in enumerate(view["slots"]):
             if s["ended"] or s["role"] == "dst":
                 continue
-            never_sent = s["role"] == "src" and not job.get("src_sent")
+            never_sent = s["role"] == "src" and job["_id"] not in self.src_sent
             if never_sent or not self.node_alive(s["node"]):
                 code = s["exit_code"] if never_sent else -1
-                s.update(ended=True, state=state.value, exit_code=code)
                 fields.update({f"slots.{i}.ended": True, f"slots.{i}.state": state.value,
                                f"slots.{i}.exit_code": code})
             else:
                 out.kill.append(stop_slot(job, s, state))
 
-    def _finish(self, job: Job, out: Outcome, fields: dict[str, Any]) -> None:
-        final, exit_code = final_state(job)
-        for i, s in enumerate(job["slots"]):
+    def _finish(self, job: Job, mine: Outcome, out: Outcome, fields: dict[str, Any]) -> bool:
+        """The job's last share (but receivers) is over: release the receivers, move it to its final state."""
+        view = preview(job, fields)
+        final, exit_code = final_state(view)
+        for i, s in enumerate(view["slots"]):
             if s["role"] == "dst" and not s["ended"]:
                 if self.node_alive(s["node"]):
-                    out.kill.append(stop_slot(job, s, final))  # releases the receiver
-                s["ended"] = True
+                    mine.kill.append(stop_slot(job, s, final))  # releases the receiver
                 fields[f"slots.{i}.ended"] = True
         if job.get("progress"):
             fields["progress"] = {**job["progress"], "rate": 0}
-        if self._move(job, final, ended=time.time(), exit_code=exit_code, **fields):
-            out.finished.append(job["_id"])
+        if not self._move(job, final, ended=time.time(), exit_code=exit_code, **fields):
+            return False
+        out.extend(mine)
+        out.finished.append(job["_id"])
+        return True
 
     def cancel(self, job_id: int, out: Outcome) -> str:
-        """Cancel a job; return what happened, in words.
+        """Cancel a job; return what happened, in words ("cancelled", "cancelling", or that it had ended).
 
         A running job's shares are told to stop; it is CANCELLED once they are gone, or after stop_timeout
-        at the latest (expire_stops). Shares on DOWN nodes end at once.
+        at the latest (expire_stops). Shares on DOWN nodes end at once. A write that loses a race reloads
+        the job, and the cancel is tried once more on what was stored.
         """
-        job = self.jobs.get(job_id)
-        if job is None:
-            raise KeyError(job_id)
-        state = JobState(job["state"])
-        if state in (JobState.PENDING, JobState.HELD):
-            self._move(job, JobState.CANCELLED, ended=time.time(), exit_code=0)
-            out.finished.append(job_id)
-            return "cancelled"
-        fields: dict[str, Any] = {}
-        if not job.get("cancel_requested"):
-            job["cancel_requested"] = True
-            fields["cancel_requested"] = True
-        self._stop_rest(job, JobState.CANCELLED, fields, out)
-        if all(s["ended"] for s in job["slots"] if s["role"] != "dst"):
-            self._finish(job, out, fields)
-            return "cancelled"
-        if fields:
-            store.update_job(job_id, [state], **fields)
-        return "cancelling"
+        for attempt in range(2):
+            job = self.jobs.get(job_id)
+            if job is None:
+                if attempt:
+                    break  # the stored job is final: someone else ended it
+                raise KeyError(job_id)
+            state = JobState(job["state"])
+            if state in (JobState.PENDING, JobState.HELD):
+                if self._move(job, JobState.CANCELLED, ended=time.time(), exit_code=0):
+                    out.finished.append(job_id)
+                    return "cancelled"
+                continue
+            fields: dict[str, Any] = {} if job.get("cancel_requested") else {"cancel_requested": True}
+            mine = Outcome()
+            self._stop_rest(job, JobState.CANCELLED, fields, mine)
+            if self._commit(job, fields, mine, out, stopping=JobState.CANCELLED):
+                return "cancelled" if job_id not in self.jobs else "cancelling"
+        fresh = self.store.get_job(job_id)
+        return f"not cancelled: it is {fresh['state'] if fresh else 'gone'}"
 
     def expire_stops(self, now: float, out: Outcome) -> None:
         """Shares told to stop that no node confirmed within stop_timeout: release them, drain their nodes."""
@@ -493,7 +469,7 @@ class JobTable:
             late = [i for i, s in enumerate(job["slots"]) if not s["ended"] and s["role"] != "dst"]
             self.stopping.pop(job_id, None)
             if not late:
-                self._finish(job, out, {})
+                self._finish(job, Outcome(), out, {})
                 continue
             for i in late:
                 node = job["slots"][i]["node"]
@@ -501,9 +477,8 @@ class JobTable:
                     out.drain.append((node, "kill not confirmed"))
                 event(log, "stop not confirmed; slot released", logging.WARNING, job=job_id, node=node)
             nodes = ",".join(sorted({job["slots"][i]["node"] for i in late}))
-            job["reason"] = f"kill not confirmed by {nodes}" + (f"; {job['reason']}" if job.get("reason") else "")
-            store.update_job(job_id, [JobState(job["state"])], reason=job["reason"])
-            self._end_slots(job, late, JobState(state), -1, "", out)
+            reason = f"kill not confirmed by {nodes}" + (f"; {job['reason']}" if job.get("reason") else "")
+            self._end_slots(job, late, JobState(state), -1, "", out, {"reason": reason})
 
     def overdue(self, now_wall: float, margin: float, out: Outcome) -> None:
         """Jobs past their time limit plus margin that no node ended: the head stops them (TIMEOUT) itself."""
@@ -515,12 +490,10 @@ class JobTable:
                 continue
             fields: dict[str, Any] = {}
             if not job.get("reason"):
-                fields["reason"] = job["reason"] = "time limit reached; stopped by the head"
-            self._stop_rest(job, JobState.TIMEOUT, fields, out)
-            if all(s["ended"] for s in job["slots"] if s["role"] != "dst"):
-                self._finish(job, out, fields)
-            else:
-                store.update_job(job["_id"], [JobState(job["state"])], **fields)
+                fields["reason"] = "time limit reached; stopped by the head"
+            mine = Outcome()
+            self._stop_rest(job, JobState.TIMEOUT, fields, mine)
+            self._commit(job, fields, mine, out, stopping=JobState.TIMEOUT)
 
     def check_node(self, node: str, running: set[Share], ending: set[Share], legacy_jobs: set[int] | None,
                    out: Outcome, alive: Callable[[], dict[str, int]]) -> None:
@@ -541,7 +514,7 @@ class JobTable:
                 if s["node"] != node or s["ended"]:
                     continue
                 if not s["started"]:
-                    sent = s["role"] != "src" or job.get("src_sent")
+                    sent = s["role"] != "src" or job["_id"] in self.src_sent
                     if sent and now - self.sent_at.get(job["_id"], now) > self.start_timeout:
                         silent.append(i)
                     continue
@@ -582,67 +555,62 @@ class JobTable:
             lost = [i for i, s in enumerate(job["slots"]) if s["node"] == node and not s["ended"]]
             self._end_slots(job, lost, JobState.NODE_FAIL, -1, reason, out)
 
-    def _stop_others(self, job: Job, keep: Callable[[int, dict], bool], out: Outcome) -> None:
-        """Stop this run's shares except those `keep` names (already gone), on nodes that are alive."""
-        for i, s in enumerate(job["slots"]):
-            if not s["ended"] and not keep(i, s) and self.node_alive(s["node"]):
-                out.kill.append(stop_slot(job, s, JobState.NODE_FAIL))
+    def _stop_others(self, job: Job, keep: Callable[[int, SlotRecord], bool]) -> list[Stop]:
+        """Stops for this run's shares except those `keep` names (already gone), on nodes that are alive."""
+        return [stop_slot(job, s, JobState.NODE_FAIL) for i, s in enumerate(job["slots"])
+                if not s["ended"] and not keep(i, s) and self.node_alive(s["node"])]
 
-    def _requeue(self, job: Job, reason: str, out: Outcome, keep: Callable[[int, dict], bool]) -> None:
-        self._stop_others(job, keep, out)
-        self._move(job, JobState.PENDING, slots=[], reason=f"requeued: {reason}", started=None)
+    def _requeue(self, job: Job, reason: str, out: Outcome, keep: Callable[[int, SlotRecord], bool]) -> None:
+        stops = self._stop_others(job, keep)
+        if self._move(job, JobState.PENDING, slots=[], reason=f"requeued: {reason}", started=None):
+            out.kill += stops
 
     def _restart_sync(self, job: Job, reason: str, out: Outcome, alive: dict[str, int] | None,
-                      keep: Callable[[int, dict], bool]) -> None:
+                      keep: Callable[[int, SlotRecord], bool]) -> None:
         """Stop this run's other parts and queue the sync again, on as many nodes as remain alive."""
-        self._stop_others(job, keep, out)
+        stops = self._stop_others(job, keep)
         nodes = job["nodes"]
         if alive is not None:
             sync = job["sync"]
-            nodes = min([nodes] + [alive.get(sync[side]["partition"], 0)
-                                   for side in ("src", "dst") if sync[side].get("partition")])
-        self._move(job, JobState.PENDING, slots=[], nodes=max(1, nodes), started=None,
-                   restarts=job.get("restarts", 0) + 1, reason=f"restarting: {reason}")
+            nodes = min([nodes] + [alive.get(sync[side]["partition"], 0)  # type: ignore[literal-required]
+                                   for side in ("src", "dst") if sync[side].get("partition")])  # type: ignore[literal-required]
+        if self._move(job, JobState.PENDING, slots=[], nodes=max(1, nodes), started=None,
+                      restarts=job.get("restarts", 0) + 1, reason=f"restarting: {reason}"):
+            out.kill += stops
 
     def set_reasons(self, reasons: dict[int, str], blocked: Callable[[Job], bool]) -> None:
         """Why each pending job waits, after a scheduler pass (memory only: it changes with every pass)."""
         for job_id in self.requests:
             job = self.jobs[job_id]
-            job["pending_reason"] = "Blocked" if blocked(job) else reasons.get(job_id, "None")
+            self.reasons[job_id] = "Blocked" if blocked(job) else reasons.get(job_id, "None")
 
-    def hold(self, job_id: int, held: bool) -> None:
+    def hold(self, job_id: int, held: bool) -> bool:
+        """PENDING -> HELD (or back); False if the job moved meanwhile (it is reloaded)."""
         job = self.jobs.get(job_id)
         if job is None:
             raise KeyError(job_id)
-        self._move(job, JobState.HELD if held else JobState.PENDING)
+        return self._move(job, JobState.HELD if held else JobState.PENDING)
 
-    def set_priority(self, job_id: int, priority: int) -> None:
+    def set_priority(self, job_id: int, priority: int) -> bool:
         job = self.jobs.get(job_id)
         if job is None:
             raise KeyError(job_id)
-        if store.update_job(job_id, [JobState(job["state"])], priority=priority):
-            job["priority"] = priority
-            if job_id in self.requests:
-                self.requests[job_id] = request_of(job)
+        if not self._write(job, {"priority": priority}):
+            return False
+        if job_id in self.requests:
+            self.requests[job_id] = request_of(job)
+        return True
 
-    def progress(self, job_id: int, node: str, run: int, report: dict) -> None:
+    def progress(self, job_id: int, node: str, run: int, report: dict[str, Any]) -> None:
+        """A sender rank's progress (cm.head.progress.report_of), merged into the job's (memory only)."""
         job = self.jobs.get(job_id)
         if job is None or job.get("runs") != run:
             return
-        per_node = job.setdefault("node_progress", {})
+        per_node = self.node_progress.setdefault(job_id, {})
         if not report["stats"] and per_node.get(node, {}).get("stats"):
             return  # a late running report must not hide the final one
         per_node[node] = report
-        total: dict[str, Any] = {k: sum(p[k] for p in per_node.values())
-                                 for k in ("bytes_done", "bytes_total", "files_done", "files_total", "rate")}
-        stats: dict[str, int] = {}
-        for p in per_node.values():
-            for k, v in p["stats"].items():
-                if isinstance(v, (int, float)) and not isinstance(v, bool):
-                    stats[k] = stats.get(k, 0) + v
-        if stats:
-            total["stats"] = stats
-        job["progress"] = total
+        job["progress"] = merge(per_node)
 
     def views(self, nodes: Iterable) -> dict[str, NodeView]:
         used = self.usage()

@@ -1,27 +1,80 @@
-"""What the head does for each client request, and who may ask for it."""
+"""What the head does for each client request, and who may ask for it.
+
+Each handler gets the request's typed arguments (cm.protocol: ``SubmitCommand``,
+``SubmitSync``, ``Cancel``, ``Info``, ``Wait``, ``Control``) and a ``Head``: the
+narrow part of the server requests may use. It raises ``Refused`` (with an
+``ErrorCode``) for what it will not do.
+"""
 
 from __future__ import annotations
 
 import os
 import secrets
 import time
-from typing import TYPE_CHECKING, Any, Callable
+from typing import Any, Callable, Protocol
 
-from cm import store
+from cm.config import Settings
 from cm.head.clients import Caller
-from cm.head.jobs import Outcome, request_of
+from cm.head.records import Job
+from cm.head.registry import NodeInfo
 from cm.head.resources import NodeView
 from cm.head.scheduler import NeverFits, check_feasible
-from cm.protocol import Reply, Request
+from cm.head.specs import request_of
+from cm.protocol import (
+    MAX_WAIT,
+    Cancel,
+    Control,
+    ErrorCode,
+    Info,
+    ProtocolError,
+    Reply,
+    Request,
+    SubmitCommand,
+    SubmitSync,
+    Wait,
+    request_args,
+)
 from cm.states import JobState
 from cm.timefmt import TimeFormatError, parse_time
 
-if TYPE_CHECKING:
-    from cm.head.server import HeadServer
+__all__ = ["Head", "Later", "Refused", "handle", "job_view", "HANDLERS", "MAX_WAIT"]
+
+
+class Head(Protocol):
+    """What request handlers may use of the head (HeadServer implements it)."""
+
+    settings: Settings
+    admin_policy: dict[str, Any]  # blocked_users, block_all
+
+    def nodes(self) -> dict[str, NodeInfo]: ...
+    def node_rows(self) -> list[dict[str, Any]]:
+        """Every node as cminfo shows it (name, partition, state, cpus, cpus_free, mem_mb, mem_free_mb, reason)."""
+    def active(self, job_id: int) -> Job | None:
+        """An unfinished job."""
+    def find(self, job_id: int) -> Job | None:
+        """Any job: unfinished, recently finished, or stored."""
+    def listed(self, all_jobs: bool) -> list[Job]:
+        """Jobs for cminfo, by id: unfinished and recent ones, or every stored one."""
+    def why_waiting(self, job_id: int) -> str | None:
+        """Why a PENDING or HELD job waits (squeue's code: None, Held, Blocked, Resources, ...)."""
+    def waiting(self, uid: int) -> int:
+        """How many of a user's jobs wait (PENDING or HELD)."""
+    def submit(self, fields: dict[str, Any]) -> Job: ...
+    def cancel(self, job_id: int) -> str: ...
+    def hold(self, job_id: int, held: bool) -> bool: ...
+    def set_priority(self, job_id: int, priority: int) -> bool: ...
+    def set_drain(self, node: str, drain: bool, reason: str) -> None:
+        """KeyError for an unknown node."""
+    def set_policy(self, **change: Any) -> None: ...
+    def stats(self) -> dict[str, Any]: ...
 
 
 class Refused(Exception):
     """The request is understood and refused; the message is for the user."""
+
+    def __init__(self, message: str, code: ErrorCode = ErrorCode.REFUSED):
+        super().__init__(message)
+        self.code = code
 
 
 class Later(Exception):
@@ -32,60 +85,38 @@ class Later(Exception):
         self.job_id, self.deadline = job_id, deadline
 
 
-MAX_WAIT = 60.0  # seconds one long poll may last; clients ask again
-
-
-def _int(args: dict, key: str, default: int, low: int = 0, high: int = 1 << 31) -> int:
-    value = args.get(key, default)
-    if value is None:
-        value = default
-    if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
-        raise Refused(f"{key} must be an integer from {low} to {high}")
-    return value
-
-
-def _str(args: dict, key: str, default: str = "", limit: int = 4096) -> str:
-    value = args.get(key, default)
-    if value is None:
-        value = default
-    if not isinstance(value, str) or len(value) > limit or "\x00" in value:
-        raise Refused(f"{key} must be a string of at most {limit} characters")
-    return value
-
-
-def _time_limit(head: "HeadServer", args: dict) -> float:
+def _time_limit(head: Head, text: str | None) -> float:
     try:
-        limit = parse_time(_str(args, "time") or head.settings.default_time)
+        limit = parse_time(text or head.settings.default_time)
         most = parse_time(head.settings.max_time)
     except TimeFormatError as exc:
         raise Refused(str(exc)) from None
     if limit > most:
-        raise Refused(f"time limit {args.get('time')} exceeds the maximum {head.settings.max_time}")
+        raise Refused(f"time limit {text} exceeds the maximum {head.settings.max_time}")
     return limit
 
 
-def _location(head: "HeadServer", spec: Any, side: str) -> dict:
+def _location(nodes: "dict[str, NodeInfo]", spec: str, side: str) -> dict:
     """'PARTITION:/path' or 'NODE:/path' -> {partition|node, path}."""
     from cm.transfer.paths import PathEscape, check_lexical
 
-    if not isinstance(spec, str) or ":" not in spec:
+    if ":" not in spec:
         raise Refused(f"{side} must look like PARTITION:/path or NODE:/path, not {spec!r}")
     where, path = spec.split(":", 1)
     try:
         path = check_lexical(path)
     except PathEscape as exc:
         raise Refused(f"{side} {spec!r}: {exc}") from None
-    if where in head.registry.nodes:
+    if where in nodes:
         return {"node": where, "path": path}
-    if any(n.partition == where for n in head.registry.nodes.values()):
+    if any(n.partition == where for n in nodes.values()):
         return {"partition": where, "path": path}
     raise Refused(f"{side} {spec!r}: no partition or node named {where!r}")
 
 
-def _check_overlap(head: "HeadServer", src_text: str, src: dict, dst_text: str, dst: dict, delete: bool) -> None:
+def _check_overlap(nodes: "dict[str, NodeInfo]", src_text: str, src: dict, dst_text: str, dst: dict, delete: bool) -> None:
     """Refuse a destination inside its own source on the same storage (the copy would copy itself,
     without end), the source itself, and --delete into a directory that holds the source."""
-    nodes = head.registry.nodes
     storage = [loc.get("partition") or nodes[loc["node"]].partition for loc in (src, dst)]
     if storage[0] != storage[1]:
         return
@@ -102,156 +133,108 @@ def _check_overlap(head: "HeadServer", src_text: str, src: dict, dst_text: str, 
         raise Refused(f"--delete with SRC {src_text!r} inside DST {dst_text!r} would delete the source")
 
 
-def _default_partition(head: "HeadServer") -> str:
-    partitions = sorted({n.partition for n in head.registry.nodes.values()})
+def _default_partition(nodes: "dict[str, NodeInfo]") -> str:
+    partitions = sorted({n.partition for n in nodes.values()})
     if not partitions:
         raise Refused("the cluster has no compute nodes yet")
     return partitions[0]
 
 
-_WAITING = (JobState.PENDING.value, JobState.HELD.value)
-
-
-def _waiting(head: "HeadServer", uid: int) -> int:
-    return sum(1 for j in head.jobs.jobs.values() if j["uid"] == uid and j["state"] in _WAITING)
-
-
-def submit(head: "HeadServer", caller: Caller, args: dict) -> dict:
+def submit(head: Head, caller: Caller, args: SubmitCommand | SubmitSync) -> dict:
     policy = head.admin_policy
     if not caller.operator and (policy.get("block_all") or caller.user in policy.get("blocked_users", [])):
-        raise Refused(f"submissions from {caller.user} are blocked by an administrator")
+        raise Refused(f"submissions from {caller.user} are blocked by an administrator", ErrorCode.FORBIDDEN)
     limit = head.settings.max_pending_per_user
-    if not caller.operator and _waiting(head, caller.uid) >= limit:
+    if not caller.operator and head.waiting(caller.uid) >= limit:
         raise Refused(f"{caller.user} already has {limit} jobs waiting (CM_MAX_PENDING_PER_USER); "
                       "submit more when some have started")
-    kind = _str(args, "kind", "command")
+    nodes = head.nodes()
     fields: dict[str, Any] = {
-        "user": caller.user, "uid": caller.uid, "gid": caller.gid, "kind": kind,
-        "nodes": _int(args, "nodes", 1, 1, 4096), "time_limit": _time_limit(head, args),
-        "requeue": bool(args.get("requeue", False)), "submitted": time.time(),
-        "state": JobState.HELD.value if args.get("hold") else JobState.PENDING.value,
+        "user": caller.user, "uid": caller.uid, "gid": caller.gid, "nodes": args.nodes,
+        "time_limit": _time_limit(head, args.time), "requeue": args.requeue, "submitted": time.time(),
+        "state": JobState.HELD.value if args.hold else JobState.PENDING.value,
     }
-    if kind == "command":
-        argv = args.get("argv")
-        if not isinstance(argv, list) or not argv or not all(isinstance(a, str) for a in argv):
-            raise Refused("a command job needs a command to run")
-        env = args.get("env", [])
-        if not isinstance(env, list) or not all(isinstance(e, str) and "=" in e[1:] for e in env):
-            raise Refused("env must be a list of NAME=value strings")
+    if isinstance(args, SubmitCommand):
         # the operator token never reaches a job (its processes' environment is readable in /proc)
         secret = head.settings.operator_token
-        env = [e for e in env if not e.startswith("CM_OPERATOR_TOKEN=") and not (secret and secret in e)]
-        cwd = _str(args, "cwd", "/")
-        if not os.path.isabs(cwd):
-            raise Refused(f"working directory {cwd!r} must be absolute")
-        procs = _int(args, "procs", 1, 1, 4096)
+        env = [e for e in args.env if not e.startswith("CM_OPERATOR_TOKEN=") and not (secret and secret in e)]
+        if not os.path.isabs(args.cwd):
+            raise Refused(f"working directory {args.cwd!r} must be absolute")
         fields.update(
-            name=_str(args, "name", "", 200) or os.path.basename(argv[0]) or "job", argv=argv, env=env, cwd=cwd,
-            procs=procs, cpus=_int(args, "cpus", procs, 1, 1 << 16), mem_mb=_int(args, "mem_mb", 0, 0, 1 << 30),
-            partition=_str(args, "partition", "", 200) or _default_partition(head),
-            stdout=_str(args, "stdout"), stderr=_str(args, "stderr"),
+            kind="command", name=args.name or os.path.basename(args.argv[0]) or "job", argv=args.argv, env=env,
+            cwd=args.cwd, procs=args.procs, cpus=args.cpus or args.procs, mem_mb=args.mem_mb,
+            partition=args.partition or _default_partition(nodes), stdout=args.stdout or "",
+            stderr=args.stderr or "",
         )
-    elif kind == "sync":
-        options = args.get("options", {})
-        if not isinstance(options, dict):
-            raise Refused("options must be a map")
-        if options.get("transport", "tcp") == "rdma":
+    else:
+        options = args.options
+        if options.transport == "rdma":
             from cm.transfer.rdma import missing
 
             reason = missing()
             if reason:
                 raise Refused(f"--transport rdma is not available: {reason}")
-        elif options.get("transport", "tcp") != "tcp":
-            raise Refused(f"unknown transport {options.get('transport')!r}: use tcp or rdma")
-        src, dst = _location(head, args.get("src"), "SRC"), _location(head, args.get("dst"), "DST")
-        _check_overlap(head, args.get("src"), src, args.get("dst"), dst, bool(options.get("delete")))
-        exclude = options.get("exclude", [])
-        if not isinstance(exclude, list) or not all(isinstance(e, str) for e in exclude):
-            raise Refused("exclude must be a list of patterns")
-        bwlimit = options.get("bwlimit")
-        if bwlimit is not None and (not isinstance(bwlimit, int) or bwlimit <= 0):
-            raise Refused("bwlimit must be a positive number of bytes per second")
-        policy_name = _str(options, "policy", "size-balanced")
-        if policy_name not in ("round-robin", "size-balanced"):
-            raise Refused(f"unknown sync policy {policy_name!r}: use round-robin or size-balanced")
+        src, dst = _location(nodes, args.src, "SRC"), _location(nodes, args.dst, "DST")
+        _check_overlap(nodes, args.src, src, args.dst, dst, options.delete)
         opts = {
-            "delete": bool(options.get("delete")), "dry_run": bool(options.get("dry_run")),
-            "checksum": bool(options.get("checksum")), "exclude": exclude, "bwlimit": bwlimit,
-            "policy": policy_name, "streams": head.settings.streams, "chunk_size": head.settings.chunk_mb << 20,
+            "delete": options.delete, "dry_run": options.dry_run, "checksum": options.checksum,
+            "exclude": options.exclude, "bwlimit": options.bwlimit, "policy": options.policy,
+            "streams": head.settings.streams, "chunk_size": head.settings.chunk_mb << 20,
             # root's and operators' syncs keep owners and groups, like `rsync -a` as root
             "owners": caller.operator,
         }
         fields.update(
-            name=_str(args, "name", "", 200) or "sync", argv=[], env=[], cwd=_str(args, "cwd", "/"),
-            partition=src.get("partition") or head.registry.nodes[src["node"]].partition,
+            kind="sync", name=args.name or "sync", argv=[], env=[], cwd=args.cwd,
+            partition=src.get("partition") or nodes[src["node"]].partition,
             sync={"src": src, "dst": dst, "options": opts, "token": secrets.token_hex(16),
-                  "transport": options.get("transport", "tcp")},
+                  "transport": options.transport},
         )
         if src.get("node") or dst.get("node"):
             fields["nodes"] = 1
-    else:
-        raise Refused(f"unknown job type {kind!r}")
-    if caller.operator and "priority" in args:
-        fields["priority"] = _int(args, "priority", 0, -1000, 1000)
-    probe = request_of({**fields, "_id": 0})
+    if caller.operator and args.priority is not None:
+        fields["priority"] = args.priority
+    probe = request_of({**fields, "_id": 0})  # type: ignore[typeddict-item]
     try:
-        check_feasible(probe, (NodeView(n.name, n.partition, n.cpus, n.mem_mb) for n in head.registry.nodes.values()))
+        check_feasible(probe, (NodeView(n.name, n.partition, n.cpus, n.mem_mb) for n in nodes.values()))
     except NeverFits as exc:
         raise Refused(f"job can never run: {exc}") from None
-    fields["id"] = head.jobs.next_id()
-    doc = store.insert_job(fields)
-    head.jobs.add(doc)
-    head.dirty = True
-    return {"job_id": doc["_id"]}
+    return {"job_id": head.submit(fields)["_id"]}
 
 
-def _own(head: "HeadServer", caller: Caller, job_id: Any, admin: bool) -> dict:
-    if not isinstance(job_id, int) or isinstance(job_id, bool):
-        raise Refused(f"invalid job id {job_id!r}")
-    job = head.jobs.jobs.get(job_id)
+def _own(head: Head, caller: Caller, job_id: int | None, admin: bool) -> Job:
+    if job_id is None:
+        raise Refused("give a job id", ErrorCode.BAD_MESSAGE)
+    job = head.active(job_id)
     if job is None:
-        stored = store.get_job(job_id)
+        stored = head.find(job_id)
         if stored is None:
-            raise Refused(f"job {job_id} does not exist")
+            raise Refused(f"job {job_id} does not exist", ErrorCode.NOT_FOUND)
         raise Refused(f"job {job_id} has already finished ({stored['state']})")
     if not (admin or caller.operator or job["uid"] == caller.uid):
-        raise Refused(f"job {job_id} belongs to {job['user']}; you may only act on your own jobs")
+        raise Refused(f"job {job_id} belongs to {job['user']}; you may only act on your own jobs",
+                      ErrorCode.FORBIDDEN)
     return job
 
 
-def cancel(head: "HeadServer", caller: Caller, args: dict, admin: bool) -> dict:
-    ids = args.get("job_ids")
-    if not isinstance(ids, list) or not ids:
-        raise Refused("give at least one job id")
+def cancel(head: Head, caller: Caller, args: Cancel) -> dict:
     results = {}
-    for job_id in ids:
+    for job_id in args.job_ids:
         try:
-            _own(head, caller, job_id, admin)
-            out = Outcome()
-            results[str(job_id)] = {"ok": True, "state": head.jobs.cancel(job_id, out)}
-            head.apply(out)
+            _own(head, caller, job_id, admin=False)
+            results[str(job_id)] = {"ok": True, "state": head.cancel(job_id)}
         except Refused as exc:
-            results[str(job_id)] = {"ok": False, "error": str(exc)}
+            results[str(job_id)] = {"ok": False, "error": str(exc), "code": exc.code.value}
     return results
 
 
-def info(head: "HeadServer", caller: Caller, args: dict) -> dict:
+def info(head: Head, caller: Caller, args: Info) -> dict:
     """Nodes and jobs for cminfo: unfinished ones from memory, finished ones from the database."""
-    used = head.jobs.usage()
-    nodes = []
-    for n in sorted(head.registry.nodes.values(), key=lambda n: head.sort_key(n.name)):
-        c, m = used.get(n.name, (0, 0))
-        nodes.append({"name": n.name, "partition": n.partition, "state": head.registry.state_of(n, c).value,
-                      "cpus": n.cpus, "cpus_free": n.cpus - c, "mem_mb": n.mem_mb, "mem_free_mb": n.mem_mb - m,
-                      "reason": n.reason})
-    job_id = args.get("job_id")
-    if job_id is not None:
-        if not isinstance(job_id, int) or isinstance(job_id, bool):
-            raise Refused(f"invalid job id {job_id!r}")
-        job = head.jobs.jobs.get(job_id) or head.jobs.recent.get(job_id) or store.get_job(job_id)
+    nodes = head.node_rows()
+    if args.job_id is not None:
+        job = head.find(args.job_id)
         if job is None:
-            raise Refused(f"job {job_id} does not exist")
-        view = job_view(job)
+            raise Refused(f"job {args.job_id} does not exist", ErrorCode.NOT_FOUND)
+        view = job_view(job, head.why_waiting(job["_id"]))
         if job["kind"] == "sync":
             sync = job.get("sync") or {}
             view["command"] = " ".join(f"{s.get('node') or s.get('partition')}:{s.get('path')}"
@@ -262,41 +245,31 @@ def info(head: "HeadServer", caller: Caller, args: dict) -> dict:
         # like Slurm's PrivateData: a job's environment is its owner's (and the admins') business
         view["env"] = list(job.get("env") or []) if caller.operator or job["uid"] == caller.uid else None
         return {"nodes": nodes, "jobs": [view]}
-    if args.get("all"):
-        known = {j["_id"]: j for j in store.recent_jobs(None)}
-        known.update(head.jobs.jobs)  # memory is newer for unfinished jobs (progress)
-        shown = [j for _, j in sorted(known.items())]
-    else:
-        shown = sorted(head.jobs.shown(), key=lambda j: j["_id"])
-    return {"nodes": nodes, "jobs": [job_view(j) for j in shown]}
+    return {"nodes": nodes, "jobs": [job_view(j, head.why_waiting(j["_id"])) for j in head.listed(args.all)]}
 
 
-def wait(head: "HeadServer", caller: Caller, args: dict) -> dict:
+def wait(head: Head, caller: Caller, args: Wait) -> dict:
     """``info`` of one job, answered once the job is final or after ``timeout`` seconds (a long poll)."""
-    job_id, timeout = args.get("job_id"), args.get("timeout", 0)
-    if not isinstance(job_id, int) or isinstance(job_id, bool):
-        raise Refused(f"invalid job id {job_id!r}")
-    if not isinstance(timeout, (int, float)) or isinstance(timeout, bool) or not 0 <= timeout <= MAX_WAIT:
-        raise Refused(f"timeout must be a number of seconds from 0 to {MAX_WAIT:g}")
-    if timeout > 0 and job_id in head.jobs.jobs:  # active: the head answers when it ends
-        raise Later(job_id, time.monotonic() + timeout)
-    return info(head, caller, {"job_id": job_id})
+    if args.timeout > 0 and head.active(args.job_id) is not None:  # active: the head answers when it ends
+        raise Later(args.job_id, time.monotonic() + args.timeout)
+    return info(head, caller, Info(job_id=args.job_id))
 
 
 def _iso(ts: float | None) -> str | None:
     return time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(ts)) if ts else None
 
 
-def waiting_reason(job: dict) -> str:
+def waiting_reason(job: Job, why: str | None) -> str:
     """For a waiting job, why (squeue's code, then what happened to it before, if anything); else the
     stored reason (why it ended, or was requeued)."""
-    why, before = job.get("pending_reason"), job.get("reason", "")
+    before = job.get("reason", "")
     if why and job["state"] in (JobState.PENDING.value, JobState.HELD.value):
         return f"{why}; {before}" if before else why
     return before
 
 
-def job_view(job: dict) -> dict:
+def job_view(job: Job, why: str | None = None) -> dict:
+    """A job as cminfo shows it; ``why``: why it waits, if it does (memory only)."""
     state = job["state"]
     progress = None
     if job["kind"] == "sync":
@@ -317,97 +290,87 @@ def job_view(job: dict) -> dict:
         "exit_code": job.get("exit_code"), "progress": progress,
         "submitted": _iso(job.get("submitted")), "started": _iso(started), "ended": _iso(ended),
         "elapsed": ((ended or time.time()) - started) if started else None,
-        "partition": job.get("partition"), "reason": waiting_reason(job), "time_limit": job.get("time_limit"),
+        "partition": job.get("partition"), "reason": waiting_reason(job, why), "time_limit": job.get("time_limit"),
         "priority": job.get("priority", 0), "transfer": job.get("progress") if job["kind"] == "sync" else None,
         "num_nodes": job.get("nodes"),
         "times": {"submitted": job.get("submitted"), "started": started, "ended": ended},  # epoch seconds
     }
 
 
-def _admin(head: "HeadServer", caller: Caller, args: dict) -> bool:
+def _admin(head: Head, caller: Caller, args: Control) -> bool:
     token = head.settings.operator_token
-    if caller.operator or (token and secrets.compare_digest(str(args.get("token", "")), token)):
+    if caller.operator or (token and secrets.compare_digest(args.token, token)):
         return True
-    raise Refused("this needs an administrator: root, the operator group, or the operator token")
+    raise Refused("this needs an administrator: root, the operator group, or the operator token", ErrorCode.FORBIDDEN)
 
 
-def control(head: "HeadServer", caller: Caller, args: dict) -> dict:
+PRIORITY_LEVELS = {"high": 100, "normal": 0, "low": -100}
+
+
+def control(head: Head, caller: Caller, args: Control) -> dict:
     """Admin operations: hold/release/priority on jobs, drain/resume nodes, block/unblock users."""
-    action = _str(args, "action")
+    action = args.action
     if action in ("hold", "release"):
         # owners may hold and release their own pending jobs, like scontrol
-        job = _own(head, caller, args.get("job_id"), admin=False)
+        job = _own(head, caller, args.job_id, admin=False)
         if action == "hold" and job["state"] != JobState.PENDING.value:
             raise Refused(f"job {job['_id']} is {job['state']}; only a PENDING job can be held")
         if action == "release" and job["state"] != JobState.HELD.value:
             raise Refused(f"job {job['_id']} is {job['state']}; only a HELD job can be released")
-        head.jobs.hold(job["_id"], action == "hold")
-        head.dirty = True
-        return {"job_id": job["_id"], "state": head.jobs.jobs[job["_id"]]["state"]}
+        if not head.hold(job["_id"], action == "hold"):
+            raise Refused(f"job {job['_id']} changed meanwhile; look again")
+        return {"job_id": job["_id"], "state": job["state"]}
     _admin(head, caller, args)
     if action == "priority":
-        job = _own(head, caller, args.get("job_id"), admin=True)
-        value = args.get("value")
-        levels = {"high": 100, "normal": 0, "low": -100}
-        priority = levels.get(value) if isinstance(value, str) else value
-        if not isinstance(priority, int) or isinstance(priority, bool):
+        job = _own(head, caller, args.job_id, admin=True)
+        value = args.value
+        priority = PRIORITY_LEVELS[value] if isinstance(value, str) else value
+        if priority is None:
             raise Refused("priority must be high, normal, low or an integer")
-        head.jobs.set_priority(job["_id"], priority)
-        head.dirty = True
+        if not head.set_priority(job["_id"], priority):
+            raise Refused(f"job {job['_id']} changed meanwhile; look again")
         return {"job_id": job["_id"], "priority": priority}
     if action in ("drain", "resume"):
-        name = _str(args, "node")
         try:
-            head.registry.set_drain(name, action == "drain", _str(args, "reason"))
+            head.set_drain(args.node, action == "drain", args.reason)
         except KeyError:
-            raise Refused(f"node {name!r} does not exist") from None
-        head.dirty = True
-        return {"node": name, "drain": action == "drain"}
-    if action in ("block", "unblock"):
-        user = _str(args, "user")
-        blocked = set(head.admin_policy.get("blocked_users", []))
-        if user in ("", "ALL"):
-            change = {"block_all": action == "block"}
-        else:
-            (blocked.add if action == "block" else blocked.discard)(user)
-            change = {"blocked_users": sorted(blocked)}
-        store.set_policy(**change)
-        head.admin_policy.update(change)
-        head.dirty = True  # pending jobs of that user wait (Blocked) or may start
-        return {"user": user or "ALL", "blocked": action == "block"}
-    raise Refused(f"unknown action {action!r}")
+            raise Refused(f"node {args.node!r} does not exist", ErrorCode.NOT_FOUND) from None
+        return {"node": args.node, "drain": action == "drain"}
+    user = args.user  # block, unblock
+    blocked = set(head.admin_policy.get("blocked_users", []))
+    if user in ("", "ALL"):
+        change: dict[str, Any] = {"block_all": action == "block"}
+    else:
+        (blocked.add if action == "block" else blocked.discard)(user)
+        change = {"blocked_users": sorted(blocked)}
+    head.set_policy(**change)
+    return {"user": user or "ALL", "blocked": action == "block"}
 
 
-HANDLERS: dict[str, Callable[..., Any]] = {
+HANDLERS: dict[str, Callable[[Head, Caller, Any], Any]] = {
     "submit": submit,
-    "cancel": lambda head, caller, args: cancel(head, caller, args, admin=False),
+    "cancel": cancel,
     "info": info,
     "wait": wait,
     "control": control,
     "ping": lambda head, caller, args: {"pong": True, "user": caller.user},
-    "stats": lambda head, caller, args: {
-        "pending": len(head.jobs.requests), "active": len(head.jobs.jobs), "nodes": len(head.registry.nodes),
-        "nodes_alive": sum(n.alive for n in head.registry.nodes.values()), "passes": head.passes,
-        "last_pass_ms": round(head.pass_seconds * 1000, 3)},
+    "stats": lambda head, caller, args: head.stats(),
 }
 
 
-def handle(head: "HeadServer", caller: Caller, request: Request) -> Reply:
+def handle(head: Head, caller: Caller, request: Request) -> Reply:
+    """Check the request's arguments against their type and run its handler; Later for a long poll.
+
+    Database errors are the caller's (the server's) to handle.
+    """
     handler = HANDLERS.get(request.op)
     if handler is None:
-        return Reply(ok=False, error=f"unknown operation {request.op!r}")
-    if request.op != "ping" and not head.stale and not store.reachable():
-        head.db_failed(f"request {request.op}", store.StoreError("the driver lost the server"))
-    if head.stale and request.op != "ping":
-        return Reply(ok=False, error="the database is unreachable; the head is waiting for it, try again shortly")
+        return Reply(ok=False, error=f"unknown operation {request.op!r}", code=ErrorCode.UNKNOWN_OPERATION)
     try:
-        return Reply(ok=True, data=handler(head, caller, request.args))
-    except Later:
-        raise  # the server keeps the request and answers it later
+        args = request_args(request.op, request.args)
+    except ProtocolError as exc:
+        return Reply(ok=False, error=str(exc), code=ErrorCode.BAD_MESSAGE)
+    try:
+        return Reply(ok=True, data=handler(head, caller, args))
     except Refused as exc:
-        return Reply(ok=False, error=str(exc))
-    except (store.StoreError, store.DatabaseUnreachable) as exc:
-        head.db_failed(f"request {request.op}", exc)
-        return Reply(ok=False, error="the database is unreachable; the head is waiting for it, try again shortly")
-    except store.DatabaseError as exc:
-        return Reply(ok=False, error=f"the database refused the request: {str(exc)[:300]}")
+        return Reply(ok=False, error=str(exc), code=exc.code)

@@ -16,9 +16,12 @@ import zmq
 from cm import store
 from cm.config import Settings
 from cm.head.clients import ClientServer, Connection
-from cm.head.jobs import JobTable, Outcome, Stop
+from cm.head.jobs import JobTable
+from cm.head.outcome import Outcome, Stop
+from cm.head.progress import report_of
+from cm.head.records import Job
 from cm.head.policies import get_policy
-from cm.head.registry import Registry
+from cm.head.registry import NodeInfo, Registry
 from cm.head.requests import Later, handle
 from cm.head.resources import NodeView
 from cm.head.scheduler import Scheduler
@@ -26,6 +29,7 @@ from cm.logs import event
 from cm.protocol import (
     Ack,
     Error,
+    ErrorCode,
     Heartbeat,
     Hello,
     JobEnded,
@@ -42,6 +46,7 @@ from cm.protocol import (
     encode,
 )
 from cm.states import JobState
+from cm.store.jobstore import MongoJobStore
 
 log = logging.getLogger("cm.head")
 RUNNING_HOLD = 0.05  # seconds a RUNNING write may wait to be merged with the job's end
@@ -51,7 +56,7 @@ class HeadServer:
     def __init__(self, settings: Settings):
         self.settings = settings
         self.registry = Registry(settings.heartbeat_timeout)
-        self.jobs = JobTable(stop_timeout=settings.kill_grace + settings.kill_confirm)
+        self.jobs = JobTable(MongoJobStore(), stop_timeout=settings.kill_grace + settings.kill_confirm)
         self.jobs.node_alive = self._alive
         self.scheduler = Scheduler(get_policy(settings.policy), settings.backfill)
         self.dirty = True
@@ -153,13 +158,10 @@ class HeadServer:
             if flags & zmq.POLLIN:
                 for conn, request in self.clients.read(key):
                     try:
-                        reply = handle(self, conn.caller, request)
+                        reply = self.answer(conn.caller, request)
                     except Later as later:
                         self.waiters.setdefault(later.job_id, []).append((conn, request, later.deadline))
                         continue
-                    except Exception:  # a bug in one handler must not take the head down
-                        log.exception("request failed")
-                        reply = Reply(ok=False, error="internal error in the head; see its log")
                     self.clients.send(conn, reply)
 
     def answer_waiters(self, now: float) -> None:
@@ -174,16 +176,102 @@ class HeadServer:
                 if not final and now < deadline:
                     keep.append((conn, request, deadline))
                     continue
-                try:
-                    reply = handle(self, conn.caller, Request(op="info", args={"job_id": job_id}, id=request.id))
-                except Exception:
-                    log.exception("answering a wait failed")
-                    reply = Reply(ok=False, error="internal error in the head; see its log")
-                self.clients.send(conn, reply)
+                self.clients.send(conn, self.answer(conn.caller, Request(op="info", args={"job_id": job_id},
+                                                                         id=request.id)))
             if keep:
                 self.waiters[job_id] = keep
             else:
                 del self.waiters[job_id]
+
+    def answer(self, caller, request: Request) -> Reply:
+        """The reply to a client's request (Later: answer a long poll when its job ends); never raises else."""
+        unavailable = Reply(ok=False, error="the database is unreachable; the head is waiting for it, try again "
+                            "shortly", code=ErrorCode.DB_UNAVAILABLE)
+        if request.op != "ping" and not self.stale and not store.reachable():
+            self.db_failed(f"request {request.op}", store.StoreError("the driver lost the server"))
+        if self.stale and request.op != "ping":
+            return unavailable
+        try:
+            return handle(self, caller, request)
+        except Later:
+            raise  # the server keeps the request and answers it later
+        except (store.StoreError, store.DatabaseUnreachable) as exc:
+            self.db_failed(f"request {request.op}", exc)
+            return unavailable
+        except store.DatabaseError as exc:
+            return Reply(ok=False, error=f"the database refused the request: {str(exc)[:300]}",
+                         code=ErrorCode.REFUSED)
+        except Exception:  # a bug in one handler must not take the head down
+            log.exception("request failed")
+            return Reply(ok=False, error="internal error in the head; see its log", code=ErrorCode.INTERNAL)
+
+    # --- what request handlers may use (cm.head.requests.Head) ---------------
+
+    def nodes(self) -> dict[str, NodeInfo]:
+        return self.registry.nodes
+
+    def node_rows(self) -> list[dict]:
+        used = self.jobs.usage()
+        rows = []
+        for n in sorted(self.registry.nodes.values(), key=lambda n: self.sort_key(n.name)):
+            c, m = used.get(n.name, (0, 0))
+            rows.append({"name": n.name, "partition": n.partition, "state": self.registry.state_of(n, c).value,
+                         "cpus": n.cpus, "cpus_free": n.cpus - c, "mem_mb": n.mem_mb, "mem_free_mb": n.mem_mb - m,
+                         "reason": n.reason})
+        return rows
+
+    def active(self, job_id: int) -> Job | None:
+        return self.jobs.jobs.get(job_id)
+
+    def find(self, job_id: int) -> Job | None:
+        return self.jobs.find(job_id)
+
+    def listed(self, all_jobs: bool) -> list[Job]:
+        if all_jobs:
+            known = {j["_id"]: j for j in self.jobs.store.recent_jobs(None)}
+            known.update(self.jobs.jobs)  # memory is newer for unfinished jobs (progress)
+            return [j for _, j in sorted(known.items())]
+        return sorted(self.jobs.shown(), key=lambda j: j["_id"])
+
+    def why_waiting(self, job_id: int) -> str | None:
+        return self.jobs.why_waiting(job_id)
+
+    def waiting(self, uid: int) -> int:
+        waiting = (JobState.PENDING.value, JobState.HELD.value)
+        return sum(1 for j in self.jobs.jobs.values() if j["uid"] == uid and j["state"] in waiting)
+
+    def submit(self, fields: dict) -> Job:
+        job = self.jobs.submit(fields)
+        self.dirty = True
+        return job
+
+    def cancel(self, job_id: int) -> str:
+        out = Outcome()
+        state = self.jobs.cancel(job_id, out)
+        self.apply(out)
+        return state
+
+    def hold(self, job_id: int, held: bool) -> bool:
+        self.dirty = True
+        return self.jobs.hold(job_id, held)
+
+    def set_priority(self, job_id: int, priority: int) -> bool:
+        self.dirty = True
+        return self.jobs.set_priority(job_id, priority)
+
+    def set_drain(self, node: str, drain: bool, reason: str) -> None:
+        self.registry.set_drain(node, drain, reason)
+        self.dirty = True
+
+    def set_policy(self, **change) -> None:
+        store.set_policy(**change)
+        self.admin_policy.update(change)
+        self.dirty = True  # pending jobs of that user wait (Blocked) or may start
+
+    def stats(self) -> dict:
+        return {"pending": len(self.jobs.requests), "active": len(self.jobs.jobs), "nodes": len(self.registry.nodes),
+                "nodes_alive": sum(n.alive for n in self.registry.nodes.values()), "passes": self.passes,
+                "last_pass_ms": round(self.pass_seconds * 1000, 3)}
 
     # --- database outages ----------------------------------------------------
 
@@ -244,7 +332,7 @@ class HeadServer:
                 self.on_node_message(identity.decode("utf-8", "replace"), msg)
             except ProtocolError as exc:
                 event(log, "bad node message", logging.WARNING, peer=identity[:64].hex(), error=str(exc))
-                self._send_raw(identity, Error(ref="", message=f"bad message: {exc}"))
+                self._send_raw(identity, Error(ref="", message=f"bad message: {exc}", code=ErrorCode.BAD_MESSAGE))
             except (store.StoreError, store.DatabaseError) as exc:
                 self.db_failed(f"handling {msg.TYPE} from {identity[:64]!r}", exc)
 
@@ -253,7 +341,8 @@ class HeadServer:
     def on_node_message(self, peer: str, msg: Message) -> None:
         node = getattr(msg, "node", peer)
         if node != peer:
-            self.send(peer, Error(ref=msg.id, message=f"node field {node!r} does not match routing id"))
+            self.send(peer, Error(ref=msg.id, message=f"node field {node!r} does not match routing id",
+                                  code=ErrorCode.BAD_MESSAGE))
             return
         now = time.monotonic()
         if self.stale and isinstance(msg, (Hello, JobStarted, JobEnded)):
@@ -263,12 +352,12 @@ class HeadServer:
             self.on_hello(msg, now, out)
         elif isinstance(msg, Heartbeat):
             if not self.registry.seen(peer, now):
-                self.send(peer, Error(ref=msg.id, message="unknown node: say hello"))
+                self.send(peer, Error(ref=msg.id, message="unknown node: say hello", code=ErrorCode.UNKNOWN_NODE))
                 return
             if not self.stale:
                 self.reconcile(peer, msg.running, msg.shares, msg.ending, out)
         elif not self.registry.seen(peer, now):
-            self.send(peer, Error(ref=msg.id, message="unknown node: say hello"))
+            self.send(peer, Error(ref=msg.id, message="unknown node: say hello", code=ErrorCode.UNKNOWN_NODE))
             return
         elif isinstance(msg, JobStarted):
             self._drop_unacked(peer, msg.job_id, RunJob, msg.run, msg.role, msg.rank)
@@ -278,27 +367,27 @@ class HeadServer:
             try:
                 state = JobState(msg.state)
             except ValueError:
-                self.send(peer, Error(ref=msg.id, message=f"unknown state {msg.state!r}"))
+                self.send(peer, Error(ref=msg.id, message=f"unknown state {msg.state!r}", code=ErrorCode.BAD_MESSAGE))
                 return
             if not state.final:
-                self.send(peer, Error(ref=msg.id, message=f"state {msg.state} is not final"))
+                self.send(peer, Error(ref=msg.id, message=f"state {msg.state} is not final", code=ErrorCode.BAD_MESSAGE))
                 return
             self._drop_unacked(peer, msg.job_id, RunJob, msg.run, msg.role, msg.rank)
             self.jobs.ended(msg.job_id, peer, msg.run, state, msg.exit_code, msg.reason, out, msg.role, msg.rank)
             self.send(peer, Ack(ref=msg.id))
             self.dirty = True
         elif isinstance(msg, Progress):
-            self.jobs.progress(msg.job_id, f"{peer}/{msg.rank}", msg.run, {
-                "bytes_done": msg.bytes_done, "bytes_total": msg.bytes_total, "files_done": msg.files_done,
-                "files_total": msg.files_total, "rate": msg.rate, "stats": msg.stats})
-            if msg.stats:
+            self.jobs.progress(msg.job_id, f"{peer}/{msg.rank}", msg.run, report_of(msg))
+            if msg.stats is not None:
                 self.send(peer, Ack(ref=msg.id))  # final counters are reported reliably
         elif isinstance(msg, Ack):
             self.unacked.pop(msg.ref, None)
         elif isinstance(msg, Error):
-            event(log, "node reported an error", logging.WARNING, node=peer, ref=msg.ref, error=msg.message)
+            event(log, "node reported an error", logging.WARNING, node=peer, ref=msg.ref, error=msg.message,
+                  code=msg.code.value)
         else:
-            self.send(peer, Error(ref=msg.id, message=f"{msg.TYPE} is not a node-to-head message"))
+            self.send(peer, Error(ref=msg.id, message=f"{msg.TYPE} is not a node-to-head message",
+                                  code=ErrorCode.BAD_MESSAGE))
         self.apply(out)
 
     def on_hello(self, msg: Hello, now: float, out: Outcome) -> None:
@@ -374,11 +463,10 @@ class HeadServer:
         node's daemon restarted and its share was declared lost): sent again, a fresh
         daemon with no memory of the job would start it a second time.
         """
-        spec = command.spec if isinstance(command, RunJob) else {}
         if isinstance(command, RunJob) and (
                 command.job_id in self.jobs.stopping
-                or not self.jobs.wants(node, command.job_id, spec.get("run"), spec.get("role", ""),
-                                       spec.get("rank", 0))):
+                or not self.jobs.wants(node, command.job_id, command.spec.run, command.spec.role,
+                                       command.spec.rank)):
             del self.unacked[msg_id]
             return
         self.send(node, command)
@@ -393,9 +481,9 @@ class HeadServer:
                 continue
             if isinstance(command, RunJob):
                 spec = command.spec
-                if run and spec.get("run") != run:
+                if run and spec.run != run:
                     continue  # a report about another run says nothing about this one
-                if role and (spec.get("role") != role or (rank >= 0 and spec.get("rank") != rank)):
+                if role and (spec.role != role or (rank >= 0 and spec.rank != rank)):
                     continue  # nor one about another share of the same run
             del self.unacked[msg_id]
 
@@ -456,7 +544,7 @@ class HeadServer:
             if now - sent >= retry and info is not None and info.alive:
                 self.resend(msg_id, node, command)
 
-    def blocked(self, job: dict) -> bool:
+    def blocked(self, job: Job) -> bool:
         """Whether an administrator's block keeps this job waiting (root's jobs are never blocked)."""
         policy = self.admin_policy
         return job.get("uid") != 0 and bool(policy.get("block_all") or job["user"] in policy.get("blocked_users", ()))

@@ -23,6 +23,7 @@ import threading
 import time
 from pathlib import Path
 
+import msgspec
 import zmq
 
 from cm import __version__
@@ -35,15 +36,21 @@ from cm.node.sync import WarmSenders, data_identity, last_line, start_sender
 from cm.protocol import (
     Ack,
     Error,
+    ErrorCode,
     Heartbeat,
     Hello,
     JobEnded,
     JobStarted,
     KillJob,
+    CommandShare,
     Message,
+    NodeJob,
     Progress,
     ProtocolError,
     RunJob,
+    SyncDestination,
+    SyncSource,
+    SyncStats,
     Welcome,
     decode,
     encode,
@@ -221,10 +228,11 @@ class NodeAgent:
         elif isinstance(msg, Ack):
             self.outbox.pop(msg.ref, None)
         elif isinstance(msg, Error):
-            if "hello" in msg.message:
-                self.welcomed = False
+            if msg.code == ErrorCode.UNKNOWN_NODE:
+                self.welcomed = False  # the head does not know this node (it restarted): say hello again
             else:
-                event(log, "head reported an error", logging.WARNING, ref=msg.ref, error=msg.message)
+                event(log, "head reported an error", logging.WARNING, ref=msg.ref, error=msg.message,
+                      code=msg.code.value)
         elif isinstance(msg, RunJob):
             if self.run_job(msg.job_id, msg.spec):
                 self.send(Ack(ref=msg.id))  # unacknowledged, the head sends it again
@@ -249,13 +257,9 @@ class NodeAgent:
         self.report(JobEnded(job_id=job_id, node=self.name, run=run, state=state.value, exit_code=exit_code,
                              reason=reason, role=role, rank=rank))
 
-    def run_job(self, job_id: int, spec: dict) -> bool:
+    def run_job(self, job_id: int, spec: NodeJob) -> bool:
         """Start this node's share of a job (once per run, role and rank). False: not now, ask again later."""
-        try:
-            share: Share = (job_id, int(spec.get("run", 0)), str(spec.get("role", "run")), int(spec.get("rank", 0)))
-        except (TypeError, ValueError):
-            event(log, "RunJob with a bad share", logging.WARNING, job=job_id)
-            return True
+        share: Share = (job_id, spec.run, spec.role, spec.rank)
         run = share[1]
         if share in self.finished:
             # over already; say so again (the head may have lost the first report in an outage)
@@ -277,12 +281,12 @@ class NodeAgent:
                 self._stop_share(old, JobState.NODE_FAIL, "superseded by a newer run")
             return False
         try:
-            if spec.get("kind") == "sync":
-                self._start_sync(share, spec)
-            else:
+            if isinstance(spec, CommandShare):
                 procs = launch.start(spec, self.name, job_id)
-                self.purge.add(Tracked(job_id, run, procs, time.monotonic() + float(spec["time_limit"]),
+                self.purge.add(Tracked(job_id, run, procs, time.monotonic() + spec.time_limit,
                                        role=share[2], rank=share[3]))
+            else:
+                self._start_sync(share, spec)
         except (launch.LaunchError, KeyError, TypeError, ValueError) as exc:
             reason = str(exc) if isinstance(exc, launch.LaunchError) else f"bad job spec: {exc!r}"
             event(log, "job failed to start", logging.WARNING, job=job_id, role=share[2], rank=share[3],
@@ -291,29 +295,29 @@ class NodeAgent:
             return True
         self.report(JobStarted(job_id=job_id, node=self.name, run=run, role=share[2], rank=share[3]))
         self._save_state()
-        event(log, "job started", job=job_id, run=run, kind=spec.get("kind"), role=share[2], rank=share[3])
+        event(log, "job started", job=job_id, run=run, kind=spec.kind, role=share[2], rank=share[3])
         return True
 
-    def _start_sync(self, share: Share, spec: dict) -> None:
+    def _start_sync(self, share: Share, spec: SyncSource | SyncDestination) -> None:
         job_id = share[0]
-        transfer = spec["transfer"]
-        if spec["role"] == "dst":
+        if isinstance(spec, SyncDestination):
             if self.transfer is None:
                 raise launch.LaunchError(f"{self.name} has no mover running")
             from cm.node.mover import MoverError
 
+            transfer = spec.transfer
             who = data_identity(transfer, launch.job_identity(spec))
             try:
-                self.transfer.register(transfer["transfer_id"], transfer["token"], Path(self.settings.data_root),
-                                       transfer["dst_path"], who, keep_owners=bool(transfer.get("owners")))
+                self.transfer.register(transfer.transfer_id, transfer.token, Path(self.settings.data_root),
+                                       transfer.dst_path, who, keep_owners=transfer.owners)
             except MoverError as exc:
                 raise launch.LaunchError(str(exc)) from None
-            self.receiving[share] = transfer["transfer_id"]
+            self.receiving[share] = transfer.transfer_id
             return
         proc, err = start_sender(spec, self.name, job_id, str(Path(self.settings.data_root).resolve()), self.warm)
         self.senders[share] = {"proc": proc, "buffer": b"", "report": None, "sent_at": 0.0, "err": err,
-                               "run": spec["run"], "rank": share[3], "stats": {}}
-        self.purge.add(Tracked(job_id, spec["run"], [proc], time.monotonic() + float(spec["time_limit"]),
+                               "run": spec.run, "rank": share[3], "stats": {}}
+        self.purge.add(Tracked(job_id, spec.run, [proc], time.monotonic() + spec.time_limit,
                                role=share[2], rank=share[3], on_end=lambda: self._close_sender(share)))
 
     def stop(self, job_id: int, state: JobState, reason: str, run: int = 0, role: str = "", rank: int = -1) -> None:
@@ -378,8 +382,8 @@ class NodeAgent:
                            bytes_done=int(r.get("bytes_done", 0)),
                            bytes_total=int(r.get("bytes_total", 0)), files_done=int(r.get("files_done", 0)),
                            files_total=int(r.get("files_total", 0)), rate=float(r.get("rate", 0.0)),
-                           stats={k: v for k, v in s["stats"].items() if k != "would"} if s["stats"] else {})
-        except (TypeError, ValueError):
+                           stats=_final_counters(s["stats"]) if s["stats"] else None)
+        except (TypeError, ValueError, msgspec.ValidationError):
             return
         if s["stats"]:
             self.report(msg)  # the final counters must arrive
@@ -424,6 +428,11 @@ class NodeAgent:
                 except (ProcessLookupError, PermissionError):
                     pass
         self.state_file.unlink(missing_ok=True)
+
+
+def _final_counters(report: dict) -> SyncStats:
+    """A sender's last line (cm.transfer.stats.Stats.report) as the counters the head sums."""
+    return msgspec.convert({k: v for k, v in report.items() if k in SyncStats.__struct_fields__}, SyncStats)
 
 
 def _share_of(msg: JobEnded) -> Share:

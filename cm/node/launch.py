@@ -12,6 +12,7 @@ import subprocess
 from pathlib import Path
 
 from cm.creds import Identity, acting_as
+from cm.protocol import CommandShare, ShareSpec
 
 # $1/$2: stdout/stderr paths; the rest is the command, executed without a shell's interpretation
 _WRAPPER = 'exec >"$1" 2>"$2" </dev/null || exit 126; shift 2; exec "$@"'
@@ -36,13 +37,14 @@ def expand(pattern: str, job_id: int, node: str, rank: int, name: str, user: str
     return "".join(out)
 
 
-def log_paths(spec: dict, node: str, job_id: int, rank: int) -> tuple[Path, Path]:
-    cwd = Path(spec["cwd"])
+def log_paths(spec: ShareSpec, node: str, job_id: int, rank: int, cwd: Path | None = None) -> tuple[Path, Path]:
+    """Where a process's stdout and stderr go: the job's patterns (a command's), else cmlogs/ under cwd."""
+    cwd = cwd or Path(spec.cwd)
     defaults = {"stdout": f"cmlogs/{job_id}/{node}/{rank}.out", "stderr": f"cmlogs/{job_id}/{node}/{rank}.err"}
     paths = []
     for key in ("stdout", "stderr"):
-        pattern = spec.get(key) or defaults[key]
-        paths.append(cwd / expand(pattern, job_id, node, rank, spec["name"], spec["user"]))
+        pattern = getattr(spec, key, "") or defaults[key]
+        paths.append(cwd / expand(pattern, job_id, node, rank, spec.name, spec.user))
     return paths[0], paths[1]
 
 
@@ -65,19 +67,19 @@ def check_workdir(cwd: Path, who: Identity, node: str) -> None:
             raise LaunchError(f"working directory {cwd} on {node}: permission denied for uid {who.uid}")
 
 
-def start(spec: dict, node: str, job_id: int) -> list[subprocess.Popen]:
+def start(spec: CommandShare, node: str, job_id: int) -> list[subprocess.Popen]:
     """Start every process of this node's share; raise LaunchError if none can start."""
     who = job_identity(spec)
     extra = popen_identity(who)
-    cwd = Path(spec["cwd"])
+    cwd = Path(spec.cwd)
     check_workdir(cwd, who, node)
-    procs_per_node, node_rank = spec["procs"], spec["rank"]
-    base_env = dict(e.split("=", 1) for e in spec["env"])
+    procs_per_node, node_rank = spec.procs, spec.rank
+    base_env = dict(e.split("=", 1) for e in spec.env)
     base_env.update(
-        CM_JOB_ID=str(job_id), CM_JOB_NAME=spec["name"], CM_NODE_RANK=str(node_rank),
-        CM_NNODES=str(spec["nnodes"]), CM_NODELIST=",".join(spec["nodelist"]), CM_NODENAME=node,
-        CM_PROCS_PER_NODE=str(procs_per_node), CM_NPROCS=str(procs_per_node * spec["nnodes"]),
-        CM_CPUS_ON_NODE=str(spec.get("cpus", procs_per_node)), CM_SUBMIT_DIR=str(cwd),
+        CM_JOB_ID=str(job_id), CM_JOB_NAME=spec.name, CM_NODE_RANK=str(node_rank),
+        CM_NNODES=str(spec.nnodes), CM_NODELIST=",".join(spec.nodelist), CM_NODENAME=node,
+        CM_PROCS_PER_NODE=str(procs_per_node), CM_NPROCS=str(procs_per_node * spec.nnodes),
+        CM_CPUS_ON_NODE=str(spec.cpus), CM_SUBMIT_DIR=str(cwd),
     )
     procs = []
     try:
@@ -89,7 +91,7 @@ def start(spec: dict, node: str, job_id: int) -> list[subprocess.Popen]:
             env = {**base_env, "CM_PROC_RANK": str(rank), "CM_LOCAL_RANK": str(local)}
             procs.append(
                 subprocess.Popen(
-                    ["/bin/sh", "-c", _WRAPPER, "cm-job", str(out), str(err), *spec["argv"]],
+                    ["/bin/sh", "-c", _WRAPPER, "cm-job", str(out), str(err), *spec.argv],
                     cwd=cwd, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                     stderr=subprocess.DEVNULL, start_new_session=True, close_fds=True, **extra,
                 )
@@ -102,12 +104,12 @@ def start(spec: dict, node: str, job_id: int) -> list[subprocess.Popen]:
     return procs
 
 
-def job_identity(spec: dict) -> Identity:
+def job_identity(spec: ShareSpec) -> Identity:
     """Who a job acts as: its uid and gid with the user's groups (looked up once).
 
     Raises LaunchError when this daemon cannot become that user.
     """
-    uid, gid = spec["uid"], spec["gid"]
+    uid, gid = spec.uid, spec.gid
     if os.geteuid() != 0 and uid != os.geteuid():
         raise LaunchError(f"this node's daemon is not root and cannot run jobs as uid {uid}")
     return Identity.of_user(uid, gid)

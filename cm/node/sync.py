@@ -15,7 +15,6 @@ failed, or ``warm_sender`` is off) a sender starts cold.
 
 from __future__ import annotations
 
-import json
 import os
 import socket
 import subprocess
@@ -23,16 +22,19 @@ import sys
 import time
 from pathlib import Path
 
+import msgspec
+
 from cm.transfer import exitcodes, zygote
 
 from cm.creds import Identity, acting_as
 from cm.node.launch import LaunchError, job_identity, log_paths, make_log_dir
+from cm.protocol import DestinationTransfer, SourceTransfer, SyncSource
 
 
-def data_identity(transfer: dict, who: Identity) -> Identity:
+def data_identity(transfer: SourceTransfer | DestinationTransfer, who: Identity) -> Identity:
     """Who a sync reads and writes its data as: root for root's and operators' syncs, which keep
     owners (the head sets ``owners``), otherwise the job's user."""
-    return Identity(0, 0, ()) if transfer.get("owners") else who
+    return Identity(0, 0, ()) if transfer.owners else who
 
 
 def _sender_env() -> dict:
@@ -259,23 +261,33 @@ def _discard(proc: subprocess.Popen) -> None:
                 pass
 
 
-def start_sender(spec: dict, node: str, job_id: int, data_root: str,
+def sender_spec(transfer: SourceTransfer, data_root: str) -> dict:
+    """The sender's spec (cm.transfer.spec.Spec) for this rank's transfer under this node's data root."""
+    spec = msgspec.structs.asdict(transfer)
+    if spec.pop("transport") != "tcp":
+        from cm.transfer.rdma import missing
+
+        raise LaunchError(f"--transport {transfer.transport} is not available on this node: "
+                          f"{missing() or 'this sender speaks TCP only'}")
+    return {**spec, "src_root": data_root}
+
+
+def start_sender(spec: SyncSource, node: str, job_id: int, data_root: str,
                  warm: WarmSenders | None = None) -> tuple[subprocess.Popen | ForkedSender, Path]:
     """Hand this rank's transfer to a sender running as the user; progress comes back on its stdout."""
     who = job_identity(spec)
-    transfer = {**spec["transfer"], "src_root": data_root}
-    cwd = Path(spec.get("cwd") or "/")
-    _, err_path = log_paths({**spec, "cwd": str(cwd), "stdout": "", "stderr": ""}, node, job_id, spec["rank"])
+    transfer = sender_spec(spec.transfer, data_root)
+    _, err_path = log_paths(spec, node, job_id, spec.rank, cwd=Path(spec.cwd or "/"))
     try:
         make_log_dir(err_path.parent, who)
         with acting_as(who):  # made by the user, where the user may write, never through a planted link
             os.close(os.open(err_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644))
     except (LaunchError, OSError):
         err_path = Path(os.devnull)
-    reader = data_identity(transfer, who)
+    reader = data_identity(spec.transfer, who)
     job = {"transfer": transfer, "uid": reader.uid, "gid": reader.gid, "groups": list(reader.groups),
            "stderr": str(err_path)}
-    data = json.dumps(job).encode()
+    data = msgspec.json.encode(job)
     for attempt in range(2):
         try:
             proc = warm.take() if warm is not None and attempt == 0 else _start_sender_process()

@@ -60,12 +60,14 @@ class Job(Document):
     stderr = StringField(default="")
     requeue = BooleanField(default=False)
     submitted = FloatField(required=True)
+    dispatched = FloatField()  # when the current run was dispatched
     started = FloatField()
     ended = FloatField()
     exit_code = IntField()
     reason = StringField(default="")
+    cancel_requested = BooleanField(default=False)  # cancelled while running: CANCELLED once its shares are gone
     slots = EmbeddedDocumentListField(Slot)
-    sync = DictField()  # src, dst, options, token; only for kind == "sync"
+    sync = DictField()  # src, dst, options, token, transport; only for kind == "sync" (cm.head.records)
     progress = DictField()  # bytes_done, bytes_total, files_done, files_total, rate; per node merged
     runs = IntField(default=0)  # times dispatched (requeue counts)
     restarts = IntField(default=0)  # times a sync was started again after losing a node

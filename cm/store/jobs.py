@@ -95,7 +95,7 @@ def update_job(job_id: int, states: Iterable[JobState], **fields: Any) -> bool:
     res = _jobs().update_one(
         {"_id": job_id, "state": {"$in": [s.value for s in states]}}, {"$set": fields}
     )
-    return res.modified_count == 1
+    return res.matched_count == 1  # matched: setting a value a field already has is no lost race
 
 
 def get_job(job_id: int) -> dict[str, Any] | None:

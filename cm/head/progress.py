@@ -1,0 +1,30 @@
+"""A sync's progress: each sender rank reports its own; the job shows their sum."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import msgspec
+
+from cm.protocol import Progress
+
+TOTALS = ("bytes_done", "bytes_total", "files_done", "files_total", "rate")
+
+
+def report_of(msg: Progress) -> dict[str, Any]:
+    """One rank's report as the job record keeps it (stats: its final counters, {} while it runs)."""
+    return {"bytes_done": msg.bytes_done, "bytes_total": msg.bytes_total, "files_done": msg.files_done,
+            "files_total": msg.files_total, "rate": msg.rate,
+            "stats": msgspec.structs.asdict(msg.stats) if msg.stats is not None else {}}
+
+
+def merge(per_rank: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """The job's progress: every total summed over ranks, and the final counters summed where reported."""
+    total: dict[str, Any] = {k: sum(p[k] for p in per_rank.values()) for k in TOTALS}
+    stats: dict[str, Any] = {}
+    for p in per_rank.values():
+        for k, v in p["stats"].items():
+            stats[k] = stats.get(k, 0) + v
+    if stats:
+        total["stats"] = stats
+    return total

@@ -1,0 +1,143 @@
+"""The schemas at the boundaries: what does not fit is refused naming the field; the head has no import cycle."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import msgpack
+import msgspec
+import pytest
+
+from cm.protocol import (
+    ARGS,
+    VERSION,
+    CommandShare,
+    Error,
+    ErrorCode,
+    Progress,
+    ProtocolError,
+    RunJob,
+    SubmitCommand,
+    SubmitSync,
+    SyncStats,
+    decode,
+    encode,
+    request_args,
+)
+
+SHARE = dict(run=1, rank=0, name="j", user="ann", uid=1000, gid=1000, time_limit=60.0, cwd="/home/ann")
+
+
+def test_a_run_job_travels_with_its_typed_spec():
+    msg = RunJob(job_id=4, spec=CommandShare(**SHARE, argv=["true"], env=[], procs=1, nnodes=1, nodelist=["n1"],
+                                             stdout="", stderr="", cpus=1))
+    back = decode(encode(msg))
+    assert back == msg and back.spec.role == "run" and back.spec.kind == "command"
+
+
+@pytest.mark.parametrize("spec,field", [
+    ({"role": "run", **SHARE}, "argv"),  # a command share without its command
+    ({"role": "src", **SHARE, "transfer": {}}, "transfer"),
+    ({"role": "bogus", **SHARE}, "spec.role"),
+    ({"role": "run", **SHARE, "uid": -1, "argv": ["x"], "env": [], "procs": 1, "nnodes": 1, "nodelist": [],
+      "stdout": "", "stderr": "", "cpus": 1}, "spec.uid"),
+])
+def test_a_run_job_whose_spec_does_not_fit_is_refused_naming_the_field(spec, field):
+    raw = msgpack.packb({"t": "run_job", "v": VERSION, "id": "x", "job_id": 1, "spec": spec})
+    with pytest.raises(ProtocolError, match=field.replace(".", r"\.")):
+        decode(raw)
+
+
+def test_progress_counters_are_typed_and_a_bad_counter_is_refused():
+    msg = Progress(job_id=1, node="n", run=1, bytes_done=1, bytes_total=2, files_done=1, files_total=1, rate=0.5,
+                   stats=SyncStats(files_sent=3, elapsed=0.25))
+    assert decode(encode(msg)).stats.files_sent == 3
+    raw = msgpack.packb({**msgpack.unpackb(encode(msg)), "stats": {"files_sent": True}})
+    with pytest.raises(ProtocolError, match="stats.files_sent"):
+        decode(raw)
+
+
+def test_an_error_carries_a_code_a_program_can_act_on():
+    back = decode(encode(Error(ref="r", message="unknown node: say hello", code=ErrorCode.UNKNOWN_NODE)))
+    assert back.code is ErrorCode.UNKNOWN_NODE
+    raw = msgpack.packb({"t": "error", "v": VERSION, "id": "x", "ref": "r", "message": "m", "code": "whatever"})
+    with pytest.raises(ProtocolError, match="code"):
+        decode(raw)
+
+
+def test_a_message_of_another_version_is_refused_as_such():
+    with pytest.raises(ProtocolError, match=f"protocol version 1, expected {VERSION}"):
+        decode(msgpack.packb({"t": "heartbeat", "v": 1, "id": "x", "node": "n", "running": [], "old": 1}))
+
+
+@pytest.mark.parametrize("args,field", [
+    ({"argv": []}, "argv"),
+    ({"argv": ["x"], "nodes": True}, "nodes"),  # an int, not a bool
+    ({"argv": ["x"], "env": ["=x"]}, "env"),
+    ({"argv": ["x"], "priority": 5000}, "priority"),
+    ({"kind": "sync", "src": "a:/x", "dst": "b:/y", "options": {"transport": "carrier-pigeon"}}, "options.transport"),
+    ({"kind": "sync", "src": "a:/x", "dst": "b:/y", "options": {"bwlimit": 0}}, "options.bwlimit"),
+    ({"kind": "batch"}, "kind"),
+])
+def test_submit_arguments_that_do_not_fit_are_refused_naming_the_field(args, field):
+    with pytest.raises(ProtocolError, match=field.replace(".", r"\.")):
+        request_args("submit", args)
+
+
+def test_a_submit_without_kind_is_a_command_and_unknown_fields_are_ignored():
+    args = request_args("submit", {"argv": ["true"], "user": "root", "uid": 0})
+    assert isinstance(args, SubmitCommand) and args.argv == ["true"]
+    assert isinstance(request_args("submit", {"kind": "sync", "src": "a:/x", "dst": "b:/y"}), SubmitSync)
+
+
+@pytest.mark.parametrize("op,args,field", [
+    ("cancel", {"job_ids": []}, "job_ids"), ("cancel", {"job_ids": ["one"]}, "job_ids[0]"),
+    ("wait", {"job_id": 1, "timeout": 61}, "timeout"), ("info", {"job_id": True}, "job_id"),
+    ("control", {"action": "explode"}, "action"), ("control", {"action": "priority", "value": "urgent"}, "value"),
+])
+def test_other_arguments_that_do_not_fit_are_refused_naming_the_field(op, args, field):
+    with pytest.raises(ProtocolError, match=field.replace("[", r"\[").replace("]", r"\]")):
+        request_args(op, args)
+
+
+def test_every_request_argument_type_has_a_json_schema():
+    schemas, components = msgspec.json.schema_components(list(ARGS.values()))
+    assert {"SubmitCommand", "SubmitSync", "SyncOptions", "Cancel", "Info", "Wait", "Control"} <= set(components)
+    assert components["SubmitCommand"]["properties"]["nodes"]["maximum"] == 4096
+
+
+def test_the_head_package_has_no_import_cycle():
+    head = Path(__file__).resolve().parents[2] / "cm" / "head"
+    deps = {}
+    for path in head.glob("*.py"):
+        tree = ast.parse(path.read_text())
+        deps[f"cm.head.{path.stem}"] = {n.module for n in ast.walk(tree)
+                                        if isinstance(n, ast.ImportFrom) and (n.module or "").startswith("cm.head.")}
+
+    def visit(module: str, path: tuple[str, ...]) -> None:
+        for dep in deps.get(module, ()):
+            assert dep not in path, f"import cycle: {' -> '.join(path + (dep,))}"
+            visit(dep, path + (dep,))
+
+    for module in deps:
+        visit(module, (module,))
+
+
+def test_every_stored_field_of_a_job_record_is_declared_in_the_document_and_nothing_else():
+    from cm.head.records import Job, SlotRecord
+    from cm.store import documents
+
+    stored = set(Job.__annotations__)
+    declared = {"_id" if name == "id" else name for name in documents.Job._fields}
+    assert stored == declared
+    assert set(SlotRecord.__annotations__) == set(documents.Slot._fields)
+
+
+def test_the_senders_final_report_fits_sync_stats_field_for_field():
+    from cm.transfer.stats import Stats
+
+    report = Stats(bytes_sent=5, files_sent=2).report(1.5, would=["x"])
+    counters = {k: v for k, v in report.items() if k not in ("done", "would")}
+    assert set(counters) == set(SyncStats.__struct_fields__)
+    assert msgspec.convert(counters, SyncStats) == SyncStats(bytes_sent=5, files_sent=2, elapsed=1.5)
