@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from cm.node.sync import ForkedSender, WarmSenders, start_sender
+from cm.protocol import SourceTransfer, SyncSource
 
 from .conftest import assert_same_tree, make_tree, sender_env, spec_for, write
 
@@ -113,9 +114,11 @@ def warm(monkeypatch):
     senders.close()
 
 
-def _node_spec(receiver, src: Path, tmp_path: Path) -> dict:
-    return {"uid": os.geteuid(), "gid": os.getegid(), "rank": 0, "cwd": str(tmp_path), "name": "sync",
-            "user": "me", "transfer": {k: v for k, v in spec_for(receiver, src).items() if k != "src_root"}}
+def _node_spec(receiver, src: Path, tmp_path: Path, **overrides) -> SyncSource:
+    transfer = {k: v for k, v in spec_for(receiver, src).items() if k != "src_root"}
+    transfer.update(transport="tcp", owners=False, **overrides)
+    return SyncSource(run=1, rank=0, name="sync", user="me", uid=os.geteuid(), gid=os.getegid(), time_limit=60,
+                      cwd=str(tmp_path), transfer=SourceTransfer(**transfer))
 
 
 def test_the_node_forks_its_senders_from_a_zygote_loaded_at_its_start(warm, receiver, roots, tmp_path):
@@ -133,7 +136,7 @@ def test_the_node_forks_its_senders_from_a_zygote_loaded_at_its_start(warm, rece
     assert err == tmp_path / "cmlogs/7/n1/0.err"
     assert_same_tree(src, receiver.dst)
     assert forked_in < 0.3, forked_in  # a cold sender takes ~0.5 s before it answers at all
-    spec["transfer"]["transfer_id"] = "unknown"  # refused by the receiver: the error reaches the log
+    spec = _node_spec(receiver, src, tmp_path, transfer_id="unknown")  # refused: the error reaches the log
     proc, err = start_sender(spec, "n1", 8, str(src), warm)
     assert _wait(proc) == 1
     assert "refused" in err.read_text()
