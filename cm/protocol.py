@@ -285,3 +285,127 @@ def unframe(buffer: bytearray, limit: int = MAX_MESSAGE) -> bytes | None:
     body = bytes(buffer[FRAME_HEADER : FRAME_HEADER + size])
     del buffer[: FRAME_HEADER + size]
     return body
+
+
+# --- intercom: a job's processes, through their node daemons and the head -------------------------
+# (cm.node.intercom forwards what a job's processes ask; cm.head.intercom answers and routes.)
+# Node -> head requests carry the asking process's job, run and rank; the head checks that the node
+# holds that rank of that run. ``ref`` ties the head's IntercomAnswer to the node's request.
+
+
+@dataclass(frozen=True)
+class IntercomPut(Message):
+    TYPE = "ic_put"
+    node: str
+    job_id: int
+    run: int
+    rank: int
+    key: str
+    value: str
+
+
+@dataclass(frozen=True)
+class IntercomGet(Message):
+    """Answered with the value at once, or with kind "absent": the node then waits for the IntercomUpdate."""
+
+    TYPE = "ic_get"
+    node: str
+    job_id: int
+    run: int
+    rank: int
+    key: str
+
+
+@dataclass(frozen=True)
+class IntercomFence(Message):
+    """Rank ``rank`` reached the job's fence number ``epoch`` (1, 2, ...); repeats change nothing."""
+
+    TYPE = "ic_fence"
+    node: str
+    job_id: int
+    run: int
+    rank: int
+    epoch: int
+
+
+@dataclass(frozen=True)
+class IntercomSend(Message):
+    """A command to some of the job's processes (``ranks``: what the sender's condition ``to`` selected)."""
+
+    TYPE = "ic_send"
+    node: str
+    job_id: int
+    run: int
+    rank: int
+    command: str
+    ranks: list[int]
+    to: str = ""  # the condition as written, for messages
+    reply: bool = False
+
+
+@dataclass(frozen=True)
+class IntercomDelivered(Message):
+    """How an IntercomDeliver went on this node: ranks queued, ranks whose queue was full."""
+
+    TYPE = "ic_delivered"
+    node: str
+    ref: str
+    count: int
+    refused: list[int] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class IntercomAnswer(Message):
+    """The head's answer to an intercom request (``ref``): ok with a value/version/count, or an error.
+
+    ``kind`` says which: "" done, "absent" (a get whose key is not there yet), "limit", "ended", "error".
+    """
+
+    TYPE = "ic_answer"
+    ref: str
+    kind: str = ""
+    error: str = ""
+    value: str = ""
+    version: int = 0
+    count: int = 0
+
+
+@dataclass(frozen=True)
+class IntercomUpdate(Message):
+    """A key of a job's run was put: to every node of the job (waiting gets, subscribers)."""
+
+    TYPE = "ic_update"
+    job_id: int
+    run: int
+    key: str
+    value: str
+    version: int
+
+
+@dataclass(frozen=True)
+class IntercomFenceDone(Message):
+    TYPE = "ic_fence_done"
+    job_id: int
+    run: int
+    epoch: int
+
+
+@dataclass(frozen=True)
+class IntercomDeliver(Message):
+    """Queue ``command`` for these ranks of a job here; answered with IntercomDelivered (ref = this id)."""
+
+    TYPE = "ic_deliver"
+    job_id: int
+    run: int
+    ranks: list[int]
+    command: str
+    sender: str  # NODE/RANK
+    reply: bool = False
+
+
+INTERCOM_TO_HEAD = (IntercomPut, IntercomGet, IntercomFence, IntercomSend, IntercomDelivered)
+INTERCOM_TO_NODE = (IntercomAnswer, IntercomUpdate, IntercomFenceDone, IntercomDeliver)
+TYPES.update({cls.TYPE: cls for cls in (*INTERCOM_TO_HEAD, *INTERCOM_TO_NODE)})
+_HINTS.update({cls: typing.get_type_hints(cls) for cls in (*INTERCOM_TO_HEAD, *INTERCOM_TO_NODE)})
+_FIELDS.update({cls: [f for f in dataclasses.fields(cls) if f.name != "id"]
+                for cls in (*INTERCOM_TO_HEAD, *INTERCOM_TO_NODE)})

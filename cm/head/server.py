@@ -16,6 +16,7 @@ import zmq
 from cm import store
 from cm.config import Settings
 from cm.head.clients import ClientServer, Connection
+from cm.head.intercom import HeadIntercom
 from cm.head.jobs import JobTable, Outcome, Stop
 from cm.head.policies import get_policy
 from cm.head.registry import Registry
@@ -24,6 +25,7 @@ from cm.head.resources import NodeView
 from cm.head.scheduler import Scheduler
 from cm.logs import event
 from cm.protocol import (
+    INTERCOM_TO_HEAD,
     Ack,
     Error,
     Heartbeat,
@@ -69,6 +71,7 @@ class HeadServer:
         # long polls ("wait"): job id -> [(connection, request, deadline)], answered when the job is final
         self.waiters: dict[int, list[tuple[Connection, Request, float]]] = {}
         self.sort_key = lambda name: NodeView(name, "", 0, 0).sort_key
+        self.intercom = HeadIntercom(settings, self.jobs, self.send)  # keys and commands of a job's processes
 
     # --- start and loop ------------------------------------------------------
 
@@ -76,6 +79,7 @@ class HeadServer:
         store.connect(self.settings.mongodb_uri, self.settings.db_name, self.settings.db_timeout)
         self.registry.load()
         self.jobs.load()
+        self.intercom.open()
         self.admin_policy = store.get_policy()  # only this head changes it
         ctx = zmq.Context.instance()
         self.router = ctx.socket(zmq.ROUTER)
@@ -293,6 +297,8 @@ class HeadServer:
                 "files_total": msg.files_total, "rate": msg.rate, "stats": msg.stats})
             if msg.stats:
                 self.send(peer, Ack(ref=msg.id))  # final counters are reported reliably
+        elif isinstance(msg, INTERCOM_TO_HEAD):
+            self.intercom.on_node(peer, msg)
         elif isinstance(msg, Ack):
             self.unacked.pop(msg.ref, None)
         elif isinstance(msg, Error):
@@ -439,6 +445,7 @@ class HeadServer:
             self.clients.reap(now)
         if self.stale:
             return
+        self.intercom.tick(now)
         try:
             out = Outcome()
             for node in self.registry.expire(now):

@@ -29,10 +29,12 @@ from cm import __version__
 from cm.config import Settings
 from cm.logs import event
 from cm.node import launch
+from cm.node.intercom import IntercomSetupError, NodeIntercom
 from cm.node.purge import Purge, Share, Tracked
 from cm.node.resources import measure
 from cm.node.sync import Spares, data_identity, last_line, start_sender
 from cm.protocol import (
+    INTERCOM_TO_NODE,
     Ack,
     Error,
     Heartbeat,
@@ -75,6 +77,7 @@ class NodeAgent:
         self.connected_at = 0.0
         self.cpus, self.mem_mb = measure(settings.cpus, settings.mem_mb)
         self.state_file = Path(settings.run_dir) / f"{self.name}.jobs.json"
+        self.intercom = NodeIntercom(settings, self.name, self.send)  # a job's processes <-> the head
 
     # --- loop ------------------------------------------------------------------
 
@@ -132,6 +135,7 @@ class NodeAgent:
             self.purge.tick(time.monotonic())
             time.sleep(0.05)
         self.spares.close()
+        self.intercom.close_all()
         if self.dealer is not None:
             self.dealer.close(0)
             self.dealer = None
@@ -144,6 +148,8 @@ class NodeAgent:
             poller.register(self.wakeup_fd, zmq.POLLIN)
         for s in self.senders.values():
             poller.register(s["proc"].stdout.fileno(), zmq.POLLIN)
+        for fd, events in self.intercom.fds():
+            poller.register(fd, events)
         deadline = self.purge.next_deadline()
         if deadline is not None:
             timeout = max(0.0, min(timeout, deadline - time.monotonic()))
@@ -166,6 +172,8 @@ class NodeAgent:
         for share, s in list(self.senders.items()):
             if s["proc"].stdout.fileno() in ready:
                 self._read_progress(share, s)
+        self.intercom.on_ready(ready)
+        self.intercom.tick(time.monotonic())
 
     # --- messages --------------------------------------------------------------
 
@@ -213,6 +221,7 @@ class NodeAgent:
                 self.stop(job_id, JobState.CANCELLED, "the head does not know this job")
             for m, _ in list(self.outbox.values()):
                 self.send(m)
+            self.intercom.welcomed()
         elif isinstance(msg, Ack):
             self.outbox.pop(msg.ref, None)
         elif isinstance(msg, Error):
@@ -223,6 +232,8 @@ class NodeAgent:
         elif isinstance(msg, RunJob):
             if self.run_job(msg.job_id, msg.spec):
                 self.send(Ack(ref=msg.id))  # unacknowledged, the head sends it again
+        elif isinstance(msg, INTERCOM_TO_NODE):
+            self.intercom.on_head(msg)
         elif isinstance(msg, KillJob):
             self.send(Ack(ref=msg.id))
             try:
@@ -275,7 +286,7 @@ class NodeAgent:
             if spec.get("kind") == "sync":
                 self._start_sync(share, spec)
             else:
-                procs = launch.start(spec, self.name, job_id)
+                procs = self._start_command(share, spec)
                 self.purge.add(Tracked(job_id, run, procs, time.monotonic() + float(spec["time_limit"]),
                                        role=share[2], rank=share[3]))
         except (launch.LaunchError, KeyError, TypeError, ValueError) as exc:
@@ -288,6 +299,20 @@ class NodeAgent:
         self._save_state()
         event(log, "job started", job=job_id, run=run, kind=spec.get("kind"), role=share[2], rank=share[3])
         return True
+
+    def _start_command(self, share: Share, spec: dict) -> list:
+        """The share's processes, each with CM_INTERCOM naming the share's intercom socket."""
+        try:
+            path = self.intercom.open(share, spec["uid"], spec["gid"], spec["procs"])
+        except IntercomSetupError as exc:
+            raise launch.LaunchError(str(exc)) from None
+        try:
+            procs = launch.start(spec, self.name, share[0], extra_env={"CM_INTERCOM": path})
+        except BaseException:
+            self.intercom.close(share)
+            raise
+        self.intercom.attach(share, [p.pid for p in procs])
+        return procs
 
     def _start_sync(self, share: Share, spec: dict) -> None:
         job_id = share[0]
@@ -330,6 +355,7 @@ class NodeAgent:
     def _reap(self, now: float) -> None:
         ended = self.purge.tick(now)
         for f in ended:
+            self.intercom.close(f.share)
             reason = f.reason
             sender = self.senders.pop(f.share, None)
             if sender is not None and f.state == JobState.FAILED and not reason:
