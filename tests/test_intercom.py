@@ -95,9 +95,17 @@ EXCHANGE = """
     elif rank == 3:
         time.sleep(2)  # a late joiner: the put happened before it asked
     out["config"] = intercom.get("config", timeout=30)
+    if rank == 2:
+        pushed = []
+        intercom.subscribe(lambda key, value, version: pushed.append([key, value, version]))
     intercom.fence(timeout=30)
     intercom.put(f"result/{rank}", f"{rank} saw {out['config']}")
     intercom.fence(timeout=30)
+    if rank == 2:
+        deadline = time.monotonic() + 10
+        while len(pushed) < 4 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        out["pushed"] = sorted(pushed)
     if rank == 0:
         out["results"] = [intercom.get(f"result/{r}", timeout=5) for r in range(4)]
         out["to_rank_1"] = intercom.send("ping", to="rank==1")
@@ -133,6 +141,8 @@ def test_processes_on_two_nodes_share_keys_fence_and_exchange_commands(cluster):
     assert out[0]["config_version"] == 1 and all(out[r]["config"] == "alpha=1" for r in range(4))
     # after the fence every result is there for rank 0
     assert out[0]["results"] == [f"{r} saw alpha=1" for r in range(4)]
+    # a subscriber was pushed every put made after it subscribed (and none from before)
+    assert out[2]["pushed"] == [[f"result/{r}", f"{r} saw alpha=1", 1] for r in range(4)]
     # rank==1 reached rank 1 only; its reply came back to rank 0 with its sender
     assert out[0]["to_rank_1"] == 1
     assert out[1]["got"] == [["ping", f"{first}/0"], ["bye", f"{first}/0"]]

@@ -4,7 +4,9 @@ Nodes forward what a job's processes ask (cm.node.intercom); everything here is 
 run of one job, and a node may speak only for ranks of the runs it holds. Keys are written to
 MongoDB before a put is acknowledged, so they outlive a head restart, and are deleted once the
 run is over (the job ended or was requeued). A put goes to every node of the job as an
-IntercomUpdate: it answers the gets waiting there and feeds subscribers. A command goes to the
+IntercomUpdate (sent before the write, which then does not delay the readers; the node of the
+putter sends an unacknowledged put again after a reconnect): it answers the gets waiting there
+and feeds subscribers. A command goes to the
 nodes of the ranks it selected, which queue it (bounded) and say how many took it; the sender
 learns that count.
 """
@@ -136,13 +138,23 @@ class HeadIntercom:
         kv = self._keys_of(msg.job_id, msg.run)
         if msg.key not in kv and len(kv) >= s.intercom_keys:
             raise Refused("limit", f"job {msg.job_id} holds {len(kv)} keys, the limit (CM_INTERCOM_KEYS)")
-        version = kv.get(msg.key, ("", 0))[1] + 1
-        store.intercom.save_key(msg.job_id, msg.run, msg.key, msg.value, version)  # before anyone hears of it
+        before = kv.get(msg.key)
+        version = (before[1] if before else 0) + 1
         kv[msg.key] = (msg.value, version)
-        self.send(msg.node, IntercomAnswer(ref=msg.id, version=version))
+        # readers hear of it first, the database write does not delay them; the putter is answered once it is
+        # written, and until then its node sends the put again after any reconnect (a new head writes it)
         update = IntercomUpdate(job_id=msg.job_id, run=msg.run, key=msg.key, value=msg.value, version=version)
         for node in _nodes(job):
             self.send(node, update)
+        try:
+            store.intercom.save_key(msg.job_id, msg.run, msg.key, msg.value, version)
+        except BaseException:
+            if before is None:
+                del kv[msg.key]
+            else:
+                kv[msg.key] = before
+            raise
+        self.send(msg.node, IntercomAnswer(ref=msg.id, version=version))
 
     def _get(self, peer: str, msg: IntercomGet) -> None:
         _limit("key", msg.key, self.settings.intercom_key_bytes, "CM_INTERCOM_KEY_BYTES")
