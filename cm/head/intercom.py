@@ -2,18 +2,22 @@
 
 Nodes forward what a job's processes ask (cm.node.intercom); everything here is scoped to one
 run of one job, and a node may speak only for ranks of the runs it holds. Keys are written to
-MongoDB before a put is acknowledged, so they outlive a head restart, and are deleted once the
-run is over (the job ended or was requeued). A put goes to every node of the job as an
-IntercomUpdate (sent before the write, which then does not delay the readers; the node of the
-putter sends an unacknowledged put again after a reconnect): it answers the gets waiting there
-and feeds subscribers. A command goes to the
+MongoDB (by a writer thread, in order, so the loop never waits for the database) before a put is
+acknowledged, so they outlive a head restart, and are deleted once the run is over (the job ended
+or was requeued). A put goes to every node of the job as an IntercomUpdate at once (the node of
+the putter sends an unacknowledged put again after a reconnect, so a new head writes it): it
+answers the gets waiting there and feeds subscribers. A command goes to the
 nodes of the ranks it selected, which queue it (bounded) and say how many took it; the sender
 learns that count.
 """
 
 from __future__ import annotations
 
+import collections
 import logging
+import os
+import queue
+import threading
 import time
 from dataclasses import dataclass, field
 from typing import Callable
@@ -62,6 +66,64 @@ class Delivery:
     refused: list[int] = field(default_factory=list)
 
 
+class KeyWriter:
+    """Writes keys to MongoDB on a thread of its own, in order and in batches, so the head's loop
+    never waits for the database. What was written (or failed) comes back through ``finished``;
+    ``wakeup_fd`` becomes readable when there is some."""
+
+    BATCH = 500
+
+    def __init__(self) -> None:
+        self.todo: queue.SimpleQueue = queue.SimpleQueue()
+        self.done: collections.deque = collections.deque()  # (tickets, error or "")
+        self.wakeup_fd, self._wake = os.pipe()
+        os.set_blocking(self.wakeup_fd, False)
+        os.set_blocking(self._wake, False)
+        self.thread = threading.Thread(target=self._run, name="cm-intercom-writer", daemon=True)
+        self.thread.start()
+
+    def write(self, change: tuple, ticket=None) -> None:
+        """Queue a change (see cm.store.intercom.apply); ``ticket`` comes back once it is written."""
+        self.todo.put((change, ticket))
+
+    def _run(self) -> None:
+        stop = False
+        while not stop:
+            batch = [self.todo.get()]
+            while len(batch) < self.BATCH and not self.todo.empty():
+                batch.append(self.todo.get_nowait())
+            stop = None in batch
+            batch = [item for item in batch if item is not None]
+            try:
+                store.intercom.apply([change for change, _ in batch])
+                error = ""
+            except Exception as exc:  # any database failure: the putters hear of it
+                error = str(exc)[:300] or exc.__class__.__name__
+            self.done.append(([t for _, t in batch if t is not None], error))
+            try:
+                os.write(self._wake, b"x")
+            except BlockingIOError:
+                pass  # a wake-up is pending already
+
+    def finished(self) -> list[tuple[object, str]]:
+        """(ticket, error: "" when written) of every change written since the last call."""
+        try:
+            os.read(self.wakeup_fd, 4096)
+        except BlockingIOError:
+            pass
+        out = []
+        while self.done:
+            tickets, error = self.done.popleft()
+            out += [(t, error) for t in tickets]
+        return out
+
+    def close(self) -> None:
+        self.todo.put(None)
+        self.thread.join(timeout=10)
+        os.close(self.wakeup_fd)
+        os.close(self._wake)
+
+
 class HeadIntercom:
     def __init__(self, settings: Settings, table, send: Callable[[str, Message], None]):
         self.settings = settings
@@ -71,6 +133,7 @@ class HeadIntercom:
         self.fences: dict[RunKey, dict[int, set[int]]] = {}  # open fences: epoch -> ranks arrived
         self.fence_done: dict[RunKey, int] = {}
         self.deliveries: dict[str, Delivery] = {}  # IntercomDeliver id -> its delivery
+        self.writer: KeyWriter | None = None
 
     def open(self) -> None:
         """At start: drop the keys of jobs that ended while no head ran."""
@@ -81,6 +144,27 @@ class HeadIntercom:
                 store.intercom.drop_keys(job_id)
             else:
                 self._keys_of(job_id, job.get("runs", 0))  # watched from now on: deleted when it ends
+        self.writer = KeyWriter()
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+            self.writer = None
+
+    @property
+    def wakeup_fd(self) -> int | None:
+        """Readable when keys were written: then call ``written``."""
+        return self.writer.wakeup_fd if self.writer is not None else None
+
+    def written(self) -> None:
+        """Answer the putters whose keys are now in the database."""
+        assert self.writer is not None
+        for (node, ref, version), error in self.writer.finished():
+            if error:
+                event(log, "intercom: database error", logging.WARNING, error=error)
+                self.send(node, IntercomAnswer(ref=ref, kind="error", error="the database refused the key; try again"))
+            else:
+                self.send(node, IntercomAnswer(ref=ref, version=version))
 
     @property
     def jobs(self) -> dict[int, dict]:
@@ -107,6 +191,9 @@ class HeadIntercom:
         except (store.StoreError, store.DatabaseError) as exc:
             event(log, "intercom: database error", logging.WARNING, error=str(exc)[:300])
             self.send(peer, IntercomAnswer(ref=msg.id, kind="error", error="the database is unreachable; try again"))
+        except Exception:  # a bug here must not take the head down
+            log.exception("intercom request failed")
+            self.send(peer, IntercomAnswer(ref=msg.id, kind="error", error="internal error in the head; see its log"))
 
     def _check(self, peer: str, msg) -> dict:
         """The job, if ``peer`` holds rank ``msg.rank`` of run ``msg.run`` of it; else Refused."""
@@ -127,7 +214,7 @@ class HeadIntercom:
     def _keys_of(self, job_id: int, run: int) -> dict[str, tuple[str, int]]:
         kv = self.keys.get((job_id, run))
         if kv is None:
-            store.intercom.drop_keys(job_id, keep_run=run)  # an earlier run's keys are not this run's
+            self._drop(job_id, keep_run=run)  # an earlier run's keys are not this run's
             kv = self.keys[(job_id, run)] = store.intercom.load_keys(job_id, run)
         return kv
 
@@ -138,23 +225,25 @@ class HeadIntercom:
         kv = self._keys_of(msg.job_id, msg.run)
         if msg.key not in kv and len(kv) >= s.intercom_keys:
             raise Refused("limit", f"job {msg.job_id} holds {len(kv)} keys, the limit (CM_INTERCOM_KEYS)")
-        before = kv.get(msg.key)
-        version = (before[1] if before else 0) + 1
+        version = kv.get(msg.key, ("", 0))[1] + 1
         kv[msg.key] = (msg.value, version)
-        # readers hear of it first, the database write does not delay them; the putter is answered once it is
-        # written, and until then its node sends the put again after any reconnect (a new head writes it)
+        # readers hear of it at once; the putter is answered once the writer has it in the database, and until
+        # then its node sends the put again after any reconnect (so a new head writes it)
         update = IntercomUpdate(job_id=msg.job_id, run=msg.run, key=msg.key, value=msg.value, version=version)
         for node in _nodes(job):
             self.send(node, update)
-        try:
-            store.intercom.save_key(msg.job_id, msg.run, msg.key, msg.value, version)
-        except BaseException:
-            if before is None:
-                del kv[msg.key]
-            else:
-                kv[msg.key] = before
-            raise
-        self.send(msg.node, IntercomAnswer(ref=msg.id, version=version))
+        self._write(("save", msg.job_id, msg.run, msg.key, msg.value, version), (msg.node, msg.id, version))
+
+    def _write(self, change: tuple, ticket=None) -> None:
+        if self.writer is not None:
+            self.writer.write(change, ticket)
+        else:  # not opened (a head in a test): at once
+            store.intercom.apply([change])
+            if ticket is not None:
+                self.send(ticket[0], IntercomAnswer(ref=ticket[1], version=ticket[2]))
+
+    def _drop(self, job_id: int, keep_run: int | None = None) -> None:
+        self._write(("drop", job_id, keep_run))
 
     def _get(self, peer: str, msg: IntercomGet) -> None:
         _limit("key", msg.key, self.settings.intercom_key_bytes, "CM_INTERCOM_KEY_BYTES")
@@ -238,10 +327,7 @@ class HeadIntercom:
             job = self.jobs.get(run[0])
             if job is not None and job.get("runs") == run[1] and job["state"] not in _OVER:
                 continue
-            try:
-                store.intercom.drop_keys(run[0], keep_run=job.get("runs") if job is not None else None)
-            except (store.StoreError, store.DatabaseError):
-                continue  # next time
+            self._drop(run[0], keep_run=job.get("runs") if job is not None else None)
             self.keys.pop(run, None)
             self.fences.pop(run, None)
             self.fence_done.pop(run, None)

@@ -99,6 +99,7 @@ class HeadServer:
         event(log, "head listening", port=self.settings.head_port, socket=str(self.settings.socket_path))
 
     def close(self) -> None:
+        self.intercom.close()
         if self.gatekeeper is not None:
             self.gatekeeper.stop()
             self.gatekeeper = None
@@ -141,11 +142,15 @@ class HeadServer:
         poller = zmq.Poller()
         poller.register(self.router, zmq.POLLIN)
         poller.register(self.clients.listener, zmq.POLLIN)
+        if self.intercom.wakeup_fd is not None:
+            poller.register(self.intercom.wakeup_fd, zmq.POLLIN)
         for conn in self.clients.conns.values():
             poller.register(conn.fd, zmq.POLLIN | (zmq.POLLOUT if conn.outbox else 0))
         ready = dict(poller.poll(int(timeout * 1000)))
         if self.router in ready:
             self.drain_router()
+        if self.intercom.wakeup_fd in ready:
+            self.intercom.written()
         for key, flags in ready.items():
             if key is self.router:
                 continue

@@ -5,9 +5,10 @@ socket, so no other user can connect. Who speaks is found, not told: the socket 
 and the peer's pid (SO_PEERCRED) is walked up its parents to one of the rank processes this node
 launched, so a process can speak neither for another job nor for another rank.
 
-Everything is non-blocking. A connection holds at most MAX_INFLIGHT requests and MAX_OUT bytes
-of answers; one that sends a frame that does not decode, or does not read what it asked for, is
-closed, and only it. Requests that need the head go over the daemon's link as Intercom* messages
+Everything is non-blocking. A new connection is first told whether it is taken (Done(0)) or
+refused (Failed, with the reason). A connection holds at most MAX_INFLIGHT requests and
+``max_out`` bytes of answers; one that sends a frame that does not decode, or does not read what
+it asked for, is closed, and only it. Requests that need the head go over the daemon's link as Intercom* messages
 (cm.protocol); gets and fences still waiting are asked again after every (re)welcome, so they
 survive a head restart.
 """
@@ -296,7 +297,11 @@ class NodeIntercom:
             if conn.inflight >= MAX_INFLIGHT:
                 return self._refuse(conn, f"more than {MAX_INFLIGHT} requests unanswered on one connection")
             conn.inflight += 1
-            self._request(conn, frame)
+            try:
+                self._request(conn, frame)
+            except Exception:  # a bug here must not take the daemon down: this connection goes
+                log.exception("intercom request failed")
+                return self._refuse(conn, "internal error in the node daemon; see its log")
 
     def _refuse(self, conn: Conn, why: str) -> None:
         event(log, "intercom connection closed", logging.WARNING, job=conn.job.share[0], rank=conn.rank, reason=why)
@@ -409,6 +414,12 @@ class NodeIntercom:
     # --- messages from the head -------------------------------------------------------
 
     def on_head(self, msg: Message) -> None:
+        try:
+            self._on_head(msg)
+        except Exception:  # a bug here must not take the daemon down
+            log.exception("intercom message from the head failed", extra={"type": msg.TYPE})
+
+    def _on_head(self, msg: Message) -> None:
         if isinstance(msg, IntercomAnswer):
             self._on_answer(msg)
         elif isinstance(msg, IntercomUpdate):
