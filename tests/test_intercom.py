@@ -417,3 +417,41 @@ def test_outside_a_job_the_intercom_says_it_is_not_connected(monkeypatch):
     proc = subprocess.run([CMINTERCOM, "get", "k"], capture_output=True, text=True, env={
         k: v for k, v in os.environ.items() if k != "CM_INTERCOM"})
     assert proc.returncode == 1 and "CM_INTERCOM" in proc.stderr
+
+
+def test_the_head_refuses_a_node_speaking_for_a_rank_or_job_it_does_not_hold(cluster):
+    import zmq
+    from conftest import node_dealer
+
+    from cm.protocol import IntercomAnswer, IntercomGet, IntercomPut, decode, encode
+
+    job_id = cluster.submit("cmrun", "--partition", "gpu", "sleep", "30")
+    holder = cluster.wait_state(job_id, "RUNNING")["nodes"][0]
+    other = "computenode-3"  # a cpu node: it holds no rank of this job
+    dealer = node_dealer(cluster, other)
+    try:
+        asks = {
+            "rank of another node": IntercomPut(node=other, job_id=job_id, run=1, rank=0, key="k", value="v"),
+            "a rank out of range": IntercomGet(node=other, job_id=job_id, run=1, rank=7, key="k"),
+            "another run": IntercomGet(node=other, job_id=job_id, run=2, rank=0, key="k"),
+            "no such job": IntercomGet(node=other, job_id=999999, run=1, rank=0, key="k"),
+            "a node name that is not its own": IntercomGet(node=holder, job_id=job_id, run=1, rank=0, key="k"),
+        }
+        for msg in asks.values():
+            dealer.send(encode(msg))
+        answers = {}
+        deadline = time.monotonic() + 10
+        while len(answers) < 4 and time.monotonic() < deadline:
+            if dealer.poll(500, zmq.POLLIN):
+                reply = decode(dealer.recv())
+                if isinstance(reply, IntercomAnswer):
+                    answers[reply.ref] = reply
+        got = {name: answers.get(msg.id) for name, msg in asks.items()}
+        assert "does not hold rank 0" in got["rank of another node"].error
+        assert "does not hold rank 7" in got["a rank out of range"].error
+        assert got["another run"].kind == "ended" and got["no such job"].kind == "ended"
+        assert got["a node name that is not its own"] is None  # answered with a protocol Error instead
+    finally:
+        dealer.close()
+    assert stored_keys(cluster, job_id) == []
+    cluster.cli("cmkill", str(job_id))

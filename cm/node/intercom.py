@@ -210,7 +210,10 @@ class NodeIntercom:
         for ref, call in list(self.calls.items()):
             if call.deadline is not None and now >= call.deadline:
                 del self.calls[ref]
-                self._fail(call, "error", "the head did not answer in time (it may be restarting); try again")
+                if call.op == "get":  # its own timeout
+                    self._fail(call, "timeout", "get timed out")
+                else:
+                    self._fail(call, "error", "the head did not answer in time (it may be restarting); try again")
         expired = [c for c in self.waits if c.deadline is not None and now >= c.deadline]
         if expired:
             self.waits = [c for c in self.waits if c not in expired]
@@ -226,8 +229,12 @@ class NodeIntercom:
                                           "delivered")
             elif call.msg is not None:
                 self.send(call.msg)
+        for call in [c for c in self.waits if c.op == "get"]:
+            # asked again: the key may have been put while we were away (its update lost with the link)
+            self.waits.remove(call)
+            self._ask(call)
         for call in self.waits:
-            if call.msg is not None:
+            if call.op == "fence":
                 self.send(call.msg)
 
     # --- connections ------------------------------------------------------------------
