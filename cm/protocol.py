@@ -294,49 +294,43 @@ def unframe(buffer: bytearray, limit: int = MAX_MESSAGE) -> bytes | None:
 
 
 @dataclass(frozen=True)
-class IntercomPut(Message):
-    TYPE = "ic_put"
+class IntercomAsk(Message):
+    """What every request of a job's process carries: the node, and the rank of a run of a job it speaks for."""
+
     node: str
     job_id: int
     run: int
     rank: int
+
+
+@dataclass(frozen=True)
+class IntercomPut(IntercomAsk):
+    TYPE = "ic_put"
     key: str
     value: str
 
 
 @dataclass(frozen=True)
-class IntercomGet(Message):
+class IntercomGet(IntercomAsk):
     """Answered with the value at once, or with kind "absent": the node then waits for the IntercomUpdate."""
 
     TYPE = "ic_get"
-    node: str
-    job_id: int
-    run: int
-    rank: int
     key: str
 
 
 @dataclass(frozen=True)
-class IntercomFence(Message):
+class IntercomFence(IntercomAsk):
     """Rank ``rank`` reached the job's fence number ``epoch`` (1, 2, ...); repeats change nothing."""
 
     TYPE = "ic_fence"
-    node: str
-    job_id: int
-    run: int
-    rank: int
     epoch: int
 
 
 @dataclass(frozen=True)
-class IntercomSend(Message):
+class IntercomSend(IntercomAsk):
     """A command to some of the job's processes (``ranks``: what the sender's condition ``to`` selected)."""
 
     TYPE = "ic_send"
-    node: str
-    job_id: int
-    run: int
-    rank: int
     command: str
     ranks: list[int]
     to: str = ""  # the condition as written, for messages

@@ -298,19 +298,15 @@ USER = "cmt_icother"
 
 @pytest.fixture
 def other_user():
+    """A real user of its own (made with useradd, removed after the test unless it was there before)."""
     if os.geteuid() != 0 or shutil.which("useradd") is None:
         pytest.skip("needs root and useradd to make a user")
-    made = False
-    try:
-        pwd.getpwnam(USER)
-    except KeyError:
-        proc = subprocess.run(["useradd", "--no-create-home", "--shell", "/usr/sbin/nologin", USER],
-                              capture_output=True, text=True)
-        if proc.returncode != 0:
-            pytest.skip(f"useradd failed: {proc.stderr.strip()}")
-        made = True
+    existed = subprocess.run(["id", USER], capture_output=True).returncode == 0
+    if not existed and subprocess.run(["useradd", "-M", "-s", "/usr/sbin/nologin", USER],
+                                      capture_output=True).returncode != 0:
+        pytest.skip(f"useradd {USER} failed")
     yield pwd.getpwnam(USER)
-    if made:
+    if not existed:
         subprocess.run(["userdel", USER], capture_output=True)
 
 
