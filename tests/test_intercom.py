@@ -451,3 +451,31 @@ def test_the_head_refuses_a_node_speaking_for_a_rank_or_job_it_does_not_hold(clu
         dealer.close()
     assert stored_keys(cluster, job_id) == []
     cluster.cli("cmkill", str(job_id))
+
+
+def test_a_fence_counts_every_process_of_the_current_run_and_refuses_an_earlier_run():
+    from types import SimpleNamespace
+
+    from cm.config import load
+    from cm.head.intercom import HeadIntercom
+    from cm.protocol import IntercomAnswer, IntercomFence, IntercomFenceDone
+
+    job = {"_id": 7, "kind": "command", "state": "RUNNING", "runs": 2, "procs": 2,
+           "slots": [{"node": "n1", "rank": 0}, {"node": "n2", "rank": 1}]}
+    sent = []
+    head = HeadIntercom(load(env={}), SimpleNamespace(jobs={7: job}), lambda node, msg: sent.append((node, msg)))
+
+    def fence(node, rank, run=2, epoch=1):
+        head.on_node(node, IntercomFence(node=node, job_id=7, run=run, rank=rank, epoch=epoch))
+
+    fence("n1", 0, run=1)  # the run before the requeue is over
+    assert isinstance(sent[-1][1], IntercomAnswer) and sent[-1][1].kind == "ended"
+    sent.clear()
+    for node, rank in [("n1", 0), ("n1", 1), ("n2", 2), ("n1", 1)]:  # a repeat counts once
+        fence(node, rank)
+    assert sent == []  # 3 of 4 processes
+    fence("n2", 3)
+    assert sorted(node for node, msg in sent if isinstance(msg, IntercomFenceDone) and msg.epoch == 1) == ["n1", "n2"]
+    sent.clear()
+    fence("n2", 3)  # a node that missed the news asks again: told again, only it
+    assert [(node, msg.epoch) for node, msg in sent] == [("n2", 1)]
