@@ -311,7 +311,7 @@ class NodeAgent:
         except BaseException:
             self.intercom.close(share)
             raise
-        self.intercom.attach(share, [p.pid for p in procs])
+        self.intercom.attach(share, procs)
         return procs
 
     def _start_sync(self, share: Share, spec: dict) -> None:

@@ -21,6 +21,7 @@ import os
 import shutil
 import socket
 import struct
+import subprocess
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -107,7 +108,7 @@ class JobSocket:
     directory: Path
     listener: socket.socket
     procs: int
-    ranks: dict[int, int] = field(default_factory=dict)  # pid of a rank process -> its rank
+    ranks: dict[int, tuple[int, subprocess.Popen]] = field(default_factory=dict)  # pid of a rank process -> rank
     queues: dict[int, collections.deque] = field(default_factory=dict)  # rank -> (text, sender, reply)
     fence_done: int = 0
 
@@ -129,6 +130,8 @@ class NodeIntercom:
         self.waits: list[Call] = []  # gets waiting for an update, fences, recvs
         self.max_frame = settings.intercom_value_bytes + settings.intercom_key_bytes + 1024
         self.max_out = 4 * self.max_frame + (1 << 20)
+        for left in self.root.glob(f"{self.name}.*"):  # sockets of a daemon of this node that died
+            shutil.rmtree(left, ignore_errors=True)
 
     # --- sockets of shares ----------------------------------------------------------
 
@@ -140,6 +143,7 @@ class NodeIntercom:
             raise IntercomSetupError(f"intercom socket path {directory}/sock is too long for a Unix socket")
         try:
             self.root.mkdir(mode=0o755, parents=True, exist_ok=True)
+            os.chmod(self.root, 0o755)  # whatever the umask: users must reach their own directories
             if directory.exists():  # left by a daemon that died
                 shutil.rmtree(directory)
             directory.mkdir(mode=0o700)
@@ -159,13 +163,13 @@ class NodeIntercom:
         self.listeners[listener.fileno()] = js
         return js.path
 
-    def attach(self, share: Share, pids: list[int]) -> None:
+    def attach(self, share: Share, procs: list[subprocess.Popen]) -> None:
         """The share's rank processes (in local rank order), so speakers can be told apart."""
         js = self.jobs.get(share)
         if js is not None:
             first = share[3] * js.procs
-            js.ranks = {pid: first + i for i, pid in enumerate(pids)}
-            js.queues = {first + i: collections.deque() for i in range(len(pids))}
+            js.ranks = {p.pid: (first + i, p) for i, p in enumerate(procs)}
+            js.queues = {first + i: collections.deque() for i in range(len(procs))}
 
     def close(self, share: Share) -> None:
         """The share ended: its waiting callers hear so, its connections and socket go."""
@@ -272,7 +276,10 @@ class NodeIntercom:
             return None, f"uid {uid} is not the job's user"
         for _ in range(64):
             if pid in js.ranks:
-                return js.ranks[pid], ""
+                rank, proc = js.ranks[pid]
+                if proc.returncode is None:  # not reaped yet, so the pid is still that process's
+                    return rank, ""
+                break
             pid = _parent(pid)
             if pid <= 1:
                 break
