@@ -149,6 +149,16 @@ def pack(frame: Frame) -> bytes:
     return len(body).to_bytes(FRAME_HEADER, "big") + body
 
 
+def oversize(name: str, text: str, limit: int) -> str:
+    """Why ``text`` is too long for an intercom key, value or command ("" when it is not): UTF-8 bytes.
+
+    The limits are settings, so the node daemon and the head check them, not the frames' schemas.
+    """
+    size = len(text.encode("utf-8", "surrogatepass"))
+    setting = "CM_INTERCOM_KEY_BYTES" if name == "key" else "CM_INTERCOM_VALUE_BYTES"
+    return f"the {name} has {size} bytes, more than the limit of {limit} ({setting})" if size > limit else ""
+
+
 # --- conditions --------------------------------------------------------------
 
 

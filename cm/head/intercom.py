@@ -26,6 +26,7 @@ from cm import store
 from cm.config import Settings
 from cm.logs import event
 from cm.head.records import Job
+from cm.intercom import oversize
 from cm.protocol import (
     ErrorCode,
     IntercomAnswer,
@@ -225,8 +226,8 @@ class HeadIntercom:
 
     def _put(self, job: Job, msg: IntercomPut) -> None:
         s = self.settings
-        _limit("key", msg.key, s.intercom_key_bytes, "CM_INTERCOM_KEY_BYTES")
-        _limit("value", msg.value, s.intercom_value_bytes, "CM_INTERCOM_VALUE_BYTES")
+        _limit("key", msg.key, s.intercom_key_bytes)
+        _limit("value", msg.value, s.intercom_value_bytes)
         kv = self._keys_of(msg.job_id, msg.run)
         if msg.key not in kv and len(kv) >= s.intercom_keys:
             raise Refused(ErrorCode.LIMIT, f"job {msg.job_id} holds {len(kv)} keys, the limit (CM_INTERCOM_KEYS)")
@@ -251,7 +252,7 @@ class HeadIntercom:
         self._write(("drop", job_id, keep_run))
 
     def _get(self, peer: str, msg: IntercomGet) -> None:
-        _limit("key", msg.key, self.settings.intercom_key_bytes, "CM_INTERCOM_KEY_BYTES")
+        _limit("key", msg.key, self.settings.intercom_key_bytes)
         found = self._keys_of(msg.job_id, msg.run).get(msg.key)
         if found is None:
             self.send(peer, IntercomAnswer(ref=msg.id, absent=True))  # the node waits for its IntercomUpdate
@@ -283,7 +284,7 @@ class HeadIntercom:
     # --- commands -----------------------------------------------------------------------
 
     def _send(self, peer: str, job: Job, msg: IntercomSend) -> None:
-        _limit("command", msg.command, self.settings.intercom_value_bytes, "CM_INTERCOM_VALUE_BYTES")
+        _limit("command", msg.command, self.settings.intercom_value_bytes)
         procs, total = job.get("procs", 1), len(job["slots"]) * job.get("procs", 1)
         ranks = sorted({r for r in msg.ranks if r < total and (r != msg.rank or msg.reply)})
         if not ranks:
@@ -345,8 +346,8 @@ def _nodes(job: Job) -> list[str]:
     return sorted({s["node"] for s in job["slots"]})
 
 
-def _limit(name: str, text: str, limit: int, setting: str) -> None:
-    """Refuse text over a size setting (its being empty, or a negative rank, is refused by decode)."""
-    size = len(text.encode("utf-8", "surrogatepass"))
-    if size > limit:
-        raise Refused(ErrorCode.LIMIT, f"the {name} has {size} bytes, more than the limit of {limit} ({setting})")
+def _limit(name: str, text: str, limit: int) -> None:
+    """Refuse text over its size setting (an empty key or a negative rank does not decode)."""
+    problem = oversize(name, text, limit)
+    if problem:
+        raise Refused(ErrorCode.LIMIT, problem)

@@ -44,6 +44,7 @@ from cm.intercom import (
     Send,
     Subscribe,
     Update,
+    oversize,
     pack,
 )
 from cm.logs import event
@@ -396,9 +397,9 @@ class NodeIntercom:
         now = time.monotonic()
         head_deadline = now + s.intercom_head_wait
         if isinstance(frame, (Put, Get)):
-            problem = _too_big("key", frame.key, s.intercom_key_bytes)
+            problem = oversize("key", frame.key, s.intercom_key_bytes)
             if isinstance(frame, Put):
-                problem = problem or _too_big("value", frame.value, s.intercom_value_bytes)
+                problem = problem or oversize("value", frame.value, s.intercom_value_bytes)
             if problem:
                 return self._answer(conn, Failed(frame.req, ErrorCode.LIMIT, problem))
         if isinstance(frame, Put):
@@ -413,7 +414,7 @@ class NodeIntercom:
             self.waits.append(Call(conn, frame.req, "fence", _deadline(now, frame.timeout), msg, epoch=epoch))
             self.send(msg)
         elif isinstance(frame, Send):
-            problem = _too_big("command", frame.command, s.intercom_value_bytes)
+            problem = oversize("command", frame.command, s.intercom_value_bytes)
             if problem:
                 return self._answer(conn, Failed(frame.req, ErrorCode.LIMIT, problem))
             msg = IntercomSend(node=self.name, job_id=job_id, run=run, rank=conn.rank, command=frame.command,
@@ -520,13 +521,6 @@ class NodeIntercom:
 
 def _deadline(now: float, timeout: float | None) -> float | None:
     return None if timeout is None else now + max(0.0, timeout)
-
-
-def _too_big(name: str, text: str, limit: int) -> str:
-    """Why text is too long for a key/value/command ("" when it is not; an empty key does not decode)."""
-    size = len(text.encode("utf-8", "surrogatepass"))
-    setting = "CM_INTERCOM_KEY_BYTES" if name == "key" else "CM_INTERCOM_VALUE_BYTES"
-    return f"the {name} has {size} bytes, more than the limit of {limit} ({setting})" if size > limit else ""
 
 
 def _request_number(body: bytes) -> int | None:
