@@ -69,6 +69,12 @@ class Settings:
     streams: int = _setting(4, "parallel TCP streams per sync job")
     chunk_mb: int = _setting(64, "size of a chunk of a large file, in MiB")
     warm_sender: bool = _setting(True, "keep a sender loaded from the node's start and fork every sync's senders from it (~130 MB); false: each starts cold, ~0.5 s")
+    # intercom (a job's processes exchanging keys and commands)
+    intercom_key_bytes: int = _setting(256, "largest intercom key, in bytes (UTF-8)")
+    intercom_value_bytes: int = _setting(65536, "largest intercom value or command, in bytes (UTF-8)")
+    intercom_keys: int = _setting(10000, "intercom keys one run of a job may hold")
+    intercom_queue: int = _setting(1000, "intercom commands queued for one process that has not read them yet")
+    intercom_head_wait: float = _setting(30.0, "seconds an intercom put or send waits for the head before failing")
     # logging
     log_level: str = _setting("INFO", "DEBUG, INFO, WARNING or ERROR")
 

@@ -21,6 +21,9 @@ The payloads are typed too:
   publish them with ``msgspec.json.schema``.
 - ``Error.code`` and ``Reply.code`` are an ``ErrorCode``: programs act on the
   code, never on the message text.
+- The intercom's ``Intercom*`` messages carry what a job's processes ask of
+  each other between node daemons and the head (cm.node.intercom,
+  cm.head.intercom); ``IntercomAnswer.code`` is an ``ErrorCode`` too.
 """
 
 import enum
@@ -54,6 +57,11 @@ class ErrorCode(enum.StrEnum):
     FORBIDDEN = "forbidden"  # someone else's job, or an administrator's operation
     DB_UNAVAILABLE = "db_unavailable"  # the head waits for its database: try again shortly
     INTERNAL = "internal"  # a bug in the head; see its log
+    # the intercom's (cm.intercom turns each into an exception a job's process can catch)
+    LIMIT = "limit"  # a size or count over its setting (CM_INTERCOM_*)
+    ENDED = "ended"  # the job, or this run of it, is over
+    TIMEOUT = "timeout"  # the caller's own timeout passed first
+    HEAD_UNAVAILABLE = "head_unavailable"  # the node could not hear from the head in time: try again
 
 
 JobId = Annotated[int, Meta(ge=0, le=(1 << 63) - 1)]
@@ -301,9 +309,119 @@ class Reply(Message, tag="reply"):
     code: ErrorCode | None = None  # set when not ok
 
 
+# --- intercom: a job's processes, through their node daemons and the head ----
+# cm.node.intercom forwards what a job's processes ask; cm.head.intercom answers and routes. Node -> head
+# requests carry the asking process's job, run and rank: the head checks that the node holds that rank of
+# that run. ``ref`` ties an IntercomAnswer (or IntercomDelivered) to what it answers. Key and value sizes
+# are settings (CM_INTERCOM_KEY_BYTES, CM_INTERCOM_VALUE_BYTES), so the head checks those itself.
+
+Rank = Annotated[int, Meta(ge=0)]
+Run = Annotated[int, Meta(ge=1)]
+KeyText = Annotated[str, Meta(min_length=1)]  # never empty
+NodeRanks = Annotated[list[Rank], Meta(max_length=4096)]  # one node's processes of a job (procs <= 4096)
+
+
+class IntercomAsk(Message, frozen=True):
+    """What every request of a job's process carries: the node, and the rank of a run of a job it speaks for."""
+
+    node: str
+    job_id: JobId
+    run: Run
+    rank: Rank
+
+
+class IntercomPut(IntercomAsk, tag="ic_put"):
+    TYPE = "ic_put"
+    key: KeyText
+    value: str
+
+
+class IntercomGet(IntercomAsk, tag="ic_get"):
+    """Answered with the value at once, or ``absent``: the node then waits for the IntercomUpdate."""
+
+    TYPE = "ic_get"
+    key: KeyText
+
+
+class IntercomFence(IntercomAsk, tag="ic_fence"):
+    """Rank ``rank`` reached the job's fence number ``epoch`` (1, 2, ...); repeats change nothing."""
+
+    TYPE = "ic_fence"
+    epoch: Annotated[int, Meta(ge=1)]
+
+
+class IntercomSend(IntercomAsk, tag="ic_send"):
+    """A command to some of the job's processes (``ranks``: what the sender's condition ``to`` selected)."""
+
+    TYPE = "ic_send"
+    command: str
+    ranks: list[Rank]
+    to: str = ""  # the condition as written, for messages
+    reply: bool = False
+
+
+class IntercomDelivered(Message, tag="ic_delivered"):
+    """How an IntercomDeliver went on this node: ranks queued, ranks whose queue was full."""
+
+    TYPE = "ic_delivered"
+    node: str
+    ref: str
+    count: Count
+    refused: NodeRanks = []
+
+
+class IntercomAnswer(Message, tag="ic_answer"):
+    """The head's answer to an intercom request (``ref``): done, ``absent`` (a get whose key is not there
+    yet), or refused with ``code`` (LIMIT, ENDED, REFUSED, FORBIDDEN, DB_UNAVAILABLE, INTERNAL) and why."""
+
+    TYPE = "ic_answer"
+    ref: str
+    code: ErrorCode | None = None  # None: done
+    error: str = ""
+    absent: bool = False
+    value: str = ""
+    version: Count = 0
+    count: Count = 0
+
+
+class IntercomUpdate(Message, tag="ic_update"):
+    """A key of a job's run was put: to every node of the job (waiting gets, subscribers)."""
+
+    TYPE = "ic_update"
+    job_id: JobId
+    run: Run
+    key: KeyText
+    value: str
+    version: Annotated[int, Meta(ge=1)]
+
+
+class IntercomFenceDone(Message, tag="ic_fence_done"):
+    TYPE = "ic_fence_done"
+    job_id: JobId
+    run: Run
+    epoch: Annotated[int, Meta(ge=1)]
+
+
+class IntercomDeliver(Message, tag="ic_deliver"):
+    """Queue ``command`` for these ranks of a job here; answered with IntercomDelivered (ref = this id)."""
+
+    TYPE = "ic_deliver"
+    job_id: JobId
+    run: Run
+    ranks: NodeRanks
+    command: str
+    sender: str  # NODE/RANK
+    reply: bool = False
+
+
+INTERCOM_TO_HEAD = (IntercomPut, IntercomGet, IntercomFence, IntercomSend, IntercomDelivered)
+INTERCOM_TO_NODE = (IntercomAnswer, IntercomUpdate, IntercomFenceDone, IntercomDeliver)
+
+
 TYPES: dict[str, type[Message]] = {
     cls.TYPE: cls
-    for cls in (Hello, Heartbeat, JobStarted, JobEnded, Progress, Welcome, RunJob, KillJob, Ack, Error, Request, Reply)
+    for cls in (Hello, Heartbeat, JobStarted, JobEnded, Progress, Welcome, RunJob, KillJob, Ack, Error, Request, Reply,
+                *INTERCOM_TO_HEAD, *INTERCOM_TO_NODE)
 }
 
 
@@ -415,7 +533,7 @@ def request_args(op: str, args: dict[str, Any]) -> Args:
     try:
         return msgspec.convert(args, schema)
     except msgspec.ValidationError as exc:
-        raise ProtocolError(_named(exc, f"{op} arguments")) from None
+        raise ProtocolError(named(exc, f"{op} arguments")) from None
 
 
 # --- encoding ---------------------------------------------------------------
@@ -432,7 +550,7 @@ _envelope = msgspec.msgpack.Decoder(_Envelope)
 _AT = re.compile(r" - at `\$\.?([^`]*)`$")
 
 
-def _named(exc: Exception, what: str = "message") -> str:
+def named(exc: Exception, what: str = "message") -> str:
     """``field 'job_id': Expected `int`, got `str``` from msgspec's ``... - at `$.job_id```."""
     text = str(exc)
     m = _AT.search(text)
@@ -453,7 +571,7 @@ def decode(data: bytes) -> Message:
         msg = _decoder.decode(data)
     except msgspec.ValidationError as exc:
         _check_version(data)
-        raise ProtocolError(_named(exc)) from None
+        raise ProtocolError(named(exc)) from None
     except msgspec.DecodeError as exc:
         raise ProtocolError(f"not msgpack: {exc}") from None
     if msg.v != VERSION:
@@ -498,3 +616,4 @@ def unframe(buffer: bytearray, limit: int = MAX_MESSAGE) -> bytes | None:
     body = bytes(buffer[FRAME_HEADER : FRAME_HEADER + size])
     del buffer[: FRAME_HEADER + size]
     return body
+

@@ -16,6 +16,7 @@ import zmq
 from cm import store
 from cm.config import Settings
 from cm.head.clients import ClientServer, Connection
+from cm.head.intercom import HeadIntercom
 from cm.head.jobs import JobTable
 from cm.head.outcome import Outcome, Stop
 from cm.head.progress import report_of
@@ -27,6 +28,7 @@ from cm.head.resources import NodeView
 from cm.head.scheduler import Scheduler
 from cm.logs import event
 from cm.protocol import (
+    INTERCOM_TO_HEAD,
     Ack,
     Error,
     ErrorCode,
@@ -74,6 +76,7 @@ class HeadServer:
         # long polls ("wait"): job id -> [(connection, request, deadline)], answered when the job is final
         self.waiters: dict[int, list[tuple[Connection, Request, float]]] = {}
         self.sort_key = lambda name: NodeView(name, "", 0, 0).sort_key
+        self.intercom = HeadIntercom(settings, self.jobs, self.send)  # keys and commands of a job's processes
 
     # --- start and loop ------------------------------------------------------
 
@@ -81,6 +84,7 @@ class HeadServer:
         store.connect(self.settings.mongodb_uri, self.settings.db_name, self.settings.db_timeout)
         self.registry.load()
         self.jobs.load()
+        self.intercom.open()
         self.admin_policy = store.get_policy()  # only this head changes it
         ctx = zmq.Context.instance()
         self.router = ctx.socket(zmq.ROUTER)
@@ -100,6 +104,7 @@ class HeadServer:
         event(log, "head listening", port=self.settings.head_port, socket=str(self.settings.socket_path))
 
     def close(self) -> None:
+        self.intercom.close()
         if self.gatekeeper is not None:
             self.gatekeeper.stop()
             self.gatekeeper = None
@@ -142,11 +147,15 @@ class HeadServer:
         poller = zmq.Poller()
         poller.register(self.router, zmq.POLLIN)
         poller.register(self.clients.listener, zmq.POLLIN)
+        if self.intercom.wakeup_fd is not None:
+            poller.register(self.intercom.wakeup_fd, zmq.POLLIN)
         for conn in self.clients.conns.values():
             poller.register(conn.fd, zmq.POLLIN | (zmq.POLLOUT if conn.outbox else 0))
         ready = dict(poller.poll(int(timeout * 1000)))
         if self.router in ready:
             self.drain_router()
+        if self.intercom.wakeup_fd in ready:
+            self.intercom.written()
         for key, flags in ready.items():
             if key is self.router:
                 continue
@@ -380,6 +389,8 @@ class HeadServer:
             self.jobs.progress(msg.job_id, f"{peer}/{msg.rank}", msg.run, report_of(msg))
             if msg.stats is not None:
                 self.send(peer, Ack(ref=msg.id))  # final counters are reported reliably
+        elif isinstance(msg, INTERCOM_TO_HEAD):
+            self.intercom.on_node(peer, msg)
         elif isinstance(msg, Ack):
             self.unacked.pop(msg.ref, None)
         elif isinstance(msg, Error):
@@ -527,6 +538,7 @@ class HeadServer:
             self.clients.reap(now)
         if self.stale:
             return
+        self.intercom.tick(now)
         try:
             out = Outcome()
             for node in self.registry.expire(now):

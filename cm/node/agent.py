@@ -19,6 +19,7 @@ import collections
 import json
 import logging
 import os
+import subprocess
 import threading
 import time
 from pathlib import Path
@@ -30,10 +31,12 @@ from cm import __version__
 from cm.config import Settings
 from cm.logs import event
 from cm.node import launch
+from cm.node.intercom import IntercomSetupError, NodeIntercom
 from cm.node.purge import Purge, Share, Tracked
 from cm.node.resources import measure
 from cm.node.sync import WarmSenders, data_identity, last_line, start_sender
 from cm.protocol import (
+    INTERCOM_TO_NODE,
     Ack,
     Error,
     ErrorCode,
@@ -82,6 +85,7 @@ class NodeAgent:
         self.connected_at = 0.0
         self.cpus, self.mem_mb = measure(settings.cpus, settings.mem_mb)
         self.state_file = Path(settings.run_dir) / f"{self.name}.jobs.json"
+        self.intercom = NodeIntercom(settings, self.name, self.send)  # a job's processes <-> the head
 
     # --- loop ------------------------------------------------------------------
 
@@ -139,6 +143,7 @@ class NodeAgent:
             self.purge.tick(time.monotonic())
             time.sleep(0.05)
         self.warm.close()
+        self.intercom.close_all()
         if self.dealer is not None:
             self.dealer.close(0)
             self.dealer = None
@@ -154,6 +159,8 @@ class NodeAgent:
         warm = self.warm.fileno()
         if warm is not None:
             poller.register(warm, zmq.POLLIN)  # a forked sender ended
+        for fd, events in self.intercom.fds():
+            poller.register(fd, events)
         deadline = self.purge.next_deadline()
         if deadline is not None:
             timeout = max(0.0, min(timeout, deadline - time.monotonic()))
@@ -178,6 +185,8 @@ class NodeAgent:
                 self._read_progress(share, s)
         if warm is not None and warm in ready:
             self.warm.collect()
+        self.intercom.on_ready(ready)
+        self.intercom.tick(time.monotonic())
 
     # --- messages --------------------------------------------------------------
 
@@ -225,6 +234,7 @@ class NodeAgent:
                 self.stop(job_id, JobState.CANCELLED, "the head does not know this job")
             for m, _ in list(self.outbox.values()):
                 self.send(m)
+            self.intercom.welcomed()
         elif isinstance(msg, Ack):
             self.outbox.pop(msg.ref, None)
         elif isinstance(msg, Error):
@@ -236,6 +246,8 @@ class NodeAgent:
         elif isinstance(msg, RunJob):
             if self.run_job(msg.job_id, msg.spec):
                 self.send(Ack(ref=msg.id))  # unacknowledged, the head sends it again
+        elif isinstance(msg, INTERCOM_TO_NODE):
+            self.intercom.on_head(msg)
         elif isinstance(msg, KillJob):
             self.send(Ack(ref=msg.id))
             try:
@@ -282,7 +294,7 @@ class NodeAgent:
             return False
         try:
             if isinstance(spec, CommandShare):
-                procs = launch.start(spec, self.name, job_id)
+                procs = self._start_command(share, spec)
                 self.purge.add(Tracked(job_id, run, procs, time.monotonic() + spec.time_limit,
                                        role=share[2], rank=share[3]))
             else:
@@ -297,6 +309,20 @@ class NodeAgent:
         self._save_state()
         event(log, "job started", job=job_id, run=run, kind=spec.kind, role=share[2], rank=share[3])
         return True
+
+    def _start_command(self, share: Share, spec: CommandShare) -> list[subprocess.Popen]:
+        """The share's processes, each with CM_INTERCOM naming the share's intercom socket."""
+        try:
+            path = self.intercom.open(share, spec.uid, spec.gid, spec.procs)
+        except IntercomSetupError as exc:
+            raise launch.LaunchError(str(exc)) from None
+        try:
+            procs = launch.start(spec, self.name, share[0], extra_env={"CM_INTERCOM": path})
+        except BaseException:
+            self.intercom.close(share)
+            raise
+        self.intercom.attach(share, procs)
+        return procs
 
     def _start_sync(self, share: Share, spec: SyncSource | SyncDestination) -> None:
         job_id = share[0]
@@ -339,6 +365,7 @@ class NodeAgent:
     def _reap(self, now: float) -> None:
         ended = self.purge.tick(now)
         for f in ended:
+            self.intercom.close(f.share)
             reason = f.reason
             sender = self.senders.pop(f.share, None)
             if sender is not None and f.state == JobState.FAILED and not reason:

@@ -67,8 +67,9 @@ def check_workdir(cwd: Path, who: Identity, node: str) -> None:
             raise LaunchError(f"working directory {cwd} on {node}: permission denied for uid {who.uid}")
 
 
-def start(spec: CommandShare, node: str, job_id: int) -> list[subprocess.Popen]:
-    """Start every process of this node's share; raise LaunchError if none can start."""
+def start(spec: CommandShare, node: str, job_id: int,
+          extra_env: dict[str, str] | None = None) -> list[subprocess.Popen]:
+    """Start every process of this node's share (with extra_env set too); raise LaunchError if none can start."""
     who = job_identity(spec)
     extra = popen_identity(who)
     cwd = Path(spec.cwd)
@@ -79,7 +80,7 @@ def start(spec: CommandShare, node: str, job_id: int) -> list[subprocess.Popen]:
         CM_JOB_ID=str(job_id), CM_JOB_NAME=spec.name, CM_NODE_RANK=str(node_rank),
         CM_NNODES=str(spec.nnodes), CM_NODELIST=",".join(spec.nodelist), CM_NODENAME=node,
         CM_PROCS_PER_NODE=str(procs_per_node), CM_NPROCS=str(procs_per_node * spec.nnodes),
-        CM_CPUS_ON_NODE=str(spec.cpus), CM_SUBMIT_DIR=str(cwd),
+        CM_CPUS_ON_NODE=str(spec.cpus), CM_SUBMIT_DIR=str(cwd), **(extra_env or {}),
     )
     procs = []
     try:

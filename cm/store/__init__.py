@@ -1,5 +1,7 @@
 """Storage: mongoengine documents and the atomic updates on them."""
 
+from cm.store import intercom
+
 from cm.store.jobs import (
     DatabaseError,
     DatabaseUnreachable,
@@ -22,6 +24,7 @@ from cm.store.jobs import (
 )
 
 __all__ = [
+    "intercom",
     "DatabaseError",
     "DatabaseUnreachable",
     "StoreError",

@@ -104,3 +104,15 @@ class Policy(Document):
     id = StringField(primary_key=True)
     blocked_users = ListField(StringField())
     block_all = BooleanField(default=False)
+
+
+class IntercomKey(Document):
+    """One key of a job's intercom (per run of the job); deleted when the run is over."""
+
+    meta = {"collection": "intercom_keys", "indexes": [("job_id", "run")], "auto_create_index": False}
+    id = StringField(primary_key=True)  # "JOB:RUN:KEY"
+    job_id = IntField(required=True)
+    run = IntField(required=True)
+    key = StringField(required=True)
+    value = StringField(default="")
+    version = IntField(default=1)

@@ -6,7 +6,7 @@ import logging
 import time
 
 import pytest
-from conftest import command_fields, sync_fields
+from .conftest import command_fields, sync_fields
 
 from cm.head.outcome import Outcome
 from cm.protocol import CommandShare, SyncDestination, SyncSource

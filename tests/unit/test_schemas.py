@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import ast
+import re
+import subprocess
+import sys
 from pathlib import Path
 
 import msgpack
@@ -141,3 +144,39 @@ def test_the_senders_final_report_fits_sync_stats_field_for_field():
     counters = {k: v for k, v in report.items() if k not in ("done", "would")}
     assert set(counters) == set(SyncStats.__struct_fields__)
     assert msgspec.convert(counters, SyncStats) == SyncStats(bytes_sent=5, files_sent=2, elapsed=1.5)
+
+
+ASK = {"v": VERSION, "id": "x", "node": "n1", "job_id": 4, "run": 1, "rank": 0}
+
+
+@pytest.mark.parametrize("msg,field", [
+    ({**ASK, "t": "ic_put", "key": "", "value": "v"}, "key"),
+    ({**ASK, "t": "ic_get", "rank": -1, "key": "k"}, "rank"),
+    ({**ASK, "t": "ic_get", "run": 0, "key": "k"}, "run"),
+    ({**ASK, "t": "ic_fence", "epoch": 0}, "epoch"),
+    ({**ASK, "t": "ic_send", "command": "c", "ranks": [1, -2]}, "ranks[1]"),
+    ({"v": VERSION, "id": "x", "t": "ic_delivered", "node": "n1", "ref": "r", "count": -1}, "count"),
+    ({"v": VERSION, "id": "x", "t": "ic_delivered", "node": "n1", "ref": "r", "count": 0, "refused": [0] * 4097},
+     "refused"),
+    ({"v": VERSION, "id": "x", "t": "ic_answer", "ref": "r", "code": "kaput"}, "code"),
+])
+def test_an_intercom_message_that_does_not_fit_is_refused_naming_the_field(msg, field):
+    with pytest.raises(ProtocolError, match=f"field '{re.escape(field)}'"):
+        decode(msgpack.packb(msg))
+
+
+def test_an_intercom_answer_travels_with_its_error_code():
+    from cm.protocol import IntercomAnswer
+
+    back = decode(encode(IntercomAnswer(ref="r", code=ErrorCode.LIMIT, error="too big")))
+    assert back.code is ErrorCode.LIMIT and not back.absent
+    assert decode(encode(IntercomAnswer(ref="r", absent=True))).code is None
+
+
+def test_every_error_the_intercom_library_tells_apart_is_an_error_code():
+    from cm import intercom
+
+    assert set(intercom.ERRORS) == {ErrorCode.TIMEOUT.value, ErrorCode.LIMIT.value, ErrorCode.ENDED.value}
+    loaded = subprocess.run([sys.executable, "-c", "import sys, cm.intercom; print('cm.protocol' in sys.modules)"],
+                            capture_output=True, text=True, check=True).stdout
+    assert loaded.strip() == "False"  # a job's process does not pay for importing cm.protocol
