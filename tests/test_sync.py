@@ -213,6 +213,8 @@ def test_a_node_keeps_a_zygote_from_its_start_and_forks_every_sender_from_it(mak
     zygotes = {name: _wait_for(lambda: _zygotes_under(proc.pid)) for name, proc in cluster.procs.items()
                if name != "headnode"}
     assert all(len(z) == 1 for z in zygotes.values()), zygotes  # from the start: the first sync is not cold
+    for name, (pid,) in zygotes.items():  # loaded (a sync before that starts a cold sender rather than wait)
+        assert _wait_for(lambda: f'"sender zygote ready", "pid": {pid}' in cluster.logfile(name).read_text())
     job_id = cluster.submit("cmsync", "--bwlimit", "1M", "gpu:/slow", "cpu:/slow")
     job = cluster.wait_state(job_id, "RUNNING")
     source = job["nodes"][0]

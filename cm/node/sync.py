@@ -15,6 +15,7 @@ failed, or ``warm_sender`` is off) a sender starts cold.
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
 import subprocess
@@ -24,12 +25,14 @@ from pathlib import Path
 
 import msgspec
 
-from cm.transfer import exitcodes, zygote
-
 from cm.creds import Identity, acting_as
+from cm.logs import event
 from cm.node.launch import LaunchError, job_identity, log_paths, make_log_dir
 from cm.protocol import DestinationTransfer, SourceTransfer, SyncSource
+from cm.transfer import exitcodes, zygote
 
+
+log = logging.getLogger("cm.node")
 
 def data_identity(transfer: SourceTransfer | DestinationTransfer, who: Identity) -> Identity:
     """Who a sync reads and writes its data as: root for root's and operators' syncs, which keep
@@ -78,14 +81,15 @@ class ForkedSender:
 class WarmSenders:
     """The node's zygote: a sender loaded once, from which each sync's senders are forked.
 
-    ``take`` gives a sender waiting for its job: forked from the zygote when one
-    runs (it is started again, at most every ``RETRY_AFTER`` seconds, if it
-    died), else started cold. ``fileno`` is for the node's poller: the zygote
+    ``take`` gives a sender waiting for its job: forked from the zygote once it
+    has said it is ready (it is started again, at most every ``RETRY_AFTER``
+    seconds, if it died), else started cold: the node's loop never waits for a
+    zygote that is still loading. ``fileno`` is for the node's poller: the zygote
     writes there when a child ended, and ``collect`` reads it.
     """
 
     RETRY_AFTER = 30.0  # seconds before starting again a zygote that died (it may die again)
-    ANSWER_TIMEOUT = 5.0  # seconds a fork may take to be answered before the sender starts cold
+    ANSWER_TIMEOUT = 1.0  # seconds a ready zygote may take to answer a fork (the node's loop waits)
 
     def __init__(self, enabled: bool):
         self.enabled = enabled
@@ -93,6 +97,7 @@ class WarmSenders:
         self.sock: socket.socket | None = None
         self.exits: dict[int, int] = {}  # pid -> returncode, as Popen gives it
         self.children: set[int] = set()
+        self.ready = False  # the zygote has loaded everything and answers forks at once
         self._not_before = 0.0
         self._tokens = 0
 
@@ -114,6 +119,7 @@ class WarmSenders:
             theirs.close()
         ours.setblocking(False)
         self.sock = ours
+        self.ready = False
 
     def alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
@@ -122,8 +128,10 @@ class WarmSenders:
         return self.sock.fileno() if self.sock is not None else None
 
     def take(self) -> subprocess.Popen | ForkedSender:
-        """A sender waiting for its job on stdin: forked from the zygote if one runs, else started cold."""
-        if self.sock is not None and self.alive():
+        """A sender waiting for its job on stdin: forked from the zygote if one is ready, else started cold."""
+        if self.sock is not None and not self.ready:
+            self.collect()
+        if self.sock is not None and self.ready and self.alive():
             try:
                 return self._fork()
             except OSError:
@@ -189,7 +197,10 @@ class WarmSenders:
                 kind, token, value, status = zygote.parse(message)
             except ValueError:
                 continue
-            if kind == "exited":
+            if kind == "ready":
+                self.ready = True
+                event(log, "sender zygote ready", pid=self.proc.pid if self.proc else None)
+            elif kind == "exited":
                 self.children.discard(value)
                 self.exits[value] = os.waitstatus_to_exitcode(status)
             else:
@@ -208,6 +219,7 @@ class WarmSenders:
         return None
 
     def _let_go(self) -> None:
+        self.ready = False
         if self.sock is not None:
             self.sock.close()
             self.sock = None

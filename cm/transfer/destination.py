@@ -22,6 +22,7 @@ import os
 import secrets
 import shutil
 import stat
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -33,6 +34,8 @@ from .paths import DirHandles, PathEscape, wire_parts
 from .tree import Excluder, walk_fd
 
 _NEW = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+_MEMORY_FS = {0x01021994, 0x858458F6}  # tmpfs, ramfs (statfs f_type)
+_memory_devices: dict[int, bool] = {}
 _UNNAMED = os.O_RDWR | os.O_TMPFILE | os.O_CLOEXEC
 _READ = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
 
@@ -482,10 +485,7 @@ class Destination:
             if not stat.S_ISREG(st.st_mode):
                 raise IsADirectoryError(f"{part} is not a regular file")
             if st.st_size != size:
-                try:
-                    os.posix_fallocate(fd, 0, size)
-                except OSError:
-                    os.ftruncate(fd, size)
+                _reserve(fd, st.st_dev, size)
             got, sent = channel.recv_stream_to_fd(fd, index * chunk_size, length, buf, checksum.Hasher())
             if got != sent:
                 return False, False
@@ -536,3 +536,32 @@ def _unlink_quietly(dfd: int, name: str) -> None:
     except FileNotFoundError:
         pass
 
+
+
+def _reserve(fd: int, dev: int, size: int) -> None:
+    """Give a file being received its size. On disk its blocks are reserved at once (no
+    ENOSPC halfway, contiguous extents); in memory file systems reserving means zeroing
+    every page before it is written over, a whole extra pass, so the file only grows."""
+    if dev not in _memory_devices:
+        _memory_devices[dev] = _fs_type(fd) in _MEMORY_FS
+    if not _memory_devices[dev]:
+        try:
+            os.posix_fallocate(fd, 0, size)
+            return
+        except OSError:
+            pass
+    os.ftruncate(fd, size)
+
+
+def _fs_type(fd: int) -> int:
+    """statfs's f_type of the file system holding fd (Linux), or 0 when unknown."""
+    import ctypes
+
+    buf = ctypes.create_string_buffer(256)  # struct statfs is 120 bytes on 64-bit Linux; f_type comes first
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.fstatfs(fd, buf) != 0:
+            return 0
+    except (OSError, AttributeError):
+        return 0
+    return int.from_bytes(buf.raw[:ctypes.sizeof(ctypes.c_long)], sys.byteorder)

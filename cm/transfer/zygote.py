@@ -10,6 +10,8 @@ second.
 The daemon talks to the zygote over a SOCK_SEQPACKET socket pair (the
 zygote's stdin), one datagram per message:
 
+- ``READY`` once the zygote has loaded everything: the daemon forks only
+  from then on (before, a sync starts a cold sender rather than wait);
 - ``FORK token`` with two descriptors (SCM_RIGHTS): the read end of the new
   sender's stdin and the write end of its stdout. The zygote forks; the child
   starts a session of its own (so stopping the job signals its process group),
@@ -33,6 +35,7 @@ import signal
 import socket
 import struct
 
+READY = b"R"
 FORK = struct.Struct("<c8s")  # b"F", token
 STARTED = struct.Struct("<c8sq")  # b"S", token, pid
 FAILED = struct.Struct("<c8sq")  # b"E", token, errno
@@ -46,9 +49,11 @@ def send_fork(sock: socket.socket, token: bytes, fds: tuple[int, int]) -> None:
 
 
 def parse(message: bytes) -> tuple[str, bytes, int, int]:
-    """One answer of the zygote: ("started", token, pid, 0), ("failed", token, errno, 0)
-    or ("exited", b"", pid, waitpid status); ValueError for anything else."""
+    """One message of the zygote: ("ready", b"", 0, 0), ("started", token, pid, 0),
+    ("failed", token, errno, 0) or ("exited", b"", pid, waitpid status); ValueError for anything else."""
     kind = message[:1]
+    if message == READY:
+        return "ready", b"", 0, 0
     if kind == b"S" and len(message) == STARTED.size:
         _, token, pid = STARTED.unpack(message)
         return "started", token, pid, 0
@@ -71,6 +76,7 @@ def serve(control_fd: int) -> bool:
     wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
     signal.set_wakeup_fd(wake_w)
     signal.signal(signal.SIGCHLD, lambda signum, frame: None)  # a handler, so the wakeup fd is written
+    _send(ctrl, READY)
     while True:
         try:
             ready, _, _ = select.select([ctrl, wake_r], [], [])

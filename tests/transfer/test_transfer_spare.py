@@ -91,17 +91,12 @@ def _wait(proc: subprocess.Popen) -> int:
 
 
 def _wait_loaded(warm: WarmSenders, timeout: float = 60) -> None:
-    """Until the zygote has loaded numba (its forks answer from then on)."""
+    """Until the zygote says it has loaded numba (its forks answer from then on)."""
     deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            status = Path(f"/proc/{warm.proc.pid}/wchan").read_text()
-        except OSError:
-            status = ""
-        if "select" in status or "poll" in status:  # waiting for requests: loaded
-            return
-        time.sleep(0.05)
-    raise AssertionError("the zygote did not load in time")
+    while not warm.ready and time.monotonic() < deadline:
+        warm.collect()
+        warm.wait_readable(0.05)
+    assert warm.ready, "the zygote did not load in time"
 
 
 @pytest.fixture
@@ -168,6 +163,25 @@ def test_a_dead_zygote_means_cold_senders_then_a_new_zygote(warm, receiver, root
     warm._not_before = 0.0  # not the 30 s a node waits before starting a zygote that died again
     warm.start()
     assert warm.alive() and warm.proc.pid != old
+
+
+def test_a_sync_never_waits_for_a_zygote_still_loading(receiver, roots, tmp_path, monkeypatch):
+    src = roots[0]
+    make_tree(src)
+    monkeypatch.setenv("PYTHONPATH", sender_env()["PYTHONPATH"])
+    warm = WarmSenders(True)
+    warm.start()
+    try:
+        started = time.monotonic()
+        proc, err = start_sender(_node_spec(receiver, src, tmp_path), "n1", 11, str(src), warm)
+        assert time.monotonic() - started < 0.3  # the node's loop goes on (heartbeats) while numba loads
+        assert isinstance(proc, subprocess.Popen)  # started cold: the zygote was not ready yet
+        assert _wait(proc) == 0, err.read_text()
+        _wait_loaded(warm)
+        proc, err = start_sender(_node_spec(receiver, src, tmp_path), "n1", 12, str(src), warm)
+        assert isinstance(proc, ForkedSender) and _wait(proc) == 0
+    finally:
+        warm.close()
 
 
 def test_a_zygote_let_go_exits(warm):
