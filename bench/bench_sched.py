@@ -33,7 +33,9 @@ def percentile(values: list[float], p: float) -> float:
     return values[lo] + (values[hi] - values[lo]) * (k - lo)
 
 
-def run_cm(jobs: int, nodes: int) -> dict:
+def run_cm(jobs: int, nodes: int, via_cmrun: bool = False) -> dict:
+    """``jobs`` trivial jobs through a local cluster of ``nodes`` nodes: submitted through the API from this
+    process, or with ``via_cmrun`` one `cmrun --parsable true` per job (as a user does, like sbatch)."""
     root = Path(tempfile.mkdtemp(prefix="cmbench"))
     cluster = LocalCluster(root / "run", parse_partitions("cpu", nodes), data_dir=root / "data", db_dir=root / "db",
                            env={"CM_DB_NAME": f"bench{os.getpid()}", "CM_LOG_LEVEL": "WARNING"})
@@ -41,9 +43,15 @@ def run_cm(jobs: int, nodes: int) -> dict:
     try:
         client = Client(load(env={"CM_RUN_DIR": str(cluster.run_dir)}))
         env = [f"PATH={os.environ.get('PATH', '/usr/bin:/bin')}"]
+        cmrun = [str(Path(sys.executable).parent / "cmrun"), "--parsable", "-o", "/dev/null", "-e", "/dev/null", "true"]
+        cli_env = {**os.environ, "CM_RUN_DIR": str(cluster.run_dir)}
         t0 = time.time()
-        ids = [client.call("submit", kind="command", argv=["true"], cwd=str(root), env=env,
-                           stdout="/dev/null", stderr="/dev/null")["job_id"] for _ in range(jobs)]
+        if via_cmrun:
+            ids = [int(subprocess.run(cmrun, capture_output=True, text=True, check=True, cwd=str(root),
+                                      env=cli_env).stdout.split()[0]) for _ in range(jobs)]
+        else:
+            ids = [client.call("submit", kind="command", argv=["true"], cwd=str(root), env=env,
+                               stdout="/dev/null", stderr="/dev/null")["job_id"] for _ in range(jobs)]
         t_submit = time.time() - t0
         wanted = set(ids)
         while True:  # poll one job at a time: listing every job would load the head we measure
@@ -62,7 +70,8 @@ def run_cm(jobs: int, nodes: int) -> dict:
                        env={**os.environ, "CM_RUN_DIR": str(cluster.run_dir)})
         cminfo_s = time.perf_counter() - t_info
         return {"jobs": jobs, "failed": failed, "submit_rate": jobs / t_submit, "jobs_per_s": jobs / span,
-                "p50_ms": percentile(latency, 50), "p95_ms": percentile(latency, 95), "cminfo_s": cminfo_s}
+                "p50_ms": percentile(latency, 50), "p95_ms": percentile(latency, 95), "cminfo_s": cminfo_s,
+                "latency_ms": latency}
     finally:
         cluster.down()
         shutil.rmtree(root, ignore_errors=True)
