@@ -336,13 +336,14 @@ def main() -> int:
                "kernel": uname.release}, "sizes": sizes, "reps": args.reps, "missing": {t: w for t, w in why.items() if w},
                "storage": {}}
     # a copy per tool and run stays on the disk until the end; tmpfs keeps about two of each at once
-    need = {"tmpfs": (sizes["big"] + sizes["mixed_big"] * sizes["mixed_big_n"]) * 3,
-            "disk": (sizes["big"] + sizes["mixed_big"] * sizes["mixed_big_n"]) * (len(TOOLS) * args.reps + 3)}
+    mixed = sizes["mixed_big"] * sizes["mixed_big_n"]
+    need = {"tmpfs": (sizes["big"] + mixed) * 3,
+            "disk": sizes["big"] * (len(TOOLS) * args.reps + 1) + mixed * ((len(TOOLS) - 1) * args.reps + 1)}
     for label in args.storage.split(","):
         base = Path(args.tmpfs_dir if label == "tmpfs" else args.disk_dir)
         free = shutil.disk_usage(base.parent).free
-        if free < need[label] * 1.2:
-            print(f"\n== {label}: SKIPPED, {free >> 30} GiB free on {base.parent}, needs {need[label] * 1.2 / 2**30:.0f}")
+        if free < need[label] * 1.1:
+            print(f"\n== {label}: SKIPPED, {free >> 30} GiB free on {base.parent}, needs {need[label] * 1.1 / 2**30:.0f}")
             continue
         if base.exists():
             shutil.rmtree(base)
