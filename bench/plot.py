@@ -17,6 +17,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib import ticker  # noqa: E402
 
 DOCS = Path(__file__).resolve().parents[1] / "docs"
 PEERS = ["rsync", "fpsync", "rclone", "cp", "tcp"]
@@ -49,6 +50,9 @@ def main() -> int:
             ax.bar_label(bars, labels=[f"{y:.2f}" for y in ys], fontsize=7, padding=1)
         ax.axhline(1, color="black", linewidth=1)
         ax.set_yscale("log")
+        ax.yaxis.set_major_formatter(ticker.FormatStrFormatter("%g"))
+        ax.yaxis.set_minor_formatter(ticker.FormatStrFormatter("%g"))
+        ax.tick_params(axis="y", which="minor", labelsize=7)
         ax.set_xticks(range(4), [names[s] for s in "abcd"])
         ax.set_ylabel("peer time / cm time\n(> 1: cm faster)")
         ax.set_title(f"cmsync --wait against its peers on {label} ({res['date']}, {res['machine']['cpus']} CPUs, "

@@ -5,7 +5,8 @@
 Starts a cluster (partitions src and dst, its own database) whose data is
 under ``--dir``, makes (a) one big file and (b) many small files, runs one
 warm-up sync, then for each of (a) and (b) runs ``py-spy record
---subprocesses`` on the sending node's daemon (its senders) and on the
+--subprocesses`` (on-CPU samples, Python frames: numba's compiled code shows
+as the Python function that calls it) on the sending node's daemon (its senders) and on the
 receiving node's daemon (its mover) during one ``cmsync --wait``, and
 prints, per process, the functions with the most samples (self and
 inclusive). Needs py-spy (``pip install py-spy``) and root (ptrace). The
@@ -33,7 +34,7 @@ PY_SPY = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
 
 
 def record(pid: int, out: Path) -> subprocess.Popen:
-    proc = subprocess.Popen([PY_SPY, "record", "--subprocesses", "--idle", "--rate", "250", "--format", "raw",
+    proc = subprocess.Popen([PY_SPY, "record", "--subprocesses", "--rate", "100", "--format", "raw",
                              "--pid", str(pid), "--output", str(out), "--nonblocking"],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     time.sleep(1.0)  # py-spy attaches
@@ -48,10 +49,11 @@ def report(path: Path, top: int) -> None:
     for line in path.read_text(errors="replace").splitlines():
         stack, _, count = line.rpartition(" ")
         frames = stack.split(";")
-        proc = re.sub(r"\s+", " ", frames[0])[:90]
+        last = max(i for i, f in enumerate(frames) if f.startswith("process "))  # parents first, then the process
+        proc = re.sub(r"^process (\d+):\"?(.*?)\"?$", r"pid \1 \2", frames[last])[:90]
         n = int(count)
         totals[proc] += n
-        frames = [re.sub(r" \((.*/)?([^/]+:\d+)\)$", r" (\2)", f) for f in frames[1:]]
+        frames = [re.sub(r" \((.*/)?([^/]+:\d+)\)$", r" (\2)", f) for f in frames[last + 1:]]
         if frames:
             per_proc[proc][frames[-1]] += n
         for f in set(re.sub(r":\d+\)$", ")", f) for f in frames):  # a function counted once per stack
@@ -59,9 +61,9 @@ def report(path: Path, top: int) -> None:
             if m and m.group(1) in CM_MODULES:
                 incl[proc][f] += n
     for proc, total in totals.most_common():
-        if total < 10:
+        if total < 20:
             continue
-        print(f"\n  {proc}: {total} samples at 250/s (idle included)")
+        print(f"\n  {proc}: {total} samples on CPU at 100/s (= {total / 100:.1f} CPU-s)")
         print("    self:      " + "\n               ".join(f"{n / total:5.1%} {f}" for f, n in per_proc[proc].most_common(top)))
         print("    inclusive: " + "\n               ".join(f"{n / total:5.1%} {f}" for f, n in incl[proc].most_common(top)))
 
