@@ -76,12 +76,18 @@ soak: setup
 	CM_MODEL_SOAK=1 CM_MODEL_SECONDS=$(SOAK_SECONDS) CM_MODEL_OPS=$${CM_MODEL_OPS:-120} \
 	  $(PY) -m pytest -q -s -p no:cacheprovider --timeout=0 tests/test_model.py -k keeps_its_promises
 
+# bench_peers and bench_slurm apt-get install their peers (fpart, rclone, slurm-wlm, munge) when missing
+# and report any they cannot have. BENCH_QUICK=1: small data, one run (a short check).
 bench: setup
+	@$(PY) -c 'import matplotlib' 2>/dev/null || $(PY) -m pip install -q -e '.[test,bench]'
 	$(PY) bench/bench_sched.py
 	$(PY) bench/bench_sync.py
 	$(PY) bench/bench_datapath.py
 	$(PY) bench/bench_scale.py
 	$(PY) bench/bench_intercom.py
+	$(PY) bench/bench_slurm.py
+	$(PY) bench/bench_peers.py $(if $(filter-out 0 no false,$(BENCH_QUICK)),--quick --out /tmp/cm-bench-peers-quick.json)
+	$(PY) bench/plot.py $(if $(filter-out 0 no false,$(BENCH_QUICK)),/tmp/cm-bench-peers-quick.json /tmp/cm-benchmarks-quick.png)
 
 clean: local-down
 	rm -rf .build $(VENV) drive/run
