@@ -159,6 +159,26 @@ def test_a_root_sync_keeps_every_owner(shared, users):
     assert tree(shared.data_dir / "cpu" / "mixed-copy") == tree(src)
 
 
+def test_a_root_resync_sets_only_the_owners_that_changed(shared, users):
+    alice, bob = users["alice"], users["bob"]
+    src = shared.data_dir / "gpu" / "owned"
+    owned_dir(src, alice, 0o755)
+    make_files(src, alice)
+    dst = shared.data_dir / "cpu" / "owned-copy"
+    first = shared.submit("cmsync", "--wait", "gpu:/owned", "cpu:/owned-copy")
+    assert shared.job(first)["state"] == "COMPLETED"
+    changes = {p: p.lstat().st_ctime_ns for p in [dst, *dst.rglob("*")]}  # chown changes ctime, same owner or not
+    moved = next(p for p in sorted(src.rglob("*")) if p.is_file())
+    os.chown(moved, bob.pw_uid, bob.pw_gid)
+    again = shared.submit("cmsync", "--wait", "gpu:/owned", "cpu:/owned-copy")
+    assert shared.job(again)["state"] == "COMPLETED"
+    copy = dst / moved.relative_to(src)
+    assert (copy.stat().st_uid, copy.stat().st_gid) == (bob.pw_uid, bob.pw_gid)
+    touched = [p for p, ctime in changes.items() if p.lstat().st_ctime_ns != ctime]
+    assert touched == [copy]  # nothing else had its owner set again
+    assert tree(dst) == tree(src)
+
+
 def test_an_operators_sync_reads_everything_and_keeps_owners(shared, users):
     alice, oper = users["alice"], users["oper"]
     private = owned_dir(shared.data_dir / "gpu" / "alice" / "archive", alice, 0o700)

@@ -122,6 +122,8 @@ class EntryRow(Row):
     mtime: Mtime
     mode: Mode
     target: bytes
+    uid: Annotated[int, Meta(ge=-1)]  # -1: not known
+    gid: Annotated[int, Meta(ge=-1)]
 
 
 class VerifiedRow(Row):

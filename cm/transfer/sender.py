@@ -48,6 +48,11 @@ def warm_up() -> None:
     batchio.warm_up_reading()
 
 
+def _owner_differs(e: Entry, d: Entry | None) -> bool:
+    """Whether the destination's copy of ``e`` (left in place) needs its owner set."""
+    return d is None or (d.uid, d.gid) != (e.uid, e.gid)
+
+
 class Sender:
     """Runs one rank of a sync job described by a ``Spec``.
 
@@ -105,6 +110,8 @@ class Sender:
                                              for e in reversed(dirs)])
             if spec.owners:  # root's and operators' syncs: each rank its own files, the lead the rest
                 owned = work.owned + ([e for e in entries if e.kind != FILE] if lead else [])
+                made = {it.entry.path for it in work.small} | {e.path for e in mkdirs} | {e.path for e in links}
+                owned = [e for e in owned if e.path in made or _owner_differs(e, dst.get(e.path))]
                 self._pages(control, f.Owners, [f.OwnerRow(*row) for row in self.source.owner_rows(owned)])
             control.send(f.Bye())
         except (ConnectionError, TimeoutError) as exc:

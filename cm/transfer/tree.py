@@ -33,15 +33,19 @@ class Entry(NamedTuple):
     mtime_ns: int
     mode: int  # permission bits only
     target: str = ""  # symlink target, verbatim
+    uid: int = -1  # owner, so a sync that keeps owners sets only those that differ
+    gid: int = -1
 
     def to_wire(self) -> list:
         """A manifest row (``frames.EntryRow``): names as raw bytes."""
-        return [os.fsencode(self.path), self.kind, self.size, self.mtime_ns, self.mode, os.fsencode(self.target)]
+        return [os.fsencode(self.path), self.kind, self.size, self.mtime_ns, self.mode, os.fsencode(self.target),
+                self.uid, self.gid]
 
     @classmethod
     def from_wire(cls, row) -> "Entry":
         """Inverse of ``to_wire``, from a decoded ``frames.EntryRow``."""
-        return _make(cls, (os.fsdecode(row.path), row.kind, row.size, row.mtime, row.mode, os.fsdecode(row.target)))
+        return _make(cls, (os.fsdecode(row.path), row.kind, row.size, row.mtime, row.mode, os.fsdecode(row.target),
+                           row.uid, row.gid))
 
 
 _make = tuple.__new__  # builds an Entry without the generated __new__'s overhead (walks make millions)
@@ -138,7 +142,7 @@ def _entry(path: str, st: os.stat_result, target: str = "") -> Entry | None:
     else:
         return None  # devices, fifos and sockets are not copied
     size = st.st_size if kind == FILE else 0
-    return Entry(path, kind, size, st.st_mtime_ns, stat.S_IMODE(mode), target)
+    return Entry(path, kind, size, st.st_mtime_ns, stat.S_IMODE(mode), target, st.st_uid, st.st_gid)
 
 
 def walk_fd(top_fd: int, excluder: Excluder | None = None, skip_temp: bool = False) -> list[Entry]:
@@ -181,7 +185,8 @@ def walk_fd(top_fd: int, excluder: Excluder | None = None, skip_temp: bool = Fal
                             target = os.readlink(name, dir_fd=fd)
                         except FileNotFoundError:
                             continue
-                    append(_make(Entry, (path, kind, size, st.st_mtime_ns, st.st_mode & 0o7777, target)))
+                    append(_make(Entry, (path, kind, size, st.st_mtime_ns, st.st_mode & 0o7777, target, st.st_uid,
+                                         st.st_gid)))
                     if kind == DIR:
                         try:
                             sub = os.open(name, _DIR_FLAGS, dir_fd=fd)

@@ -100,7 +100,7 @@ def test_a_chunk_carries_owners_only_when_it_has_them():
 
 ANSWERS = {
     Kind.HELLO: f.Welcome(64 << 20, 16 << 20),
-    Kind.MANIFEST: f.ManifestPage([f.EntryRow(P, "f", 3, -1, 0o644, b""), f.EntryRow(b"l", "l", 0, 0, 0o777, P)], True),
+    Kind.MANIFEST: f.ManifestPage([f.EntryRow(P, "f", 3, -1, 0o644, b"", 1000, 100), f.EntryRow(b"l", "l", 0, 0, 0o777, P, -1, -1)], True),
     Kind.PARTIALS: f.Verified([[f.VerifiedRow(0, 1 << 63)], []]),
     Kind.CHECKSUMS: f.Digests([[1, 2], None]),
     Kind.MKDIRS: f.Done([f.PathError(P, "PermissionError: no")]),
@@ -121,7 +121,7 @@ def test_every_answer_round_trips(kind):
 
 
 def test_a_malformed_answer_is_refused_with_its_field_named():
-    raw = msgpack.packb({"entries": [[P, "x", 1, 1, 1, b""]], "more": False}, use_bin_type=True)
+    raw = msgpack.packb({"entries": [[P, "x", 1, 1, 1, b"", 0, 0]], "more": False}, use_bin_type=True)
     with pytest.raises(f.FrameError, match=r"`entries\[0\].kind`"):
         f.decode_answer(Kind.MANIFEST, True, raw)
     assert f.decode_answer(Kind.BATCH, False, msgpack.packb({"message": "no"})).message == "no"
