@@ -6,7 +6,7 @@ import json
 
 import click
 
-from cm.cli.client import Client, run_command
+from cm.cli.client import Client, HeadError, run_command
 from cm.timefmt import format_duration
 
 
@@ -70,14 +70,15 @@ def job_details(job: dict) -> str:
         elif key == "nodes":
             value = ",".join(value)
         lines.append(f"{key.upper():>10}: {'' if value is None else value}")
-    for i, var in enumerate(job.get("env") or []):
-        lines.append(f"{'ENV' if i == 0 else '':>10}: {var}")
+    for i, (key, value) in enumerate(sorted((job.get("labels") or {}).items())):
+        lines.append(f"{'LABELS' if i == 0 else '':>10}: {key}={value}")
     for i, var in enumerate(job.get("env") or []):
         lines.append(f"{'ENV' if i == 0 else '':>10}: {var}")
     t = job.get("transfer") or {}
     if t:
         lines.append(f"{'TRANSFER':>10}: {human_bytes(t.get('bytes_done', 0))} of {human_bytes(t.get('bytes_total', 0))}, "
-                     f"{t.get('files_done', 0)} of {t.get('files_total', 0)} files")
+                     f"{t.get('files_done', 0)} of {t.get('files_total', 0)} files, "
+                     f"{t.get('files_skipped', 0)} skipped, {t.get('retries', 0)} retries")
     return "\n".join(lines)
 
 
@@ -85,11 +86,15 @@ def job_details(job: dict) -> str:
 @click.argument("job_id", type=int, required=False)
 @click.option("--all", "all_", is_flag=True, help="include jobs that finished long ago")
 @click.option("--json", "as_json", is_flag=True, help="one JSON object: nodes and jobs")
-def cli(job_id, all_, as_json):
+@click.option("--label", "labels", multiple=True, metavar="KEY=VALUE", help="only jobs with this label (repeatable)")
+def cli(job_id, all_, as_json, labels):
     """Show the cluster's nodes and jobs, or one job in detail."""
 
     def body() -> None:
-        data = Client().call("info", job_id=job_id, all=all_)
+        for label in labels:
+            if "=" not in label:
+                raise HeadError(f"--label {label!r} must look like KEY=VALUE")
+        data = Client().call("info", job_id=job_id, all=all_, **({"label": list(labels)} if labels else {}))
         if as_json:
             print(json.dumps(data, indent=None))
             return

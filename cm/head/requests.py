@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import pwd
+import re
 import secrets
 import time
 from typing import TYPE_CHECKING, Any, Callable
@@ -21,7 +23,12 @@ if TYPE_CHECKING:
 
 
 class Refused(Exception):
-    """The request is understood and refused; the message is for the user."""
+    """The request is understood and refused; the message is for the user. ``status`` is the HTTP
+    status the API answers with (400 bad input, 403 not allowed, 404 no such thing, 409 wrong state)."""
+
+    def __init__(self, message: str, status: int = 400):
+        super().__init__(message)
+        self.status = status
 
 
 class Later(Exception):
@@ -117,6 +124,13 @@ def _waiting(head: "HeadServer", uid: int) -> int:
 
 
 def submit(head: "HeadServer", caller: Caller, args: dict) -> dict:
+    key = args.get("idempotency_key")
+    if key is not None:
+        key = _str(args, "idempotency_key", "", 200)
+        first = _submitted_with(head, caller, key)
+        if first is not None:
+            return {"job_id": first, "repeated": True}
+    labels = _labels(args.get("labels"))
     policy = head.admin_policy
     if not caller.operator and (policy.get("block_all") or caller.user in policy.get("blocked_users", [])):
         raise Refused(f"submissions from {caller.user} are blocked by an administrator")
@@ -198,6 +212,10 @@ def submit(head: "HeadServer", caller: Caller, args: dict) -> dict:
         check_feasible(probe, (NodeView(n.name, n.partition, n.cpus, n.mem_mb) for n in head.registry.nodes.values()))
     except NeverFits as exc:
         raise Refused(f"job can never run: {exc}") from None
+    if labels:
+        fields["labels"] = labels
+    if key:
+        fields["idempotency_key"] = key
     fields["id"] = head.jobs.next_id()
     doc = store.insert_job(fields)
     head.jobs.add(doc)
@@ -205,18 +223,113 @@ def submit(head: "HeadServer", caller: Caller, args: dict) -> dict:
     return {"job_id": doc["_id"]}
 
 
-def _own(head: "HeadServer", caller: Caller, job_id: Any, admin: bool) -> dict:
+LABEL_KEY = re.compile(r"[A-Za-z0-9][A-Za-z0-9_/-]{0,62}")
+MAX_LABELS = 32
+
+
+def _labels(labels: Any) -> dict[str, str]:
+    """Check a job's labels: at most MAX_LABELS, keys like LABEL_KEY (no '.' or '$': they are stored as
+    document keys), values strings of at most 256 characters."""
+    if labels is None:
+        return {}
+    if not isinstance(labels, dict) or len(labels) > MAX_LABELS:
+        raise Refused(f"labels must be a map of at most {MAX_LABELS} KEY: VALUE strings")
+    for k, v in labels.items():
+        if not isinstance(k, str) or not LABEL_KEY.fullmatch(k):
+            raise Refused(f"label key {k!r} must be letters, digits, '_', '-' or '/' (at most 63)")
+        if not isinstance(v, str) or len(v) > 256 or "\x00" in v:
+            raise Refused(f"label {k}'s value must be a string of at most 256 characters")
+    return dict(labels)
+
+
+def _submitted_with(head: "HeadServer", caller: Caller, key: str) -> int | None:
+    """The job this user submitted with this Idempotency-Key before, if any."""
+    for job in (*head.jobs.jobs.values(), *head.jobs.recent.values()):
+        if job.get("idempotency_key") == key and job["uid"] == caller.uid:
+            return job["_id"]
+    stored = store.job_by_key(caller.uid, key)
+    return None if stored is None else stored["_id"]
+
+
+def _job_id(job_id: Any) -> int:
     if not isinstance(job_id, int) or isinstance(job_id, bool):
         raise Refused(f"invalid job id {job_id!r}")
-    job = head.jobs.jobs.get(job_id)
+    return job_id
+
+
+def _own(head: "HeadServer", caller: Caller, job_id: Any, admin: bool) -> dict:
+    job = head.jobs.jobs.get(_job_id(job_id))
     if job is None:
         stored = store.get_job(job_id)
         if stored is None:
-            raise Refused(f"job {job_id} does not exist")
-        raise Refused(f"job {job_id} has already finished ({stored['state']})")
+            raise Refused(f"job {job_id} does not exist", 404)
+        raise Refused(f"job {job_id} has already finished ({stored['state']})", 409)
     if not (admin or caller.operator or job["uid"] == caller.uid):
-        raise Refused(f"job {job_id} belongs to {job['user']}; you may only act on your own jobs")
+        raise Refused(f"job {job_id} belongs to {job['user']}; you may only act on your own jobs", 403)
     return job
+
+
+def delete(head: "HeadServer", caller: Caller, args: dict) -> dict:
+    """Remove a final job from the database and from what cminfo shows; an active job is refused."""
+    job_id = _job_id(args.get("job_id"))
+    job = head.jobs.jobs.get(job_id)
+    if job is None:
+        job = head.jobs.recent.get(job_id) or store.get_job(job_id)
+        if job is None:
+            raise Refused(f"job {job_id} does not exist", 404)
+    if not (caller.operator or job["uid"] == caller.uid):
+        raise Refused(f"job {job_id} belongs to {job['user']}; you may only delete your own jobs", 403)
+    if job_id in head.jobs.jobs:
+        raise Refused(f"job {job_id} is {job['state']}; cancel it and delete it once it has ended", 409)
+    store.delete_job(job_id)
+    head.jobs.recent.pop(job_id, None)
+    return {"job_id": job_id, "deleted": True}
+
+
+def token(head: "HeadServer", caller: Caller, args: dict) -> dict:
+    """The caller's HTTP API token; with ``revoke``: USER's token stops working (admins, or oneself)."""
+    from cm.api import tokens
+
+    target = args.get("revoke")
+    if target is None:
+        return {"user": caller.user, "token": tokens.issue(head.settings.run_dir, caller.uid, caller.user)}
+    target = _str(args, "revoke", "", 64)
+    if target != caller.user:
+        _admin(head, caller, args)
+    try:
+        uid = pwd.getpwnam(target).pw_uid
+    except KeyError:
+        raise Refused(f"no user named {target!r}", 404) from None
+    tokens.revoke(uid, target)
+    if head.on_token_revoked is not None:
+        head.on_token_revoked()
+    return {"user": target, "revoked": True}
+
+
+def _matches(job: dict, args: dict) -> bool:
+    """Filters of a job listing: state (one or a list), user, label ("KEY=VALUE", one or a list)."""
+    states, user, labels = args.get("state"), args.get("user"), args.get("label")
+    if states and job["state"] not in ([states] if isinstance(states, str) else states):
+        return False
+    if user and job["user"] != user:
+        return False
+    for label in ([labels] if isinstance(labels, str) else labels or ()):
+        k, _, v = label.partition("=")
+        if (job.get("labels") or {}).get(k) != v:
+            return False
+    return True
+
+
+def _check_filters(args: dict) -> None:
+    for key in ("state", "label"):
+        value = args.get(key)
+        if value is not None and not (isinstance(value, str) or (
+                isinstance(value, list) and all(isinstance(v, str) for v in value))):
+            raise Refused(f"{key} must be a string or a list of strings")
+    for label in ([args["label"]] if isinstance(args.get("label"), str) else args.get("label") or ()):
+        if "=" not in label:
+            raise Refused(f"label filter {label!r} must look like KEY=VALUE")
+    _str(args, "user", "", 64)
 
 
 def cancel(head: "HeadServer", caller: Caller, args: dict, admin: bool) -> dict:
@@ -231,7 +344,7 @@ def cancel(head: "HeadServer", caller: Caller, args: dict, admin: bool) -> dict:
             results[str(job_id)] = {"ok": True, "state": head.jobs.cancel(job_id, out)}
             head.apply(out)
         except Refused as exc:
-            results[str(job_id)] = {"ok": False, "error": str(exc)}
+            results[str(job_id)] = {"ok": False, "error": str(exc), "status": exc.status}
     return results
 
 
@@ -244,13 +357,15 @@ def info(head: "HeadServer", caller: Caller, args: dict) -> dict:
         nodes.append({"name": n.name, "partition": n.partition, "state": head.registry.state_of(n, c).value,
                       "cpus": n.cpus, "cpus_free": n.cpus - c, "mem_mb": n.mem_mb, "mem_free_mb": n.mem_mb - m,
                       "reason": n.reason})
+    if args.get("nodes_only"):
+        return {"nodes": nodes}
     job_id = args.get("job_id")
     if job_id is not None:
         if not isinstance(job_id, int) or isinstance(job_id, bool):
             raise Refused(f"invalid job id {job_id!r}")
         job = head.jobs.jobs.get(job_id) or head.jobs.recent.get(job_id) or store.get_job(job_id)
         if job is None:
-            raise Refused(f"job {job_id} does not exist")
+            raise Refused(f"job {job_id} does not exist", 404)
         view = job_view(job)
         if job["kind"] == "sync":
             sync = job.get("sync") or {}
@@ -262,13 +377,14 @@ def info(head: "HeadServer", caller: Caller, args: dict) -> dict:
         # like Slurm's PrivateData: a job's environment is its owner's (and the admins') business
         view["env"] = list(job.get("env") or []) if caller.operator or job["uid"] == caller.uid else None
         return {"nodes": nodes, "jobs": [view]}
+    _check_filters(args)
     if args.get("all"):
         known = {j["_id"]: j for j in store.recent_jobs(None)}
         known.update(head.jobs.jobs)  # memory is newer for unfinished jobs (progress)
         shown = [j for _, j in sorted(known.items())]
     else:
         shown = sorted(head.jobs.shown(), key=lambda j: j["_id"])
-    return {"nodes": nodes, "jobs": [job_view(j) for j in shown]}
+    return {"nodes": nodes, "jobs": [job_view(j) for j in shown if _matches(j, args)]}
 
 
 def wait(head: "HeadServer", caller: Caller, args: dict) -> dict:
@@ -318,9 +434,28 @@ def job_view(job: dict) -> dict:
         "submitted": _iso(job.get("submitted")), "started": _iso(started), "ended": _iso(ended),
         "elapsed": ((ended or time.time()) - started) if started else None,
         "partition": job.get("partition"), "reason": waiting_reason(job), "time_limit": job.get("time_limit"),
-        "priority": job.get("priority", 0), "transfer": job.get("progress") if job["kind"] == "sync" else None,
+        "priority": job.get("priority", 0), "transfer": transfer_view(job) if job["kind"] == "sync" else None,
+        "labels": job.get("labels") or {},
         "num_nodes": job.get("nodes"),
         "times": {"submitted": job.get("submitted"), "started": started, "ended": ended},  # epoch seconds
+    }
+
+
+def transfer_view(job: dict) -> dict:
+    """A sync job's counters as a program needs them (the progress the nodes report, summed), keeping the
+    keys cmsync's progress bar reads; ``rate`` is the effective one (bytes over elapsed) once final."""
+    p = job.get("progress") or {}
+    stats = p.get("stats") or {}
+    started, ended = job.get("started"), job.get("ended")
+    rate = p.get("rate", 0)
+    if ended and started and ended > started:
+        rate = p.get("bytes_done", 0) / (ended - started)
+    return {
+        "bytes_done": p.get("bytes_done", 0), "bytes_total": p.get("bytes_total", 0),
+        "files_done": p.get("files_done", 0), "files_total": p.get("files_total", 0),
+        "files_skipped": stats.get("files_skipped", 0), "files_deleted": stats.get("files_deleted", 0),
+        "retries": job.get("restarts", 0) + stats.get("chunks_resent", 0), "errors": stats.get("errors", 0),
+        "rate": rate, "message": job.get("reason") or "", "started": started, "ended": ended, "stats": stats,
     }
 
 
@@ -328,7 +463,7 @@ def _admin(head: "HeadServer", caller: Caller, args: dict) -> bool:
     token = head.settings.operator_token
     if caller.operator or (token and secrets.compare_digest(str(args.get("token", "")), token)):
         return True
-    raise Refused("this needs an administrator: root, the operator group, or the operator token")
+    raise Refused("this needs an administrator: root, the operator group, or the operator token", 403)
 
 
 def control(head: "HeadServer", caller: Caller, args: dict) -> dict:
@@ -360,7 +495,7 @@ def control(head: "HeadServer", caller: Caller, args: dict) -> dict:
         try:
             head.registry.set_drain(name, action == "drain", _str(args, "reason"))
         except KeyError:
-            raise Refused(f"node {name!r} does not exist") from None
+            raise Refused(f"node {name!r} does not exist", 404) from None
         head.dirty = True
         return {"node": name, "drain": action == "drain"}
     if action in ("block", "unblock"):
@@ -378,12 +513,32 @@ def control(head: "HeadServer", caller: Caller, args: dict) -> dict:
     raise Refused(f"unknown action {action!r}")
 
 
+def metrics(head: "HeadServer", caller: Caller, args: dict) -> dict:
+    """What /metrics shows: jobs and nodes by state, sync counters, the scheduler's pass time."""
+    jobs: dict[str, int] = {}
+    for job in head.jobs.shown():
+        jobs[job["state"]] = jobs.get(job["state"], 0) + 1
+    used = head.jobs.usage()
+    nodes: dict[str, int] = {}
+    for n in head.registry.nodes.values():
+        state = head.registry.state_of(n, used.get(n.name, (0, 0))[0]).value
+        nodes[state] = nodes.get(state, 0) + 1
+    syncs = [j.get("progress") or {} for j in head.jobs.jobs.values() if j["kind"] == "sync"]
+    return {"jobs": jobs, "nodes": nodes, "moved": dict(head.moved),
+            "sync_bytes_in_flight": sum(p.get("bytes_done", 0) for p in syncs),
+            "sync_rate": sum(p.get("rate", 0) for p in syncs), "pass_seconds": head.pass_seconds,
+            "passes": head.passes, "waiters": sum(len(w) for w in head.waiters.values())}
+
+
 HANDLERS: dict[str, Callable[..., Any]] = {
     "submit": submit,
     "cancel": lambda head, caller, args: cancel(head, caller, args, admin=False),
     "info": info,
     "wait": wait,
     "control": control,
+    "delete": delete,
+    "token": token,
+    "metrics": metrics,
     "ping": lambda head, caller, args: {"pong": True, "user": caller.user},
     "stats": lambda head, caller, args: {
         "pending": len(head.jobs.requests), "active": len(head.jobs.jobs), "nodes": len(head.registry.nodes),
@@ -405,7 +560,7 @@ def handle(head: "HeadServer", caller: Caller, request: Request) -> Reply:
     except Later:
         raise  # the server keeps the request and answers it later
     except Refused as exc:
-        return Reply(ok=False, error=str(exc))
+        return Reply(ok=False, error=str(exc), data={"status": exc.status})
     except (store.StoreError, store.DatabaseUnreachable) as exc:
         head.db_failed(f"request {request.op}", exc)
         return Reply(ok=False, error="the database is unreachable; the head is waiting for it, try again shortly")

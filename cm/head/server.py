@@ -10,12 +10,13 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from typing import Any
 
 import zmq
 
 from cm import store
 from cm.config import Settings
-from cm.head.clients import ClientServer, Connection
+from cm.head.clients import Caller, ClientServer, Connection
 from cm.head.jobs import JobTable, Outcome, Stop
 from cm.head.policies import get_policy
 from cm.head.registry import Registry
@@ -47,6 +48,19 @@ log = logging.getLogger("cm.head")
 RUNNING_HOLD = 0.05  # seconds a RUNNING write may wait to be merged with the job's end
 
 
+class SocketAnswer:
+    """Where the reply to a command-socket request goes (a long poll keeps one of these)."""
+
+    def __init__(self, clients: ClientServer, conn: Connection):
+        self.clients, self.conn = clients, conn
+
+    def alive(self) -> bool:
+        return self.clients.conns.get(self.conn.fd) is self.conn
+
+    def answer(self, reply: Reply) -> None:
+        self.clients.send(self.conn, reply)
+
+
 class HeadServer:
     def __init__(self, settings: Settings):
         self.settings = settings
@@ -66,8 +80,12 @@ class HeadServer:
         self.router: zmq.Socket | None = None
         self.gatekeeper = None  # CurveZMQ key checks, when curve is on
         self.clients: ClientServer | None = None
-        # long polls ("wait"): job id -> [(connection, request, deadline)], answered when the job is final
-        self.waiters: dict[int, list[tuple[Connection, Request, float]]] = {}
+        # long polls ("wait"): job id -> [(caller, where the answer goes, request, deadline)], answered when
+        # the job is final; the answer goes to a command-socket connection or to the HTTP API (cm.api)
+        self.waiters: dict[int, list[tuple[Caller, Any, Request, float]]] = {}
+        self.api = None  # cm.api.server.ApiServer: the HTTP API's thread, which hands requests to this loop
+        self.on_token_revoked = None  # set by the API: forget the tokens it has checked
+        self.moved = {"bytes": 0, "files": 0, "syncs": 0}  # what finished sync jobs moved since the head started
         self.sort_key = lambda name: NodeView(name, "", 0, 0).sort_key
 
     # --- start and loop ------------------------------------------------------
@@ -92,9 +110,17 @@ class HeadServer:
                                     client_timeout=self.settings.client_timeout,
                                     max_per_user=self.settings.max_clients_per_user)
         self._resend_unfinished()
+        from cm.api.server import ApiServer
+
+        self.api = ApiServer(self.settings)
+        self.on_token_revoked = self.api.forget_tokens
+        self.api.start()
         event(log, "head listening", port=self.settings.head_port, socket=str(self.settings.socket_path))
 
     def close(self) -> None:
+        if self.api is not None:
+            self.api.stop()
+            self.api = None
         if self.gatekeeper is not None:
             self.gatekeeper.stop()
             self.gatekeeper = None
@@ -139,11 +165,17 @@ class HeadServer:
         poller.register(self.clients.listener, zmq.POLLIN)
         for conn in self.clients.conns.values():
             poller.register(conn.fd, zmq.POLLIN | (zmq.POLLOUT if conn.outbox else 0))
+        if self.api is not None:
+            poller.register(self.api.wake_fd, zmq.POLLIN)
         ready = dict(poller.poll(int(timeout * 1000)))
         if self.router in ready:
             self.drain_router()
         for key, flags in ready.items():
             if key is self.router:
+                continue
+            if self.api is not None and key == self.api.wake_fd:
+                for caller, request, answer in self.api.take():
+                    self.serve(caller, request, answer)
                 continue
             if key is self.clients.listener or key == self.clients.listener.fileno():
                 self.clients.accept()
@@ -152,34 +184,37 @@ class HeadServer:
                 self.clients.flush(self.clients.conns[key])
             if flags & zmq.POLLIN:
                 for conn, request in self.clients.read(key):
-                    try:
-                        reply = handle(self, conn.caller, request)
-                    except Later as later:
-                        self.waiters.setdefault(later.job_id, []).append((conn, request, later.deadline))
-                        continue
-                    except Exception:  # a bug in one handler must not take the head down
-                        log.exception("request failed")
-                        reply = Reply(ok=False, error="internal error in the head; see its log")
-                    self.clients.send(conn, reply)
+                    self.serve(conn.caller, request, SocketAnswer(self.clients, conn))
+
+    def serve(self, caller: Caller, request: Request, answer) -> None:
+        """Answer one request from the command socket or the HTTP API (``answer``: alive(), answer(reply))."""
+        try:
+            reply = handle(self, caller, request)
+        except Later as later:
+            self.waiters.setdefault(later.job_id, []).append((caller, answer, request, later.deadline))
+            return
+        except Exception:  # a bug in one handler must not take the head down
+            log.exception("request failed")
+            reply = Reply(ok=False, error="internal error in the head; see its log")
+        answer.answer(reply)
 
     def answer_waiters(self, now: float) -> None:
         """Answer the long polls whose job is final now, or whose time is up."""
-        assert self.clients is not None
         for job_id, waiting in list(self.waiters.items()):
             final = job_id not in self.jobs.jobs
             keep = []
-            for conn, request, deadline in waiting:
-                if self.clients.conns.get(conn.fd) is not conn:
+            for caller, answer, request, deadline in waiting:
+                if not answer.alive():
                     continue  # the client went away
                 if not final and now < deadline:
-                    keep.append((conn, request, deadline))
+                    keep.append((caller, answer, request, deadline))
                     continue
                 try:
-                    reply = handle(self, conn.caller, Request(op="info", args={"job_id": job_id}, id=request.id))
+                    reply = handle(self, caller, Request(op="info", args={"job_id": job_id}, id=request.id))
                 except Exception:
                     log.exception("answering a wait failed")
                     reply = Reply(ok=False, error="internal error in the head; see its log")
-                self.clients.send(conn, reply)
+                answer.answer(reply)
             if keep:
                 self.waiters[job_id] = keep
             else:
@@ -410,6 +445,13 @@ class HeadServer:
             if node in self.registry.nodes and not self.registry.nodes[node].drain:
                 self.registry.set_drain(node, True, reason)
                 event(log, "node drained", logging.WARNING, node=node, reason=reason)
+        for job_id in out.finished:
+            job = self.jobs.recent.get(job_id)
+            if job is not None and job["kind"] == "sync":
+                done = job.get("progress") or {}
+                self.moved["bytes"] += done.get("bytes_done", 0)
+                self.moved["files"] += done.get("files_done", 0)
+                self.moved["syncs"] += 1
         if out.finished or out.kill or out.drain:
             self.dirty = True
 

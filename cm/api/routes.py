@@ -1,0 +1,221 @@
+"""What each method and path of the HTTP API does: decode the body into its type, ask the head, map the reply.
+
+Every path here maps onto an operation of the commands (cm.head.requests);
+nothing is decided twice. The head's refusals carry the status to answer
+with (Refused.status): 400 bad input, 403 not yours, 404 no such job,
+409 wrong state (still active, already final).
+"""
+
+from __future__ import annotations
+
+import re
+from typing import TYPE_CHECKING, Any
+
+import msgspec
+
+from cm.api import types
+from cm.api.http import HttpError, HttpRequest, HttpResponse, error_response, json_response
+from cm.head.clients import Caller
+from cm.protocol import Reply
+
+if TYPE_CHECKING:
+    from cm.api.server import ApiServer
+
+METHODS = ("GET", "POST", "DELETE", "HEAD", "PUT", "PATCH", "OPTIONS")
+PUBLIC = {"/healthz", "/readyz", "/openapi.json", "/v1/version"}
+MAX_WAIT = 60.0  # the head's longest long poll (cm.head.requests.MAX_WAIT): a longer wait is cut to it
+JOB = re.compile(r"/v1/jobs/(\d{1,18})")
+CANCEL = re.compile(r"/v1/jobs/(\d{1,18})/cancel")
+ADMIN = re.compile(r"/v1/admin/([a-z]+)")
+_submission = msgspec.json.Decoder(types.JobSubmission)
+_admin = msgspec.json.Decoder(types.AdminRequest)
+
+
+def is_public(path: str) -> bool:
+    return path in PUBLIC
+
+
+def _status_of(reply: Reply) -> int:
+    data = reply.data if isinstance(reply.data, dict) else {}
+    if isinstance(data.get("status"), int):
+        return data["status"]
+    if "database is unreachable" in reply.error:
+        return 503
+    if "internal error" in reply.error:
+        return 500
+    return 400
+
+
+async def _ask(api: "ApiServer", caller: Caller, op: str, args: dict[str, Any]) -> Any:
+    reply = await api.ask(caller, op, args)
+    if not reply.ok:
+        raise HttpError(_status_of(reply), reply.error)
+    return reply.data
+
+
+def _decode(decoder: msgspec.json.Decoder, request: HttpRequest) -> Any:
+    kind = request.headers.get("content-type", "application/json").split(";")[0].strip().lower()
+    if kind not in ("application/json", ""):
+        raise HttpError(415, "send application/json")
+    try:
+        return decoder.decode(request.body or b"{}")
+    except msgspec.ValidationError as exc:
+        raise HttpError(422, f"invalid body: {exc}") from None
+    except msgspec.DecodeError as exc:
+        raise HttpError(400, f"body is not JSON: {exc}") from None
+
+
+def _one(query: dict[str, list[str]], name: str) -> str | None:
+    values = query.get(name)
+    if not values:
+        return None
+    if len(values) > 1:
+        raise HttpError(400, f"give {name} once")
+    return values[0]
+
+
+def _flag(query: dict[str, list[str]], name: str) -> bool:
+    value = _one(query, name)
+    if value is None:
+        return False
+    if value.lower() not in ("", "1", "true", "yes", "0", "false", "no"):
+        raise HttpError(400, f"{name} must be true or false")
+    return value.lower() in ("", "1", "true", "yes")
+
+
+async def submit(api: "ApiServer", caller: Caller, request: HttpRequest) -> HttpResponse:
+    job = _decode(_submission, request)
+    args = job.head_args()
+    key = request.headers.get("idempotency-key")
+    if key is not None:
+        if not 0 < len(key) <= 200:
+            raise HttpError(400, "Idempotency-Key must be 1 to 200 characters")
+        args["idempotency_key"] = key
+    data = await _ask(api, caller, "submit", args)
+    return json_response(200 if data.get("repeated") else 201, {"id": data["job_id"]})
+
+
+async def list_jobs(api: "ApiServer", caller: Caller, request: HttpRequest) -> HttpResponse:
+    q = request.query
+    for label in q.get("label", []):
+        if "=" not in label:
+            raise HttpError(400, f"label filter {label!r} must look like KEY=VALUE")
+    args = {"all": _flag(q, "all"), "state": [s.upper() for s in q.get("state", []) if s] or None,
+            "user": _one(q, "user") or None, "label": q.get("label") or None}
+    data = await _ask(api, caller, "info", args)
+    return json_response(200, {"jobs": data["jobs"]})
+
+
+async def job_status(api: "ApiServer", caller: Caller, request: HttpRequest, job_id: int) -> HttpResponse:
+    text = _one(request.query, "wait")
+    wait = 0.0
+    if text is not None:
+        try:
+            wait = float(text)
+        except ValueError:
+            raise HttpError(400, f"wait must be a number of seconds, not {text[:40]!r}") from None
+        if wait != wait:
+            raise HttpError(400, "wait must be a number of seconds")
+        wait = MAX_WAIT if wait < 0 else min(wait, MAX_WAIT)  # negative: as long as the head allows
+    if wait > 0:
+        data = await _ask(api, caller, "wait", {"job_id": job_id, "timeout": wait})
+    else:
+        data = await _ask(api, caller, "info", {"job_id": job_id})
+    return json_response(200, data["jobs"][0])
+
+
+async def cancel(api: "ApiServer", caller: Caller, request: HttpRequest, job_id: int) -> HttpResponse:
+    data = await _ask(api, caller, "cancel", {"job_ids": [job_id]})
+    result = data[str(job_id)]
+    if not result["ok"]:
+        raise HttpError(result.get("status") or 400, result["error"])
+    return json_response(202, {"state": result["state"]})
+
+
+async def delete(api: "ApiServer", caller: Caller, request: HttpRequest, job_id: int) -> HttpResponse:
+    await _ask(api, caller, "delete", {"job_id": job_id})
+    return HttpResponse(204)
+
+
+async def nodes(api: "ApiServer", caller: Caller, request: HttpRequest) -> HttpResponse:
+    data = await _ask(api, caller, "info", {"nodes_only": True})
+    return json_response(200, {"nodes": data["nodes"]})
+
+
+async def admin(api: "ApiServer", caller: Caller, request: HttpRequest, action: str) -> HttpResponse:
+    if action not in types.ADMIN_ACTIONS:
+        raise HttpError(404, f"no admin operation {action!r}: use one of {', '.join(types.ADMIN_ACTIONS)}")
+    body = _decode(_admin, request)
+    args: dict[str, Any] = {"action": action}
+    need = {"hold": "job_id", "release": "job_id", "priority": "job_id", "drain": "node", "resume": "node"}
+    if action in need and getattr(body, need[action]) is None:
+        raise HttpError(422, f"{action} needs {need[action]}")
+    if action == "priority" and body.value is None:
+        raise HttpError(422, "priority needs value: high, normal, low or an integer")
+    for name in ("job_id", "value", "node", "reason", "user"):
+        value = getattr(body, name)
+        if value is not None:
+            args[name] = value
+    if action in ("block", "unblock"):
+        args["user"] = body.user or "ALL"
+    return json_response(200, await _ask(api, caller, "control", args))
+
+
+async def metrics(api: "ApiServer", caller: Caller, request: HttpRequest) -> HttpResponse:
+    from cm.api.metrics import render
+
+    data = await _ask(api, caller, "metrics", {})
+    return HttpResponse(200, render(data, api.requests).encode(), "text/plain; version=0.0.4; charset=utf-8")
+
+
+async def readyz(api: "ApiServer") -> HttpResponse:
+    from cm import store
+
+    assert api.loop is not None
+    if await api.loop.run_in_executor(None, store.ping, 1.0):
+        return json_response(200, {"ready": True})
+    return error_response(503, "the database is unreachable")
+
+
+async def dispatch(api: "ApiServer", caller: Caller | None, request: HttpRequest) -> HttpResponse:
+    method, path = request.method, request.path.rstrip("/") or "/"
+    if method == "GET":
+        if path == "/healthz":
+            return json_response(200, {"alive": True})
+        if path == "/readyz":
+            return await readyz(api)
+        if path == "/v1/version":
+            from cm import __version__
+
+            return json_response(200, {"version": __version__, "api_versions": ["v1"]})
+        if path == "/openapi.json":
+            from cm.api.openapi import document
+
+            return HttpResponse(200, document())
+    assert caller is not None  # every other path needs one (ApiServer checks before dispatch)
+    route = _route(method, path)
+    if route is None:
+        raise HttpError(404 if not _known(path) else 405, f"no {method} {path[:200]}")
+    handler, params = route
+    return await handler(api, caller, request, *params)
+
+
+def _route(method: str, path: str):
+    if path == "/v1/jobs":
+        return {"GET": (list_jobs, ()), "POST": (submit, ())}.get(method)
+    if path == "/v1/nodes" and method == "GET":
+        return nodes, ()
+    if path == "/metrics" and method == "GET":
+        return metrics, ()
+    if (m := JOB.fullmatch(path)):
+        return {"GET": (job_status, (int(m[1]),)), "DELETE": (delete, (int(m[1]),))}.get(method)
+    if (m := CANCEL.fullmatch(path)) and method == "POST":
+        return cancel, (int(m[1]),)
+    if (m := ADMIN.fullmatch(path)) and method == "POST":
+        return admin, (m[1],)
+    return None
+
+
+def _known(path: str) -> bool:
+    return path in ("/v1/jobs", "/v1/nodes", "/metrics", *PUBLIC) or any(
+        r.fullmatch(path) for r in (JOB, CANCEL, ADMIN))
