@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import socket
 import threading
@@ -11,8 +10,10 @@ import time
 import pytest
 
 from cm import ApiError, Client
-from conftest import run_as
-from test_multiuser import in_child_as, users  # noqa: F401  (a fixture: two real users and an operator)
+import test_multiuser
+from test_multiuser import in_child_as
+
+users = test_multiuser.users  # the fixture: real users alice and bob (and an operator), made with useradd
 
 
 def free_port() -> int:
@@ -79,3 +80,200 @@ def test_jobs_live_their_whole_life_over_the_unix_socket(cluster):
     assert gone.value.status == 404
     assert job_id not in {j["id"] for j in api.jobs(all=True)}
     assert {n["name"] for n in api.nodes()} == set(cluster.node_states())
+
+
+def test_over_tcp_only_a_valid_token_gets_in_and_a_revoked_one_is_refused(make_cluster):
+    port = free_port()
+    cluster = make_cluster(api_port=port)
+    url = f"http://127.0.0.1:{port}"
+    for token in (None, "", "cm1_wrong", "x" * 5000):
+        with pytest.raises(ApiError) as refused:
+            Client(url, token=token).jobs()
+        assert refused.value.status in (401, 431), token
+    assert Client(url).version()["api_versions"] == ["v1"]  # public paths need no token
+    token = cluster.cli("cmtoken").stdout.strip()
+    assert cluster.cli("cmtoken").stdout.strip() == token  # asked twice: the same working token
+    api = Client(url, token=token)
+    tree(cluster.data_dir / "gpu" / "proj")
+    job_id = api.submit_sync("gpu:/proj", "cpu:/copy", checksum=True)
+    assert api.wait(job_id, timeout=60)["state"] == "COMPLETED"
+    api.delete(job_id)
+    command = api.submit_command(["sleep", "30"])
+    assert api.cancel(command) in ("cancelled", "cancelling")
+    assert api.wait(command, timeout=30)["state"] == "CANCELLED"
+    assert api.status(command)["user"] == "root"
+    cluster.cli("cmtoken", "--revoke", "root")
+    with pytest.raises(ApiError) as revoked:
+        api.jobs()
+    assert revoked.value.status == 401
+    fresh = cluster.cli("cmtoken").stdout.strip()
+    assert fresh != token and Client(url, token=fresh).status(command)["state"] == "CANCELLED"
+
+
+def test_another_users_job_is_403_to_cancel_and_delete(cluster, users):
+    sock = str(cluster.run_dir / "api.sock")
+    alice, bob = users["alice"], users["bob"]
+
+    def submit():
+        return Client(sock).submit_command(["sleep", "30"], cwd="/tmp")
+
+    def try_to(action, job_id):
+        def act():
+            try:
+                getattr(Client(sock), action)(job_id)
+                return 0
+            except ApiError as exc:
+                return exc.status
+        return act
+
+    job_id = in_child_as(alice, submit)
+    assert Client(sock).status(job_id)["user"] == alice.pw_name  # the kernel's word, not the body's
+    assert in_child_as(bob, try_to("cancel", job_id)) == 403
+    assert in_child_as(bob, try_to("delete", job_id)) == 403
+    assert in_child_as(alice, try_to("cancel", job_id)) == 0
+    Client(sock).wait(job_id, timeout=30)
+    assert in_child_as(bob, try_to("delete", job_id)) == 403
+    assert in_child_as(alice, try_to("delete", job_id)) == 0
+    assert in_child_as(bob, try_to("status", job_id)) == 404
+
+
+def test_a_long_poll_returns_when_the_job_ends_and_on_time_when_it_does_not(cluster):
+    api = local(cluster)
+    short = api.submit_command(["sleep", "1"])
+    view = api.status(short, wait=30)
+    returned = time.time()
+    assert view["state"] == "COMPLETED" and returned - view["times"]["ended"] < 0.3
+    long = api.submit_command(["sleep", "30"])
+    for wait, low, high in ((0.7, 0.65, 1.5), (0, 0, 0.3)):
+        started = time.monotonic()
+        assert api.status(long, wait=wait)["state"] in ("PENDING", "DISPATCHING", "RUNNING")
+        assert low <= time.monotonic() - started < high, wait
+    api.cancel(long)
+    assert api.status(long, wait=-1)["state"] == "CANCELLED"  # negative: as long as allowed, ends early
+
+
+def test_a_repeated_idempotency_key_returns_the_first_job(cluster):
+    api = local(cluster)
+    first = api.submit_command(["true"], idempotency_key="run-42")
+    assert api.submit_command(["true"], idempotency_key="run-42") == first
+    api.wait(first, timeout=30)
+    assert api.submit_command(["sleep", "5"], idempotency_key="run-42") == first  # finished: still the same job
+    assert api.submit_command(["true"], idempotency_key="run-43") != first
+    assert len([j for j in api.jobs(all=True) if j["id"] == first]) == 1
+
+
+def test_garbage_and_oversized_requests_get_4xx_and_the_head_keeps_running(make_cluster):
+    cluster = make_cluster(api_timeout=1)
+    path = cluster.run_dir / "api.sock"
+    cases = {
+        b"GARBAGE\r\n\r\n": b"400",
+        b"\x00\xff\x10junk\r\n\r\n": b"400",
+        b"GET / HTTP/9.9\r\n\r\n": b"505",
+        b"GET /v1/jobs HTTP/1.1\r\nX: " + b"a" * 20000 + b"\r\n\r\n": b"431",
+        b"POST /v1/jobs HTTP/1.1\r\nContent-Length: 99999999\r\n\r\n": b"413",
+        b"POST /v1/jobs HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n": b"411",
+        b"POST /v1/jobs HTTP/1.1\r\nContent-Length: 5\r\n\r\n{nope": b"400",
+        b"POST /v1/jobs HTTP/1.1\r\nContent-Length: 2\r\n\r\n[]": b"422",
+        b'POST /v1/jobs HTTP/1.1\r\nContent-Length: 35\r\n\r\n{"type":"command","argv":["x"],"a":1}'[:-2] + b"}": b"422",
+        b"GET /v1/jobs/99999999 HTTP/1.1\r\n\r\n": b"404",
+        b"GET /v1/jobs/abc HTTP/1.1\r\n\r\n": b"404",
+        b"GET /v1/jobs/1?wait=nan HTTP/1.1\r\n\r\n": b"400",
+        b"PUT /v1/jobs HTTP/1.1\r\n\r\n": b"405",
+        b"POST /v1/admin/explode HTTP/1.1\r\nContent-Length: 2\r\n\r\n{}": b"404",
+        b"POST /v1/admin/drain HTTP/1.1\r\nContent-Length: 15\r\n\r\n{\"node\": \"nix\"}": b"404",
+        b"GET /v1/jobs HTTP/1.1\r\nHost: x": b"408",  # slow loris: the rest never comes
+    }
+    for request, status in cases.items():
+        answer = raw(path, request)
+        assert answer.startswith(b"HTTP/1.1 " + status), (request[:60], answer[:200])
+        if status != b"404" or b"admin" not in request:
+            assert b'"error"' in answer
+    for _ in range(50):  # connections opened and dropped at once
+        with socket.socket(socket.AF_UNIX) as s:
+            s.connect(str(path))
+    api = local(cluster)
+    assert api._call("GET", "/healthz") == {"alive": True}
+    assert api.wait(api.submit_command(["true"]), timeout=30)["state"] == "COMPLETED"
+
+
+def test_health_readiness_version_metrics_and_openapi(cluster):
+    api = local(cluster)
+    assert api._call("GET", "/healthz") == {"alive": True}
+    assert api._call("GET", "/readyz") == {"ready": True}
+    doc = api._call("GET", "/openapi.json")
+    assert doc["openapi"].startswith("3.") and "/v1/jobs/{id}" in doc["paths"]
+    assert doc["components"]["schemas"]["SyncJob"]["properties"]["checksum"]["type"] == "boolean"
+    api.wait(api.submit_command(["true"]), timeout=30)
+    tree(cluster.data_dir / "gpu" / "m")
+    api.wait(api.submit_sync("gpu:/m", "cpu:/m"), timeout=60)
+    text = api._call("GET", "/metrics")
+    lines = dict(line.rsplit(" ", 1) for line in text.splitlines() if not line.startswith("#"))
+    assert lines['cm_jobs{state="COMPLETED"}'] == "2"
+    assert lines['cm_nodes{state="IDLE"}'] == "4"
+    assert lines["cm_sync_bytes_moved_total"] == str(85000) and lines["cm_sync_files_moved_total"] == "6"
+    assert float(lines["cm_scheduler_pass_seconds"]) > 0
+    assert int(lines['cm_api_requests_total{method="POST",code="201"}']) == 2
+
+
+def test_readiness_says_503_when_the_database_is_away(make_cluster, database_uri):
+    from cm.cluster.db import DatabaseServer
+
+    own = DatabaseServer()
+    import tempfile
+    from pathlib import Path
+
+    root = Path(tempfile.mkdtemp(prefix="cmdb"))
+    uri = own.start(root / "db", log_path=root / "db.log")
+    try:
+        cluster = make_cluster(mongodb_uri=uri)
+        api = local(cluster)
+        assert api._call("GET", "/readyz") == {"ready": True}
+        own.stop()
+        with pytest.raises(ApiError) as away:
+            api._call("GET", "/readyz")
+        assert away.value.status == 503
+        assert api._call("GET", "/healthz") == {"alive": True}
+    finally:
+        own.stop()
+
+
+def test_a_thousand_idle_long_polls_are_held_and_all_answered(cluster):
+    job_id = local(cluster).submit_command(["sleep", "3"])
+    results = []
+
+    def poll():
+        try:
+            results.append(Client(str(cluster.run_dir / "api.sock"), timeout=60).status(job_id, wait=30)["state"])
+        except ApiError as exc:
+            results.append(str(exc))
+
+    threads = [threading.Thread(target=poll) for _ in range(300)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert results == ["COMPLETED"] * 300, {r for r in results}
+
+
+def test_schemathesis_finds_no_server_error_against_the_openapi_document(make_cluster, users):
+    """Property-based requests from /openapi.json (as an ordinary user, so generated jobs run as her), ~60 s."""
+    import shutil
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    st = Path(sys.executable).parent / "st"
+    if not st.exists() and shutil.which("st") is None:
+        pytest.skip("schemathesis is not installed (pip install -e '.[test]')")
+    port = free_port()
+    cluster = make_cluster(api_port=port)
+    ok, data = test_multiuser.ask(cluster, users["alice"], "token")
+    assert ok, data
+    proc = subprocess.run(
+        [str(st), "run", f"http://127.0.0.1:{port}/openapi.json", "--checks", "not_a_server_error",
+         "-H", f"Authorization: Bearer {data['token']}", "--max-time", "50", "--max-examples", "40",
+         "--workers", "1", "--generation-database", "none", "--no-color",
+         "--request-timeout", "65"],  # a long poll on a held job lasts the longest wait allowed, 60 s
+        capture_output=True, text=True, timeout=400, cwd=str(cluster.home))
+    assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-2000:]
+    assert local(cluster)._call("GET", "/healthz") == {"alive": True}

@@ -192,7 +192,8 @@ async def dispatch(api: "ApiServer", caller: Caller | None, request: HttpRequest
             from cm.api.openapi import document
 
             return HttpResponse(200, document())
-    assert caller is not None  # every other path needs one (ApiServer checks before dispatch)
+    if caller is None:  # a public path with another method (ApiServer asks for a token everywhere else)
+        raise HttpError(405, f"no {method[:20]} {path[:200]}")
     route = _route(method, path)
     if route is None:
         raise HttpError(404 if not _known(path) else 405, f"no {method} {path[:200]}")
