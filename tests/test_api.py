@@ -277,3 +277,37 @@ def test_schemathesis_finds_no_server_error_against_the_openapi_document(make_cl
         capture_output=True, text=True, timeout=400, cwd=str(cluster.home))
     assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-2000:]
     assert local(cluster)._call("GET", "/healthz") == {"alive": True}
+
+
+def doc_blocks(kind: str) -> list[str]:
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[1] / "docs" / "API.md").read_text()
+    return [block.split("\n", 1)[1] for block in text.split("```")[1::2] if block.startswith(kind + "\n")]
+
+
+def test_the_examples_in_docs_api_md_run(make_cluster):
+    import subprocess
+    import sys
+
+    port = free_port()
+    cluster = make_cluster(api_port=port)
+    tree(cluster.data_dir / "gpu" / "proj")
+    env = {**os.environ, "CM_RUN_DIR": str(cluster.run_dir), "CM_API_PORT": str(port),
+           "PATH": f"{os.path.dirname(sys.executable)}:{os.environ['PATH']}"}
+    env.pop("CM_CONFIG", None)
+    shells, pythons = doc_blocks("sh"), doc_blocks("python")
+    assert len(shells) == 2 and len(pythons) == 1
+    outputs = []
+    for block in shells:
+        proc = subprocess.run(["bash", "-euo", "pipefail", "-c", block], capture_output=True, text=True, env=env,
+                              timeout=120, cwd=str(cluster.home))
+        assert proc.returncode == 0, block + proc.stdout + proc.stderr
+        outputs.append(proc.stdout)
+    assert '"state":"COMPLETED"' in outputs[0] and outputs[0].rstrip().endswith("204")
+    assert outputs[1].startswith("401\n") and 'cm_jobs{state="CANCELLED"} 1' in outputs[1]
+    for block in pythons:
+        proc = subprocess.run([sys.executable, "-c", block], capture_output=True, text=True, env=env, timeout=120,
+                              cwd=str(cluster.home))
+        assert proc.returncode == 0, block + proc.stdout + proc.stderr
+        assert proc.stdout.startswith("COMPLETED ")

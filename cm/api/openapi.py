@@ -24,7 +24,7 @@ def _json(schema: dict, description: str = "") -> dict:
 ERRORS = {code: _json(_ref("ErrorBody"), text) for code, text in (
     ("400", "bad input"), ("401", "no valid bearer token (TCP)"), ("403", "not yours, or not an administrator"),
     ("404", "no such job or node"), ("409", "the job is in the wrong state for this"),
-    ("413", "body too large"), ("415", "not JSON"), ("422", "the body does not fit its schema"),
+    ("413", "body too large"), ("422", "the body does not fit its schema"),
     ("503", "the database is unreachable"))}
 
 
