@@ -24,13 +24,7 @@ from cm.api.client import Client as ApiClient  # noqa: E402
 from cm.cli.client import Client  # noqa: E402
 from cm.cluster.local import LocalCluster, parse_partitions  # noqa: E402
 from cm.config import load  # noqa: E402
-
-
-def percentile(values: list[float], p: float) -> float:
-    values = sorted(values)
-    k = (len(values) - 1) * p / 100
-    lo, hi = int(k), min(int(k) + 1, len(values) - 1)
-    return values[lo] + (values[hi] - values[lo]) * (k - lo)
+from bench_sched import percentile  # noqa: E402  (this directory is on sys.path when run as a script)
 
 
 def free_port() -> int:
