@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import threading
@@ -311,3 +312,61 @@ def test_the_examples_in_docs_api_md_run(make_cluster):
                               cwd=str(cluster.home))
         assert proc.returncode == 0, block + proc.stdout + proc.stderr
         assert proc.stdout.startswith("COMPLETED ")
+
+
+def test_labels_from_the_commands_are_stored_shown_and_filter_cminfo(cluster):
+    tagged = cluster.submit("cmrun", "--label", "workflow=w7", "--label", "namespace=climate", "true")
+    plain = cluster.submit("cmrun", "true")
+    tree(cluster.data_dir / "gpu" / "p")
+    synced = cluster.submit("cmsync", "--label", "workflow=w7", "gpu:/p", "cpu:/p")
+    for job_id in (tagged, plain, synced):
+        cluster.wait_state(job_id, "COMPLETED", timeout=60)
+    listed = json.loads(cluster.cli("cminfo", "--json", "--label", "workflow=w7").stdout)["jobs"]
+    assert sorted(j["id"] for j in listed) == [tagged, synced]
+    both = json.loads(cluster.cli("cminfo", "--json", "--label", "workflow=w7", "--label", "namespace=climate").stdout)
+    assert [j["id"] for j in both["jobs"]] == [tagged]
+    assert cluster.job(tagged)["labels"] == {"workflow": "w7", "namespace": "climate"}
+    detail = cluster.cli("cminfo", str(tagged)).stdout
+    assert "LABELS: namespace=climate" in detail and "workflow=w7" in detail
+    assert "files" in cluster.cli("cminfo", str(synced)).stdout  # TRANSFER line with skipped and retries
+    for bad in (["cmrun", "--label", "novalue", "true"], ["cmrun", "--label", "bad.key=x", "true"],
+                ["cminfo", "--label", "novalue"]):
+        proc = cluster.cli(*bad, check=False)
+        assert proc.returncode != 0 and "Traceback" not in proc.stderr and "label" in proc.stderr, bad
+
+
+def test_admin_operations_follow_cmcontrols_rules(cluster, users):
+    sock = str(cluster.run_dir / "api.sock")
+    root = Client(sock)
+    job_id = root.submit_command(["sleep", "30"], hold=True)
+    assert root.admin("release", job_id=job_id)["state"] == "PENDING"
+    assert root.admin("priority", job_id=job_id, value="high")["priority"] == 100
+    node = root.nodes()[0]["name"]
+    assert root.admin("drain", node=node, reason="disk")["drain"] is True
+    assert next(n for n in root.nodes() if n["name"] == node)["state"] == "DRAIN"
+    root.admin("resume", node=node)
+    root.admin("block", user=users["alice"].pw_name)
+
+    def alice_tries():
+        api, out = Client(sock), {}
+        for name, call in (("submit", lambda: api.submit_command(["true"], cwd="/tmp")),
+                           ("drain", lambda: api.admin("drain", node=node)),
+                           ("unblock", lambda: api.admin("unblock", user="cmt_alice")),
+                           ("priority", lambda: api.admin("priority", job_id=job_id, value=5)),
+                           ("hold", lambda: api.admin("hold", job_id=job_id))):
+            try:
+                call()
+                out[name] = 0
+            except ApiError as exc:
+                out[name] = exc.status
+        return out
+
+    assert in_child_as(users["alice"], alice_tries) == {"submit": 403, "drain": 403, "unblock": 403,
+                                                        "priority": 403, "hold": 403}
+    root.admin("unblock", user=users["alice"].pw_name)
+    with pytest.raises(ApiError) as missing:
+        root.admin("priority", job_id=job_id)
+    assert missing.value.status == 422
+    ok, error = test_multiuser.ask(cluster, users["alice"], "token", revoke="root")
+    assert not ok and "administrator" in error  # revoking someone else's token is for admins
+    root.cancel(job_id)

@@ -133,7 +133,7 @@ def submit(head: "HeadServer", caller: Caller, args: dict) -> dict:
     labels = _labels(args.get("labels"))
     policy = head.admin_policy
     if not caller.operator and (policy.get("block_all") or caller.user in policy.get("blocked_users", [])):
-        raise Refused(f"submissions from {caller.user} are blocked by an administrator")
+        raise Refused(f"submissions from {caller.user} are blocked by an administrator", 403)
     limit = head.settings.max_pending_per_user
     if not caller.operator and _waiting(head, caller.uid) >= limit:
         raise Refused(f"{caller.user} already has {limit} jobs waiting (CM_MAX_PENDING_PER_USER); "
