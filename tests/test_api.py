@@ -256,6 +256,33 @@ def test_a_thousand_idle_long_polls_are_held_and_all_answered(cluster):
     assert results == ["COMPLETED"] * 300, {r for r in results}
 
 
+def test_a_client_that_leaves_a_long_poll_is_forgotten_by_the_head(cluster):
+    api = local(cluster)
+    held = api.submit_command(["true"], hold=True)
+
+    def polls() -> int:
+        text = api._call("GET", "/metrics")
+        return int(next(line for line in text.splitlines() if line.startswith("cm_api_long_polls ")).split()[1])
+
+    socks = []
+    for _ in range(20):
+        s = socket.socket(socket.AF_UNIX)
+        s.connect(str(cluster.run_dir / "api.sock"))
+        s.sendall(f"GET /v1/jobs/{held}?wait=60 HTTP/1.1\r\n\r\n".encode())
+        socks.append(s)
+    deadline = time.monotonic() + 5
+    while polls() < 20 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert polls() == 20
+    for s in socks:
+        s.close()
+    deadline = time.monotonic() + 5
+    while polls() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert polls() == 0
+    assert api.status(held)["state"] == "HELD"
+
+
 def test_schemathesis_finds_no_server_error_against_the_openapi_document(make_cluster, users):
     """Property-based requests from /openapi.json (as an ordinary user, so generated jobs run as her), ~60 s."""
     import shutil

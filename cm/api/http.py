@@ -41,6 +41,7 @@ class HttpRequest:
     headers: dict[str, str]  # lower-case names
     body: bytes = b""
     keep_alive: bool = True
+    reader: asyncio.StreamReader | None = None  # to notice a long-polling client leave
 
 
 @dataclass
@@ -120,7 +121,7 @@ async def read_request(reader: asyncio.StreamReader, timeout: float, max_body: i
         raise HttpError(400, f"bad request target: {exc}", close=True) from None
     connection = headers.get("connection", "").lower()
     keep_alive = connection != "close" and (version == "HTTP/1.1" or connection == "keep-alive")
-    return HttpRequest(method, path, query, headers, body, keep_alive)
+    return HttpRequest(method, path, query, headers, body, keep_alive, reader)
 
 
 def encode_response(response: HttpResponse, keep_alive: bool) -> bytes:

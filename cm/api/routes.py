@@ -46,8 +46,9 @@ def _status_of(reply: Reply) -> int:
     return 400
 
 
-async def _ask(api: "ApiServer", caller: Caller, op: str, args: dict[str, Any]) -> Any:
-    reply = await api.ask(caller, op, args)
+async def _ask(api: "ApiServer", caller: Caller, op: str, args: dict[str, Any],
+               watch: HttpRequest | None = None) -> Any:
+    reply = await api.ask(caller, op, args, watch)
     if not reply.ok:
         raise HttpError(_status_of(reply), reply.error)
     return reply.data
@@ -115,7 +116,7 @@ async def job_status(api: "ApiServer", caller: Caller, request: HttpRequest, job
             raise HttpError(400, "wait must be a number of seconds")
         wait = MAX_WAIT if wait < 0 else min(wait, MAX_WAIT)  # negative: as long as the head allows
     if wait > 0:
-        data = await _ask(api, caller, "wait", {"job_id": job_id, "timeout": wait})
+        data = await _ask(api, caller, "wait", {"job_id": job_id, "timeout": wait}, watch=request)
     else:
         data = await _ask(api, caller, "info", {"job_id": job_id})
     return json_response(200, data["jobs"][0])

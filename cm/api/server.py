@@ -149,8 +149,9 @@ class ApiServer:
                 self.tcp_address = tcp.sockets[0].getsockname()[:2]
         event(log, "HTTP API listening", socket=str(path), tcp=self.tcp_address and list(self.tcp_address))
 
-    async def ask(self, caller: Caller, op: str, args: dict[str, Any]) -> Reply:
-        """Hand one request to the head's loop and wait for its reply."""
+    async def ask(self, caller: Caller, op: str, args: dict[str, Any], watch: HttpRequest | None = None) -> Reply:
+        """Hand one request to the head's loop and wait for its reply. With ``watch`` (a long poll), a
+        client that goes away meanwhile is noticed: its wait is dropped and its connection closed."""
         assert self.loop is not None
         future = self.loop.create_future()
         self.inbox.put((caller, Request(op=op, args=args), ApiAnswer(self.loop, future)))
@@ -159,7 +160,22 @@ class ApiServer:
         except BlockingIOError:
             pass  # the pipe is full: the head is woken already
         try:
-            return await future
+            if watch is None or watch.reader is None:
+                return await future
+            eof = asyncio.ensure_future(watch.reader.read(1))
+            try:
+                await asyncio.wait((future, eof), return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                if not eof.done():
+                    eof.cancel()
+            if not future.done():
+                if not eof.cancelled() and eof.exception() is None and eof.result():
+                    watch.keep_alive = False  # a pipelined request began: answer this one, then close
+                    return await future
+                raise ConnectionResetError("the client left during a long poll")
+            if eof.done() and not eof.cancelled() and eof.exception() is None and eof.result():
+                watch.keep_alive = False
+            return future.result()
         finally:
             if not future.done():
                 future.cancel()  # the long poll's waiter sees it is no longer alive
@@ -243,7 +259,7 @@ class ApiServer:
                 if caller is None and not routes.is_public(request.path):
                     caller = await self.caller_for(request)
                 response = await routes.dispatch(self, caller, request)
-                keep = request.keep_alive
+                keep = request.keep_alive  # after dispatch: a long poll may have turned it off
             except HttpError as exc:
                 response, keep = error_response(exc.status, exc.message), not exc.close
                 if exc.status == 401:
