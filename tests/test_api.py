@@ -216,15 +216,11 @@ def test_health_readiness_version_metrics_and_openapi(cluster):
     assert int(lines['cm_api_requests_total{method="POST",code="201"}']) == 2
 
 
-def test_readiness_says_503_when_the_database_is_away(make_cluster, database_uri):
+def test_readiness_says_503_when_the_database_is_away(make_cluster, tmp_path):
     from cm.cluster.db import DatabaseServer
 
     own = DatabaseServer()
-    import tempfile
-    from pathlib import Path
-
-    root = Path(tempfile.mkdtemp(prefix="cmdb"))
-    uri = own.start(root / "db", log_path=root / "db.log")
+    uri = own.start(tmp_path / "db", log_path=tmp_path / "db.log")
     try:
         cluster = make_cluster(mongodb_uri=uri)
         api = local(cluster)
