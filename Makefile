@@ -81,6 +81,7 @@ bench: setup
 	$(PY) bench/bench_sync.py
 	$(PY) bench/bench_datapath.py
 	$(PY) bench/bench_scale.py
+	$(PY) bench/bench_api.py
 
 clean: local-down
 	rm -rf .build $(VENV) drive/run

@@ -75,6 +75,18 @@ class MemoryStore:
         doc = self.docs.get(job_id)
         return copy.deepcopy(doc) if doc is not None else None
 
+    def job_by_key(self, uid: int, key: str) -> dict[str, Any] | None:
+        doc = next((d for d in self.docs.values() if d["uid"] == uid and d.get("idempotency_key") == key), None)
+        return copy.deepcopy(doc) if doc is not None else None
+
+    def delete_job(self, job_id: int) -> bool:
+        doc = self.docs.get(job_id)
+        if doc is None or doc["state"] not in {s.value for s in FINAL_STATES}:
+            return False
+        del self.docs[job_id]
+        self.writes.append(("delete", job_id, {}))
+        return True
+
     def active_jobs(self) -> list[dict[str, Any]]:
         final = {s.value for s in FINAL_STATES}
         return [copy.deepcopy(d) for d in self.docs.values() if d["state"] not in final]
