@@ -6,12 +6,13 @@ import logging
 import time
 
 import pytest
-from conftest import command_fields, sync_fields
 
 from cm.head.outcome import Outcome
 from cm.protocol import CommandShare, SyncDestination, SyncSource
 from cm.states import JobState
 from cm.transfer.exitcodes import TRANSIENT
+
+from .memory_store import command_fields, sync_fields
 
 ADDRS = {"n1": "h1:7001", "n2": "h2:7002", "n3": "h3:7003", "n4": "h4:7004"}
 
