@@ -45,7 +45,7 @@ STATUS: dict[ErrorCode, int] = {
 def status_of(code: ErrorCode | str | None) -> int:
     """The HTTP status that answers a refusal with this code."""
     try:
-        return STATUS[ErrorCode(code)]
+        return STATUS.get(ErrorCode(code), 500)
     except ValueError:
         return 500  # the head gave no code: a bug
 
