@@ -63,6 +63,11 @@ class Settings:
     max_request_kb: int = _setting(1024, "largest request a client may send to the head, in KiB")
     client_timeout: float = _setting(10.0, "seconds a client may take to send a whole request before it is cut off")
     max_clients_per_user: int = _setting(64, "connections one user may hold open to the head at once")
+    # HTTP API (always on RUN_DIR/api.sock; on TCP only when a port is given)
+    api_port: int = _setting(0, "TCP port of the HTTP API (0: only the Unix socket RUN_DIR/api.sock)")
+    api_host: str = _setting("127.0.0.1", "address the HTTP API's TCP port binds to")
+    api_max_body_kb: int = _setting(1024, "largest HTTP request body the API accepts, in KiB")
+    api_timeout: float = _setting(10.0, "seconds an HTTP client may take to send a whole request")
     # mover
     transfer_host: str = _setting("", "address other nodes reach this node's mover on (default: node name)")
     transfer_port: int = _setting(7818, "TCP port of this node's mover (0: pick a free one)")
@@ -81,6 +86,10 @@ class Settings:
     @property
     def socket_path(self) -> Path:
         return Path(self.socket) if self.socket else Path(self.run_dir) / "head.sock"
+
+    @property
+    def api_socket_path(self) -> Path:
+        return Path(self.run_dir) / "api.sock"
 
     @property
     def name(self) -> str:

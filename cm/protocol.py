@@ -16,9 +16,10 @@ The payloads are typed too:
 - ``Request.args`` is a map on the wire; ``request_args(op, args)`` turns it
   into the typed arguments of that op (``ARGS``): ``SubmitCommand`` or
   ``SubmitSync`` (one submit op, told apart by ``kind``), ``Cancel``,
-  ``Info``, ``Wait``, ``Control``, ``Ping``, ``Stats``. These are public
-  types with documented fields and limits (``msgspec.Meta``): an HTTP API can
-  publish them with ``msgspec.json.schema``.
+  ``Info``, ``Wait``, ``Control``, ``Delete``, ``Token``, ``Metrics``,
+  ``Ping``, ``Stats``. These are public types with documented fields and
+  limits (``msgspec.Meta``): the HTTP API (cm.api.types) derives its bodies
+  from them and publishes them with ``msgspec.json.schema``.
 - ``Error.code`` and ``Reply.code`` are an ``ErrorCode``: programs act on the
   code, never on the message text.
 - The intercom's ``Intercom*`` messages carry what a job's processes ask of
@@ -33,6 +34,8 @@ from typing import Annotated, Any, ClassVar, Literal, Union
 
 import msgspec
 from msgspec import Meta, Struct, field
+
+from cm.states import JobState
 
 VERSION = 2  # 2: msgspec Structs, typed job specs, progress counters, request arguments, error codes
 MAX_MESSAGE = 16 * 1024 * 1024
@@ -55,6 +58,7 @@ class ErrorCode(enum.StrEnum):
     REFUSED = "refused"  # understood, and not allowed or not possible
     NOT_FOUND = "not_found"  # no such job or node
     FORBIDDEN = "forbidden"  # someone else's job, or an administrator's operation
+    CONFLICT = "conflict"  # the job is in the wrong state for this (still active, already final)
     DB_UNAVAILABLE = "db_unavailable"  # the head waits for its database: try again shortly
     INTERNAL = "internal"  # a bug in the head; see its log
     # the intercom's (cm.intercom turns each into an exception a job's process can catch)
@@ -431,6 +435,15 @@ TYPES: dict[str, type[Message]] = {
 Text = Annotated[str, Meta(max_length=4096, pattern="^[^\x00]*$")]
 Name = Annotated[str, Meta(max_length=200, pattern="^[^\x00]*$")]
 TimeText = Annotated[str, Meta(max_length=64, description="a Slurm time: MM, MM:SS, HH:MM:SS, D-HH[:MM[:SS]]")]
+UserName = Annotated[str, Meta(min_length=1, max_length=64, pattern="^[^\x00]*$")]
+# labels are stored as document keys: no '.' or '$' in a key
+LabelKey = Annotated[str, Meta(pattern="^[A-Za-z0-9][A-Za-z0-9_/-]{0,62}$",
+                               description="letters, digits, '_', '-' or '/', at most 63")]
+Labels = Annotated[dict[LabelKey, Annotated[str, Meta(max_length=256, pattern="^[^\x00]*$")]],
+                   Meta(max_length=32, description="e.g. a workflow's name and namespace")]
+LabelFilter = Annotated[str, Meta(max_length=320, pattern="^[^=]+=", description="KEY=VALUE")]
+IdempotencyKey = Annotated[str, Meta(min_length=1, max_length=200,
+                                     description="a repeated key from the same user gets the first job")]
 
 
 class Submit(Struct, frozen=True, tag_field="kind"):
@@ -443,6 +456,8 @@ class Submit(Struct, frozen=True, tag_field="kind"):
     requeue: bool = False  # requeue on a node failure instead of ending NODE_FAIL (command jobs)
     hold: bool = False  # submit HELD; cmcontrol release lets it run
     priority: Annotated[int, Meta(ge=-1000, le=1000, description="operators only; ignored for others")] | None = None
+    labels: Labels = {}
+    idempotency_key: IdempotencyKey | None = None
 
 
 class SubmitCommand(Submit, kw_only=True, tag="command"):
@@ -485,6 +500,11 @@ class Cancel(Struct, frozen=True):
 class Info(Struct, frozen=True):
     job_id: JobId | None = None  # one job, in detail
     all: bool = False  # finished jobs too, not only recent ones
+    nodes_only: bool = False  # only the nodes
+    # filters of a listing: any of these states, this user, every one of these labels
+    state: Annotated[list[JobState], Meta(max_length=16)] = []
+    user: UserName | None = None
+    label: Annotated[list[LabelFilter], Meta(max_length=32)] = []
 
 
 MAX_WAIT = 60.0  # seconds one long poll may last; clients ask again
@@ -500,11 +520,28 @@ class Control(Struct, frozen=True):
 
     action: Literal["hold", "release", "priority", "drain", "resume", "block", "unblock"]
     job_id: JobId | None = None
-    value: Literal["high", "normal", "low"] | int | None = None  # priority
+    value: Literal["high", "normal", "low"] | Annotated[int, Meta(ge=-1000, le=1000)] | None = None  # priority
     node: Name = ""
     reason: Text = ""
     user: Name = ""  # "" or ALL: everyone
     token: Text = ""  # the operator token, for those who are not operators
+
+
+class Delete(Struct, frozen=True):
+    """Remove a final job from the database and from listings (an active one is a CONFLICT)."""
+
+    job_id: JobId
+
+
+class Token(Struct, frozen=True):
+    """The caller's HTTP API token; with ``revoke``: that user's token stops working (admins, or oneself)."""
+
+    revoke: UserName | None = None
+    token: Text = ""  # the operator token, for those who are not operators
+
+
+class Metrics(Struct, frozen=True):
+    pass
 
 
 class Ping(Struct, frozen=True):
@@ -515,10 +552,10 @@ class Stats(Struct, frozen=True):
     pass
 
 
-Args = Union[SubmitCommand, SubmitSync, Cancel, Info, Wait, Control, Ping, Stats]
+Args = Union[SubmitCommand, SubmitSync, Cancel, Info, Wait, Control, Delete, Token, Metrics, Ping, Stats]
 ARGS: dict[str, Any] = {
     "submit": Union[SubmitCommand, SubmitSync], "cancel": Cancel, "info": Info, "wait": Wait, "control": Control,
-    "ping": Ping, "stats": Stats,
+    "delete": Delete, "token": Token, "metrics": Metrics, "ping": Ping, "stats": Stats,
 }
 
 
@@ -547,16 +584,17 @@ class _Envelope(Struct):
 
 
 _envelope = msgspec.msgpack.Decoder(_Envelope)
-_AT = re.compile(r" - at `\$\.?([^`]*)`$")
+_AT = re.compile(r" - at `(key` in `)?\$\.?([^`]*)`$")
 
 
 def named(exc: Exception, what: str = "message") -> str:
-    """``field 'job_id': Expected `int`, got `str``` from msgspec's ``... - at `$.job_id```."""
+    """``field 'job_id': Expected `int`, got `str``` from msgspec's ``... - at `$.job_id``` (``... - at `key`
+    in `$.labels```: a key of that map)."""
     text = str(exc)
     m = _AT.search(text)
-    if m is None or not m.group(1):
+    if m is None or not m.group(2):
         return f"{what}: {text[:m.start()] if m else text}"
-    return f"{what} field {m.group(1)!r}: {text[:m.start()]}"
+    return f"{what} field {m.group(2)!r}{' (a key)' if m.group(1) else ''}: {text[:m.start()]}"
 
 
 def encode(msg: Message) -> bytes:

@@ -8,7 +8,7 @@ import sys
 from typing import Any, NoReturn
 
 from cm import config
-from cm.states import FINAL_STATES
+from cm.api.views import FINAL, exit_code_of, is_final
 from cm.protocol import ErrorCode, ProtocolError, Reply, Request, decode, frame, unframe
 
 
@@ -91,19 +91,22 @@ class Client:
             view = self.call("wait", job_id=job_id, timeout=timeout)["jobs"][0]
             if on_update:
                 on_update(view)
-            if view["state"] in FINAL:
+            if is_final(view):
                 return view
 
 
-FINAL = {s.value for s in FINAL_STATES}
+__all__ = ["FINAL", "Client", "HeadError", "exit_code_of", "fail", "main_of", "parse_labels", "run_command"]
 
 
-def exit_code_of(view: dict) -> int:
-    """What `--wait` exits with: 0 for a completed job, otherwise its exit code or 1."""
-    if view["state"] == "COMPLETED":
-        return 0
-    code = view.get("exit_code") or 0
-    return code if 0 < code < 256 else 1
+def parse_labels(pairs: tuple[str, ...]) -> dict[str, str]:
+    """--label KEY=VALUE (repeatable) -> {KEY: VALUE}; the head checks keys and values."""
+    labels = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise HeadError(f"--label {pair!r} must look like KEY=VALUE")
+        labels[key] = value
+    return labels
 
 
 def fail(prog: str, message: str, code: int = 1) -> NoReturn:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import click
 
-from cm.cli.client import Client, main_of, run_command
+from cm.cli.client import Client, main_of, parse_labels, run_command
 from cm.timefmt import format_duration
 
 
@@ -65,12 +65,15 @@ def job_details(job: dict) -> str:
         elif key == "nodes":
             value = ",".join(value)
         lines.append(f"{key.upper():>10}: {'' if value is None else value}")
+    for i, (key, value) in enumerate(sorted((job.get("labels") or {}).items())):
+        lines.append(f"{'LABELS' if i == 0 else '':>10}: {key}={value}")
     for i, var in enumerate(job.get("env") or []):
         lines.append(f"{'ENV' if i == 0 else '':>10}: {var}")
     t = job.get("transfer") or {}
     if t:
         lines.append(f"{'TRANSFER':>10}: {human_bytes(t.get('bytes_done', 0))} of {human_bytes(t.get('bytes_total', 0))}, "
-                     f"{t.get('files_done', 0)} of {t.get('files_total', 0)} files")
+                     f"{t.get('files_done', 0)} of {t.get('files_total', 0)} files, "
+                     f"{t.get('files_skipped', 0)} skipped, {t.get('retries', 0)} retries")
     return "\n".join(lines)
 
 
@@ -78,11 +81,13 @@ def job_details(job: dict) -> str:
 @click.argument("job_id", type=int, required=False)
 @click.option("--all", "all_", is_flag=True, help="include jobs that finished long ago")
 @click.option("--json", "as_json", is_flag=True, help="one JSON object: nodes and jobs")
-def cli(job_id, all_, as_json):
+@click.option("--label", "labels", multiple=True, metavar="KEY=VALUE", help="only jobs with this label (repeatable)")
+def cli(job_id, all_, as_json, labels):
     """Show the cluster's nodes and jobs, or one job in detail."""
 
     def body() -> None:
-        data = Client().call("info", job_id=job_id, all=all_)
+        wanted = [f"{k}={v}" for k, v in parse_labels(labels).items()]
+        data = Client().call("info", job_id=job_id, all=all_, **({"label": wanted} if wanted else {}))
         if as_json:
             import json
 

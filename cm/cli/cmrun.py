@@ -7,7 +7,7 @@ import sys
 
 import click
 
-from cm.cli.client import Client, exit_code_of, fail, main_of, run_command
+from cm.cli.client import Client, exit_code_of, fail, main_of, parse_labels, run_command
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"], "allow_interspersed_args": False})
@@ -22,11 +22,12 @@ from cm.cli.client import Client, exit_code_of, fail, main_of, run_command
 @click.option("-e", "--error", "stderr", default="", help="stderr pattern (%j %n %t %x %u)")
 @click.option("--requeue", is_flag=True, help="run again elsewhere if a node fails")
 @click.option("--hold", is_flag=True, help="submit held; `cmcontrol release JOBID` lets it run")
+@click.option("--label", "labels", multiple=True, metavar="KEY=VALUE", help="tag the job (repeatable)")
 @click.option("--wait", is_flag=True, help="wait for the job and exit with its exit code")
 @click.option("--parsable", is_flag=True, help="print only the job id")
 @click.argument("command", nargs=-1, required=True, type=click.UNPROCESSED)
-def cli(nodes, procs, cpus, mem_mb, time_limit, name, partition, stdout, stderr, requeue, hold, wait, parsable,
-        command):
+def cli(nodes, procs, cpus, mem_mb, time_limit, name, partition, stdout, stderr, requeue, hold, labels, wait,
+        parsable, command):
     """Run COMMAND on NODES nodes, PROCS processes on each."""
 
     def body() -> None:
@@ -38,7 +39,7 @@ def cli(nodes, procs, cpus, mem_mb, time_limit, name, partition, stdout, stderr,
         data = client.call(
             "submit", kind="command", argv=list(command), cwd=cwd, env=[f"{k}={v}" for k, v in os.environ.items()],
             nodes=nodes, procs=procs, cpus=cpus, mem_mb=mem_mb, time=time_limit, name=name, partition=partition,
-            stdout=stdout, stderr=stderr, requeue=requeue, hold=hold,
+            stdout=stdout, stderr=stderr, requeue=requeue, hold=hold, labels=parse_labels(labels),
         )
         job_id = data["job_id"]
         print(job_id if parsable else f"Submitted job {job_id}", flush=True)

@@ -9,7 +9,7 @@ import time
 
 import click
 
-from cm.cli.client import Client, exit_code_of, fail, main_of, run_command
+from cm.cli.client import Client, exit_code_of, fail, main_of, parse_labels, run_command
 from cm.cli.cminfo import human_bytes
 from cm.timefmt import format_duration
 
@@ -49,12 +49,13 @@ def progress_bar(view: dict, width: int = 30) -> str:
               show_default=True, help="how work is spread across nodes")
 @click.option("-t", "--time", "time_limit", default=None, help="time limit: MM, MM:SS, HH:MM:SS, D-HH")
 @click.option("-J", "--job-name", "name", default=None, help="job name")
+@click.option("--label", "labels", multiple=True, metavar="KEY=VALUE", help="tag the job (repeatable)")
 @click.option("--wait", is_flag=True, help="wait for the job; exit 0 if it completed")
 @click.option("--parsable", is_flag=True, help="print only the job id")
 @click.argument("src")
 @click.argument("dst")
-def cli(nodes, delete, dry_run, checksum, exclude, bwlimit, transport, policy, time_limit, name, wait, parsable, src,
-        dst):
+def cli(nodes, delete, dry_run, checksum, exclude, bwlimit, transport, policy, time_limit, name, labels, wait,
+        parsable, src, dst):
     """Copy SRC to DST; each is PARTITION:/path or NODE:/path inside that partition's storage."""
 
     def body() -> None:
@@ -68,6 +69,7 @@ def cli(nodes, delete, dry_run, checksum, exclude, bwlimit, transport, policy, t
             "submit", kind="sync", src=src, dst=dst, nodes=nodes, time=time_limit, name=name, cwd=cwd,
             options={"delete": delete, "dry_run": dry_run, "checksum": checksum, "exclude": list(exclude),
                      "bwlimit": rate, "transport": transport, "policy": policy},
+            labels=parse_labels(labels),
         )
         job_id = data["job_id"]
         print(job_id if parsable else f"Submitted sync job {job_id}", flush=True)

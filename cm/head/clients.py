@@ -40,6 +40,11 @@ class Caller:
 
 def caller_of(sock: socket.socket, operator_group: str) -> Caller:
     pid, uid, gid = struct.unpack("3i", sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i")))
+    return caller_from(uid, gid, pid, operator_group)
+
+
+def caller_from(uid: int, gid: int, pid: int, operator_group: str) -> Caller:
+    """The Caller for a uid the kernel (or a verified API token) vouches for."""
     try:
         user = pwd.getpwuid(uid).pw_name
     except KeyError:

@@ -189,6 +189,21 @@ class JobTable:
         self.add(job)
         return job
 
+    def submitted_with(self, uid: int, key: str) -> int | None:
+        """The id of the job this user submitted with this idempotency key, if any (memory, then the store)."""
+        for job in (*self.recent.values(), *self.jobs.values()):
+            if job.get("idempotency_key") == key and job["uid"] == uid:
+                return job["_id"]
+        stored = self.store.job_by_key(uid, key)
+        return None if stored is None else stored["_id"]
+
+    def delete(self, job_id: int) -> None:
+        """Remove a final job from the store and from the recent ones; an unfinished job stays."""
+        if job_id in self.jobs:
+            return
+        self.store.delete_job(job_id)
+        self.recent.discard(job_id)
+
     def _lost(self, job: Job, wanted: str) -> None:
         """Another writer changed the job first: take the stored one as it is, and say so."""
         self.lost_races += 1

@@ -26,6 +26,9 @@ class RecentJobs:
     def get(self, job_id: int) -> Job | None:
         return self.jobs.get(job_id)
 
+    def discard(self, job_id: int) -> None:
+        self.jobs.pop(job_id, None)
+
     def prune(self) -> None:
         oldest = time.time() - self.seconds
         while self.jobs:

@@ -71,3 +71,5 @@ class Job(TypedDict, total=False):
     progress: dict[str, Any]
     runs: int
     restarts: int
+    labels: dict[str, str]  # e.g. a workflow's name and namespace (--label, the HTTP API)
+    idempotency_key: str  # a repeated submit with this key from the same uid gets this job

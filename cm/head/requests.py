@@ -1,14 +1,17 @@
 """What the head does for each client request, and who may ask for it.
 
 Each handler gets the request's typed arguments (cm.protocol: ``SubmitCommand``,
-``SubmitSync``, ``Cancel``, ``Info``, ``Wait``, ``Control``) and a ``Head``: the
-narrow part of the server requests may use. It raises ``Refused`` (with an
-``ErrorCode``) for what it will not do.
+``SubmitSync``, ``Cancel``, ``Info``, ``Wait``, ``Control``, ``Delete``, ``Token``)
+and a ``Head``: the narrow part of the server requests may use. It raises
+``Refused`` (with an ``ErrorCode``) for what it will not do. The commands'
+socket and the HTTP API (cm.api) both come here: the API answers with the
+HTTP status of the code.
 """
 
 from __future__ import annotations
 
 import os
+import pwd
 import secrets
 import time
 from typing import Any, Callable, Protocol
@@ -24,6 +27,7 @@ from cm.protocol import (
     MAX_WAIT,
     Cancel,
     Control,
+    Delete,
     ErrorCode,
     Info,
     ProtocolError,
@@ -31,6 +35,7 @@ from cm.protocol import (
     Request,
     SubmitCommand,
     SubmitSync,
+    Token,
     Wait,
     request_args,
 )
@@ -59,7 +64,11 @@ class Head(Protocol):
         """Why a PENDING or HELD job waits (squeue's code: None, Held, Blocked, Resources, ...)."""
     def waiting(self, uid: int) -> int:
         """How many of a user's jobs wait (PENDING or HELD)."""
+    def submitted_with(self, uid: int, key: str) -> int | None:
+        """The job this user submitted with this idempotency key before, if any."""
     def submit(self, fields: dict[str, Any]) -> Job: ...
+    def delete(self, job_id: int) -> None:
+        """Remove a final job from the database and from listings."""
     def cancel(self, job_id: int) -> str: ...
     def hold(self, job_id: int, held: bool) -> bool: ...
     def set_priority(self, job_id: int, priority: int) -> bool: ...
@@ -67,6 +76,11 @@ class Head(Protocol):
         """KeyError for an unknown node."""
     def set_policy(self, **change: Any) -> None: ...
     def stats(self) -> dict[str, Any]: ...
+    def metrics(self) -> dict[str, Any]:
+        """What /metrics shows: jobs and nodes by state, what syncs moved, the scheduler's pass time."""
+    def api_token(self, uid: int, user: str) -> str:
+        """The user's HTTP API token (the same one until it is revoked)."""
+    def revoke_api_token(self, uid: int, user: str) -> None: ...
 
 
 class Refused(Exception):
@@ -141,6 +155,10 @@ def _default_partition(nodes: "dict[str, NodeInfo]") -> str:
 
 
 def submit(head: Head, caller: Caller, args: SubmitCommand | SubmitSync) -> dict:
+    if args.idempotency_key is not None:
+        first = head.submitted_with(caller.uid, args.idempotency_key)
+        if first is not None:
+            return {"job_id": first, "repeated": True}
     policy = head.admin_policy
     if not caller.operator and (policy.get("block_all") or caller.user in policy.get("blocked_users", [])):
         raise Refused(f"submissions from {caller.user} are blocked by an administrator", ErrorCode.FORBIDDEN)
@@ -193,6 +211,10 @@ def submit(head: Head, caller: Caller, args: SubmitCommand | SubmitSync) -> dict
             fields["nodes"] = 1
     if caller.operator and args.priority is not None:
         fields["priority"] = args.priority
+    if args.labels:
+        fields["labels"] = args.labels
+    if args.idempotency_key is not None:
+        fields["idempotency_key"] = args.idempotency_key
     probe = request_of({**fields, "_id": 0})  # type: ignore[typeddict-item]
     try:
         check_feasible(probe, (NodeView(n.name, n.partition, n.cpus, n.mem_mb) for n in nodes.values()))
@@ -209,11 +231,40 @@ def _own(head: Head, caller: Caller, job_id: int | None, admin: bool) -> Job:
         stored = head.find(job_id)
         if stored is None:
             raise Refused(f"job {job_id} does not exist", ErrorCode.NOT_FOUND)
-        raise Refused(f"job {job_id} has already finished ({stored['state']})")
+        raise Refused(f"job {job_id} has already finished ({stored['state']})", ErrorCode.CONFLICT)
     if not (admin or caller.operator or job["uid"] == caller.uid):
         raise Refused(f"job {job_id} belongs to {job['user']}; you may only act on your own jobs",
                       ErrorCode.FORBIDDEN)
     return job
+
+
+def delete(head: Head, caller: Caller, args: Delete) -> dict:
+    """Remove a final job from the database and from what cminfo shows; an active job is refused."""
+    job = head.find(args.job_id)
+    if job is None:
+        raise Refused(f"job {args.job_id} does not exist", ErrorCode.NOT_FOUND)
+    if not (caller.operator or job["uid"] == caller.uid):
+        raise Refused(f"job {args.job_id} belongs to {job['user']}; you may only delete your own jobs",
+                      ErrorCode.FORBIDDEN)
+    if head.active(args.job_id) is not None:
+        raise Refused(f"job {args.job_id} is {job['state']}; cancel it and delete it once it has ended",
+                      ErrorCode.CONFLICT)
+    head.delete(args.job_id)
+    return {"job_id": args.job_id, "deleted": True}
+
+
+def token(head: Head, caller: Caller, args: Token) -> dict:
+    """The caller's HTTP API token; with ``revoke``: USER's token stops working (admins, or oneself)."""
+    if args.revoke is None:
+        return {"user": caller.user, "token": head.api_token(caller.uid, caller.user)}
+    if args.revoke != caller.user:
+        _admin(head, caller, args.token)
+    try:
+        uid = pwd.getpwnam(args.revoke).pw_uid
+    except KeyError:
+        raise Refused(f"no user named {args.revoke!r}", ErrorCode.NOT_FOUND) from None
+    head.revoke_api_token(uid, args.revoke)
+    return {"user": args.revoke, "revoked": True}
 
 
 def cancel(head: Head, caller: Caller, args: Cancel) -> dict:
@@ -230,6 +281,8 @@ def cancel(head: Head, caller: Caller, args: Cancel) -> dict:
 def info(head: Head, caller: Caller, args: Info) -> dict:
     """Nodes and jobs for cminfo: unfinished ones from memory, finished ones from the database."""
     nodes = head.node_rows()
+    if args.nodes_only:
+        return {"nodes": nodes}
     if args.job_id is not None:
         job = head.find(args.job_id)
         if job is None:
@@ -245,7 +298,22 @@ def info(head: Head, caller: Caller, args: Info) -> dict:
         # like Slurm's PrivateData: a job's environment is its owner's (and the admins') business
         view["env"] = list(job.get("env") or []) if caller.operator or job["uid"] == caller.uid else None
         return {"nodes": nodes, "jobs": [view]}
-    return {"nodes": nodes, "jobs": [job_view(j, head.why_waiting(j["_id"])) for j in head.listed(args.all)]}
+    return {"nodes": nodes, "jobs": [job_view(j, head.why_waiting(j["_id"])) for j in head.listed(args.all)
+                                     if _matches(j, args)]}
+
+
+def _matches(job: Job, args: Info) -> bool:
+    """A listing's filters: any of the states, the user, every label (KEY=VALUE)."""
+    if args.state and job["state"] not in args.state:
+        return False
+    if args.user and job["user"] != args.user:
+        return False
+    labels = job.get("labels") or {}
+    for label in args.label:
+        key, _, value = label.partition("=")
+        if labels.get(key) != value:
+            return False
+    return True
 
 
 def wait(head: Head, caller: Caller, args: Wait) -> dict:
@@ -291,15 +359,35 @@ def job_view(job: Job, why: str | None = None) -> dict:
         "submitted": _iso(job.get("submitted")), "started": _iso(started), "ended": _iso(ended),
         "elapsed": ((ended or time.time()) - started) if started else None,
         "partition": job.get("partition"), "reason": waiting_reason(job, why), "time_limit": job.get("time_limit"),
-        "priority": job.get("priority", 0), "transfer": job.get("progress") if job["kind"] == "sync" else None,
+        "priority": job.get("priority", 0), "transfer": transfer_view(job) if job["kind"] == "sync" else None,
+        "labels": job.get("labels") or {},
         "num_nodes": job.get("nodes"),
         "times": {"submitted": job.get("submitted"), "started": started, "ended": ended},  # epoch seconds
     }
 
 
-def _admin(head: Head, caller: Caller, args: Control) -> bool:
+def transfer_view(job: Job) -> dict:
+    """A sync job's counters as a program needs them (the progress the nodes report, summed), keeping the
+    keys cmsync's progress bar reads; ``rate`` is the effective one (bytes over elapsed) once final."""
+    p = job.get("progress") or {}
+    stats = p.get("stats") or {}
+    started, ended = job.get("started"), job.get("ended")
+    rate = p.get("rate", 0)
+    if ended and started and ended > started:
+        rate = p.get("bytes_done", 0) / (ended - started)
+    return {
+        "bytes_done": p.get("bytes_done", 0), "bytes_total": p.get("bytes_total", 0),
+        "files_done": p.get("files_done", 0), "files_total": p.get("files_total", 0),
+        "files_skipped": stats.get("files_skipped", 0), "files_deleted": stats.get("files_deleted", 0),
+        "retries": job.get("restarts", 0) + stats.get("chunks_resent", 0), "errors": stats.get("errors", 0),
+        "rate": rate, "message": job.get("reason") or "", "started": started, "ended": ended, "stats": stats,
+    }
+
+
+def _admin(head: Head, caller: Caller, given: str) -> bool:
+    """Whether the caller may act as an administrator (``given``: the operator token they sent, if any)."""
     token = head.settings.operator_token
-    if caller.operator or (token and secrets.compare_digest(args.token, token)):
+    if caller.operator or (token and secrets.compare_digest(given, token)):
         return True
     raise Refused("this needs an administrator: root, the operator group, or the operator token", ErrorCode.FORBIDDEN)
 
@@ -320,7 +408,7 @@ def control(head: Head, caller: Caller, args: Control) -> dict:
         if not head.hold(job["_id"], action == "hold"):
             raise Refused(f"job {job['_id']} changed meanwhile; look again")
         return {"job_id": job["_id"], "state": job["state"]}
-    _admin(head, caller, args)
+    _admin(head, caller, args.token)
     if action == "priority":
         job = _own(head, caller, args.job_id, admin=True)
         value = args.value
@@ -353,6 +441,9 @@ HANDLERS: dict[str, Callable[[Head, Caller, Any], Any]] = {
     "info": info,
     "wait": wait,
     "control": control,
+    "delete": delete,
+    "token": token,
+    "metrics": lambda head, caller, args: head.metrics(),
     "ping": lambda head, caller, args: {"pong": True, "user": caller.user},
     "stats": lambda head, caller, args: head.stats(),
 }

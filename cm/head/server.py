@@ -10,12 +10,13 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from typing import Any
 
 import zmq
 
 from cm import store
 from cm.config import Settings
-from cm.head.clients import ClientServer, Connection
+from cm.head.clients import Caller, ClientServer, Connection
 from cm.head.intercom import HeadIntercom
 from cm.head.jobs import JobTable
 from cm.head.outcome import Outcome, Stop
@@ -54,6 +55,20 @@ log = logging.getLogger("cm.head")
 RUNNING_HOLD = 0.05  # seconds a RUNNING write may wait to be merged with the job's end
 
 
+class SocketAnswer:
+    """Where the reply to a command-socket request goes (a long poll keeps one of these; the HTTP API's
+    counterpart is cm.api.server.ApiAnswer)."""
+
+    def __init__(self, clients: ClientServer, conn: Connection):
+        self.clients, self.conn = clients, conn
+
+    def alive(self) -> bool:
+        return self.clients.conns.get(self.conn.fd) is self.conn
+
+    def answer(self, reply: Reply) -> None:
+        self.clients.send(self.conn, reply)
+
+
 class HeadServer:
     def __init__(self, settings: Settings):
         self.settings = settings
@@ -73,8 +88,11 @@ class HeadServer:
         self.router: zmq.Socket | None = None
         self.gatekeeper = None  # CurveZMQ key checks, when curve is on
         self.clients: ClientServer | None = None
-        # long polls ("wait"): job id -> [(connection, request, deadline)], answered when the job is final
-        self.waiters: dict[int, list[tuple[Connection, Request, float]]] = {}
+        # long polls ("wait"): job id -> [(caller, where the answer goes, request, deadline)], answered when
+        # the job is final; the answer goes to a command-socket connection or to the HTTP API (cm.api)
+        self.waiters: dict[int, list[tuple[Caller, Any, Request, float]]] = {}
+        self.api = None  # cm.api.server.ApiServer: the HTTP API's thread, which hands requests to this loop
+        self.moved = {"bytes": 0, "files": 0, "syncs": 0}  # what finished sync jobs moved since the head started
         self.sort_key = lambda name: NodeView(name, "", 0, 0).sort_key
         self.intercom = HeadIntercom(settings, self.jobs, self.send)  # keys and commands of a job's processes
 
@@ -101,10 +119,17 @@ class HeadServer:
                                     client_timeout=self.settings.client_timeout,
                                     max_per_user=self.settings.max_clients_per_user)
         self._resend_unfinished()
+        from cm.api.server import ApiServer
+
+        self.api = ApiServer(self.settings)
+        self.api.start()
         event(log, "head listening", port=self.settings.head_port, socket=str(self.settings.socket_path))
 
     def close(self) -> None:
         self.intercom.close()
+        if self.api is not None:
+            self.api.stop()
+            self.api = None
         if self.gatekeeper is not None:
             self.gatekeeper.stop()
             self.gatekeeper = None
@@ -151,6 +176,8 @@ class HeadServer:
             poller.register(self.intercom.wakeup_fd, zmq.POLLIN)
         for conn in self.clients.conns.values():
             poller.register(conn.fd, zmq.POLLIN | (zmq.POLLOUT if conn.outbox else 0))
+        if self.api is not None:
+            poller.register(self.api.wake_fd, zmq.POLLIN)
         ready = dict(poller.poll(int(timeout * 1000)))
         if self.router in ready:
             self.drain_router()
@@ -159,6 +186,10 @@ class HeadServer:
         for key, flags in ready.items():
             if key is self.router:
                 continue
+            if self.api is not None and key == self.api.wake_fd:
+                for caller, request, to in self.api.take():
+                    self.serve(caller, request, to)
+                continue
             if key is self.clients.listener or key == self.clients.listener.fileno():
                 self.clients.accept()
                 continue
@@ -166,27 +197,29 @@ class HeadServer:
                 self.clients.flush(self.clients.conns[key])
             if flags & zmq.POLLIN:
                 for conn, request in self.clients.read(key):
-                    try:
-                        reply = self.answer(conn.caller, request)
-                    except Later as later:
-                        self.waiters.setdefault(later.job_id, []).append((conn, request, later.deadline))
-                        continue
-                    self.clients.send(conn, reply)
+                    self.serve(conn.caller, request, SocketAnswer(self.clients, conn))
+
+    def serve(self, caller: Caller, request: Request, to) -> None:
+        """Answer one request from the command socket or the HTTP API (``to``: alive(), answer(reply))."""
+        try:
+            reply = self.answer(caller, request)
+        except Later as later:
+            self.waiters.setdefault(later.job_id, []).append((caller, to, request, later.deadline))
+            return
+        to.answer(reply)
 
     def answer_waiters(self, now: float) -> None:
         """Answer the long polls whose job is final now, or whose time is up."""
-        assert self.clients is not None
         for job_id, waiting in list(self.waiters.items()):
             final = job_id not in self.jobs.jobs
             keep = []
-            for conn, request, deadline in waiting:
-                if self.clients.conns.get(conn.fd) is not conn:
+            for caller, to, request, deadline in waiting:
+                if not to.alive():
                     continue  # the client went away
                 if not final and now < deadline:
-                    keep.append((conn, request, deadline))
+                    keep.append((caller, to, request, deadline))
                     continue
-                self.clients.send(conn, self.answer(conn.caller, Request(op="info", args={"job_id": job_id},
-                                                                         id=request.id)))
+                to.answer(self.answer(caller, Request(op="info", args={"job_id": job_id}, id=request.id)))
             if keep:
                 self.waiters[job_id] = keep
             else:
@@ -249,10 +282,16 @@ class HeadServer:
         waiting = (JobState.PENDING.value, JobState.HELD.value)
         return sum(1 for j in self.jobs.jobs.values() if j["uid"] == uid and j["state"] in waiting)
 
+    def submitted_with(self, uid: int, key: str) -> int | None:
+        return self.jobs.submitted_with(uid, key)
+
     def submit(self, fields: dict) -> Job:
         job = self.jobs.submit(fields)
         self.dirty = True
         return job
+
+    def delete(self, job_id: int) -> None:
+        self.jobs.delete(job_id)
 
     def cancel(self, job_id: int) -> str:
         out = Outcome()
@@ -281,6 +320,33 @@ class HeadServer:
         return {"pending": len(self.jobs.requests), "active": len(self.jobs.jobs), "nodes": len(self.registry.nodes),
                 "nodes_alive": sum(n.alive for n in self.registry.nodes.values()), "passes": self.passes,
                 "last_pass_ms": round(self.pass_seconds * 1000, 3)}
+
+    def metrics(self) -> dict:
+        jobs: dict[str, int] = {}
+        for job in self.jobs.shown():
+            jobs[job["state"]] = jobs.get(job["state"], 0) + 1
+        used = self.jobs.usage()
+        nodes: dict[str, int] = {}
+        for n in self.registry.nodes.values():
+            state = self.registry.state_of(n, used.get(n.name, (0, 0))[0]).value
+            nodes[state] = nodes.get(state, 0) + 1
+        syncs = [j.get("progress") or {} for j in self.jobs.jobs.values() if j["kind"] == "sync"]
+        return {"jobs": jobs, "nodes": nodes, "moved": dict(self.moved),
+                "sync_bytes_in_flight": sum(p.get("bytes_done", 0) for p in syncs),
+                "sync_rate": sum(p.get("rate", 0) for p in syncs), "pass_seconds": self.pass_seconds,
+                "passes": self.passes, "waiters": sum(len(w) for w in self.waiters.values())}
+
+    def api_token(self, uid: int, user: str) -> str:
+        from cm.api import tokens
+
+        return tokens.issue(self.settings.run_dir, uid, user)
+
+    def revoke_api_token(self, uid: int, user: str) -> None:
+        from cm.api import tokens
+
+        tokens.revoke(uid, user)
+        if self.api is not None:
+            self.api.forget_tokens()  # the tokens it has checked lately
 
     # --- database outages ----------------------------------------------------
 
@@ -509,6 +575,13 @@ class HeadServer:
             if node in self.registry.nodes and not self.registry.nodes[node].drain:
                 self.registry.set_drain(node, True, reason)
                 event(log, "node drained", logging.WARNING, node=node, reason=reason)
+        for job_id in out.finished:
+            job = self.jobs.recent.get(job_id)
+            if job is not None and job["kind"] == "sync":
+                done = job.get("progress") or {}
+                self.moved["bytes"] += done.get("bytes_done", 0)
+                self.moved["files"] += done.get("files_done", 0)
+                self.moved["syncs"] += 1
         if out.finished or out.kill or out.drain:
             self.dirty = True
 

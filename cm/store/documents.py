@@ -36,7 +36,7 @@ class Slot(EmbeddedDocument):
 class Job(Document):
     meta = {
         "collection": "jobs",
-        "indexes": [("state", "-priority", "submitted"), "user"],
+        "indexes": [("state", "-priority", "submitted"), "user", ("uid", "idempotency_key")],
         "auto_create_index": False,
     }
     id = IntField(primary_key=True)
@@ -71,6 +71,8 @@ class Job(Document):
     progress = DictField()  # bytes_done, bytes_total, files_done, files_total, rate; per node merged
     runs = IntField(default=0)  # times dispatched (requeue counts)
     restarts = IntField(default=0)  # times a sync was started again after losing a node
+    labels = DictField()  # key -> value, e.g. a workflow's name and namespace (HTTP API, --label)
+    idempotency_key = StringField()  # the HTTP API's Idempotency-Key: a repeat from the same uid gets this job
 
 
 class Node(Document):
@@ -116,3 +118,14 @@ class IntercomKey(Document):
     key = StringField(required=True)
     value = StringField(default="")
     version = IntField(default=1)
+
+
+class ApiToken(Document):
+    """A user's HTTP API token, as a hash: the token is derived from the head's secret and `generation`;
+    revoking bumps the generation and drops the hash, so the old token no longer matches anything."""
+
+    meta = {"collection": "api_tokens", "indexes": ["hash"], "auto_create_index": False}
+    id = IntField(primary_key=True)  # uid
+    user = StringField(required=True)
+    generation = IntField(default=0)
+    hash = StringField()  # sha256 hex of the token; None once revoked

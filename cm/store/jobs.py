@@ -16,7 +16,7 @@ from pymongo import ReturnDocument
 from pymongo.errors import ConnectionFailure, PyMongoError
 
 from cm.states import FINAL_STATES, JobState, check_transition
-from cm.store.documents import Counter, Job, Node, Policy
+from cm.store.documents import ApiToken, Counter, Job, Node, Policy
 
 
 class StoreError(RuntimeError):
@@ -38,6 +38,7 @@ def connect(uri: str, db_name: str, timeout: float = 5.0) -> None:
     try:
         Job._get_db().command("ping")
         Job.ensure_indexes()
+        ApiToken.ensure_indexes()
     except PyMongoError as exc:
         raise StoreError(f"database at {uri} is unreachable: {exc}") from None
 
@@ -102,6 +103,17 @@ def get_job(job_id: int) -> dict[str, Any] | None:
     return _jobs().find_one({"_id": job_id})
 
 
+def job_by_key(uid: int, key: str) -> dict[str, Any] | None:
+    """The job a user submitted with this Idempotency-Key, if any."""
+    return _jobs().find_one({"uid": uid, "idempotency_key": key})
+
+
+def delete_job(job_id: int) -> bool:
+    """Remove a final job from the database; False if it is not there or not final."""
+    final = [s.value for s in FINAL_STATES]
+    return _jobs().delete_one({"_id": job_id, "state": {"$in": final}}).deleted_count == 1
+
+
 def active_jobs() -> list[dict[str, Any]]:
     """Every job that is not final, for the head's memory at start."""
     final = [s.value for s in FINAL_STATES]
@@ -140,3 +152,20 @@ def get_policy() -> dict[str, Any]:
 def set_policy(**fields: Any) -> None:
     Policy._get_collection().update_one({"_id": "cluster"}, {"$set": fields}, upsert=True)
 
+
+
+# --- HTTP API tokens -----------------------------------------------------------
+
+
+def token_record(uid: int) -> dict[str, Any] | None:
+    return ApiToken._get_collection().find_one({"_id": uid})
+
+
+def set_token(uid: int, user: str, generation: int, digest: str | None) -> None:
+    ApiToken._get_collection().update_one(
+        {"_id": uid}, {"$set": {"user": user, "generation": generation, "hash": digest}}, upsert=True)
+
+
+def token_owner(digest: str) -> dict[str, Any] | None:
+    """The record whose token hashes to digest (uid in _id), or None."""
+    return ApiToken._get_collection().find_one({"hash": digest})

@@ -29,6 +29,12 @@ class JobStore(Protocol):
 
     def get_job(self, job_id: int) -> dict[str, Any] | None: ...
 
+    def job_by_key(self, uid: int, key: str) -> dict[str, Any] | None:
+        """The job a user submitted with this idempotency key, if any."""
+
+    def delete_job(self, job_id: int) -> bool:
+        """Remove a final job; False if it is not there or not final."""
+
     def active_jobs(self) -> list[dict[str, Any]]:
         """Every job that is not final."""
 
@@ -44,5 +50,7 @@ class MongoJobStore:
     transition = staticmethod(mongo.transition)
     update_job = staticmethod(mongo.update_job)
     get_job = staticmethod(mongo.get_job)
+    job_by_key = staticmethod(mongo.job_by_key)
+    delete_job = staticmethod(mongo.delete_job)
     active_jobs = staticmethod(mongo.active_jobs)
     recent_jobs = staticmethod(mongo.recent_jobs)

@@ -6,12 +6,13 @@ import logging
 import time
 
 import pytest
-from .conftest import command_fields, sync_fields
 
 from cm.head.outcome import Outcome
 from cm.protocol import CommandShare, SyncDestination, SyncSource
 from cm.states import JobState
 from cm.transfer.exitcodes import TRANSIENT
+
+from .memory_store import command_fields, sync_fields
 
 ADDRS = {"n1": "h1:7001", "n2": "h2:7002", "n3": "h3:7003", "n4": "h4:7004"}
 
@@ -315,3 +316,23 @@ def test_a_job_record_in_memory_holds_only_stored_fields_and_equals_what_is_stor
     assert {k: v for k, v in job.items() if k != "progress"} == {
         k: v for k, v in store.get_job(job_id).items() if k != "progress"}  # progress: stored when it ends
     assert job["progress"]["bytes_done"] == 5
+
+
+def test_a_repeated_idempotency_key_finds_the_users_first_job_in_memory_and_in_the_store(table, store):
+    first = submit(table, idempotency_key="k1", labels={"workflow": "w1"})
+    assert table.submitted_with(1000, "k1") == first and stored(store, first)["labels"] == {"workflow": "w1"}
+    assert table.submitted_with(1001, "k1") is None  # another user's key is not hers
+    assert table.submitted_with(1000, "k2") is None
+    table.jobs.clear()  # a head that restarted long after: only the store knows
+    assert table.submitted_with(1000, "k1") == first
+
+
+def test_delete_removes_a_finished_job_everywhere_and_leaves_an_active_one(table, store):
+    done, active = submit(table), submit(table)
+    running(table, done)
+    table.ended(done, "n1", 1, JobState.COMPLETED, 0, "", Outcome(), "run", 0)
+    assert [j["_id"] for j in table.shown()] == [done, active]
+    table.delete(active)
+    table.delete(done)
+    assert done not in store.docs and table.find(done) is None and [j["_id"] for j in table.shown()] == [active]
+    assert stored(store, active)["state"] == "PENDING" and table.find(active) is not None

@@ -98,6 +98,13 @@ def test_a_submit_without_kind_is_a_command_and_unknown_fields_are_ignored():
     ("cancel", {"job_ids": []}, "job_ids"), ("cancel", {"job_ids": ["one"]}, "job_ids[0]"),
     ("wait", {"job_id": 1, "timeout": 61}, "timeout"), ("info", {"job_id": True}, "job_id"),
     ("control", {"action": "explode"}, "action"), ("control", {"action": "priority", "value": "urgent"}, "value"),
+    ("control", {"action": "priority", "value": 5000}, "value"),
+    ("submit", {"argv": ["x"], "labels": {"a.b": "c"}}, "labels"),  # stored as a document key: no '.'
+    ("submit", {"argv": ["x"], "labels": {f"k{i}": "v" for i in range(33)}}, "labels"),
+    ("submit", {"argv": ["x"], "idempotency_key": ""}, "idempotency_key"),
+    ("info", {"state": ["SLEEPING"]}, "state[0]"), ("info", {"label": ["workflow"]}, "label[0]"),
+    ("info", {"user": ""}, "user"), ("delete", {}, "job_id"), ("delete", {"job_id": -1}, "job_id"),
+    ("token", {"revoke": "x" * 65}, "revoke"),
 ])
 def test_other_arguments_that_do_not_fit_are_refused_naming_the_field(op, args, field):
     with pytest.raises(ProtocolError, match=field.replace("[", r"\[").replace("]", r"\]")):
@@ -106,8 +113,38 @@ def test_other_arguments_that_do_not_fit_are_refused_naming_the_field(op, args, 
 
 def test_every_request_argument_type_has_a_json_schema():
     schemas, components = msgspec.json.schema_components(list(ARGS.values()))
-    assert {"SubmitCommand", "SubmitSync", "SyncOptions", "Cancel", "Info", "Wait", "Control"} <= set(components)
+    assert {"SubmitCommand", "SubmitSync", "SyncOptions", "Cancel", "Info", "Wait", "Control", "Delete", "Token",
+            "Metrics"} <= set(components)
     assert components["SubmitCommand"]["properties"]["nodes"]["maximum"] == 4096
+
+
+def test_the_http_bodies_are_the_protocols_request_types_with_the_same_limits():
+    from cm.api import types
+
+    _, protocol = msgspec.json.schema_components(list(ARGS.values()))
+    _, http = msgspec.json.schema_components([types.JobSubmission, types.AdminRequest])
+    not_in_body = ("kind", "type", "idempotency_key", "options", "action", "token")  # tags, header, path, flattened
+
+    def fields(schema: dict) -> dict:
+        return {k: v for k, v in schema["properties"].items() if k not in not_in_body}
+
+    assert fields(http["CommandJob"]) == fields(protocol["SubmitCommand"])
+    assert fields(http["SyncJob"]) == {**fields(protocol["SubmitSync"]), **fields(protocol["SyncOptions"])}
+    assert fields(http["AdminRequest"]) == fields(protocol["Control"])
+    body = msgspec.json.decode(b'{"type": "sync", "src": "a:/x", "dst": "b:/y", "checksum": true, '
+                               b'"labels": {"workflow": "w1"}}', type=types.JobSubmission)
+    args = request_args("submit", types.head_args(body, idempotency_key="k"))
+    assert isinstance(args, SubmitSync) and args.options.checksum and args.labels == {"workflow": "w1"}
+    assert args.idempotency_key == "k"
+
+
+def test_every_error_code_has_an_http_status():
+    from cm.api.routes import status_of
+
+    assert {code: status_of(code) for code in ErrorCode} == {
+        ErrorCode.BAD_MESSAGE: 400, ErrorCode.UNKNOWN_NODE: 400, ErrorCode.UNKNOWN_OPERATION: 400,
+        ErrorCode.REFUSED: 400, ErrorCode.NOT_FOUND: 404, ErrorCode.FORBIDDEN: 403, ErrorCode.CONFLICT: 409,
+        ErrorCode.DB_UNAVAILABLE: 503, ErrorCode.INTERNAL: 500}
 
 
 def test_the_head_package_has_no_import_cycle():

@@ -1,0 +1,154 @@
+"""The HTTP API's bodies, one msgspec Struct each: what is decoded (and so validated) on the way in,
+and what /openapi.json says (msgspec.json.schema). Names end in what they are: ...Job for submissions,
+...View for what the API answers with.
+
+What the API sends the head is made of the protocol's request types (cm.protocol): the submission and
+admin bodies are built from their fields, so one declaration gives the wire protocol, the HTTP body and
+the OpenAPI schema. Only what HTTP alone has (answers, errors) is declared here.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal, Union, get_args
+
+import msgspec
+from msgspec import NODEFAULT, Struct
+
+from cm.protocol import Control, SubmitCommand, SubmitSync, SyncOptions
+
+
+def _body(name: str, doc: str, *sources: type[Struct], drop: tuple[str, ...] = (), **config: Any) -> type[Struct]:
+    """An HTTP body made of the fields of the protocol's request types (``sources``), less ``drop``: the same
+    declarations, so the same limits and the same schema, with HTTP's own tag and no unknown fields."""
+    fields: list[tuple] = []
+    for source in sources:
+        for f in msgspec.structs.fields(source):
+            if f.name in drop:
+                continue
+            if f.default is not NODEFAULT:
+                fields.append((f.name, f.type, f.default))
+            elif f.default_factory is not NODEFAULT:
+                fields.append((f.name, f.type, msgspec.field(default_factory=f.default_factory)))
+            else:
+                fields.append((f.name, f.type))
+    cls = msgspec.defstruct(name, fields, module=__name__, kw_only=True, forbid_unknown_fields=True, **config)
+    cls.__doc__ = doc
+    return cls
+
+
+# The Idempotency-Key comes in its header, not in the body.
+CommandJob = _body(
+    "CommandJob", "A command job: every cmrun option (cm.protocol.SubmitCommand). The job's environment is `env` "
+    "only (a program's own environment is not copied, unlike cmrun's).",
+    SubmitCommand, drop=("idempotency_key",), tag="command", tag_field="type")
+# cmsync's options sit beside src and dst, not in an "options" map (CONTRACT.md)
+SYNC_OPTIONS = tuple(SyncOptions.__struct_fields__)
+SyncJob = _body(
+    "SyncJob", "A sync job: every cmsync option (cm.protocol.SubmitSync, with SyncOptions' fields beside src and "
+    "dst).", SubmitSync, SyncOptions, drop=("idempotency_key", "options"), tag="sync", tag_field="type")
+JobSubmission = Union[CommandJob, SyncJob]  # type: ignore[valid-type]
+
+ADMIN_ACTIONS: tuple[str, ...] = get_args(next(f.type for f in msgspec.structs.fields(Control) if f.name == "action"))
+AdminRequest = _body(
+    "AdminRequest", "What an admin operation acts on (cm.protocol.Control, the action is the path's): "
+    "hold/release/priority name `job_id` (priority also `value`), drain/resume a `node` (drain with a `reason`), "
+    "block/unblock a `user` (empty or \"ALL\": everyone).", Control, drop=("action", "token"))
+
+
+def head_args(body: Any, idempotency_key: str | None = None) -> dict[str, Any]:
+    """The submit request's arguments (the wire form of SubmitCommand or SubmitSync) for an HTTP body."""
+    fields = msgspec.structs.asdict(body)
+    if idempotency_key is not None:
+        fields["idempotency_key"] = idempotency_key
+    if isinstance(body, SyncJob):
+        options = SyncOptions(**{k: fields.pop(k) for k in SYNC_OPTIONS})
+        return msgspec.to_builtins(SubmitSync(**fields, options=options))
+    return msgspec.to_builtins(SubmitCommand(**fields))
+
+
+def admin_args(action: str, body: Any) -> dict[str, Any]:
+    """The control request's arguments for an admin path and body."""
+    return msgspec.to_builtins(Control(action=action, **msgspec.structs.asdict(body)))  # type: ignore[arg-type]
+
+
+class Submitted(Struct):
+    id: int
+
+
+class TransferView(Struct):
+    """A sync job's counters (summed over its nodes); `rate` is bytes/s, the effective rate once final."""
+
+    bytes_done: int
+    bytes_total: int
+    files_done: int
+    files_total: int
+    files_skipped: int
+    files_deleted: int
+    retries: int
+    errors: int
+    rate: float
+    message: str
+    started: float | None
+    ended: float | None
+    stats: dict[str, Any]
+
+
+class JobView(Struct):
+    """A job as `cminfo --json` shows it, plus labels and, for sync jobs, transfer counters."""
+
+    id: int
+    name: str
+    user: str
+    type: Literal["command", "sync"]
+    state: str
+    nodes: list[str]
+    exit_code: int | None
+    progress: float | None
+    submitted: str | None
+    started: str | None
+    ended: str | None
+    elapsed: float | None
+    partition: str | None
+    reason: str
+    time_limit: float | None
+    priority: int
+    transfer: TransferView | None
+    labels: dict[str, str]
+    num_nodes: int | None
+    times: dict[str, float | None]
+    command: str | None = None
+    workdir: str | None = None
+    env: list[str] | None = None
+
+
+class JobList(Struct):
+    jobs: list[JobView]
+
+
+class NodeView(Struct):
+    name: str
+    partition: str
+    state: str
+    cpus: int
+    cpus_free: int
+    mem_mb: int
+    mem_free_mb: int
+    reason: str = ""
+
+
+class NodeList(Struct):
+    nodes: list[NodeView]
+
+
+class CancelResult(Struct):
+    state: str
+
+
+class ErrorBody(Struct):
+    error: str
+
+
+class Version(Struct):
+    version: str
+    api_versions: list[str]
+
