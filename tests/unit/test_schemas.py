@@ -144,7 +144,8 @@ def test_every_error_code_has_an_http_status():
     assert {code: status_of(code) for code in ErrorCode} == {
         ErrorCode.BAD_MESSAGE: 400, ErrorCode.UNKNOWN_NODE: 400, ErrorCode.UNKNOWN_OPERATION: 400,
         ErrorCode.REFUSED: 400, ErrorCode.NOT_FOUND: 404, ErrorCode.FORBIDDEN: 403, ErrorCode.CONFLICT: 409,
-        ErrorCode.DB_UNAVAILABLE: 503, ErrorCode.INTERNAL: 500}
+        ErrorCode.DB_UNAVAILABLE: 503, ErrorCode.INTERNAL: 500,
+        ErrorCode.LIMIT: 413, ErrorCode.ENDED: 409, ErrorCode.TIMEOUT: 408, ErrorCode.HEAD_UNAVAILABLE: 503}
 
 
 def test_the_head_package_has_no_import_cycle():
