@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from cm.cluster.db import free_port  # noqa: E402  (light: pymongo is imported only when pinging)
+from cm.node.purge import pid_alive
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -58,21 +59,6 @@ def parse_partitions(text: str, nodes: int) -> list[tuple[str, str]]:
             i += 1
             out.append((f"computenode-{i}", name))
     return out
-
-
-def pid_alive(pid: int) -> bool:
-    """Running, and not a zombie waiting for someone else (PID 1) to reap it."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rpartition(")")[2].split()[0] != "Z"
-    except (OSError, IndexError):
-        return False
 
 
 def stop_pid(pid: int, timeout: float = 15.0) -> None:

@@ -138,3 +138,18 @@ class Purge:
     def stop_all(self, now: float) -> None:
         for share in list(self.jobs):
             self.stop(share, JobState.NODE_FAIL, "node daemon stopping", now)
+
+
+def pid_alive(pid: int) -> bool:
+    """Running, and not a zombie waiting for someone else (PID 1) to reap it."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rpartition(")")[2].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False

@@ -28,6 +28,7 @@ import msgspec
 from cm.creds import Identity, acting_as
 from cm.logs import event
 from cm.node.launch import LaunchError, job_identity, log_paths, make_log_dir
+from cm.node.purge import pid_alive
 from cm.protocol import DestinationTransfer, SourceTransfer, SyncSource
 from cm.transfer import exitcodes, zygote
 
@@ -213,7 +214,7 @@ class WarmSenders:
             self.collect()
         if pid in self.exits:
             return self.exits.pop(pid)
-        if self.sock is None and pid in self.children and not _exists(pid):
+        if self.sock is None and pid in self.children and not pid_alive(pid):
             self.children.discard(pid)  # its zygote died before telling: worth another attempt
             return exitcodes.TRANSIENT
         return None
@@ -244,16 +245,6 @@ class WarmSenders:
                 self.proc.kill()
                 self.proc.wait()
             self.proc = None
-
-
-def _exists(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def _start_sender_process() -> subprocess.Popen:
