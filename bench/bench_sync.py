@@ -9,8 +9,8 @@ Scenarios, same data for every tool:
 
 cm = the node's mover process (cm.node.mover, as a node daemon runs it) + one
 sender (1 rank), both acting as ``--user`` (default nobody) as a user's sync
-does, the sender started ahead and warmed up the way a node keeps a spare
-sender (CM_SENDER_SPARES);
+does, the sender started ahead and warmed up the way a node keeps its
+senders warm (a zygote they fork from, CM_WARM_SENDER);
 its time runs from handing it the job to its exit. (b) is also run with a
 sender started cold, as on a node's first sync, and printed below the table.
 Every tool gets a fresh, empty destination and a warm source page cache
