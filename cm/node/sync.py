@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import logging
 import os
+import select
+import signal
 import socket
 import subprocess
 import sys
@@ -74,7 +76,7 @@ class ForkedSender:
     def kill(self) -> None:
         if self.returncode is None:
             try:
-                os.kill(self.pid, 9)
+                os.kill(self.pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
 
@@ -174,8 +176,6 @@ class WarmSenders:
             self.wait_readable(min(left, 0.05))
 
     def wait_readable(self, timeout: float) -> None:
-        import select
-
         if self.sock is not None:
             select.select([self.sock], [], [], timeout)
         else:
