@@ -81,6 +81,7 @@ class NodeAgent:
         self.senders: dict[Share, dict] = {}  # src share -> {proc, buffer, report, sent_at, err, run, rank}
         self.warm = WarmSenders(settings.warm_sender)
         self.welcomed = False
+        self.registered = False  # welcomed once: a later hello (the head restarted) waits for nothing
         self.dealer: zmq.Socket | None = None
         self.connected_at = 0.0
         self.cpus, self.mem_mb = measure(settings.cpus, settings.mem_mb)
@@ -91,6 +92,7 @@ class NodeAgent:
 
     def open(self) -> None:
         self._kill_orphans()
+        self.warm.start()  # loading while the node connects; the first hello waits for it (run)
         self.connect()
         event(log, "node started", node=self.name, cpus=self.cpus, mem_mb=self.mem_mb,
               head=f"{self.settings.head_host}:{self.settings.head_port}")
@@ -119,7 +121,9 @@ class NodeAgent:
             next_hello = next_beat = 0.0
             while not stop.is_set():
                 now = time.monotonic()
-                if not self.welcomed and now >= next_hello:
+                # The first hello waits until the zygote has loaded (bounded by WarmSenders.READY_WAIT):
+                # a node the head sees is one whose first sync starts as fast as any other.
+                if not self.welcomed and now >= next_hello and (self.registered or self.warm.settled()):
                     if now - self.connected_at > RECONNECT_AFTER:
                         event(log, "no welcome from the head; reconnecting", logging.WARNING)
                         self.connect()
@@ -229,7 +233,7 @@ class NodeAgent:
 
     def on_message(self, msg: Message) -> None:
         if isinstance(msg, Welcome):
-            self.welcomed = True
+            self.welcomed = self.registered = True
             for job_id in msg.kill:
                 self.stop(job_id, JobState.CANCELLED, "the head does not know this job")
             for m, _ in list(self.outbox.values()):
