@@ -44,7 +44,7 @@ log = logging.getLogger(__name__)
 HELLO_TIMEOUT = 10.0  # seconds an unauthenticated connection may take to say who it is
 IDLE_TIMEOUT = 600.0  # seconds a sender may stay silent mid-transfer
 MAX_CONNECTIONS = 256
-RECV_PIECE = 256 << 10  # received, hashed and written while still in the CPU cache
+RECV_PIECE = 1 << 20  # received, hashed and written while in cache: one piece per sender's piece (PIECE)
 
 
 class BadRequest(ValueError):
