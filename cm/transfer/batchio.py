@@ -5,8 +5,9 @@ calls per file. Made from Python, each of them gives the GIL back and takes
 it again, so the connections of a transfer wait on each other instead of
 writing in parallel. ``publish_run`` makes those calls from numba-compiled
 code for a run of files in one directory: for each file an unnamed
-``O_TMPFILE`` file, its data, its mode (when the umask would change it) and
-mtime, then ``linkat`` under its name. It stops at the first file it cannot
+``O_TMPFILE`` file, its data, its owner (syncs that keep owners), its mode
+(when the umask or the owner would change it) and mtime, then ``linkat``
+under its name. It stops at the first file it cannot
 finish, leaving nothing of it behind, and returns that file's index: the
 caller does that one file in Python, which reports the error or takes the
 slow road (the name is taken, the filesystem has no ``O_TMPFILE``), and
@@ -34,6 +35,7 @@ from . import checksum  # noqa: F401  (chooses numba's cache directory before an
 _openat = types.ExternalFunction("openat", types.int32(types.int32, types.intp, types.int32, types.uint32))
 _write = types.ExternalFunction("write", types.intp(types.int32, types.intp, types.uintp))
 _fchmod = types.ExternalFunction("fchmod", types.int32(types.int32, types.uint32))
+_fchown = types.ExternalFunction("fchown", types.int32(types.int32, types.uint32, types.uint32))
 _futimens = types.ExternalFunction("futimens", types.int32(types.int32, types.intp))
 _linkat = types.ExternalFunction("linkat", types.int32(types.int32, types.intp, types.int32, types.intp, types.int32))
 _close = types.ExternalFunction("close", types.int32(types.int32))
@@ -73,7 +75,7 @@ def runs(parents: list) -> Iterator[tuple[int, int]]:
 
 
 @njit(cache=True, nogil=True)
-def _publish_run(dfd, names, name_off, data, data_off, modes, chmod, mtimes, skip, start, stop, scratch):
+def _publish_run(dfd, names, name_off, data, data_off, modes, chmod, owners, mtimes, skip, start, stop, scratch):
     """Write files start..stop-1 (``skip`` set: leave out); returns the index of the first one not done."""
     dot = scratch[0:2]  # ".\0"
     times = scratch[8:40].view(np.int64)  # two struct timespec
@@ -92,6 +94,9 @@ def _publish_run(dfd, names, name_off, data, data_off, modes, chmod, mtimes, ski
                 _close(fd)
                 return i
             pos += n
+        if owners[i, 0] >= 0 and _fchown(fd, owners[i, 0], owners[i, 1]) != 0:
+            _close(fd)
+            return i
         if chmod[i] and _fchmod(fd, modes[i]) != 0:
             _close(fd)
             return i
@@ -175,18 +180,21 @@ def scratch() -> np.ndarray:
 
 
 def publish_run(dfd: int, names: np.ndarray, name_off: np.ndarray, data: np.ndarray, data_off: np.ndarray,
-                modes: np.ndarray, chmod: np.ndarray, mtimes: np.ndarray, skip: np.ndarray,
+                modes: np.ndarray, chmod: np.ndarray, owners: np.ndarray, mtimes: np.ndarray, skip: np.ndarray,
                 start: int, stop: int, work: np.ndarray) -> int:
     """Create files ``start``..``stop-1`` in directory ``dfd``; returns the first index not done.
 
     File i is named ``names[name_off[i]:]`` (NUL-terminated), holds
-    ``data[data_off[i]:data_off[i+1]]``, gets ``modes[i]`` (by ``fchmod``
-    when ``chmod[i]``) and ``mtimes[i]`` (ns); files with ``skip[i]`` set
+    ``data[data_off[i]:data_off[i+1]]``, gets the owner ``owners[i]`` (uid, gid;
+    left as created when uid is -1), ``modes[i]`` (by ``fchmod`` when
+    ``chmod[i]``, after the owner, which may clear set-ID bits) and
+    ``mtimes[i]`` (ns); files with ``skip[i]`` set
     are left out. ``names`` and ``data`` are read-only arrays (one compiled
     variant serves every caller); ``work`` comes from ``scratch()``, one
     per thread.
     """
-    return int(_publish_run(dfd, names, name_off, data, data_off, modes, chmod, mtimes, skip, start, stop, work))
+    return int(_publish_run(dfd, names, name_off, data, data_off, modes, chmod, owners, mtimes, skip, start, stop,
+                            work))
 
 
 def warm_up_writing() -> None:
@@ -194,7 +202,7 @@ def warm_up_writing() -> None:
     empty = np.zeros(1, dtype=np.int64)
     nothing = np.frombuffer(b"\0", dtype=np.uint8)  # names and data are read-only arrays
     publish_run(-1, nothing, empty, nothing, empty, np.zeros(0, np.uint32), np.zeros(0, np.bool_),
-                np.zeros(0, np.int64), np.zeros(0, np.bool_), 0, 0, scratch())
+                np.zeros((0, 2), np.int64), np.zeros(0, np.int64), np.zeros(0, np.bool_), 0, 0, scratch())
 
 
 def warm_up_reading() -> None:

@@ -318,7 +318,9 @@ class Destination:
         """Write small files packed in ``data``, one after another.
 
         Returns (indices whose checksum did not match, [path, error] list).
-        Nothing is written for a file that does not match.
+        Nothing is written for a file that does not match. A row with an owner
+        (syncs that keep owners; the caller checks that this one may) is
+        created with it.
         """
         offsets = [0]
         for f in files:
@@ -351,7 +353,8 @@ class Destination:
                 if k not in skip:  # this one in Python: it reports why, or takes the slow road
                     f = files[k]
                     try:
-                        self._write_small(dfd, split[k][2], data[offsets[k]:offsets[k + 1]], f.mode, f.mtime)
+                        self._write_small(dfd, split[k][2], data[offsets[k]:offsets[k + 1]], f.mode, f.mtime,
+                                          None if f.uid is None else (f.uid, f.gid))
                     except (OSError, PathEscape) as exc:
                         _fail(errors, f.path, exc)
                 k += 1
@@ -416,12 +419,16 @@ class Destination:
         os.close(out)
         return tmp
 
-    def _write_small(self, dfd: int, name: bytes, data: memoryview, mode: int, mtime: int) -> None:
+    def _write_small(self, dfd: int, name: bytes, data: memoryview, mode: int, mtime: int,
+                     owner: tuple[int, int] | None = None) -> None:
         fd, tmp = self._create(dfd, mode)
         try:
             written = 0
             while written < len(data):
                 written += os.write(fd, data[written:])
+            if owner is not None:
+                os.fchown(fd, *owner)
+                os.fchmod(fd, mode)
         except OSError:
             os.close(fd)
             if tmp is not None:
@@ -520,14 +527,18 @@ class _Compiled:
         self.data.flags.writeable = False  # read-only like the names: one compiled variant for every caller
         self.data_off = np.asarray(offsets, dtype=np.int64)
         self.modes = np.fromiter((f.mode for f in files), dtype=np.uint32, count=n)
-        self.chmod = ((self.modes & umask) != 0) | (self.modes > 0o777)
+        self.owners = np.array([(-1, -1) if f.uid is None else (f.uid, f.gid) for f in files],
+                               dtype=np.int64).reshape(n, 2)
+        # a change of owner clears set-user-ID and set-group-ID bits: those files get their mode again
+        self.chmod = (((self.modes & umask) != 0) | (self.modes > 0o777)
+                      | ((self.owners[:, 0] >= 0) & ((self.modes & 0o6000) != 0)))
         self.mtimes = np.fromiter((f.mtime for f in files), dtype=np.int64, count=n)
         self.skip = np.zeros(n, dtype=np.bool_)
         self.skip[bad] = True
 
     def run(self, dfd: int, start: int, stop: int, work: np.ndarray) -> int:
         return batchio.publish_run(dfd, self.names, self.name_off, self.data, self.data_off, self.modes,
-                                   self.chmod, self.mtimes, self.skip, start, stop, work)
+                                   self.chmod, self.owners, self.mtimes, self.skip, start, stop, work)
 
 
 def _unlink_quietly(dfd: int, name: str) -> None:

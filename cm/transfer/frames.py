@@ -99,11 +99,16 @@ class MetaRow(Row):
 
 
 class BatchRow(Row):
+    """One small file of a batch; ``uid`` and ``gid`` only for transfers that keep owners
+    (the file is created with them, so it needs no later owners pass)."""
+
     path: bytes
     size: Count
     mode: Mode
     mtime: Mtime
     digest: Digest
+    uid: Count | None = None
+    gid: Count | None = None
 
 
 class OwnerRow(Row):

@@ -241,6 +241,7 @@ class TransferServer:
                     elif kind == Kind.BATCH:
                         if plen > MAX_BATCH:
                             raise BadRequest("batch too large")
+                        _check_owners(req.files, reg.keep_owners)
                         if len(batch) < plen:
                             batch = bytearray(plen)
                         view = memoryview(batch)[:plen]
@@ -273,13 +274,8 @@ class TransferServer:
         size, index = req.size, req.index
         if index >= chunk_count(size, chunk_size) or plen != min(chunk_size, size - index * chunk_size):
             raise BadRequest("chunk index or length does not fit the file size")
-        owner = None
-        if req.uid is not None or req.gid is not None:
-            if not reg.keep_owners:
-                raise BadRequest("this transfer may not set owners (only root's and operators' syncs do)")
-            if req.uid is None or req.gid is None:
-                raise BadRequest("chunk owner needs uid and gid")
-            owner = (req.uid, req.gid)
+        _check_owners([req], reg.keep_owners)
+        owner = None if req.uid is None else (req.uid, req.gid)
         try:
             ok, published = dest.receive_chunk(req, chan, buf, owner)
         except ChunkRefused as exc:  # nothing of the payload read yet: pass it by, the stream goes on
@@ -320,6 +316,16 @@ class TransferServer:
                 raise BadRequest("this transfer may not set owners (only root's and operators' syncs do)")
             return f.Done(dest.owners(req.entries))
         raise BadRequest(f"unexpected {f.KINDS[type(req)].name}")
+
+
+def _check_owners(rows: list, keep_owners: bool) -> None:
+    """Rows may carry owners only in transfers that keep them (root's and operators'), and then both."""
+    for row in rows:
+        if row.uid is not None or row.gid is not None:
+            if not keep_owners:
+                raise BadRequest("this transfer may not set owners (only root's and operators' syncs do)")
+            if row.uid is None or row.gid is None:
+                raise BadRequest("a file's owner needs uid and gid")
 
 
 def _warm_up() -> None:

@@ -109,9 +109,12 @@ class Sender:
             self._pages(control, f.DirMeta, [f.MetaRow(os.fsencode(e.path), e.mode, e.mtime_ns)
                                              for e in reversed(dirs)])
             if spec.owners:  # root's and operators' syncs: each rank its own files, the lead the rest
+                # files whose data went (batches, chunks) were created with their owner already
                 owned = work.owned + ([e for e in entries if e.kind != FILE] if lead else [])
-                made = {it.entry.path for it in work.small} | {e.path for e in mkdirs} | {e.path for e in links}
-                owned = [e for e in owned if e.path in made or _owner_differs(e, dst.get(e.path))]
+                sent = {it.entry.path for it in work.small} | {it.entry.path for it in work.chunks}
+                made = {e.path for e in mkdirs} | {e.path for e in links}
+                owned = [e for e in owned if e.path not in sent
+                         and (e.path in made or _owner_differs(e, dst.get(e.path)))]
                 self._pages(control, f.Owners, [f.OwnerRow(*row) for row in self.source.owner_rows(owned)])
             control.send(f.Bye())
         except (ConnectionError, TimeoutError) as exc:

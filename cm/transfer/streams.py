@@ -172,7 +172,10 @@ class Streams:
             if read:
                 if pos != src:  # close the gap a file that could not be read left
                     buf[pos:pos + e.size] = bytes(buf[src:src + e.size])
-                rows.append(f.BatchRow(os.fsencode(e.path), e.size, e.mode, e.mtime_ns, 0))
+                row = f.BatchRow(os.fsencode(e.path), e.size, e.mode, e.mtime_ns, 0)
+                if self.spec.owners:  # created with its owner (as the walk saw it): no owners pass for it
+                    row.uid, row.gid = e.uid, e.gid
+                rows.append(row)
                 sent_items.append(it)
                 pos += e.size
                 offsets.append(pos)

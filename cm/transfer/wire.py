@@ -27,7 +27,7 @@ from typing import Callable
 from .frames import KINDS, REQUESTS, Error, Frame, FrameError, Kind, decode_answer, decode_request, encode
 
 MAGIC = b"CM"
-VERSION = 3  # 2: manifest rows carry names as bytes only (frames.EntryRow); 3: and owners
+VERSION = 4  # 2: manifest rows carry names as bytes only (frames.EntryRow); 3: and owners; 4: batch rows too
 HEADER = struct.Struct("<2sBBIQ")
 TRAILER = struct.Struct("<Q")
 PIECE = 1 << 20  # bytes handed to the kernel (and the hash) at a time; a multiple of 32

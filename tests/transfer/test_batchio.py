@@ -11,7 +11,7 @@ from cm.transfer import batchio
 from cm.transfer.checksum import xxh64_reference
 
 
-def _layout(files: list[tuple[bytes, bytes, int, int]], skip=()):
+def _layout(files: list[tuple[bytes, bytes, int, int]], skip=(), owners=None):
     names = np.frombuffer(b"".join(name + b"\0" for name, *_ in files), dtype=np.uint8)
     name_off = np.zeros(len(files) + 1, dtype=np.int64)
     name_off[1:] = np.cumsum([len(name) + 1 for name, *_ in files])
@@ -23,7 +23,8 @@ def _layout(files: list[tuple[bytes, bytes, int, int]], skip=()):
     chmod = np.ones(len(files), dtype=np.bool_)
     skips = np.zeros(len(files), dtype=np.bool_)
     skips[list(skip)] = True
-    return names, name_off, data, data_off, modes, chmod, mtimes, skips
+    owned = np.array(owners or [(-1, -1)] * len(files), dtype=np.int64).reshape(len(files), 2)
+    return names, name_off, data, data_off, modes, chmod, owned, mtimes, skips
 
 
 def test_a_run_is_published_with_content_mode_and_mtime(tmp_path):
@@ -40,6 +41,19 @@ def test_a_run_is_published_with_content_mode_and_mtime(tmp_path):
         st = os.lstat(tmp_path / os.fsdecode(name))
         assert (tmp_path / os.fsdecode(name)).read_bytes() == body
         assert (stat.S_IMODE(st.st_mode), st.st_mtime_ns) == (mode, mtime)
+
+
+def test_a_run_that_keeps_owners_creates_each_file_with_its_owner_and_keeps_set_id_bits(tmp_path):
+    files = [(b"theirs", b"data", 0o6755, 1_000), (b"mine", b"more", 0o644, 2_000)]
+    dfd = os.open(tmp_path, os.O_RDONLY | os.O_DIRECTORY)
+    try:  # as root: a change of owner clears set-ID bits, so the mode is set after it
+        done = batchio.publish_run(dfd, *_layout(files, owners=[(4242, 4343), (-1, -1)]), 0, 2, batchio.scratch())
+    finally:
+        os.close(dfd)
+    assert done == 2
+    theirs, mine = os.lstat(tmp_path / "theirs"), os.lstat(tmp_path / "mine")
+    assert (theirs.st_uid, theirs.st_gid, stat.S_IMODE(theirs.st_mode)) == (4242, 4343, 0o6755)
+    assert (mine.st_uid, mine.st_gid) == (os.geteuid(), os.getegid())  # -1: left as created
 
 
 def test_it_stops_at_a_file_it_cannot_finish_and_leaves_nothing_of_it(tmp_path):

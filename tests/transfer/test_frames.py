@@ -23,7 +23,7 @@ GOOD = {
     Kind.DELETE: {"paths": [P, b"x"]},
     Kind.SYMLINKS: {"links": [[P, b"../t", 1 << 62]]},
     Kind.META: {"files": [[P, 0o4755, 0]]},
-    Kind.BATCH: {"files": [[P, 3, 0o644, 7, (1 << 64) - 1]]},
+    Kind.BATCH: {"files": [[P, 3, 0o644, 7, (1 << 64) - 1, 1000, 1000]]},
     Kind.CHUNK: {"path": P, "size": 10, "mode": 0o600, "mtime": 1, "chunk_size": 4096, "index": 0},
     Kind.DIRMETA: {"dirs": [[P, 0o700, 2]]},
     Kind.OWNERS: {"entries": [[P, 1000, 100, 0o2775]]},

@@ -142,3 +142,13 @@ def test_frames_are_bounded_before_hello(receiver):
         s.sendall(HEADER.pack(MAGIC, VERSION, int(Kind.HELLO), 5000, 0) + b"x" * 5000)
         head = s.recv(HEADER.size)
         assert struct.unpack("<2sBBIQ", head)[2] == Kind.ERROR
+
+
+def test_a_batch_that_sets_owners_is_refused_unless_the_transfer_keeps_owners(receiver):
+    from cm.transfer.checksum import digest
+
+    chan = _connect(receiver)  # registered as a user's transfer: owners are not this sender's to give
+    with pytest.raises(RemoteError, match="may not set owners"):
+        chan.request(f.Batch([f.BatchRow(b"root-owned", 3, 0o4755, 0, digest(b"abc"), uid=0, gid=0)]), b"abc")
+    chan.close()
+    assert not receiver.dst.exists() or not _files_under(receiver.dst)

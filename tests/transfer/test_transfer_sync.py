@@ -132,7 +132,7 @@ def _compiled_code_refused(monkeypatch, destination) -> list:
     """The compiled writer meets the same refusal at every file it starts (it returns where it started)."""
     calls = []
 
-    def refused(dfd, names, name_off, data, data_off, modes, chmod, mtimes, skip, start, stop, work):
+    def refused(dfd, names, name_off, data, data_off, modes, chmod, owners, mtimes, skip, start, stop, work):
         calls.append(start)
         return start
 
