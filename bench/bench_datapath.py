@@ -170,7 +170,7 @@ def scenarios(src: Path, dst: Path, size: int) -> dict:
 
     rows = {
         "read (mapping, copy out)": read_pass,
-        "xxh64 hash": hash_pass,
+        "XXH3 hash": hash_pass,
         "pwrite into a new file": write_pass,
         "TCP loopback: send + recv": network("send", False, False, ""),
         "TCP loopback: sendfile + recv": network("sendfile", False, False, ""),

@@ -1,8 +1,9 @@
-"""The data mover: tree walk and diff, chunk plan, TCP sender/receiver, numba checksums.
+"""The data mover: tree walk and diff, chunk plan, TCP sender/receiver, checksums, numba batch I/O.
 
 Modules, by concept: ``paths`` (confinement), ``tree`` (walks, excludes),
 ``plan`` (work items, rank assignment), ``diff`` (what the destination
-lacks), ``checksum`` (xxh64), ``frames`` (what each frame says: one msgspec
+lacks), ``checksum`` (XXH3), ``jit`` (numba's cache), ``batchio``
+(small files read and written by compiled code), ``frames`` (what each frame says: one msgspec
 Struct per request and answer), ``wire`` (frames: the only place bytes meet
 sockets), ``partial`` (resume state of large files), ``destination``
 (writes on the receiving side), ``receiver`` (``TransferServer`` and the

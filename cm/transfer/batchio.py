@@ -27,10 +27,10 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator
 
-import numpy as np
-from numba import njit, types
+from . import jit  # noqa: F401, I001  (chooses numba's cache directory: before numba is imported)
 
-from . import checksum  # noqa: F401  (chooses numba's cache directory before anything is compiled)
+import numpy as np  # noqa: E402
+from numba import njit, types  # noqa: E402
 
 _openat = types.ExternalFunction("openat", types.int32(types.int32, types.intp, types.int32, types.uint32))
 _write = types.ExternalFunction("write", types.intp(types.int32, types.intp, types.uintp))

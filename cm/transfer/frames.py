@@ -26,7 +26,7 @@ Count = Annotated[int, Meta(ge=0)]
 Mode = Annotated[int, Meta(ge=0, le=0o7777)]  # permission bits, set-id and sticky bits
 Mtime = Annotated[int, Meta(ge=-(1 << 63), le=(1 << 63) - 1)]  # nanoseconds since the epoch
 ChunkSize = Annotated[int, Meta(gt=0, multiple_of=mmap.ALLOCATIONGRANULARITY)]  # chunks are mapped at offsets
-Digest = Annotated[int, Meta(ge=0)]  # xxh64 (msgpack holds no more than 64 bits)
+Digest = Annotated[int, Meta(ge=0)]  # XXH3-64 (msgpack holds no more than 64 bits)
 MAX_ROWS = 1_000_000  # rows in one request (the frame's size is bounded as well)
 
 

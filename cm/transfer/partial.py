@@ -20,7 +20,7 @@ import os
 import struct
 
 _HEAD = struct.Struct("<8sQqQ")
-_MAGIC = b"CMPART01"
+_MAGIC = b"CMPART02"  # 02: the digests are XXH3-64 (an 01 sidecar is not trusted: its chunks go again)
 _SLOT = struct.Struct("<QB7x")
 _OPEN = os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC
 

@@ -7,7 +7,7 @@ larger than a bounded buffer::
     header  = magic "CM" | version u8 | kind u8 | meta_len u32 | payload_len u64
     meta    = msgpack map: the frame's fields, one Struct per kind (``frames``)
     payload = payload_len bytes
-    trailer = u64 xxh64 of the payload, only for streamed frames (CHUNK)
+    trailer = u64 XXH3-64 of the payload, only for streamed frames (CHUNK)
 
 A sender streams a chunk straight out of a mapped file, hashing each piece
 just before it leaves; a receiver reads pieces into one reusable buffer,
@@ -27,7 +27,8 @@ from typing import Callable
 from .frames import KINDS, REQUESTS, Error, Frame, FrameError, Kind, decode_answer, decode_request, encode
 
 MAGIC = b"CM"
-VERSION = 4  # 2: manifest rows carry names as bytes only (frames.EntryRow); 3: and owners; 4: batch rows too
+VERSION = 5  # 2: manifest rows carry names as bytes only (frames.EntryRow); 3: and owners; 4: batch rows too;
+#             5: digests are XXH3-64, not xxh64
 HEADER = struct.Struct("<2sBBIQ")
 TRAILER = struct.Struct("<Q")
 PIECE = 1 << 20  # bytes handed to the kernel (and the hash) at a time; a multiple of 32
