@@ -250,7 +250,8 @@ def bench_storage(label: str, base: Path, args, why: dict[str, str], sizes: dict
                                         peers.tcp_command(scen, f"{t}-{scen}-R") if t == "tcp" else
                                         " ".join(peers.command(t, scen, f"{t}-{scen}-R"))
                                         for t in result["times"][scen]}
-        for scen in "b", "c", "d", "a":  # (a), the largest, last: on disk nothing written before it is deleted
+        for scen in [s for s in "bcda" if s in args.scenarios]:  # (a), the largest, last: on disk nothing
+            # written before it is deleted
             for rep in range(args.reps):
                 names = list(result["times"][scen])
                 order = names[rep % len(names):] + names[:rep % len(names)]
@@ -285,12 +286,13 @@ def summary(values: list[float]) -> str:
 
 
 def print_storage(label: str, res: dict, why: dict[str, str]) -> None:
-    print(f"\n{label}: median ms (min-max) of {len(next(iter(res['times']['b'].values())))} runs; "
+    ran = [scen for scen in "abcd" if res["times"][scen].get("cm")]
+    print(f"\n{label}: median ms (min-max) of {len(res['times'][ran[0]]['cm']) if ran else 0} runs; "
           f"cm/peer = peer_time / cm_time (> 1: cm faster)")
     head = f"{'scenario':30}" + "".join(f"{t:>22}" for t in TOOLS)
     print(head)
     print("-" * len(head))
-    for scen in "abcd":
+    for scen in ran:
         times = res["times"][scen]
         row = f"{SCENARIOS[scen]:30}"
         for tool in TOOLS:
@@ -301,7 +303,7 @@ def print_storage(label: str, res: dict, why: dict[str, str]) -> None:
         print(f"{'   cm vs':30} " + ", ".join(ratios))
     print("\ncm's breakdown (median ms): command start->submitted | submitted->started | sender (walk+decide+data) "
           "| rest of the run (hand-off, publish, report) | ended->prompt")
-    for scen in "abcd":
+    for scen in ran:
         bds = res["breakdown"][scen]
         keys = ["command_to_submitted", "submitted_to_started", "sender", "run_other", "ended_to_prompt"]
         print(f"  {SCENARIOS[scen]:30}" + " | ".join(f"{statistics.median(b[k] for b in bds) * 1000:7.0f}"
@@ -320,6 +322,7 @@ def main() -> int:
     ap.add_argument("--storage", default="tmpfs,disk", help="tmpfs, disk or both (comma-separated)")
     ap.add_argument("--tmpfs-dir", default="/dev/shm/cm-bench-peers")
     ap.add_argument("--disk-dir", default="/var/tmp/cm-bench-peers")
+    ap.add_argument("--scenarios", default="abcd", help="which of a, b, c (needs b's copies), d to run")
     ap.add_argument("--reps", type=int, help="runs per tool and scenario (default 3; 1 with --quick)")
     ap.add_argument("--out", help="JSON results (default docs/benchmarks.json; a temporary file with --quick)")
     ap.add_argument("--no-install", action="store_true", help="do not apt-get install missing peers")
@@ -340,9 +343,10 @@ def main() -> int:
     uname = platform.uname()
     mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") >> 30
     print(f"machine: {os.cpu_count()} CPUs, {mem} GiB, Linux {uname.release}, Python {platform.python_version()}; "
-          f"{args.reps} runs per tool; shared with other users")
+          f"{args.reps} runs per tool; load average {os.getloadavg()[0]:.2f} before the runs (the cluster and peers "
+          f"share these CPUs with whatever else runs)")
     results = {"date": time.strftime("%Y-%m-%d"), "machine": {"cpus": os.cpu_count(), "mem_gib": mem,
-               "kernel": uname.release}, "sizes": sizes, "reps": args.reps, "missing": {t: w for t, w in why.items() if w},
+               "kernel": uname.release, "load_before": round(os.getloadavg()[0], 2)}, "sizes": sizes, "reps": args.reps, "missing": {t: w for t, w in why.items() if w},
                "storage": {}}
     # a copy per tool and run stays on the disk until the end; tmpfs keeps about two of each at once
     mixed = sizes["mixed_big"] * sizes["mixed_big_n"]

@@ -56,7 +56,9 @@ def main() -> int:
         ax.set_xticks(range(4), [names[s] for s in "abcd"])
         ax.set_ylabel("peer time / cm time\n(> 1: cm faster)")
         ax.set_title(f"cmsync --wait against its peers on {label} ({res['date']}, {res['machine']['cpus']} CPUs, "
-                     f"median of {res['reps']} runs, machine shared)")
+                     f"median of {res['reps']} runs"
+                     + (f", load average {res['machine']['load_before']} before" if 'load_before' in res['machine']
+                        else "") + ")")
         ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1))
     fig.tight_layout()
     fig.savefig(out, dpi=110)
