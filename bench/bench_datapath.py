@@ -43,7 +43,7 @@ from cm.transfer.checksum import Hasher, warm_up  # noqa: E402
 
 MiB = 1 << 20
 SEND_PIECE = 1 << 20  # cm.transfer.wire.PIECE
-RECV_PIECE = 256 << 10  # cm.transfer.receiver.RECV_PIECE
+from cm.transfer.receiver import RECV_PIECE  # noqa: E402  (what the mover receives a piece in)
 
 
 def cpu() -> float:

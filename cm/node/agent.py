@@ -123,7 +123,10 @@ class NodeAgent:
                 now = time.monotonic()
                 # The first hello waits until the zygote has loaded (bounded by WarmSenders.READY_WAIT):
                 # a node the head sees is one whose first sync starts as fast as any other.
-                if not self.welcomed and now >= next_hello and (self.registered or self.warm.settled()):
+                held = not self.welcomed and not self.registered and not self.warm.settled()
+                if held:
+                    self.connected_at = now  # nothing asked of the head yet: no reason to reconnect
+                elif not self.welcomed and now >= next_hello:
                     if now - self.connected_at > RECONNECT_AFTER:
                         event(log, "no welcome from the head; reconnecting", logging.WARNING)
                         self.connect()

@@ -131,7 +131,8 @@ class WarmSenders:
         ours.setblocking(False)
         self.sock = ours
         self.ready = False
-        self._started_at = time.monotonic()
+        if not self._started_at:  # READY_WAIT runs from the first start: restarts do not prolong it
+            self._started_at = time.monotonic()
 
     def settled(self) -> bool:
         """Whether a sync started now gets a sender as fast as it ever will: the zygote is ready,
@@ -209,6 +210,8 @@ class WarmSenders:
             except OSError:
                 message = b""
             if not message:  # the zygote is gone
+                if not self.ready:  # it died loading (numba, an import): not again at once, and not in a loop
+                    self._not_before = time.monotonic() + self.RETRY_AFTER
                 self._let_go()
                 break
             try:

@@ -3,7 +3,7 @@
 The mover verifies every chunk and every small file with XXH3-64 (seed 0):
 the sender hashes what it sends, the receiver what it received, and a
 mismatch is sent again. ``digest`` hashes one buffer (a mapped file region,
-a bytearray, bytes, a numpy array); ``digest_many`` hashes the files packed
+a bytearray, bytes, a C-contiguous numpy array); ``digest_many`` hashes the files packed
 one after another in a batch; ``Hasher`` takes a chunk piece by piece as it
 crosses the socket. The library's C code releases the GIL while it hashes,
 so a stream's hashing overlaps the other streams' socket I/O.

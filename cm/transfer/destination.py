@@ -410,6 +410,9 @@ class Destination:
                 if n == 0:
                     raise OSError(errno.EIO, "short copy")
                 done += n
+            st = os.fstat(fd)
+            if (st.st_uid, st.st_gid) != (os.fstat(out).st_uid, os.fstat(out).st_gid):
+                os.fchown(out, st.st_uid, st.st_gid)  # the owner a sync that keeps owners gave it
             os.fchmod(out, mode)
             os.utime(out, ns=(mtime, mtime))
         except OSError:

@@ -23,6 +23,7 @@ import msgspec
 from msgspec import Meta, Struct
 
 Count = Annotated[int, Meta(ge=0)]
+Id = Annotated[int, Meta(ge=0, le=(1 << 32) - 2)]  # a uid or gid ((uid_t)-1 means "no change")
 Mode = Annotated[int, Meta(ge=0, le=0o7777)]  # permission bits, set-id and sticky bits
 Mtime = Annotated[int, Meta(ge=-(1 << 63), le=(1 << 63) - 1)]  # nanoseconds since the epoch
 ChunkSize = Annotated[int, Meta(gt=0, multiple_of=mmap.ALLOCATIONGRANULARITY)]  # chunks are mapped at offsets
@@ -107,14 +108,14 @@ class BatchRow(Row):
     mode: Mode
     mtime: Mtime
     digest: Digest
-    uid: Count | None = None
-    gid: Count | None = None
+    uid: Id | None = None
+    gid: Id | None = None
 
 
 class OwnerRow(Row):
     path: bytes
-    uid: Count
-    gid: Count
+    uid: Id
+    gid: Id
     mode: Mode
 
 
@@ -214,8 +215,8 @@ class Chunk(Frame):
     mtime: Mtime
     chunk_size: ChunkSize
     index: Count
-    uid: Count | None = None
-    gid: Count | None = None
+    uid: Id | None = None
+    gid: Id | None = None
 
 
 class DirMeta(Frame):

@@ -152,3 +152,25 @@ def test_a_batch_that_sets_owners_is_refused_unless_the_transfer_keeps_owners(re
         chan.request(f.Batch([f.BatchRow(b"root-owned", 3, 0o4755, 0, digest(b"abc"), uid=0, gid=0)]), b"abc")
     chan.close()
     assert not receiver.dst.exists() or not _files_under(receiver.dst)
+
+
+def test_a_file_copied_to_a_named_temporary_keeps_the_owner_it_was_given(tmp_path):
+    """Where /proc cannot link an unnamed file, its data are copied into a named one: as root,
+    for a sync that keeps owners, the owner given to the first (there is no owners pass for it) goes along."""
+    from cm.transfer.destination import Destination
+
+    if os.geteuid() != 0:
+        pytest.skip("needs root to give files to others")
+    (tmp_path / "dst").mkdir()
+    dest = Destination(tmp_path / "dst", ())
+    dfd = dest.dirs.open(())
+    fd = os.open(tmp_path / "dst", os.O_RDWR | os.O_TMPFILE, 0o600)
+    try:
+        os.write(fd, b"data")
+        os.fchown(fd, 4242, 4343)
+        tmp = dest._named_copy(dfd, fd, 0o4750, 1_000_000_000)
+    finally:
+        os.close(fd)
+    st = os.stat(os.fsdecode(tmp), dir_fd=dfd)
+    dest.close()
+    assert (st.st_uid, st.st_gid, st.st_mode & 0o7777, st.st_mtime_ns) == (4242, 4343, 0o4750, 1_000_000_000)

@@ -200,3 +200,21 @@ def test_a_sender_gets_none_of_the_daemons_secrets(monkeypatch):
     assert "CM_OPERATOR_TOKEN" not in env and "s3cret" not in env.values()
     assert not [k for k in env if k.startswith("CM_")]
     assert env["NUMBA_CACHE_DIR"] == "/tmp/x"
+
+
+def test_a_zygote_that_dies_loading_lets_the_node_register_and_is_not_restarted_in_a_loop(monkeypatch):
+    import sys
+
+    monkeypatch.setattr(sys, "executable", "/bin/false")  # a zygote that exits before it says it is ready
+    senders = WarmSenders(True)
+    senders.start()
+    first = senders.proc
+    assert first is not None
+    first.wait(timeout=10)
+    deadline = time.monotonic() + 10
+    while not senders.settled() and time.monotonic() < deadline:
+        senders.wait_readable(0.05)
+    assert senders.settled()  # the node says hello rather than wait for a zygote that cannot load
+    senders.start()  # the node's loop asks again at once: no new zygote before RETRY_AFTER
+    assert senders.proc is None and senders.settled()
+    senders.close()
