@@ -211,7 +211,7 @@ def main() -> int:
     args = ap.parse_args()
     cpus = args.slurm_cpus
     print(f"{args.jobs} trivial jobs (`true`), one command per job, submitted one after the other; "
-          f"{os.cpu_count()} CPUs, machine shared with other users")
+          f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.2f} before the runs")
     why = ensure_slurm(not args.no_install)
     slurm = None
     if why:
