@@ -39,11 +39,11 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from cm.transfer.checksum import Hasher, warm_up  # noqa: E402
+from cm.transfer.checksum import Hasher  # noqa: E402
+from cm.transfer.receiver import RECV_PIECE  # noqa: E402  (what the mover receives a piece in)
+from cm.transfer.wire import PIECE as SEND_PIECE  # noqa: E402  (what a sender sends a piece in)
 
 MiB = 1 << 20
-SEND_PIECE = 1 << 20  # cm.transfer.wire.PIECE
-from cm.transfer.receiver import RECV_PIECE  # noqa: E402  (what the mover receives a piece in)
 
 
 def cpu() -> float:
@@ -194,7 +194,6 @@ def main() -> int:
     ap.add_argument("--reps", type=int, default=3)
     args = ap.parse_args()
     size = args.size * MiB
-    warm_up()
     top = Path(tempfile.mkdtemp(prefix="cm-datapath-", dir=args.dir))
     try:
         src, dst = top / "src.bin", top / "dst.bin"

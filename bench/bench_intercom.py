@@ -22,6 +22,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
+from bench_sched import percentile  # noqa: E402
 from cm.cli.client import Client  # noqa: E402
 from cm.cluster.local import LocalCluster, parse_partitions  # noqa: E402
 from cm.config import load  # noqa: E402
@@ -65,13 +66,6 @@ JOB = """
     intercom.fence(timeout=60)
     json.dump(out, open(f"ic.{rank}.json", "w"))
 """
-
-
-def percentile(values: list[float], p: float) -> float:
-    values = sorted(values)
-    k = (len(values) - 1) * p / 100
-    lo, hi = int(k), min(int(k) + 1, len(values) - 1)
-    return values[lo] + (values[hi] - values[lo]) * (k - lo)
 
 
 def run(procs: int, rounds: int, fences: int, commands: int) -> dict:

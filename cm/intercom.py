@@ -298,11 +298,6 @@ class Intercom:
         _check_text(key=key)
         return self.call(lambda req: Get(req, key, timeout), timeout).value
 
-    def get_versioned(self, key: str, timeout: float | None = None) -> tuple[str, int]:
-        _check_text(key=key)
-        done = self.call(lambda req: Get(req, key, timeout), timeout)
-        return done.value, done.version
-
     def fence(self, timeout: float | None = None) -> None:
         """Return once every process of the job's run has called fence (puts made before are visible)."""
         self.call(lambda req: Fence(req, timeout), timeout)

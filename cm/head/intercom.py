@@ -26,6 +26,7 @@ from cm import store
 from cm.config import Settings
 from cm.logs import event
 from cm.head.records import Job
+from cm.head.requests import Refused
 from cm.intercom import oversize
 from cm.protocol import (
     ErrorCode,
@@ -47,13 +48,6 @@ DELIVERY_WAIT = 3.0  # seconds the head waits for nodes to say they queued a com
 OPEN_FENCES = 4  # fences of one run in progress at once (a rank is never more than one ahead)
 RunKey = tuple[int, int]  # (job, run)
 
-
-class Refused(Exception):
-    """A request the head answers with an error of ``code``."""
-
-    def __init__(self, code: ErrorCode, message: str):
-        super().__init__(message)
-        self.code = code
 
 
 @dataclass(eq=False)
@@ -144,7 +138,7 @@ class HeadIntercom:
         for job_id in store.intercom.jobs_with_keys():
             job = self.jobs.get(job_id)
             if job is None or job.get("kind") != "command":
-                store.intercom.drop_keys(job_id)
+                self._drop(job_id)  # at once: the key writer starts below
             else:
                 self._keys_of(job_id, job.get("runs", 0))  # watched from now on: deleted when it ends
         self.writer = KeyWriter()
@@ -206,13 +200,13 @@ class HeadIntercom:
         job = self.jobs.get(msg.job_id)
         if job is None or job.get("kind") != "command" or job["state"] not in (JobState.RUNNING.value,
                                                                                JobState.DISPATCHING.value):
-            raise Refused(ErrorCode.ENDED, f"job {msg.job_id} is not running")
+            raise Refused(f"job {msg.job_id} is not running", ErrorCode.ENDED)
         if job.get("runs") != msg.run:
-            raise Refused(ErrorCode.ENDED, f"run {msg.run} of job {msg.job_id} is over")
+            raise Refused(f"run {msg.run} of job {msg.job_id} is over", ErrorCode.ENDED)
         procs = job.get("procs", 1)
         slot = job["slots"][msg.rank // procs] if msg.rank < len(job["slots"]) * procs else None
         if slot is None or slot["node"] != peer:
-            raise Refused(ErrorCode.FORBIDDEN, f"{peer} does not hold rank {msg.rank} of job {msg.job_id}")
+            raise Refused(f"{peer} does not hold rank {msg.rank} of job {msg.job_id}", ErrorCode.FORBIDDEN)
         return job
 
     # --- keys ---------------------------------------------------------------------------
@@ -230,7 +224,7 @@ class HeadIntercom:
         _limit("value", msg.value, s.intercom_value_bytes)
         kv = self._keys_of(msg.job_id, msg.run)
         if msg.key not in kv and len(kv) >= s.intercom_keys:
-            raise Refused(ErrorCode.LIMIT, f"job {msg.job_id} holds {len(kv)} keys, the limit (CM_INTERCOM_KEYS)")
+            raise Refused(f"job {msg.job_id} holds {len(kv)} keys, the limit (CM_INTERCOM_KEYS)", ErrorCode.LIMIT)
         version = kv.get(msg.key, ("", 0))[1] + 1
         kv[msg.key] = (msg.value, version)
         # readers hear of it at once; the putter is answered once the writer has it in the database, and until
@@ -269,7 +263,7 @@ class HeadIntercom:
             return
         open_ = self.fences.setdefault(run, {})
         if msg.epoch not in open_ and len(open_) >= OPEN_FENCES:
-            raise Refused(ErrorCode.REFUSED, f"fence {msg.epoch} of job {msg.job_id}: too many fences in progress")
+            raise Refused(f"fence {msg.epoch} of job {msg.job_id}: too many fences in progress")
         arrived = open_.setdefault(msg.epoch, set())
         arrived.add(msg.rank)
         if len(arrived) < len(job["slots"]) * job.get("procs", 1):
@@ -288,7 +282,7 @@ class HeadIntercom:
         procs, total = job.get("procs", 1), len(job["slots"]) * job.get("procs", 1)
         ranks = sorted({r for r in msg.ranks if r < total and (r != msg.rank or msg.reply)})
         if not ranks:
-            raise Refused(ErrorCode.REFUSED, f"no process of job {msg.job_id} matches the condition {msg.to!r}")
+            raise Refused(f"no process of job {msg.job_id} matches the condition {msg.to!r}")
         by_node: dict[str, list[int]] = {}
         for r in ranks:
             by_node.setdefault(job["slots"][r // procs]["node"], []).append(r)
@@ -350,4 +344,4 @@ def _limit(name: str, text: str, limit: int) -> None:
     """Refuse text over its size setting (an empty key or a negative rank does not decode)."""
     problem = oversize(name, text, limit)
     if problem:
-        raise Refused(ErrorCode.LIMIT, problem)
+        raise Refused(problem, ErrorCode.LIMIT)

@@ -26,7 +26,6 @@ from cm.head.resources import NodeView, Request, Running
 from cm.head.specs import demands_of, node_spec, request_of
 from cm.head.writebehind import HeldStarts
 from cm.logs import event
-from cm.protocol import NodeJob
 from cm.states import FINAL_STATES, JobState
 from cm.store.jobstore import JobStore
 from cm.transfer.exitcodes import TRANSIENT as TRANSIENT_EXIT  # a sender lost its receiver: run the sync again
@@ -36,7 +35,7 @@ log = logging.getLogger("cm.head.jobs")
 SYNC_RESTARTS = 5
 FORCED = (JobState.TIMEOUT, JobState.NODE_FAIL, JobState.CANCELLED)  # a share stopped by force stops the job
 
-__all__ = ["JobTable", "Outcome", "Stop", "final_state", "request_of"]
+__all__ = ["JobTable", "final_state"]
 
 Share = tuple[int, int, str, int]  # (job_id, run, role, rank): one slot of one run, as nodes name it
 
@@ -294,9 +293,6 @@ class JobTable:
         for s in slots:
             if job["kind"] != "sync" or s["role"] == "dst":
                 out.run.append((s["node"], job_id, node_spec(job, s, addrs)))
-
-    def spec(self, job: Job, slot: SlotRecord, addrs: dict[str, str]) -> NodeJob:
-        return node_spec(job, slot, addrs)
 
     @staticmethod
     def matching(job: Job, node: str, role: str, rank: int) -> list[int]:

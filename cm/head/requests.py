@@ -24,7 +24,6 @@ from cm.head.resources import NodeView
 from cm.head.scheduler import NeverFits, check_feasible
 from cm.head.specs import request_of
 from cm.protocol import (
-    MAX_WAIT,
     Cancel,
     Control,
     Delete,
@@ -42,7 +41,7 @@ from cm.protocol import (
 from cm.states import JobState
 from cm.timefmt import TimeFormatError, parse_time
 
-__all__ = ["Head", "Later", "Refused", "handle", "job_view", "HANDLERS", "MAX_WAIT"]
+__all__ = ["Head", "Later", "Refused", "handle", "job_view", "HANDLERS"]
 
 
 class Head(Protocol):

@@ -69,6 +69,11 @@ class SocketAnswer:
         self.clients.send(self.conn, reply)
 
 
+def _unavailable() -> Reply:
+    return Reply(ok=False, error="the database is unreachable; the head is waiting for it, try again shortly",
+                 code=ErrorCode.DB_UNAVAILABLE)
+
+
 class HeadServer:
     def __init__(self, settings: Settings):
         self.settings = settings
@@ -227,19 +232,17 @@ class HeadServer:
 
     def answer(self, caller, request: Request) -> Reply:
         """The reply to a client's request (Later: answer a long poll when its job ends); never raises else."""
-        unavailable = Reply(ok=False, error="the database is unreachable; the head is waiting for it, try again "
-                            "shortly", code=ErrorCode.DB_UNAVAILABLE)
         if request.op != "ping" and not self.stale and not store.reachable():
             self.db_failed(f"request {request.op}", store.StoreError("the driver lost the server"))
         if self.stale and request.op != "ping":
-            return unavailable
+            return _unavailable()
         try:
             return handle(self, caller, request)
         except Later:
             raise  # the server keeps the request and answers it later
         except (store.StoreError, store.DatabaseUnreachable) as exc:
             self.db_failed(f"request {request.op}", exc)
-            return unavailable
+            return _unavailable()
         except store.DatabaseError as exc:
             return Reply(ok=False, error=f"the database refused the request: {str(exc)[:300]}",
                          code=ErrorCode.REFUSED)

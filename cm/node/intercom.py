@@ -341,8 +341,7 @@ class NodeIntercom:
 
     def _refuse(self, conn: Conn, why: str, code: ErrorCode = ErrorCode.BAD_MESSAGE) -> None:
         event(log, "intercom connection closed", logging.WARNING, job=conn.job.share[0], rank=conn.rank, reason=why)
-        self._answer(conn, Failed(0, code, why))
-        self._flush(conn)
+        self._answer(conn, Failed(0, code, why))  # sent at once as far as the socket takes it
         self._drop(conn)
 
     def _drop(self, conn: Conn) -> None:

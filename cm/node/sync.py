@@ -1,8 +1,8 @@
 """A node's share of a sync job: a sender process on the source side,
 a registration with this node's mover on the destination side.
 
-A sender spends about half a second loading numba and its compiled
-checksums before it can send anything, which is most of the time a sync of
+A sender spends about half a second loading numba and its compiled batch
+code before it can send anything, which is most of the time a sync of
 a few thousand small files takes. So the node keeps one sender loaded from
 the daemon's start on (``warm_sender``), the zygote
 (``cm.transfer.zygote``), and forks each sync's senders from it: the first

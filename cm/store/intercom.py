@@ -23,7 +23,7 @@ def load_keys(job_id: int, run: int) -> dict[str, tuple[str, int]]:
 
 def apply(changes: list[tuple]) -> None:
     """Several changes in order, in one round trip: ("save", job, run, key, value, version) and
-    ("drop", job, keep_run or None) as drop_keys."""
+    ("drop", job, keep_run or None): a job's keys of every run, or of every run but keep_run."""
     ops: list = []
     for change in changes:
         if change[0] == "save":
@@ -38,11 +38,6 @@ def apply(changes: list[tuple]) -> None:
                                   {"job_id": job_id, "run": {"$ne": keep_run}}))
     if ops:
         _keys().bulk_write(ops, ordered=True)
-
-
-def drop_keys(job_id: int, keep_run: int | None = None) -> None:
-    """Delete a job's keys: of every run, or of every run but ``keep_run``."""
-    _keys().delete_many({"job_id": job_id} if keep_run is None else {"job_id": job_id, "run": {"$ne": keep_run}})
 
 
 def jobs_with_keys() -> list[int]:

@@ -75,8 +75,3 @@ def chunk_digest(fd: int, offset: int, length: int) -> int:
         return digest(b"")
     with mmap.mmap(fd, length, offset=offset, prot=mmap.PROT_READ) as mm:
         return digest(mm)
-
-
-def warm_up() -> None:
-    """Nothing to load beyond the import: kept so a process can warm every part of the data path alike."""
-    Hasher().update(b"\0" * 64)

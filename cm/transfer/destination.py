@@ -375,9 +375,13 @@ class Destination:
         tmp = os.fsencode(self._tmp_name())
         return os.open(tmp, _NEW, mode & 0o777, dir_fd=dfd), tmp
 
-    def _finish(self, dfd: int, fd: int, tmp: bytes | None, name: bytes, mode: int, mtime: int) -> None:
-        """Set mode and mtime, close, and publish under ``name`` atomically; never leaves a temp behind."""
+    def _finish(self, dfd: int, fd: int, tmp: bytes | None, name: bytes, mode: int, mtime: int,
+                owner: tuple[int, int] | None = None) -> None:
+        """Set owner (syncs that keep owners), mode and mtime, close, and publish under ``name``
+        atomically; never leaves a temp behind."""
         try:
+            if owner is not None:
+                os.fchown(fd, *owner)  # before the mode: a change of owner clears set-ID bits
             if mode & self._umask or mode > 0o777:
                 os.fchmod(fd, mode)
             os.utime(fd, ns=(mtime, mtime))
@@ -404,14 +408,15 @@ class Destination:
         tmp = os.fsencode(self._tmp_name())
         out = os.open(tmp, _NEW, 0o600, dir_fd=dfd)
         try:
-            size, done = os.fstat(fd).st_size, 0
+            st = os.fstat(fd)
+            size, done = st.st_size, 0
             while done < size:
                 n = os.copy_file_range(fd, out, size - done, done, done)
                 if n == 0:
                     raise OSError(errno.EIO, "short copy")
                 done += n
-            st = os.fstat(fd)
-            if (st.st_uid, st.st_gid) != (os.fstat(out).st_uid, os.fstat(out).st_gid):
+            made = os.fstat(out)
+            if (st.st_uid, st.st_gid) != (made.st_uid, made.st_gid):
                 os.fchown(out, st.st_uid, st.st_gid)  # the owner a sync that keeps owners gave it
             os.fchmod(out, mode)
             os.utime(out, ns=(mtime, mtime))
@@ -429,15 +434,12 @@ class Destination:
             written = 0
             while written < len(data):
                 written += os.write(fd, data[written:])
-            if owner is not None:
-                os.fchown(fd, *owner)
-                os.fchmod(fd, mode)
         except OSError:
             os.close(fd)
             if tmp is not None:
                 _unlink_quietly(dfd, tmp)
             raise
-        self._finish(dfd, fd, tmp, name, mode, mtime)
+        self._finish(dfd, fd, tmp, name, mode, mtime, owner)
 
     def receive_chunk(self, req: Chunk, channel, buf: memoryview,
                       owner: tuple[int, int] | None = None) -> tuple[bool, bool]:
@@ -474,16 +476,7 @@ class Destination:
                 if tmp is not None:
                     _unlink_quietly(dfd, tmp)
                 return False, False
-            if owner is not None:
-                try:
-                    os.fchown(fd, *owner)
-                    os.fchmod(fd, mode)
-                except OSError:
-                    os.close(fd)
-                    if tmp is not None:
-                        _unlink_quietly(dfd, tmp)
-                    raise
-            self._finish(dfd, fd, tmp, name, mode, mtime)
+            self._finish(dfd, fd, tmp, name, mode, mtime, owner)
             return True, True
         part, ok = partial_names(parts[-1], size, mtime, chunk_size)
         try:
@@ -532,9 +525,8 @@ class _Compiled:
         self.modes = np.fromiter((f.mode for f in files), dtype=np.uint32, count=n)
         self.owners = np.array([(-1, -1) if f.uid is None else (f.uid, f.gid) for f in files],
                                dtype=np.int64).reshape(n, 2)
-        # a change of owner clears set-user-ID and set-group-ID bits: those files get their mode again
-        self.chmod = (((self.modes & umask) != 0) | (self.modes > 0o777)
-                      | ((self.owners[:, 0] >= 0) & ((self.modes & 0o6000) != 0)))
+        # modes > 0o777 (set-ID bits, which a change of owner clears) are set again after the owner
+        self.chmod = ((self.modes & umask) != 0) | (self.modes > 0o777)
         self.mtimes = np.fromiter((f.mtime for f in files), dtype=np.int64, count=n)
         self.skip = np.zeros(n, dtype=np.bool_)
         self.skip[bad] = True

@@ -31,7 +31,7 @@ from pathlib import Path
 
 from cm.creds import CredentialsError, Identity, acting_as
 
-from . import batchio, checksum
+from . import batchio
 from . import frames as f
 from .control import Answer, Register, Unregister, decode_control, encode_answer
 from .destination import ChunkRefused, Destination
@@ -95,7 +95,7 @@ class TransferServer:
         self._acceptor = threading.Thread(target=self._accept_loop, name=f"mover-accept-{self.port}", daemon=True)
         self._acceptor.start()
         # load the compiled code now rather than in the middle of the first transfer
-        self._warm = threading.Thread(target=_warm_up, name="mover-warm-up", daemon=True)
+        self._warm = threading.Thread(target=batchio.warm_up_writing, name="mover-warm-up", daemon=True)
         self._warm.start()
 
     def stop(self) -> None:
@@ -326,11 +326,6 @@ def _check_owners(rows: list, keep_owners: bool) -> None:
                 raise BadRequest("this transfer may not set owners (only root's and operators' syncs do)")
             if row.uid is None or row.gid is None:
                 raise BadRequest("a file's owner needs uid and gid")
-
-
-def _warm_up() -> None:
-    checksum.warm_up()
-    batchio.warm_up_writing()
 
 
 def _shutdown(sock: socket.socket) -> None:

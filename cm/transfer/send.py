@@ -8,7 +8,7 @@ failed or some paths could not be copied, 2 for a bad spec, 75 when the
 receiver or the network went away (worth another attempt), 143 on SIGTERM
 (``exitcodes``).
 
-With ``--spare`` it first loads numba and the compiled checksums, then
+With ``--spare`` it first loads numba and the compiled batch reads, then
 waits for a job (``spec.SpareJob``): ``{"transfer": spec, "uid", "gid", "groups", "stderr"}``.
 It takes on that user and groups (when it is not that user already) and
 that error log, then runs the spec. Empty stdin means the daemon let it go:

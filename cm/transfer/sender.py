@@ -41,10 +41,9 @@ __all__ = ["Sender", "TransferError", "warm_up"]
 
 
 def warm_up() -> None:
-    """Load numba and the compiled code a sender runs (checksums, batch reads)."""
-    from . import batchio, checksum
+    """Load numba and the compiled code a sender runs (batch reads)."""
+    from . import batchio
 
-    checksum.warm_up()
     batchio.warm_up_reading()
 
 

@@ -1,6 +1,6 @@
 """A warmed-up sender that forks the senders of syncs (``python -m cm.transfer.send --zygote``).
 
-A sender needs about half a second to load numba and its compiled checksums.
+A sender needs about half a second to load numba and its compiled batch reads.
 The node daemon keeps one process that has loaded them (the zygote) from its
 start; each sync's sender is a fork of it, ready in a millisecond or two and
 sharing the loaded code with it (copy-on-write). Without it the first sync on
