@@ -15,7 +15,9 @@ pass). Both get the jobs one command per job (`sbatch --wrap true`,
 from this process, for the scheduler alone. jobs/s is end to end: first
 submit to the last job's end. Submit-to-start: cm's from the head's record;
 Slurm's from the client's clock at submit to slurmctld's "Allocate" log line
-(millisecond timestamps). slurmctld, slurmd and munged are stopped at the
+(millisecond timestamps). The commands themselves are compared too: the median
+wall clock of a submit (`sbatch --wrap true`, `cmrun true`) and of listing the
+queue once the jobs ended (`squeue`, `cminfo`). slurmctld, slurmd and munged are stopped at the
 end, also on errors, SIGTERM and Ctrl-C.
 """
 
@@ -36,7 +38,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from bench_sched import percentile, run_cm  # noqa: E402
+from bench_sched import COMMAND_RUNS, percentile, run_cm  # noqa: E402
 from cm.cluster.db import free_port  # noqa: E402
 
 PACKAGES = ["slurm-wlm", "munge"]
@@ -148,22 +150,29 @@ PartitionName=bench Nodes={self.host} Default=YES MaxTime=INFINITE State=UP
     def run(self, jobs: int) -> dict:
         """``jobs`` times `sbatch --wrap true`, one after the other; until all ended."""
         submit_at: dict[str, float] = {}
+        submit_ms = []
         t0 = time.time()
         for _ in range(jobs):
             t = time.time()
             out = subprocess.run(["sbatch", "--parsable", "-o", "/dev/null", "-e", "/dev/null", "--wrap", "true"],
                                  capture_output=True, text=True, check=True, env=self.env).stdout
             submit_at[out.strip().split(";")[0]] = t
+            submit_ms.append((time.time() - t) * 1000)
         t_submit = time.time() - t0
         while subprocess.run(["squeue", "-h", "-o", "%i"], capture_output=True, text=True, env=self.env).stdout.strip():
             time.sleep(0.1)
         polled_end = time.time()
+        squeue_ms = []
+        for _ in range(COMMAND_RUNS):
+            t = time.perf_counter()
+            subprocess.run(["squeue"], capture_output=True, check=True, env=self.env)
+            squeue_ms.append((time.perf_counter() - t) * 1000)
         started, ended = self.log_times()
         missing = set(submit_at) - set(started)
         latency = [(started[j] - submit_at[j]) * 1000 for j in submit_at if j in started]
         last_end = max((ended[j] for j in submit_at if j in ended), default=polled_end)
         return {"jobs": jobs, "submit_rate": jobs / t_submit, "jobs_per_s": jobs / (last_end - t0),
-                "latency_ms": latency, "unlogged": len(missing)}
+                "latency_ms": latency, "unlogged": len(missing), "submit_ms": submit_ms, "list_ms": squeue_ms}
 
     def log_times(self) -> tuple[dict[str, float], dict[str, float]]:
         """JobId -> when slurmctld allocated it, and when it completed (from its log, ms resolution)."""
@@ -231,6 +240,10 @@ def main() -> int:
     print(f"cm    ({args.nodes} nodes, API from one process, the scheduler alone): submit {api['submit_rate']:.0f} "
           f"jobs/s, end-to-end {api['jobs_per_s']:.1f} jobs/s, submit-to-start p50/p90/p99 {dist(api['latency_ms'])}")
     if slurm:
+        sb, cr = percentile(slurm["submit_ms"], 50), percentile(cm["submit_ms"], 50)
+        sq, ci = percentile(slurm["list_ms"], 50), percentile(cm["list_ms"], 50)
+        print(f"commands, median wall clock: submit `sbatch --wrap true` {sb:.1f} ms, `cmrun true` {cr:.1f} ms "
+              f"({sb / cr:.2f}x); list the queue `squeue` {sq:.1f} ms, `cminfo` {ci:.1f} ms ({sq / ci:.2f}x)")
         print(f"ratio cm/slurm end-to-end: {cm['jobs_per_s'] / slurm['jobs_per_s']:.1f}x with cmrun, "
               f"{api['jobs_per_s'] / slurm['jobs_per_s']:.1f}x through the API "
               f"(previous measurement: cm 209 jobs/s, Slurm 23 jobs/s)")

@@ -15,9 +15,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
+from cm.config_sources import (RUN_DIR, UNSET, ConfigError, coerce, config_file, env_name, head_socket, raw_value,
+                               read_config_file)
 
-class ConfigError(ValueError):
-    """A setting has a value that cannot be used."""
+__all__ = ["ConfigError", "Settings", "documented", "env_name", "load"]
 
 
 def _setting(default: Any, doc: str) -> Any:
@@ -27,7 +28,7 @@ def _setting(default: Any, doc: str) -> Any:
 @dataclass(frozen=True)
 class Settings:
     # where things are
-    run_dir: str = _setting("drive/run", "directory for sockets, pid files, keys and node state")
+    run_dir: str = _setting(RUN_DIR, "directory for sockets, pid files, keys and node state")
     socket: str = _setting("", "Unix socket the head serves clients on (default: RUN_DIR/head.sock)")
     # database
     mongodb_uri: str = _setting("", "MongoDB URI; when empty the local cluster starts the embedded server")
@@ -85,7 +86,7 @@ class Settings:
 
     @property
     def socket_path(self) -> Path:
-        return Path(self.socket) if self.socket else Path(self.run_dir) / "head.sock"
+        return Path(head_socket(self.socket, self.run_dir))
 
     @property
     def api_socket_path(self) -> Path:
@@ -100,53 +101,18 @@ class Settings:
         return self.heartbeat_interval * self.heartbeat_misses
 
 
-def _coerce(name: str, kind: type, raw: Any) -> Any:
-    if isinstance(raw, kind) and not (kind is int and isinstance(raw, bool)):
-        return raw
-    text = str(raw).strip()
-    try:
-        if kind is bool:
-            if text.lower() in ("1", "true", "yes", "on"):
-                return True
-            if text.lower() in ("0", "false", "no", "off", ""):
-                return False
-            raise ValueError(text)
-        return kind(text)
-    except ValueError:
-        raise ConfigError(f"setting {name}: {raw!r} is not a valid {kind.__name__}") from None
-
-
-def env_name(setting: str) -> str:
-    return "MONGODB_URI" if setting == "mongodb_uri" else f"CM_{setting.upper()}"
-
-
 def load(env: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
     """Build Settings from overrides, then env, then the config file, then defaults."""
     env = os.environ if env is None else env
-    path = Path(env.get("CM_CONFIG", "/etc/cm/cm.toml"))
-    from_file: dict[str, Any] = {}
-    if path.is_file():
-        import tomllib  # only here: most processes have no config file, and every command starts here
-
-        try:
-            from_file = tomllib.loads(path.read_text())
-        except (OSError, tomllib.TOMLDecodeError) as exc:
-            raise ConfigError(f"config file {path}: {exc}") from None
+    from_file = read_config_file(env)
     values: dict[str, Any] = {}
     for f in dataclasses.fields(Settings):
-        kind = type(f.default)
-        if f.name in overrides:
-            raw = overrides[f.name]
-        elif env_name(f.name) in env:
-            raw = env[env_name(f.name)]
-        elif f.name in from_file:
-            raw = from_file[f.name]
-        else:
-            continue
-        values[f.name] = _coerce(f.name, kind, raw)
+        raw = raw_value(f.name, env, from_file, overrides)
+        if raw is not UNSET:
+            values[f.name] = coerce(f.name, type(f.default), raw)
     unknown = set(from_file) - {f.name for f in dataclasses.fields(Settings)}
     if unknown:
-        raise ConfigError(f"config file {path}: unknown settings {', '.join(sorted(unknown))}")
+        raise ConfigError(f"config file {config_file(env)}: unknown settings {', '.join(sorted(unknown))}")
     settings = Settings(**values)
     if settings.heartbeat_interval <= 0 or settings.heartbeat_misses < 1:
         raise ConfigError("heartbeat_interval must be > 0 and heartbeat_misses >= 1")

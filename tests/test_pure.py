@@ -3,10 +3,13 @@
 import msgpack
 import pytest
 
-from cm import config
+from cm import config, config_sources
+from cm.api import views
+from cm.cli import client as cli_client
 from cm.node.launch import expand
-from cm.protocol import VERSION, Heartbeat, JobEnded, ProtocolError, Request, decode, encode, frame, unframe
-from cm.states import TRANSITIONS, InvalidTransition, JobState, check_transition
+from cm.protocol import (FRAME_HEADER, VERSION, ErrorCode, Heartbeat, JobEnded, ProtocolError, Reply, Request, decode,
+                         encode, frame, unframe)
+from cm.states import FINAL_STATES, TRANSITIONS, InvalidTransition, JobState, check_transition
 from cm.timefmt import TimeFormatError, format_duration, parse_time
 
 
@@ -81,6 +84,62 @@ def test_settings_come_from_env_then_file_then_defaults(tmp_path):
     f.write_text("no_such = 1\n")
     with pytest.raises(config.ConfigError, match="no_such"):
         config.load({"CM_CONFIG": str(f)})
+
+
+def test_the_commands_find_the_head_where_settings_put_it(tmp_path):
+    f = tmp_path / "cm.toml"
+    f.write_text('run_dir = "/from/file"\n')
+    for env in ({}, {"CM_RUN_DIR": "/r"}, {"CM_SOCKET": "/s.sock", "CM_RUN_DIR": "/r"}, {"CM_CONFIG": str(f)},
+                {"CM_CONFIG": str(f), "CM_RUN_DIR": "/r"}):
+        assert config_sources.find_head_socket(env) == str(config.load(env).socket_path), env
+    f.write_text("run_dir = [")
+    with pytest.raises(config.ConfigError, match="config file"):
+        config_sources.find_head_socket({"CM_CONFIG": str(f)})
+
+
+def test_the_commands_client_speaks_the_protocol(tmp_path):
+    """The commands' client makes its requests with the msgpack library: the head's decode reads them, and
+    the client reads the head's replies, over a real Unix socket."""
+    import socket
+    import threading
+
+    assert (cli_client.VERSION, cli_client.FRAME_HEADER) == (VERSION, FRAME_HEADER)
+    assert views.FINAL == {s.value for s in FINAL_STATES}
+    path = str(tmp_path / "head.sock")
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    server.bind(path)
+    server.listen()
+    seen = []
+    replies = [Reply(ok=True, data={"jobs": [{"id": 7, "state": "COMPLETED"}], "n": 1.5, "none": None}),
+               Reply(ok=False, error="job 9 does not exist", code=ErrorCode.NOT_FOUND),
+               Reply(ok=True, data=[1, 2]), b"\x00\x00\x00\x02\xc1\xc1"]  # the last is garbage
+
+    def head():
+        conn, _ = server.accept()
+        buffer = bytearray()
+        for reply in replies:
+            while (body := unframe(buffer)) is None:
+                buffer += conn.recv(65536)
+            seen.append(decode(body))
+            conn.sendall(reply if isinstance(reply, bytes) else frame(reply))
+        conn.close()
+
+    thread = threading.Thread(target=head)
+    thread.start()
+    client = cli_client.Client(config.load({"CM_SOCKET": path}), timeout=5)
+    assert client.call("info", job_id=None, all=False) == replies[0].data
+    with pytest.raises(cli_client.HeadError, match="job 9 does not exist") as refused:
+        client.call("cancel", job_ids=[9])
+    assert refused.value.code == ErrorCode.NOT_FOUND
+    assert client.call("submit", kind="sync", src="a:/x", dst="b:/y", options={"exclude": ["*.o"]}) == [1, 2]
+    with pytest.raises(cli_client.HeadError, match="garbled reply"):
+        client.call("ping")
+    thread.join(5)
+    server.close()
+    assert [type(m) for m in seen] == [Request] * 4
+    assert [(m.op, m.args) for m in seen[:3]] == [("info", {"job_id": None, "all": False}), ("cancel", {"job_ids": [9]}),
+                                              ("submit", {"kind": "sync", "src": "a:/x", "dst": "b:/y",
+                                                          "options": {"exclude": ["*.o"]}})]
 
 
 def test_output_patterns_expand_like_slurm():

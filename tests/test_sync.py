@@ -229,3 +229,25 @@ def test_a_node_registers_once_its_zygote_is_loaded_and_forks_every_sender_from_
     assert _wait_for(lambda: not Path(f"/proc/{zygote}").exists(), timeout=10)
 
 
+
+
+def test_the_commands_usual_runs_load_neither_click_nor_msgspec(synced):
+    """What keeps a command's start and answer near 25 ms (bench/bench_commands.py times them): the usual
+    command lines are read without click, and the head is asked without msgspec, cm.protocol or cm.config.
+    PYTHONPROFILEIMPORTTIME makes Python list every module a command loads."""
+    cluster, _, dst = synced
+
+    def loads(*argv):
+        proc = cluster.cli(*argv, env={"PYTHONPROFILEIMPORTTIME": "1"})
+        return proc, {line.split("|")[-1].strip() for line in proc.stderr.splitlines() if line.startswith("import time:")}
+
+    heavy = {"click", "msgspec", "cm.protocol", "cm.config", "typing", "socket", "pymongo", "zmq", "numba"}
+    job_id = int(loads("cmsync", "--parsable", "--wait", "--exclude", "*.tmp", "gpu:/proj", "cpu:/copy")[0].stdout)
+    assert cluster.job(job_id)["state"] == "COMPLETED" and dst.is_dir()
+    sleeper = cluster.submit("cmrun", "sleep", "60")
+    for argv in (["cminfo"], ["cminfo", str(job_id)], ["cmrun", "--wait", "-n", "2", "true"], ["cmkill", str(sleeper)],
+                 ["cmsync", "--wait", "gpu:/proj", "cpu:/copy"], ["cmtoken"]):
+        proc, modules = loads(*argv)
+        assert "cm.cli.client" in modules and not heavy & modules, (argv, heavy & modules)
+    proc, modules = loads("cminfo", "--help")
+    assert "click" in modules and "Usage: cminfo" in proc.stdout  # click still reads what is not usual

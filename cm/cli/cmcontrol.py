@@ -7,7 +7,8 @@ import os
 
 import click
 
-from cm.cli.client import Client, main_of, run_command
+from cm.cli.args import run_as_program
+from cm.cli.client import Client, run_command
 
 _token = click.option("--token", default=lambda: os.environ.get("CM_OPERATOR_TOKEN", ""), hidden=True)
 
@@ -78,4 +79,4 @@ def unblock(user, token):
 
 
 def main() -> None:
-    main_of(cli, "cmcontrol")
+    run_as_program(lambda: cli(prog_name="cmcontrol"))

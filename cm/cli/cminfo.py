@@ -7,9 +7,8 @@ rest of its start.
 
 from __future__ import annotations
 
-import click
-
-from cm.cli.client import Client, main_of, parse_labels, run_command
+from cm.cli.args import argument, command, option
+from cm.cli.client import Client, parse_labels, run_command
 from cm.timefmt import format_duration
 
 
@@ -77,11 +76,11 @@ def job_details(job: dict) -> str:
     return "\n".join(lines)
 
 
-@click.command(context_settings={"help_option_names": ["-h", "--help"]})
-@click.argument("job_id", type=int, required=False)
-@click.option("--all", "all_", is_flag=True, help="include jobs that finished long ago")
-@click.option("--json", "as_json", is_flag=True, help="one JSON object: nodes and jobs")
-@click.option("--label", "labels", multiple=True, metavar="KEY=VALUE", help="only jobs with this label (repeatable)")
+@command("cminfo")
+@argument("job_id", type=int, required=False)
+@option("--all", "all_", is_flag=True, help="include jobs that finished long ago")
+@option("--json", "as_json", is_flag=True, help="one JSON object: nodes and jobs")
+@option("--label", "labels", multiple=True, metavar="KEY=VALUE", help="only jobs with this label (repeatable)")
 def cli(job_id, all_, as_json, labels):
     """Show the cluster's nodes and jobs, or one job in detail."""
 
@@ -104,4 +103,4 @@ def cli(job_id, all_, as_json, labels):
 
 
 def main() -> None:
-    main_of(cli, "cminfo")
+    cli.main()

@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import sys
 
-import click
+from cm.cli.args import argument, command
+from cm.cli.client import Client, run_command
 
-from cm.cli.client import Client, main_of, run_command
 
-
-@click.command(context_settings={"help_option_names": ["-h", "--help"]})
-@click.argument("job_ids", nargs=-1, required=True)
+@command("cmkill")
+@argument("job_ids", nargs=-1, required=True)
 def cli(job_ids):
     """Cancel JOB_IDS: pending jobs never run, running ones are stopped on every node."""
 
@@ -38,4 +37,4 @@ def cli(job_ids):
 
 
 def main() -> None:
-    main_of(cli, "cmkill")
+    cli.main()

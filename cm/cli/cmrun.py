@@ -5,27 +5,26 @@ from __future__ import annotations
 import os
 import sys
 
-import click
+from cm.cli.args import UNPROCESSED, IntRange, argument, command, option
+from cm.cli.client import Client, exit_code_of, fail, parse_labels, run_command
 
-from cm.cli.client import Client, exit_code_of, fail, main_of, parse_labels, run_command
 
-
-@click.command(context_settings={"help_option_names": ["-h", "--help"], "allow_interspersed_args": False})
-@click.option("-n", "--nodes", type=click.IntRange(1), default=1, show_default=True, help="nodes, all at once")
-@click.option("-p", "--procs", type=click.IntRange(1), default=1, show_default=True, help="processes per node")
-@click.option("-c", "--cpus", type=click.IntRange(1), default=None, help="CPUs per node [default: PROCS]")
-@click.option("-m", "--mem", "mem_mb", type=click.IntRange(0), default=0, help="memory per node, MB")
-@click.option("-t", "--time", "time_limit", default=None, help="time limit: MM, MM:SS, HH:MM:SS, D-HH")
-@click.option("-J", "--job-name", "name", default=None, help="job name")
-@click.option("--partition", default=None, help="partition [default: the first one]")
-@click.option("-o", "--output", "stdout", default="", help="stdout pattern (%j %n %t %x %u)")
-@click.option("-e", "--error", "stderr", default="", help="stderr pattern (%j %n %t %x %u)")
-@click.option("--requeue", is_flag=True, help="run again elsewhere if a node fails")
-@click.option("--hold", is_flag=True, help="submit held; `cmcontrol release JOBID` lets it run")
-@click.option("--label", "labels", multiple=True, metavar="KEY=VALUE", help="tag the job (repeatable)")
-@click.option("--wait", is_flag=True, help="wait for the job and exit with its exit code")
-@click.option("--parsable", is_flag=True, help="print only the job id")
-@click.argument("command", nargs=-1, required=True, type=click.UNPROCESSED)
+@command("cmrun", interspersed=False)
+@option("-n", "--nodes", type=IntRange(1), default=1, show_default=True, help="nodes, all at once")
+@option("-p", "--procs", type=IntRange(1), default=1, show_default=True, help="processes per node")
+@option("-c", "--cpus", type=IntRange(1), default=None, help="CPUs per node [default: PROCS]")
+@option("-m", "--mem", "mem_mb", type=IntRange(0), default=0, help="memory per node, MB")
+@option("-t", "--time", "time_limit", default=None, help="time limit: MM, MM:SS, HH:MM:SS, D-HH")
+@option("-J", "--job-name", "name", default=None, help="job name")
+@option("--partition", default=None, help="partition [default: the first one]")
+@option("-o", "--output", "stdout", default="", help="stdout pattern (%j %n %t %x %u)")
+@option("-e", "--error", "stderr", default="", help="stderr pattern (%j %n %t %x %u)")
+@option("--requeue", is_flag=True, help="run again elsewhere if a node fails")
+@option("--hold", is_flag=True, help="submit held; `cmcontrol release JOBID` lets it run")
+@option("--label", "labels", multiple=True, metavar="KEY=VALUE", help="tag the job (repeatable)")
+@option("--wait", is_flag=True, help="wait for the job and exit with its exit code")
+@option("--parsable", is_flag=True, help="print only the job id")
+@argument("command", nargs=-1, required=True, type=UNPROCESSED)
 def cli(nodes, procs, cpus, mem_mb, time_limit, name, partition, stdout, stderr, requeue, hold, labels, wait,
         parsable, command):
     """Run COMMAND on NODES nodes, PROCS processes on each."""
@@ -53,4 +52,4 @@ def cli(nodes, procs, cpus, mem_mb, time_limit, name, partition, stdout, stderr,
 
 
 def main() -> None:
-    main_of(cli, "cmrun")
+    cli.main()

@@ -4,15 +4,14 @@ from __future__ import annotations
 
 import os
 
-import click
+from cm.cli.args import command, option
+from cm.cli.client import Client, run_command
 
-from cm.cli.client import Client, main_of, run_command
 
-
-@click.command(context_settings={"help_option_names": ["-h", "--help"]})
-@click.option("--revoke", "user", default=None, metavar="USER",
-              help="make USER's token stop working (admins; anyone may revoke their own)")
-@click.option("--token", default=lambda: os.environ.get("CM_OPERATOR_TOKEN", ""), hidden=True)
+@command("cmtoken")
+@option("--revoke", "user", default=None, metavar="USER",
+        help="make USER's token stop working (admins; anyone may revoke their own)")
+@option("--token", default=lambda: os.environ.get("CM_OPERATOR_TOKEN", ""), hidden=True)
 def cli(user, token):
     """Print the token that authenticates you on the HTTP API's TCP port (Authorization: Bearer TOKEN)."""
 
@@ -27,4 +26,4 @@ def cli(user, token):
 
 
 def main() -> None:
-    main_of(cli, "cmtoken")
+    cli.main()

@@ -1,0 +1,83 @@
+"""cm.cli.args reads a command line without click only where it reads it exactly as click does.
+
+Every command built on it is checked against its own click command: for any command line, the fast parse
+gives click's parameters, or gives way (None) and click decides. And the lines users type every day are
+read without click, or the commands would not be fast.
+"""
+
+from __future__ import annotations
+
+import click
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from cm.cli import cminfo, cmkill, cmrun, cmsync, cmtoken
+from cm.cli.args import Command
+
+COMMANDS = {c.prog: c for c in (cminfo.cli, cmkill.cli, cmrun.cli, cmsync.cli, cmtoken.cli)}
+
+
+def clicks(command: Command, argv: list[str]):
+    """click's parameters for argv, or the exception it stops with (a usage error, --help's exit)."""
+    try:
+        with command.click().make_context(command.prog, list(argv)) as ctx:
+            return ctx.params
+    except (click.exceptions.ClickException, click.exceptions.Exit) as exc:
+        return exc
+
+
+def tokens_for(command: Command) -> st.SearchStrategy[str]:
+    switches = sorted(command.options)
+    values = ["0", "1", "2", "-1", "10", " 3", "x", "", "tcp", "rdma", "round-robin", "size-balanced", "5M", "0.5",
+              "10Q", "1:00", "a=b", "=", "k=", "gpu:/a", "cpu:/b", "ls", "-", "--", "-h", "--help", "-n3", "-xyz"]
+    eq = [f"{s}={v}" for s in switches if s.startswith("--") for v in ("1", "tcp", "", "a=b", "5M")]
+    return st.sampled_from(switches + values + eq) | st.text(max_size=4)
+
+
+@pytest.mark.parametrize("prog", sorted(COMMANDS))
+def test_the_fast_parse_is_clicks_or_gives_way(prog, capsys):
+    command = COMMANDS[prog]
+
+    @settings(max_examples=400, deadline=None)
+    @given(st.lists(tokens_for(command), max_size=7))
+    def agree(argv):
+        fast = command.parse(argv)
+        slow = clicks(command, argv)
+        if fast is not None:
+            assert not isinstance(slow, Exception), (argv, fast, slow)
+            assert fast == slow, argv
+
+    agree()
+    capsys.readouterr()  # --help's output
+
+
+EVERYDAY = {
+    "cminfo": [[], ["42"], ["--all"], ["--json"], ["--label", "a=b", "--label=c=d"]],
+    "cmkill": [["42"], ["1", "2", "3"]],
+    "cmrun": [["hostname"], ["-n", "2", "-p", "4", "--wait", "--", "sh", "-c", "echo hi"], ["--parsable", "-t", "5",
+              "-J", "x", "--mem=100", "ls", "-l", "--help"], ["--hold", "--label", "k=v", "sleep", "60"]],
+    "cmsync": [["gpu:/a", "cpu:/b"], ["--wait", "-n", "2", "--delete", "--exclude", "*.tmp", "gpu:/a", "cpu:/b"],
+               ["gpu:/a", "cpu:/b", "--bwlimit", "10M", "--transport=tcp", "--policy", "round-robin", "--checksum"]],
+    "cmtoken": [[], ["--revoke", "alice"]],
+}
+
+
+@pytest.mark.parametrize("prog", sorted(EVERYDAY))
+def test_everyday_command_lines_are_read_without_click(prog):
+    command = COMMANDS[prog]
+    for argv in EVERYDAY[prog]:
+        fast = command.parse(argv)
+        assert fast is not None, argv
+        assert fast == clicks(command, argv)
+
+
+def test_what_click_must_read_is_left_to_it():
+    sync = COMMANDS["cmsync"]
+    for argv in (["--help"], ["-h"], ["gpu:/a"], ["gpu:/a", "cpu:/b", "extra"], ["-n", "0", "a", "b"],
+                 ["--bwlimit", "fast", "a", "b"], ["--transport", "udp", "a", "b"], ["--wait=yes", "a", "b"],
+                 ["--nodes"], ["--no-such-option", "a", "b"], ["-n2", "a", "b"]):
+        assert sync.parse(argv) is None, argv
+        assert isinstance(clicks(sync, argv), Exception) or argv == ["-n2", "a", "b"], argv
+    assert sync.parse(["--bwlimit", "10M", "a", "b"])["bwlimit"] == 10 * 1024 * 1024
+    assert COMMANDS["cmrun"].parse(["-n", "2", "ls", "-n", "3"])["command"] == ("ls", "-n", "3")  # not interspersed
