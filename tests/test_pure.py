@@ -112,17 +112,23 @@ def test_the_commands_client_speaks_the_protocol(tmp_path):
     seen = []
     replies = [Reply(ok=True, data={"jobs": [{"id": 7, "state": "COMPLETED"}], "n": 1.5, "none": None}),
                Reply(ok=False, error="job 9 does not exist", code=ErrorCode.NOT_FOUND),
-               Reply(ok=True, data=[1, 2]), b"\x00\x00\x00\x02\xc1\xc1"]  # the last is garbage
+               Reply(ok=True, data=[1, 2])]
+    other_version = msgpack.packb({"t": "reply", "v": VERSION + 1, "id": "x", "ok": True})
+    replies += [len(other_version).to_bytes(FRAME_HEADER, "big") + other_version, b"\x00\x00\x00\x02\xc1\xc1"]
 
     def head():
-        conn, _ = server.accept()
-        buffer = bytearray()
+        conn = None
         for reply in replies:
+            if conn is None:  # the client hangs up on a reply it cannot trust, and comes back
+                conn, _ = server.accept()
+                buffer = bytearray()
             while (body := unframe(buffer)) is None:
                 buffer += conn.recv(65536)
             seen.append(decode(body))
             conn.sendall(reply if isinstance(reply, bytes) else frame(reply))
-        conn.close()
+            if isinstance(reply, bytes):
+                conn.close()
+                conn = None
 
     thread = threading.Thread(target=head)
     thread.start()
@@ -132,11 +138,13 @@ def test_the_commands_client_speaks_the_protocol(tmp_path):
         client.call("cancel", job_ids=[9])
     assert refused.value.code == ErrorCode.NOT_FOUND
     assert client.call("submit", kind="sync", src="a:/x", dst="b:/y", options={"exclude": ["*.o"]}) == [1, 2]
+    with pytest.raises(cli_client.HeadError, match=f"protocol version {VERSION + 1}"):
+        client.call("ping")
     with pytest.raises(cli_client.HeadError, match="garbled reply"):
         client.call("ping")
     thread.join(5)
     server.close()
-    assert [type(m) for m in seen] == [Request] * 4
+    assert [type(m) for m in seen] == [Request] * 5
     assert [(m.op, m.args) for m in seen[:3]] == [("info", {"job_id": None, "all": False}), ("cancel", {"job_ids": [9]}),
                                               ("submit", {"kind": "sync", "src": "a:/x", "dst": "b:/y",
                                                           "options": {"exclude": ["*.o"]}})]

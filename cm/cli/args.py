@@ -73,7 +73,7 @@ class Convert:
 
 
 class _Plain:
-    """str, int, float, and click.UNPROCESSED (the words of a command to run, taken as they are)."""
+    """str, int, and click.UNPROCESSED (the words of a command to run, taken as they are)."""
 
     def __init__(self, kind: type, unprocessed: bool = False):
         self.kind = kind
@@ -92,19 +92,28 @@ UNPROCESSED = _Plain(str, unprocessed=True)
 def _type_of(declared: Any) -> Any:
     if declared is None or declared is str:
         return _Plain(str)
-    if declared in (int, float):
-        return _Plain(declared)
+    if declared is int:
+        return _Plain(int)
     if isinstance(declared, (IntRange, Choice, Convert, _Plain)):
         return declared
     raise TypeError(f"cm.cli.args has no type {declared!r}: add one that both parsers know")
 
 
+KNOWN = {"type", "default", "is_flag", "multiple", "nargs", "required", "help", "metavar", "show_default", "hidden"}
+
+
 class Param:
     def __init__(self, kind: str, decls: tuple[str, ...], attrs: dict[str, Any]):
+        unknown = set(attrs) - KNOWN
+        if unknown or attrs.get("nargs", 1) not in ((1, -1) if kind == "argument" else (1,)):
+            raise TypeError(f"{decls}: cm.cli.args reads no {sorted(unknown) or 'nargs'}: teach both parsers first")
         self.kind = kind  # "option" or "argument"
         self.decls = decls
         self.attrs = attrs
         self.type = _type_of(attrs.get("type"))
+        default = attrs.get("default")
+        if isinstance(default, str) and self.type.convert(default) != default:
+            raise TypeError(f"{decls}: a default that click would convert; give it converted")
         self.flag = bool(attrs.get("is_flag"))
         self.multiple = bool(attrs.get("multiple"))
         self.nargs = attrs.get("nargs", 1)
@@ -239,7 +248,8 @@ class Command:
         return click.command(name=self.prog, context_settings=settings, help=self.function.__doc__)(f)
 
     def main(self, argv: list[str] | None = None) -> NoReturn:
-        params = self.parse(sys.argv[1:] if argv is None else argv)
+        completing = f"_{self.prog.replace('-', '_').upper()}_COMPLETE" in os.environ  # click's shell completion
+        params = None if completing else self.parse(sys.argv[1:] if argv is None else argv)
         if params is None:
             cli = self.click()
             run_as_program(lambda: cli(args=argv, prog_name=self.prog))

@@ -13,7 +13,7 @@ import sys
 
 import msgpack
 
-from cm.api.views import FINAL, exit_code_of, is_final
+from cm.api.views import exit_code_of, is_final
 from cm.config_sources import ConfigError, find_head_socket
 
 TYPE_CHECKING = False
@@ -22,7 +22,7 @@ if TYPE_CHECKING:  # typing costs a command ~10 ms
 
 VERSION = 2  # cm.protocol.VERSION; tests/unit/test_schemas.py checks that the head reads these requests
 FRAME_HEADER = 4  # cm.protocol.FRAME_HEADER
-MAX_REPLY = 1 << 30
+MAX_REPLY = 16 * 1024 * 1024  # cm.protocol.MAX_MESSAGE
 
 
 class HeadError(RuntimeError):
@@ -74,9 +74,15 @@ class Client:
         except (ValueError, msgpack.UnpackException) as exc:  # ExtraData and FormatError are ValueErrors
             self.close()
             raise HeadError(f"garbled reply from the head: {exc}") from None
+        except HeadError:
+            self.close()
+            raise
         if not isinstance(reply, dict) or reply.get("t") != "reply" or not isinstance(reply.get("ok"), bool):
             self.close()
             raise HeadError(f"unexpected reply from the head: {str(reply)[:200]}")
+        if reply.get("v") != VERSION:
+            self.close()
+            raise HeadError(f"the head speaks protocol version {reply.get('v')!r}, this command {VERSION}")
         if not reply["ok"]:
             raise HeadError(reply.get("error") or "refused", reply.get("code"))
         return reply.get("data")
@@ -118,7 +124,7 @@ class Client:
                 return view
 
 
-__all__ = ["FINAL", "Client", "HeadError", "exit_code_of", "fail", "parse_labels", "run_command"]
+__all__ = ["Client", "HeadError", "exit_code_of", "fail", "parse_labels", "run_command"]
 
 
 def parse_labels(pairs: tuple[str, ...]) -> dict[str, str]:

@@ -81,3 +81,33 @@ def test_what_click_must_read_is_left_to_it():
         assert isinstance(clicks(sync, argv), Exception) or argv == ["-n2", "a", "b"], argv
     assert sync.parse(["--bwlimit", "10M", "a", "b"])["bwlimit"] == 10 * 1024 * 1024
     assert COMMANDS["cmrun"].parse(["-n", "2", "ls", "-n", "3"])["command"] == ("ls", "-n", "3")  # not interspersed
+
+
+def test_shell_completion_is_clicks(tmp_path):
+    """click completes from its own main(): with its variable set, even a line the fast parse reads (none
+    at all) goes to click, which prints the shell's completion script instead of running the command."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    env = {**os.environ, "_CMINFO_COMPLETE": "bash_source", "CM_RUN_DIR": str(tmp_path)}  # no head there
+    proc = subprocess.run([str(Path(sys.executable).parent / "cminfo")], capture_output=True, text=True, env=env,
+                          timeout=30)
+    assert proc.returncode == 0 and "complete -o nosort -F" in proc.stdout and not proc.stderr
+
+
+def test_rates_and_what_the_declarations_refuse():
+    from cm.cli.args import Param
+    from cm.cli.cmsync import parse_rate
+
+    assert parse_rate("") is None and parse_rate(" 10M ") == 10 << 20 and parse_rate("500") == 500 << 10
+    for bad in ("0", "fast", "1" * 400, "0.0001B"):
+        with pytest.raises(ValueError, match="is not a rate"):
+            parse_rate(bad)
+    assert COMMANDS["cmsync"].parse(["--bwlimit", "", "a", "b"])["bwlimit"] is None
+    assert COMMANDS["cmsync"].parse(["--bwlimit", "1" * 400, "a", "b"]) is None  # click says what is wrong
+    for attrs in ({"count": True}, {"flag_value": "x"}, {"nargs": 2}, {"envvar": "X"}, {"type": int, "default": "5"},
+                  {"type": click.Path()}):
+        with pytest.raises(TypeError):
+            Param("option", ("--x",), attrs)
