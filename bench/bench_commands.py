@@ -22,22 +22,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from bench_sched import SETTLE, percentile  # noqa: E402
+from bench_sched import SETTLE, percentile, timed  # noqa: E402
 from cm.cluster.local import LocalCluster, parse_partitions  # noqa: E402
 
 BIN = Path(sys.executable).parent
 TARGET_MS = 50.0
-
-
-def timed(argv: list[str], runs: int, env: dict, cwd: str) -> list[float]:
-    times = []
-    for _ in range(runs):
-        t = time.perf_counter()
-        proc = subprocess.run(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env, cwd=cwd)
-        times.append((time.perf_counter() - t) * 1000)
-        if proc.returncode != 0:
-            raise SystemExit(f"{' '.join(argv)} exited {proc.returncode}: {proc.stderr.decode(errors='replace')}")
-    return times
 
 
 def main() -> int:

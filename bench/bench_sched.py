@@ -34,22 +34,36 @@ def percentile(values: list[float], p: float) -> float:
 
 
 COMMAND_RUNS = 20  # times the queue is listed (cminfo, squeue) once the jobs ended
+
+
+def timed(argv: list[str], runs: int, env: dict | None = None, cwd: str | None = None) -> list[float]:
+    """Wall clock in ms of ``runs`` runs of a command, one after the other; a failing run ends the bench."""
+    times = []
+    for _ in range(runs):
+        t = time.perf_counter()
+        proc = subprocess.run(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env, cwd=cwd)
+        times.append((time.perf_counter() - t) * 1000)
+        if proc.returncode != 0:
+            raise SystemExit(f"{' '.join(argv)} exited {proc.returncode}: {proc.stderr.decode(errors='replace')}")
+    return times
+
+
 SETTLE = 3.0  # seconds between the cluster's start and the timing: see run_cm
 
 
-def run_cm(jobs: int, nodes: int, via_cmrun: bool = False, settle: float = SETTLE) -> dict:
+def run_cm(jobs: int, nodes: int, via_cmrun: bool = False) -> dict:
     """``jobs`` trivial jobs through a local cluster of ``nodes`` nodes: submitted through the API from this
     process, or with ``via_cmrun`` one `cmrun --parsable true` per job (as a user does, like sbatch).
 
-    The timing starts ``settle`` seconds after the nodes registered: each node loads numba in its mover
-    and its sender zygote for about a second of CPU after that, which on 2 CPUs would be timed as the
-    scheduler's (500 jobs: ~130 jobs/s unsettled against ~180 settled, the same code)."""
+    The timing starts SETTLE seconds after the nodes registered: each node's mover loads numba for about
+    a second of CPU after that, which on 2 CPUs would be timed as the scheduler's (500 jobs: ~130 jobs/s
+    unsettled against ~180 settled, the same code)."""
     root = Path(tempfile.mkdtemp(prefix="cmbench"))
     cluster = LocalCluster(root / "run", parse_partitions("cpu", nodes), data_dir=root / "data", db_dir=root / "db",
                            env={"CM_DB_NAME": f"bench{os.getpid()}", "CM_LOG_LEVEL": "WARNING"})
     cluster.up()
     try:
-        time.sleep(settle)
+        time.sleep(SETTLE)
         client = Client(load(env={"CM_RUN_DIR": str(cluster.run_dir)}))
         env = [f"PATH={os.environ.get('PATH', '/usr/bin:/bin')}"]
         cmrun = [str(Path(sys.executable).parent / "cmrun"), "--parsable", "-o", "/dev/null", "-e", "/dev/null", "true"]
@@ -79,11 +93,7 @@ def run_cm(jobs: int, nodes: int, via_cmrun: bool = False, settle: float = SETTL
         submitted = [j["times"]["submitted"] for j in views]
         latency = [(j["times"]["started"] - j["times"]["submitted"]) * 1000 for j in views]
         span = max(j["times"]["ended"] for j in views) - min(submitted)
-        list_ms = []
-        for _ in range(COMMAND_RUNS):
-            t = time.perf_counter()
-            subprocess.run([str(Path(sys.executable).parent / "cminfo")], capture_output=True, check=True, env=cli_env)
-            list_ms.append((time.perf_counter() - t) * 1000)
+        list_ms = timed([str(Path(sys.executable).parent / "cminfo")], COMMAND_RUNS, cli_env)
         return {"jobs": jobs, "failed": failed, "submit_rate": jobs / t_submit, "jobs_per_s": jobs / span,
                 "p50_ms": percentile(latency, 50), "p95_ms": percentile(latency, 95),
                 "latency_ms": latency, "submit_ms": submit_ms, "list_ms": list_ms}

@@ -38,7 +38,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from bench_sched import COMMAND_RUNS, percentile, run_cm  # noqa: E402
+from bench_sched import COMMAND_RUNS, percentile, run_cm, timed  # noqa: E402
 from cm.cluster.db import free_port  # noqa: E402
 
 PACKAGES = ["slurm-wlm", "munge"]
@@ -162,11 +162,7 @@ PartitionName=bench Nodes={self.host} Default=YES MaxTime=INFINITE State=UP
         while subprocess.run(["squeue", "-h", "-o", "%i"], capture_output=True, text=True, env=self.env).stdout.strip():
             time.sleep(0.1)
         polled_end = time.time()
-        squeue_ms = []
-        for _ in range(COMMAND_RUNS):
-            t = time.perf_counter()
-            subprocess.run(["squeue"], capture_output=True, check=True, env=self.env)
-            squeue_ms.append((time.perf_counter() - t) * 1000)
+        squeue_ms = timed(["squeue"], COMMAND_RUNS, self.env)
         started, ended = self.log_times()
         missing = set(submit_at) - set(started)
         latency = [(started[j] - submit_at[j]) * 1000 for j in submit_at if j in started]

@@ -229,8 +229,6 @@ def test_a_node_registers_once_its_zygote_is_loaded_and_forks_every_sender_from_
     assert _wait_for(lambda: not Path(f"/proc/{zygote}").exists(), timeout=10)
 
 
-
-
 def test_the_commands_usual_runs_load_neither_click_nor_msgspec(synced):
     """What keeps a command's start and answer near 25 ms (bench/bench_commands.py times them): the usual
     command lines are read without click, and the head is asked without msgspec, cm.protocol or cm.config.

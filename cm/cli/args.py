@@ -251,9 +251,9 @@ class Command:
         completing = f"_{self.prog.replace('-', '_').upper()}_COMPLETE" in os.environ  # click's shell completion
         params = None if completing else self.parse(sys.argv[1:] if argv is None else argv)
         if params is None:
-            cli = self.click()
-            run_as_program(lambda: cli(args=argv, prog_name=self.prog))
-        run_as_program(lambda: self.function(**params))
+            run_as_program(lambda: self.click()(args=argv, prog_name=self.prog))
+        else:
+            run_as_program(lambda: self.function(**params))
 
 
 def command(prog: str, interspersed: bool = True):

@@ -20,7 +20,7 @@ TYPE_CHECKING = False
 if TYPE_CHECKING:  # typing costs a command ~10 ms
     from typing import Any, NoReturn
 
-VERSION = 2  # cm.protocol.VERSION; tests/unit/test_schemas.py checks that the head reads these requests
+VERSION = 2  # cm.protocol.VERSION; tests/test_pure.py checks these three and that the head reads the requests
 FRAME_HEADER = 4  # cm.protocol.FRAME_HEADER
 MAX_REPLY = 16 * 1024 * 1024  # cm.protocol.MAX_MESSAGE
 
@@ -60,47 +60,42 @@ class Client:
 
     def call(self, op: str, **args: Any) -> Any:
         """Send one request; return its data or raise HeadError with the head's message."""
-        sock = self._connect()
-        body = msgpack.packb({"t": "request", "v": VERSION, "op": op, "args": args})
         try:
-            sock.sendall(len(body).to_bytes(FRAME_HEADER, "big") + body)
-            reply = msgpack.unpackb(self._receive(sock), strict_map_key=False)
-        except TimeoutError:
-            self.close()
-            raise HeadError(f"the head did not answer within {self.timeout:.0f} s") from None
-        except OSError as exc:
-            self.close()
-            raise HeadError(f"lost the connection to the head: {exc}") from None
-        except (ValueError, msgpack.UnpackException) as exc:  # ExtraData and FormatError are ValueErrors
-            self.close()
-            raise HeadError(f"garbled reply from the head: {exc}") from None
+            reply = self._exchange(msgpack.packb({"t": "request", "v": VERSION, "op": op, "args": args}))
         except HeadError:
-            self.close()
+            self.close()  # a link that failed once is not used again
             raise
-        if not isinstance(reply, dict) or reply.get("t") != "reply" or not isinstance(reply.get("ok"), bool):
-            self.close()
-            raise HeadError(f"unexpected reply from the head: {str(reply)[:200]}")
-        if reply.get("v") != VERSION:
-            self.close()
-            raise HeadError(f"the head speaks protocol version {reply.get('v')!r}, this command {VERSION}")
         if not reply["ok"]:
             raise HeadError(reply.get("error") or "refused", reply.get("code"))
         return reply.get("data")
 
-    def _receive(self, sock: _socket.socket) -> bytes:
-        buffer = bytearray()
-        size = None
-        while size is None or len(buffer) < FRAME_HEADER + size:
-            if size is None and len(buffer) >= FRAME_HEADER:
-                size = int.from_bytes(buffer[:FRAME_HEADER], "big")
-                if size > MAX_REPLY:
-                    raise ValueError(f"a reply of {size} bytes")
-                continue
-            data = sock.recv(1 << 20)
-            if not data:
-                raise HeadError("the head closed the connection")
-            buffer += data
-        return bytes(buffer[FRAME_HEADER : FRAME_HEADER + size])
+    def _exchange(self, body: bytes) -> dict:
+        """One framed request out, one reply in; every way the link can fail is a HeadError."""
+        sock = self._connect()
+        try:
+            sock.sendall(len(body).to_bytes(FRAME_HEADER, "big") + body)
+            buffer, size = bytearray(), None
+            while size is None or len(buffer) < FRAME_HEADER + size:
+                data = sock.recv(1 << 20)
+                if not data:
+                    raise HeadError("the head closed the connection")
+                buffer += data
+                if size is None and len(buffer) >= FRAME_HEADER:
+                    size = int.from_bytes(buffer[:FRAME_HEADER], "big")
+                    if size > MAX_REPLY:
+                        raise ValueError(f"a reply of {size} bytes")
+            reply = msgpack.unpackb(buffer[FRAME_HEADER : FRAME_HEADER + size], strict_map_key=False)
+        except TimeoutError:
+            raise HeadError(f"the head did not answer within {self.timeout:.0f} s") from None
+        except OSError as exc:
+            raise HeadError(f"lost the connection to the head: {exc}") from None
+        except (ValueError, msgpack.UnpackException) as exc:  # ExtraData and FormatError are ValueErrors
+            raise HeadError(f"garbled reply from the head: {exc}") from None
+        if not isinstance(reply, dict) or reply.get("t") != "reply" or not isinstance(reply.get("ok"), bool):
+            raise HeadError(f"unexpected reply from the head: {str(reply)[:200]}")
+        if reply.get("v") != VERSION:
+            raise HeadError(f"the head speaks protocol version {reply.get('v')!r}, this command {VERSION}")
+        return reply
 
     def close(self) -> None:
         if self.sock is not None:

@@ -49,7 +49,6 @@ OPEN_FENCES = 4  # fences of one run in progress at once (a rank is never more t
 RunKey = tuple[int, int]  # (job, run)
 
 
-
 @dataclass(eq=False)
 class Delivery:
     """A command on its way: which nodes have yet to say how it went."""

@@ -165,7 +165,7 @@ class NodeAgent:
             poller.register(s["proc"].stdout.fileno(), zmq.POLLIN)
         warm = self.warm.fileno()
         if warm is not None:
-            poller.register(warm, zmq.POLLIN)  # a forked sender ended
+            poller.register(warm, zmq.POLLIN)  # the zygote is ready, or a forked sender ended
         for fd, events in self.intercom.fds():
             poller.register(fd, events)
         deadline = self.purge.next_deadline()

@@ -114,6 +114,8 @@ class WarmSenders:
 
     def start(self) -> None:
         """Start the zygote (from the daemon's start on, so no sync waits for it to load)."""
+        if self.sock is not None and not self.alive():
+            self.collect()  # what it said before it died: a death while loading holds restarts off
         if not self.enabled or self.alive() or time.monotonic() < self._not_before:
             return
         self._let_go()
@@ -136,9 +138,8 @@ class WarmSenders:
 
     def settled(self) -> bool:
         """Whether a sync started now gets a sender as fast as it ever will: the zygote is ready,
-        off, failed, or has been loading for longer than READY_WAIT (syncs start cold until it is)."""
-        if self.sock is not None and not self.ready:
-            self.collect()
+        off, failed, or has been loading for longer than READY_WAIT (syncs start cold until it is). The
+        node's loop collects the zygote's "ready" when its socket is readable."""
         return (not self.enabled or self.ready or not self.alive()
                 or time.monotonic() - self._started_at >= self.READY_WAIT)
 

@@ -380,11 +380,7 @@ class Destination:
         """Set owner (syncs that keep owners), mode and mtime, close, and publish under ``name``
         atomically; never leaves a temp behind."""
         try:
-            if owner is not None:
-                os.fchown(fd, *owner)  # before the mode: a change of owner clears set-ID bits
-            if mode & self._umask or mode > 0o777:
-                os.fchmod(fd, mode)
-            os.utime(fd, ns=(mtime, mtime))
+            _stamp(fd, mode, mtime, owner, chmod=bool(mode & self._umask or mode > 0o777))
             if tmp is None:
                 try:
                     os.link(f"/proc/self/fd/{fd}", name, dst_dir_fd=dfd)
@@ -416,10 +412,8 @@ class Destination:
                     raise OSError(errno.EIO, "short copy")
                 done += n
             made = os.fstat(out)
-            if (st.st_uid, st.st_gid) != (made.st_uid, made.st_gid):
-                os.fchown(out, st.st_uid, st.st_gid)  # the owner a sync that keeps owners gave it
-            os.fchmod(out, mode)
-            os.utime(out, ns=(mtime, mtime))
+            owner = (st.st_uid, st.st_gid)  # the owner a sync that keeps owners gave it
+            _stamp(out, mode, mtime, owner if owner != (made.st_uid, made.st_gid) else None)
         except OSError:
             os.close(out)
             _unlink_quietly(dfd, tmp)
@@ -499,10 +493,7 @@ class Destination:
                     return True, False
             finally:
                 rec.close()
-            if owner is not None:
-                os.fchown(fd, *owner)
-            os.fchmod(fd, mode)
-            os.utime(fd, ns=(mtime, mtime))
+            _stamp(fd, mode, mtime, owner)
         finally:
             os.close(fd)
         try:
@@ -534,6 +525,16 @@ class _Compiled:
     def run(self, dfd: int, start: int, stop: int, work: np.ndarray) -> int:
         return batchio.publish_run(dfd, self.names, self.name_off, self.data, self.data_off, self.modes,
                                    self.chmod, self.owners, self.mtimes, self.skip, start, stop, work)
+
+
+def _stamp(fd: int, mode: int, mtime: int, owner: tuple[int, int] | None = None, chmod: bool = True) -> None:
+    """Give an open file its owner (syncs that keep owners), mode and mtime, in that order: a change of
+    owner clears set-ID bits, so the mode comes after it."""
+    if owner is not None:
+        os.fchown(fd, *owner)
+    if chmod:
+        os.fchmod(fd, mode)
+    os.utime(fd, ns=(mtime, mtime))
 
 
 def _unlink_quietly(dfd: int, name: str) -> None:

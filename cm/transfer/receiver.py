@@ -37,14 +37,14 @@ from .control import Answer, Register, Unregister, decode_control, encode_answer
 from .destination import ChunkRefused, Destination
 from .partial import chunk_count
 from .paths import PathEscape, confine, wire_parts
-from .wire import MAX_BATCH, TRAILER, Channel, Kind, ProtocolError, listen, tune
+from .wire import MAX_BATCH, PIECE, TRAILER, Channel, Kind, ProtocolError, listen, tune
 
 log = logging.getLogger(__name__)
 
 HELLO_TIMEOUT = 10.0  # seconds an unauthenticated connection may take to say who it is
 IDLE_TIMEOUT = 600.0  # seconds a sender may stay silent mid-transfer
 MAX_CONNECTIONS = 256
-RECV_PIECE = 1 << 20  # received, hashed and written while in cache: one piece per sender's piece (PIECE)
+RECV_PIECE = PIECE  # received, hashed and written while in cache: one piece per sender's piece
 
 
 class BadRequest(ValueError):

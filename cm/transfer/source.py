@@ -6,7 +6,7 @@ import os
 import stat
 from pathlib import Path
 
-from . import plan
+from . import checksum, plan
 from .connection import TransferError
 from .paths import DirHandles, PathEscape
 from .stats import Stats
@@ -51,8 +51,6 @@ class Source:
 
     def chunk_digest(self, handles: DirHandles, it: plan.Item) -> int | None:
         """The digest of one chunk as the source has it, or None if it cannot be read."""
-        from . import checksum
-
         try:
             fd = self.open(handles, it.entry)
         except (OSError, PathEscape):
@@ -64,8 +62,6 @@ class Source:
 
     def digests(self, e: Entry, chunk_size: int) -> list[int] | None:
         """Every chunk digest of a file, or None if it cannot be read."""
-        from . import checksum
-
         handles = self.handles(capacity=4)
         try:
             fd = self.open(handles, e)

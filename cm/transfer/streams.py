@@ -17,7 +17,7 @@ from collections import Counter, deque
 from typing import Callable
 
 from . import frames as f
-from . import plan
+from . import checksum, plan
 from .connection import TransferError
 from .decide import Work
 from .paths import DirHandles, PathEscape
@@ -119,8 +119,6 @@ class Streams:
         self.stats.add(bytes_done=n)
 
     def _send_chunk(self, chan: Channel, handles: DirHandles, it: plan.Item) -> None:
-        from . import checksum
-
         e = it.entry
         try:
             fd = self.source.open(handles, e)
@@ -162,8 +160,6 @@ class Streams:
 
     def _send_batch(self, chan: Channel, handles: DirHandles, items: list[plan.Item], buf: memoryview,
                     attempt: int = 0) -> None:
-        from . import checksum
-
         ok = self.source.read_batch(handles, items, buf)
         rows, offsets, sent_items = [], [0], []
         pos = src = 0

@@ -31,7 +31,7 @@ VERSION = 5  # 2: manifest rows carry names as bytes only (frames.EntryRow); 3: 
 #             5: digests are XXH3-64, not xxh64
 HEADER = struct.Struct("<2sBBIQ")
 TRAILER = struct.Struct("<Q")
-PIECE = 1 << 20  # bytes handed to the kernel (and the hash) at a time; a multiple of 32
+PIECE = 1 << 20  # bytes handed to the kernel (and the hash) at a time
 MAX_BATCH = 16 << 20  # largest payload of one BATCH frame (many small files)
 
 
@@ -206,7 +206,7 @@ class Channel:
         with ``os.pwrite``. Returns (digest computed here, digest the peer sent).
         """
         pos = 0
-        step = (len(buf) // 32) * 32
+        step = len(buf)
         while pos < length:
             n = min(step, length - pos)
             piece = buf[:n]

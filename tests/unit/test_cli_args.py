@@ -7,13 +7,19 @@ read without click, or the commands would not be fast.
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import click
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from cm.cli import cminfo, cmkill, cmrun, cmsync, cmtoken
-from cm.cli.args import Command
+from cm.cli.args import Command, Param
+from cm.cli.cmsync import parse_rate
 
 COMMANDS = {c.prog: c for c in (cminfo.cli, cmkill.cli, cmrun.cli, cmsync.cli, cmtoken.cli)}
 
@@ -86,11 +92,6 @@ def test_what_click_must_read_is_left_to_it():
 def test_shell_completion_is_clicks(tmp_path):
     """click completes from its own main(): with its variable set, even a line the fast parse reads (none
     at all) goes to click, which prints the shell's completion script instead of running the command."""
-    import os
-    import subprocess
-    import sys
-    from pathlib import Path
-
     env = {**os.environ, "_CMINFO_COMPLETE": "bash_source", "CM_RUN_DIR": str(tmp_path)}  # no head there
     proc = subprocess.run([str(Path(sys.executable).parent / "cminfo")], capture_output=True, text=True, env=env,
                           timeout=30)
@@ -98,9 +99,6 @@ def test_shell_completion_is_clicks(tmp_path):
 
 
 def test_rates_and_what_the_declarations_refuse():
-    from cm.cli.args import Param
-    from cm.cli.cmsync import parse_rate
-
     assert parse_rate("") is None and parse_rate(" 10M ") == 10 << 20 and parse_rate("500") == 500 << 10
     for bad in ("0", "fast", "1" * 400, "0.0001B"):
         with pytest.raises(ValueError, match="is not a rate"):
