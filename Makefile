@@ -15,11 +15,12 @@ CM_USER := $(if $(filter command line,$(origin USER)),$(USER))
 all: up
 
 # The Docker cluster: the database, head, 2 gpu + 2 cpu compute nodes (docker/cluster.sh, docker-compose.yml).
-# Without a Docker engine it says so in one line and points at `make engine` and `make local-up`.
+# Without a Docker engine it says so in one line, points at `make engine` and `make local-up`, and fails
+# (a script that runs `make` must not think the cluster is up).
 up:
 	@if ! timeout 20 docker info >/dev/null 2>&1; then \
-	  echo "no Docker engine here: 'make engine' (root) installs and starts one, or 'make local-up' runs the same cluster as local processes"; \
-	  exit 0; fi; \
+	  echo "no Docker engine here: 'make engine' (root) installs and starts one, or 'make local-up' runs the same cluster as local processes" >&2; \
+	  exit 1; fi; \
 	bash docker/cluster.sh up
 
 exec-head:

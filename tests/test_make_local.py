@@ -5,7 +5,8 @@
   user chose;
 - a database the user did choose and that does not answer is named in a
   one-line error, without a wait for the head;
-- nothing of the checkout is left running after `make demo`.
+- nothing of the checkout is left running after `make demo`;
+- `make` with no Docker engine says so and exits non-zero.
 """
 
 from __future__ import annotations
@@ -99,3 +100,15 @@ def test_nothing_of_the_checkout_is_left_running_after_make_demo():
         time.sleep(0.2)
     assert not left, "left running after make demo:\n" + "\n".join(f"{p}: {c}" for p, c in left.items())
     assert not list((REPO / "drive" / "run").glob("*.pid"))
+
+
+def test_make_without_a_docker_engine_says_so_and_fails(tmp_path):
+    """A script that runs `make` must not take the cluster for up when no engine answers."""
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    (fake / "docker").write_text("#!/bin/sh\necho 'Cannot connect to the Docker daemon' >&2\nexit 1\n")
+    (fake / "docker").chmod(0o755)
+    done = shell("make --no-print-directory", timeout=60, PATH=f"{fake}:{os.environ['PATH']}")
+    assert done.returncode != 0, done.stdout + done.stderr
+    assert "no Docker engine here" in done.stderr and "make local-up" in done.stderr
+    assert len(done.stderr.strip().splitlines()) <= 2, done.stderr  # the line, and make's own "Error 1"
