@@ -68,9 +68,10 @@ class ErrorCode(enum.StrEnum):
     HEAD_UNAVAILABLE = "head_unavailable"  # the node could not hear from the head in time: try again
 
 
-JobId = Annotated[int, Meta(ge=0, le=(1 << 63) - 1)]
+COUNT_MAX = (1 << 63) - 1  # every counter is 64-bit, as MongoDB stores it; sums of counters stop here
+JobId = Annotated[int, Meta(ge=0, le=COUNT_MAX)]
 Id = Annotated[int, Meta(ge=0, le=(1 << 32) - 1)]  # a uid or gid
-Count = Annotated[int, Meta(ge=0, le=(1 << 63) - 1)]
+Count = Annotated[int, Meta(ge=0, le=COUNT_MAX)]
 
 
 class Message(Struct, frozen=True, kw_only=True, forbid_unknown_fields=True, tag_field="t"):
@@ -241,10 +242,10 @@ class Progress(Message, tag="progress"):
     job_id: int
     node: str
     run: int
-    bytes_done: int
-    bytes_total: int
-    files_done: int
-    files_total: int
+    bytes_done: Count
+    bytes_total: Count
+    files_done: Count
+    files_total: Count
     rate: float
     stats: SyncStats | None = None  # final counters of a sync part
     rank: int = 0  # the sender's rank: a node may send more than one rank of a sync
@@ -308,9 +309,77 @@ class Request(Message, tag="request"):
 class Reply(Message, tag="reply"):
     TYPE = "reply"
     ok: bool
-    data: Any = None
+    data: Any = None  # the op's answer: an InfoData for info and wait, a small map of builtins for the others
     error: str = ""
     code: ErrorCode | None = None  # set when not ok
+
+
+# --- what the head shows of jobs and nodes (info, wait; the HTTP API's views) -------------------------------
+
+
+class TransferView(Struct):
+    """A sync job's counters (summed over its nodes); `rate` is bytes/s, the effective rate once final."""
+
+    bytes_done: Count
+    bytes_total: Count
+    files_done: Count
+    files_total: Count
+    files_skipped: Count
+    files_deleted: Count
+    retries: Count
+    errors: Count
+    rate: float
+    message: str
+    started: float | None
+    ended: float | None
+    stats: dict[str, Count | float]  # the senders' final counters (SyncStats' fields), summed; {} until reported
+
+
+class JobView(Struct):
+    """A job as `cminfo --json` shows it, plus labels and, for sync jobs, transfer counters; ``command``,
+    ``workdir`` and ``env`` only for one job in detail (``env``: its owner's and the admins' only)."""
+
+    id: JobId
+    name: str
+    user: str
+    type: Literal["command", "sync"]
+    state: str
+    nodes: list[str]
+    exit_code: int | None
+    progress: float | None
+    submitted: str | None
+    started: str | None
+    ended: str | None
+    elapsed: float | None  # seconds
+    partition: str | None
+    reason: str
+    time_limit: float | None
+    priority: int
+    transfer: TransferView | None
+    labels: dict[str, str]
+    num_nodes: Count | None
+    times: dict[str, float | None]  # submitted, started, ended: epoch seconds
+    command: str | None = None
+    workdir: str | None = None
+    env: list[str] | None = None
+
+
+class NodeView(Struct):
+    name: str
+    partition: str
+    state: str
+    cpus: Count
+    cpus_free: int
+    mem_mb: Count
+    mem_free_mb: int
+    reason: str = ""
+
+
+class InfoData(Struct):
+    """The answer to info and wait: the nodes, and the jobs asked for (none for ``nodes_only``)."""
+
+    nodes: list[NodeView]
+    jobs: list[JobView] = []
 
 
 # --- intercom: a job's processes, through their node daemons and the head ----

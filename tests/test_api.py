@@ -114,9 +114,12 @@ def test_over_tcp_only_a_valid_token_gets_in_and_a_revoked_one_is_refused(make_c
 def test_another_users_job_is_403_to_cancel_and_delete(cluster, users):
     sock = str(cluster.run_dir / "api.sock")
     alice, bob = users["alice"], users["bob"]
+    workdir = cluster.home / "alice"  # hers: a shared /tmp/cmlogs/1 of another run would fail the job at once
+    workdir.mkdir()
+    os.chown(workdir, alice.pw_uid, alice.pw_gid)
 
     def submit():
-        return Client(sock).submit_command(["sleep", "30"], cwd="/tmp")
+        return Client(sock).submit_command(["sleep", "30"], cwd=str(workdir))
 
     def try_to(action, job_id):
         def act():
@@ -133,6 +136,8 @@ def test_another_users_job_is_403_to_cancel_and_delete(cluster, users):
     assert in_child_as(bob, try_to("delete", job_id)) == 403
     assert in_child_as(alice, try_to("cancel", job_id)) == 0
     Client(sock).wait(job_id, timeout=30)
+    # ownership is checked before state: bob is not told that alice's job has finished
+    assert in_child_as(bob, try_to("cancel", job_id)) == 403
     assert in_child_as(bob, try_to("delete", job_id)) == 403
     assert in_child_as(alice, try_to("delete", job_id)) == 0
     assert in_child_as(bob, try_to("status", job_id)) == 404

@@ -112,3 +112,27 @@ def test_make_without_a_docker_engine_says_so_and_fails(tmp_path):
     assert done.returncode != 0, done.stdout + done.stderr
     assert "no Docker engine here" in done.stderr and "make local-up" in done.stderr
     assert len(done.stderr.strip().splitlines()) <= 2, done.stderr  # the line, and make's own "Error 1"
+
+
+def test_settings_given_to_make_local_up_reach_its_daemons(tmp_path):
+    if (REPO / "drive" / "run" / "headnode.pid").exists():
+        pytest.skip("a local cluster of this checkout is running (drive/run/headnode.pid): `make local-down` first")
+    port = free_port()
+    run = REPO / "drive" / "run"
+    done = shell(f"""
+        trap 'make --no-print-directory local-down >/dev/null' EXIT
+        CM_API_PORT={port} CM_KILL_GRACE=7 CM_RUN_DIR={tmp_path} make --no-print-directory local-up NODES=2 \\
+            PARTITIONS=gpu:1,cpu:1
+        curl -sS --max-time 10 http://127.0.0.1:{port}/healthz
+        echo
+        for name in headnode computenode-1; do
+            echo "$name: $(tr '\\0' '\\n' < /proc/$(cat {run}/$name.pid)/environ | grep -E '^CM_(KILL_GRACE|RUN_DIR)=' | sort | tr '\\n' ' ')"
+        done
+        """, timeout=200)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert '{"alive":true}' in done.stdout, done.stdout  # the head listens on CM_API_PORT
+    for name in ("headnode", "computenode-1"):
+        line = next(l for l in done.stdout.splitlines() if l.startswith(f"{name}:"))
+        assert "CM_KILL_GRACE=7" in line, line  # the caller's setting, on every daemon
+        assert f"CM_RUN_DIR={run}" in line, line  # the cluster's own run dir wins over the caller's
+    assert not list(run.glob("*.pid"))

@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import os
+import signal
 import socket
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -52,3 +57,28 @@ def test_bad_waits_are_refused_and_a_waiter_that_leaves_changes_nothing(cluster)
     cluster.cli("cmkill", str(job_id))
     assert client.wait(job_id)["state"] == "CANCELLED"
     assert cluster.info()["jobs"]
+
+
+def test_cmsync_wait_keeps_waiting_over_a_head_restart_and_exits_with_the_jobs_code(cluster):
+    src = cluster.data_dir / "gpu" / "slow"
+    src.mkdir(parents=True)
+    (src / "f.bin").write_bytes(os.urandom(4 << 20))
+    env = {**os.environ, "CM_RUN_DIR": str(cluster.run_dir)}
+    env.pop("CM_CONFIG", None)
+    waiting = subprocess.Popen([str(Path(sys.executable).parent / "cmsync"), "--wait", "--parsable", "--bwlimit",
+                                "1M", "gpu:/slow", "cpu:/slow"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               text=True, env=env, cwd=str(cluster.home))
+    try:
+        job_id = int(waiting.stdout.readline())
+        cluster.wait_state(job_id, "RUNNING")
+        cluster.kill("headnode", signal.SIGKILL)  # the long poll in flight sees its connection closed
+        time.sleep(1.0)  # and nothing answers for a while
+        cluster.start_head()
+        out, err = waiting.communicate(timeout=120)
+    finally:
+        if waiting.poll() is None:
+            waiting.kill()
+            waiting.communicate()
+    assert waiting.returncode == 0, err
+    assert cluster.job(job_id)["state"] == "COMPLETED"
+    assert (cluster.data_dir / "cpu" / "slow" / "f.bin").read_bytes() == (src / "f.bin").read_bytes()

@@ -98,7 +98,7 @@ async def list_jobs(api: "ApiServer", caller: Caller, request: HttpRequest) -> H
     args = {"all": _flag(q, "all"), "state": [s.upper() for s in q.get("state", []) if s],
             "user": _one(q, "user") or None, "label": q.get("label", [])}
     data = await _ask(api, caller, "info", args)
-    return json_response(200, {"jobs": data["jobs"]})
+    return json_response(200, {"jobs": data.jobs})
 
 
 async def job_status(api: "ApiServer", caller: Caller, request: HttpRequest, job_id: int) -> HttpResponse:
@@ -116,7 +116,7 @@ async def job_status(api: "ApiServer", caller: Caller, request: HttpRequest, job
         data = await _ask(api, caller, "wait", {"job_id": job_id, "timeout": wait}, watch=request)
     else:
         data = await _ask(api, caller, "info", {"job_id": job_id})
-    return json_response(200, data["jobs"][0])
+    return json_response(200, data.jobs[0])
 
 
 async def cancel(api: "ApiServer", caller: Caller, request: HttpRequest, job_id: int) -> HttpResponse:
@@ -134,7 +134,7 @@ async def delete(api: "ApiServer", caller: Caller, request: HttpRequest, job_id:
 
 async def nodes(api: "ApiServer", caller: Caller, request: HttpRequest) -> HttpResponse:
     data = await _ask(api, caller, "info", {"nodes_only": True})
-    return json_response(200, {"nodes": data["nodes"]})
+    return json_response(200, {"nodes": data.nodes})
 
 
 async def admin(api: "ApiServer", caller: Caller, request: HttpRequest, action: str) -> HttpResponse:

@@ -4,17 +4,18 @@ and what /openapi.json says (msgspec.json.schema). Names end in what they are: .
 
 What the API sends the head is made of the protocol's request types (cm.protocol): the submission and
 admin bodies are built from their fields, so one declaration gives the wire protocol, the HTTP body and
-the OpenAPI schema. Only what HTTP alone has (answers, errors) is declared here.
+the OpenAPI schema. The job and node views are the head's own (cm.protocol's JobView, TransferView,
+NodeView: what it answers info with). Only what HTTP alone has (answers, errors) is declared here.
 """
 
 from __future__ import annotations
 
-from typing import Any, Literal, Union, get_args
+from typing import Any, Union, get_args
 
 import msgspec
 from msgspec import NODEFAULT, Struct
 
-from cm.protocol import Control, SubmitCommand, SubmitSync, SyncOptions
+from cm.protocol import Control, JobView, NodeView, SubmitCommand, SubmitSync, SyncOptions
 
 
 def _body(name: str, doc: str, *sources: type[Struct], drop: tuple[str, ...] = (), **config: Any) -> type[Struct]:
@@ -75,65 +76,8 @@ class Submitted(Struct):
     id: int
 
 
-class TransferView(Struct):
-    """A sync job's counters (summed over its nodes); `rate` is bytes/s, the effective rate once final."""
-
-    bytes_done: int
-    bytes_total: int
-    files_done: int
-    files_total: int
-    files_skipped: int
-    files_deleted: int
-    retries: int
-    errors: int
-    rate: float
-    message: str
-    started: float | None
-    ended: float | None
-    stats: dict[str, Any]
-
-
-class JobView(Struct):
-    """A job as `cminfo --json` shows it, plus labels and, for sync jobs, transfer counters."""
-
-    id: int
-    name: str
-    user: str
-    type: Literal["command", "sync"]
-    state: str
-    nodes: list[str]
-    exit_code: int | None
-    progress: float | None
-    submitted: str | None
-    started: str | None
-    ended: str | None
-    elapsed: float | None
-    partition: str | None
-    reason: str
-    time_limit: float | None
-    priority: int
-    transfer: TransferView | None
-    labels: dict[str, str]
-    num_nodes: int | None
-    times: dict[str, float | None]
-    command: str | None = None
-    workdir: str | None = None
-    env: list[str] | None = None
-
-
 class JobList(Struct):
     jobs: list[JobView]
-
-
-class NodeView(Struct):
-    name: str
-    partition: str
-    state: str
-    cpus: int
-    cpus_free: int
-    mem_mb: int
-    mem_free_mb: int
-    reason: str = ""
 
 
 class NodeList(Struct):

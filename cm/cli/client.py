@@ -34,6 +34,13 @@ class HeadError(RuntimeError):
         self.code = code
 
 
+class HeadUnreachable(HeadError):
+    """The link to the head failed (not there, closed, silent): a head that restarts looks like this."""
+
+
+RECONNECT_FOR = 300.0  # seconds a waiting command keeps trying to reach a head that went away (a restart)
+
+
 class Client:
     """``settings`` (a cm.config.Settings) says where the head is; by default the socket and run_dir
     settings alone do (cm.config_sources.find_head_socket)."""
@@ -51,7 +58,7 @@ class Client:
                 sock.connect(self.path)
             except OSError as exc:
                 sock.close()
-                raise HeadError(
+                raise HeadUnreachable(
                     f"cannot reach the head at {self.path}: {exc.strerror or exc} "
                     "(is the cluster up? `make local-up`, then `. drive/run/cm.env`)"
                 ) from None
@@ -78,7 +85,7 @@ class Client:
             while size is None or len(buffer) < FRAME_HEADER + size:
                 data = sock.recv(1 << 20)
                 if not data:
-                    raise HeadError("the head closed the connection")
+                    raise HeadUnreachable("the head closed the connection")
                 buffer += data
                 if size is None and len(buffer) >= FRAME_HEADER:
                     size = int.from_bytes(buffer[:FRAME_HEADER], "big")
@@ -86,9 +93,9 @@ class Client:
                         raise ValueError(f"a reply of {size} bytes")
             reply = msgpack.unpackb(buffer[FRAME_HEADER : FRAME_HEADER + size], strict_map_key=False)
         except TimeoutError:
-            raise HeadError(f"the head did not answer within {self.timeout:.0f} s") from None
+            raise HeadUnreachable(f"the head did not answer within {self.timeout:.0f} s") from None
         except OSError as exc:
-            raise HeadError(f"lost the connection to the head: {exc}") from None
+            raise HeadUnreachable(f"lost the connection to the head: {exc}") from None
         except (ValueError, msgpack.UnpackException) as exc:  # ExtraData and FormatError are ValueErrors
             raise HeadError(f"garbled reply from the head: {exc}") from None
         if not isinstance(reply, dict) or reply.get("t") != "reply" or not isinstance(reply.get("ok"), bool):
@@ -102,24 +109,40 @@ class Client:
             self.sock.close()
             self.sock = None
 
-    def wait(self, job_id: int, on_update=None) -> dict:
+    def wait(self, job_id: int, on_update=None, patience: float = RECONNECT_FOR) -> dict:
         """Wait until the job is final; return its view.
 
         The head answers a waiting client the moment the job ends (a long
         poll), so nothing is lost to a polling interval. With ``on_update``
         (a progress bar) each poll lasts at most half a second and
-        on_update(view) is called after each.
+        on_update(view) is called after each. A head that goes away (a
+        restart) or waits for its database is asked again, for up to
+        ``patience`` seconds without an answer: the job goes on without it.
         """
+        import time
+
         timeout = 0.5 if on_update else min(20.0, max(self.timeout - 5.0, 1.0))
+        lost_since = None
         while True:
-            view = self.call("wait", job_id=job_id, timeout=timeout)["jobs"][0]
+            try:
+                view = self.call("wait", job_id=job_id, timeout=timeout)["jobs"][0]
+            except HeadError as exc:
+                if not isinstance(exc, HeadUnreachable) and exc.code != "db_unavailable":
+                    raise
+                now = time.monotonic()
+                lost_since = lost_since or now
+                if now - lost_since > patience:
+                    raise HeadError(f"{exc}; no answer about job {job_id} for {patience:.0f} s", exc.code) from None
+                time.sleep(0.5)
+                continue
+            lost_since = None
             if on_update:
                 on_update(view)
             if is_final(view):
                 return view
 
 
-__all__ = ["Client", "HeadError", "exit_code_of", "fail", "parse_labels", "run_command"]
+__all__ = ["Client", "HeadError", "HeadUnreachable", "exit_code_of", "fail", "parse_labels", "run_command"]
 
 
 def parse_labels(pairs: tuple[str, ...]) -> dict[str, str]:

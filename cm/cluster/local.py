@@ -392,6 +392,16 @@ class LocalCluster:
         self._network().restore(name)
 
 
+# What the cluster decides itself, whatever the caller's environment says: where it runs and how its daemons
+# find each other (a node's name, partition, data root and mover port are set per node in start_node).
+CLUSTER_OWN = frozenset({"CM_RUN_DIR", "CM_HEAD_HOST", "CM_TRANSFER_HOST", OWN_DB_MARK})
+
+
+def callers_settings(environ: dict[str, str] | os._Environ) -> dict[str, str]:
+    """The caller's CM_* settings (`CM_API_PORT=18471 make local-up`), for every daemon of the cluster."""
+    return {k: v for k, v in environ.items() if k.startswith("CM_") and k not in CLUSTER_OWN}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="cm.cluster.local")
     parser.add_argument("action", choices=["up", "down"])
@@ -405,7 +415,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     partitions = args.partitions or ("gpu:2,cpu:2" if args.nodes == 4 else "gpu,cpu")
     try:
-        cluster = LocalCluster(Path(args.run_dir), parse_partitions(partitions, args.nodes), netns=args.netns)
+        cluster = LocalCluster(Path(args.run_dir), parse_partitions(partitions, args.nodes), netns=args.netns,
+                               env=callers_settings(os.environ))
         if args.action == "down":
             cluster.down()
             print("local cluster stopped")

@@ -21,8 +21,10 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import msgspec
+
 from cm.logs import event
-from cm.protocol import ProtocolError, Reply, Request, decode, frame, unframe
+from cm.protocol import ErrorCode, InfoData, ProtocolError, Reply, Request, decode, frame, unframe
 
 log = logging.getLogger("cm.head.clients")
 MAX_PENDING_OUT = 64 * 1024 * 1024
@@ -57,6 +59,16 @@ def caller_from(uid: int, gid: int, pid: int, operator_group: str) -> Caller:
         except KeyError:
             pass
     return Caller(uid, gid, pid, user, operator)
+
+
+def jobs_of(request: Request | None, reply: Reply) -> list[int]:
+    """The jobs a request and its reply are about, for the log."""
+    args = request.args if request is not None else {}
+    ids = [args["job_id"]] if isinstance(args.get("job_id"), int) else []
+    ids += [i for i in args.get("job_ids") or () if isinstance(i, int)]
+    if isinstance(reply.data, InfoData):
+        ids += [j.id for j in reply.data.jobs if j.id not in ids]
+    return ids
 
 
 class Connection:
@@ -166,11 +178,20 @@ class ClientServer:
                     self.send(conn, Reply(ok=False, error=f"request not complete within {self.client_timeout:g} s"))
                 self.close(conn)
 
-    def send(self, conn: Connection, reply: Reply) -> None:
+    def send(self, conn: Connection, reply: Reply, about: Request | None = None) -> None:
+        """Queue and send a reply (to the request ``about``). A reply that cannot be encoded costs this client
+        an INTERNAL error, logged with the jobs it was about, never the head."""
         if len(conn.outbox) > MAX_PENDING_OUT:
             self.close(conn)
             return
-        conn.outbox += frame(reply)
+        try:
+            data = frame(reply)
+        except (TypeError, OverflowError, msgspec.EncodeError) as exc:
+            event(log, "reply not encodable", logging.ERROR, uid=conn.caller.uid, op=about.op if about else None,
+                  jobs=jobs_of(about, reply), error=str(exc)[:300])
+            data = frame(Reply(ok=False, error="internal error: the head could not encode its reply; see its log",
+                               code=ErrorCode.INTERNAL))
+        conn.outbox += data
         self.flush(conn)
 
     def flush(self, conn: Connection) -> None:

@@ -6,7 +6,7 @@ from typing import Any
 
 import msgspec
 
-from cm.protocol import Progress
+from cm.protocol import COUNT_MAX, Progress
 
 TOTALS = ("bytes_done", "bytes_total", "files_done", "files_total", "rate")
 
@@ -20,11 +20,16 @@ def report_of(msg: Progress) -> dict[str, Any]:
 
 def merge(per_rank: dict[str, dict[str, Any]]) -> dict[str, Any]:
     """The job's progress: every total summed over ranks, and the final counters summed where reported."""
-    total: dict[str, Any] = {k: sum(p[k] for p in per_rank.values()) for k in TOTALS}
+    total: dict[str, Any] = {k: _capped(sum(p[k] for p in per_rank.values())) for k in TOTALS}
     stats: dict[str, Any] = {}
     for p in per_rank.values():
         for k, v in p["stats"].items():
-            stats[k] = stats.get(k, 0) + v
+            stats[k] = _capped(stats.get(k, 0) + v)
     if stats:
         total["stats"] = stats
     return total
+
+
+def _capped(n: int | float) -> int | float:
+    """A sum of 64-bit counters stays one (a float, a rate or seconds, is left as it is)."""
+    return min(n, COUNT_MAX) if isinstance(n, int) else n

@@ -1,8 +1,9 @@
 """The head's job record: exactly what is stored (cm.store.documents declares the same fields).
 
-A record is the stored document as pymongo returns it, a plain dict (the
-head reads thousands per scheduler pass), typed here so every key has one
-declaration. What the head knows of a job only in memory (why it waits,
+A record is the stored document as cm.store hands it: a plain dict of
+builtins (the head reads thousands per scheduler pass), checked against its
+typed record (cm.store.records) on the way out of the store, so no driver
+type reaches the head; typed here for the type checker. What the head knows of a job only in memory (why it waits,
 whether its senders were told to start, each rank's progress) is kept
 beside the records, in ``JobTable``, never in them.
 """

@@ -16,25 +16,32 @@ import secrets
 import time
 from typing import Any, Callable, Protocol
 
+import msgspec
+
 from cm.config import Settings
 from cm.head.clients import Caller
 from cm.head.records import Job
 from cm.head.registry import NodeInfo
-from cm.head.resources import NodeView
+from cm.head.resources import NodeView as Capacity
 from cm.head.scheduler import NeverFits, check_feasible
 from cm.head.specs import request_of
 from cm.protocol import (
+    COUNT_MAX,
     Cancel,
     Control,
     Delete,
     ErrorCode,
     Info,
+    InfoData,
+    JobView,
+    NodeView,
     ProtocolError,
     Reply,
     Request,
     SubmitCommand,
     SubmitSync,
     Token,
+    TransferView,
     Wait,
     request_args,
 )
@@ -51,8 +58,8 @@ class Head(Protocol):
     admin_policy: dict[str, Any]  # blocked_users, block_all
 
     def nodes(self) -> dict[str, NodeInfo]: ...
-    def node_rows(self) -> list[dict[str, Any]]:
-        """Every node as cminfo shows it (name, partition, state, cpus, cpus_free, mem_mb, mem_free_mb, reason)."""
+    def node_rows(self) -> list[NodeView]:
+        """Every node as cminfo shows it."""
     def active(self, job_id: int) -> Job | None:
         """An unfinished job."""
     def find(self, job_id: int) -> Job | None:
@@ -216,7 +223,7 @@ def submit(head: Head, caller: Caller, args: SubmitCommand | SubmitSync) -> dict
         fields["idempotency_key"] = args.idempotency_key
     probe = request_of({**fields, "_id": 0})  # type: ignore[typeddict-item]
     try:
-        check_feasible(probe, (NodeView(n.name, n.partition, n.cpus, n.mem_mb) for n in nodes.values()))
+        check_feasible(probe, (Capacity(n.name, n.partition, n.cpus, n.mem_mb) for n in nodes.values()))
     except NeverFits as exc:
         raise Refused(f"job can never run: {exc}") from None
     return {"job_id": head.submit(fields)["_id"]}
@@ -226,14 +233,15 @@ def _own(head: Head, caller: Caller, job_id: int | None, admin: bool) -> Job:
     if job_id is None:
         raise Refused("give a job id", ErrorCode.BAD_MESSAGE)
     job = head.active(job_id)
-    if job is None:
-        stored = head.find(job_id)
-        if stored is None:
-            raise Refused(f"job {job_id} does not exist", ErrorCode.NOT_FOUND)
-        raise Refused(f"job {job_id} has already finished ({stored['state']})", ErrorCode.CONFLICT)
-    if not (admin or caller.operator or job["uid"] == caller.uid):
-        raise Refused(f"job {job_id} belongs to {job['user']}; you may only act on your own jobs",
+    known = job or head.find(job_id)
+    if known is None:
+        raise Refused(f"job {job_id} does not exist", ErrorCode.NOT_FOUND)
+    # whose it is comes first: what state someone else's job is in is none of the caller's business
+    if not (admin or caller.operator or known["uid"] == caller.uid):
+        raise Refused(f"job {job_id} belongs to {known['user']}; you may only act on your own jobs",
                       ErrorCode.FORBIDDEN)
+    if job is None:
+        raise Refused(f"job {job_id} has already finished ({known['state']})", ErrorCode.CONFLICT)
     return job
 
 
@@ -277,28 +285,28 @@ def cancel(head: Head, caller: Caller, args: Cancel) -> dict:
     return results
 
 
-def info(head: Head, caller: Caller, args: Info) -> dict:
+def info(head: Head, caller: Caller, args: Info) -> InfoData:
     """Nodes and jobs for cminfo: unfinished ones from memory, finished ones from the database."""
     nodes = head.node_rows()
     if args.nodes_only:
-        return {"nodes": nodes}
+        return InfoData(nodes=nodes)
     if args.job_id is not None:
         job = head.find(args.job_id)
         if job is None:
             raise Refused(f"job {args.job_id} does not exist", ErrorCode.NOT_FOUND)
-        view = job_view(job, head.why_waiting(job["_id"]))
         if job["kind"] == "sync":
             sync = job.get("sync") or {}
-            view["command"] = " ".join(f"{s.get('node') or s.get('partition')}:{s.get('path')}"
-                                       for s in (sync.get("src", {}), sync.get("dst", {})))
+            command = " ".join(f"{s.get('node') or s.get('partition')}:{s.get('path')}"
+                               for s in (sync.get("src", {}), sync.get("dst", {})))
         else:
-            view["command"] = " ".join(job.get("argv") or [])
-        view["workdir"] = job.get("cwd")
+            command = " ".join(job.get("argv") or [])
         # like Slurm's PrivateData: a job's environment is its owner's (and the admins') business
-        view["env"] = list(job.get("env") or []) if caller.operator or job["uid"] == caller.uid else None
-        return {"nodes": nodes, "jobs": [view]}
-    return {"nodes": nodes, "jobs": [job_view(j, head.why_waiting(j["_id"])) for j in head.listed(args.all)
-                                     if _matches(j, args)]}
+        env = list(job.get("env") or []) if caller.operator or job["uid"] == caller.uid else None
+        view = msgspec.structs.replace(job_view(job, head.why_waiting(job["_id"])), command=command,
+                                       workdir=job.get("cwd"), env=env)
+        return InfoData(nodes=nodes, jobs=[view])
+    return InfoData(nodes=nodes, jobs=[job_view(j, head.why_waiting(j["_id"])) for j in head.listed(args.all)
+                                       if _matches(j, args)])
 
 
 def _matches(job: Job, args: Info) -> bool:
@@ -315,7 +323,7 @@ def _matches(job: Job, args: Info) -> bool:
     return True
 
 
-def wait(head: Head, caller: Caller, args: Wait) -> dict:
+def wait(head: Head, caller: Caller, args: Wait) -> InfoData:
     """``info`` of one job, answered once the job is final or after ``timeout`` seconds (a long poll)."""
     if args.timeout > 0 and head.active(args.job_id) is not None:  # active: the head answers when it ends
         raise Later(args.job_id, time.monotonic() + args.timeout)
@@ -335,7 +343,7 @@ def waiting_reason(job: Job, why: str | None) -> str:
     return before
 
 
-def job_view(job: Job, why: str | None = None) -> dict:
+def job_view(job: Job, why: str | None = None) -> JobView:
     """A job as cminfo shows it; ``why``: why it waits, if it does (memory only)."""
     state = job["state"]
     progress = None
@@ -344,28 +352,27 @@ def job_view(job: Job, why: str | None = None) -> dict:
         if state == JobState.COMPLETED.value:
             progress = 100.0
         elif p.get("bytes_total"):
-            progress = round(100.0 * p["bytes_done"] / p["bytes_total"], 1)
+            progress = round(100.0 * p.get("bytes_done", 0) / p["bytes_total"], 1)
         elif p.get("files_total"):
-            progress = round(100.0 * p["files_done"] / p["files_total"], 1)
+            progress = round(100.0 * p.get("files_done", 0) / p["files_total"], 1)
         elif state in (JobState.RUNNING.value,):
             progress = 0.0
     started, ended = job.get("started"), job.get("ended")
-    return {
-        "id": job["_id"], "name": job["name"], "user": job["user"], "type": job["kind"], "state": state,
-        "nodes": [s["node"] for s in job.get("slots", []) if s.get("role") != "dst"]
-        + [s["node"] for s in job.get("slots", []) if s.get("role") == "dst"],
-        "exit_code": job.get("exit_code"), "progress": progress,
-        "submitted": _iso(job.get("submitted")), "started": _iso(started), "ended": _iso(ended),
-        "elapsed": ((ended or time.time()) - started) if started else None,
-        "partition": job.get("partition"), "reason": waiting_reason(job, why), "time_limit": job.get("time_limit"),
-        "priority": job.get("priority", 0), "transfer": transfer_view(job) if job["kind"] == "sync" else None,
-        "labels": job.get("labels") or {},
-        "num_nodes": job.get("nodes"),
-        "times": {"submitted": job.get("submitted"), "started": started, "ended": ended},  # epoch seconds
-    }
+    slots = job.get("slots", [])
+    return JobView(
+        id=job["_id"], name=job["name"], user=job["user"], type=job["kind"], state=state,
+        nodes=[s["node"] for s in slots if s.get("role") != "dst"] + [s["node"] for s in slots if s.get("role") == "dst"],
+        exit_code=job.get("exit_code"), progress=progress,
+        submitted=_iso(job.get("submitted")), started=_iso(started), ended=_iso(ended),
+        elapsed=((ended or time.time()) - started) if started else None,
+        partition=job.get("partition"), reason=waiting_reason(job, why), time_limit=job.get("time_limit"),
+        priority=job.get("priority", 0), transfer=transfer_view(job) if job["kind"] == "sync" else None,
+        labels=job.get("labels") or {}, num_nodes=job.get("nodes"),
+        times={"submitted": job.get("submitted"), "started": started, "ended": ended},  # epoch seconds
+    )
 
 
-def transfer_view(job: Job) -> dict:
+def transfer_view(job: Job) -> TransferView:
     """A sync job's counters as a program needs them (the progress the nodes report, summed), keeping the
     keys cmsync's progress bar reads; ``rate`` is the effective one (bytes over elapsed) once final."""
     p = job.get("progress") or {}
@@ -374,13 +381,13 @@ def transfer_view(job: Job) -> dict:
     rate = p.get("rate", 0)
     if ended and started and ended > started:
         rate = p.get("bytes_done", 0) / (ended - started)
-    return {
-        "bytes_done": p.get("bytes_done", 0), "bytes_total": p.get("bytes_total", 0),
-        "files_done": p.get("files_done", 0), "files_total": p.get("files_total", 0),
-        "files_skipped": stats.get("files_skipped", 0), "files_deleted": stats.get("files_deleted", 0),
-        "retries": job.get("restarts", 0) + stats.get("chunks_resent", 0), "errors": stats.get("errors", 0),
-        "rate": rate, "message": job.get("reason") or "", "started": started, "ended": ended, "stats": stats,
-    }
+    return TransferView(
+        bytes_done=p.get("bytes_done", 0), bytes_total=p.get("bytes_total", 0),
+        files_done=p.get("files_done", 0), files_total=p.get("files_total", 0),
+        files_skipped=stats.get("files_skipped", 0), files_deleted=stats.get("files_deleted", 0),
+        retries=min(COUNT_MAX, job.get("restarts", 0) + stats.get("chunks_resent", 0)), errors=stats.get("errors", 0),
+        rate=rate, message=job.get("reason") or "", started=started, ended=ended, stats=dict(stats),
+    )
 
 
 def _admin(head: Head, caller: Caller, given: str) -> bool:

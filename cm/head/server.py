@@ -39,6 +39,7 @@ from cm.protocol import (
     JobStarted,
     KillJob,
     Message,
+    NodeView as NodeRow,
     Progress,
     ProtocolError,
     Reply,
@@ -59,14 +60,14 @@ class SocketAnswer:
     """Where the reply to a command-socket request goes (a long poll keeps one of these; the HTTP API's
     counterpart is cm.api.server.ApiAnswer)."""
 
-    def __init__(self, clients: ClientServer, conn: Connection):
-        self.clients, self.conn = clients, conn
+    def __init__(self, clients: ClientServer, conn: Connection, request: Request):
+        self.clients, self.conn, self.request = clients, conn, request
 
     def alive(self) -> bool:
         return self.clients.conns.get(self.conn.fd) is self.conn
 
     def answer(self, reply: Reply) -> None:
-        self.clients.send(self.conn, reply)
+        self.clients.send(self.conn, reply, self.request)
 
 
 def _unavailable() -> Reply:
@@ -202,7 +203,7 @@ class HeadServer:
                 self.clients.flush(self.clients.conns[key])
             if flags & zmq.POLLIN:
                 for conn, request in self.clients.read(key):
-                    self.serve(conn.caller, request, SocketAnswer(self.clients, conn))
+                    self.serve(conn.caller, request, SocketAnswer(self.clients, conn, request))
 
     def serve(self, caller: Caller, request: Request, to) -> None:
         """Answer one request from the command socket or the HTTP API (``to``: alive(), answer(reply))."""
@@ -255,14 +256,14 @@ class HeadServer:
     def nodes(self) -> dict[str, NodeInfo]:
         return self.registry.nodes
 
-    def node_rows(self) -> list[dict]:
+    def node_rows(self) -> list[NodeRow]:
         used = self.jobs.usage()
         rows = []
         for n in sorted(self.registry.nodes.values(), key=lambda n: self.sort_key(n.name)):
             c, m = used.get(n.name, (0, 0))
-            rows.append({"name": n.name, "partition": n.partition, "state": self.registry.state_of(n, c).value,
-                         "cpus": n.cpus, "cpus_free": n.cpus - c, "mem_mb": n.mem_mb, "mem_free_mb": n.mem_mb - m,
-                         "reason": n.reason})
+            rows.append(NodeRow(name=n.name, partition=n.partition, state=self.registry.state_of(n, c).value,
+                                cpus=n.cpus, cpus_free=n.cpus - c, mem_mb=n.mem_mb, mem_free_mb=n.mem_mb - m,
+                                reason=n.reason))
         return rows
 
     def active(self, job_id: int) -> Job | None:

@@ -1,6 +1,7 @@
 """Storage: mongoengine documents and the atomic updates on them."""
 
 from cm.store import intercom
+from cm.store.records import RecordError
 
 from cm.store.jobs import (
     DatabaseError,
@@ -32,6 +33,7 @@ __all__ = [
     "intercom",
     "DatabaseError",
     "DatabaseUnreachable",
+    "RecordError",
     "StoreError",
     "active_jobs",
     "all_nodes",

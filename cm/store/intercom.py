@@ -6,6 +6,7 @@ import pymongo
 from pymongo import DeleteMany, ReplaceOne
 
 from cm.store.documents import IntercomKey
+from cm.store.records import IntercomKeyRecord, typed
 
 
 def _keys() -> pymongo.collection.Collection:
@@ -18,7 +19,8 @@ def ensure_indexes() -> None:
 
 def load_keys(job_id: int, run: int) -> dict[str, tuple[str, int]]:
     """key -> (value, version) of one run of a job."""
-    return {d["key"]: (d["value"], d["version"]) for d in _keys().find({"job_id": job_id, "run": run})}
+    keys = (typed(d, IntercomKeyRecord) for d in _keys().find({"job_id": job_id, "run": run}))
+    return {k.key: (k.value, k.version) for k in keys}
 
 
 def apply(changes: list[tuple]) -> None:
@@ -42,4 +44,4 @@ def apply(changes: list[tuple]) -> None:
 
 def jobs_with_keys() -> list[int]:
     """Jobs that have keys stored: what a starting head checks against the active jobs."""
-    return list(_keys().distinct("job_id"))
+    return [int(j) for j in _keys().distinct("job_id")]

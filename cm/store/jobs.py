@@ -17,6 +17,7 @@ from pymongo.errors import ConnectionFailure, PyMongoError
 
 from cm.states import FINAL_STATES, JobState, check_transition
 from cm.store.documents import ApiToken, Counter, Job, Node, Policy
+from cm.store.records import CounterRecord, JobRecord, NodeRecord, PolicyRecord, TokenRecord, plain, typed
 
 
 class StoreError(RuntimeError):
@@ -71,7 +72,8 @@ def reserve_job_ids(count: int) -> range:
     doc = Counter._get_collection().find_one_and_update(
         {"_id": "job"}, {"$inc": {"seq": count}}, upsert=True, return_document=ReturnDocument.AFTER
     )
-    return range(int(doc["seq"]) - count + 1, int(doc["seq"]) + 1)
+    seq = typed(doc, CounterRecord).seq
+    return range(seq - count + 1, seq + 1)
 
 
 def insert_job(fields: dict[str, Any]) -> dict[str, Any]:
@@ -80,7 +82,7 @@ def insert_job(fields: dict[str, Any]) -> dict[str, Any]:
     job.validate()
     son = job.to_mongo().to_dict()
     _jobs().insert_one(son)
-    return son
+    return _job(son)
 
 
 def transition(job_id: int, src: JobState, dst: JobState, **fields: Any) -> bool:
@@ -99,13 +101,18 @@ def update_job(job_id: int, states: Iterable[JobState], **fields: Any) -> bool:
     return res.matched_count == 1  # matched: setting a value a field already has is no lost race
 
 
+def _job(doc: dict[str, Any] | None) -> dict[str, Any] | None:
+    """Every job read goes through here: the stored document as a typed record, as builtins."""
+    return None if doc is None else plain(doc, JobRecord)
+
+
 def get_job(job_id: int) -> dict[str, Any] | None:
-    return _jobs().find_one({"_id": job_id})
+    return _job(_jobs().find_one({"_id": job_id}))
 
 
 def job_by_key(uid: int, key: str) -> dict[str, Any] | None:
     """The job a user submitted with this Idempotency-Key, if any."""
-    return _jobs().find_one({"uid": uid, "idempotency_key": key})
+    return _job(_jobs().find_one({"uid": uid, "idempotency_key": key}))
 
 
 def delete_job(job_id: int) -> bool:
@@ -117,7 +124,7 @@ def delete_job(job_id: int) -> bool:
 def active_jobs() -> list[dict[str, Any]]:
     """Every job that is not final, for the head's memory at start."""
     final = [s.value for s in FINAL_STATES]
-    return list(_jobs().find({"state": {"$nin": final}}))
+    return [_job(d) for d in _jobs().find({"state": {"$nin": final}})]
 
 
 def recent_jobs(since: float | None, limit: int = 100000, finished: bool = False) -> list[dict[str, Any]]:
@@ -128,7 +135,7 @@ def recent_jobs(since: float | None, limit: int = 100000, finished: bool = False
         if not finished:
             query = {"$or": [{"ended": None}, query]}
     projection = {"env": 0, "sync.token": 0}
-    return list(_jobs().find(query, projection).sort("_id", pymongo.DESCENDING).limit(limit))
+    return [_job(d) for d in _jobs().find(query, projection).sort("_id", pymongo.DESCENDING).limit(limit)]
 
 
 # --- nodes -------------------------------------------------------------------
@@ -139,14 +146,14 @@ def save_node(name: str, **fields: Any) -> None:
 
 
 def all_nodes() -> list[dict[str, Any]]:
-    return list(Node._get_collection().find({}))
+    return [plain(d, NodeRecord) for d in Node._get_collection().find({})]
 
 
 # --- admin policy ------------------------------------------------------------
 
 
 def get_policy() -> dict[str, Any]:
-    return Policy._get_collection().find_one({"_id": "cluster"}) or {"blocked_users": [], "block_all": False}
+    return plain(Policy._get_collection().find_one({"_id": "cluster"}) or {}, PolicyRecord)
 
 
 def set_policy(**fields: Any) -> None:
@@ -158,7 +165,8 @@ def set_policy(**fields: Any) -> None:
 
 
 def token_record(uid: int) -> dict[str, Any] | None:
-    return ApiToken._get_collection().find_one({"_id": uid})
+    doc = ApiToken._get_collection().find_one({"_id": uid})
+    return None if doc is None else plain(doc, TokenRecord)
 
 
 def set_token(uid: int, user: str, generation: int, digest: str | None) -> None:
@@ -168,4 +176,5 @@ def set_token(uid: int, user: str, generation: int, digest: str | None) -> None:
 
 def token_owner(digest: str) -> dict[str, Any] | None:
     """The record whose token hashes to digest (uid in _id), or None."""
-    return ApiToken._get_collection().find_one({"hash": digest})
+    doc = ApiToken._get_collection().find_one({"hash": digest})
+    return None if doc is None else plain(doc, TokenRecord)
