@@ -32,6 +32,8 @@ class Settings:
     socket: str = _setting("", "Unix socket the head serves clients on (default: RUN_DIR/head.sock)")
     # database
     mongodb_uri: str = _setting("", "MongoDB URI; when empty the local cluster starts the embedded server")
+    db_uri_file: str = _setting("", "file holding the MongoDB URI with its credentials, readable by its owner "
+                                    "alone (wins over MONGODB_URI)")
     db_name: str = _setting("cm", "database name")
     db_timeout: float = _setting(5.0, "seconds a database call may wait for the server")
     # control plane

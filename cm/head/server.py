@@ -104,7 +104,8 @@ class HeadServer:
     # --- start and loop ------------------------------------------------------
 
     def open(self) -> None:
-        store.connect(self.settings.mongodb_uri, self.settings.db_name, self.settings.db_timeout)
+        uri = store.database_uri(self.settings.mongodb_uri, self.settings.db_uri_file)
+        store.connect(uri, self.settings.db_name, self.settings.db_timeout)
         self.registry.load()
         self.jobs.load()
         self.intercom.open()
