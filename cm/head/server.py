@@ -340,10 +340,10 @@ class HeadServer:
                 "sync_rate": sum(p.get("rate", 0) for p in syncs), "pass_seconds": self.pass_seconds,
                 "passes": self.passes, "waiters": sum(len(w) for w in self.waiters.values())}
 
-    def api_token(self, uid: int, user: str) -> str:
+    def api_token(self, uid: int, user: str, lifetime: float = 0) -> str:
         from cm.api import tokens
 
-        return tokens.issue(self.settings.run_dir, uid, user)
+        return tokens.issue(self.settings.run_dir, uid, user, lifetime)
 
     def revoke_api_token(self, uid: int, user: str) -> None:
         from cm.api import tokens

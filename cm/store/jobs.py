@@ -64,7 +64,6 @@ def connect(uri: str, db_name: str, timeout: float = 5.0) -> None:
     try:
         Job._get_db().command("ping")
         Job.ensure_indexes()
-        ApiToken.ensure_indexes()
     except PyMongoError as exc:
         raise StoreError(f"database at {redact(uri)} is unreachable: {exc}") from None
 
@@ -187,11 +186,7 @@ def token_record(uid: int) -> dict[str, Any] | None:
     return ApiToken._get_collection().find_one({"_id": uid})
 
 
-def set_token(uid: int, user: str, generation: int, digest: str | None) -> None:
+def set_token(uid: int, user: str, generation: int) -> None:
+    """The user's token generation: tokens signed for another one are refused (cm.api.tokens)."""
     ApiToken._get_collection().update_one(
-        {"_id": uid}, {"$set": {"user": user, "generation": generation, "hash": digest}}, upsert=True)
-
-
-def token_owner(digest: str) -> dict[str, Any] | None:
-    """The record whose token hashes to digest (uid in _id), or None."""
-    return ApiToken._get_collection().find_one({"hash": digest})
+        {"_id": uid}, {"$set": {"user": user, "generation": generation}, "$unset": {"hash": ""}}, upsert=True)
