@@ -15,13 +15,11 @@ from __future__ import annotations
 
 import base64
 import hmac
-import os
-import secrets
 import time
 from pathlib import Path
 
 from cm import store
-from cm.keys import keys_dir
+from cm.keys import secret
 
 SECRET_FILE = "api-token.key"
 PREFIX = "cm2_"
@@ -29,21 +27,7 @@ MAX_LENGTH = 100
 
 
 def _secret(run_dir: str | Path) -> bytes:
-    path = keys_dir(run_dir) / SECRET_FILE
-    try:
-        return path.read_bytes()
-    except FileNotFoundError:
-        pass
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.parent.chmod(0o700)
-    key = secrets.token_bytes(32)
-    try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
-    except FileExistsError:  # made meanwhile by another thread of the head
-        return path.read_bytes()
-    with os.fdopen(fd, "wb") as f:
-        f.write(key)
-    return key
+    return secret(run_dir, SECRET_FILE)
 
 
 def _mac(secret: bytes, uid: int, generation: int, expires: int) -> str:

@@ -203,7 +203,7 @@ def submit(head: Head, caller: Caller, args: SubmitCommand | SubmitSync) -> dict
         fields.update(
             kind="sync", name=args.name or "sync", argv=[], env=[], cwd=args.cwd,
             partition=src.get("partition") or nodes[src["node"]].partition,
-            sync={"src": src, "dst": dst, "options": opts, "token": secrets.token_hex(16),
+            sync={"src": src, "dst": dst, "options": opts, "nonce": secrets.token_hex(16),
                   "transport": options.transport},
         )
         if src.get("node") or dst.get("node"):

@@ -27,6 +27,7 @@ from cm.head.registry import NodeInfo, Registry
 from cm.head.requests import Later, handle
 from cm.head.resources import NodeView
 from cm.head.scheduler import Scheduler
+from cm.keys import TRANSFER_SECRET, secret
 from cm.logs import event
 from cm.protocol import (
     INTERCOM_TO_HEAD,
@@ -78,7 +79,8 @@ class HeadServer:
     def __init__(self, settings: Settings):
         self.settings = settings
         self.registry = Registry(settings.heartbeat_timeout)
-        self.jobs = JobTable(MongoJobStore(), stop_timeout=settings.kill_grace + settings.kill_confirm)
+        self.jobs = JobTable(MongoJobStore(), stop_timeout=settings.kill_grace + settings.kill_confirm,
+                             transfer_secret=secret(settings.run_dir, TRANSFER_SECRET))
         self.jobs.node_alive = self._alive
         self.scheduler = Scheduler(get_policy(settings.policy), settings.backfill)
         self.dirty = True

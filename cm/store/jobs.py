@@ -152,7 +152,7 @@ def recent_jobs(since: float | None, limit: int = 100000, finished: bool = False
         query["ended"] = {"$gte": since}
         if not finished:
             query = {"$or": [{"ended": None}, query]}
-    projection = {"env": 0, "sync.token": 0}
+    projection = {"env": 0}
     return list(_jobs().find(query, projection).sort("_id", pymongo.DESCENDING).limit(limit))
 
 
