@@ -50,7 +50,7 @@ $(STAMP): pyproject.toml
 # The embedded MongoDB-compatible server, unless a real one is at hand.
 .PHONY: db-server
 db-server:
-	@if [ -n "$$MONGODB_URI" ] && [ "$$MONGODB_URI" != "$$CM_LOCAL_DB_URI" ]; then echo "database: MONGODB_URI=$$MONGODB_URI"; \
+	@if [ -n "$$MONGODB_URI" ]; then echo "database: MONGODB_URI=$$MONGODB_URI"; \
 	elif command -v mongod >/dev/null 2>&1; then echo "database: $$(command -v mongod)"; \
 	else bash cm/cluster/ferretdb/build.sh; fi
 

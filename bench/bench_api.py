@@ -98,20 +98,20 @@ def main() -> int:
         command = Client(load(env={"CM_RUN_DIR": str(cluster.run_dir)}))
         token = command.call("token")["token"]
         unix = ApiClient(str(cluster.run_dir / "api.sock"))
-        tcp = ApiClient(f"http://127.0.0.1:{port}", token=token)
+        tcp = ApiClient(f"https://127.0.0.1:{port}", token=token, cafile=str(cluster.run_dir / "api.crt"))
         body = {"argv": ["true"], "hold": True, "cwd": str(root)}
         paths = {
             "command socket": measure(
                 lambda: command.call("submit", kind="command", **body)["job_id"],
                 lambda i: command.call("info", job_id=i), args.rounds, args.seconds),
             "HTTP, api.sock": measure(lambda: unix.submit_command(**body), unix.status, args.rounds, args.seconds),
-            "HTTP, TCP + token": measure(lambda: tcp.submit_command(**body), tcp.status, args.rounds, args.seconds),
+            "HTTPS, TCP + token": measure(lambda: tcp.submit_command(**body), tcp.status, args.rounds, args.seconds),
         }
         print(f"{'path':<20} {'submit+status p50':>18} {'p99':>9} {'status req/s':>13}")
         for name, r in paths.items():
             print(f"{name:<20} {r['p50_ms']:>15.2f} ms {r['p99_ms']:>6.2f} ms {r['status_per_s']:>13.0f}")
         base = paths["command socket"]["p50_ms"]
-        for name in ("HTTP, api.sock", "HTTP, TCP + token"):
+        for name in ("HTTP, api.sock", "HTTPS, TCP + token"):
             print(f"{name}: adds {paths[name]['p50_ms'] - base:+.2f} ms p50 over the command socket (target < 2 ms)")
         job_id = unix.submit_command(**body)  # held: every poll waits its whole 60 s
         polls = long_polls(cluster, job_id, args.polls, 10.0)

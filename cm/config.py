@@ -32,6 +32,8 @@ class Settings:
     socket: str = _setting("", "Unix socket the head serves clients on (default: RUN_DIR/head.sock)")
     # database
     mongodb_uri: str = _setting("", "MongoDB URI; when empty the local cluster starts the embedded server")
+    db_uri_file: str = _setting("", "file holding the MongoDB URI with its credentials, readable by its owner "
+                                    "alone (wins over MONGODB_URI)")
     db_name: str = _setting("cm", "database name")
     db_timeout: float = _setting(5.0, "seconds a database call may wait for the server")
     # control plane
@@ -68,7 +70,12 @@ class Settings:
     api_port: int = _setting(0, "TCP port of the HTTP API (0: only the Unix socket RUN_DIR/api.sock)")
     api_host: str = _setting("127.0.0.1", "address the HTTP API's TCP port binds to")
     api_max_body_kb: int = _setting(1024, "largest HTTP request body the API accepts, in KiB")
-    api_timeout: float = _setting(10.0, "seconds an HTTP client may take to send a whole request")
+    api_timeout: float = _setting(10.0, "seconds an HTTP client may take to send a whole request (and, on TCP, "
+                                        "to finish the TLS handshake)")
+    api_tls: bool = _setting(True, "TLS on the API's TCP port; off is refused unless CM_API_HOST is loopback")
+    api_cert: str = _setting("", "the API's TLS certificate (PEM; default: RUN_DIR/api.crt, made by the head)")
+    api_key: str = _setting("", "the key of CM_API_CERT (default: RUN_DIR/keys/api.key, made by the head)")
+    api_max_per_address: int = _setting(256, "connections one address may hold open to the API's TCP port")
     # mover
     transfer_host: str = _setting("", "address other nodes reach this node's mover on (default: node name)")
     transfer_port: int = _setting(7818, "TCP port of this node's mover (0: pick a free one)")

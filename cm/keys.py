@@ -1,12 +1,19 @@
-"""CurveZMQ keys for the daemon links, kept in RUN_DIR/keys.
+"""The head's keys and secrets, kept in RUN_DIR/keys (0700: root's alone).
 
 Layout: ``head.key``/``head.key_secret`` for the head; ``<node>.key_secret``
 (or the shared ``node.key_secret``) for compute nodes; ``authorized/`` holds
 the public key of every node the head accepts. An unknown key is refused.
+Secrets only the head reads: ``api-token.key`` (cm.api.tokens signs API
+tokens with it), ``transfer.key`` (every sync run's data-plane key is derived
+from it, data_plane_key()), ``api.key`` (the API's TLS key, cm.api.tls).
+None of them is in the database, so a dump of it opens nothing.
 """
 
 from __future__ import annotations
 
+import hmac
+import os
+import secrets
 import shutil
 from pathlib import Path
 
@@ -34,6 +41,37 @@ def ensure_keys(run_dir: str | Path, names: list[str] = ("node",)) -> Path:
         if name != "head" and not (authorized / f"{name}.key").exists():
             shutil.copy(kdir / f"{name}.key", authorized / f"{name}.key")
     return kdir
+
+
+def secret(run_dir: str | Path, name: str) -> bytes:
+    """The 32-byte secret RUN_DIR/keys/<name>, made (0600) the first time it is asked for."""
+    kdir = keys_dir(run_dir)
+    path = kdir / name
+    try:
+        return path.read_bytes()
+    except FileNotFoundError:
+        pass
+    kdir.mkdir(parents=True, exist_ok=True)
+    kdir.chmod(0o700)
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+    except FileExistsError:  # made meanwhile by another thread or process
+        return path.read_bytes()
+    with os.fdopen(fd, "wb") as f:
+        f.write(secrets.token_bytes(32))
+    return path.read_bytes()
+
+
+TRANSFER_SECRET = "transfer.key"
+
+
+def data_plane_key(transfer_secret: bytes, nonce: str, transfer_id: str) -> str:
+    """The key of one run of a sync (128 bits, hex), which its senders and its destination's mover share.
+
+    Derived from the head's transfer secret (never stored anywhere else), the job's random nonce (stored
+    with the job: not secret) and the run's transfer id, so each run has its own, a job id used again after
+    the database was wiped gets another, and no value in the database yields it."""
+    return hmac.new(transfer_secret, f"{nonce}:{transfer_id}".encode(), "sha256").hexdigest()[:32]
 
 
 def head_keys(run_dir: str | Path) -> tuple[bytes, bytes]:

@@ -607,6 +607,7 @@ class Token(Struct, frozen=True):
 
     revoke: UserName | None = None
     token: Text = ""  # the operator token, for those who are not operators
+    lifetime: Annotated[float, Meta(ge=0, le=366 * 86400)] = 0  # seconds the token works; 0: until revoked
 
 
 class Metrics(Struct, frozen=True):

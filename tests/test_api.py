@@ -86,15 +86,15 @@ def test_jobs_live_their_whole_life_over_the_unix_socket(cluster):
 def test_over_tcp_only_a_valid_token_gets_in_and_a_revoked_one_is_refused(make_cluster):
     port = free_port()
     cluster = make_cluster(api_port=port)
-    url = f"http://127.0.0.1:{port}"
-    for token in (None, "", "cm1_wrong", "x" * 5000):
+    url, cert = f"https://127.0.0.1:{port}", str(cluster.run_dir / "api.crt")
+    for token in (None, "", "cm2_wrong", "cm2_0.0.0.AAAA", "x" * 5000):
         with pytest.raises(ApiError) as refused:
-            Client(url, token=token).jobs()
+            Client(url, token=token, cafile=cert).jobs()
         assert refused.value.status in (401, 431), token
-    assert Client(url).version()["api_versions"] == ["v1"]  # public paths need no token
+    assert Client(url, cafile=cert).version()["api_versions"] == ["v1"]  # public paths need no token
     token = cluster.cli("cmtoken").stdout.strip()
     assert cluster.cli("cmtoken").stdout.strip() == token  # asked twice: the same working token
-    api = Client(url, token=token)
+    api = Client(url, token=token, cafile=cert)
     tree(cluster.data_dir / "gpu" / "proj")
     job_id = api.submit_sync("gpu:/proj", "cpu:/copy", checksum=True)
     assert api.wait(job_id, timeout=60)["state"] == "COMPLETED"
@@ -108,7 +108,7 @@ def test_over_tcp_only_a_valid_token_gets_in_and_a_revoked_one_is_refused(make_c
         api.jobs()
     assert revoked.value.status == 401
     fresh = cluster.cli("cmtoken").stdout.strip()
-    assert fresh != token and Client(url, token=fresh).status(command)["state"] == "CANCELLED"
+    assert fresh != token and Client(url, token=fresh, cafile=cert).status(command)["state"] == "CANCELLED"
 
 
 def test_another_users_job_is_403_to_cancel_and_delete(cluster, users):
@@ -299,7 +299,8 @@ def test_schemathesis_finds_no_server_error_against_the_openapi_document(make_cl
     ok, data = test_multiuser.ask(cluster, users["alice"], "token")
     assert ok, data
     proc = subprocess.run(
-        [str(st), "run", f"http://127.0.0.1:{port}/openapi.json", "--checks", "not_a_server_error,response_schema_conformance,status_code_conformance",
+        [str(st), "run", f"https://127.0.0.1:{port}/openapi.json", "--tls-verify", str(cluster.run_dir / "api.crt"),
+         "--checks", "not_a_server_error,response_schema_conformance,status_code_conformance",
          "-H", f"Authorization: Bearer {data['token']}", "--max-time", "50", "--max-examples", "40",
          "--workers", "1", "--generation-database", "none", "--no-color",
          "--request-timeout", "65"],  # a long poll on a held job lasts the longest wait allowed, 60 s

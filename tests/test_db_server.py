@@ -47,9 +47,11 @@ def _gone(pid: int) -> bool:
     return False
 
 
-def _refused(port: int) -> bool:
+def _refused(sock_path: Path) -> bool:
     try:
-        socket.create_connection(("127.0.0.1", port), timeout=1).close()
+        with socket.socket(socket.AF_UNIX) as s:
+            s.settimeout(1)
+            s.connect(str(sock_path))
     except OSError:
         return True
     return False
@@ -87,8 +89,8 @@ def test_resolve_database_order(tmp_path: Path) -> None:
 
     plan = cmdb.resolve_database({"PATH": str(bindir), "CM_FERRETDB_BIN": str(fake)})
     assert (plan.kind, plan.binary) == ("ferretdb", fake)
-    assert plan.command(tmp_path / "d", "127.0.0.1", 5555) == [
-        str(fake), "-listen", "127.0.0.1:5555", "-dir", str(tmp_path / "d")]
+    assert plan.command(tmp_path / "d") == [
+        str(fake), "-listen-unix", str(tmp_path / "d" / "db.sock"), "-dir", str(tmp_path / "d")]
 
     mongod = bindir / "mongod"
     mongod.write_text("#!/bin/sh\nexit 0\n")
@@ -110,7 +112,7 @@ def test_start_failure_shows_log(tmp_path: Path) -> None:
     broken.chmod(0o755)
     srv = cmdb.DatabaseServer(cmdb.DatabasePlan("ferretdb", binary=broken), start_timeout=10)
     with pytest.raises(cmdb.DatabaseStartError, match="(?s)status 3.*boom"):
-        srv.start(tmp_path / "db", port=cmdb.free_port())
+        srv.start(tmp_path / "db")
     assert srv.pid is None and srv.uri is None
 
 
@@ -160,17 +162,18 @@ def test_stop_leaves_nothing_running_and_data_persists(tmp_path: Path) -> None:
     plan = _embedded_plan()
     srv = cmdb.DatabaseServer(plan)
     uri = srv.start(tmp_path / "db", log_path=tmp_path / "db.log")
-    pid, port = srv.pid, int(uri.rsplit(":", 1)[1].strip("/"))
+    pid, sock = srv.pid, cmdb.socket_path(tmp_path / "db")
+    assert uri == cmdb.socket_uri(sock)
     assert pid is not None and srv.running()
     with _client(uri) as client:
         client.cm.counters.insert_one({"_id": "job", "next": 5})
     srv.stop()
     assert srv.pid is None and srv.uri is None and not srv.running()
-    assert _gone(pid) and _refused(port)
+    assert _gone(pid) and _refused(sock)
     srv.stop()  # idempotent
 
     with cmdb.DatabaseServer(plan) as again:
-        uri = again.start(tmp_path / "db", port=port)
+        uri = again.start(tmp_path / "db")
         with _client(uri) as client:
             assert client.cm.counters.find_one({"_id": "job"}) == {"_id": "job", "next": 5}
         pid = again.pid
@@ -180,13 +183,12 @@ def test_stop_leaves_nothing_running_and_data_persists(tmp_path: Path) -> None:
 @pytest.mark.skipif(bool(EXTERNAL_URI), reason="MONGODB_URI is set: no server is started")
 def test_module_entry_point_runs_server_in_foreground(tmp_path: Path) -> None:
     _embedded_plan()
-    port = cmdb.free_port()
+    sock = cmdb.socket_path(tmp_path / "db")
     pidfile = tmp_path / "db.pid"
     env = {k: v for k, v in os.environ.items() if k != "MONGODB_URI"}
     env["PYTHONPATH"] = os.pathsep.join([str(REPO_ROOT), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
     proc = subprocess.Popen(
-        [sys.executable, "-m", "cm.cluster.db", "--data-dir", str(tmp_path / "db"), "--port", str(port),
-         "--pidfile", str(pidfile)],
+        [sys.executable, "-m", "cm.cluster.db", "--data-dir", str(tmp_path / "db"), "--pidfile", str(pidfile)],
         env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
     )
     try:
@@ -194,7 +196,7 @@ def test_module_entry_point_runs_server_in_foreground(tmp_path: Path) -> None:
         while True:
             assert proc.poll() is None, proc.stdout.read().decode() if proc.stdout else ""
             try:
-                cmdb.ping(f"mongodb://127.0.0.1:{port}/", timeout=1)
+                cmdb.ping(cmdb.socket_uri(sock), timeout=1)
                 break
             except pymongo.errors.PyMongoError:
                 assert time.monotonic() < deadline, "server did not answer"
@@ -208,4 +210,4 @@ def test_module_entry_point_runs_server_in_foreground(tmp_path: Path) -> None:
             proc.wait()
         if proc.stdout:
             proc.stdout.close()
-    assert _refused(port)
+    assert _refused(sock)

@@ -129,11 +129,10 @@ def test_a_head_killed_mid_run_loses_nothing_and_records_the_job_once(cluster):
 
 
 def test_a_database_outage_is_waited_out_and_nothing_is_lost(make_cluster, tmp_path):
-    from cm.cluster.db import DatabaseServer, free_port, server_plan
+    from cm.cluster.db import DatabaseServer, server_plan
 
     server = DatabaseServer(server_plan())  # a server of its own, even when MONGODB_URI names a shared one
-    port = free_port()
-    uri = server.start(tmp_path / "db", port=port, log_path=tmp_path / "db.log")
+    uri = server.start(tmp_path / "db", log_path=tmp_path / "db.log")
     try:
         cluster = make_cluster("cpu:2", nodes=2, mongodb_uri=uri)
         job_id = cluster.submit("cmrun", "sh", "-c", "sleep 3; echo done > finished")
@@ -151,7 +150,7 @@ def test_a_database_outage_is_waited_out_and_nothing_is_lost(make_cluster, tmp_p
         assert proc.returncode != 0 and "database is unreachable" in proc.stderr
         time.sleep(10)  # the job ends while the database is away
         assert (cluster.home / "finished").exists()
-        server.start(tmp_path / "db", port=port, log_path=tmp_path / "db.log")
+        server.start(tmp_path / "db", log_path=tmp_path / "db.log")  # the same socket: the same URI
         job = cluster.wait_state(job_id, "COMPLETED", timeout=30)
         assert job["exit_code"] == 0
         assert set(cluster.node_states().values()) == {"IDLE"}

@@ -281,15 +281,16 @@ def test_each_run_of_a_sync_has_its_own_128_bit_token_and_one_runs_token_opens_n
     from cm.transfer.wire import HEADER, MAGIC, VERSION as WIRE_VERSION, Kind
 
     job = {"_id": 5, "kind": "sync", "runs": 1, "name": "s", "user": "u", "uid": 0, "gid": 0, "time_limit": 60,
-           "cwd": "/", "sync": {"token": secrets.token_hex(16), "src": {"path": "/a"}, "dst": {"path": "/b"},
+           "cwd": "/", "sync": {"nonce": secrets.token_hex(16), "src": {"path": "/a"}, "dst": {"path": "/b"},
                                 "options": {}},
            "slots": [{"node": "n1", "role": "src", "rank": 0}, {"node": "n2", "role": "dst", "rank": 0}]}
-    first = node_spec(job, job["slots"][1], {}).transfer
+    head_secret = secrets.token_bytes(32)
+    first = node_spec(job, job["slots"][1], {}, head_secret).transfer
     job["runs"] = 2
-    second = node_spec(job, job["slots"][1], {}).transfer
+    second = node_spec(job, job["slots"][1], {}, head_secret).transfer
     assert first.transfer_id == "5.1" and second.transfer_id == "5.2"
     assert len(bytes.fromhex(first.token)) == 16 and first.token != second.token
-    assert node_spec(job, job["slots"][0], {"n2": "h:1"}).transfer.token == second.token
+    assert node_spec(job, job["slots"][0], {"n2": "h:1"}, head_secret).transfer.token == second.token
     server = TransferServer("127.0.0.1", 0)
     server.start()
     try:

@@ -1,12 +1,14 @@
 """`cm.Client`: the HTTP API from Python, with the standard library only.
 
     from cm import Client
-    client = Client()                                   # RUN_DIR/api.sock: you are who the kernel says
-    client = Client("http://head:8080", token="cm1_...")  # TCP: you are who the token says (`cmtoken`)
+    client = Client()                                    # RUN_DIR/api.sock: you are who the kernel says
+    client = Client("https://head:8080", token="cm2_...")  # TCP: you are who the token says (`cmtoken`)
     job_id = client.submit_sync("gpu:/results", "cpu:/archive", labels={"workflow": "w1"})
     view = client.wait(job_id)                          # long polls until the job is final
 
-Every failure is a `cm.ApiError` with the HTTP status and the API's message.
+Over https the head is verified against its certificate: ``cafile``, else the
+site's CM_API_CERT, else the one the head made (RUN_DIR/api.crt). Every
+failure is a `cm.ApiError` with the HTTP status and the API's message.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from __future__ import annotations
 import http.client
 import json
 import socket
+import ssl
 import time
 from typing import Any
 from urllib.parse import quote, urlencode, urlsplit
@@ -53,12 +56,22 @@ def _socket_path() -> str:
     return str(config.load().api_socket_path)
 
 
+def _head_cert() -> str:
+    from cm import config
+    from cm.api.tls import cert_file
+
+    return str(cert_file(config.load()))
+
+
 class Client:
     """A connection to the head's HTTP API (kept open between calls; not for use by several threads)."""
 
-    def __init__(self, url: str | None = None, token: str | None = None, timeout: float = 90.0):
+    def __init__(self, url: str | None = None, token: str | None = None, timeout: float = 90.0,
+                 cafile: str | None = None):
         """No url: the local head's RUN_DIR/api.sock (CM_RUN_DIR, as the commands find theirs); a path or
-        ``unix:PATH``: that socket; ``http://host:port``: TCP, where ``token`` is required."""
+        ``unix:PATH``: that socket; ``https://host:port``: TCP, where ``token`` is required and the head is
+        verified against ``cafile`` (default: the head's certificate, see above); ``http://`` only where the
+        site turned TLS off on loopback."""
         self.timeout = timeout
         self.token = token
         if url is None or url.startswith("unix:") or url.startswith("/"):
@@ -69,8 +82,15 @@ class Client:
             if parts.scheme not in ("http", "https") or not parts.hostname:
                 raise ValueError(f"url must be http://HOST:PORT, https://HOST:PORT or unix:PATH, not {url!r}")
             self.where = url
-            cls = http.client.HTTPSConnection if parts.scheme == "https" else http.client.HTTPConnection
-            self._make = lambda: cls(parts.hostname, parts.port, timeout=self.timeout)
+            if parts.scheme == "https":
+                try:
+                    context = ssl.create_default_context(cafile=cafile or _head_cert())
+                except (OSError, ssl.SSLError) as exc:
+                    raise ApiError(0, f"cannot read the head's certificate {cafile or _head_cert()}: {exc}") from None
+                self._make = lambda: http.client.HTTPSConnection(parts.hostname, parts.port, timeout=self.timeout,
+                                                                 context=context)
+            else:
+                self._make = lambda: http.client.HTTPConnection(parts.hostname, parts.port, timeout=self.timeout)
         self._conn: http.client.HTTPConnection | None = None
 
     # --- the operations ------------------------------------------------------
@@ -175,6 +195,10 @@ class Client:
                 self.close()
                 if attempt:
                     raise ApiError(0, f"lost the connection to {self.where}: {exc}") from None
+            except ssl.SSLError as exc:
+                self.close()
+                raise ApiError(0, f"TLS with {self.where} failed: {exc.reason or exc} (is the certificate you "
+                                  "verify with this head's?)") from None
             except OSError as exc:
                 self.close()
                 raise ApiError(0, f"cannot reach the head's API at {self.where}: {exc.strerror or exc} "

@@ -1,5 +1,13 @@
 """The HTTP API's thread inside the head: asyncio serving RUN_DIR/api.sock (and TCP when CM_API_PORT is set).
 
+On api.sock the caller is whoever the kernel says (SO_PEERCRED); on TCP,
+which speaks TLS (cm.api.tls), whoever the bearer token says. Each door has
+its own connection budget, so no flood of one can lock the other out: api.sock
+at most MAX_CONNECTIONS, at most CM_MAX_CLIENTS_PER_USER per user; TCP at most
+MAX_CONNECTIONS, CM_API_MAX_PER_ADDRESS per peer address (counted from the
+accept, before the TLS handshake, which must end within CM_API_TIMEOUT) and
+CM_MAX_CLIENTS_PER_USER per token's user.
+
 It never touches head state. Each request becomes (caller, Request, answer)
 on a queue, a byte on a pipe wakes the head's loop, and the loop answers it
 through the same `handle()` the command socket uses (cm.head.server.serve):
@@ -15,20 +23,42 @@ import logging
 import os
 import queue
 import resource
+import ssl
 import threading
 import time
-from typing import Any
+from typing import Any, Hashable
 
 from cm.api import routes
 from cm.api.http import HttpError, HttpRequest, encode_response, error_response, read_request
-from cm.config import Settings
+from cm.config import ConfigError, Settings
 from cm.head.clients import Caller, caller_from, caller_of
 from cm.logs import event
 from cm.protocol import Reply, Request
 
 log = logging.getLogger("cm.api")
-MAX_CONNECTIONS = 8192
+MAX_CONNECTIONS = 8192  # of each door: api.sock and the TCP port
 TOKEN_CACHE_SECONDS = 30.0
+
+
+class Budget:
+    """Connections held, by key (a uid, an address), each key up to a limit."""
+
+    def __init__(self) -> None:
+        self.held: dict[Hashable, int] = {}
+
+    def take(self, key: Hashable, limit: int) -> bool:
+        count = self.held.get(key, 0)
+        if count >= limit:
+            return False
+        self.held[key] = count + 1
+        return True
+
+    def give(self, key: Hashable) -> None:
+        left = self.held.get(key, 1) - 1
+        if left > 0:
+            self.held[key] = left
+        else:
+            self.held.pop(key, None)
 
 
 class ApiAnswer:
@@ -59,8 +89,9 @@ class ApiServer:
         self.thread: threading.Thread | None = None
         self.ready = threading.Event()
         self.servers: list[asyncio.base_events.Server] = []
-        self.connections = 0
-        self.per_uid: dict[int, int] = {}
+        self.unix = Budget()  # "all" and each uid, on api.sock
+        self.tcp = Budget()  # "all", each address and each uid, on the TCP port
+        self.tls: ssl.SSLContext | None = None
         self.tokens: dict[str, tuple[Caller, float]] = {}  # token -> (caller, checked until)
         self.requests: dict[tuple[str, int], int] = {}  # (method, status) -> count, for /metrics
         self.tcp_address: tuple[str, int] | None = None
@@ -137,17 +168,22 @@ class ApiServer:
         os.chmod(path, 0o666)  # anyone may ask; who they are comes from the kernel
         self.servers.append(server)
         if self.settings.api_port:
+            from cm.api import tls
+
             try:
+                tls.check_binding(self.settings)
+                self.tls = tls.server_context(self.settings) if self.settings.api_tls else None
                 tcp = await asyncio.start_server(lambda r, w: self._connection(r, w, tcp=True),
                                                  self.settings.api_host, self.settings.api_port, limit=MAX_HEAD,
                                                  backlog=1024, reuse_address=True)
-            except OSError as exc:
+            except (OSError, ConfigError) as exc:
                 event(log, "HTTP API cannot listen on TCP", logging.ERROR, host=self.settings.api_host,
                       port=self.settings.api_port, error=str(exc))
             else:
                 self.servers.append(tcp)
                 self.tcp_address = tcp.sockets[0].getsockname()[:2]
-        event(log, "HTTP API listening", socket=str(path), tcp=self.tcp_address and list(self.tcp_address))
+        event(log, "HTTP API listening", socket=str(path), tcp=self.tcp_address and list(self.tcp_address),
+              tls=self.tls is not None)
 
     async def ask(self, caller: Caller, op: str, args: dict[str, Any], watch: HttpRequest | None = None) -> Reply:
         """Hand one request to the head's loop and wait for its reply. With ``watch`` (a long poll), a
@@ -195,11 +231,11 @@ class ApiServer:
 
         assert self.loop is not None
         try:
-            uid = await self.loop.run_in_executor(None, tokens.owner, token)
+            uid = await self.loop.run_in_executor(None, tokens.owner, self.settings.run_dir, token)
         except Exception as exc:  # the database is away: not the client's fault, and not a 401 either
             raise HttpError(503, f"cannot check the token now: {str(exc)[:200]}") from None
         if uid is None:
-            raise HttpError(401, "unknown or revoked token")
+            raise HttpError(401, "unknown, expired or revoked token")
         import pwd
 
         try:
@@ -209,43 +245,65 @@ class ApiServer:
         caller = caller_from(uid, entry.pw_gid, 0, self.settings.operator_group)
         if len(self.tokens) > 10000:
             self.tokens = {}
-        self.tokens[token] = (caller, now + TOKEN_CACHE_SECONDS)
+        expires = tokens.expires_of(token)
+        ttl = TOKEN_CACHE_SECONDS if not expires else min(TOKEN_CACHE_SECONDS, expires - time.time())
+        self.tokens[token] = (caller, now + ttl)
         return caller
 
     async def _connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, tcp: bool) -> None:
-        caller: Caller | None = None
+        taken: list[Hashable] = []  # what this connection holds of its door's budget
+        budget = self.tcp if tcp else self.unix
         try:
-            if self.connections >= MAX_CONNECTIONS:
-                writer.write(encode_response(error_response(503, "too many connections"), False))
+            if not budget.take("all", MAX_CONNECTIONS):
+                if not tcp:
+                    writer.write(encode_response(error_response(503, "too many connections"), False))
                 return
-            if not tcp:
-                caller = caller_of(writer.get_extra_info("socket"), self.settings.operator_group)
-                if caller.uid != 0 and self.per_uid.get(caller.uid, 0) >= self.settings.max_clients_per_user:
-                    writer.write(encode_response(error_response(
-                        503, f"{caller.user} already has {self.settings.max_clients_per_user} connections open"),
-                        False))
-                    return
-                self.per_uid[caller.uid] = self.per_uid.get(caller.uid, 0) + 1
-            self.connections += 1
-            try:
-                await self._serve(reader, writer, caller)
-            finally:
-                self.connections -= 1
-                if caller is not None and not tcp:
-                    left = self.per_uid.get(caller.uid, 1) - 1
-                    if left > 0:
-                        self.per_uid[caller.uid] = left
-                    else:
-                        self.per_uid.pop(caller.uid, None)
-        except (ConnectionError, OSError, asyncio.CancelledError):
+            taken.append("all")
+            if tcp:
+                address = writer.get_extra_info("peername")[0]
+                if not budget.take(("address", address), self.settings.api_max_per_address):
+                    return  # no answer: that would cost a TLS handshake for every refused connection
+                taken.append(("address", address))
+                if self.tls is not None:
+                    await writer.start_tls(self.tls, ssl_handshake_timeout=self.settings.api_timeout)
+                await self._serve(reader, writer, None, taken)
+                return
+            caller = caller_of(writer.get_extra_info("socket"), self.settings.operator_group)
+            if not budget.take(caller.uid, self._per_user(caller)):
+                writer.write(encode_response(error_response(
+                    503, f"{caller.user} already has {self.settings.max_clients_per_user} connections open"), False))
+                return
+            taken.append(caller.uid)
+            await self._serve(reader, writer, caller, taken)
+        except (ConnectionError, OSError, ssl.SSLError, asyncio.TimeoutError, asyncio.CancelledError):
             pass
         finally:
+            for key in taken:
+                budget.give(key)
             try:
                 writer.close()
             except Exception:
                 pass
 
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, peer: Caller | None) -> None:
+    def _bind(self, caller: Caller, taken: list[Hashable]) -> None:
+        """A TCP connection belongs to the user of its first token: counted against that user's connections,
+        and no other user's token is taken on it."""
+        bound = next((k for k in taken if isinstance(k, tuple) and k[0] == "uid"), None)
+        if bound is not None:
+            if bound[1] != caller.uid:
+                raise HttpError(400, "this connection belongs to another token's user: open a new one", close=True)
+            return
+        if not self.tcp.take(("uid", caller.uid), self._per_user(caller)):
+            raise HttpError(503, f"{caller.user} already has {self.settings.max_clients_per_user} connections open",
+                            close=True)
+        taken.append(("uid", caller.uid))
+
+    def _per_user(self, caller: Caller) -> int:
+        """Connections a user may hold at one door (root is not limited)."""
+        return MAX_CONNECTIONS if caller.uid == 0 else self.settings.max_clients_per_user
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, peer: Caller | None,
+                     taken: list[Hashable]) -> None:
         first = True
         while True:
             method = "?"
@@ -258,6 +316,7 @@ class ApiServer:
                 caller = peer
                 if caller is None and not routes.is_public(request.path):
                     caller = await self.caller_for(request)
+                    self._bind(caller, taken)
                 response = await routes.dispatch(self, caller, request)
                 keep = request.keep_alive  # after dispatch: a long poll may have turned it off
             except HttpError as exc:

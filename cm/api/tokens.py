@@ -1,71 +1,79 @@
-"""HTTP API tokens: one per user, derived from the head's secret, stored only as a hash.
+"""HTTP API tokens: signed by the head's secret, checked against it; the database holds no token at all.
 
-A user's token is HMAC(secret, "uid:generation"), so asking for it again
-(`cmtoken`) gives the same working token without the head keeping it in
-clear; the database holds its SHA-256 only. Revoking bumps the user's
-generation and drops the hash: the old token matches nothing any more, and
-the next `cmtoken` derives a new one. The secret is RUN_DIR/api-token.key
-(0600, made by the head on first use).
+A token is ``cm2_UID.GENERATION.EXPIRES.MAC`` with MAC = HMAC-SHA256(secret,
+"UID:GENERATION:EXPIRES"); EXPIRES is a Unix time, or 0 for a token without
+a lifetime (`cmtoken` gives the same one each time until it is revoked;
+`cmtoken --lifetime 8h` a new one each time that stops working after 8 h).
+Only the head, which holds the secret (RUN_DIR/keys/api-token.key, 0600 in
+the 0700 keys folder), can make one: the database keeps only each user's
+generation, so neither a dump of it nor a record written into it yields a
+working token. Revoking bumps the user's generation: every token made before
+stops matching.
 """
 
 from __future__ import annotations
 
 import base64
-import hashlib
 import hmac
-import os
-import secrets
+import time
 from pathlib import Path
 
 from cm import store
+from cm.keys import secret
 
 SECRET_FILE = "api-token.key"
-PREFIX = "cm1_"
+PREFIX = "cm2_"
+MAX_LENGTH = 100
 
 
 def _secret(run_dir: str | Path) -> bytes:
-    path = Path(run_dir) / SECRET_FILE
-    try:
-        return path.read_bytes()
-    except FileNotFoundError:
-        pass
-    path.parent.mkdir(parents=True, exist_ok=True)
-    key = secrets.token_bytes(32)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "wb") as f:
-        f.write(key)
-    return key
+    return secret(run_dir, SECRET_FILE)
 
 
-def digest(token: str) -> str:
-    """What the database stores of a token."""
-    return hashlib.sha256(token.encode("utf-8", "replace")).hexdigest()
+def _mac(secret: bytes, uid: int, generation: int, expires: int) -> str:
+    mac = hmac.new(secret, f"{uid}:{generation}:{expires}".encode(), "sha256").digest()
+    return base64.urlsafe_b64encode(mac).decode().rstrip("=")
 
 
-def derive(secret: bytes, uid: int, generation: int) -> str:
-    mac = hmac.new(secret, f"{uid}:{generation}".encode(), "sha256").digest()
-    return PREFIX + base64.urlsafe_b64encode(mac).decode().rstrip("=")
+def derive(secret: bytes, uid: int, generation: int, expires: int = 0) -> str:
+    return f"{PREFIX}{uid}.{generation}.{expires}.{_mac(secret, uid, generation, expires)}"
 
 
-def issue(run_dir: str | Path, uid: int, user: str) -> str:
-    """The user's current token (the same one each time until it is revoked)."""
+def _generation(uid: int) -> int:
     record = store.token_record(uid) or {}
-    generation = int(record.get("generation", 0))
-    token = derive(_secret(run_dir), uid, generation)
-    if record.get("hash") != digest(token) or record.get("user") != user:
-        store.set_token(uid, user, generation, digest(token))
-    return token
+    return int(record.get("generation", 0))
+
+
+def issue(run_dir: str | Path, uid: int, user: str, lifetime: float = 0) -> str:
+    """The user's token: without a lifetime the same one each time until it is revoked; with one, a token
+    that stops working `lifetime` seconds from now."""
+    expires = int(time.time() + lifetime) if lifetime > 0 else 0
+    return derive(_secret(run_dir), uid, _generation(uid), expires)
 
 
 def revoke(uid: int, user: str) -> None:
-    """Make the user's token stop working; the next issue() gives a new one."""
-    record = store.token_record(uid) or {}
-    store.set_token(uid, user, int(record.get("generation", 0)) + 1, None)
+    """Make every token of the user stop working; the next issue() gives a new one."""
+    store.set_token(uid, user, _generation(uid) + 1)
 
 
-def owner(token: str) -> int | None:
-    """The uid a presented token belongs to, or None (unknown, revoked, or not a token at all)."""
-    if not token.startswith(PREFIX) or len(token) > 100:
+def owner(run_dir: str | Path, token: str, now: float | None = None) -> int | None:
+    """The uid a presented token belongs to, or None (not signed by this head, expired, revoked, malformed)."""
+    if not token.startswith(PREFIX) or len(token) > MAX_LENGTH:
         return None
-    record = store.token_owner(digest(token))
-    return None if record is None else int(record["_id"])
+    fields = token[len(PREFIX):].split(".")
+    if len(fields) != 4 or not all(f.isdigit() for f in fields[:3]):
+        return None
+    uid, generation, expires = (int(f) for f in fields[:3])
+    if not hmac.compare_digest(fields[3], _mac(_secret(run_dir), uid, generation, expires)):
+        return None
+    if expires and expires <= (time.time() if now is None else now):
+        return None
+    if generation != _generation(uid):
+        return None
+    return uid
+
+
+def expires_of(token: str) -> int:
+    """When a well-formed token stops working (Unix time; 0: never)."""
+    fields = token[len(PREFIX):].split(".")
+    return int(fields[2]) if len(fields) == 4 and fields[2].isdigit() else 0

@@ -8,9 +8,15 @@ The database is always a real MongoDB-compatible server:
    (FerretDB with its SQLite backend, see ``cm/cluster/ferretdb/``), or the
    binary named by ``CM_FERRETDB_BIN``.
 
-``python -m cm.cluster.db --data-dir D --port P --pidfile F`` runs a server
-in the foreground (the Python process execs the server binary, so the pid in
-the pidfile is the server's pid and SIGTERM stops it cleanly).
+A server started here listens on a Unix socket only, ``DATA_DIR/db.sock``,
+and the data directory is made 0700: only its owner (root, for a cluster)
+can connect. FerretDB's SQLite backend has no authentication, and a TCP port
+on loopback is open to every local user, so the socket's directory is the
+lock (docs/SECURITY.md).
+
+``python -m cm.cluster.db --data-dir D --pidfile F`` runs a server in the
+foreground (the Python process execs the server binary, so the pid in the
+pidfile is the server's pid and SIGTERM stops it cleanly).
 
 This module does not import mongoengine; pymongo is imported lazily, only to
 check that a server answers.
@@ -31,12 +37,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 from typing import IO, Self
+from urllib.parse import quote
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 EMBEDDED_BIN = REPO_ROOT / ".build" / "bin" / "cm-ferretdb"
 BUILD_HINT = "run `make setup` (it builds .build/bin/cm-ferretdb with cm/cluster/ferretdb/build.sh)"
 
-DEFAULT_HOST = "127.0.0.1"
+SOCKET_NAME = "db.sock"
+MAX_SOCKET_PATH = 100  # sun_path holds 107 bytes
 START_TIMEOUT = 30.0
 STOP_TIMEOUT = 10.0
 
@@ -67,19 +75,43 @@ class DatabasePlan:
 
     def describe(self) -> str:
         if self.kind == "uri":
-            return f"existing server at MONGODB_URI ({_redact(self.uri or '')})"
+            return f"existing server at MONGODB_URI ({redact(self.uri or '')})"
         if self.kind == "mongod":
             return f"mongod ({self.binary})"
         return f"embedded FerretDB/SQLite ({self.binary})"
 
-    def command(self, data_dir: Path, host: str, port: int) -> list[str]:
-        """The command line that runs this server in the foreground."""
+    def command(self, data_dir: Path) -> list[str]:
+        """The command line that runs this server in the foreground, on socket_path(data_dir) alone."""
         if self.binary is None:
             raise DatabaseError(f"nothing to run for {self.describe()}")
-        if self.kind == "mongod":
-            return [str(self.binary), "--dbpath", str(data_dir), "--bind_ip", host,
-                    "--port", str(port), "--quiet"]
-        return [str(self.binary), "-listen", f"{host}:{port}", "-dir", str(data_dir)]
+        sock = str(socket_path(data_dir))
+        if self.kind == "mongod":  # a socket path as the only bind address: no TCP listener
+            return [str(self.binary), "--dbpath", str(data_dir), "--bind_ip", sock, "--nounixsocket", "--quiet"]
+        return [str(self.binary), "-listen-unix", sock, "-dir", str(data_dir)]
+
+
+def socket_path(data_dir: Path) -> Path:
+    """Where a server started here listens: in its own data directory, which only its owner may enter."""
+    return Path(data_dir) / SOCKET_NAME
+
+
+def socket_uri(path: Path) -> str:
+    """The mongodb:// URI of a server on a Unix socket (the path goes percent-encoded in the host part)."""
+    return f"mongodb://{quote(str(path), safe='')}/"
+
+
+def prepare_data_dir(data_dir: Path) -> Path:
+    """Make data_dir (0700, whatever it was) and clear a stale socket; return the socket's path."""
+    data_dir = Path(data_dir).resolve()
+    data_dir.mkdir(parents=True, exist_ok=True)
+    data_dir.chmod(0o700)
+    sock = socket_path(data_dir)
+    if len(str(sock)) > MAX_SOCKET_PATH:
+        raise DatabaseError(f"the database socket {sock} is longer than {MAX_SOCKET_PATH} bytes: "
+                            "use a shorter data directory")
+    if sock.is_socket():
+        sock.unlink()
+    return sock
 
 
 def embedded_binary(env: Mapping[str, str] = os.environ) -> Path:
@@ -119,7 +151,8 @@ def resolve_database(env: Mapping[str, str] = os.environ) -> DatabasePlan:
         raise DatabaseUnavailable(f"no database server: MONGODB_URI is not set, {e}") from None
 
 
-def free_port(host: str = DEFAULT_HOST) -> int:
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port free now on host (for the head's and other daemons' ports; the database needs none)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind((host, 0))
         return int(s.getsockname()[1])
@@ -150,12 +183,10 @@ class DatabaseServer:
         self,
         plan: DatabasePlan | None = None,
         *,
-        host: str = DEFAULT_HOST,
         start_timeout: float = START_TIMEOUT,
         stop_timeout: float = STOP_TIMEOUT,
     ) -> None:
         self.plan = plan if plan is not None else resolve_database()
-        self.host = host
         self.start_timeout = start_timeout
         self.stop_timeout = stop_timeout
         self.log_path: Path | None = None
@@ -174,36 +205,29 @@ class DatabaseServer:
     def running(self) -> bool:
         return self._proc is not None and self._proc.poll() is None
 
-    def start(self, data_dir: Path, port: int | None = None, log_path: Path | None = None) -> str:
-        """Start the server (data in data_dir) and return its mongodb:// URI once it answers."""
+    def start(self, data_dir: Path, log_path: Path | None = None) -> str:
+        """Start the server (data and socket in data_dir) and return its mongodb:// URI once it answers."""
         if self._proc is not None or self._uri is not None:
             raise DatabaseError("database server already started")
         if not self.plan.starts_server:
             assert self.plan.uri is not None
-            self._wait_ready(self.plan.uri, None, None, time.monotonic() + self.start_timeout)
+            self._wait_ready(self.plan.uri, None, time.monotonic() + self.start_timeout)
             self._uri = self.plan.uri
             return self._uri
 
         data_dir = Path(data_dir).resolve()
-        data_dir.mkdir(parents=True, exist_ok=True)
+        sock = prepare_data_dir(data_dir)
         self.log_path = Path(log_path) if log_path is not None else data_dir / "server.log"
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
-
-        attempts = 3 if port is None else 1  # a picked free port can be taken before the server binds it
-        for attempt in range(attempts):
-            use_port = port if port is not None else free_port(self.host)
-            uri = f"mongodb://{self.host}:{use_port}/"
-            self._spawn(self.plan.command(data_dir, self.host, use_port))
-            try:
-                self._wait_ready(uri, self._proc, (self.host, use_port), time.monotonic() + self.start_timeout)
-            except DatabaseStartError as e:
-                self.stop()
-                if attempt + 1 < attempts and "address already in use" in str(e).lower():
-                    continue
-                raise
-            self._uri = uri
-            return uri
-        raise AssertionError("unreachable")
+        uri = socket_uri(sock)
+        self._spawn(self.plan.command(data_dir))
+        try:
+            self._wait_ready(uri, self._proc, time.monotonic() + self.start_timeout, sock)
+        except DatabaseStartError:
+            self.stop()
+            raise
+        self._uri = uri
+        return uri
 
     def stop(self) -> None:
         """Stop the server: SIGTERM, then SIGKILL after stop_timeout. Idempotent."""
@@ -251,8 +275,8 @@ class DatabaseServer:
         self,
         uri: str,
         proc: subprocess.Popen[bytes] | None,
-        addr: tuple[str, int] | None,
         deadline: float,
+        sock: Path | None = None,
     ) -> None:
         last_error: Exception | None = None
         while True:
@@ -261,17 +285,18 @@ class DatabaseServer:
                     f"{self.plan.describe()} exited with status {proc.returncode} at start"
                     f"{self._log_tail_text()}"
                 )
-            try:
-                if addr is not None:  # cheap check first: pymongo waits its whole timeout on a refused port
-                    socket.create_connection(addr, timeout=0.5).close()
-                ping(uri, timeout=min(2.0, max(deadline - time.monotonic(), 0.1)))
-                return
-            except Exception as e:  # noqa: BLE001 - pymongo errors, connection refused, ...
-                last_error = e
+            if sock is not None and not sock.is_socket():  # cheap check first: pymongo waits its whole timeout
+                last_error = DatabaseStartError(f"no socket {sock} yet")
+            else:
+                try:
+                    ping(uri, timeout=min(2.0, max(deadline - time.monotonic(), 0.1)))
+                    return
+                except Exception as e:  # noqa: BLE001 - pymongo errors, connection refused, ...
+                    last_error = e
             if time.monotonic() >= deadline:
                 what = self.plan.describe()
                 raise DatabaseStartError(
-                    f"{what} does not answer ping at {_redact(uri)} after {self.start_timeout:g} s: "
+                    f"{what} does not answer ping at {redact(uri)} after {self.start_timeout:g} s: "
                     f"{last_error}{self._log_tail_text()}"
                 )
             time.sleep(0.05)
@@ -297,7 +322,7 @@ def log_tail(path: Path, lines: int = 20, max_bytes: int = 8192) -> str:
     return "\n".join(data.decode(errors="replace").splitlines()[-lines:])
 
 
-def _redact(uri: str) -> str:
+def redact(uri: str) -> str:
     """Hide a password in a mongodb:// URI."""
     scheme, sep, rest = uri.partition("://")
     creds, at, hostpart = rest.rpartition("@")
@@ -310,31 +335,27 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m cm.cluster.db",
         description="Run cm's database server in the foreground (mongod if on PATH, else the embedded "
-        "FerretDB). MONGODB_URI is ignored here: whoever runs this wants a server.",
+        f"FerretDB), on the Unix socket DATA_DIR/{SOCKET_NAME} only. MONGODB_URI is ignored here: whoever "
+        "runs this wants a server.",
     )
-    parser.add_argument("--data-dir", required=True, type=Path, help="data directory (created if missing)")
-    parser.add_argument("--port", type=int, default=27017, help="TCP port (default 27017)")
-    parser.add_argument("--host", default=DEFAULT_HOST, help=f"address to listen on (default {DEFAULT_HOST})")
+    parser.add_argument("--data-dir", required=True, type=Path, help="data directory (created if missing, made 0700)")
     parser.add_argument("--pidfile", type=Path, help="write the server's pid here")
     args = parser.parse_args(argv)
 
     try:
         plan = server_plan()
-    except DatabaseUnavailable as e:
+        data_dir = args.data_dir.resolve()
+        sock = prepare_data_dir(data_dir)
+    except DatabaseError as e:
         print(f"cm.cluster.db: {e}", file=sys.stderr)
         return 1
-    if not 0 < args.port < 65536:
-        parser.error(f"bad --port {args.port}")
-
-    data_dir = args.data_dir.resolve()
-    data_dir.mkdir(parents=True, exist_ok=True)
-    cmd = plan.command(data_dir, args.host, args.port)
+    cmd = plan.command(data_dir)
     if args.pidfile is not None:
         args.pidfile.parent.mkdir(parents=True, exist_ok=True)
         tmp = args.pidfile.with_name(args.pidfile.name + ".tmp")
         tmp.write_text(f"{os.getpid()}\n")
         tmp.replace(args.pidfile)  # exec keeps the pid: this is the server's pid
-    print(f"cm.cluster.db: running {plan.describe()} on {args.host}:{args.port}, data in {data_dir}",
+    print(f"cm.cluster.db: running {plan.describe()} on {socket_uri(sock)}, data in {data_dir}",
           file=sys.stderr, flush=True)
     sys.stdout.flush()
     os.execv(cmd[0], cmd)

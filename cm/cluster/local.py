@@ -3,7 +3,10 @@
 `python -m cm.cluster.local up|down|status` is what `make local-up` and
 `make local-down` run; the tests use LocalCluster directly. Every daemon gets
 `RUN_DIR/<name>.pid` and `RUN_DIR/<name>.log`; `RUN_DIR/cm.env` puts the
-commands on PATH and points them at this head.
+commands on PATH and points them at this head. The database is the head's
+alone: the embedded server listens on a socket in its 0700 data directory, a
+URI the user chose (MONGODB_URI) goes to the head only, and cm.env (which
+every user may read) names neither.
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from cm.cluster.db import free_port  # noqa: E402  (light: pymongo is imported only when pinging)
+from cm.cluster.db import free_port, socket_path, socket_uri  # light: pymongo is imported only when pinging
 from cm.node.purge import pid_alive
 
 REPO = Path(__file__).resolve().parents[2]
@@ -25,18 +28,6 @@ REPO = Path(__file__).resolve().parents[2]
 
 class ClusterError(RuntimeError):
     pass
-
-
-# cm.env exports the embedded server's URI under this name as well as MONGODB_URI, so that a later
-# `up` from a shell that sourced it can tell that URI (whose server `down` stopped) from one a user chose.
-OWN_DB_MARK = "CM_LOCAL_DB_URI"
-
-
-def chosen_mongodb_uri(environ: dict[str, str] | None = None) -> str:
-    """MONGODB_URI as the user chose it: empty when it is only what a local cluster's cm.env exported."""
-    environ = os.environ if environ is None else environ
-    uri = environ.get("MONGODB_URI", "")
-    return "" if uri and uri == environ.get(OWN_DB_MARK) else uri
 
 
 def parse_partitions(text: str, nodes: int) -> list[tuple[str, str]]:
@@ -125,42 +116,36 @@ class LocalCluster:
         return proc
 
     def base_env(self) -> dict[str, str]:
-        env = {k: v for k, v in os.environ.items()
-               if not k.startswith("CM_") and k not in ("MONGODB_URI", OWN_DB_MARK)}
+        env = {k: v for k, v in os.environ.items() if not k.startswith("CM_") and k != "MONGODB_URI"}
         env.update(
-            CM_RUN_DIR=str(self.run_dir), MONGODB_URI=self.mongodb_uri, CM_HEAD_HOST="127.0.0.1",
+            CM_RUN_DIR=str(self.run_dir), CM_HEAD_HOST="127.0.0.1",
             CM_BIND_HOST="127.0.0.1", CM_HEAD_PORT=str(self.head_port), CM_TRANSFER_HOST="127.0.0.1",
             PYTHONUNBUFFERED="1",
         )
         env.update(self.env)
         if self.network is not None:  # as in docker-compose: hosts by name, each on its own address
-            env.update(CM_HEAD_HOST="headnode", CM_BIND_HOST="0.0.0.0", MONGODB_URI=self.mongodb_uri)
+            env.update(CM_HEAD_HOST="headnode", CM_BIND_HOST="0.0.0.0")
         return env
 
     def start_db(self) -> None:
-        if self.network is not None:
-            return self._start_db_netns()
+        """The embedded server on its socket (in netns mode in a namespace of its own: a Unix socket is a
+        file, so the head reaches it from its own), or the server MONGODB_URI names."""
         if self.mongodb_uri:
             return
-        from cm.cluster.db import ping
+        from cm.cluster.db import redact, ping
 
-        chosen = chosen_mongodb_uri()
-        if chosen:
+        chosen = os.environ.get("MONGODB_URI", "")
+        if chosen and self.network is None:
             self.mongodb_uri = chosen
             try:
                 ping(chosen, timeout=10)
             except Exception as exc:  # pymongo's errors
-                from cm.cluster.db import _redact
-
-                raise ClusterError(f"the database at MONGODB_URI={_redact(chosen)} does not answer ({exc}); "
+                raise ClusterError(f"the database at MONGODB_URI={redact(chosen)} does not answer ({exc}); "
                                    "unset MONGODB_URI to use the embedded server") from None
             return
-        self.db_dir.mkdir(parents=True, exist_ok=True)
-        port = free_port()
-        env = {k: v for k, v in os.environ.items() if k not in ("MONGODB_URI", OWN_DB_MARK)}
-        proc = self._spawn("db", [sys.executable, "-m", "cm.cluster.db", "--data-dir", str(self.db_dir),
-                                  "--port", str(port)], env)
-        self.mongodb_uri = f"mongodb://127.0.0.1:{port}/"
+        env = {k: v for k, v in os.environ.items() if k != "MONGODB_URI"}
+        proc = self._spawn("db", [sys.executable, "-m", "cm.cluster.db", "--data-dir", str(self.db_dir)], env)
+        self.mongodb_uri = socket_uri(socket_path(self.db_dir))
         deadline = time.monotonic() + 30
         while True:
             if proc.poll() is not None:
@@ -176,7 +161,8 @@ class LocalCluster:
     def start_head(self) -> subprocess.Popen:
         if not self.head_port:
             self.head_port = int(self.env.get("CM_HEAD_PORT") or free_port())
-        return self._spawn("headnode", [sys.executable, "-m", "cm.daemon", "head"], self.base_env())
+        env = {**self.base_env(), "MONGODB_URI": self.mongodb_uri}  # the head's alone: no node needs the database
+        return self._spawn("headnode", [sys.executable, "-m", "cm.daemon", "head"], env)
 
     def start_node(self, name: str, partition: str) -> subprocess.Popen:
         root = self.data_dir / partition
@@ -267,14 +253,12 @@ class LocalCluster:
             return ""
 
     def write_env(self) -> None:
+        """RUN_DIR/cm.env, for every user of the head: the commands and the head's socket, never the database."""
         bindir = Path(sys.executable).parent
         (self.run_dir / "cm.env").write_text(
             "# source me: . drive/run/cm.env\n"
             f"export PATH={bindir}:$PATH\n"
             f"export CM_RUN_DIR={self.run_dir}\n"
-            f"export MONGODB_URI={self.mongodb_uri}\n"
-            + (f"export {OWN_DB_MARK}={self.mongodb_uri}  # this cluster's own server: not chosen by you\n"
-               if "db" in self.procs else f"unset {OWN_DB_MARK}\n")
             + (self._netns_env_note() if self.network is not None else "")
         )
 
@@ -301,8 +285,6 @@ class LocalCluster:
         proc.wait()
 
     # --- netns mode ----------------------------------------------------------------
-
-    NETNS_DB_PORT = 27017
 
     @property
     def netns_file(self) -> Path:
@@ -344,38 +326,9 @@ class LocalCluster:
         self.network = None
         self.netns_file.unlink(missing_ok=True)
 
-    def _start_db_netns(self) -> None:
-        from cm.cluster.db import ping
-
-        self.db_dir.mkdir(parents=True, exist_ok=True)
-        port = self.NETNS_DB_PORT  # the db has a host of its own: the standard port is free
-        env = {k: v for k, v in os.environ.items() if k != "MONGODB_URI"}
-        proc = self._spawn("db", [sys.executable, "-m", "cm.cluster.db", "--data-dir", str(self.db_dir),
-                                  "--host", "0.0.0.0", "--port", str(port)], env)
-        self.mongodb_uri = f"mongodb://db:{port}/"
-        deadline = time.monotonic() + 30
-        uri = f"mongodb://{self.network.ip('db')}:{port}/"
-        while True:
-            if proc.poll() is not None:
-                raise ClusterError(f"the database exited with {proc.returncode}; see {self.logfile('db')}:\n"
-                                   + self.tail("db"))
-            # from the head's namespace, across the bridge: what the daemons will do
-            if self.network.connectable("db", port, src="headnode"):
-                try:
-                    self.network.run_in("headnode", ping, uri, timeout=2)
-                    return
-                except Exception as exc:  # noqa: BLE001 - pymongo's errors
-                    last = exc
-            else:
-                last = f"nothing listens on db:{port}"
-            if time.monotonic() > deadline:
-                raise ClusterError(f"the database in namespace {self.network.namespace('db')} does not answer: "
-                                   f"{last}\n" + self.tail("db"))
-            time.sleep(0.1)
-
     def _netns_env_note(self) -> str:
         lines = [f"# netns mode: network {self.network.prefix}; a shell on a host: "
-                 f"ip netns exec {self.network.prefix}-<host> bash; MONGODB_URI resolves there"]
+                 f"ip netns exec {self.network.prefix}-<host> bash"]
         lines += [f"#   {h.name}\t{h.ip}\t{h.ns}" for h in self.network.hosts.values()]
         return "\n".join(lines) + "\n"
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import collections
 import logging
+import os
 import time
 from typing import Any, Callable, Iterable
 
@@ -73,8 +74,11 @@ def preview(job: Job, fields: dict[str, Any]) -> Job:
 
 
 class JobTable:
-    def __init__(self, store: JobStore, stop_timeout: float = 8.0) -> None:
+    def __init__(self, store: JobStore, stop_timeout: float = 8.0, transfer_secret: bytes | None = None) -> None:
         self.store = store
+        # what every sync run's data-plane key is derived from (cm.keys.data_plane_key): the head's
+        # RUN_DIR/keys/transfer.key; a table made without one (the unit tests) gets a random one
+        self.transfer_secret = transfer_secret if transfer_secret is not None else os.urandom(32)
         # a share told to stop must be confirmed gone within this many seconds (the node's kill grace plus
         # a confirmation timeout); after that its slot is released and its node drained, like Slurm's
         # "Kill task failed"
@@ -292,7 +296,7 @@ class JobTable:
         # a sync's destinations first: a sender may only connect once its receiver knows the transfer
         for s in slots:
             if job["kind"] != "sync" or s["role"] == "dst":
-                out.run.append((s["node"], job_id, node_spec(job, s, addrs)))
+                out.run.append((s["node"], job_id, node_spec(job, s, addrs, self.transfer_secret)))
 
     @staticmethod
     def matching(job: Job, node: str, role: str, rank: int) -> list[int]:
@@ -325,7 +329,7 @@ class JobTable:
                 self.sent_at[job_id] = time.monotonic()
                 for s in job["slots"]:
                     if s["role"] == "src" and not s["ended"]:
-                        out.run.append((s["node"], job_id, node_spec(job, s, addrs)))
+                        out.run.append((s["node"], job_id, node_spec(job, s, addrs, self.transfer_secret)))
 
     def ended(self, job_id: int, node: str, run: int, state: JobState, exit_code: int, reason: str,
               out: Outcome, role: str = "", rank: int = 0) -> None:
@@ -371,7 +375,7 @@ class JobTable:
                     continue
                 if s["role"] == "src":
                     self.src_sent.add(job["_id"])
-                out.run.append((s["node"], job["_id"], node_spec(job, s, addrs)))
+                out.run.append((s["node"], job["_id"], node_spec(job, s, addrs, self.transfer_secret)))
 
     # --- ending and stopping: every path computes its writes on a preview, writes, then changes memory ---
 

@@ -84,8 +84,8 @@ class Head(Protocol):
     def stats(self) -> dict[str, Any]: ...
     def metrics(self) -> dict[str, Any]:
         """What /metrics shows: jobs and nodes by state, what syncs moved, the scheduler's pass time."""
-    def api_token(self, uid: int, user: str) -> str:
-        """The user's HTTP API token (the same one until it is revoked)."""
+    def api_token(self, uid: int, user: str, lifetime: float = 0) -> str:
+        """The user's HTTP API token (without a lifetime: the same one until it is revoked)."""
     def revoke_api_token(self, uid: int, user: str) -> None: ...
 
 
@@ -210,7 +210,7 @@ def submit(head: Head, caller: Caller, args: SubmitCommand | SubmitSync) -> dict
         fields.update(
             kind="sync", name=args.name or "sync", argv=[], env=[], cwd=args.cwd,
             partition=src.get("partition") or nodes[src["node"]].partition,
-            sync={"src": src, "dst": dst, "options": opts, "token": secrets.token_hex(16),
+            sync={"src": src, "dst": dst, "options": opts, "nonce": secrets.token_hex(16),
                   "transport": options.transport},
         )
         if src.get("node") or dst.get("node"):
@@ -263,7 +263,7 @@ def delete(head: Head, caller: Caller, args: Delete) -> dict:
 def token(head: Head, caller: Caller, args: Token) -> dict:
     """The caller's HTTP API token; with ``revoke``: USER's token stops working (admins, or oneself)."""
     if args.revoke is None:
-        return {"user": caller.user, "token": head.api_token(caller.uid, caller.user)}
+        return {"user": caller.user, "token": head.api_token(caller.uid, caller.user, args.lifetime)}
     if args.revoke != caller.user:
         _admin(head, caller, args.token)
     try:

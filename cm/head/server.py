@@ -27,6 +27,7 @@ from cm.head.registry import NodeInfo, Registry
 from cm.head.requests import Later, handle
 from cm.head.resources import NodeView
 from cm.head.scheduler import Scheduler
+from cm.keys import TRANSFER_SECRET, secret
 from cm.logs import event
 from cm.protocol import (
     INTERCOM_TO_HEAD,
@@ -79,7 +80,8 @@ class HeadServer:
     def __init__(self, settings: Settings):
         self.settings = settings
         self.registry = Registry(settings.heartbeat_timeout)
-        self.jobs = JobTable(MongoJobStore(), stop_timeout=settings.kill_grace + settings.kill_confirm)
+        self.jobs = JobTable(MongoJobStore(), stop_timeout=settings.kill_grace + settings.kill_confirm,
+                             transfer_secret=secret(settings.run_dir, TRANSFER_SECRET))
         self.jobs.node_alive = self._alive
         self.scheduler = Scheduler(get_policy(settings.policy), settings.backfill)
         self.dirty = True
@@ -105,7 +107,8 @@ class HeadServer:
     # --- start and loop ------------------------------------------------------
 
     def open(self) -> None:
-        store.connect(self.settings.mongodb_uri, self.settings.db_name, self.settings.db_timeout)
+        uri = store.database_uri(self.settings.mongodb_uri, self.settings.db_uri_file)
+        store.connect(uri, self.settings.db_name, self.settings.db_timeout)
         self.registry.load()
         self.jobs.load()
         self.intercom.open()
@@ -340,10 +343,10 @@ class HeadServer:
                 "sync_rate": sum(p.get("rate", 0) for p in syncs), "pass_seconds": self.pass_seconds,
                 "passes": self.passes, "waiters": sum(len(w) for w in self.waiters.values())}
 
-    def api_token(self, uid: int, user: str) -> str:
+    def api_token(self, uid: int, user: str, lifetime: float = 0) -> str:
         from cm.api import tokens
 
-        return tokens.issue(self.settings.run_dir, uid, user)
+        return tokens.issue(self.settings.run_dir, uid, user, lifetime)
 
     def revoke_api_token(self, uid: int, user: str) -> None:
         from cm.api import tokens

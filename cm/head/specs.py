@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import hmac
-
 from cm.head.records import Job, SlotRecord
 from cm.head.resources import Demand, Request
+from cm.keys import data_plane_key
 from cm.protocol import CommandShare, DestinationTransfer, NodeJob, SourceTransfer, SyncDestination, SyncSource
 
 
@@ -24,8 +23,9 @@ def request_of(job: Job) -> Request:
     return Request(job["_id"], job.get("priority", 0), job["submitted"], job["time_limit"], demands_of(job))
 
 
-def node_spec(job: Job, slot: SlotRecord, addrs: dict[str, str]) -> NodeJob:
-    """What a node needs to run its share (``slot``) of the job's current run."""
+def node_spec(job: Job, slot: SlotRecord, addrs: dict[str, str], transfer_secret: bytes) -> NodeJob:
+    """What a node needs to run its share (``slot``) of the job's current run (a sync's data-plane key
+    derived from the head's transfer_secret)."""
     base = dict(run=job["runs"], rank=slot["rank"], name=job["name"], user=job["user"], uid=job["uid"],
                 gid=job["gid"], time_limit=float(job["time_limit"]), cwd=job["cwd"])
     if job["kind"] == "command":
@@ -35,8 +35,9 @@ def node_spec(job: Job, slot: SlotRecord, addrs: dict[str, str]) -> NodeJob:
     sync = job["sync"]
     options = sync["options"]
     transfer_id = f"{job['_id']}.{job['runs']}"
-    # each run its own 128-bit data-plane token: one run's token opens no other run's transfer
-    token = hmac.new(bytes.fromhex(sync["token"]), transfer_id.encode(), "sha256").hexdigest()[:32]
+    # each run its own 128-bit data-plane key: one run's key opens no other run's transfer (a job stored before
+    # nonces were has none: its key still comes from the head's secret and its transfer id)
+    token = data_plane_key(transfer_secret, sync.get("nonce", ""), transfer_id)
     if slot["role"] == "dst":
         return SyncDestination(**base, transfer=DestinationTransfer(
             transfer_id=transfer_id, token=token, dst_path=sync["dst"]["path"], owners=bool(options.get("owners"))))

@@ -121,11 +121,10 @@ class IntercomKey(Document):
 
 
 class ApiToken(Document):
-    """A user's HTTP API token, as a hash: the token is derived from the head's secret and `generation`;
-    revoking bumps the generation and drops the hash, so the old token no longer matches anything."""
+    """A user's HTTP API token generation. Tokens are signed by the head's secret (cm.api.tokens) and not
+    stored; revoking bumps the generation, so every token signed for an older one stops matching."""
 
-    meta = {"collection": "api_tokens", "indexes": ["hash"], "auto_create_index": False}
+    meta = {"collection": "api_tokens", "auto_create_index": False}
     id = IntField(primary_key=True)  # uid
     user = StringField(required=True)
     generation = IntField(default=0)
-    hash = StringField()  # sha256 hex of the token; None once revoked

@@ -8,6 +8,8 @@ table in cm.states decides what is allowed, the filter decides who wins.
 
 from __future__ import annotations
 
+import os
+import stat
 from typing import Any, Iterable
 
 import mongoengine
@@ -15,6 +17,7 @@ import pymongo
 from pymongo import ReturnDocument
 from pymongo.errors import ConnectionFailure, PyMongoError
 
+from cm.cluster.db import redact
 from cm.states import FINAL_STATES, JobState, check_transition
 from cm.store.documents import ApiToken, Counter, Job, Node, Policy
 from cm.store.records import CounterRecord, JobRecord, NodeRecord, PolicyRecord, TokenRecord, plain, typed
@@ -28,6 +31,29 @@ DatabaseError = PyMongoError  # what any call below may raise
 DatabaseUnreachable = ConnectionFailure  # the part of it that means the server is away
 
 
+def database_uri(uri: str, uri_file: str = "") -> str:
+    """The URI to connect to: the first line of uri_file when one is given, else uri.
+
+    The file holds credentials, so it must be the reader's own and closed to group and others; a file
+    anyone else can read (or write, to point the head elsewhere) is refused rather than used."""
+    if not uri_file:
+        return uri
+    try:
+        fd = os.open(uri_file, os.O_RDONLY | os.O_NOFOLLOW)
+    except OSError as exc:
+        raise StoreError(f"cannot read the database URI file {uri_file}: {exc.strerror}") from None
+    with os.fdopen(fd) as f:
+        st = os.fstat(f.fileno())
+        if st.st_uid != os.geteuid() or st.st_mode & (stat.S_IRWXG | stat.S_IRWXO):
+            raise StoreError(f"the database URI file {uri_file} must belong to uid {os.geteuid()} and have mode "
+                             f"0600 or 0400 (it is uid {st.st_uid}, mode {stat.S_IMODE(st.st_mode):04o}): "
+                             "its credentials are the whole database")
+        text = f.readline().strip()
+    if not text:
+        raise StoreError(f"the database URI file {uri_file} is empty")
+    return text
+
+
 def connect(uri: str, db_name: str, timeout: float = 5.0) -> None:
     """Connect the default alias; raise StoreError if the server does not answer."""
     mongoengine.disconnect()
@@ -39,9 +65,8 @@ def connect(uri: str, db_name: str, timeout: float = 5.0) -> None:
     try:
         Job._get_db().command("ping")
         Job.ensure_indexes()
-        ApiToken.ensure_indexes()
     except PyMongoError as exc:
-        raise StoreError(f"database at {uri} is unreachable: {exc}") from None
+        raise StoreError(f"database at {redact(uri)} is unreachable: {exc}") from None
 
 
 def reachable() -> bool:
@@ -134,7 +159,7 @@ def recent_jobs(since: float | None, limit: int = 100000, finished: bool = False
         query["ended"] = {"$gte": since}
         if not finished:
             query = {"$or": [{"ended": None}, query]}
-    projection = {"env": 0, "sync.token": 0}
+    projection = {"env": 0}
     return [_job(d) for d in _jobs().find(query, projection).sort("_id", pymongo.DESCENDING).limit(limit)]
 
 
@@ -169,12 +194,7 @@ def token_record(uid: int) -> dict[str, Any] | None:
     return None if doc is None else plain(doc, TokenRecord)
 
 
-def set_token(uid: int, user: str, generation: int, digest: str | None) -> None:
+def set_token(uid: int, user: str, generation: int) -> None:
+    """The user's token generation: tokens signed for another one are refused (cm.api.tokens)."""
     ApiToken._get_collection().update_one(
-        {"_id": uid}, {"$set": {"user": user, "generation": generation, "hash": digest}}, upsert=True)
-
-
-def token_owner(digest: str) -> dict[str, Any] | None:
-    """The record whose token hashes to digest (uid in _id), or None."""
-    doc = ApiToken._get_collection().find_one({"hash": digest})
-    return None if doc is None else plain(doc, TokenRecord)
+        {"_id": uid}, {"$set": {"user": user, "generation": generation}, "$unset": {"hash": ""}}, upsert=True)

@@ -60,7 +60,7 @@ class SyncRecord(Struct, omit_defaults=True):
     src: Location | None = None
     dst: Location | None = None
     options: SyncOptionsRecord | None = None
-    token: str | None = None  # hex; not read for listings
+    nonce: str | None = None  # hex: with the head's transfer secret it gives the run keys (cm.keys.data_plane_key)
     transport: str | None = None
 
 
@@ -152,7 +152,6 @@ class TokenRecord(Struct):
     id: Int = field(name="_id")  # uid
     user: str
     generation: Int = 0
-    hash: str | None = None
 
 
 R = TypeVar("R", bound=Struct)

@@ -1,6 +1,8 @@
 // Command cm-ferretdb is the embedded MongoDB-compatible database server of cm:
-// FerretDB (SQLite backend) listening on a TCP address and storing its data
-// in one directory (one SQLite file per database).
+// FerretDB (SQLite backend) listening on a Unix socket (what cm uses: only
+// whoever may open the socket's directory can connect; FerretDB's SQLite
+// backend has no authentication) and/or a TCP address, storing its data in
+// one directory (one SQLite file per database).
 //
 // It is built by build.sh, which applies pushdown.patch to the FerretDB
 // sources first; see that file.
@@ -21,7 +23,8 @@ import (
 )
 
 func main() {
-	listen := flag.String("listen", "127.0.0.1:27017", "TCP `host:port` to listen on (port 0 picks a free one)")
+	listen := flag.String("listen", "", "TCP `host:port` to listen on (port 0 picks a free one; empty: no TCP)")
+	listenUnix := flag.String("listen-unix", "", "Unix socket `path` to listen on (empty: none)")
 	dir := flag.String("dir", "", "data `directory` (created if missing); required")
 	// not "warn": FerretDB logs every failed command (even the endSessions each pymongo client sends on close,
 	// which FerretDB does not implement) at warn level, with the whole response
@@ -44,6 +47,10 @@ func main() {
 		fail("-dir is required")
 	}
 
+	if *listen == "" && *listenUnix == "" {
+		fail("give -listen-unix PATH or -listen HOST:PORT")
+	}
+
 	abs, err := filepath.Abs(*dir)
 	if err != nil {
 		fail("bad -dir %q: %s", *dir, err)
@@ -59,7 +66,7 @@ func main() {
 	}
 
 	f, err := ferretdb.New(&ferretdb.Config{
-		Listener:  ferretdb.ListenerConfig{TCP: *listen},
+		Listener:  ferretdb.ListenerConfig{TCP: *listen, Unix: *listenUnix},
 		Logger:    logger,
 		Handler:   "sqlite",
 		// WAL with synchronous=NORMAL: a commit survives any process crash (only a power loss can
