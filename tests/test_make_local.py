@@ -122,7 +122,7 @@ def test_settings_given_to_make_local_up_reach_its_daemons(tmp_path):
         trap 'make --no-print-directory local-down >/dev/null' EXIT
         CM_API_PORT={port} CM_KILL_GRACE=7 CM_RUN_DIR={tmp_path} make --no-print-directory local-up NODES=2 \\
             PARTITIONS=gpu:1,cpu:1
-        curl -sS --max-time 10 http://127.0.0.1:{port}/healthz
+        curl -sS --max-time 10 --cacert {run}/api.crt https://127.0.0.1:{port}/healthz
         echo
         for name in headnode computenode-1; do
             echo "$name: $(tr '\\0' '\\n' < /proc/$(cat {run}/$name.pid)/environ | grep -E '^CM_(KILL_GRACE|RUN_DIR)=' | sort | tr '\\n' ' ')"

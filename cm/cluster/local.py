@@ -347,7 +347,7 @@ class LocalCluster:
 
 # What the cluster decides itself, whatever the caller's environment says: where it runs and how its daemons
 # find each other (a node's name, partition, data root and mover port are set per node in start_node).
-CLUSTER_OWN = frozenset({"CM_RUN_DIR", "CM_HEAD_HOST", "CM_TRANSFER_HOST", OWN_DB_MARK})
+CLUSTER_OWN = frozenset({"CM_RUN_DIR", "CM_HEAD_HOST", "CM_TRANSFER_HOST"})
 
 
 def callers_settings(environ: dict[str, str] | os._Environ) -> dict[str, str]:
