@@ -46,6 +46,12 @@ def partial_names(name: str, size: int, mtime_ns: int, chunk_size: int) -> tuple
     return f".cm.{ident}.part", f".cm.{ident}.ok"
 
 
+def count_verified(sidecar: bytes) -> int:
+    """How many chunks a sidecar's bytes record as verified (for tools and tests that watch a transfer)."""
+    slots = sidecar[_HEAD.size:]
+    return sum(flag for _, flag in _SLOT.iter_unpack(slots[:len(slots) // _SLOT.size * _SLOT.size]))
+
+
 class ChunkRecord:
     """The sidecar of one partially received file, opened in a directory descriptor."""
 

@@ -116,12 +116,21 @@ class Source:
     def owner_rows(self, entries: list[Entry]) -> list:
         """(path, uid, gid, mode) of each entry as the source has it now (gone ones left out)."""
         rows = []
-        for e in entries:
-            try:
-                st = os.lstat(os.path.join(self.top, e.path) if e.path else self.top)
-            except FileNotFoundError:
-                continue
-            rows.append((os.fsencode(e.path), st.st_uid, st.st_gid, stat.S_IMODE(st.st_mode)))
+        handles = self.handles()  # relative to directory descriptors: a path may be longer than PATH_MAX
+        try:
+            for e in entries:
+                p = parts(e.path)
+                try:
+                    st = os.stat(p[-1], dir_fd=handles.open(p[:-1]), follow_symlinks=False) if p else \
+                        os.fstat(handles.open(()))
+                except (FileNotFoundError, NotADirectoryError):
+                    continue
+                except (OSError, PathEscape) as exc:
+                    self.failed(e.path, exc)
+                    continue
+                rows.append((os.fsencode(e.path), st.st_uid, st.st_gid, stat.S_IMODE(st.st_mode)))
+        finally:
+            handles.close()
         return rows
 
     def read_batch(self, handles: DirHandles, items: list[plan.Item], buf: memoryview) -> tuple[list[bool], list[int]]:

@@ -24,6 +24,7 @@ class Stats:
     errors: list = field(default_factory=list)
     vanished: int = 0  # of the errors: source files that vanished or kept changing while read (rsync's 24)
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+    _failed: set = field(default_factory=set, repr=False)
 
     def add(self, **counts: int) -> None:
         """Add to several counters at once."""
@@ -35,6 +36,9 @@ class Stats:
         """Record a failure for one path; the transfer goes on. ``vanished``: the source file is gone,
         or kept changing while it was read (the tree moved under the sync; nothing could be done)."""
         with self.lock:
+            if path in self._failed:
+                return  # one file, one error (its other chunks fail for the same reason)
+            self._failed.add(path)
             self.errors.append(f"{path or '.'}: {message}")
             self.vanished += vanished
 

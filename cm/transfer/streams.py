@@ -162,6 +162,7 @@ class Streams:
             os.close(fd)
         work = self.work
         with self.stats.lock:
+            work.verified[e.path] += it.length
             work.remaining[e.path] -= 1
             if work.remaining[e.path] == 0 and e.path in work.first_paths:
                 self.stats.files_done += 1
