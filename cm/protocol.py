@@ -185,6 +185,8 @@ class SyncStats(Struct, frozen=True, forbid_unknown_fields=True):
     bytes_total: Count = 0
     files_total: Count = 0
     errors: Count = 0  # paths that could not be copied
+    vanished: Count = 0  # of them: source files that vanished or kept changing while read
+    partial_bytes: Count = 0  # verified bytes of unfinished files, kept at the destination for resuming
     elapsed: Annotated[float, Meta(ge=0)] = 0.0  # seconds
 
 

@@ -24,7 +24,7 @@ from cm.head.progress import merge
 from cm.head.recent import RecentJobs
 from cm.head.records import Job, SlotRecord
 from cm.head.resources import NodeView, Request, Running
-from cm.head.specs import demands_of, node_spec, request_of
+from cm.head.specs import demands_of, node_spec, request_of, writes_of
 from cm.head.writebehind import HeldStarts
 from cm.logs import event
 from cm.states import FINAL_STATES, JobState
@@ -51,9 +51,10 @@ def final_state(job: Job) -> tuple[JobState, int]:
     for severe in FORCED:
         if severe.value in states:
             return severe, exit_code
-    if exit_code or JobState.FAILED.value in states:
-        return JobState.FAILED, exit_code or 1
-    return JobState.COMPLETED, 0
+    if JobState.FAILED.value in states:
+        return JobState.FAILED, next((s["exit_code"] for s in slots
+                                      if s["state"] == JobState.FAILED.value and s["exit_code"]), exit_code or 1)
+    return JobState.COMPLETED, exit_code  # 0, or a sync's 24: copied all but files that vanished (exitcodes)
 
 
 def apply_fields(job: Job, fields: dict[str, Any]) -> None:
@@ -124,7 +125,7 @@ class JobTable:
             if JobState(job["state"]).active:
                 start = job.get("started") or job.get("dispatched") or time.time()
                 holds = [(s["node"], s["cpus"], s["mem_mb"]) for s in job["slots"] if not s["ended"]]
-                out.append(Running(job["_id"], start + job["time_limit"], holds))
+                out.append(Running(job["_id"], start + job["time_limit"], holds, writes_of(job)))
         return out
 
     def usage(self) -> dict[str, tuple[int, int]]:

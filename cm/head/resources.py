@@ -66,6 +66,27 @@ class Demand:
         return self.key == other.key and self.count >= other.count and self.cpus >= other.cpus and self.mem_mb >= other.mem_mb
 
 
+@dataclass(frozen=True)
+class Writes:
+    """Where a sync job writes: a path on the storage of a partition, or of a node's partition."""
+
+    partition: str
+    node: str
+    path: str  # normalised, relative to the data root ("" is all of it)
+
+    def storage(self, nodes: dict[str, "NodeView"]) -> str:
+        if self.partition:
+            return self.partition
+        return nodes[self.node].partition if self.node in nodes else self.node
+
+    def overlaps(self, other: "Writes", nodes: dict[str, "NodeView"]) -> bool:
+        """Whether the two write into one tree: same storage, and one path is (inside) the other."""
+        if self.storage(nodes) != other.storage(nodes):
+            return False
+        a, b = self.path, other.path
+        return not a or not b or a == b or a.startswith(b + "/") or b.startswith(a + "/")
+
+
 @dataclass
 class Request:
     """A pending job as the scheduler sees it."""
@@ -75,6 +96,7 @@ class Request:
     submitted: float
     time_limit: float
     demands: tuple[Demand, ...]
+    writes: Writes | None = None  # a sync's destination: no two syncs into one tree run at once
 
     @property
     def order_key(self) -> tuple:
@@ -88,3 +110,4 @@ class Running:
     job_id: int
     end: float
     holds: list[tuple[str, int, int]]  # (node, cpus, mem_mb)
+    writes: Writes | None = None

@@ -88,6 +88,7 @@ class Reason:
     """Why a pending job waits, in squeue's words."""
 
     RESOURCES = "Resources"  # the nodes it needs are busy
+    DESTINATION_BUSY = "DestinationBusy"  # a sync: another sync writes into its destination's tree
     PRIORITY = "Priority"  # it would fit, but would delay a job ahead of it
     NODES_DOWN = "ReqNodeNotAvail"  # not enough of the nodes it needs are up and undrained
     HELD = "Held"
@@ -126,7 +127,12 @@ class Scheduler:
                     return Reason.NODES_DOWN
             return Reason.RESOURCES
 
+        writing = [r.writes for r in running if r.writes is not None]  # two syncs into one tree never interleave
+
         for request in sorted(pending, key=lambda r: r.order_key):
+            if request.writes is not None and any(request.writes.overlaps(w, nodes) for w in writing):
+                reasons[request.job_id] = Reason.DESTINATION_BUSY
+                continue
             if any(d.at_least(f) for d in request.demands for f in failed) and len(request.demands) == 1:
                 reasons[request.job_id] = lacking(request)
                 continue
@@ -155,4 +161,6 @@ class Scheduler:
                     reasons[request.job_id] = Reason.PRIORITY
                     continue
             started.append((request, assignment))
+            if request.writes is not None:
+                writing.append(request.writes)
         return started

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from cm.head.records import Job, SlotRecord
-from cm.head.resources import Demand, Request
+from cm.head.resources import Demand, Request, Writes
 from cm.keys import data_plane_key
 from cm.protocol import CommandShare, DestinationTransfer, NodeJob, SourceTransfer, SyncDestination, SyncSource
 
@@ -19,8 +19,17 @@ def demands_of(job: Job) -> tuple[Demand, ...]:
     return (Demand("run", job["nodes"], job["cpus"], job["mem_mb"], partition=job["partition"]),)
 
 
+def writes_of(job: Job) -> Writes | None:
+    """Where a sync job writes (a dry run writes nothing), for the scheduler's DestinationBusy."""
+    if job["kind"] != "sync" or job["sync"]["options"].get("dry_run"):
+        return None
+    dst = job["sync"]["dst"]
+    return Writes(dst.get("partition", ""), dst.get("node", ""), dst["path"])
+
+
 def request_of(job: Job) -> Request:
-    return Request(job["_id"], job.get("priority", 0), job["submitted"], job["time_limit"], demands_of(job))
+    return Request(job["_id"], job.get("priority", 0), job["submitted"], job["time_limit"], demands_of(job),
+                   writes_of(job))
 
 
 def node_spec(job: Job, slot: SlotRecord, addrs: dict[str, str], transfer_secret: bytes) -> NodeJob:

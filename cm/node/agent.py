@@ -34,7 +34,7 @@ from cm.node import launch
 from cm.node.intercom import IntercomSetupError, NodeIntercom
 from cm.node.purge import Purge, Share, Tracked
 from cm.node.resources import measure
-from cm.node.sync import WarmSenders, data_identity, last_line, start_sender
+from cm.node.sync import WarmSenders, data_identity, sender_end, start_sender
 from cm.protocol import (
     INTERCOM_TO_NODE,
     Ack,
@@ -375,9 +375,10 @@ class NodeAgent:
             self.intercom.close(f.share)
             reason = f.reason
             sender = self.senders.pop(f.share, None)
-            if sender is not None and f.state == JobState.FAILED and not reason:
-                reason = last_line(sender["err"])
-            self._report_end(f.share, f.state, f.exit_code, reason)
+            state = f.state
+            if sender is not None:
+                state, reason = sender_end(f.state, f.exit_code, reason, sender["err"])
+            self._report_end(f.share, state, f.exit_code, reason)
             event(log, "job ended", job=f.job_id, run=f.run, role=f.role, rank=f.rank, state=f.state.value,
                   exit_code=f.exit_code)
         if ended:

@@ -32,6 +32,7 @@ from cm.logs import event
 from cm.node.launch import LaunchError, job_identity, log_paths, make_log_dir
 from cm.node.purge import pid_alive
 from cm.protocol import DestinationTransfer, SourceTransfer, SyncSource
+from cm.states import JobState
 from cm.transfer import exitcodes, zygote
 
 
@@ -330,6 +331,30 @@ def start_sender(spec: SyncSource, node: str, job_id: int, data_root: str,
                 raise LaunchError(f"the sender on {node} exited before its job: {exc}") from None
     os.set_blocking(proc.stdout.fileno(), False)
     return proc, err_path
+
+
+def sender_end(state: JobState, exit_code: int, reason: str, err_path: Path) -> tuple[JobState, str]:
+    """A sender's share as it ended: its state and reason, from its exit code and error log.
+
+    A share stopped on purpose keeps the reason it was stopped with. Exit code 24
+    (``exitcodes.VANISHED``: all copied but source files that vanished or kept
+    changing) is COMPLETED; a sender killed by a signal nobody here sent (the
+    kernel's OOM killer: 9) says so in its reason (it had no chance to write why).
+    """
+    if reason or state != JobState.FAILED:
+        return state, reason
+    said = last_line(err_path)
+    if exit_code == exitcodes.VANISHED:
+        return JobState.COMPLETED, said
+    if exit_code > 128:
+        signum = exit_code - 128
+        try:
+            name = signal.Signals(signum).name
+        except ValueError:
+            name = f"signal {signum}"
+        why = f"sender killed by signal {signum} ({name}{': out of memory?' if signum == signal.SIGKILL else ''})"
+        return state, why + (f"; its last message: {said}" if said else "")
+    return state, said
 
 
 def last_line(path: Path, limit: int = 4096) -> str:

@@ -15,11 +15,13 @@ XXH3 replaced a numba-compiled xxh64 (wire version 5): on this project's
 
 from __future__ import annotations
 
-import mmap
+import errno
+import os
 
 import xxhash
 
 _xxh3 = xxhash.xxh3_64_intdigest
+READ_PIECE = 1 << 20  # bytes read (and hashed) at a time
 
 
 def digest(buf, seed: int = 0) -> int:
@@ -61,17 +63,34 @@ class Hasher:
 def file_digests(fd: int, size: int, chunk_size: int) -> list[int]:
     """The digest of each ``chunk_size`` piece of the open file ``fd`` of ``size`` bytes.
 
-    The file is mapped a chunk at a time, never read into Python bytes. A
-    file of at most one chunk (including an empty one) gives one digest.
+    A file of at most one chunk (including an empty one) gives one digest.
     """
     if size == 0:
         return [digest(b"")]
-    return [chunk_digest(fd, off, min(chunk_size, size - off)) for off in range(0, size, chunk_size)]
+    buf = bytearray(READ_PIECE)
+    return [chunk_digest(fd, off, min(chunk_size, size - off), buf) for off in range(0, size, chunk_size)]
 
 
-def chunk_digest(fd: int, offset: int, length: int) -> int:
-    """The digest of ``length`` bytes of file ``fd`` at ``offset`` (a multiple of the page size)."""
-    if length == 0:
-        return digest(b"")
-    with mmap.mmap(fd, length, offset=offset, prot=mmap.PROT_READ) as mm:
-        return digest(mm)
+def chunk_digest(fd: int, offset: int, length: int, buf: bytearray | None = None) -> int:
+    """The digest of ``length`` bytes of file ``fd`` at ``offset``.
+
+    Read with ``pread`` through a bounded buffer, never mapped: a file cut
+    short meanwhile gives ``FileShrank``, not a SIGBUS.
+    """
+    view = memoryview(buf if buf is not None else bytearray(min(length, READ_PIECE)) or bytearray(1))
+    h = xxhash.xxh3_64()
+    done = 0
+    while done < length:
+        n = os.preadv(fd, [view[:min(len(view), length - done)]], offset + done)
+        if n == 0:
+            raise FileShrank(f"ends before byte {offset + length}")
+        h.update(view[:n])
+        done += n
+    return h.intdigest()
+
+
+class FileShrank(OSError):
+    """A file being read is shorter than it was (truncated meanwhile)."""
+
+    def __init__(self, message: str):
+        super().__init__(errno.ENODATA, message)

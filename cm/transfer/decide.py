@@ -34,6 +34,11 @@ class Work:
     owned: list[Entry] = field(default_factory=list)  # files whose owner this rank sets (syncs that keep owners)
     remaining: Counter = field(default_factory=Counter)  # chunks left to send, per file
     first_paths: set[str] = field(default_factory=set)  # chunked files this rank counts as sent
+    verified: Counter = field(default_factory=Counter)  # bytes of this rank's chunks verified at the destination
+
+    def partial_bytes(self) -> int:
+        """Bytes verified at the destination of files not published yet (kept there for resuming)."""
+        return sum(self.verified[path] for path, left in self.remaining.items() if left > 0)
 
 
 def decide(spec: Spec, chan: Channel, entries: list[Entry], dst: dict[str, Entry], source: Source,
@@ -89,7 +94,12 @@ def decide(spec: Spec, chan: Channel, entries: list[Entry], dst: dict[str, Entry
             work.chunks.extend(its)
             big.append(e)
     if big and not spec.dry_run:
+        planned = work.chunks
         work.chunks = resume(spec, chan, big, work.chunks, source, stats)
+        left = set(work.chunks)
+        for it in planned:
+            if it not in left:
+                work.verified[it.entry.path] += it.length
     work.remaining = Counter(it.entry.path for it in work.chunks)
     work.first_paths = {path for path in work.remaining if by_file[path][0].first}
     stats.files_total = len(work.would) if spec.dry_run else len(work.small) + len(work.first_paths)

@@ -38,6 +38,7 @@ _MEMORY_FS = {0x01021994, 0x858458F6}  # tmpfs, ramfs (statfs f_type)
 _memory_devices: dict[int, bool] = {}
 _UNNAMED = os.O_RDWR | os.O_TMPFILE | os.O_CLOEXEC
 _READ = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
+NO_ROOM = (errno.ENOSPC, errno.EDQUOT)  # a write that fails for want of room fails the same way again
 
 
 def _split(path: bytes) -> tuple[str, ...]:
@@ -96,14 +97,15 @@ class Destination:
     # ---- reading the tree ----
 
     def manifest_page(self, exclude: list[str], page: int, page_bytes: int = 8 << 20) -> tuple[list, bool]:
-        """Page ``page`` of the destination's entries (walked once per connection)."""
+        """Page ``page`` of the destination's entries (walked once per connection), the mover's own
+        temporary files among them (``diff.split_temps``): the lead removes those no run resumes."""
         if self._manifest is None or page == 0:
             try:
                 top = self.dirs.open(())
             except (FileNotFoundError, NotADirectoryError):
                 self._manifest = []
             else:
-                entries = walk_fd(top, Excluder(exclude), skip_temp=True)
+                entries = walk_fd(top, Excluder(exclude))  # with the mover's temporaries: the sender sorts them out
                 self._manifest = [e.to_wire() for e in entries]  # frames.EntryRow, as plain lists
             self._pages = [0]
             size = 0
@@ -119,28 +121,49 @@ class Destination:
         return self._manifest[start:end], page + 2 < len(self._pages)
 
     def partials(self, files: list[PartialRow]) -> list:
-        """For each file: [[index, digest], ...] already verified (``frames.VerifiedRow``)."""
+        """For each file: [[index, digest], ...] verified by an earlier run (``frames.VerifiedRow``).
+
+        Only what its ``.part`` holds now counts: a sidecar of another inode
+        counts for nothing, and each chunk it records is hashed again; one
+        whose bytes differ is cleared, so it goes again.
+        """
         out = []
         for row in files:
-            size, mtime, chunk_size = row.size, row.mtime, row.chunk_size
-            parts = _split(row.path)
             try:
-                dfd = self._parent(parts)
-                part, ok = partial_names(parts[-1], size, mtime, chunk_size)
-                st = os.stat(part, dir_fd=dfd, follow_symlinks=False)
-                rec = None
-                if stat.S_ISREG(st.st_mode) and st.st_size == size:
-                    rec = ChunkRecord.open(dfd, ok, size, mtime, chunk_size, create=False)
-            except (FileNotFoundError, NotADirectoryError, PathEscape):
-                rec = None
-            if rec is None:
+                out.append(self._verified(row))
+            except (OSError, PathEscape):
                 out.append([])
-                continue
+        return out
+
+    def _verified(self, row: PartialRow) -> list:
+        size, mtime, chunk_size = row.size, row.mtime, row.chunk_size
+        parts = _split(row.path)
+        dfd = self._parent(parts)
+        part, ok = partial_names(parts[-1], size, mtime, chunk_size)
+        try:
+            fd = os.open(part, _READ, dir_fd=dfd)
+        except FileNotFoundError:
+            return []
+        try:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode) or st.st_size != size:
+                return []
+            rec = ChunkRecord.open(dfd, ok, size, mtime, chunk_size, st.st_ino, create=False)
+            if rec is None:
+                return []
             try:
-                out.append([[i, d] for i, d in sorted(rec.verified().items())])
+                good = []
+                for i, digest in sorted(rec.verified().items()):
+                    offset = i * chunk_size
+                    if checksum.chunk_digest(fd, offset, min(chunk_size, size - offset)) == digest:
+                        good.append([i, digest])
+                    else:
+                        rec.clear(i)
+                return good
             finally:
                 rec.close()
-        return out
+        finally:
+            os.close(fd)
 
     def checksums(self, files: list[ChecksumRow]) -> list:
         """For each file: its chunk digests, or None if absent/different size."""
@@ -481,12 +504,22 @@ class Destination:
             st = os.fstat(fd)
             if not stat.S_ISREG(st.st_mode):
                 raise IsADirectoryError(f"{part} is not a regular file")
-            if st.st_size != size:
-                _reserve(fd, st.st_dev, size)
-            got, sent = channel.recv_stream_to_fd(fd, index * chunk_size, length, buf, checksum.Hasher())
+            try:
+                if st.st_size != size:
+                    _reserve(fd, st.st_dev, size)
+            except OSError as exc:  # no room for it: nothing of the payload read yet
+                _unlink_quietly(dfd, part)
+                raise ChunkRefused(exc.errno, exc.strerror) from None
+            try:
+                got, sent = channel.recv_stream_to_fd(fd, index * chunk_size, length, buf, checksum.Hasher())
+            except OSError as exc:
+                if exc.errno in NO_ROOM:  # it cannot be finished here: give its room back, keep nothing of it
+                    _unlink_quietly(dfd, part)
+                    _unlink_quietly(dfd, ok)
+                raise
             if got != sent:
                 return False, False
-            rec = ChunkRecord.open(dfd, ok, size, mtime, chunk_size, create=True)
+            rec = ChunkRecord.open(dfd, ok, size, mtime, chunk_size, st.st_ino, create=True)
             try:
                 rec.mark(index, got)
                 if not rec.complete():
@@ -555,8 +588,9 @@ def _reserve(fd: int, dev: int, size: int) -> None:
         try:
             os.posix_fallocate(fd, 0, size)
             return
-        except OSError:
-            pass
+        except OSError as exc:
+            if exc.errno in NO_ROOM:
+                raise
     os.ftruncate(fd, size)
 
 

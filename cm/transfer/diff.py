@@ -6,7 +6,9 @@ walked and what the receiver listed, and turns the answers into requests.
 
 from __future__ import annotations
 
-from .tree import DIR, FILE, LINK, Entry
+from .partial import partial_names
+from .plan import is_small
+from .tree import DIR, FILE, LINK, Entry, is_temp_name
 
 
 def file_matches(src: Entry, dst: Entry | None, compare_mtime: bool = True) -> bool:
@@ -78,3 +80,24 @@ def dir_meta(src: list[Entry], dst: dict[str, Entry], touched: set[str]) -> list
 def parent(path: str) -> str:
     """The tree-relative parent of ``path`` (``""`` for the top)."""
     return path.rsplit("/", 1)[0] if "/" in path else ""
+
+
+def split_temps(dst: list[Entry]) -> tuple[list[Entry], list[Entry]]:
+    """(the destination's own entries, the mover's temporary files among them) of a manifest."""
+    own, temps = [], []
+    for d in dst:
+        (temps if d.kind == FILE and is_temp_name(d.path.rpartition("/")[2]) else own).append(d)
+    return own, temps
+
+
+def orphan_temps(src: list[Entry], dst: dict[str, Entry], temps: list[Entry], chunk_size: int,
+                 checksum: bool) -> list[str]:
+    """The partially received files (``.part`` and sidecar) no run of this sync would resume: those of
+    another version of a file, of a file no longer in the source, or of one already in place."""
+    wanted = set()
+    for e in src:
+        if e.kind == FILE and not is_small(e.size, chunk_size) and (checksum or not file_matches(e, dst.get(e.path))):
+            folder, _, name = e.path.rpartition("/")
+            for temp in partial_names(name, e.size, e.mtime_ns, chunk_size):
+                wanted.add(f"{folder}/{temp}" if folder else temp)
+    return [t.path for t in temps if t.path.endswith((".part", ".ok")) and t.path not in wanted]

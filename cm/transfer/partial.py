@@ -9,8 +9,16 @@ Several receivers (one per destination node, sharing the storage) may write
 chunks of one file at once; each records its chunks in its own slot of the
 sidecar, and whichever sees every slot filled publishes the file.
 
-Sidecar layout: ``magic | size u64 | mtime i64 | chunk_size u64`` then one
-16-byte slot per chunk: ``digest u64 | verified u8 | 7 pad``.
+A sidecar and its ``.part`` are one unit: the sidecar names the inode of
+the ``.part`` it describes, and one that names another inode (the ``.part``
+was deleted and made anew, or replaced) vouches for nothing and starts
+over. Each slot holds the digest of the bytes it covers, and before a run
+resumes, the ``.part``'s bytes are hashed again (``Destination.partials``):
+a slot whose bytes do not match (lost in a crash before they reached the
+disk, changed by hand) is cleared and its chunk sent again.
+
+Sidecar layout: ``magic | size u64 | mtime i64 | chunk_size u64 | inode u64``
+then one 16-byte slot per chunk: ``digest u64 | verified u8 | 7 pad``.
 """
 
 from __future__ import annotations
@@ -19,8 +27,9 @@ import hashlib
 import os
 import struct
 
-_HEAD = struct.Struct("<8sQqQ")
-_MAGIC = b"CMPART02"  # 02: the digests are XXH3-64 (an 01 sidecar is not trusted: its chunks go again)
+_HEAD = struct.Struct("<8sQqQQ")
+# 02: the digests are XXH3-64; 03: the inode of the .part (an older sidecar is not trusted: its chunks go again)
+_MAGIC = b"CMPART03"
 _SLOT = struct.Struct("<QB7x")
 _OPEN = os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC
 
@@ -37,6 +46,12 @@ def partial_names(name: str, size: int, mtime_ns: int, chunk_size: int) -> tuple
     return f".cm.{ident}.part", f".cm.{ident}.ok"
 
 
+def count_verified(sidecar: bytes) -> int:
+    """How many chunks a sidecar's bytes record as verified (for tools and tests that watch a transfer)."""
+    slots = sidecar[_HEAD.size:]
+    return sum(flag for _, flag in _SLOT.iter_unpack(slots[:len(slots) // _SLOT.size * _SLOT.size]))
+
+
 class ChunkRecord:
     """The sidecar of one partially received file, opened in a directory descriptor."""
 
@@ -45,15 +60,17 @@ class ChunkRecord:
         self.nchunks = nchunks
 
     @classmethod
-    def open(cls, dir_fd: int, name: str, size: int, mtime_ns: int, chunk_size: int, create: bool) -> "ChunkRecord | None":
-        """Open (or with ``create`` make) the sidecar; None if absent and not creating."""
+    def open(cls, dir_fd: int, name: str, size: int, mtime_ns: int, chunk_size: int, inode: int,
+             create: bool) -> "ChunkRecord | None":
+        """Open the sidecar of the ``.part`` whose inode is ``inode``; None if absent, or if it describes
+        another file and not ``create``. With ``create``, a missing or foreign sidecar is made anew (empty)."""
         flags = _OPEN if create else (_OPEN & ~os.O_CREAT)
         try:
             fd = os.open(name, flags, 0o600, dir_fd=dir_fd)
         except FileNotFoundError:
             return None
         n = chunk_count(size, chunk_size)
-        head = _HEAD.pack(_MAGIC, size, mtime_ns, chunk_size)
+        head = _HEAD.pack(_MAGIC, size, mtime_ns, chunk_size, inode)
         want = _HEAD.size + n * _SLOT.size
         try:
             if os.pread(fd, _HEAD.size, 0) != head or os.fstat(fd).st_size != want:
@@ -71,6 +88,10 @@ class ChunkRecord:
     def mark(self, index: int, digest: int) -> None:
         """Record chunk ``index`` as received with ``digest``."""
         os.pwrite(self._fd, _SLOT.pack(digest, 1), _HEAD.size + index * _SLOT.size)
+
+    def clear(self, index: int) -> None:
+        """Forget chunk ``index`` (its bytes in the ``.part`` are not what was recorded)."""
+        os.pwrite(self._fd, _SLOT.pack(0, 0), _HEAD.size + index * _SLOT.size)
 
     def _slots(self) -> bytes:
         raw = os.pread(self._fd, self.nchunks * _SLOT.size, _HEAD.size)

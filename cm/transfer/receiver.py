@@ -254,6 +254,8 @@ class TransferServer:
                         chan.reply(self._request(dest, reg, req))
                 except (BadRequest, PathEscape, ValueError) as exc:
                     chan.reply_error(f"refused {kind.name}: {exc}")
+                    if kind == Kind.CHUNK:  # the sender may still be sending it: let it finish, then read why
+                        _drain(chan.sock, plen + TRAILER.size, memoryview(buf))
                     return  # the stream may be out of step now: make the sender reconnect
                 except (ConnectionError, TimeoutError):
                     raise
@@ -326,6 +328,22 @@ def _check_owners(rows: list, keep_owners: bool) -> None:
                 raise BadRequest("this transfer may not set owners (only root's and operators' syncs do)")
             if row.uid is None or row.gid is None:
                 raise BadRequest("a file's owner needs uid and gid")
+
+
+def _drain(sock: socket.socket, limit: int, scratch: memoryview) -> None:
+    """Read and drop what is left of a refused frame (at most ``limit`` bytes) until the peer closes.
+
+    Closing with unread data would reset the connection, and the sender would
+    see "connection reset" instead of the ERROR answer (disk full, ...).
+    """
+    try:
+        while limit > 0:
+            n = sock.recv_into(scratch[:min(limit, len(scratch))])
+            if n == 0:
+                return
+            limit -= n
+    except OSError:
+        pass
 
 
 def _shutdown(sock: socket.socket) -> None:

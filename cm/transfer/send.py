@@ -2,11 +2,12 @@
 
 Reads the job's JSON spec (``spec.Spec``) from stdin, prints progress
 as one JSON object per line on stdout (a few per second), then a final line
-with ``"done": true`` and the counts. Exit status 0 on success; otherwise a
-one-line message on stderr and a non-zero status: 1 when the transfer
-failed or some paths could not be copied, 2 for a bad spec, 75 when the
-receiver or the network went away (worth another attempt), 143 on SIGTERM
-(``exitcodes``).
+with ``"done": true`` and the counts. Exit status 0 when everything was
+copied; 23 when the rest was copied but some files could not be, 24 when the
+only files not copied vanished or kept changing while read (each named on a
+line of stderr, then a summary line); otherwise a message on stderr and 1
+when the transfer failed, 2 for a bad spec, 75 when the receiver or the
+network went away (worth another attempt), 143 on SIGTERM (``exitcodes``).
 
 With ``--spare`` it first loads numba and the compiled batch reads, then
 waits for a job (``spec.SpareJob``): ``{"transfer": spec, "uid", "gid", "groups", "stderr"}``.
@@ -101,15 +102,37 @@ def main(argv: list[str] | None = None) -> int:
     try:
         report = sender.run()
     except TransferError as exc:
-        sys.stderr.write(f"cm.transfer.send: {exc}\n")
+        _name_errors(sender.stats.errors)
+        sys.stderr.write(f"cm.transfer.send: {exc}{_kept(sender.stats.partial_bytes)}\n")
         return exitcodes.TRANSIENT if exc.transient else exitcodes.FAILED
     _emit(report)
     errors = sender.stats.errors
-    if errors:
-        more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
-        sys.stderr.write(f"cm.transfer.send: {errors[0]}{more}\n")
-        return exitcodes.FAILED
-    return exitcodes.OK
+    if not errors:
+        return exitcodes.OK
+    _name_errors(errors)
+    code = exitcodes.VANISHED if sender.stats.vanished == len(errors) else exitcodes.PARTIAL
+    what = "vanished or kept changing" if code == exitcodes.VANISHED else "could not be copied"
+    files = "file" if len(errors) == 1 else "files"
+    sys.stderr.write(f"cm.transfer.send: copied all but {len(errors)} {files}, which {what} "
+                     f"(first: {errors[0]}){_kept(sender.stats.partial_bytes)}\n")
+    return code
+
+
+MAX_NAMED = 1000  # errors named one a line in the error log; the summary line counts them all
+
+
+def _name_errors(errors: list[str]) -> None:
+    for line in errors[:MAX_NAMED]:
+        sys.stderr.write(f"cm.transfer.send: {line}\n")
+    if len(errors) > MAX_NAMED:
+        sys.stderr.write(f"cm.transfer.send: ... and {len(errors) - MAX_NAMED} more\n")
+
+
+def _kept(partial_bytes: int) -> str:
+    """What is left at the destination for the next run to resume, in words ("" if nothing)."""
+    if not partial_bytes:
+        return ""
+    return f"; {partial_bytes / (1 << 20):.1f} MiB of unfinished files kept at the destination for the next run"
 
 
 if __name__ == "__main__":

@@ -66,6 +66,7 @@ class Sender:
         self.excluder = Excluder(spec.exclude)
         self.connections = Connections(spec, channel)
         self.source: Source | None = None
+        self.work: Work | None = None
 
     def run(self) -> dict:
         """Do the whole transfer for this rank; returns the final report."""
@@ -85,13 +86,16 @@ class Sender:
         try:
             # the receiver walks the destination while we walk the source
             control.send(f.Manifest(list(spec.exclude), 0))
-            entries = walk(top, self.excluder)
+            entries = walk(top, self.excluder, skip_temp=True)  # cm's own temporaries are never data to copy
             src = {e.path: e for e in entries}
-            dst_list = self._manifest(control)
+            dst_list, temps = diff.split_temps(self._manifest(control))
             dst = {e.path: e for e in dst_list}
-            work = decide(spec, control, entries, dst, self.source, self.stats)
+            work = self.work = decide(spec, control, entries, dst, self.source, self.stats)
             lead = spec.rank == 0
             tops, gone = diff.deletions(src, dst_list) if lead and spec.delete and not single_file else ([], [])
+            if lead and not spec.dry_run and not single_file:  # what no run will resume: another version's, a vanished file's
+                self._pages(control, f.Delete, [os.fsencode(p) for p in
+                                                diff.orphan_temps(entries, dst, temps, spec.chunk_size, spec.checksum)])
             mkdirs = diff.dirs_to_make(entries, dst)
             links = diff.links_to_make(entries, dst) if lead else []
             if spec.dry_run:
@@ -124,6 +128,7 @@ class Sender:
             raise TransferError(f"cannot read the source: {exc}") from exc
         finally:
             self.connections.close()
+            self.stats.partial_bytes = self.work.partial_bytes() if self.work is not None else 0
         return self.stats.report(time.monotonic() - started)
 
     def _pages(self, chan: Channel, make, rows: list) -> list:

@@ -20,8 +20,11 @@ class Stats:
     files_skipped: int = 0
     chunks_resent: int = 0
     chunks_resumed: int = 0
+    partial_bytes: int = 0  # verified chunks of files not published yet: kept at the destination for resuming
     errors: list = field(default_factory=list)
+    vanished: int = 0  # of the errors: source files that vanished or kept changing while read (rsync's 24)
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+    _failed: set = field(default_factory=set, repr=False)
 
     def add(self, **counts: int) -> None:
         """Add to several counters at once."""
@@ -29,10 +32,15 @@ class Stats:
             for name, n in counts.items():
                 setattr(self, name, getattr(self, name) + n)
 
-    def error(self, path: str, message: str) -> None:
-        """Record a failure for one path; the transfer goes on."""
+    def error(self, path: str, message: str, vanished: bool = False) -> None:
+        """Record a failure for one path; the transfer goes on. ``vanished``: the source file is gone,
+        or kept changing while it was read (the tree moved under the sync; nothing could be done)."""
         with self.lock:
+            if path in self._failed:
+                return  # one file, one error (its other chunks fail for the same reason)
+            self._failed.add(path)
             self.errors.append(f"{path or '.'}: {message}")
+            self.vanished += vanished
 
     def report(self, elapsed: float, would: list[str] | None = None) -> dict:
         """The sender's last line: what was done (``would``: what a dry run would do)."""
@@ -40,7 +48,8 @@ class Stats:
                   "files_deleted": self.files_deleted, "files_skipped": self.files_skipped,
                   "chunks_resent": self.chunks_resent, "chunks_resumed": self.chunks_resumed,
                   "bytes_total": self.bytes_total, "files_total": self.files_total,
-                  "errors": len(self.errors), "elapsed": round(elapsed, 3)}
+                  "errors": len(self.errors), "vanished": self.vanished, "partial_bytes": self.partial_bytes,
+                  "elapsed": round(elapsed, 3)}
         if would is not None:
             report["would"] = would
         return report

@@ -1,14 +1,17 @@
-"""A sender's work queue and the streams that empty it: chunks out of mapped files, batches of small files.
+"""A sender's work queue and the streams that empty it: chunks of large files, batches of small files.
 
 Each stream is a thread with a channel of its own. It takes the next unit
 (a chunk, or a batch of small files) from the shared ``WorkQueue``, sends
 it and reads the answer; a chunk or file whose checksum did not match on
 arrival is sent again, ``MAX_RESENDS`` times at most. The first stream that
-meets a broken connection stops them all.
+meets a broken connection stops them all. A source file that vanished or
+changed while it was read is reported by name and the rest goes on (a
+small one is read again as it is now, ``MAX_READS`` times at most).
 """
 
 from __future__ import annotations
 
+import errno
 import itertools
 import mmap
 import os
@@ -21,12 +24,13 @@ from . import checksum, plan
 from .connection import TransferError
 from .decide import Work
 from .paths import DirHandles, PathEscape
-from .source import Source
+from .source import Source, SourceChanged
 from .spec import Spec
 from .stats import Stats
 from .wire import Channel, ProtocolError, RemoteError
 
 MAX_RESENDS = 3  # times a part whose checksum failed is sent again
+MAX_READS = 4  # times a small file that changes while it is read is read (a live log); then it is reported
 STREAMS_PER_FILE = 1  # a second writer of one file only spins on its inode lock (buffered writes serialise)
 CHUNK, BATCH = "chunk", "batch"
 
@@ -88,6 +92,7 @@ class Streams:
         self.work = work
         self.queue = queue
         self._pacer = pace
+        self._local = threading.local()
 
     def stream(self, chan: Channel) -> None:
         """Send units until the queue is empty or a stream failed."""
@@ -112,6 +117,9 @@ class Streams:
             raise
         finally:
             handles.close()
+            mm = getattr(self._local, "map", None)
+            if mm is not None:
+                mm.close()
 
     def _pace(self, n: int) -> None:
         if self._pacer is not None:
@@ -123,23 +131,24 @@ class Streams:
         try:
             fd = self.source.open(handles, e)
         except (OSError, PathEscape) as exc:
-            self.stats.error(e.path, str(exc))
+            self.source.failed(e.path, exc)
             return
         frame = f.Chunk(os.fsencode(e.path), e.size, e.mode, e.mtime_ns, self.spec.chunk_size, it.index)
         try:
             if self.spec.owners:  # whichever rank sends the last chunk publishes the file: each chunk says whose
                 st = os.fstat(fd)
                 frame.uid, frame.gid = st.st_uid, st.st_gid
-            mm = mmap.mmap(fd, it.length, offset=it.offset, prot=mmap.PROT_READ)
-        finally:
-            os.close(fd)
-        try:
-            mm.madvise(mmap.MADV_SEQUENTIAL)
             for _ in range(1 + MAX_RESENDS):
-                chan.send_stream(frame, mm, checksum.Hasher(), self._pace,
-                                 sent=lambda pos, n: mm.madvise(mmap.MADV_DONTNEED, pos, n))
+                reader = _ChunkReader(fd, it, self._buffer(it.length))
+                try:
+                    _send_reading(chan, frame, reader, self._pace)
+                finally:
+                    reader.release()
                 ans = chan.answer(f.Kind.CHUNK)
                 self.stats.add(bytes_sent=it.length)
+                if reader.changed:  # the receiver dropped it (its digest was spoiled on purpose)
+                    self.source.failed(e.path, SourceChanged(reader.changed))
+                    return
                 if ans.ok:
                     break
                 if ans.error:  # the receiver may not write this file (as the job's user)
@@ -150,17 +159,29 @@ class Streams:
                 self.stats.error(e.path, f"chunk {it.index} kept failing its checksum")
                 return
         finally:
-            mm.close()
+            os.close(fd)
         work = self.work
         with self.stats.lock:
+            work.verified[e.path] += it.length
             work.remaining[e.path] -= 1
             if work.remaining[e.path] == 0 and e.path in work.first_paths:
                 self.stats.files_done += 1
                 self.stats.files_sent += 1
 
+    def _buffer(self, length: int) -> memoryview:
+        """This thread's buffer for one chunk: anonymous memory, filled a piece at a time as it is
+        sent and given back to the kernel after (``_ChunkReader``), so a stream holds about one piece."""
+        local = self._local
+        mm = getattr(local, "map", None)
+        if mm is None or len(mm) < length:
+            if mm is not None:
+                mm.close()
+            mm = local.map = mmap.mmap(-1, max(length, mmap.PAGESIZE))
+        return memoryview(mm)[:length]
+
     def _send_batch(self, chan: Channel, handles: DirHandles, items: list[plan.Item], buf: memoryview,
-                    attempt: int = 0) -> None:
-        ok = self.source.read_batch(handles, items, buf)
+                    attempt: int = 0, reads: int = 1) -> None:
+        ok, changed = self.source.read_batch(handles, items, buf)
         rows, offsets, sent_items = [], [0], []
         pos = src = 0
         for it, read in zip(items, ok):
@@ -176,8 +197,30 @@ class Streams:
                 pos += e.size
                 offsets.append(pos)
             src += e.size
-        if not rows:
-            return
+        if rows:
+            self._send_rows(chan, handles, rows, sent_items, offsets, buf, pos, attempt)
+        if changed:  # read again as they are now, a few times at most (a live log: each read is a snapshot)
+            self._reread(chan, handles, [items[k] for k in changed], buf, reads)
+
+    def _reread(self, chan: Channel, handles: DirHandles, items: list[plan.Item], buf: memoryview,
+                reads: int) -> None:
+        again = []
+        for it in items:
+            if reads >= MAX_READS:
+                self.stats.error(it.entry.path, f"kept changing while being read ({reads} reads)", vanished=True)
+                continue
+            now = self.source.restat(handles, it.entry)
+            if now is None:
+                self.source.failed(it.entry.path, FileNotFoundError(errno.ENOENT, "vanished"))
+            elif not plan.is_small(now.size, self.spec.chunk_size):
+                self.source.failed(it.entry.path, SourceChanged("grew while being read; run the sync again"))
+            else:
+                again.append(it._replace(entry=now, length=now.size))
+        if again:
+            self._send_batch(chan, handles, again, buf, reads=reads + 1)
+
+    def _send_rows(self, chan: Channel, handles: DirHandles, rows: list, sent_items: list, offsets: list,
+                   buf: memoryview, pos: int, attempt: int) -> None:
         payload = buf[:pos]
         for row, d in zip(rows, checksum.digest_many(payload, offsets)):
             row.digest = d
@@ -198,3 +241,76 @@ class Streams:
                     self.stats.error(it.entry.path, "kept failing its checksum")
                 return
             self._send_batch(chan, handles, retry, buf, attempt + 1)
+
+
+class _ChunkReader:
+    """Reads a chunk from its file a piece at a time, as ``Channel.send_stream`` sends it.
+
+    It is the stream's hasher: ``update`` first fills the piece (``pread``
+    into anonymous memory, never a mapping of the file, so a file cut short
+    meanwhile cannot raise SIGBUS) and then hashes it. A file found shorter,
+    or whose size or mtime changed by the end of the chunk, is ``changed``:
+    the rest is sent as zeros and the digest is spoiled on purpose, so the
+    receiver drops the chunk (no torn file is ever published) and the stream
+    stays in step.
+    """
+
+    def __init__(self, fd: int, it: plan.Item, view: memoryview):
+        self._fd, self._entry, self._offset = fd, it.entry, it.offset
+        self.view = view
+        self._pos = 0
+        self._hasher = checksum.Hasher()
+        self.changed = ""
+
+    def update(self, piece: memoryview) -> None:
+        n, got = len(piece), 0
+        while got < n and not self.changed:
+            try:
+                r = os.preadv(self._fd, [piece[got:]], self._offset + self._pos + got)
+            except OSError as exc:
+                self.changed = f"could not be read: {exc.strerror or exc}"
+                break
+            if r == 0:
+                self.changed = "was cut short while being read"
+            got += r
+        if got < n:
+            piece[got:] = bytes(n - got)
+        self._hasher.update(piece)
+        self._pos += n
+
+    def digest(self) -> int:
+        d = self._hasher.digest()
+        if not self.changed:
+            st = os.fstat(self._fd)
+            if st.st_size != self._entry.size or st.st_mtime_ns != self._entry.mtime_ns:
+                self.changed = "changed while being read"
+        return d ^ 1 if self.changed else d
+
+    def sent(self, pos: int, n: int) -> None:
+        """A piece has left: give its memory back."""
+        self.view.obj.madvise(mmap.MADV_DONTNEED, pos, n)  # .obj: the mapping the view is of
+
+    def release(self) -> None:
+        self.view.release()
+
+
+def _send_reading(chan: Channel, frame: f.Chunk, reader: _ChunkReader, pace) -> None:
+    """Stream one chunk; if the receiver hangs up meanwhile, what it said before is what is raised."""
+    try:
+        chan.send_stream(frame, reader.view, reader, pace, sent=reader.sent)
+    except (BrokenPipeError, ConnectionResetError) as exc:
+        said = _last_word(chan)
+        if said is not None:
+            raise said from exc
+        raise
+
+
+def _last_word(chan: Channel) -> RemoteError | None:
+    """The ERROR a receiver sent before it closed the connection, if it is there to read."""
+    try:
+        chan.answer(f.Kind.CHUNK)
+    except RemoteError as exc:
+        return exc
+    except (OSError, ProtocolError):
+        pass
+    return None

@@ -19,7 +19,8 @@ DIR = "d"
 LINK = "l"
 
 TEMP_PREFIX = ".cm."  # the mover's own temporary and state files start with this
-TEMP_SUFFIXES = (".tmp", ".part", ".ok")
+# their exact names (destination.Destination._tmp_name, partial.partial_names): nothing else is cm's
+_TEMP_NAME = re.compile(r"\.cm\.(?:[0-9a-f]{20}\.(?:part|ok)|[0-9a-f]{9,}\.tmp)")
 
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 
@@ -52,8 +53,9 @@ _make = tuple.__new__  # builds an Entry without the generated __new__'s overhea
 
 
 def is_temp_name(name: str) -> bool:
-    """True for the mover's own temporary/state files, which walks leave out."""
-    return name.startswith(TEMP_PREFIX) and name.endswith(TEMP_SUFFIXES)
+    """True for exactly the names of the mover's own temporary/state files, which walks leave out
+    (a user's ``.cm.notes.tmp`` is the user's file and is copied like any other)."""
+    return name.startswith(TEMP_PREFIX) and _TEMP_NAME.fullmatch(name) is not None
 
 
 def _glob_to_regex(glob: str) -> str:

@@ -86,7 +86,7 @@ class _Recorder:
         return frames.BatchDone()
 
 
-def test_files_that_cannot_be_read_are_left_out_of_the_batch_and_the_rest_closes_up(tmp_path):
+def test_files_that_cannot_be_read_are_left_out_of_the_batch_and_changed_ones_are_read_again(tmp_path):
     from cm.transfer import plan
     from cm.transfer.paths import DirHandles
     from cm.transfer.decide import Work
@@ -114,9 +114,12 @@ def test_files_that_cannot_be_read_are_left_out_of_the_batch_and_the_rest_closes
         streams._send_batch(chan, handles, items, memoryview(bytearray(plan.BATCH_BYTES)))
     finally:
         handles.close()
-    ((rows, payload),) = chan.sent
+    (rows, payload), (again, payload2) = chan.sent
     kept = [os.fsdecode(row.path) for row in rows]
     assert sorted(kept) == sorted(set(bodies) - {"d0/f2", "d1/f5", "d1/f7"})
     assert payload == b"".join(bodies[path] for path in kept)
     assert [row.digest for row in rows] == [digest(bodies[path]) for path in kept]
-    assert sorted(e.split(":")[0] for e in stats.errors) == ["d0/f2", "d1/f5", "d1/f7"]
+    # the files that changed since the walk are read again as they are now, in a batch of their own
+    assert [os.fsdecode(row.path) for row in again] == ["d0/f2", "d1/f7"]
+    assert payload2 == b"changed after the walk" + bodies["d1/f7"] and again[1].mtime == 1
+    assert [e.split(":")[0] for e in stats.errors] == ["d1/f5"] and stats.vanished == 1  # a link now
