@@ -19,7 +19,10 @@ import time
 
 import pytest
 
-from test_multiuser import FINAL, in_child_as, owned_dir, submit_as, users  # noqa: F401  (users: a fixture)
+import test_multiuser
+from test_multiuser import FINAL, in_child_as, owned_dir, submit_as
+
+users = test_multiuser.users  # the module's real Unix users (a fixture)
 
 DST = "computenode-3"  # in partition cpu; sources are in gpu
 
@@ -129,7 +132,7 @@ class Relay:
 
 
 @pytest.fixture
-def relayed(make_cluster, users):  # noqa: F811
+def relayed(make_cluster, users):
     """A cluster whose nodes are told 127.0.0.2 for movers that listen on 127.0.0.1, and a factory of relays."""
     port = free_port_in_range()
     relays: list[Relay] = []
@@ -235,7 +238,7 @@ def _dst_port(cluster) -> int:
 
 
 @pytest.fixture
-def shared(make_cluster, users):  # noqa: F811
+def shared(make_cluster, users):
     cluster = make_cluster("gpu:2,cpu:2", nodes=4, chunk_mb=1)
     for part in ("gpu", "cpu"):
         for name, user in users.items():
@@ -261,11 +264,9 @@ def test_a_backtracking_exclude_in_bobs_sync_does_not_hold_up_alices(shared, use
 
 
 def test_too_many_or_too_long_exclude_patterns_are_refused_at_submit(shared, users):
-    from test_multiuser import ask
-
     alice = users["alice"]
     for exclude, why in ((["*.o"] * 65, "at most 64"), (["x" * 1025], "1025 characters")):
-        ok, error = ask(shared, alice, "submit", kind="sync", src="gpu:/alice", dst=f"{DST}:/alice/x",
+        ok, error = test_multiuser.ask(shared, alice, "submit", kind="sync", src="gpu:/alice", dst=f"{DST}:/alice/x",
                         options={"exclude": exclude}, cwd="/")
         assert not ok and why in error, error
 
