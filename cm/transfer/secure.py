@@ -115,7 +115,7 @@ class Plain:
         self.deadline: float | None = None
 
     def send(self, bufs: list) -> None:
-        _sendmsg_all(self.sock, [memoryview(b).cast("B") for b in bufs])
+        _sendmsg_all(self.sock, bufs)
 
     def recv_into(self, view: memoryview) -> None:
         got, n = 0, len(view)
@@ -151,9 +151,10 @@ class Sealed:
     def send(self, bufs: list) -> None:
         """Each buffer goes as records of at most ``RECORD`` bytes (a record never spans two buffers)."""
         for b in bufs:
-            view = memoryview(b).cast("B")
-            for pos in range(0, len(view), RECORD):
-                self._send_record(view[pos:pos + RECORD])
+            with memoryview(b) as raw, raw.cast("B") as view:  # released even when sending fails: the
+                for pos in range(0, len(view), RECORD):       # caller may have to close a mapping under them
+                    with view[pos:pos + RECORD] as piece:
+                        self._send_record(piece)
 
     def _nonce(self, n: int) -> bytes:
         if n >= _MAX_RECORDS:
@@ -169,10 +170,10 @@ class Sealed:
                 self._out = bytearray(max(n + TAG, 4096))
             sealed = memoryview(self._out)[:n + TAG]
             self._tx.encrypt_into(nonce, piece, None, sealed)
-            _sendmsg_all(self.sock, [memoryview(LENGTH.pack(n)), sealed])
+            _sendmsg_all(self.sock, [LENGTH.pack(n), sealed])
         else:
             tag = self._tx.encrypt(nonce, b"", piece)
-            _sendmsg_all(self.sock, [memoryview(LENGTH.pack(n)), piece, memoryview(tag)])
+            _sendmsg_all(self.sock, [LENGTH.pack(n), piece, tag])
 
     # ---- receiving ----
 
@@ -226,11 +227,20 @@ class Sealed:
             got += r
 
 
-def _sendmsg_all(sock: socket.socket, views: list) -> None:
-    while views:
-        sent = sock.sendmsg(views)
-        while views and sent >= len(views[0]):
-            sent -= len(views[0])
-            views.pop(0)
-        if views and sent:
-            views[0] = views[0][sent:]
+def _sendmsg_all(sock: socket.socket, bufs: list) -> None:
+    """Send every buffer, in order, without copying them; every view made of them is released at the end."""
+    made = [memoryview(b) for b in bufs]
+    try:
+        views = [v.cast("B") if v.format != "B" or v.ndim != 1 else v for v in made]
+        made += views
+        while views:
+            sent = sock.sendmsg(views)
+            while views and sent >= len(views[0]):
+                sent -= len(views[0])
+                views.pop(0)
+            if views and sent:
+                views[0] = views[0][sent:]
+                made.append(views[0])
+    finally:
+        for v in reversed(made):
+            v.release()
