@@ -79,6 +79,9 @@ class Settings:
     # mover
     transfer_host: str = _setting("", "address other nodes reach this node's mover on (default: node name)")
     transfer_port: int = _setting(7818, "TCP port of this node's mover (0: pick a free one)")
+    transfer_bind: str = _setting("0.0.0.0", "address this node's mover listens on")
+    data_encrypt: bool = _setting(True, "encrypt sync data between nodes (AES-256-GCM); false: authenticated only, "
+                                        "for a fabric the site trusts")
     streams: int = _setting(4, "parallel TCP streams per sync job")
     chunk_mb: int = _setting(64, "size of a chunk of a large file, in MiB")
     warm_sender: bool = _setting(True, "keep a sender loaded from the node's start and fork every sync's senders from it (~130 MB); false: each starts cold, ~0.5 s")

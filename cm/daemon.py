@@ -82,8 +82,8 @@ def node_parts(settings: config.Settings, wakeup_fd: int | None) -> list[Part]:
     from cm.node.agent import NodeAgent
     from cm.node.mover import Mover
 
-    mover = Mover("0.0.0.0", settings.transfer_port, chunk_size=settings.chunk_mb << 20,
-                  log_level=settings.log_level)
+    mover = Mover(settings.transfer_bind, settings.transfer_port, chunk_size=settings.chunk_mb << 20,
+                  log_level=settings.log_level, encrypt=settings.data_encrypt)
     mover.start()
 
     def mover_watch(stop: threading.Event) -> None:

@@ -210,21 +210,38 @@ def test_fuzzed_frames_on_the_mover_port_never_kill_it_or_write_outside_the_tran
         fitting.map(lambda km: (km[0], km[1], b"", False, False)),
     )
     port = mover.port
+    nonces = st.one_of(st.binary(min_size=32, max_size=32), st.binary(max_size=40), values)
+    handshakes = st.one_of(  # what an attacker without the key can say first: HELLO and AUTH, fitting or not
+        st.builds(lambda n, p: [(Kind.HELLO, {"transfer_id": "t-1", "nonce": n}), (Kind.AUTH, {"proof": p})],
+                  nonces, nonces),
+        st.lists(st.tuples(st.sampled_from([Kind.HELLO, Kind.AUTH, Kind.BATCH, 0, 255]), metas), max_size=3),
+    )
 
     @seed(SEED + 2)
     @FUZZ
-    @given(st.lists(frames, min_size=1, max_size=4))
-    def one(sequence) -> None:
+    @given(st.booleans(), handshakes, st.lists(frames, min_size=1, max_size=4))
+    def one(keyed, opening, sequence) -> None:
+        from cm.transfer.connection import handshake
+        from cm.transfer.wire import Channel
+
         with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
-            hello = msgpack.packb({"transfer_id": "t-1", "token": "secret-token"})
-            s.sendall(HEADER.pack(MAGIC, WIRE_VERSION, Kind.HELLO, len(hello), 0) + hello)
+            chan = Channel(s)
+            try:
+                if keyed:  # an authenticated peer (the worst the network can be): its frames are sealed
+                    handshake(chan, "t-1", "secret-token")
+                else:
+                    for kind, meta in opening:
+                        body = msgpack.packb(meta, use_bin_type=True)
+                        s.sendall(HEADER.pack(MAGIC, WIRE_VERSION, kind, len(body), 0) + body)
+            except OSError:
+                return  # the mover closed on us (or refused the handshake): that is an answer
             for kind, meta, payload, lie, garbage in sequence:
                 body = os.urandom(len(payload)) if garbage else msgpack.packb(meta, use_bin_type=True)
                 plen = len(payload) + (7 if lie else 0)
                 try:
-                    s.sendall(HEADER.pack(MAGIC, WIRE_VERSION, kind, len(body), plen) + body + payload)
+                    chan.io.send([HEADER.pack(MAGIC, WIRE_VERSION, kind, len(body), plen) + body + payload])
                 except OSError:
-                    return  # the mover closed on us: that is an answer
+                    return
             try:
                 s.shutdown(socket.SHUT_WR)
                 while s.recv(1 << 16):
@@ -278,7 +295,6 @@ def test_each_run_of_a_sync_has_its_own_128_bit_token_and_one_runs_token_opens_n
 
     from cm.head.specs import node_spec
     from cm.transfer.receiver import TransferServer
-    from cm.transfer.wire import HEADER, MAGIC, VERSION as WIRE_VERSION, Kind
 
     job = {"_id": 5, "kind": "sync", "runs": 1, "name": "s", "user": "u", "uid": 0, "gid": 0, "time_limit": 60,
            "cwd": "/", "sync": {"nonce": secrets.token_hex(16), "src": {"path": "/a"}, "dst": {"path": "/b"},
@@ -296,13 +312,19 @@ def test_each_run_of_a_sync_has_its_own_128_bit_token_and_one_runs_token_opens_n
     try:
         server.register("5.2", second.token, open_dir, "/b")
 
-        def hello(tid: str, token: str) -> int:
-            with socket.create_connection(("127.0.0.1", server.port), timeout=5) as s:
-                meta = msgpack.packb({"transfer_id": tid, "token": token})
-                s.sendall(HEADER.pack(MAGIC, WIRE_VERSION, Kind.HELLO, len(meta), 0) + meta)
-                return HEADER.unpack(s.recv(HEADER.size, socket.MSG_WAITALL))[2]
+        def hello(tid: str, token: str) -> bool:
+            from cm.transfer.connection import handshake
+            from cm.transfer.secure import AuthError
+            from cm.transfer.wire import Channel
 
-        assert hello("5.2", first.token) == Kind.ERROR
-        assert hello("5.2", second.token) == Kind.OK
+            with socket.create_connection(("127.0.0.1", server.port), timeout=5) as s:
+                try:
+                    handshake(Channel(s), tid, token)
+                except AuthError:
+                    return False
+                return True
+
+        assert not hello("5.2", first.token)
+        assert hello("5.2", second.token)
     finally:
         server.stop()

@@ -120,11 +120,12 @@ class LocalCluster:
         env.update(
             CM_RUN_DIR=str(self.run_dir), CM_HEAD_HOST="127.0.0.1",
             CM_BIND_HOST="127.0.0.1", CM_HEAD_PORT=str(self.head_port), CM_TRANSFER_HOST="127.0.0.1",
+            CM_TRANSFER_BIND="127.0.0.1",
             PYTHONUNBUFFERED="1",
         )
         env.update(self.env)
         if self.network is not None:  # as in docker-compose: hosts by name, each on its own address
-            env.update(CM_HEAD_HOST="headnode", CM_BIND_HOST="0.0.0.0")
+            env.update(CM_HEAD_HOST="headnode", CM_BIND_HOST="0.0.0.0", CM_TRANSFER_BIND="0.0.0.0")
         return env
 
     def start_db(self) -> None:

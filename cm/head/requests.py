@@ -47,6 +47,7 @@ from cm.protocol import (
 )
 from cm.states import JobState
 from cm.timefmt import TimeFormatError, parse_time
+from cm.transfer.tree import check_patterns
 
 __all__ = ["Head", "Later", "Refused", "handle", "job_view", "HANDLERS"]
 
@@ -198,6 +199,10 @@ def submit(head: Head, caller: Caller, args: SubmitCommand | SubmitSync) -> dict
             reason = missing()
             if reason:
                 raise Refused(f"--transport rdma is not available: {reason}")
+        try:
+            check_patterns(options.exclude)  # matched in linear time, but their number and length are bounded
+        except ValueError as exc:
+            raise Refused(str(exc)) from None
         src, dst = _location(nodes, args.src, "SRC"), _location(nodes, args.dst, "DST")
         _check_overlap(nodes, args.src, src, args.dst, dst, options.delete)
         opts = {

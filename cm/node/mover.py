@@ -38,11 +38,12 @@ class MoverError(RuntimeError):
 class Mover:
     """A supervised ``python -m cm.transfer.receiver`` child process and its registrations."""
 
-    def __init__(self, host: str, port: int, chunk_size: int, log_level: str = "INFO"):
+    def __init__(self, host: str, port: int, chunk_size: int, log_level: str = "INFO", encrypt: bool = True):
         self.listener = listen(host, port)
         self.port = self.listener.getsockname()[1]
         self.chunk_size = chunk_size
         self.log_level = log_level
+        self.encrypt = encrypt  # CM_DATA_ENCRYPT: records encrypted, or only authenticated
         self.proc: subprocess.Popen | None = None
         self.starts = 0
         self._lock = threading.Lock()
@@ -60,7 +61,8 @@ class Mover:
         env = {k: v for k, v in os.environ.items() if not k.startswith("CM_")}
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "cm.transfer.receiver", "--listen-fd", str(self.listener.fileno()),
-             "--chunk-size", str(self.chunk_size), "--log-level", self.log_level],
+             "--chunk-size", str(self.chunk_size), "--log-level", self.log_level]
+            + ([] if self.encrypt else ["--no-encrypt"]),
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, pass_fds=[self.listener.fileno()], cwd="/", env=env)
         self.starts += 1
         ready = self._read_answer()
@@ -117,7 +119,8 @@ class Mover:
 
     def register(self, transfer_id: str, token: str, root: Path, dst_path: str, who: Identity,
                  keep_owners: bool = False) -> None:
-        """Let senders with (transfer_id, token) write under root/dst_path as ``who``; raises MoverError."""
+        """Let senders proving they hold the run's key (``token``) write under root/dst_path as ``who``;
+        raises MoverError. The token goes to the mover over its stdin, never on the network."""
         req = Register(transfer_id, token, str(root), dst_path, who.uid, who.gid, list(who.groups), keep_owners)
         with self._lock:
             answer = self._ask(req)

@@ -1,4 +1,4 @@
-"""A sender's connections to the destination's receiver: connect, say HELLO, request in pages."""
+"""A sender's connections to the destination's receiver: connect, authenticate (``secure``), request in pages."""
 
 from __future__ import annotations
 
@@ -7,9 +7,10 @@ import socket
 from typing import Callable
 
 from . import frames as f
+from . import secure
 from .spec import Spec
 from .stats import Stats
-from .wire import Channel, RemoteError, tune
+from .wire import BUSY, VERSION, Channel, ProtocolError, RemoteError, tune
 
 CONNECT_TIMEOUT = 30.0
 IO_TIMEOUT = 600.0
@@ -53,9 +54,18 @@ class Connections:
         chan = self.channel(sock)
         self.open.append(chan)
         try:
-            welcome = chan.request(f.Hello(spec.transfer_id, spec.token))
+            welcome = handshake(chan, spec.transfer_id, spec.token)
         except RemoteError as exc:
-            raise TransferError(f"the receiver refused the transfer: {exc}") from exc
+            busy = str(exc).startswith(BUSY)  # the receiver's caps: another attempt later may get in
+            raise TransferError(f"the receiver refused the transfer: {exc}", transient=busy) from exc
+        except secure.AuthError as exc:  # our key is not the run's, or the peer is not the destination
+            raise TransferError(f"the receiver refused the transfer: authentication failed: {exc}") from exc
+        except (ConnectionError, TimeoutError, OSError) as exc:  # lost, or cut off by a flood of others
+            raise TransferError(f"lost the receiver at {spec.dst_host}:{spec.dst_port} while authenticating: "
+                                f"{exc}", transient=True) from exc
+        except ProtocolError as exc:
+            raise TransferError(f"the receiver at {spec.dst_host}:{spec.dst_port} broke the handshake: {exc}") \
+                from exc
         if spec.chunk_size > welcome.max_chunk:
             raise TransferError(f"chunk size {spec.chunk_size} exceeds the receiver's {welcome.max_chunk}")
         return chan
@@ -64,6 +74,22 @@ class Connections:
         """Close every channel opened (idempotent)."""
         for chan in self.open:
             chan.close()
+
+
+def handshake(chan: Channel, transfer_id: str, token: str) -> f.Welcome:
+    """Prove to the mover that we hold the run's key and check that it does; then seal the channel.
+
+    Raises ``secure.AuthError`` when the mover cannot prove it is the
+    destination, ``RemoteError`` when it refuses us.
+    """
+    mine = secure.new_nonce()
+    challenge = chan.request(f.Hello(transfer_id, mine))
+    session = secure.Session(secure.run_key(token),
+                             secure.transcript(VERSION, transfer_id, mine, challenge.nonce, challenge.encrypt))
+    session.check("mover", challenge.proof)
+    chan.send(f.Auth(session.proof("sender")))
+    chan.secure(session.records(chan.sock, "sender"))
+    return chan.answer(f.Kind.AUTH)
 
 
 def request_pages(chan: Channel, make: Callable[[list], f.Frame], rows: list, stats: Stats,

@@ -31,7 +31,7 @@ from . import batchio, checksum
 from .frames import BatchRow, ChecksumRow, Chunk, DirRow, LinkRow, MetaRow, OwnerRow, PartialRow, PathError
 from .partial import ChunkRecord, chunk_count, partial_names
 from .paths import DirHandles, PathEscape, wire_parts
-from .tree import Excluder, walk_fd
+from .tree import walk_fd
 
 _NEW = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
 _MEMORY_FS = {0x01021994, 0x858458F6}  # tmpfs, ramfs (statfs f_type)
@@ -96,16 +96,19 @@ class Destination:
 
     # ---- reading the tree ----
 
-    def manifest_page(self, exclude: list[str], page: int, page_bytes: int = 8 << 20) -> tuple[list, bool]:
-        """Page ``page`` of the destination's entries (walked once per connection), the mover's own
-        temporary files among them (``diff.split_temps``): the lead removes those no run resumes."""
+    def manifest_page(self, page: int, page_bytes: int = 8 << 20) -> tuple[list, bool]:
+        """Page ``page`` of the destination's entries, all of them (walked once per connection), the mover's
+        own temporary files among them (``diff.split_temps``): the lead removes those no run resumes.
+
+        No user pattern runs here: the sender leaves out what its excludes match.
+        """
         if self._manifest is None or page == 0:
             try:
                 top = self.dirs.open(())
             except (FileNotFoundError, NotADirectoryError):
                 self._manifest = []
             else:
-                entries = walk_fd(top, Excluder(exclude))  # with the mover's temporaries: the sender sorts them out
+                entries = walk_fd(top)  # with the mover's temporaries: the sender sorts them out
                 self._manifest = [e.to_wire() for e in entries]  # frames.EntryRow, as plain lists
             self._pages = [0]
             size = 0

@@ -49,6 +49,7 @@ class Kind(enum.IntEnum):
     DIRMETA = 13
     BYE = 14
     OWNERS = 15
+    AUTH = 16
 
 
 class FrameError(ValueError):
@@ -146,18 +147,33 @@ class PathError(Row):
 
 # ---- requests ----
 
-class Hello(Frame):
-    """First frame of a connection: which transfer, and its secret. → ``Welcome``."""
+Nonce = Annotated[bytes, Meta(min_length=32, max_length=32)]
+Proof = Annotated[bytes, Meta(min_length=32, max_length=32)]
 
-    transfer_id: str
-    token: str
-    version: int = 1  # unused: the header's version is the one checked
+
+class Hello(Frame):
+    """First frame of a connection, in clear: which transfer, and the sender's nonce. → ``Challenge``.
+
+    No secret: the handshake (``secure``) proves each side holds the run's key.
+    """
+
+    transfer_id: Annotated[str, Meta(min_length=1, max_length=256)]
+    nonce: Nonce
+
+
+class Auth(Frame):
+    """The sender's proof that it holds the run's key, in clear; the answer is the first sealed record.
+    → ``Welcome``."""
+
+    proof: Proof
 
 
 class Manifest(Frame):
-    """Page ``page`` of the destination's entries, ``exclude`` left out. → ``ManifestPage``."""
+    """Page ``page`` of the destination's entries. → ``ManifestPage``.
 
-    exclude: list[str] = []
+    All of them: the sender leaves out what its excludes match (user patterns never run in the mover).
+    """
+
     page: Count = 0
 
 
@@ -237,8 +253,17 @@ class Bye(Frame):
 
 # ---- answers ----
 
+class Challenge(Frame):
+    """OK to HELLO, in clear: the mover's nonce, whether records are encrypted, and its proof that it is
+    the destination (it holds the run's key)."""
+
+    nonce: Nonce
+    proof: Proof
+    encrypt: bool = True
+
+
 class Welcome(Frame):
-    """OK to HELLO: the largest chunk and batch payload this receiver takes."""
+    """OK to AUTH (sealed): the largest chunk and batch payload this receiver takes."""
 
     max_chunk: Count
     max_batch: Count = 0
@@ -298,10 +323,12 @@ REQUESTS: dict[Kind, type[Frame]] = {
     Kind.HELLO: Hello, Kind.MANIFEST: Manifest, Kind.PARTIALS: Partials, Kind.CHECKSUMS: Checksums,
     Kind.MKDIRS: Mkdirs, Kind.DELETE: Delete, Kind.SYMLINKS: Symlinks, Kind.META: FileMeta,
     Kind.BATCH: Batch, Kind.CHUNK: Chunk, Kind.DIRMETA: DirMeta, Kind.OWNERS: Owners, Kind.BYE: Bye,
+    Kind.AUTH: Auth,
 }
 KINDS: dict[type[Frame], Kind] = {schema: kind for kind, schema in REQUESTS.items()}
 ANSWERS: dict[Kind, type[Frame]] = {
-    Kind.HELLO: Welcome, Kind.MANIFEST: ManifestPage, Kind.PARTIALS: Verified, Kind.CHECKSUMS: Digests,
+    Kind.HELLO: Challenge, Kind.AUTH: Welcome, Kind.MANIFEST: ManifestPage, Kind.PARTIALS: Verified,
+    Kind.CHECKSUMS: Digests,
     Kind.MKDIRS: Done, Kind.DELETE: Removed, Kind.SYMLINKS: Done, Kind.META: Done, Kind.BATCH: BatchDone,
     Kind.CHUNK: ChunkDone, Kind.DIRMETA: Done, Kind.OWNERS: Done,
 }

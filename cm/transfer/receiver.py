@@ -3,10 +3,19 @@
 The node daemon starts the mover (``python -m cm.transfer.receiver``) as
 root and hands it the listening socket; it restarts it if it dies, so a
 crash here never takes the node daemon down. For each sync job that writes
-to this node's storage the daemon ``register``s the transfer (id, secret
-token, data root, destination path, and the job's identity) over the
-mover's stdin. Senders connect, present the id and token in a HELLO frame,
-and then drive a ``Destination`` with requests.
+to this node's storage the daemon ``register``s the transfer (id, the run's
+key, data root, destination path, and the job's identity) over the
+mover's stdin. Senders connect, name the transfer in a HELLO frame, prove
+they hold its key and check that the mover does (``secure``: nothing
+secret crosses the wire), and then drive a ``Destination`` with sealed
+requests.
+
+No peer can hold the mover up: a connection has ``AUTH_DEADLINE`` seconds
+in all to authenticate; unauthenticated connections are capped per peer
+address and overall, the oldest of them cut off when a new one would pass
+a cap (a flood cannot keep a sender out, who authenticates in a few
+milliseconds); authenticated ones are capped per transfer and per user,
+and a sender refused for a cap is told ``busy`` and tries again later.
 
 Each connection's thread acts as the job's user on the file system
 (``cm.creds.acting_as``: file-system uid, gid and groups, per thread), so
@@ -20,12 +29,13 @@ senders open a few.
 
 from __future__ import annotations
 
-import hmac
 import logging
 import os
 import socket
 import sys
 import threading
+import time
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -33,17 +43,22 @@ from cm.creds import CredentialsError, Identity, acting_as
 
 from . import batchio
 from . import frames as f
+from . import secure
 from .control import Answer, Register, Unregister, decode_control, encode_answer
 from .destination import ChunkRefused, Destination
 from .partial import chunk_count
 from .paths import PathEscape, confine, wire_parts
-from .wire import MAX_BATCH, PIECE, TRAILER, Channel, Kind, ProtocolError, listen, tune
+from .wire import BUSY, MAX_BATCH, PIECE, TRAILER, VERSION, Channel, Kind, ProtocolError, listen, tune
 
 log = logging.getLogger(__name__)
 
-HELLO_TIMEOUT = 10.0  # seconds an unauthenticated connection may take to say who it is
+AUTH_DEADLINE = 10.0  # seconds a connection has, in all, to authenticate
 IDLE_TIMEOUT = 600.0  # seconds a sender may stay silent mid-transfer
-MAX_CONNECTIONS = 256
+MAX_CONNECTIONS = 512  # threads, authenticated or not
+MAX_UNAUTHENTICATED = 64  # connections not yet authenticated, in all...
+MAX_UNAUTHENTICATED_PER_ADDRESS = 16  # ...and from one peer address
+MAX_PER_TRANSFER = 128  # authenticated connections of one transfer (ranks x streams)
+MAX_PER_USER = 256  # authenticated connections of one user's transfers
 RECV_PIECE = PIECE  # received, hashed and written while in cache: one piece per sender's piece
 
 
@@ -53,7 +68,7 @@ class BadRequest(ValueError):
 
 @dataclass
 class _Registration:
-    token: str
+    key: bytes  # the run's key (``secure.run_key``)
     root: Path
     prefix: tuple[str, ...]
     who: Identity
@@ -71,15 +86,18 @@ def _chunk_size(v: int, max_chunk: int) -> int:
 class TransferServer:
     """Accepts sender connections for registered transfers and writes what they send."""
 
-    def __init__(self, host: str, port: int, chunk_size: int = 64 << 20, listener: socket.socket | None = None):
+    def __init__(self, host: str, port: int, chunk_size: int = 64 << 20, listener: socket.socket | None = None,
+                 encrypt: bool = True):
         self.host = host
         self.port = port
         self.chunk_size = chunk_size
+        self.encrypt = encrypt  # records encrypted (the site's CM_DATA_ENCRYPT), or only authenticated
         self._given = listener  # already bound and listening (handed over by the node daemon)
         self._lock = threading.Lock()
         self._transfers: dict[str, _Registration] = {}
         self._threads: set[threading.Thread] = set()
         self._socks: set[socket.socket] = set()
+        self._unauthenticated: dict[socket.socket, str] = {}  # oldest first: socket → peer address
         self._listener: socket.socket | None = None
         self._acceptor: threading.Thread | None = None
         self._warm: threading.Thread | None = None
@@ -123,7 +141,7 @@ class TransferServer:
 
     def register(self, transfer_id: str, token: str, root: Path, dst_path: str, who: Identity | None = None,
                  keep_owners: bool = False) -> None:
-        """Allow senders presenting (transfer_id, token) to write under ``root/dst_path`` as ``who``.
+        """Allow senders proving they hold the run's key (from ``token``) to write under ``root/dst_path`` as ``who``.
 
         ``who`` is the job's identity (default: this process's own); every
         change to the tree is made with it. ``keep_owners`` lets the sender
@@ -133,6 +151,7 @@ class TransferServer:
         """
         if not transfer_id or not token:
             raise ValueError("transfer id and token must not be empty")
+        key = secure.run_key(token)
         who = who or Identity(os.geteuid(), os.getegid(), tuple(os.getgroups()))
         real_root = Path(os.path.realpath(root))
         with acting_as(who):
@@ -140,7 +159,7 @@ class TransferServer:
         prefix = target.relative_to(real_root).parts
         with self._lock:
             old = self._transfers.get(transfer_id)
-            reg = _Registration(token, real_root, tuple(prefix), who, keep_owners and who.is_root)
+            reg = _Registration(key, real_root, tuple(prefix), who, keep_owners and who.is_root)
             if old is not None:
                 reg.channels = old.channels
             self._transfers[transfer_id] = reg
@@ -168,18 +187,32 @@ class TransferServer:
                 if len(self._threads) >= MAX_CONNECTIONS:
                     sock.close()
                     continue
+                self._make_room(peer[0])
+                self._unauthenticated[sock] = peer[0]
                 t = threading.Thread(target=self._serve, args=(sock, peer), name=f"mover-conn-{peer}", daemon=True)
                 self._threads.add(t)
                 self._socks.add(sock)
             t.start()
 
+    def _make_room(self, address: str) -> None:
+        """Cut off the oldest unauthenticated connection (of ``address``, or of all) at a cap. Holds the lock."""
+        waiting = self._unauthenticated
+        mine = [s for s, a in waiting.items() if a == address]
+        if len(mine) >= MAX_UNAUTHENTICATED_PER_ADDRESS:
+            oldest = mine[0]
+        elif len(waiting) >= MAX_UNAUTHENTICATED:
+            oldest = next(iter(waiting))
+        else:
+            return
+        del waiting[oldest]
+        _shutdown(oldest)
+
     def _serve(self, sock: socket.socket, peer) -> None:
         reg = None
         try:
             tune(sock)
-            sock.settimeout(HELLO_TIMEOUT)
             chan = Channel(sock, max_meta=4096, max_payload=0)
-            reg = self._hello(chan)
+            reg = self._handshake(chan)
             if reg is None:
                 return
             sock.settimeout(IDLE_TIMEOUT)
@@ -198,29 +231,64 @@ class TransferServer:
                     reg.channels.discard(sock)
             sock.close()
             with self._lock:
+                self._unauthenticated.pop(sock, None)
                 self._socks.discard(sock)
                 self._threads.discard(threading.current_thread())
 
-    def _hello(self, chan: Channel) -> _Registration | None:
+    def _handshake(self, chan: Channel) -> _Registration | None:
+        """HELLO, CHALLENGE, AUTH (``secure``) within ``AUTH_DEADLINE``; the transfer, or None (answered)."""
+        chan.io.deadline = time.monotonic() + AUTH_DEADLINE
         try:
             kind, hello, _ = chan.recv()
+            if kind != Kind.HELLO:
+                chan.reply_error("expected HELLO")
+                return None
+            with self._lock:
+                reg = self._transfers.get(hello.transfer_id)
+            if reg is None:
+                chan.reply_error("unknown transfer")
+                return None
+            mine = secure.new_nonce()
+            session = secure.Session(reg.key, secure.transcript(VERSION, hello.transfer_id, hello.nonce, mine,
+                                                                self.encrypt))
+            chan.reply(f.Challenge(mine, session.proof("mover"), self.encrypt))
+            kind, auth, _ = chan.recv()
         except ProtocolError as exc:
             chan.reply_error(str(exc))
             return None
-        if kind != Kind.HELLO:
-            chan.reply_error("expected HELLO with transfer_id and token")
+        if kind != Kind.AUTH:
+            chan.reply_error("expected AUTH")
+            return None
+        chan.secure(session.records(chan.sock, "mover"))  # our answer is sealed: only the key's holder reads it
+        try:
+            session.check("sender", auth.proof)
+        except secure.AuthError as exc:
+            log.warning("mover connection refused: %s", exc)
+            chan.reply_error("authentication failed")
             return None
         with self._lock:
-            reg = self._transfers.get(hello.transfer_id)
-            if reg is None or not hmac.compare_digest(reg.token.encode(), hello.token.encode()):
-                reg = None
-            else:
+            self._unauthenticated.pop(chan.sock, None)
+            refusal = self._over_caps(hello.transfer_id, reg)
+            if refusal is None:
                 reg.channels.add(chan.sock)
-        if reg is None:
-            chan.reply_error("unknown transfer or wrong token")
+        if refusal is not None:
+            chan.reply_error(f"{BUSY} {refusal}")
             return None
         chan.reply(f.Welcome(self.chunk_size, MAX_BATCH))
         return reg
+
+    def _over_caps(self, transfer_id: str, reg: _Registration) -> str | None:
+        """Why an authenticated connection of ``reg`` may not be served now, or None. Holds the lock."""
+        if self._transfers.get(transfer_id) is not reg:
+            return "the transfer was unregistered meanwhile"
+        if len(reg.channels) >= MAX_PER_TRANSFER:
+            return f"this transfer has {MAX_PER_TRANSFER} connections already"
+        users = Counter()
+        for other in self._transfers.values():
+            users[other.who.uid] += len(other.channels)
+        if users[reg.who.uid] >= MAX_PER_USER:
+            return f"uid {reg.who.uid} has {MAX_PER_USER} connections already"
+        return None
 
     def _session(self, chan: Channel, reg: _Registration) -> None:
         dest = Destination(reg.root, reg.prefix)
@@ -292,7 +360,7 @@ class TransferServer:
     def _request(self, dest: Destination, reg: _Registration, req: f.Frame) -> f.Frame:
         # the fields fit their schema already (decoded by the channel); what is left is this transfer's business
         if isinstance(req, f.Manifest):
-            entries, more = dest.manifest_page(req.exclude, req.page)
+            entries, more = dest.manifest_page(req.page)
             return f.ManifestPage(entries, more)
         if isinstance(req, f.Partials):
             for row in req.files:
@@ -384,12 +452,13 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m cm.transfer.receiver")
     parser.add_argument("--listen-fd", type=int, required=True, help="a listening TCP socket to serve")
     parser.add_argument("--chunk-size", type=int, default=64 << 20)
+    parser.add_argument("--no-encrypt", action="store_true", help="records authenticated only (CM_DATA_ENCRYPT=false)")
     parser.add_argument("--log-level", default="INFO")
     args = parser.parse_args(argv)
     logs.setup(args.log_level)
     listener = socket.socket(fileno=args.listen_fd)
     host, port = listener.getsockname()[:2]
-    server = TransferServer(host, port, chunk_size=args.chunk_size, listener=listener)
+    server = TransferServer(host, port, chunk_size=args.chunk_size, listener=listener, encrypt=not args.no_encrypt)
     server.start()
     out = sys.stdout.buffer
     out.write(encode_answer(Answer(True, ready=True, pid=os.getpid())))

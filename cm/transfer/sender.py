@@ -85,10 +85,11 @@ class Sender:
         control = self.connections.connect()
         try:
             # the receiver walks the destination while we walk the source
-            control.send(f.Manifest(list(spec.exclude), 0))
+            control.send(f.Manifest(0))
             entries = walk(top, self.excluder, skip_temp=True)  # cm's own temporaries are never data to copy
             src = {e.path: e for e in entries}
-            dst_list, temps = diff.split_temps(self._manifest(control))
+            # excludes are matched here, not in the mover; then the mover's temporaries are set apart
+            dst_list, temps = diff.split_temps(self.excluder.prune(self._manifest(control)))
             dst = {e.path: e for e in dst_list}
             work = self.work = decide(spec, control, entries, dst, self.source, self.stats)
             lead = spec.rank == 0
@@ -140,7 +141,7 @@ class Sender:
         page = 0
         while True:
             if page:
-                chan.send(f.Manifest(list(self.spec.exclude), page))
+                chan.send(f.Manifest(page))
             ans = chan.answer(f.Kind.MANIFEST)
             entries.extend(map(Entry.from_wire, ans.entries))
             if not ans.more:
@@ -174,7 +175,14 @@ class Sender:
         pace = Throttle(self.spec.bwlimit) if self.spec.bwlimit else None
         streams = Streams(self.spec, self.source, self.stats, work, queue, pace)
         nstreams = min(self.spec.streams, len(queue))
-        channels = [control] + [self.connections.connect() for _ in range(nstreams - 1)]
+        channels = [control]
+        for _ in range(nstreams - 1):
+            try:
+                channels.append(self.connections.connect())
+            except TransferError as exc:
+                if not exc.transient:
+                    raise
+                break  # the receiver is busy (its caps) or hard to reach: go on with the streams we have
         threads = [threading.Thread(target=streams.stream, args=(ch,), name=f"stream-{i}", daemon=True)
                    for i, ch in enumerate(channels)]
         started = time.monotonic()

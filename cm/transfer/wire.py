@@ -9,6 +9,12 @@ larger than a bounded buffer::
     payload = payload_len bytes
     trailer = u64 XXH3-64 of the payload, only for streamed frames (CHUNK)
 
+Frames travel in clear only for the handshake (HELLO, CHALLENGE, AUTH:
+``secure``); after it a channel's bytes go in sealed records
+(``Channel.secure``), AES-GCM encrypted or only authenticated. The digest
+trailer stays either way: it checks the data from the sender's file to the
+receiver's.
+
 A sender streams a chunk straight out of a mapped file, hashing each piece
 just before it leaves; a receiver reads pieces into one reusable buffer,
 hashes them and writes them at their offset in the destination file. A
@@ -25,14 +31,16 @@ import struct
 from typing import Callable
 
 from .frames import KINDS, REQUESTS, Error, Frame, FrameError, Kind, decode_answer, decode_request, encode
+from .secure import RECORD, Plain, Sealed
 
 MAGIC = b"CM"
-VERSION = 5  # 2: manifest rows carry names as bytes only (frames.EntryRow); 3: and owners; 4: batch rows too;
-#             5: digests are XXH3-64, not xxh64
+VERSION = 6  # 2: manifest rows carry names as bytes only (frames.EntryRow); 3: and owners; 4: batch rows too;
+#             5: digests are XXH3-64, not xxh64; 6: challenge-response handshake, then sealed records
 HEADER = struct.Struct("<2sBBIQ")
 TRAILER = struct.Struct("<Q")
-PIECE = 1 << 20  # bytes handed to the kernel (and the hash) at a time
+PIECE = RECORD  # bytes handed to the kernel (and the hash, and the cipher) at a time: one record each
 MAX_BATCH = 16 << 20  # largest payload of one BATCH frame (many small files)
+BUSY = "busy:"  # how a receiver's refusal for its connection caps starts: worth another attempt later
 
 
 class ProtocolError(Exception):
@@ -73,9 +81,14 @@ class Channel:
 
     def __init__(self, sock: socket.socket, max_meta: int = 64 << 20, max_payload: int = 1 << 40):
         self.sock = sock
+        self.io: Plain | Sealed = Plain(sock)
         self.max_meta = max_meta
         self.max_payload = max_payload
         self._header = bytearray(HEADER.size)
+
+    def secure(self, sealed: Sealed) -> None:
+        """From now on every byte goes in sealed records (after the handshake)."""
+        self.io = sealed
 
     # ---- sending ----
 
@@ -85,20 +98,7 @@ class Channel:
         kind = KINDS[type(frame)] if kind is None else kind
         plen = 0 if payload is None else len(payload)
         head = HEADER.pack(MAGIC, VERSION, int(kind), len(body), plen)
-        if plen:
-            self._sendmsg_all([head + body, payload])
-        else:
-            self.sock.sendall(head + body)
-
-    def _sendmsg_all(self, bufs: list) -> None:
-        views = [memoryview(b).cast("B") for b in bufs]
-        while views:
-            sent = self.sock.sendmsg(views)
-            while views and sent >= len(views[0]):
-                sent -= len(views[0])
-                views.pop(0)
-            if views and sent:
-                views[0] = views[0][sent:]
+        self.io.send([head + body, payload] if plen else [head + body])
 
     def send_stream(
         self,
@@ -120,13 +120,13 @@ class Channel:
         piece = view
         try:
             body = encode(frame)
-            self.sock.sendall(HEADER.pack(MAGIC, VERSION, KINDS[type(frame)], len(body), len(view)) + body)
+            self.io.send([HEADER.pack(MAGIC, VERSION, KINDS[type(frame)], len(body), len(view)) + body])
             for pos in range(0, len(view), PIECE):
                 piece = view[pos:pos + PIECE]
                 hasher.update(piece)
                 if pace is not None:
                     pace(len(piece))
-                self.sock.sendall(piece)
+                self.io.send([piece])
                 piece.release()
                 if sent is not None:
                     sent(pos, min(PIECE, len(view) - pos))
@@ -134,7 +134,7 @@ class Channel:
             piece.release()
             view.release()  # so the caller can close its mapping even after an error
         digest = hasher.digest()
-        self.sock.sendall(TRAILER.pack(digest))
+        self.io.send([TRAILER.pack(digest)])
         return digest
 
     def reply(self, answer: Frame) -> None:
@@ -148,14 +148,8 @@ class Channel:
     # ---- receiving ----
 
     def recv_into(self, view: memoryview) -> None:
-        """Fill ``view`` completely from the socket, or raise ``ConnectionError``."""
-        got = 0
-        n = len(view)
-        while got < n:
-            r = self.sock.recv_into(view[got:], n - got, socket.MSG_WAITALL)
-            if r == 0:
-                raise ConnectionError("peer closed the connection")
-            got += r
+        """Fill ``view`` completely, or raise ``ConnectionError`` (``secure.AuthError`` for a bad record)."""
+        self.io.recv_into(view)
 
     def _recv_frame(self) -> tuple[Kind, bytearray, int]:
         """A frame's header and undecoded fields; the payload (if any) is left to read."""

@@ -15,8 +15,9 @@ P = b"d\xff/file name"  # paths are raw bytes, not necessarily UTF-8
 
 # one well-formed example of each request, as a peer would put it on the wire (plain msgpack)
 GOOD = {
-    Kind.HELLO: {"transfer_id": "t-1", "token": "k"},
-    Kind.MANIFEST: {"exclude": ["*.tmp"], "page": 2},
+    Kind.HELLO: {"transfer_id": "t-1", "nonce": b"n" * 32},
+    Kind.AUTH: {"proof": b"p" * 32},
+    Kind.MANIFEST: {"page": 2},
     Kind.PARTIALS: {"files": [[P, 10, -5, 4096]]},
     Kind.CHECKSUMS: {"files": [[P, 10, 4096]]},
     Kind.MKDIRS: {"dirs": [[P, 0o755]]},
@@ -32,7 +33,8 @@ GOOD = {
 
 # per kind: (a change that breaks it, the field the refusal must name)
 BAD = {
-    Kind.HELLO: ({"token": 5}, "`token`"),
+    Kind.HELLO: ({"nonce": b"short"}, "`nonce`"),
+    Kind.AUTH: ({"proof": "text"}, "`proof`"),
     Kind.MANIFEST: ({"page": -1}, "`page`"),
     Kind.PARTIALS: ({"files": [[P, 10, 1 << 63, 4096]]}, "`files[0].mtime`"),
     Kind.CHECKSUMS: ({"files": [[P, 10, 1000]]}, "`files[0].chunk_size`"),
@@ -99,7 +101,8 @@ def test_a_chunk_carries_owners_only_when_it_has_them():
 
 
 ANSWERS = {
-    Kind.HELLO: f.Welcome(64 << 20, 16 << 20),
+    Kind.HELLO: f.Challenge(b"n" * 32, b"p" * 32, False),
+    Kind.AUTH: f.Welcome(64 << 20, 16 << 20),
     Kind.MANIFEST: f.ManifestPage([f.EntryRow(P, "f", 3, -1, 0o644, b"", 1000, 100), f.EntryRow(b"l", "l", 0, 0, 0o777, P, -1, -1)], True),
     Kind.PARTIALS: f.Verified([[f.VerifiedRow(0, 1 << 63)], []]),
     Kind.CHECKSUMS: f.Digests([[1, 2], None]),
@@ -130,8 +133,10 @@ def test_a_malformed_answer_is_refused_with_its_field_named():
 
 
 def _connect(receiver) -> Channel:
+    from cm.transfer.connection import handshake
+
     chan = Channel(socket.create_connection(("127.0.0.1", receiver.server.port), timeout=10))
-    chan.request(f.Hello(receiver.transfer_id, receiver.token))
+    handshake(chan, receiver.transfer_id, receiver.token)
     return chan
 
 
@@ -141,7 +146,7 @@ def test_the_receiver_answers_a_malformed_frame_with_an_error_naming_the_field_a
     body = msgpack.packb({**GOOD[kind], **change}, use_bin_type=True)
     chan = _connect(receiver)
     try:
-        chan.sock.sendall(HEADER.pack(MAGIC, VERSION, kind, len(body), 0) + body)
+        chan.io.send([HEADER.pack(MAGIC, VERSION, kind, len(body), 0) + body])
         with pytest.raises(RemoteError) as refused:
             chan.answer(kind)
         assert field in str(refused.value)
@@ -156,7 +161,7 @@ def test_the_receiver_answers_a_well_formed_request_with_its_answer_struct(recei
     try:
         done = chan.request(f.Mkdirs([f.DirRow(b"", 0o755), f.DirRow(b"a", 0o700)]))
         assert done == f.Done([])
-        page = chan.request(f.Manifest([], 0))
+        page = chan.request(f.Manifest(0))
         assert [(e.path, e.kind) for e in page.entries] == [(b"", "d"), (b"a", "d")]
     finally:
         chan.close()
@@ -168,7 +173,7 @@ def test_a_sender_refuses_an_answer_that_does_not_fit():
         body = msgpack.packb({"max_chunk": "big"})
         b.sendall(HEADER.pack(MAGIC, VERSION, Kind.OK, len(body), 0) + body)
         with pytest.raises(ProtocolError, match="`max_chunk`"):
-            Channel(a).answer(Kind.HELLO)
+            Channel(a).answer(Kind.AUTH)
     finally:
         a.close()
         b.close()

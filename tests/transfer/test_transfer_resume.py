@@ -115,7 +115,7 @@ def test_a_stream_that_meets_a_bug_ends_the_run_with_an_error_instead_of_hanging
         def send_stream(self, frame, data, hasher, pace=None, sent=None):
             if frame.index == 2:  # the frame's head has left, its payload never will: the receiver waits for it
                 body = frames.encode(frame)
-                self.sock.sendall(HEADER.pack(MAGIC, VERSION, frames.Kind.CHUNK, len(body), len(data)) + body)
+                self.io.send([HEADER.pack(MAGIC, VERSION, frames.Kind.CHUNK, len(body), len(data)) + body])
                 raise RuntimeError("a bug in the middle of a frame")
             return super().send_stream(frame, data, hasher, pace, sent)
 

@@ -15,8 +15,10 @@ from .conftest import assert_same_tree, run_sender, spec_for, write
 
 
 def _connect(ep, token=None) -> Channel:
+    from cm.transfer.connection import handshake
+
     chan = Channel(socket.create_connection(("127.0.0.1", ep.server.port), timeout=10))
-    chan.request(f.Hello(ep.transfer_id, token or ep.token))
+    handshake(chan, ep.transfer_id, token or ep.token)
     return chan
 
 
@@ -127,7 +129,7 @@ def test_malformed_requests_after_hello_get_an_error_not_a_crash(roots, receiver
     for kind, meta, payload in bad_requests:
         chan = _connect(receiver)
         body = msgpack.packb(meta, use_bin_type=True)
-        chan.sock.sendall(HEADER.pack(MAGIC, VERSION, int(kind), len(body), len(payload)) + body + payload)
+        chan.io.send([HEADER.pack(MAGIC, VERSION, int(kind), len(body), len(payload)) + body + payload])
         with pytest.raises((RemoteError, ConnectionError)):
             chan.answer(kind)
         chan.close()
