@@ -30,6 +30,7 @@ The payloads are typed too:
 import enum
 import os
 import re
+import time
 from typing import Annotated, Any, ClassVar, Literal, Union
 
 import msgspec
@@ -223,6 +224,7 @@ class JobStarted(Message, tag="job_started"):
     run: int  # which dispatch of the job (a requeued job runs again)
     role: str = ""  # run, src or dst; "": every share of the job on the node
     rank: int = 0
+    at: float = field(default_factory=time.time)  # when it started, by the node's clock (resends keep it)
 
 
 class JobEnded(Message, tag="job_ended"):
@@ -237,6 +239,8 @@ class JobEnded(Message, tag="job_ended"):
     reason: str = ""
     role: str = ""  # as in JobStarted
     rank: int = 0
+    at: float = field(default_factory=time.time)  # when it ended, by the node's clock: the head may hear of it
+    # much later (it was down), and the job's end is this, not then
 
 
 class Progress(Message, tag="progress"):

@@ -194,3 +194,21 @@ def test_a_restarted_daemon_is_never_sent_the_run_it_lost(make_cluster):
     cluster.wait_state(job_id, "NODE_FAIL", timeout=10)  # its share is lost (silent, then a new incarnation)
     assert job_id not in run_jobs(second, 2.5)  # several resend periods (CM_DISPATCH_RETRY=0.5)
     second.close()
+
+
+def test_a_job_that_ends_while_the_head_is_down_is_timed_by_its_nodes_not_by_the_heads_return(cluster):
+    job_id = cluster.submit("cmrun", "-n", "2", "--partition", "cpu", "sh", "-c", "sleep 1; echo done >> finished")
+    cluster.wait_state(job_id, "RUNNING")
+    cluster.kill("headnode", signal.SIGKILL)
+    deadline = time.monotonic() + 30
+    while not ((cluster.home / "finished").exists() and (cluster.home / "finished").read_text() == "done\ndone\n"):
+        assert time.monotonic() < deadline, "the job did not end while the head was down"
+        time.sleep(0.1)
+    time.sleep(2.0)  # the head stays away a while after the job ended: its downtime is not the job's
+    back = time.time()
+    cluster.start_head()
+    cluster.wait_head()
+    job = cluster.wait_state(job_id, "COMPLETED", timeout=30)
+    started, ended = job["times"]["started"], job["times"]["ended"]
+    assert started < ended <= back, (started, ended, back)  # when its nodes say it ended, before the head was back
+    assert job["elapsed"] == ended - started

@@ -33,6 +33,13 @@ def test_each_record_declares_exactly_its_documents_fields(document, record):
     assert typed == stored
 
 
+def test_the_heads_record_types_name_the_same_fields():
+    from cm.head import records as head
+
+    for typed_dict, record in ((head.Job, records.JobRecord), (head.SlotRecord, records.SlotRecord)):
+        assert set(typed_dict.__annotations__) == {f.encode_name for f in msgspec.structs.fields(record)}
+
+
 def maxed(t: msgspec.inspect.Type, keys=("k",)):
     """A value of type t with every integer in it at 2^63-1 (every container holds one of each)."""
     i = msgspec.inspect

@@ -110,6 +110,22 @@ def test_rdma_without_a_device_is_refused_with_the_reason(synced):
     assert proc.returncode != 0 and "rdma is not available" in proc.stderr
 
 
+def test_bwlimit_is_the_whole_jobs_rate_whatever_its_number_of_nodes(make_cluster):
+    cluster = make_cluster("gpu:2,cpu:2", nodes=4, chunk_mb=1)
+    src = cluster.data_dir / "gpu" / "limited"
+    src.mkdir(parents=True)
+    for i in range(4):
+        (src / f"part{i}.bin").write_bytes(random.Random(i).randbytes(4 << 20))  # 16 MiB over both senders
+    job_id = cluster.submit("cmsync", "-n", "2", "--bwlimit", "2M", "--wait", "gpu:/limited", "cpu:/limited",
+                            timeout=120)
+    job = cluster.job(job_id)
+    assert job["state"] == "COMPLETED" and len(job["nodes"]) == 4, job
+    assert job["transfer"]["bytes_done"] == 16 << 20
+    # 2 MiB/s for the job: 7 s at least (a sender's first 1 MiB chunk leaves at once; a slow machine only
+    # takes longer); at 2 MiB/s per node it took 3.6 s
+    assert job["elapsed"] >= 0.9 * ((16 << 20) - 2 * (1 << 20)) / (2 << 20), job
+
+
 def test_cmkill_stops_a_sync_job(synced):
     cluster, src, _ = synced
     job_id = cluster.submit("cmsync", "--bwlimit", "200K", "gpu:/proj", "cpu:/copy")

@@ -57,6 +57,14 @@ def final_state(job: Job) -> tuple[JobState, int]:
     return JobState.COMPLETED, exit_code  # 0, or a sync's 24: copied all but files that vanished (exitcodes)
 
 
+def stamp(at: float, floor: float | None) -> float:
+    """When something happened by a node's clock (``at``; 0: not said), as the job's time: not after now (the
+    head's clock), not before ``floor`` (what came before it). A head that was down when it happened still
+    gets the real time, so a job's elapsed time does not count the head's downtime."""
+    now = time.time()
+    return max(floor or 0.0, min(at, now)) if at else now
+
+
 def apply_fields(job: Job, fields: dict[str, Any]) -> None:
     """Make in memory the change ``fields`` made in the store (``slots.N.key``: one slot's key)."""
     for key, value in fields.items():
@@ -95,6 +103,7 @@ class JobTable:
         self.reasons: dict[int, str] = {}
         self.src_sent: set[int] = set()
         self.node_progress: dict[int, dict[str, dict[str, Any]]] = {}
+        self.ended_at: dict[int, float] = {}  # job -> the latest end of a share of its current run (node's clock)
         self.jobs: dict[int, Job] = {}
         self._by_node: dict[str, set[int]] | None = None  # node -> jobs that may have a slot there
         self.requests: dict[int, Request] = {}
@@ -111,6 +120,7 @@ class JobTable:
         self.recent.load(self.store.recent_jobs(time.time() - self.recent.seconds, finished=True))
         self.held = HeldStarts()
         self.stopping, self.reasons, self.sent_at, self.src_sent, self.node_progress = {}, {}, {}, set(), {}
+        self.ended_at = {}
         self.requests = {i: request_of(j) for i, j in self.jobs.items() if j["state"] == JobState.PENDING.value}
         for j in self.jobs.values():
             self._waits(j)
@@ -256,6 +266,7 @@ class JobTable:
         self.sent_at.pop(job_id, None)
         self.src_sent.discard(job_id)
         self.node_progress.pop(job_id, None)
+        self.ended_at.pop(job_id, None)
         self.held.take(job_id)
 
     # --- write-behind of RUNNING ---------------------------------------------
@@ -294,6 +305,7 @@ class JobTable:
         self.src_sent.discard(job_id)  # this run's senders start once its receivers have
         self.sent_at[job_id] = time.monotonic()
         self.node_progress.pop(job_id, None)
+        self.ended_at.pop(job_id, None)
         # a sync's destinations first: a sender may only connect once its receiver knows the transfer
         for s in slots:
             if job["kind"] != "sync" or s["role"] == "dst":
@@ -306,7 +318,8 @@ class JobTable:
                 if s["node"] == node and (not role or (s["role"] == role and s["rank"] == rank))]
 
     def started(self, job_id: int, node: str, run: int, addrs: dict[str, str], out: Outcome,
-                role: str = "", rank: int = 0) -> None:
+                role: str = "", rank: int = 0, at: float = 0.0) -> None:
+        """A share of a job started (``at``: when, by its node's clock)."""
         job = self.jobs.get(job_id)
         if job is None or job.get("runs") != run or not JobState(job["state"]).active:
             return
@@ -316,7 +329,8 @@ class JobTable:
                 continue
             if job["state"] == JobState.DISPATCHING.value and s["role"] != "dst":
                 # written behind (HeldStarts): the node's JobStarted is acknowledged once it is
-                held = self.held.hold(job_id, started=time.time(), **{f"slots.{i}.started": True})
+                held = self.held.hold(job_id, started=stamp(at, job.get("dispatched")),
+                                      **{f"slots.{i}.started": True})
                 s["started"], job["started"] = True, held["started"]
             elif job_id in self.held:
                 self.held.hold(job_id, **{f"slots.{i}.started": True})
@@ -333,11 +347,13 @@ class JobTable:
                         out.run.append((s["node"], job_id, node_spec(job, s, addrs, self.transfer_secret)))
 
     def ended(self, job_id: int, node: str, run: int, state: JobState, exit_code: int, reason: str,
-              out: Outcome, role: str = "", rank: int = 0) -> None:
-        """One share of a job is over; finish the job when every share is."""
+              out: Outcome, role: str = "", rank: int = 0, at: float = 0.0) -> None:
+        """One share of a job is over (``at``: when, by its node's clock); finish the job when every share is."""
         job = self.jobs.get(job_id)
         if job is None or job.get("runs") != run or not JobState(job["state"]).active:
             return
+        if at:
+            self.ended_at[job_id] = max(at, self.ended_at.get(job_id, 0.0))
         mine = [i for i in self.matching(job, node, role, rank) if not job["slots"][i]["ended"]]
         mine.sort(key=lambda i: job["slots"][i]["role"] == "dst")  # (older nodes) a node's sender before its receiver
         if (mine and job["kind"] == "sync" and exit_code == TRANSIENT_EXIT and not job.get("cancel_requested")
@@ -345,7 +361,7 @@ class JobTable:
             self._restart_sync(job, f"{node}: {reason or 'lost its receiver'}", out, None,
                                keep=lambda i, s: i == mine[0])
             return
-        self._end_slots(job, mine[:1], state, exit_code, reason, out)
+        self._end_slots(job, mine[:1], state, exit_code, reason, out, by_node=True)
 
     def wants(self, node: str, job_id: int, run: int | None, role: str = "", rank: int = 0) -> bool:
         """Whether run `run` of the job still has a share (of that role and rank) on node that has not ended."""
@@ -381,7 +397,8 @@ class JobTable:
     # --- ending and stopping: every path computes its writes on a preview, writes, then changes memory ---
 
     def _end_slots(self, job: Job, indices: list[int], state: JobState, exit_code: int, reason: str,
-                   out: Outcome, fields: dict[str, Any] | None = None) -> None:
+                   out: Outcome, fields: dict[str, Any] | None = None, by_node: bool = False) -> None:
+        """End these slots (``by_node``: their node said they ended, and when); the job too if they were its last."""
         if not indices:
             return
         fields = dict(fields or {})
@@ -397,14 +414,14 @@ class JobTable:
         if state in FORCED or lost_receiver:
             # one share stopped by force, or a receiver is gone: the rest of the job goes too
             self._stop_rest(job, state, fields, mine)
-        self._commit(job, fields, mine, out, stopping=state)
+        self._commit(job, fields, mine, out, stopping=state, by_node=by_node)
 
     def _commit(self, job: Job, fields: dict[str, Any], mine: Outcome, out: Outcome,
-                stopping: JobState | None) -> bool:
+                stopping: JobState | None, by_node: bool = False) -> bool:
         """Write fields: the job ends if no share but receivers is left. Only if the write won, the stops
         in ``mine`` go out (and the job waits for them, if ``stopping``). False if it lost."""
         if all(s["ended"] for s in preview(job, fields)["slots"] if s["role"] != "dst"):
-            return self._finish(job, mine, out, fields)
+            return self._finish(job, mine, out, fields, by_node)
         if not self._write(job, fields):
             return False
         if stopping is not None and mine.kill:
@@ -429,8 +446,9 @@ class JobTable:
             else:
                 out.kill.append(stop_slot(job, s, state))
 
-    def _finish(self, job: Job, mine: Outcome, out: Outcome, fields: dict[str, Any]) -> bool:
-        """The job's last share (but receivers) is over: release the receivers, move it to its final state."""
+    def _finish(self, job: Job, mine: Outcome, out: Outcome, fields: dict[str, Any], by_node: bool = False) -> bool:
+        """The job's last share (but receivers) is over: release the receivers, move it to its final state.
+        It ended when its nodes say its last share did (``by_node``), else now (the head ended it)."""
         view = preview(job, fields)
         final, exit_code = final_state(view)
         for i, s in enumerate(view["slots"]):
@@ -440,7 +458,8 @@ class JobTable:
                 fields[f"slots.{i}.ended"] = True
         if job.get("progress"):
             fields["progress"] = {**job["progress"], "rate": 0}
-        if not self._move(job, final, ended=time.time(), exit_code=exit_code, **fields):
+        ended = stamp(self.ended_at.get(job["_id"], 0.0) if by_node else 0.0, job.get("started"))
+        if not self._move(job, final, ended=ended, exit_code=exit_code, **fields):
             return False
         out.extend(mine)
         out.finished.append(job["_id"])

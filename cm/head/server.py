@@ -443,7 +443,7 @@ class HeadServer:
             return
         elif isinstance(msg, JobStarted):
             self._drop_unacked(peer, msg.job_id, RunJob, msg.run, msg.role, msg.rank)
-            self.jobs.started(msg.job_id, peer, msg.run, self.addrs(), out, msg.role, msg.rank)
+            self.jobs.started(msg.job_id, peer, msg.run, self.addrs(), out, msg.role, msg.rank, msg.at)
             self.held_acks.append((peer, msg.job_id, Ack(ref=msg.id)))  # acknowledged once written: see flush()
         elif isinstance(msg, JobEnded):
             try:
@@ -455,7 +455,8 @@ class HeadServer:
                 self.send(peer, Error(ref=msg.id, message=f"state {msg.state} is not final", code=ErrorCode.BAD_MESSAGE))
                 return
             self._drop_unacked(peer, msg.job_id, RunJob, msg.run, msg.role, msg.rank)
-            self.jobs.ended(msg.job_id, peer, msg.run, state, msg.exit_code, msg.reason, out, msg.role, msg.rank)
+            self.jobs.ended(msg.job_id, peer, msg.run, state, msg.exit_code, msg.reason, out, msg.role, msg.rank,
+                            msg.at)
             self.send(peer, Ack(ref=msg.id))
             self.dirty = True
         elif isinstance(msg, Progress):

@@ -52,11 +52,13 @@ def node_spec(job: Job, slot: SlotRecord, addrs: dict[str, str], transfer_secret
             transfer_id=transfer_id, token=token, dst_path=sync["dst"]["path"], owners=bool(options.get("owners"))))
     dst = next(s for s in job["slots"] if s["role"] == "dst" and s["rank"] == slot["rank"])
     host, _, port = addrs.get(dst["node"], ":0").rpartition(":")
+    nranks = sum(1 for s in job["slots"] if s["role"] == "src")
+    bwlimit = options.get("bwlimit")  # the job's: each of its senders gets its share
     return SyncSource(**base, transfer=SourceTransfer(
         transfer_id=transfer_id, token=token, src_path=sync["src"]["path"], dst_host=host, dst_port=int(port or 0),
-        rank=slot["rank"], nranks=sum(1 for s in job["slots"] if s["role"] == "src"),
+        rank=slot["rank"], nranks=nranks,
         transport=sync.get("transport", "tcp"), policy=options.get("policy", "size-balanced"),
         delete=bool(options.get("delete")), dry_run=bool(options.get("dry_run")),
         checksum=bool(options.get("checksum")), exclude=list(options.get("exclude") or ()),
-        bwlimit=options.get("bwlimit"), streams=options.get("streams", 4), chunk_size=options.get("chunk_size", 64 << 20),
+        bwlimit=bwlimit / nranks if bwlimit else None, streams=options.get("streams", 4), chunk_size=options.get("chunk_size", 64 << 20),
         owners=bool(options.get("owners"))))

@@ -76,7 +76,7 @@ class NodeAgent:
         self.purge = Purge(settings.kill_grace)
         self.outbox: dict[str, tuple[Message, float]] = {}
         # shares that ended here, with how: a repeated RunJob for one is answered with its end again
-        self.finished: collections.OrderedDict[Share, tuple[JobState, int, str]] = collections.OrderedDict()
+        self.finished: collections.OrderedDict[Share, tuple[JobState, int, str, float]] = collections.OrderedDict()
         self.receiving: dict[Share, str] = {}  # dst share -> transfer id
         self.senders: dict[Share, dict] = {}  # src share -> {proc, buffer, report, sent_at, err, run, rank}
         self.warm = WarmSenders(settings.warm_sender)
@@ -268,13 +268,15 @@ class NodeAgent:
 
     # --- jobs ------------------------------------------------------------------
 
-    def _report_end(self, share: Share, state: JobState, exit_code: int, reason: str) -> None:
-        self.finished[share] = (state, exit_code, reason)
+    def _report_end(self, share: Share, state: JobState, exit_code: int, reason: str, at: float = 0.0) -> None:
+        """Report a share's end (``at``: when it ended, if not now)."""
+        at = at or time.time()
+        self.finished[share] = (state, exit_code, reason, at)
         while len(self.finished) > REMEMBER:
             self.finished.popitem(last=False)
         job_id, run, role, rank = share
         self.report(JobEnded(job_id=job_id, node=self.name, run=run, state=state.value, exit_code=exit_code,
-                             reason=reason, role=role, rank=rank))
+                             reason=reason, role=role, rank=rank, at=at))
 
     def run_job(self, job_id: int, spec: NodeJob) -> bool:
         """Start this node's share of a job (once per run, role and rank). False: not now, ask again later."""
@@ -282,9 +284,9 @@ class NodeAgent:
         run = share[1]
         if share in self.finished:
             # over already; say so again (the head may have lost the first report in an outage)
-            state, exit_code, reason = self.finished[share]
+            state, exit_code, reason, at = self.finished[share]
             if not any(isinstance(m, JobEnded) and _share_of(m) == share for m, _ in self.outbox.values()):
-                self._report_end(share, state, exit_code, reason)
+                self._report_end(share, state, exit_code, reason, at)
             return True
         if share in self.purge.jobs or share in self.receiving:
             self.report(JobStarted(job_id=job_id, node=self.name, run=run, role=share[2], rank=share[3]))

@@ -4,6 +4,8 @@ Hot paths go through the raw pymongo collection of each document class: a
 scheduler pass must not pay for building mongoengine objects it only reads.
 Every state change is ``update_one({_id, state: FROM}, ...)``: the state
 table in cm.states decides what is allowed, the filter decides who wins.
+Every read hands back builtins checked against its record (cm.store.records):
+no driver type leaves this package.
 """
 
 from __future__ import annotations
@@ -126,18 +128,23 @@ def update_job(job_id: int, states: Iterable[JobState], **fields: Any) -> bool:
     return res.matched_count == 1  # matched: setting a value a field already has is no lost race
 
 
-def _job(doc: dict[str, Any] | None) -> dict[str, Any] | None:
+def _job(doc: dict[str, Any]) -> dict[str, Any]:
     """Every job read goes through here: the stored document as a typed record, as builtins."""
-    return None if doc is None else plain(doc, JobRecord)
+    return plain(doc, JobRecord)
+
+
+def _one_job(query: dict[str, Any]) -> dict[str, Any] | None:
+    doc = _jobs().find_one(query)
+    return None if doc is None else _job(doc)
 
 
 def get_job(job_id: int) -> dict[str, Any] | None:
-    return _job(_jobs().find_one({"_id": job_id}))
+    return _one_job({"_id": job_id})
 
 
 def job_by_key(uid: int, key: str) -> dict[str, Any] | None:
     """The job a user submitted with this Idempotency-Key, if any."""
-    return _job(_jobs().find_one({"uid": uid, "idempotency_key": key}))
+    return _one_job({"uid": uid, "idempotency_key": key})
 
 
 def delete_job(job_id: int) -> bool:
