@@ -61,7 +61,8 @@ up() {
     CM_IMAGE_TAG=$PROJECT bash docker/images.sh
     # shellcheck disable=SC1090
     . "$IMAGES_ENV"
-    mkdir -p drive/run/docker drive/db/mongo drive/db/ferretdb drive/home drive/data/gpu drive/data/cpu
+    mkdir -p drive/run/docker drive/db/mongo drive/db/ferretdb drive/db/socket drive/home drive/data/gpu drive/data/cpu
+    chmod 0700 drive/db/socket  # the database's socket: root's alone (the containers chown it to root too)
     chmod 1777 drive/data/gpu drive/data/cpu  # scratch-like: every user makes their own folders
     seed_users "$CM_IMAGE"
     local t0=$SECONDS status

@@ -4,5 +4,5 @@
 ARG CM_IMAGE
 FROM ${CM_IMAGE}
 COPY .build/docker/cm-ferretdb /usr/local/bin/cm-ferretdb
-EXPOSE 27017
-CMD ["cm-ferretdb", "-listen", "0.0.0.0:27017", "-dir", "/data/db"]
+# no TCP port: docker-compose.yml gives it the root-only socket /cm/db/db.sock, shared with the head alone
+CMD ["cm-ferretdb", "-listen-unix", "/cm/db/db.sock", "-dir", "/data/db"]

@@ -20,6 +20,12 @@ done
 export CM_RUN_DIR
 mkdir -p "$CM_RUN_DIR"
 
+# the database's socket is root's alone (docker-compose.yml), whoever owns the host's folder
+if [ -d /cm/db ]; then
+    chown 0:0 /cm/db
+    chmod 0700 /cm/db
+fi
+
 cmdaemon keys >/dev/null
 echo "cm-entrypoint: CurveZMQ keys ready in $CM_RUN_DIR/keys" >&2
 

@@ -211,3 +211,24 @@ def test_module_entry_point_runs_server_in_foreground(tmp_path: Path) -> None:
         if proc.stdout:
             proc.stdout.close()
     assert _refused(sock)
+
+
+def test_a_uri_file_is_read_only_when_it_is_its_readers_alone(tmp_path: Path) -> None:
+    from cm.store import StoreError, database_uri
+
+    f = tmp_path / "db.uri"
+    f.write_text("mongodb://cm:secret@db.example:27017/?authSource=admin\n")
+    f.chmod(0o600)
+    assert database_uri("mongodb://ignored/", str(f)) == "mongodb://cm:secret@db.example:27017/?authSource=admin"
+    assert database_uri("mongodb://chosen/") == "mongodb://chosen/"
+    f.chmod(0o644)
+    with pytest.raises(StoreError, match="must belong to uid .* mode 0600 or 0400"):
+        database_uri("", str(f))
+    f.chmod(0o600)
+    link = tmp_path / "link.uri"
+    link.symlink_to(f)
+    with pytest.raises(StoreError, match="cannot read"):
+        database_uri("", str(link))
+    from cm.cluster.db import redact
+
+    assert redact("mongodb://cm:secret@db.example:27017/") == "mongodb://cm:***@db.example:27017/"

@@ -196,9 +196,29 @@ def test_the_containers_are_on_a_network_of_their_own_that_leads_nowhere_else(cl
     networks = json.loads(run(["docker", "network", "inspect", f"{PROJECT}_default"]).stdout)
     assert len(networks) == 1 and networks[0]["Internal"] is True
     members = {c["Name"] for c in networks[0]["Containers"].values()}
-    assert members == {container(s) for s in SERVICES}
+    assert members == {container(s) for s in SERVICES if s != "mongo"}  # the database has no network at all
     reach = cluster.head("python3", "-c", "import socket; socket.create_connection(('computenode-cpu-2', 7818), 5)")
     assert reach.returncode == 0
+
+
+def test_a_user_on_the_head_cannot_reach_the_database(cluster, alice):
+    state = json.loads(run(["docker", "inspect", container("mongo")]).stdout)[0]
+    assert state["HostConfig"]["NetworkMode"] == "none"
+    probe = (
+        "import socket\n"
+        "tried = []\n"
+        "for family, addr in ((socket.AF_UNIX, '/cm/db/db.sock'), (socket.AF_INET, ('mongo', 27017))):\n"
+        "    try:\n"
+        "        socket.create_connection(addr, 3) if family == socket.AF_INET else socket.socket(family).connect(addr)\n"
+        "        tried.append('connected')\n"
+        "    except OSError as exc:\n"
+        "        tried.append(type(exc).__name__)\n"
+        "print(' '.join(tried))\n")
+    assert cluster.head("python3", "-c", probe, user=alice).stdout.split() == ["PermissionError", "gaierror"]
+    assert cluster.head("python3", "-c", probe).stdout.split()[0] == "connected"  # the head's root does
+    for service in NODES:  # and no compute node needs it: no socket, no URI
+        assert cluster.head("sh", "-c", "test ! -e /cm/db && test -z \"${MONGODB_URI:-}\"", service=service,
+                            check=False).returncode == 0, service
 
 
 def test_make_exec_head_gives_a_shell_as_root_or_as_a_user_in_their_home(cluster, alice):

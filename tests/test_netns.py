@@ -397,7 +397,7 @@ def test_a_failed_start_in_netns_mode_removes_the_network_and_the_database():
             cluster.up(timeout=30)
         assert leftovers(prefix) == []
         assert list(cluster.run_dir.glob("*.pid")) == [] and not cluster.netns_file.exists()
-        assert [p.args[-1] for p in spawned][:2] == ["27017", "head"]  # the database did start
+        assert [p.args[-1] for p in spawned][:2] == [str(cluster.db_dir), "head"]  # the database did start
         for proc in spawned:
             proc.wait(5)
     finally:

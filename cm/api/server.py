@@ -2,11 +2,11 @@
 
 On api.sock the caller is whoever the kernel says (SO_PEERCRED); on TCP,
 which speaks TLS (cm.api.tls), whoever the bearer token says. Each door has
-its own connection budget, so no flood of one can lock the other out: api.sock
-at most MAX_CONNECTIONS, at most CM_MAX_CLIENTS_PER_USER per user; TCP at most
-MAX_CONNECTIONS, CM_API_MAX_PER_ADDRESS per peer address (counted from the
-accept, before the TLS handshake, which must end within CM_API_TIMEOUT) and
-CM_MAX_CLIENTS_PER_USER per token's user.
+its own connection budget, so no flood of one can lock the other out: at most
+MAX_CONNECTIONS each (fewer if the head may open fewer than twice as many file
+descriptors), CM_MAX_CLIENTS_PER_USER per user; on TCP also
+CM_API_MAX_PER_ADDRESS per peer address, counted from the accept, before the
+TLS handshake, which must end within CM_API_TIMEOUT.
 
 It never touches head state. Each request becomes (caller, Request, answer)
 on a queue, a byte on a pipe wakes the head's loop, and the loop answers it
@@ -37,6 +37,7 @@ from cm.protocol import Reply, Request
 
 log = logging.getLogger("cm.api")
 MAX_CONNECTIONS = 8192  # of each door: api.sock and the TCP port
+RESERVED_FDS = 1024  # for the head's own sockets, files and database connections
 TOKEN_CACHE_SECONDS = 30.0
 
 
@@ -92,6 +93,7 @@ class ApiServer:
         self.unix = Budget()  # "all" and each uid, on api.sock
         self.tcp = Budget()  # "all", each address and each uid, on the TCP port
         self.tls: ssl.SSLContext | None = None
+        self.door_limit = MAX_CONNECTIONS  # connections of each door at once (start() fits it to the fd limit)
         self.tokens: dict[str, tuple[Caller, float]] = {}  # token -> (caller, checked until)
         self.requests: dict[tuple[str, int], int] = {}  # (method, status) -> count, for /metrics
         self.tcp_address: tuple[str, int] | None = None
@@ -119,6 +121,8 @@ class ApiServer:
         soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
         if soft < hard:  # each long poll holds a socket
             resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        # both doors full must leave the head descriptors of its own: no flood of one runs it out of them
+        self.door_limit = max(64, min(MAX_CONNECTIONS, (hard - RESERVED_FDS) // 2))
         self.thread = threading.Thread(target=self._run, name="http-api", daemon=True)
         self.thread.start()
         self.ready.wait(10)
@@ -254,7 +258,7 @@ class ApiServer:
         taken: list[Hashable] = []  # what this connection holds of its door's budget
         budget = self.tcp if tcp else self.unix
         try:
-            if not budget.take("all", MAX_CONNECTIONS):
+            if not budget.take("all", self.door_limit):
                 if not tcp:
                     writer.write(encode_response(error_response(503, "too many connections"), False))
                 return
@@ -300,7 +304,7 @@ class ApiServer:
 
     def _per_user(self, caller: Caller) -> int:
         """Connections a user may hold at one door (root is not limited)."""
-        return MAX_CONNECTIONS if caller.uid == 0 else self.settings.max_clients_per_user
+        return self.door_limit if caller.uid == 0 else self.settings.max_clients_per_user
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, peer: Caller | None,
                      taken: list[Hashable]) -> None:

@@ -101,7 +101,8 @@ def socket_uri(path: Path) -> str:
 
 
 def prepare_data_dir(data_dir: Path) -> Path:
-    """Make data_dir (0700, whatever it was) and clear a stale socket; return the socket's path."""
+    """Make data_dir (0700, whatever it was) and clear a stale socket (one a live server still serves is an
+    error); return the socket's path."""
     data_dir = Path(data_dir).resolve()
     data_dir.mkdir(parents=True, exist_ok=True)
     data_dir.chmod(0o700)
@@ -110,7 +111,13 @@ def prepare_data_dir(data_dir: Path) -> Path:
         raise DatabaseError(f"the database socket {sock} is longer than {MAX_SOCKET_PATH} bytes: "
                             "use a shorter data directory")
     if sock.is_socket():
-        sock.unlink()
+        with socket.socket(socket.AF_UNIX) as probe:
+            try:
+                probe.connect(str(sock))
+            except OSError:  # nobody serves it: left by a server that died
+                sock.unlink()
+            else:
+                raise DatabaseError(f"a database server already serves {sock}")
     return sock
 
 

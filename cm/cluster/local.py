@@ -130,9 +130,10 @@ class LocalCluster:
 
     def start_db(self) -> None:
         """The embedded server on its socket (in netns mode in a namespace of its own: a Unix socket is a
-        file, so the head reaches it from its own), or the server MONGODB_URI names."""
-        if self.mongodb_uri:
-            return
+        file, so the head reaches it from its own), or the server MONGODB_URI names. Called again, it starts
+        this cluster's own server again (after a test stopped it)."""
+        if self.mongodb_uri and self.network is None and "db" not in self.procs:
+            return  # the caller's server
         from cm.cluster.db import redact, ping
 
         chosen = os.environ.get("MONGODB_URI", "")
