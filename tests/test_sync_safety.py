@@ -191,11 +191,13 @@ def test_partial_files_no_run_will_resume_are_removed_and_a_run_tells_what_it_ke
     src.mkdir(parents=True)
     (src / "a.bin").write_bytes(random.Random(1).randbytes(8 << 20))
     job_id = cluster.submit("cmsync", "--bwlimit", "2M", "gpu:/data", "cpu:/data")
-    cluster.wait_state(job_id, "RUNNING")
+    sender = cluster.wait_state(job_id, "RUNNING")["nodes"][0]
     _wait(lambda: _verified_chunks(dst) >= 2, what="verified chunks")
     cluster.cli("cmkill", str(job_id))
     cluster.wait_state(job_id, "CANCELLED", timeout=30)
-    assert len(temporaries(dst)) == 2
+    assert len(temporaries(dst)) == 2  # a cancelled run keeps what the next one resumes, and says how much
+    err = (cluster.home / "cmlogs" / str(job_id) / sender / "0.err").read_text()
+    assert "terminated; " in err and "MiB of unfinished files kept at the destination for the next run" in err, err
     (src / "a.bin").write_bytes(random.Random(2).randbytes(5 << 20))  # another version: the old part is no use
     (dst / ".cm.notes.ok").write_text("a user's file, not cm's\n")
     job = cluster.job(cluster.submit("cmsync", "--wait", "gpu:/data", "cpu:/data"))

@@ -26,6 +26,7 @@ import os
 import socket
 import sys
 import threading
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -43,6 +44,7 @@ log = logging.getLogger(__name__)
 
 HELLO_TIMEOUT = 10.0  # seconds an unauthenticated connection may take to say who it is
 IDLE_TIMEOUT = 600.0  # seconds a sender may stay silent mid-transfer
+DRAIN_TIMEOUT = 10.0  # seconds a refused frame's rest may take to arrive before the connection is closed
 MAX_CONNECTIONS = 256
 RECV_PIECE = PIECE  # received, hashed and written while in cache: one piece per sender's piece
 
@@ -336,8 +338,10 @@ def _drain(sock: socket.socket, limit: int, scratch: memoryview) -> None:
     Closing with unread data would reset the connection, and the sender would
     see "connection reset" instead of the ERROR answer (disk full, ...).
     """
+    deadline = time.monotonic() + DRAIN_TIMEOUT
     try:
-        while limit > 0:
+        while limit > 0 and (left := deadline - time.monotonic()) > 0:
+            sock.settimeout(left)
             n = sock.recv_into(scratch[:min(limit, len(scratch))])
             if n == 0:
                 return
