@@ -124,13 +124,13 @@ def test_overlapping_identical_syncs_never_interleave(make_cluster):
     first = cluster.submit("cmsync", "--bwlimit", "4M", "gpu:/nightly", "cpu:/nightly")
     second = cluster.submit("cmsync", "gpu:/nightly", "cpu:/nightly")
     inside = cluster.submit("cmsync", "gpu:/nightly/small", "cpu:/nightly/small")  # inside the same tree
-    elsewhere = cluster.submit("cmsync", "--wait", "gpu:/nightly/small", "cpu:/elsewhere")
     cluster.wait_state(first, "RUNNING")
     for waiting in (second, inside):
         job = cluster.job(waiting)
         assert job["state"] == "PENDING" and job["reason"] == "DestinationBusy", job
     assert "(DestinationBusy)" in cluster.cli("cminfo").stdout
-    assert cluster.job(elsewhere)["state"] == "COMPLETED"  # another tree is not held back
+    elsewhere = cluster.job(cluster.submit("cmsync", "--wait", "gpu:/nightly/small", "cpu:/elsewhere"))
+    assert elsewhere["state"] == "COMPLETED"  # another tree is not held back
     for job_id in (first, second, inside):
         job = cluster.wait_state(job_id, ("COMPLETED", "FAILED", "CANCELLED"), timeout=120)
         assert job["state"] == "COMPLETED", job
