@@ -52,6 +52,9 @@ class SyncOptionsRecord(Struct):
     streams: Int = 4
     chunk_size: Int = 64 << 20
     owners: bool = False
+    hard_links: bool = True
+    xattrs: bool = True
+    acls: bool = True
 
 
 class SyncRecord(Struct, omit_defaults=True):

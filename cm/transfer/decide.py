@@ -36,6 +36,11 @@ class Work:
     first_paths: set[str] = field(default_factory=set)  # chunked files this rank counts as sent
     verified: Counter = field(default_factory=Counter)  # bytes of this rank's chunks verified at the destination
 
+    def given_up(self, moved: set[str]) -> list[Entry]:
+        """The chunked files of this rank that vanished or changed (``moved``) before all of it arrived."""
+        seen = {it.entry.path: it.entry for it in self.chunks if it.entry.path in moved}
+        return [e for path, e in seen.items() if self.remaining[path] > 0]
+
     def partial_bytes(self) -> int:
         """Bytes verified at the destination of files not published yet (kept there for resuming)."""
         return sum(self.verified[path] for path, left in self.remaining.items() if left > 0)

@@ -54,6 +54,7 @@ log = logging.getLogger(__name__)
 
 AUTH_DEADLINE = 10.0  # seconds a connection has, in all, to authenticate
 IDLE_TIMEOUT = 600.0  # seconds a sender may stay silent mid-transfer
+DRAIN_TIMEOUT = 10.0  # seconds a refused frame's rest may take to arrive before the connection is closed
 MAX_CONNECTIONS = 512  # threads, authenticated or not
 MAX_UNAUTHENTICATED = 64  # connections not yet authenticated, in all...
 MAX_UNAUTHENTICATED_PER_ADDRESS = 16  # ...and from one peer address
@@ -404,8 +405,10 @@ def _drain(sock: socket.socket, limit: int, scratch: memoryview) -> None:
     Closing with unread data would reset the connection, and the sender would
     see "connection reset" instead of the ERROR answer (disk full, ...).
     """
+    deadline = time.monotonic() + DRAIN_TIMEOUT
     try:
-        while limit > 0:
+        while limit > 0 and (left := deadline - time.monotonic()) > 0:
+            sock.settimeout(left)
             n = sock.recv_into(scratch[:min(limit, len(scratch))])
             if n == 0:
                 return

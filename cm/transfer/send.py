@@ -42,9 +42,13 @@ def _die(code: int, message: str) -> None:
     os._exit(code)
 
 
+_running: list[Sender] = []  # the sender at work, for the message of a SIGTERM
+
+
 def _on_sigterm(signum, frame) -> None:
     # Stop at once: the receiver keeps every chunk verified so far, so a re-run resumes.
-    _die(exitcodes.TERMINATED, "terminated")
+    work = _running[0].work if _running else None
+    _die(exitcodes.TERMINATED, f"terminated{_kept(work.partial_bytes() if work is not None else 0)}")
 
 
 def _take_job(job: SpareJob) -> bytes:
@@ -99,6 +103,7 @@ def main(argv: list[str] | None = None) -> int:
         return exitcodes.BAD_SPEC
     gc.disable()  # a short-lived process building many tuples: collections would only cost time
     sender = Sender(spec, _emit)
+    _running.append(sender)
     try:
         report = sender.run()
     except TransferError as exc:

@@ -26,6 +26,7 @@ from . import diff
 from . import frames as f
 from .connection import Connections, TransferError, request_pages
 from .decide import Work, decide
+from .partial import partial_names
 from .paths import PathEscape, confine
 from .source import Source
 from .spec import Spec
@@ -108,6 +109,7 @@ class Sender:
                 threading.Thread(target=warm_up, name="warm-up", daemon=True).start()  # while directories are made
             touched = self._structure(control, tops, gone, mkdirs, links, work.meta)
             self._move_data(control, work)
+            self._drop_partials(control, work.given_up(self.stats.moved))
             touched.update(diff.parent(it.entry.path) for it in work.chunks + work.small)
             dirs = diff.dir_meta(entries, dst, touched)
             self._pages(control, f.DirMeta, [f.MetaRow(os.fsencode(e.path), e.mode, e.mtime_ns)
@@ -131,6 +133,16 @@ class Sender:
             self.connections.close()
             self.stats.partial_bytes = self.work.partial_bytes() if self.work is not None else 0
         return self.stats.report(time.monotonic() - started)
+
+    def _drop_partials(self, chan: Channel, files: list[Entry]) -> None:
+        """Remove what was received of files that vanished or changed: no run will resume that version."""
+        paths = []
+        for e in files:
+            folder, _, name = e.path.rpartition("/")
+            paths += [os.fsencode(f"{folder}/{t}" if folder else t)
+                      for t in partial_names(name, e.size, e.mtime_ns, self.spec.chunk_size)]
+            self.work.verified[e.path] = 0
+        self._pages(chan, f.Delete, paths)
 
     def _pages(self, chan: Channel, make, rows: list) -> list:
         return request_pages(chan, make, rows, self.stats)

@@ -25,6 +25,7 @@ class Stats:
     vanished: int = 0  # of the errors: source files that vanished or kept changing while read (rsync's 24)
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
     _failed: set = field(default_factory=set, repr=False)
+    moved: set = field(default_factory=set, repr=False)  # paths of the source files that vanished or changed
 
     def add(self, **counts: int) -> None:
         """Add to several counters at once."""
@@ -41,6 +42,8 @@ class Stats:
             self._failed.add(path)
             self.errors.append(f"{path or '.'}: {message}")
             self.vanished += vanished
+            if vanished:
+                self.moved.add(path)
 
     def report(self, elapsed: float, would: list[str] | None = None) -> dict:
         """The sender's last line: what was done (``would``: what a dry run would do)."""

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import errno
 import itertools
-import mmap
 import os
 import threading
 from collections import Counter, deque
@@ -24,10 +23,11 @@ from . import checksum, plan
 from .connection import TransferError
 from .decide import Work
 from .paths import DirHandles, PathEscape
+from .ring import PieceRing
 from .source import Source, SourceChanged
 from .spec import Spec
 from .stats import Stats
-from .wire import Channel, ProtocolError, RemoteError
+from .wire import PIECE, Channel, ProtocolError, RemoteError
 
 MAX_RESENDS = 3  # times a part whose checksum failed is sent again
 MAX_READS = 4  # times a small file that changes while it is read is read (a live log); then it is reported
@@ -117,9 +117,9 @@ class Streams:
             raise
         finally:
             handles.close()
-            mm = getattr(self._local, "map", None)
-            if mm is not None:
-                mm.close()
+            ring = getattr(self._local, "ring", None)
+            if ring is not None:
+                ring.close()
 
     def _pace(self, n: int) -> None:
         if self._pacer is not None:
@@ -169,15 +169,13 @@ class Streams:
                 self.stats.files_sent += 1
 
     def _buffer(self, length: int) -> memoryview:
-        """This thread's buffer for one chunk: anonymous memory, filled a piece at a time as it is
-        sent and given back to the kernel after (``_ChunkReader``), so a stream holds about one piece."""
-        local = self._local
-        mm = getattr(local, "map", None)
-        if mm is None or len(mm) < length:
-            if mm is not None:
-                mm.close()
-            mm = local.map = mmap.mmap(-1, max(length, mmap.PAGESIZE))
-        return memoryview(mm)[:length]
+        """This thread's buffer for one chunk: ``length`` bytes over one piece of memory (``ring``)."""
+        ring = getattr(self._local, "ring", None)
+        if ring is None or ring.size < length:
+            if ring is not None:
+                ring.close()
+            ring = self._local.ring = PieceRing(length, PIECE)
+        return ring.view(length)
 
     def _send_batch(self, chan: Channel, handles: DirHandles, items: list[plan.Item], buf: memoryview,
                     attempt: int = 0, reads: int = 1) -> None:
@@ -247,8 +245,8 @@ class _ChunkReader:
     """Reads a chunk from its file a piece at a time, as ``Channel.send_stream`` sends it.
 
     It is the stream's hasher: ``update`` first fills the piece (``pread``
-    into anonymous memory, never a mapping of the file, so a file cut short
-    meanwhile cannot raise SIGBUS) and then hashes it. A file found shorter,
+    into the stream's ``PieceRing``, never a mapping of the file, so a file
+    cut short meanwhile cannot raise SIGBUS) and then hashes it. A file found shorter,
     or whose size or mtime changed by the end of the chunk, is ``changed``:
     the rest is sent as zeros and the digest is spoiled on purpose, so the
     receiver drops the chunk (no torn file is ever published) and the stream
@@ -286,10 +284,6 @@ class _ChunkReader:
                 self.changed = "changed while being read"
         return d ^ 1 if self.changed else d
 
-    def sent(self, pos: int, n: int) -> None:
-        """A piece has left: give its memory back."""
-        self.view.obj.madvise(mmap.MADV_DONTNEED, pos, n)  # .obj: the mapping the view is of
-
     def release(self) -> None:
         self.view.release()
 
@@ -297,7 +291,7 @@ class _ChunkReader:
 def _send_reading(chan: Channel, frame: f.Chunk, reader: _ChunkReader, pace) -> None:
     """Stream one chunk; if the receiver hangs up meanwhile, what it said before is what is raised."""
     try:
-        chan.send_stream(frame, reader.view, reader, pace, sent=reader.sent)
+        chan.send_stream(frame, reader.view, reader, pace)
     except (BrokenPipeError, ConnectionResetError) as exc:
         said = _last_word(chan)
         if said is not None:
