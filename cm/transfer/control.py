@@ -18,7 +18,8 @@ Id = Annotated[int, Meta(ge=0, le=(1 << 32) - 1)]  # a uid or gid
 
 
 class Register(Struct, tag_field="op", tag="register", forbid_unknown_fields=True, frozen=True):
-    """Let senders presenting (transfer_id, token) write under root/dst_path as uid/gid/groups."""
+    """Let senders that prove they hold the run's key (``token``: ``secure.run_key``; it never crosses the
+    network) write under root/dst_path as uid/gid/groups."""
 
     transfer_id: Annotated[str, Meta(min_length=1)]
     token: Annotated[str, Meta(min_length=1)]

@@ -314,7 +314,7 @@ class TransferServer:
                         if len(batch) < plen:
                             batch = bytearray(plen)
                         view = memoryview(batch)[:plen]
-                        chan.recv_into(view)
+                        chan.recv_payload(view)
                         bad, errors = dest.write_batch(req.files, view)
                         chan.reply(f.BatchDone(bad, errors))
                     else:

@@ -130,6 +130,8 @@ class Plain:
                 raise ConnectionError("peer closed the connection")
             got += r
 
+    recv_piece = recv_into
+
 
 class Sealed:
     """Records in both directions, AES-256-GCM with a counter nonce; encrypted or only authenticated."""
@@ -187,7 +189,7 @@ class Sealed:
                 self._pending = self._pending[k:]
                 pos += k
                 continue
-            self._fill(memoryview(self._len))
+            self._fill([memoryview(self._len)])
             (n,) = LENGTH.unpack(self._len)
             if n > RECORD:
                 raise AuthError(f"record of {n} bytes is above {RECORD}")
@@ -201,30 +203,57 @@ class Sealed:
                 self._open(n, dest)
                 self._pending = dest
 
-    def _open(self, n: int, dest: memoryview) -> None:
+    def recv_piece(self, view: memoryview) -> None:
+        """Fill ``view`` with the next record, sent as one piece of exactly ``len(view)`` bytes (the pieces of a
+        streamed payload: ``wire.PIECE`` each, the last one shorter); one system call for length, body and tag."""
+        n = len(view)
+        if self._pending or n > RECORD or n == 0:
+            return self.recv_into(view)
+        self._open(n, view, with_length=True)
+
+    def _open(self, n: int, dest: memoryview, with_length: bool = False) -> None:
+        """Receive the body (and tag) of a record of ``n`` bytes into ``dest``, and check it; ``with_length``:
+        its length too, which must be ``n``."""
         nonce = self._nonce(self._received)
         self._received += 1
+        head = [memoryview(self._len)] if with_length else []
         try:
             if self.encrypt:
                 if len(self._in) < n + TAG:
                     self._in = bytearray(max(n + TAG, 4096))
-                sealed = memoryview(self._in)[:n + TAG]
-                self._fill(sealed)
-                self._rx.decrypt_into(nonce, sealed, None, dest)
+                with memoryview(self._in) as whole, whole[:n + TAG] as sealed:
+                    self._fill(head + [sealed])
+                    self._check_length(n, with_length)
+                    self._rx.decrypt_into(nonce, sealed, None, dest)
             else:
-                self._fill(dest)
-                self._fill(memoryview(self._tag))
+                self._fill(head + [dest, memoryview(self._tag)])
+                self._check_length(n, with_length)
                 self._rx.decrypt(nonce, bytes(self._tag), dest)
         except InvalidTag:
             raise AuthError("a record failed its check (altered, replayed or out of order)") from None
 
-    def _fill(self, view: memoryview) -> None:
-        got, n = 0, len(view)
-        while got < n:
-            r = self.sock.recv_into(view[got:], n - got, socket.MSG_WAITALL)
-            if r == 0:
-                raise ConnectionError("peer closed the connection")
-            got += r
+    def _check_length(self, n: int, given: bool) -> None:
+        if given and LENGTH.unpack(self._len)[0] != n:
+            raise AuthError(f"a record of {LENGTH.unpack(self._len)[0]} bytes where one of {n} was due")
+
+    def _fill(self, views: list) -> None:
+        """Fill every view, in order (one ``recvmsg_into`` while the data are there)."""
+        views = [v for v in views if len(v)]
+        made = []
+        try:
+            while views:
+                got = self.sock.recvmsg_into(views, 0, socket.MSG_WAITALL)[0]
+                if got == 0:
+                    raise ConnectionError("peer closed the connection")
+                while views and got >= len(views[0]):
+                    got -= len(views[0])
+                    views.pop(0)
+                if views and got:
+                    views[0] = views[0][got:]
+                    made.append(views[0])
+        finally:
+            for v in made:
+                v.release()
 
 
 def _sendmsg_all(sock: socket.socket, bufs: list) -> None:

@@ -186,6 +186,12 @@ class Channel:
         except FrameError as exc:
             raise ProtocolError(str(exc)) from None
 
+    def recv_payload(self, view: memoryview) -> None:
+        """Fill ``view`` with a frame's payload (sent with ``send``: pieces of ``PIECE`` bytes from its start)."""
+        for pos in range(0, len(view), PIECE):
+            with view[pos:pos + PIECE] as piece:
+                self.io.recv_piece(piece)
+
     def skip(self, n: int, scratch: memoryview) -> None:
         """Read and drop ``n`` payload bytes (after a refused frame)."""
         while n > 0:
@@ -204,7 +210,7 @@ class Channel:
         while pos < length:
             n = min(step, length - pos)
             piece = buf[:n]
-            self.recv_into(piece)
+            self.io.recv_piece(piece)
             hasher.update(piece)
             written = 0
             while written < n:
