@@ -27,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import batchio, checksum
+from . import batchio, checksum, sparse
 from .frames import BatchRow, ChecksumRow, Chunk, DirRow, LinkRow, MetaRow, OwnerRow, PartialRow, PathError
 from .partial import ChunkRecord, chunk_count, partial_names
 from .paths import DirHandles, PathEscape, wire_parts
@@ -459,7 +459,9 @@ class Destination:
             except OSError as exc:
                 raise ChunkRefused(exc.errno, exc.strerror) from None
             try:
-                got, sent = channel.recv_stream_to_fd(fd, 0, length, buf, checksum.Hasher())
+                if req.extents is not None:
+                    os.ftruncate(fd, size)  # a sparse file of one chunk: its size, holes included
+                got, sent = self._receive(req, channel, fd, 0, length, buf)
             except BaseException:
                 os.close(fd)
                 if tmp is not None:
@@ -482,8 +484,11 @@ class Destination:
             if not stat.S_ISREG(st.st_mode):
                 raise IsADirectoryError(f"{part} is not a regular file")
             if st.st_size != size:
-                _reserve(fd, st.st_dev, size)
-            got, sent = channel.recv_stream_to_fd(fd, index * chunk_size, length, buf, checksum.Hasher())
+                if req.extents is None:
+                    _reserve(fd, st.st_dev, size)
+                else:
+                    os.ftruncate(fd, size)  # a sparse file: reserving would fill its holes
+            got, sent = self._receive(req, channel, fd, index * chunk_size, length, buf)
             if got != sent:
                 return False, False
             rec = ChunkRecord.open(dfd, ok, size, mtime, chunk_size, create=True)
@@ -502,6 +507,14 @@ class Destination:
             pass  # another receiver published it first
         _unlink_quietly(dfd, ok)
         return True, True
+
+
+    @staticmethod
+    def _receive(req: Chunk, channel, fd: int, offset: int, length: int, buf: memoryview) -> tuple[int, int]:
+        """A chunk's payload into ``fd`` at ``offset``: whole, or a sparse file's data extents alone."""
+        if req.extents is None:
+            return channel.recv_stream_to_fd(fd, offset, length, buf, checksum.Hasher())
+        return sparse.receive(channel, fd, offset, req.extents, buf)
 
 
 class _Compiled:

@@ -112,6 +112,13 @@ class BatchRow(Row):
     gid: Id | None = None
 
 
+class ExtentRow(Row):
+    """Where data is in a chunk of a sparse file (the rest is hole): offset within the chunk, length."""
+
+    offset: Count
+    length: Count
+
+
 class OwnerRow(Row):
     path: bytes
     uid: Id
@@ -206,7 +213,9 @@ class Batch(Frame):
 class Chunk(Frame):
     """Chunk ``index`` of a file; its data follow as a streamed payload and trailer. → ``ChunkDone``.
 
-    ``uid`` and ``gid`` only for transfers that keep owners.
+    ``uid`` and ``gid`` only for transfers that keep owners. ``extents``
+    only for a file with holes (``sparse``): the payload is the data of
+    these extents alone, and the holes stay holes.
     """
 
     path: bytes
@@ -217,6 +226,7 @@ class Chunk(Frame):
     index: Count
     uid: Id | None = None
     gid: Id | None = None
+    extents: _rows(ExtentRow) | None = None
 
 
 class DirMeta(Frame):

@@ -31,7 +31,7 @@ from pathlib import Path
 
 from cm.creds import CredentialsError, Identity, acting_as
 
-from . import batchio
+from . import batchio, sparse
 from . import frames as f
 from .control import Answer, Register, Unregister, decode_control, encode_answer
 from .destination import ChunkRefused, Destination
@@ -272,7 +272,13 @@ class TransferServer:
         wire_parts(os.fsdecode(req.path))
         chunk_size = _chunk_size(req.chunk_size, self.chunk_size)
         size, index = req.size, req.index
-        if index >= chunk_count(size, chunk_size) or plen != min(chunk_size, size - index * chunk_size):
+        length = min(chunk_size, size - index * chunk_size)
+        if req.extents is not None:  # a sparse file's chunk: only its data extents travel
+            try:
+                length = sparse.check(req.extents, length)
+            except ValueError as exc:
+                raise BadRequest(str(exc)) from None
+        if index >= chunk_count(size, chunk_size) or plen != length:
             raise BadRequest("chunk index or length does not fit the file size")
         _check_owners([req], reg.keep_owners)
         owner = None if req.uid is None else (req.uid, req.gid)

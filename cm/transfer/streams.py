@@ -17,7 +17,7 @@ from collections import Counter, deque
 from typing import Callable
 
 from . import frames as f
-from . import checksum, plan
+from . import checksum, plan, sparse
 from .connection import TransferError
 from .decide import Work
 from .paths import DirHandles, PathEscape
@@ -126,20 +126,34 @@ class Streams:
             self.stats.error(e.path, str(exc))
             return
         frame = f.Chunk(os.fsencode(e.path), e.size, e.mode, e.mtime_ns, self.spec.chunk_size, it.index)
+        holes = None
         try:
             if self.spec.owners:  # whichever rank sends the last chunk publishes the file: each chunk says whose
                 st = os.fstat(fd)
                 frame.uid, frame.gid = st.st_uid, st.st_gid
-            mm = mmap.mmap(fd, it.length, offset=it.offset, prot=mmap.PROT_READ)
+            if sparse.has_holes(fd, e.size):  # only its data travels; the holes stay holes
+                holes = sparse.extents(fd, it.offset, it.length)
+                frame.extents = [f.ExtentRow(off, n) for off, n in holes]
+                mm = sparse.payload(fd, it.offset, holes)
+            else:
+                mm = mmap.mmap(fd, it.length, offset=it.offset, prot=mmap.PROT_READ)
+        except EOFError:
+            self.stats.error(e.path, "changed while being copied; run the sync again")
+            return
         finally:
             os.close(fd)
         try:
-            mm.madvise(mmap.MADV_SEQUENTIAL)
+            if holes is None:
+                mm.madvise(mmap.MADV_SEQUENTIAL)
+                drop = lambda pos, n: mm.madvise(mmap.MADV_DONTNEED, pos, n)  # noqa: E731
+            else:
+                self.stats.add(bytes_done=it.length - len(mm))  # the holes: done without sending them
+                drop = None
             for _ in range(1 + MAX_RESENDS):
-                chan.send_stream(frame, mm, checksum.Hasher(), self._pace,
-                                 sent=lambda pos, n: mm.madvise(mmap.MADV_DONTNEED, pos, n))
+                chan.send_stream(frame, mm, checksum.Hasher() if holes is None else sparse.hasher(holes),
+                                 self._pace, sent=drop)
                 ans = chan.answer(f.Kind.CHUNK)
-                self.stats.add(bytes_sent=it.length)
+                self.stats.add(bytes_sent=len(mm))
                 if ans.ok:
                     break
                 if ans.error:  # the receiver may not write this file (as the job's user)
@@ -150,7 +164,8 @@ class Streams:
                 self.stats.error(e.path, f"chunk {it.index} kept failing its checksum")
                 return
         finally:
-            mm.close()
+            if holes is None:
+                mm.close()
         work = self.work
         with self.stats.lock:
             work.remaining[e.path] -= 1

@@ -27,8 +27,8 @@ from typing import Callable
 from .frames import KINDS, REQUESTS, Error, Frame, FrameError, Kind, decode_answer, decode_request, encode
 
 MAGIC = b"CM"
-VERSION = 5  # 2: manifest rows carry names as bytes only (frames.EntryRow); 3: and owners; 4: batch rows too;
-#             5: digests are XXH3-64, not xxh64
+VERSION = 6  # 2: manifest rows carry names as bytes only (frames.EntryRow); 3: and owners; 4: batch rows too;
+#             5: digests are XXH3-64, not xxh64; 6: sparse chunks (extents), special files, hard links, xattrs
 HEADER = struct.Struct("<2sBBIQ")
 TRAILER = struct.Struct("<Q")
 PIECE = 1 << 20  # bytes handed to the kernel (and the hash) at a time

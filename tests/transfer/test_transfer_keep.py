@@ -1,0 +1,43 @@
+"""What a sync keeps besides data and modes: holes of sparse files, hard links, xattrs, ACLs, special files."""
+
+from __future__ import annotations
+
+import os
+import time
+
+import treegen
+
+from .conftest import run_sender, spec_for
+
+SPARSE = 8 << 30  # logical bytes of the sparse file: 1 MiB of data in them
+
+
+def test_a_sparse_file_sends_only_its_data_and_keeps_its_holes(roots, receiver):
+    src, _ = roots
+    treegen.make_sparse(src / "sparse.bin", SPARSE)
+    started = time.monotonic()
+    result = run_sender(spec_for(receiver, src, chunk_size=8 << 20))
+    took = time.monotonic() - started
+    out = receiver.dst / "sparse.bin"
+    assert out.stat().st_size == SPARSE
+    assert result.report["bytes_sent"] == treegen.SPARSE_DATA, result.report
+    assert treegen.blocks(out) <= 2 * treegen.SPARSE_DATA, "the holes were filled"
+    with open(src / "sparse.bin", "rb") as a, open(out, "rb") as b:
+        for off in (0, (SPARSE // 2) & ~0xFFFF, SPARSE - treegen.SPARSE_DATA // 2):
+            a.seek(off)
+            b.seek(off)
+            assert a.read(1 << 20) == b.read(1 << 20)
+    print(f"8 GiB sparse file with 1 MiB of data: {took:.2f} s for the sender process")
+    again = run_sender(spec_for(receiver, src, chunk_size=8 << 20))
+    assert again.report["bytes_sent"] == 0
+
+
+def test_a_sparse_file_of_one_chunk_keeps_its_holes_and_resumes_by_its_digests(roots, receiver):
+    src, _ = roots
+    treegen.make_sparse(src / "one.bin", 6 << 20, data=64 << 10)
+    run_sender(spec_for(receiver, src, chunk_size=8 << 20))
+    out = receiver.dst / "one.bin"
+    assert out.read_bytes() == (src / "one.bin").read_bytes()
+    assert treegen.blocks(out) <= 1 << 20
+    digests = run_sender(spec_for(receiver, src, chunk_size=8 << 20, checksum=True))
+    assert digests.report["bytes_sent"] == 0
