@@ -144,6 +144,9 @@ class SourceTransfer(Struct, frozen=True, forbid_unknown_fields=True):
     streams: Annotated[int, Meta(ge=1)]
     chunk_size: Annotated[int, Meta(gt=0)]
     owners: bool  # keep owners and groups (root's and operators' syncs)
+    hard_links: bool = True  # keep hard links within the tree (cmsync --no-hard-links: not)
+    xattrs: bool = True  # keep extended attributes (--no-xattrs: not)
+    acls: bool = True  # keep POSIX ACLs (--no-acls: not)
 
 
 class SyncSource(ShareSpec, tag="src"):
@@ -184,6 +187,7 @@ class SyncStats(Struct, frozen=True, forbid_unknown_fields=True):
     bytes_total: Count = 0
     files_total: Count = 0
     errors: Count = 0  # paths that could not be copied
+    skipped: Count = 0  # paths (or their xattrs, ACLs) not copied, each with its reason in the job's report
     elapsed: Annotated[float, Meta(ge=0)] = 0.0  # seconds
 
 
@@ -483,6 +487,9 @@ class SyncOptions(Struct, frozen=True):
     bwlimit: Annotated[int, Meta(gt=0, description="bytes per second")] | None = None
     transport: Literal["tcp", "rdma"] = "tcp"
     policy: Literal["round-robin", "size-balanced"] = "size-balanced"
+    hard_links: bool = True  # keep hard links, xattrs and POSIX ACLs (rsync's -H, -X, -A)
+    xattrs: bool = True
+    acls: bool = True
 
 
 class SubmitSync(Submit, kw_only=True, tag="sync"):

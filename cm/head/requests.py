@@ -196,6 +196,7 @@ def submit(head: Head, caller: Caller, args: SubmitCommand | SubmitSync) -> dict
         opts = {
             "delete": options.delete, "dry_run": options.dry_run, "checksum": options.checksum,
             "exclude": options.exclude, "bwlimit": options.bwlimit, "policy": options.policy,
+            "hard_links": options.hard_links, "xattrs": options.xattrs, "acls": options.acls,
             "streams": head.settings.streams, "chunk_size": head.settings.chunk_mb << 20,
             # root's and operators' syncs keep owners and groups, like `rsync -a` as root
             "owners": caller.operator,

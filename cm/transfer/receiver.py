@@ -31,7 +31,7 @@ from pathlib import Path
 
 from cm.creds import CredentialsError, Identity, acting_as
 
-from . import batchio, sparse
+from . import batchio, meta, sparse
 from . import frames as f
 from .control import Answer, Register, Unregister, decode_control, encode_answer
 from .destination import ChunkRefused, Destination
@@ -317,6 +317,17 @@ class TransferServer:
             return f.Done(dest.set_meta(req.files))
         if isinstance(req, f.DirMeta):
             return f.Done(dest.dir_meta(req.dirs))
+        if isinstance(req, f.Specials):
+            return meta.make_specials(dest, req.entries, devices=reg.keep_owners)
+        if isinstance(req, f.HardLinks):
+            return meta.hard_links(dest, req.links)
+        if isinstance(req, f.XAttrs):
+            spaces = tuple(req.namespaces)
+            if not reg.keep_owners and any(s.startswith(meta.PRIVILEGED) for s in spaces):
+                raise BadRequest("trusted. and security. attributes are kept by root's and operators' syncs only")
+            if any(not s for s in spaces):
+                raise BadRequest("an empty attribute namespace")
+            return meta.set_xattrs(dest, req.entries, spaces)
         if isinstance(req, f.Owners):
             if not reg.keep_owners:
                 raise BadRequest("this transfer may not set owners (only root's and operators' syncs do)")

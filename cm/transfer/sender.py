@@ -22,9 +22,9 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from . import diff
+from . import diff, meta
 from . import frames as f
-from .connection import Connections, TransferError, request_pages
+from .connection import LIST_PAGE, Connections, TransferError, request_pages
 from .decide import Work, decide
 from .paths import PathEscape, confine
 from .source import Source
@@ -32,7 +32,7 @@ from .spec import Spec
 from .stats import Stats
 from .streams import Streams, WorkQueue
 from .throttle import Throttle
-from .tree import FILE, Entry, Excluder, walk
+from .tree import DEVICES, FILE, Entry, Excluder, walk
 from .wire import Channel, ProtocolError, RemoteError
 
 PROGRESS_EVERY = 0.25  # seconds between progress lines
@@ -85,25 +85,39 @@ class Sender:
         try:
             # the receiver walks the destination while we walk the source
             control.send(f.Manifest(list(spec.exclude), 0))
-            entries = walk(top, self.excluder)
+            inodes: dict | None = {} if spec.hard_links else None
+            entries = walk(top, self.excluder, inodes=inodes)
+            kept = self._kept(entries, inodes)
             src = {e.path: e for e in entries}
             dst_list = self._manifest(control)
             dst = {e.path: e for e in dst_list}
-            work = decide(spec, control, entries, dst, self.source, self.stats)
+            data = [e for e in entries if e.path not in kept.followers] if kept.followers else entries
+            work = decide(spec, control, data, dst, self.source, self.stats, kept.pinned)
             lead = spec.rank == 0
             tops, gone = diff.deletions(src, dst_list) if lead and spec.delete and not single_file else ([], [])
             mkdirs = diff.dirs_to_make(entries, dst)
             links = diff.links_to_make(entries, dst) if lead else []
+            specials = self._specials(entries, dst) if lead else []
             if spec.dry_run:
                 would = [f"delete {p}" for p in gone] + [f"send {e.path}/" for e in mkdirs if lead and e.path] + \
-                    [f"send {e.path}" for e in links] + work.would
+                    [f"send {e.path}" for e in links + specials] + work.would + \
+                    [f"link {p} => {leader}" for leader, p in kept.links_of(spec.rank) if p not in dst]
                 self.stats.files_deleted = len(gone)
                 return self.stats.report(time.monotonic() - started, would=would)
             if work.chunks or work.small:
                 threading.Thread(target=warm_up, name="warm-up", daemon=True).start()  # while directories are made
             touched = self._structure(control, tops, gone, mkdirs, links, work.meta)
+            if specials:
+                self._apply(control, f.Specials, [f.SpecialRow(os.fsencode(e.path), e.kind, e.mode, e.mtime_ns,
+                                                               e.size) for e in specials])
+                touched.update(diff.parent(e.path) for e in specials)
             self._move_data(control, work)
             touched.update(diff.parent(it.entry.path) for it in work.chunks + work.small)
+            hard = kept.links_of(spec.rank)
+            if hard:  # after the data: their files are in place
+                self._apply(control, f.HardLinks, [f.HardLinkRow(os.fsencode(p), os.fsencode(leader))
+                                                   for leader, p in hard])
+                touched.update(diff.parent(p) for _, p in hard)
             dirs = diff.dir_meta(entries, dst, touched)
             self._pages(control, f.DirMeta, [f.MetaRow(os.fsencode(e.path), e.mode, e.mtime_ns)
                                              for e in reversed(dirs)])
@@ -115,6 +129,11 @@ class Sender:
                 owned = [e for e in owned if e.path not in sent
                          and (e.path in made or _owner_differs(e, dst.get(e.path)))]
                 self._pages(control, f.Owners, [f.OwnerRow(*row) for row in self.source.owner_rows(owned)])
+            if kept.spaces:  # last: a change of owner may drop some (security.capability)
+                made = work.small + work.chunks
+                rows = kept.xattr_rows(entries, spec.rank, made, mkdirs if lead else [])
+                if rows:
+                    self._apply(control, lambda page: f.XAttrs(list(kept.spaces), page), rows)
             control.send(f.Bye())
         except (ConnectionError, TimeoutError) as exc:
             raise TransferError(f"lost the receiver at {spec.dst_host}:{spec.dst_port}: {exc}", transient=True) from exc
@@ -128,6 +147,35 @@ class Sender:
 
     def _pages(self, chan: Channel, make, rows: list) -> list:
         return request_pages(chan, make, rows, self.stats)
+
+    def _apply(self, chan: Channel, make, rows: list) -> list[int]:
+        """Requests answered by ``frames.Applied``; what the destination skipped is counted with its reason.
+        Returns the indices of the rows that changed something."""
+        changed: list[int] = []
+        for i in range(0, len(rows), LIST_PAGE):
+            ans = chan.request(make(rows[i:i + LIST_PAGE]))
+            for err in ans.errors:
+                self.stats.error(os.fsdecode(err.path), err.message)
+            for skip in ans.skipped:
+                self.stats.skip(os.fsdecode(skip.path), skip.message)
+            changed.extend(i + k for k in ans.changed)
+        return changed
+
+    def _kept(self, entries: list[Entry], inodes: dict | None) -> "meta.Kept":
+        spec = self.spec
+        spaces = meta.namespaces(spec.xattrs, spec.acls, spec.owners)
+        attrs = meta.read_xattrs(self.source.top, entries, spaces, spec.owners, self.stats.skip) if spaces else {}
+        return meta.Kept(spaces, attrs, meta.link_groups(inodes) if inodes else {}, spec.nranks, entries)
+
+    def _specials(self, entries: list[Entry], dst: dict[str, Entry]) -> list[Entry]:
+        """The fifos, sockets and devices the lead makes; devices only in root's and operators' syncs."""
+        out = []
+        for e in diff.specials_to_make(entries, dst):
+            if e.kind in DEVICES and not self.spec.owners:
+                self.stats.skip(e.path, "device files are copied by root's and operators' syncs only")
+            else:
+                out.append(e)
+        return out
 
     def _manifest(self, chan: Channel) -> list[Entry]:
         """The destination's entries; the request for the first page has already been sent."""

@@ -21,6 +21,7 @@ class Stats:
     chunks_resent: int = 0
     chunks_resumed: int = 0
     errors: list = field(default_factory=list)
+    skipped: list = field(default_factory=list)  # (path, reason) of what was not copied
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def add(self, **counts: int) -> None:
@@ -34,13 +35,18 @@ class Stats:
         with self.lock:
             self.errors.append(f"{path or '.'}: {message}")
 
+    def skip(self, path: str, reason: str) -> None:
+        """Record something not copied (a device in a user's sync, an xattr the destination refuses)."""
+        with self.lock:
+            self.skipped.append((path, reason))
+
     def report(self, elapsed: float, would: list[str] | None = None) -> dict:
         """The sender's last line: what was done (``would``: what a dry run would do)."""
         report = {"done": True, "bytes_sent": self.bytes_sent, "files_sent": self.files_sent,
                   "files_deleted": self.files_deleted, "files_skipped": self.files_skipped,
                   "chunks_resent": self.chunks_resent, "chunks_resumed": self.chunks_resumed,
                   "bytes_total": self.bytes_total, "files_total": self.files_total,
-                  "errors": len(self.errors), "elapsed": round(elapsed, 3)}
+                  "errors": len(self.errors), "skipped": len(self.skipped), "elapsed": round(elapsed, 3)}
         if would is not None:
             report["would"] = would
         return report

@@ -17,6 +17,12 @@ from typing import Iterable, NamedTuple
 FILE = "f"
 DIR = "d"
 LINK = "l"
+FIFO = "p"
+SOCKET = "s"
+CHAR = "c"
+BLOCK = "b"
+SPECIAL = {stat.S_IFIFO: FIFO, stat.S_IFSOCK: SOCKET, stat.S_IFCHR: CHAR, stat.S_IFBLK: BLOCK}
+DEVICES = (CHAR, BLOCK)
 
 TEMP_PREFIX = ".cm."  # the mover's own temporary and state files start with this
 TEMP_SUFFIXES = (".tmp", ".part", ".ok")
@@ -25,11 +31,12 @@ _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 
 
 class Entry(NamedTuple):
-    """One thing in a tree: a regular file, a directory or a symlink (a tuple: cheap by the million)."""
+    """One thing in a tree: a regular file, a directory, a symlink, a fifo, a socket or a device
+    (a tuple: cheap by the million)."""
 
     path: str
     kind: str
-    size: int
+    size: int  # a device's: its device number (st_rdev)
     mtime_ns: int
     mode: int  # permission bits only
     target: str = ""  # symlink target, verbatim
@@ -140,16 +147,21 @@ def _entry(path: str, st: os.stat_result, target: str = "") -> Entry | None:
     elif stat.S_ISLNK(mode):
         kind = LINK
     else:
-        return None  # devices, fifos and sockets are not copied
-    size = st.st_size if kind == FILE else 0
+        kind = SPECIAL.get(stat.S_IFMT(mode))
+        if kind is None:
+            return None
+    size = st.st_size if kind == FILE else st.st_rdev if kind in DEVICES else 0
     return Entry(path, kind, size, st.st_mtime_ns, stat.S_IMODE(mode), target, st.st_uid, st.st_gid)
 
 
-def walk_fd(top_fd: int, excluder: Excluder | None = None, skip_temp: bool = False) -> list[Entry]:
+def walk_fd(top_fd: int, excluder: Excluder | None = None, skip_temp: bool = False,
+            inodes: dict | None = None) -> list[Entry]:
     """Walk the directory open as ``top_fd``; returns sorted entries, top (``""``) first.
 
     Does not close ``top_fd``. Subdirectories that vanish or cannot be
-    opened while walking are recorded but not entered.
+    opened while walking are recorded but not entered. ``inodes``, if
+    given, gets (st_dev, st_ino) of each regular file with other names
+    (st_nlink > 1), by path: the hard links (``meta.link_groups``).
     """
     excluder = excluder if excluder else None
     entries = [_entry("", os.stat(top_fd))]
@@ -177,9 +189,15 @@ def walk_fd(top_fd: int, excluder: Excluder | None = None, skip_temp: bool = Fal
                     elif fmt == stat.S_IFLNK:
                         kind = LINK
                     else:
-                        continue  # devices, fifos and sockets are not copied
+                        kind = SPECIAL.get(fmt)
+                        if kind is None:
+                            continue
+                        if kind in DEVICES:
+                            size = st.st_rdev
                     if excluder is not None and excluder.excluded(path, kind == DIR):
                         continue
+                    if inodes is not None and kind == FILE and st.st_nlink > 1:
+                        inodes[path] = (st.st_dev, st.st_ino)
                     if kind == LINK:
                         try:
                             target = os.readlink(name, dir_fd=fd)
@@ -199,7 +217,8 @@ def walk_fd(top_fd: int, excluder: Excluder | None = None, skip_temp: bool = Fal
     return entries
 
 
-def walk(top: str | os.PathLike, excluder: Excluder | None = None, skip_temp: bool = False) -> list[Entry]:
+def walk(top: str | os.PathLike, excluder: Excluder | None = None, skip_temp: bool = False,
+         inodes: dict | None = None) -> list[Entry]:
     """Walk ``top``: a directory gives its tree; a regular file gives one entry named by its basename.
 
     Returns [] when ``top`` does not exist.
@@ -213,6 +232,6 @@ def walk(top: str | os.PathLike, excluder: Excluder | None = None, skip_temp: bo
         return [e] if e else []
     fd = os.open(top, _DIR_FLAGS)
     try:
-        return walk_fd(fd, excluder, skip_temp)
+        return walk_fd(fd, excluder, skip_temp, inodes)
     finally:
         os.close(fd)
