@@ -547,6 +547,15 @@ class Token(Struct, frozen=True):
     token: Text = ""  # the operator token, for those who are not operators
 
 
+class Files(Struct, frozen=True):
+    """A page of a sync's per-file report (cminfo JOBID --files, GET /v1/jobs/{id}/files)."""
+
+    job_id: JobId
+    offset: Annotated[int, Meta(ge=0)] = 0  # lines to pass over (the previous page's ``next``)
+    limit: Annotated[int, Meta(ge=1, le=10000)] = 1000
+    action: Literal["created", "updated", "deleted", "skipped", "failed"] | None = None  # only these lines
+
+
 class Metrics(Struct, frozen=True):
     pass
 
@@ -559,10 +568,10 @@ class Stats(Struct, frozen=True):
     pass
 
 
-Args = Union[SubmitCommand, SubmitSync, Cancel, Info, Wait, Control, Delete, Token, Metrics, Ping, Stats]
+Args = Union[SubmitCommand, SubmitSync, Cancel, Info, Wait, Control, Delete, Token, Files, Metrics, Ping, Stats]
 ARGS: dict[str, Any] = {
     "submit": Union[SubmitCommand, SubmitSync], "cancel": Cancel, "info": Info, "wait": Wait, "control": Control,
-    "delete": Delete, "token": Token, "metrics": Metrics, "ping": Ping, "stats": Stats,
+    "delete": Delete, "token": Token, "files": Files, "metrics": Metrics, "ping": Ping, "stats": Stats,
 }
 
 

@@ -58,7 +58,7 @@ def tmpfs_dst(make_cluster):
     subprocess.run(["umount", "-l", str(target)], capture_output=True)
 
 
-def _sync(cluster, src: str, dst: str, nodes: int, user=None) -> dict:
+def _sync(cluster, src: str, dst: str, nodes: int, user=None, **options) -> dict:
     if user is None:
         job_id = cluster.submit("cmsync", "-n", str(nodes), "--wait", src, dst, check=False)
         return cluster.job(job_id)
@@ -66,7 +66,7 @@ def _sync(cluster, src: str, dst: str, nodes: int, user=None) -> dict:
     home.mkdir(exist_ok=True)
     os.chown(home, user.pw_uid, user.pw_gid)
     ok, data = call_as(user.pw_uid, user.pw_gid, cluster.run_dir, "submit", kind="sync", src=src, dst=dst,
-                       nodes=nodes, cwd=str(home), options={})
+                       nodes=nodes, cwd=str(home), options=options)
     assert ok, data
     return cluster.wait_state(data["job_id"], FINAL, timeout=90)
 
@@ -127,3 +127,98 @@ def test_a_users_sync_keeps_everything_on_tmpfs_with_one_node(tmpfs_dst, keeper)
     job = _sync(cluster, f"gpu:/{USER}/site", f"cpu:/{USER}/copy", 1, user=keeper)
     _check(cluster, job, src, cluster.data_dir / "cpu" / USER / "copy",
            xattrs=treegen.user_xattrs_supported(cluster.data_dir / "cpu"))
+
+
+@pytest.fixture
+def ramfs_dst(make_cluster):
+    """A cluster whose cpu partition's storage is a ramfs: a file system without xattrs or ACLs."""
+    cluster = make_cluster("gpu:2,cpu:2", nodes=4, chunk_mb=1)
+    target = cluster.data_dir / "cpu"
+    target.mkdir(parents=True, exist_ok=True)
+    proc = subprocess.run(["mount", "-t", "ramfs", "ramfs", str(target)], capture_output=True, text=True)
+    if proc.returncode != 0:
+        pytest.skip(f"cannot mount a ramfs: {proc.stderr.strip()}")
+    yield cluster
+    subprocess.run(["umount", "-l", str(target)], capture_output=True)
+
+
+def _small_tree(top: Path) -> Path:
+    (top / "d").mkdir(parents=True)
+    (top / "d" / "a.txt").write_bytes(b"a\n")
+    os.link(top / "d" / "a.txt", top / "d" / "b.txt")
+    os.setxattr(top / "d" / "a.txt", "user.project", b"alpha")
+    (top / "d" / "acl.txt").write_bytes(b"acl\n")
+    subprocess.run(["setfacl", "-m", "u:nobody:r", str(top / "d" / "acl.txt")], check=True)
+    os.mkfifo(top / "fifo")
+    return top
+
+
+def _report(cluster, job_id: int) -> list[dict]:
+    from cm.api.client import Client
+
+    page = Client(str(cluster.run_dir / "api.sock"), timeout=30).files(job_id, limit=10000)
+    assert page["next"] is None
+    return page["files"]
+
+
+def test_what_the_destination_cannot_hold_is_a_counted_reported_skip(ramfs_dst):
+    cluster = ramfs_dst
+    _small_tree(cluster.data_dir / "gpu" / "small")
+    proc = cluster.cli("cmsync", "--wait", "gpu:/small", "cpu:/copy")
+    job_id = int(proc.stdout.split()[-1])
+    job = cluster.job(job_id)
+    assert job["state"] == "COMPLETED", job
+    skipped = [line for line in _report(cluster, job_id) if line["action"] == "skipped"]
+    assert {line["path"] for line in skipped} == {"d/a.txt", "d/acl.txt"}, skipped
+    assert all("cannot hold" in line["reason"] for line in skipped)
+    assert job["transfer"]["skipped"] == len(skipped)
+    assert f"COMPLETED with {len(skipped)} skipped: see cminfo {job_id} --files" in proc.stderr
+    details = cluster.cli("cminfo", str(job_id)).stdout
+    assert f"NOT COPIED: {len(skipped)}" in details and "d/acl.txt" in details
+    listing = cluster.cli("cminfo", str(job_id), "--files").stdout
+    assert "skipped  d/a.txt: extended attribute user.project: the destination cannot hold it" in listing
+    copy = cluster.data_dir / "cpu" / "copy"
+    assert os.stat(copy / "d" / "a.txt").st_ino == os.stat(copy / "d" / "b.txt").st_ino
+    assert (copy / "fifo").is_fifo()
+
+
+def test_the_report_names_every_change_and_a_dry_run_reports_what_it_would_do(make_cluster, keeper):
+    cluster = make_cluster("gpu:2,cpu:2", nodes=4, chunk_mb=1)
+    for part in ("gpu", "cpu"):
+        _owned_dir(cluster.data_dir / part / USER, keeper)
+    src = _small_tree(cluster.data_dir / "gpu" / USER / "small")
+    os.mknod(src / "null", 0o666 | 0o020000, os.makedev(1, 3))  # a device: not a user's to make
+    (src / "big.bin").write_bytes(os.urandom(3 << 20))
+    for dirpath, dirnames, filenames in os.walk(src):
+        for name in [*dirnames, *filenames, "."]:
+            os.chown(os.path.join(dirpath, name), keeper.pw_uid, keeper.pw_gid, follow_symlinks=False)
+    dry = _sync(cluster, f"gpu:/{USER}/small", f"cpu:/{USER}/copy", 1, user=keeper, dry_run=True)
+    assert dry["state"] == "COMPLETED"
+    assert not (cluster.data_dir / "cpu" / USER / "copy").exists()
+    would = _report(cluster, dry["id"])
+    assert all(line["dry_run"] for line in would)
+    assert {line["path"] for line in would if line["action"] == "created"} >= {"d/a.txt", "d/b.txt", "fifo", "big.bin"}
+    job = _sync(cluster, f"gpu:/{USER}/small", f"cpu:/{USER}/copy", 1, user=keeper)
+    assert job["state"] == "COMPLETED" and job["transfer"]["skipped"] == 1, job
+    lines = {line["path"]: line for line in _report(cluster, job["id"])}
+    assert lines["null"]["action"] == "skipped" and "root's and operators'" in lines["null"]["reason"]
+    assert lines["d/b.txt"] == {"action": "created", "path": "d/b.txt", "kind": "f", "link": "d/a.txt"}
+    assert lines["d/a.txt"]["xxh3"] and lines["fifo"]["kind"] == "p"
+    assert len(lines["big.bin"]["chunks_xxh3"]) == 3
+    report_file = cluster.home / USER / "cmlogs" / str(job["id"]) / "files-0.jsonl"
+    assert report_file.stat().st_uid == keeper.pw_uid
+    (src / "d" / "a.txt").write_bytes(b"changed\n")
+    again = _sync(cluster, f"gpu:/{USER}/small", f"cpu:/{USER}/copy", 1, user=keeper)
+    changed = {line["path"]: line["action"] for line in _report(cluster, again["id"])}
+    assert changed == {"d/a.txt": "updated", "d/b.txt": "updated", "null": "skipped"}, changed  # b: linked again
+
+
+def test_each_kept_thing_can_be_turned_off(make_cluster):
+    cluster = make_cluster("gpu:2,cpu:2", nodes=4, chunk_mb=1)
+    _small_tree(cluster.data_dir / "gpu" / "small")
+    job_id = cluster.submit("cmsync", "--wait", "--no-hard-links", "--no-xattrs", "--no-acls", "-aHAXS",
+                            "gpu:/small", "cpu:/copy")
+    assert cluster.job(job_id)["state"] == "COMPLETED"
+    copy = cluster.data_dir / "cpu" / "copy" / "d"
+    assert os.stat(copy / "a.txt").st_ino != os.stat(copy / "b.txt").st_ino
+    assert os.listxattr(copy / "a.txt") == [] and os.listxattr(copy / "acl.txt") == []

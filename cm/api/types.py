@@ -88,6 +88,7 @@ class TransferView(Struct):
     errors: int
     rate: float
     message: str
+    skipped: int  # paths (or their xattrs, ACLs) not copied: the report's "skipped" lines say why
     started: float | None
     ended: float | None
     stats: dict[str, Any]
@@ -138,6 +139,31 @@ class NodeView(Struct):
 
 class NodeList(Struct):
     nodes: list[NodeView]
+
+
+class FileLine(Struct, forbid_unknown_fields=False):
+    """One line of a sync's per-file report (cm.transfer.report): what was done to one path."""
+
+    action: Literal["created", "updated", "deleted", "skipped", "failed"]
+    path: str
+    dry_run: bool = False
+    kind: str | None = None
+    size: int | None = None
+    xxh3: str | None = None
+    chunks_xxh3: list[str] | None = None
+    chunks_resumed: int | None = None
+    link: str | None = None
+    target: str | None = None
+    what: str | None = None
+    reason: str | None = None
+
+
+class FileList(Struct):
+    """A page of the report; `next` is the offset of the next page (null: the last page)."""
+
+    job_id: int
+    files: list[FileLine]
+    next: int | None
 
 
 class CancelResult(Struct):

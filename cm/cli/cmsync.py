@@ -104,7 +104,8 @@ def cli(nodes, delete, dry_run, checksum, exclude, bwlimit, transport, policy, n
             sys.stderr.write(progress_bar(view) + "\n")
         if not parsable:
             t = view.get("transfer") or {}
-            print(f"job {job_id} {view['state']} in {time.monotonic() - started:.1f} s: "
+            skipped = f" with {t['skipped']} skipped: see cminfo {job_id} --files," if t.get("skipped") else ""
+            print(f"job {job_id} {view['state']}{skipped} in {time.monotonic() - started:.1f} s: "
                   f"{human_bytes(t.get('bytes_done', 0))}, {t.get('files_done', 0)} files"
                   + (f" ({view['reason']})" if view.get("reason") and view["state"] != "COMPLETED" else ""),
                   file=sys.stderr)

@@ -26,7 +26,9 @@ from . import diff, meta
 from . import frames as f
 from .connection import LIST_PAGE, Connections, TransferError, request_pages
 from .decide import Work, decide
+from .partial import chunk_count
 from .paths import PathEscape, confine
+from .report import Report, digest_hex
 from .source import Source
 from .spec import Spec
 from .stats import Stats
@@ -56,16 +58,21 @@ class Sender:
     """Runs one rank of a sync job described by a ``Spec``.
 
     ``channel`` is the class of its connections (tests pass one that spoils
-    bytes on the wire, to see them caught and sent again).
+    bytes on the wire, to see them caught and sent again). ``report`` gets
+    a line per path this rank changed, skipped or failed (``report``).
     """
 
-    def __init__(self, spec: Spec, emit: Callable[[dict], None], channel: type[Channel] = Channel):
+    def __init__(self, spec: Spec, emit: Callable[[dict], None], channel: type[Channel] = Channel,
+                 report: Report | None = None):
         self.spec = spec
         self.emit = emit
-        self.stats = Stats()
+        self.report = report or Report()
+        self.report.dry_run = spec.dry_run
+        self.stats = Stats(on_path=self.report.add)
         self.excluder = Excluder(spec.exclude)
         self.connections = Connections(spec, channel)
         self.source: Source | None = None
+        self.resumed: dict[str, int] = {}  # chunks of each file verified by an earlier run
 
     def run(self) -> dict:
         """Do the whole transfer for this rank; returns the final report."""
@@ -81,6 +88,13 @@ class Sender:
             raise TransferError(f"source {spec.src_path!r} does not exist") from None
         single_file = stat.S_ISREG(st.st_mode)
         self.source = Source(top.parent if single_file else top, self.stats)
+        try:
+            return self._run(top, single_file, started)
+        finally:
+            self.report.close()
+
+    def _run(self, top: Path, single_file: bool, started: float) -> dict:
+        spec, report = self.spec, self.report
         control = self.connections.connect()
         try:
             # the receiver walks the destination while we walk the source
@@ -91,6 +105,7 @@ class Sender:
             src = {e.path: e for e in entries}
             dst_list = self._manifest(control)
             dst = {e.path: e for e in dst_list}
+            report.existing = dst
             data = [e for e in entries if e.path not in kept.followers] if kept.followers else entries
             work = decide(spec, control, data, dst, self.source, self.stats, kept.pinned)
             lead = spec.rank == 0
@@ -99,25 +114,41 @@ class Sender:
             links = diff.links_to_make(entries, dst) if lead else []
             specials = self._specials(entries, dst) if lead else []
             if spec.dry_run:
+                new_links = [(leader, p) for leader, p in kept.links_of(spec.rank) if p not in dst]
                 would = [f"delete {p}" for p in gone] + [f"send {e.path}/" for e in mkdirs if lead and e.path] + \
                     [f"send {e.path}" for e in links + specials] + work.would + \
-                    [f"link {p} => {leader}" for leader, p in kept.links_of(spec.rank) if p not in dst]
+                    [f"link {p} => {leader}" for leader, p in new_links]
                 self.stats.files_deleted = len(gone)
+                self._report_structure(gone, mkdirs if lead else [], links, specials, range(len(specials)))
+                for it in work.small + [it for it in work.chunks if it.first]:
+                    report.made(it.entry.path, FILE, size=it.entry.size)
+                for leader, p in new_links:
+                    report.made(p, FILE, link=leader)
                 return self.stats.report(time.monotonic() - started, would=would)
             if work.chunks or work.small:
                 threading.Thread(target=warm_up, name="warm-up", daemon=True).start()  # while directories are made
             touched = self._structure(control, tops, gone, mkdirs, links, work.meta)
+            made_specials: list[int] = []
             if specials:
-                self._apply(control, f.Specials, [f.SpecialRow(os.fsencode(e.path), e.kind, e.mode, e.mtime_ns,
-                                                               e.size) for e in specials])
+                made_specials = self._apply(control, f.Specials, [
+                    f.SpecialRow(os.fsencode(e.path), e.kind, e.mode, e.mtime_ns, e.size) for e in specials])
                 touched.update(diff.parent(e.path) for e in specials)
+            self._report_structure(gone, mkdirs if lead else [], links, specials, made_specials)
+            for e in work.meta:
+                report.add("updated", e.path, kind=FILE, what="mode, mtime")
+            if spec.nranks == 1:  # chunks an earlier run verified, per file (a rank sees only its own share)
+                left = work.remaining
+                self.resumed = {e.path: chunk_count(e.size, spec.chunk_size) - left[e.path]
+                                for e in {it.entry.path: it.entry for it in work.chunks}.values()}
             self._move_data(control, work)
             touched.update(diff.parent(it.entry.path) for it in work.chunks + work.small)
             hard = kept.links_of(spec.rank)
             if hard:  # after the data: their files are in place
-                self._apply(control, f.HardLinks, [f.HardLinkRow(os.fsencode(p), os.fsencode(leader))
-                                                   for leader, p in hard])
+                linked = self._apply(control, f.HardLinks, [f.HardLinkRow(os.fsencode(p), os.fsencode(leader))
+                                                            for leader, p in hard])
                 touched.update(diff.parent(p) for _, p in hard)
+                for i in linked:
+                    report.made(hard[i][1], FILE, link=hard[i][0])
             dirs = diff.dir_meta(entries, dst, touched)
             self._pages(control, f.DirMeta, [f.MetaRow(os.fsencode(e.path), e.mode, e.mtime_ns)
                                              for e in reversed(dirs)])
@@ -125,7 +156,7 @@ class Sender:
                 # files whose data went (batches, chunks) were created with their owner already
                 owned = work.owned + ([e for e in entries if e.kind != FILE] if lead else [])
                 sent = {it.entry.path for it in work.small} | {it.entry.path for it in work.chunks}
-                made = {e.path for e in mkdirs} | {e.path for e in links}
+                made = {e.path for e in mkdirs} | {e.path for e in links} | {e.path for e in specials}
                 owned = [e for e in owned if e.path not in sent
                          and (e.path in made or _owner_differs(e, dst.get(e.path)))]
                 self._pages(control, f.Owners, [f.OwnerRow(*row) for row in self.source.owner_rows(owned)])
@@ -133,7 +164,12 @@ class Sender:
                 made = work.small + work.chunks
                 rows = kept.xattr_rows(entries, spec.rank, made, mkdirs if lead else [])
                 if rows:
-                    self._apply(control, lambda page: f.XAttrs(list(kept.spaces), page), rows)
+                    changed = self._apply(control, lambda page: f.XAttrs(list(kept.spaces), page), rows)
+                    reported = {it.entry.path for it in made} | {e.path for e in mkdirs}
+                    for i in changed:
+                        path = os.fsdecode(rows[i].path)
+                        if path not in reported:
+                            report.add("updated", path, what="xattrs")
             control.send(f.Bye())
         except (ConnectionError, TimeoutError) as exc:
             raise TransferError(f"lost the receiver at {spec.dst_host}:{spec.dst_port}: {exc}", transient=True) from exc
@@ -147,6 +183,21 @@ class Sender:
 
     def _pages(self, chan: Channel, make, rows: list) -> list:
         return request_pages(chan, make, rows, self.stats)
+
+    def _report_structure(self, gone: list[str], mkdirs: list[Entry], links: list[Entry], specials: list[Entry],
+                          made_specials) -> None:
+        report = self.report
+        if not report:
+            return
+        for p in gone:
+            report.add("deleted", p)
+        for e in mkdirs:
+            if e.path:
+                report.made(e.path, e.kind)
+        for e in links:
+            report.made(e.path, e.kind, target=e.target)
+        for i in made_specials:
+            report.made(specials[i].path, specials[i].kind)
 
     def _apply(self, chan: Channel, make, rows: list) -> list[int]:
         """Requests answered by ``frames.Applied``; what the destination skipped is counted with its reason.
@@ -215,7 +266,7 @@ class Sender:
         if not len(queue):
             return
         pace = Throttle(self.spec.bwlimit) if self.spec.bwlimit else None
-        streams = Streams(self.spec, self.source, self.stats, work, queue, pace)
+        streams = Streams(self.spec, self.source, self.stats, work, queue, pace, self.report, self.resumed)
         nstreams = min(self.spec.streams, len(queue))
         channels = [control] + [self.connections.connect() for _ in range(nstreams - 1)]
         threads = [threading.Thread(target=streams.stream, args=(ch,), name=f"stream-{i}", daemon=True)

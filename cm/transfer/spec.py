@@ -78,6 +78,7 @@ class SpareJob(Struct, frozen=True, forbid_unknown_fields=True):
     gid: Id
     groups: list[Id]
     stderr: str | None = None  # the job's error log, opened as the user
+    report: str | None = None  # the rank's per-file report (``report``), made by the node as the user
 
     @classmethod
     def from_json(cls, raw: bytes | str) -> "SpareJob":

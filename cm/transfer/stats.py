@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 from dataclasses import dataclass, field
+from typing import Callable
 
 
 @dataclass
@@ -23,6 +24,7 @@ class Stats:
     errors: list = field(default_factory=list)
     skipped: list = field(default_factory=list)  # (path, reason) of what was not copied
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+    on_path: Callable[..., None] | None = field(default=None, repr=False)  # report.Report.add: failed, skipped
 
     def add(self, **counts: int) -> None:
         """Add to several counters at once."""
@@ -34,11 +36,15 @@ class Stats:
         """Record a failure for one path; the transfer goes on."""
         with self.lock:
             self.errors.append(f"{path or '.'}: {message}")
+        if self.on_path is not None:
+            self.on_path("failed", path, reason=message)
 
     def skip(self, path: str, reason: str) -> None:
         """Record something not copied (a device in a user's sync, an xattr the destination refuses)."""
         with self.lock:
             self.skipped.append((path, reason))
+        if self.on_path is not None:
+            self.on_path("skipped", path, reason=reason)
 
     def report(self, elapsed: float, would: list[str] | None = None) -> dict:
         """The sender's last line: what was done (``would``: what a dry run would do)."""

@@ -21,6 +21,7 @@ from . import checksum, plan, sparse
 from .connection import TransferError
 from .decide import Work
 from .paths import DirHandles, PathEscape
+from .report import Report, digest_hex
 from .source import Source
 from .spec import Spec
 from .stats import Stats
@@ -81,13 +82,17 @@ class Streams:
     """Sends the units of a ``WorkQueue``; ``stream(chan)`` is one stream thread's body."""
 
     def __init__(self, spec: Spec, source: Source, stats: Stats, work: Work, queue: WorkQueue,
-                 pace: Callable[[int], None] | None = None):
+                 pace: Callable[[int], None] | None = None, report: Report | None = None,
+                 resumed: dict[str, int] | None = None):
         self.spec = spec
         self.source = source
         self.stats = stats
         self.work = work
         self.queue = queue
         self._pacer = pace
+        self.report = report or Report()
+        self.resumed = resumed or {}
+        self._digests: dict[str, dict[int, int]] = {}  # chunk digests sent, per file (for the report)
 
     def stream(self, chan: Channel) -> None:
         """Send units until the queue is empty or a stream failed."""
@@ -150,8 +155,8 @@ class Streams:
                 self.stats.add(bytes_done=it.length - len(mm))  # the holes: done without sending them
                 drop = None
             for _ in range(1 + MAX_RESENDS):
-                chan.send_stream(frame, mm, checksum.Hasher() if holes is None else sparse.hasher(holes),
-                                 self._pace, sent=drop)
+                digest = chan.send_stream(frame, mm, checksum.Hasher() if holes is None else sparse.hasher(holes),
+                                          self._pace, sent=drop)
                 ans = chan.answer(f.Kind.CHUNK)
                 self.stats.add(bytes_sent=len(mm))
                 if ans.ok:
@@ -169,9 +174,16 @@ class Streams:
         work = self.work
         with self.stats.lock:
             work.remaining[e.path] -= 1
-            if work.remaining[e.path] == 0 and e.path in work.first_paths:
+            sent = self._digests.setdefault(e.path, {}) if self.report else {}
+            sent[it.index] = digest
+            finished = work.remaining[e.path] == 0 and e.path in work.first_paths
+            if finished:
                 self.stats.files_done += 1
                 self.stats.files_sent += 1
+                self._digests.pop(e.path, None)
+        if finished and self.report:
+            self.report.made(e.path, "f", size=e.size, chunks_xxh3=[digest_hex(sent[i]) for i in sorted(sent)],
+                             chunks_resumed=self.resumed.get(e.path) or None)
 
     def _send_batch(self, chan: Channel, handles: DirHandles, items: list[plan.Item], buf: memoryview,
                     attempt: int = 0) -> None:
@@ -205,6 +217,10 @@ class Streams:
         failed = {os.fsdecode(err.path) for err in ans.errors}
         ok = sum(1 for i, it in enumerate(sent_items) if i not in bad and it.entry.path not in failed)
         self.stats.add(files_done=ok, files_sent=ok)
+        if self.report:
+            for i, (it, row) in enumerate(zip(sent_items, rows)):
+                if i not in bad and it.entry.path not in failed:
+                    self.report.made(it.entry.path, "f", size=it.entry.size, xxh3=digest_hex(row.digest))
         if bad:
             retry = [sent_items[i] for i in sorted(bad) if 0 <= i < len(sent_items)]
             self.stats.add(chunks_resent=len(retry))
