@@ -163,14 +163,13 @@ class Kept:
 
 # ---- the receiving side: ``dest`` is a ``destination.Destination`` ----
 
-def _where(dest, path: bytes) -> tuple[int, str, str]:
-    """(parent directory descriptor, name, a path that names the entry itself without following it)."""
+def _where(dest, path: bytes) -> str:
+    """A path naming the entry itself (its directories reached without following symlinks): the xattr
+    calls have no ``*at`` form, so they go through the parent's descriptor in /proc."""
     parts = wire_parts(os.fsdecode(path))
     if not parts:
-        fd = dest.dirs.open(())
-        return fd, "", f"/proc/self/fd/{fd}"
-    dfd = dest.dirs.open(parts[:-1])
-    return dfd, parts[-1], f"/proc/self/fd/{dfd}/{parts[-1]}"
+        return f"/proc/self/fd/{dest.dirs.open(())}"
+    return f"/proc/self/fd/{dest.dirs.open(parts[:-1])}/{parts[-1]}"
 
 
 def _skip_or_fail(skipped: list, errors: list, path: bytes, what: str, exc: OSError) -> None:
@@ -254,7 +253,7 @@ def set_xattrs(dest, rows: list[XAttrRow], spaces: tuple[bytes, ...]) -> Applied
     ans = Applied()
     for i, row in enumerate(rows):
         try:
-            dfd, name, path = _where(dest, row.path)
+            path = _where(dest, row.path)
             st = os.stat(path, follow_symlinks=False)
             have = {os.fsencode(n) for n in os.listxattr(path, follow_symlinks=False)}
         except PathEscape as exc:

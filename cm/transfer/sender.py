@@ -28,7 +28,7 @@ from .connection import LIST_PAGE, Connections, TransferError, request_pages
 from .decide import Work, decide
 from .partial import chunk_count
 from .paths import PathEscape, confine
-from .report import Report, digest_hex
+from .report import Report
 from .source import Source
 from .spec import Spec
 from .stats import Stats
@@ -100,7 +100,10 @@ class Sender:
             # the receiver walks the destination while we walk the source
             control.send(f.Manifest(list(spec.exclude), 0))
             inodes: dict | None = {} if spec.hard_links else None
-            entries = walk(top, self.excluder, inodes=inodes)
+            unreadable: list[tuple[str, str]] = []
+            entries = walk(top, self.excluder, inodes=inodes, unreadable=unreadable)
+            for path, why in unreadable if spec.rank == 0 else ():  # every rank walks: the lead says it
+                self.stats.error(path, f"cannot be read ({why}): what is in it was not copied")
             kept = self._kept(entries, inodes)
             src = {e.path: e for e in entries}
             dst_list = self._manifest(control)
@@ -161,11 +164,11 @@ class Sender:
                          and (e.path in made or _owner_differs(e, dst.get(e.path)))]
                 self._pages(control, f.Owners, [f.OwnerRow(*row) for row in self.source.owner_rows(owned)])
             if kept.spaces:  # last: a change of owner may drop some (security.capability)
-                made = work.small + work.chunks
-                rows = kept.xattr_rows(entries, spec.rank, made, mkdirs if lead else [])
+                sent_items = work.small + work.chunks
+                rows = kept.xattr_rows(entries, spec.rank, sent_items, mkdirs if lead else [])
                 if rows:
                     changed = self._apply(control, lambda page: f.XAttrs(list(kept.spaces), page), rows)
-                    reported = {it.entry.path for it in made} | {e.path for e in mkdirs}
+                    reported = {it.entry.path for it in sent_items} | {e.path for e in mkdirs}
                     for i in changed:
                         path = os.fsdecode(rows[i].path)
                         if path not in reported:

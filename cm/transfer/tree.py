@@ -155,13 +155,15 @@ def _entry(path: str, st: os.stat_result, target: str = "") -> Entry | None:
 
 
 def walk_fd(top_fd: int, excluder: Excluder | None = None, skip_temp: bool = False,
-            inodes: dict | None = None) -> list[Entry]:
+            inodes: dict | None = None, unreadable: list | None = None) -> list[Entry]:
     """Walk the directory open as ``top_fd``; returns sorted entries, top (``""``) first.
 
     Does not close ``top_fd``. Subdirectories that vanish or cannot be
     opened while walking are recorded but not entered. ``inodes``, if
     given, gets (st_dev, st_ino) of each regular file with other names
     (st_nlink > 1), by path: the hard links (``meta.link_groups``).
+    ``unreadable``, if given, gets (path, reason) of each directory that
+    could not be entered, so what is in it can be reported as not copied.
     """
     excluder = excluder if excluder else None
     entries = [_entry("", os.stat(top_fd))]
@@ -208,7 +210,11 @@ def walk_fd(top_fd: int, excluder: Excluder | None = None, skip_temp: bool = Fal
                     if kind == DIR:
                         try:
                             sub = os.open(name, _DIR_FLAGS, dir_fd=fd)
-                        except (FileNotFoundError, NotADirectoryError, PermissionError):
+                        except (FileNotFoundError, NotADirectoryError):
+                            continue
+                        except PermissionError as exc:
+                            if unreadable is not None:
+                                unreadable.append((path, exc.strerror))
                             continue
                         stack.append((path + "/", sub))
         finally:
@@ -218,7 +224,7 @@ def walk_fd(top_fd: int, excluder: Excluder | None = None, skip_temp: bool = Fal
 
 
 def walk(top: str | os.PathLike, excluder: Excluder | None = None, skip_temp: bool = False,
-         inodes: dict | None = None) -> list[Entry]:
+         inodes: dict | None = None, unreadable: list | None = None) -> list[Entry]:
     """Walk ``top``: a directory gives its tree; a regular file gives one entry named by its basename.
 
     Returns [] when ``top`` does not exist.
@@ -232,6 +238,6 @@ def walk(top: str | os.PathLike, excluder: Excluder | None = None, skip_temp: bo
         return [e] if e else []
     fd = os.open(top, _DIR_FLAGS)
     try:
-        return walk_fd(fd, excluder, skip_temp, inodes)
+        return walk_fd(fd, excluder, skip_temp, inodes, unreadable)
     finally:
         os.close(fd)

@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
+import tempfile
 import time
+from pathlib import Path
 
 import treegen
+
+from cm.transfer.tree import walk
 
 from .conftest import run_sender, spec_for
 
@@ -41,3 +47,36 @@ def test_a_sparse_file_of_one_chunk_keeps_its_holes_and_resumes_by_its_digests(r
     assert treegen.blocks(out) <= 1 << 20
     digests = run_sender(spec_for(receiver, src, chunk_size=8 << 20, checksum=True))
     assert digests.report["bytes_sent"] == 0
+
+
+
+def test_a_directory_the_walk_cannot_enter_is_named_not_passed_over_in_silence(nobody):
+    """The sender reports each of these as a failure of its sync (what is in it was not copied)."""
+    tmp_path = Path(tempfile.mkdtemp(prefix="cm-walk-"))  # pytest's own is root's alone
+    top = tmp_path / "tree"
+    (top / "shut").mkdir(parents=True)
+    (top / "shut" / "hidden.txt").write_bytes(b"h")
+    (top / "open").mkdir()
+    (top / "shut").chmod(0o700)  # root's, and the walk below is nobody's
+    for p in (tmp_path, top, top / "open"):
+        p.chmod(0o755)
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # a child that has become nobody walks
+        os.close(r)
+        os.setgroups([])
+        os.setgid(nobody.pw_gid)
+        os.setuid(nobody.pw_uid)
+        try:
+            unreadable: list = []
+            paths = [e.path for e in walk(top, unreadable=unreadable)]
+            os.write(w, json.dumps([paths, unreadable]).encode())
+        finally:
+            os._exit(0)
+    os.close(w)
+    with os.fdopen(r) as f:
+        paths, unreadable = json.loads(f.read())
+    os.waitpid(pid, 0)
+    shutil.rmtree(tmp_path)
+    assert "shut" in paths and "shut/hidden.txt" not in paths
+    assert unreadable == [["shut", "Permission denied"]]
