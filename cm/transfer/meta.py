@@ -74,26 +74,26 @@ def pin(path: str, nranks: int) -> int:
     return zlib.crc32(os.fsencode(path)) % nranks if nranks > 1 else 0
 
 
-def read_xattrs(top: os.PathLike, entries: list[Entry], spaces: tuple[bytes, ...], owners: bool,
+def read_xattrs(top: os.PathLike, entries: list[Entry], listed: dict, spaces: tuple[bytes, ...], owners: bool,
                 skip) -> dict[str, list[tuple[bytes, bytes]]]:
     """{path: [(name, value), ...]} of the entries that have attributes in ``spaces``.
 
-    Regular files and directories only, unless the transfer keeps owners (the ``user.`` namespace
-    exists on nothing else). ``skip(path, reason)`` hears of attributes that cannot be read.
+    ``listed``: the names the walk found (``tree.walk``'s ``xattrs``). Regular files and directories
+    only, unless the transfer keeps owners (the ``user.`` namespace exists on nothing else).
+    ``skip(path, reason)`` hears of attributes that cannot be read.
     """
     out: dict[str, list[tuple[bytes, bytes]]] = {}
+    if not listed:
+        return out
     base = os.fsencode(top)
     for e in entries:
-        if not owners and e.kind not in (FILE, DIR):
+        names = listed.get(e.path)
+        if names is None or not owners and e.kind not in (FILE, DIR):
+            continue
+        if isinstance(names, OSError):
+            skip(e.path, f"its extended attributes cannot be read: {names.strerror}")
             continue
         path = os.path.join(base, os.fsencode(e.path)) if e.path else base
-        try:
-            names = os.listxattr(path, follow_symlinks=False)
-        except OSError as exc:
-            if exc.errno in (errno.ENOTSUP, errno.ENOENT):
-                continue  # a file system without attributes, or gone since the walk
-            skip(e.path, f"its extended attributes cannot be read: {exc.strerror}")
-            continue
         attrs = []
         for name in sorted(names):
             raw = os.fsencode(name)

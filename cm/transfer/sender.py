@@ -101,10 +101,11 @@ class Sender:
             control.send(f.Manifest(list(spec.exclude), 0))
             inodes: dict | None = {} if spec.hard_links else None
             unreadable: list[tuple[str, str]] = []
-            entries = walk(top, self.excluder, inodes=inodes, unreadable=unreadable)
+            listed: dict | None = {} if meta.namespaces(spec.xattrs, spec.acls, spec.owners) else None
+            entries = walk(top, self.excluder, inodes=inodes, unreadable=unreadable, xattrs=listed)
             for path, why in unreadable if spec.rank == 0 else ():  # every rank walks: the lead says it
                 self.stats.error(path, f"cannot be read ({why}): what is in it was not copied")
-            kept = self._kept(entries, inodes)
+            kept = self._kept(entries, inodes, listed)
             src = {e.path: e for e in entries}
             dst_list = self._manifest(control)
             dst = {e.path: e for e in dst_list}
@@ -215,10 +216,11 @@ class Sender:
             changed.extend(i + k for k in ans.changed)
         return changed
 
-    def _kept(self, entries: list[Entry], inodes: dict | None) -> "meta.Kept":
+    def _kept(self, entries: list[Entry], inodes: dict | None, listed: dict | None) -> "meta.Kept":
         spec = self.spec
         spaces = meta.namespaces(spec.xattrs, spec.acls, spec.owners)
-        attrs = meta.read_xattrs(self.source.top, entries, spaces, spec.owners, self.stats.skip) if spaces else {}
+        attrs = meta.read_xattrs(self.source.top, entries, listed, spaces, spec.owners, self.stats.skip) \
+            if listed else {}
         return meta.Kept(spaces, attrs, meta.link_groups(inodes) if inodes else {}, spec.nranks, entries)
 
     def _specials(self, entries: list[Entry], dst: dict[str, Entry]) -> list[Entry]:

@@ -9,6 +9,7 @@ source gets the same list.
 
 from __future__ import annotations
 
+import errno
 import os
 import re
 import stat
@@ -155,7 +156,7 @@ def _entry(path: str, st: os.stat_result, target: str = "") -> Entry | None:
 
 
 def walk_fd(top_fd: int, excluder: Excluder | None = None, skip_temp: bool = False,
-            inodes: dict | None = None, unreadable: list | None = None) -> list[Entry]:
+            inodes: dict | None = None, unreadable: list | None = None, xattrs: dict | None = None) -> list[Entry]:
     """Walk the directory open as ``top_fd``; returns sorted entries, top (``""``) first.
 
     Does not close ``top_fd``. Subdirectories that vanish or cannot be
@@ -164,14 +165,54 @@ def walk_fd(top_fd: int, excluder: Excluder | None = None, skip_temp: bool = Fal
     (st_nlink > 1), by path: the hard links (``meta.link_groups``).
     ``unreadable``, if given, gets (path, reason) of each directory that
     could not be entered, so what is in it can be reported as not copied.
+    ``xattrs``, if given, gets the names of the extended attributes of each
+    entry that has any (or the OSError that listing them raised), by path.
+    Listing them takes a system call per entry; made with a name relative
+    to the working directory it costs a third of one made with the whole
+    path, so the walk then moves the process's working directory into
+    each directory it lists (and back at the end): only for a
+    single-threaded caller (the sender, before its streams start).
     """
     excluder = excluder if excluder else None
     entries = [_entry("", os.stat(top_fd))]
-    append = entries.append
     stack: list[tuple[str, int]] = [("", os.dup(top_fd))]
+    home = None
+    if xattrs is not None:
+        home = os.open(".", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+        _list_xattrs(xattrs, "", top_fd)
+    try:
+        _walk(stack, entries, excluder, skip_temp, inodes, unreadable, xattrs)
+    finally:
+        if home is not None:
+            os.fchdir(home)
+            os.close(home)
+    entries.sort(key=lambda e: e.path)
+    return entries
+
+
+def _list_xattrs(out: dict, path: str, name: str | int) -> None:
+    try:
+        names = os.listxattr(name) if isinstance(name, int) else os.listxattr(name, follow_symlinks=False)
+    except OSError as exc:
+        if exc.errno not in (errno.ENOTSUP, errno.ENOENT):
+            out[path] = exc
+        return
+    if names:
+        out[path] = names
+
+
+def _walk(stack: list, entries: list, excluder, skip_temp: bool, inodes, unreadable, xattrs) -> None:
+    append = entries.append
     while stack:
         prefix, fd = stack.pop()
+        listing = xattrs
         try:
+            if listing is not None:
+                try:
+                    os.fchdir(fd)
+                except OSError as exc:  # no search permission: neither can its entries be looked at
+                    listing[prefix.rstrip("/")] = exc
+                    listing = None
             with os.scandir(fd) as it:
                 for de in it:
                     name = de.name
@@ -200,6 +241,8 @@ def walk_fd(top_fd: int, excluder: Excluder | None = None, skip_temp: bool = Fal
                         continue
                     if inodes is not None and kind == FILE and st.st_nlink > 1:
                         inodes[path] = (st.st_dev, st.st_ino)
+                    if listing is not None:
+                        _list_xattrs(listing, path, name)
                     if kind == LINK:
                         try:
                             target = os.readlink(name, dir_fd=fd)
@@ -219,12 +262,10 @@ def walk_fd(top_fd: int, excluder: Excluder | None = None, skip_temp: bool = Fal
                         stack.append((path + "/", sub))
         finally:
             os.close(fd)
-    entries.sort(key=lambda e: e.path)
-    return entries
 
 
 def walk(top: str | os.PathLike, excluder: Excluder | None = None, skip_temp: bool = False,
-         inodes: dict | None = None, unreadable: list | None = None) -> list[Entry]:
+         inodes: dict | None = None, unreadable: list | None = None, xattrs: dict | None = None) -> list[Entry]:
     """Walk ``top``: a directory gives its tree; a regular file gives one entry named by its basename.
 
     Returns [] when ``top`` does not exist.
@@ -238,6 +279,6 @@ def walk(top: str | os.PathLike, excluder: Excluder | None = None, skip_temp: bo
         return [e] if e else []
     fd = os.open(top, _DIR_FLAGS)
     try:
-        return walk_fd(fd, excluder, skip_temp, inodes, unreadable)
+        return walk_fd(fd, excluder, skip_temp, inodes, unreadable, xattrs)
     finally:
         os.close(fd)
