@@ -494,6 +494,8 @@ class Destination:
             rec = ChunkRecord.open(dfd, ok, size, mtime, chunk_size, create=True)
             try:
                 rec.mark(index, got)
+                for k in range(index + 1, index + 1 + req.holes_after):  # all hole: nothing to receive
+                    rec.mark(k, sparse.HOLE_DIGEST)
                 if not rec.complete():
                     return True, False
             finally:

@@ -249,7 +249,8 @@ class Chunk(Frame):
 
     ``uid`` and ``gid`` only for transfers that keep owners. ``extents``
     only for a file with holes (``sparse``): the payload is the data of
-    these extents alone, and the holes stay holes.
+    these extents alone, and the holes stay holes; ``holes_after``: so many
+    chunks after this one are all hole, and are received with it.
     """
 
     path: bytes
@@ -261,6 +262,7 @@ class Chunk(Frame):
     uid: Id | None = None
     gid: Id | None = None
     extents: _rows(ExtentRow) | None = None
+    holes_after: Count = 0
 
 
 class DirMeta(Frame):

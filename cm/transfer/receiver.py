@@ -278,8 +278,10 @@ class TransferServer:
                 length = sparse.check(req.extents, length)
             except ValueError as exc:
                 raise BadRequest(str(exc)) from None
-        if index >= chunk_count(size, chunk_size) or plen != length:
+        if index + req.holes_after >= chunk_count(size, chunk_size) or plen != length:
             raise BadRequest("chunk index or length does not fit the file size")
+        if req.holes_after and req.extents is None:
+            raise BadRequest("only a sparse file's chunk says what chunks after it are all hole")
         _check_owners([req], reg.keep_owners)
         owner = None if req.uid is None else (req.uid, req.gid)
         try:

@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from . import diff, meta
+from . import diff, meta, sparse
 from . import frames as f
 from .connection import LIST_PAGE, Connections, TransferError, request_pages
 from .decide import Work, decide
@@ -73,6 +73,7 @@ class Sender:
         self.connections = Connections(spec, channel)
         self.source: Source | None = None
         self.resumed: dict[str, int] = {}  # chunks of each file verified by an earlier run
+        self.hole_runs: dict[tuple[str, int], int] = {}  # (path, index): all-hole chunks sent with that one
 
     def run(self) -> dict:
         """Do the whole transfer for this rank; returns the final report."""
@@ -112,6 +113,10 @@ class Sender:
             report.existing = dst
             data = [e for e in entries if e.path not in kept.followers] if kept.followers else entries
             work = decide(spec, control, data, dst, self.source, self.stats, kept.pinned)
+            if work.chunks:  # chunks of sparse files that are all hole go with the chunk before them
+                work.chunks, self.hole_runs = sparse.hole_runs(work.chunks, self._hole_chunks)
+                for (path, _), n in self.hole_runs.items():
+                    work.remaining[path] -= n
             lead = spec.rank == 0
             tops, gone = diff.deletions(src, dst_list) if lead and spec.delete and not single_file else ([], [])
             mkdirs = diff.dirs_to_make(entries, dst)
@@ -223,6 +228,20 @@ class Sender:
             if listed else {}
         return meta.Kept(spaces, attrs, meta.link_groups(inodes) if inodes else {}, spec.nranks, entries)
 
+    def _hole_chunks(self, e: Entry) -> set[int]:
+        """The chunks of a file that are hole from end to end (none for a file without holes)."""
+        handles = self.source.handles(capacity=4)
+        try:
+            fd = self.source.open(handles, e)
+        except (OSError, PathEscape):
+            return set()  # its chunks will say why
+        finally:
+            handles.close()
+        try:
+            return sparse.hole_chunks(fd, e.size, self.spec.chunk_size) if sparse.has_holes(fd, e.size) else set()
+        finally:
+            os.close(fd)
+
     def _specials(self, entries: list[Entry], dst: dict[str, Entry]) -> list[Entry]:
         """The fifos, sockets and devices the lead makes; devices only in root's and operators' syncs."""
         out = []
@@ -271,7 +290,8 @@ class Sender:
         if not len(queue):
             return
         pace = Throttle(self.spec.bwlimit) if self.spec.bwlimit else None
-        streams = Streams(self.spec, self.source, self.stats, work, queue, pace, self.report, self.resumed)
+        streams = Streams(self.spec, self.source, self.stats, work, queue, pace, self.report, self.resumed,
+                          self.hole_runs)
         nstreams = min(self.spec.streams, len(queue))
         channels = [control] + [self.connections.connect() for _ in range(nstreams - 1)]
         threads = [threading.Thread(target=streams.stream, args=(ch,), name=f"stream-{i}", daemon=True)

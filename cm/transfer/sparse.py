@@ -56,6 +56,39 @@ def extents(fd: int, offset: int, length: int) -> list[tuple[int, int]]:
     return out
 
 
+def hole_chunks(fd: int, size: int, chunk_size: int) -> set[int]:
+    """The indices of the chunks of the open file that are hole from end to end."""
+    data = extents(fd, 0, size)
+    holes = set(range(-(-size // chunk_size)))
+    for off, n in data:
+        holes.difference_update(range(off // chunk_size, (off + n - 1) // chunk_size + 1))
+    return holes
+
+
+def hole_runs(chunks: list, holes_of) -> tuple[list, dict[tuple[str, int], int]]:
+    """Chunks (``plan.Item``) that follow one another and are all hole travel as one frame.
+
+    ``holes_of(entry)``: the all-hole chunk indices of a file (``hole_chunks``). Returns the
+    chunks still to send and, for the first of each run, how many all-hole chunks come after it
+    (``Chunk.holes_after``: the receiver records them with it).
+    """
+    keep: list = []
+    runs: dict[tuple[str, int], int] = {}
+    holes: dict[str, set[int]] = {}
+    last = None  # the item that carries the run being made, if any
+    for it in chunks:
+        path = it.entry.path
+        if path not in holes:
+            holes[path] = holes_of(it.entry)
+        if (it.index in holes[path] and last is not None and last.entry.path == path
+                and last.index + runs.get((path, last.index), 0) + 1 == it.index):
+            runs[(path, last.index)] = runs.get((path, last.index), 0) + 1
+            continue
+        keep.append(it)
+        last = it
+    return keep, runs
+
+
 def check(rows, length: int) -> int:
     """Extents (rows with offset and length) in order, apart and inside ``length`` bytes; returns their bytes.
 
@@ -75,6 +108,9 @@ def hasher(pairs) -> Hasher:
     h = Hasher()
     h.update(b"".join(_EXTENT.pack(off, n) for off, n in pairs))
     return h
+
+
+HOLE_DIGEST = hasher(()).digest()
 
 
 def payload(fd: int, offset: int, pairs: list[tuple[int, int]]) -> bytearray:

@@ -83,7 +83,7 @@ class Streams:
 
     def __init__(self, spec: Spec, source: Source, stats: Stats, work: Work, queue: WorkQueue,
                  pace: Callable[[int], None] | None = None, report: Report | None = None,
-                 resumed: dict[str, int] | None = None):
+                 resumed: dict[str, int] | None = None, hole_runs: dict[tuple[str, int], int] | None = None):
         self.spec = spec
         self.source = source
         self.stats = stats
@@ -92,6 +92,7 @@ class Streams:
         self._pacer = pace
         self.report = report or Report()
         self.resumed = resumed or {}
+        self.hole_runs = hole_runs or {}  # (path, index): all-hole chunks that go with that one
         self._digests: dict[str, dict[int, int]] = {}  # chunk digests sent, per file (for the report)
 
     def stream(self, chan: Channel) -> None:
@@ -139,6 +140,7 @@ class Streams:
             if sparse.has_holes(fd, e.size):  # only its data travels; the holes stay holes
                 holes = sparse.extents(fd, it.offset, it.length)
                 frame.extents = [f.ExtentRow(off, n) for off, n in holes]
+                frame.holes_after = self.hole_runs.get((e.path, it.index), 0)
                 mm = sparse.payload(fd, it.offset, holes)
             else:
                 mm = mmap.mmap(fd, it.length, offset=it.offset, prot=mmap.PROT_READ)
@@ -152,7 +154,9 @@ class Streams:
                 mm.madvise(mmap.MADV_SEQUENTIAL)
                 drop = lambda pos, n: mm.madvise(mmap.MADV_DONTNEED, pos, n)  # noqa: E731
             else:
-                self.stats.add(bytes_done=it.length - len(mm))  # the holes: done without sending them
+                after = sum(min(self.spec.chunk_size, e.size - k * self.spec.chunk_size)
+                            for k in range(it.index + 1, it.index + 1 + frame.holes_after))
+                self.stats.add(bytes_done=it.length - len(mm) + after)  # the holes: done without sending them
                 drop = None
             for _ in range(1 + MAX_RESENDS):
                 digest = chan.send_stream(frame, mm, checksum.Hasher() if holes is None else sparse.hasher(holes),

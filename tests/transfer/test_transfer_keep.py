@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import filecmp
 import json
 import os
 import shutil
@@ -9,11 +10,14 @@ import tempfile
 import time
 from pathlib import Path
 
+import pytest
 import treegen
 
+from cm.transfer import plan
+from cm.transfer.receiver import TransferServer
 from cm.transfer.tree import walk
 
-from .conftest import run_sender, spec_for
+from .conftest import Endpoint, finish, run_sender, spec_for, start_sender
 
 SPARSE = 8 << 30  # logical bytes of the sparse file: 1 MiB of data in them
 
@@ -80,3 +84,28 @@ def test_a_directory_the_walk_cannot_enter_is_named_not_passed_over_in_silence(n
     shutil.rmtree(tmp_path)
     assert "shut" in paths and "shut/hidden.txt" not in paths
     assert unreadable == [["shut", "Permission denied"]]
+
+
+@pytest.mark.parametrize("policy", plan.POLICIES)
+def test_two_ranks_share_a_sparse_files_chunks_and_its_runs_of_holes(roots, policy):
+    src, dst_root = roots
+    treegen.make_sparse(src / "sparse.bin", 1 << 30, data=3 << 20)  # 128 chunks of 8 MiB, 3 with data
+    servers = [TransferServer("127.0.0.1", 0, chunk_size=8 << 20) for _ in range(2)]
+    try:
+        endpoints = []
+        for server in servers:
+            server.start()
+            server.register("job-8", "tok", dst_root, "/out")
+            endpoints.append(Endpoint(server, "job-8", "tok", dst_root, "/out"))
+        procs = [start_sender(spec_for(ep, src, rank=r, nranks=2, policy=policy, chunk_size=8 << 20))
+                 for r, ep in enumerate(endpoints)]
+        results = [finish(p) for p in procs]
+    finally:
+        for server in servers:
+            server.stop()
+    for r in results:
+        assert r.returncode == 0, r.stderr
+    out = dst_root / "out" / "sparse.bin"
+    assert sum(r.report["bytes_sent"] for r in results) == 3 << 20
+    assert treegen.blocks(out) <= 4 << 20
+    assert filecmp.cmp(src / "sparse.bin", out, shallow=False)
