@@ -268,7 +268,9 @@ def set_xattrs(dest, rows: list[XAttrRow], spaces: tuple[bytes, ...]) -> Applied
                 _skip_or_fail(ans.skipped, ans.errors, row.path, "extended attributes", exc)
             continue
         changed = False
-        want = {a.name: a.value for a in row.attrs}
+        want = {a.name: a.value for a in row.attrs if kept(a.name, spaces)}
+        if len(want) != len(row.attrs):
+            ans.errors.append(PathError(row.path, "an attribute outside the transfer's namespaces"))
         for n in sorted(have):
             if kept(n, spaces) and n not in want:
                 changed |= _change(ans, row, path, st, n, None)

@@ -109,3 +109,28 @@ def test_two_ranks_share_a_sparse_files_chunks_and_its_runs_of_holes(roots, poli
     assert sum(r.report["bytes_sent"] for r in results) == 3 << 20
     assert treegen.blocks(out) <= 4 << 20
     assert filecmp.cmp(src / "sparse.bin", out, shallow=False)
+
+
+def test_a_rerun_after_a_killed_sender_reports_the_chunks_verified_before(roots, receiver, tmp_path):
+    import signal
+
+    from cm.transfer.report import Report
+    from cm.transfer.sender import Sender
+    from cm.transfer.spec import Spec
+
+    from .conftest import CHUNK, write
+    from .test_transfer_resume import _wait_for_progress
+
+    src, _ = roots
+    write(src / "big.bin", os.urandom(64 * CHUNK))
+    proc = start_sender(spec_for(receiver, src, bwlimit=16 * CHUNK, streams=2))
+    _wait_for_progress(proc, 24 * CHUNK)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(10)
+    path = tmp_path / "files-0.jsonl"
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o644)
+    report = Sender(Spec.from_dict(spec_for(receiver, src)), lambda line: None, report=Report(fd)).run()
+    lines = [json.loads(line) for line in path.read_text().splitlines()]
+    (big,) = [line for line in lines if line["path"] == "big.bin"]
+    assert big["action"] == "created" and big["chunks_resumed"] == report["chunks_resumed"] >= 16
+    assert len(big["chunks_xxh3"]) == 64 - big["chunks_resumed"]
