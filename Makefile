@@ -87,6 +87,7 @@ bench: setup
 	$(PY) bench/bench_sched.py
 	$(PY) bench/bench_sync.py
 	$(PY) bench/bench_datapath.py
+	$(PY) bench/bench_sparse.py
 	$(PY) bench/bench_scale.py
 	$(PY) bench/bench_intercom.py
 	$(PY) bench/bench_slurm.py

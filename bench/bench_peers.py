@@ -12,6 +12,7 @@ gives the breakdown printed beside it.
 Every peer reads the same source (the ``src`` partition's directory) and
 writes a fresh directory in the ``dst`` partition's directory:
   rsync   ``rsync -a`` to an rsync daemon on loopback (module = dst root)
+  rsync-aHAXS  the same keeping what cm keeps by default: hard links, ACLs, xattrs, sparse files
   fpsync  fpart's parallel rsync jobs over partitions of the tree, to the same daemon:
           2 jobs, one partition each (on 20,000 files: -f 2,000 took 2.6 s, 5,000 1.5 s,
           one per job 1.2 s; 4 jobs no better)
@@ -60,7 +61,7 @@ from cm.cluster.local import LocalCluster, parse_partitions  # noqa: E402
 
 BENCH = Path(__file__).resolve().parent
 BIN = Path(sys.executable).parent
-TOOLS = ["cm", "rsync", "fpsync", "rclone", "cp", "tcp"]
+TOOLS = ["cm", "rsync", "rsync-aHAXS", "fpsync", "rclone", "cp", "tcp"]
 PACKAGES = {"rsync": "rsync", "fpsync": "fpart", "rclone": "rclone"}
 SCENARIOS = {"a": "(a) one big file", "b": "(b) many small files", "c": "(c) no-change re-sync of (b)",
              "d": "(d) mixed tree"}
@@ -84,6 +85,7 @@ def ensure_tools(install: bool) -> dict[str, str]:
             why[tool] = f"not installed (Debian package {pkg})"
     if why["rsync"]:
         why["fpsync"] = why["fpsync"] or "needs rsync"
+        why["rsync-aHAXS"] = "needs rsync"
     return why
 
 
@@ -165,6 +167,8 @@ class Peers:
         s, d = self.src_root / src, self.dst_root / dst
         if tool == "rsync":
             return ["rsync", "-a", f"{s}/", f"{self.daemon.url}/{dst}/"]
+        if tool == "rsync-aHAXS":
+            return ["rsync", "-aHAXS", f"{s}/", f"{self.daemon.url}/{dst}/"]
         if tool == "fpsync":  # one partition per job: each partition costs fpsync a pass of its job loop
             per_job = -(-self.entries(src) // FPSYNC_JOBS)
             return ["fpsync", "-n", str(FPSYNC_JOBS), "-f", str(per_job), "-t", str(self.work / "fpsync"),

@@ -146,6 +146,9 @@ class SourceTransfer(Struct, frozen=True, forbid_unknown_fields=True):
     streams: Annotated[int, Meta(ge=1)]
     chunk_size: Annotated[int, Meta(gt=0)]
     owners: bool  # keep owners and groups (root's and operators' syncs)
+    hard_links: bool = True  # keep hard links within the tree (cmsync --no-hard-links: not)
+    xattrs: bool = True  # keep extended attributes (--no-xattrs: not)
+    acls: bool = True  # keep POSIX ACLs (--no-acls: not)
 
 
 class SyncSource(ShareSpec, tag="src"):
@@ -188,6 +191,7 @@ class SyncStats(Struct, frozen=True, forbid_unknown_fields=True):
     errors: Count = 0  # paths that could not be copied
     vanished: Count = 0  # of them: source files that vanished or kept changing while read
     partial_bytes: Count = 0  # verified bytes of unfinished files, kept at the destination for resuming
+    skipped: Count = 0  # paths (or their xattrs, ACLs) not copied, each with its reason in the job's report
     elapsed: Annotated[float, Meta(ge=0)] = 0.0  # seconds
 
 
@@ -336,6 +340,7 @@ class TransferView(Struct):
     errors: Count
     rate: float
     message: str
+    skipped: Count  # paths (or their xattrs, ACLs) not copied: the report's "skipped" lines say why
     started: float | None
     ended: float | None
     stats: dict[str, Count | float]  # the senders' final counters (SyncStats' fields), summed; {} until reported
@@ -558,6 +563,9 @@ class SyncOptions(Struct, frozen=True):
     bwlimit: Annotated[int, Meta(gt=0, description="bytes per second")] | None = None
     transport: Literal["tcp", "rdma"] = "tcp"
     policy: Literal["round-robin", "size-balanced"] = "size-balanced"
+    hard_links: bool = True  # keep hard links, xattrs and POSIX ACLs (rsync's -H, -X, -A)
+    xattrs: bool = True
+    acls: bool = True
 
 
 class SubmitSync(Submit, kw_only=True, tag="sync"):
@@ -616,6 +624,15 @@ class Token(Struct, frozen=True):
     lifetime: Annotated[float, Meta(ge=0, le=366 * 86400)] = 0  # seconds the token works; 0: until revoked
 
 
+class Files(Struct, frozen=True):
+    """A page of a sync's per-file report (cminfo JOBID --files, GET /v1/jobs/{id}/files)."""
+
+    job_id: JobId
+    offset: Annotated[int, Meta(ge=0)] = 0  # lines to pass over (the previous page's ``next``)
+    limit: Annotated[int, Meta(ge=1, le=10000)] = 1000
+    action: Literal["created", "updated", "deleted", "skipped", "failed"] | None = None  # only these lines
+
+
 class Metrics(Struct, frozen=True):
     pass
 
@@ -628,10 +645,10 @@ class Stats(Struct, frozen=True):
     pass
 
 
-Args = Union[SubmitCommand, SubmitSync, Cancel, Info, Wait, Control, Delete, Token, Metrics, Ping, Stats]
+Args = Union[SubmitCommand, SubmitSync, Cancel, Info, Wait, Control, Delete, Token, Files, Metrics, Ping, Stats]
 ARGS: dict[str, Any] = {
     "submit": Union[SubmitCommand, SubmitSync], "cancel": Cancel, "info": Info, "wait": Wait, "control": Control,
-    "delete": Delete, "token": Token, "metrics": Metrics, "ping": Ping, "stats": Stats,
+    "delete": Delete, "token": Token, "files": Files, "metrics": Metrics, "ping": Ping, "stats": Stats,
 }
 
 

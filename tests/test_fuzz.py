@@ -204,6 +204,16 @@ def test_fuzzed_frames_on_the_mover_port_never_kill_it_or_write_outside_the_tran
         st.builds(lambda f: (Kind.OWNERS, {"entries": f}),
                   st.lists(st.tuples(paths, st.integers(0, 2), st.integers(0, 2), modes).map(list), max_size=3)),
         st.builds(lambda p: (Kind.MANIFEST, {"exclude": [], "page": p}), st.integers(0, 3)),
+        st.builds(lambda e: (Kind.SPECIALS, {"entries": e}),
+                  st.lists(st.tuples(paths, st.sampled_from(["p", "s", "c", "b"]), modes, mtimes,
+                                     st.integers(0, 1 << 20)).map(list), max_size=3)),
+        st.builds(lambda links: (Kind.HARDLINKS, {"links": links}),
+                  st.lists(st.tuples(paths, paths).map(list), max_size=3)),
+        st.builds(lambda e, ns: (Kind.XATTRS, {"namespaces": ns, "entries": e}),
+                  st.lists(st.tuples(paths, modes, st.lists(st.tuples(
+                      st.sampled_from([b"user.a", b"trusted.x", b"security.capability", b"system.posix_acl_access"]),
+                      st.binary(max_size=16)).map(list), max_size=2)).map(list), max_size=3),
+                  st.lists(st.sampled_from([b"user.", b"trusted.", b"system.posix_acl_access"]), max_size=2)),
     )
     frames = st.one_of(
         st.tuples(st.sampled_from(kinds), metas, st.binary(max_size=64), st.booleans(), st.booleans()),

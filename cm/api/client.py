@@ -126,6 +126,11 @@ class Client:
             if is_final(view):
                 return view
 
+    def files(self, job_id: int, offset: int = 0, limit: int = 1000, action: str | None = None) -> dict:
+        """A page of a sync's per-file report: {"job_id", "files": [line, ...], "next": offset or None}."""
+        query = f"?offset={int(offset)}&limit={int(limit)}" + (f"&action={action}" if action else "")
+        return self._call("GET", f"/v1/jobs/{int(job_id)}/files{query}")
+
     def cancel(self, job_id: int) -> str:
         """Cancel a job; the state it is in now ("cancelled" or "cancelling")."""
         return self._call("POST", f"/v1/jobs/{int(job_id)}/cancel")["state"]

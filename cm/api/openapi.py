@@ -48,6 +48,7 @@ JOB_ID = {"name": "id", "in": "path", "required": True,
 def document() -> bytes:
     (submission, *_), components = msgspec.json.schema_components(
         [types.JobSubmission, types.Submitted, types.JobView, types.JobList, types.NodeList, types.CancelResult,
+         types.FileList,
          types.AdminRequest, types.ErrorBody, types.Version], ref_template=REF)
     paths = {
         "/healthz": {"get": _op("the head process is alive", {"200": _json({"type": "object"})}, public=True)},
@@ -75,6 +76,11 @@ def document() -> bytes:
                        [JOB_ID, {"name": "wait", "in": "query", "schema": {"type": "number"}}]),
             "delete": _op("delete a finished job", {"204": {"description": "deleted"}}, [JOB_ID]),
         },
+        "/v1/jobs/{id}/files": {"get": _op("a page of a sync's per-file report", {"200": _json(_ref("FileList"))}, [
+            JOB_ID, {"name": "offset", "in": "query", "schema": {"type": "integer", "minimum": 0}},
+            {"name": "limit", "in": "query", "schema": {"type": "integer", "minimum": 1, "maximum": 10000}},
+            {"name": "action", "in": "query",
+             "schema": {"enum": ["created", "updated", "deleted", "skipped", "failed"]}}])},
         "/v1/jobs/{id}/cancel": {"post": _op("cancel a job", {"202": _json(_ref("CancelResult"))}, [JOB_ID])},
         "/v1/nodes": {"get": _op("the nodes", {"200": _json(_ref("NodeList"))})},
     }

@@ -26,6 +26,7 @@ METHODS = ("GET", "POST", "DELETE", "HEAD", "PUT", "PATCH", "OPTIONS")
 PUBLIC = {"/healthz", "/readyz", "/openapi.json", "/v1/version"}
 JOB = re.compile(r"/v1/jobs/(\d{1,18})")
 CANCEL = re.compile(r"/v1/jobs/(\d{1,18})/cancel")
+FILES = re.compile(r"/v1/jobs/(\d{1,18})/files")
 ADMIN = re.compile(r"/v1/admin/([a-z]+)")
 _submission = msgspec.json.Decoder(types.JobSubmission)
 _admin = msgspec.json.Decoder(types.AdminRequest)
@@ -127,6 +128,21 @@ async def cancel(api: "ApiServer", caller: Caller, request: HttpRequest, job_id:
     return json_response(202, {"state": result["state"]})
 
 
+async def job_files(api: "ApiServer", caller: Caller, request: HttpRequest, job_id: int) -> HttpResponse:
+    args: dict[str, Any] = {"job_id": job_id}
+    for name in ("offset", "limit"):
+        text = _one(request.query, name)
+        if text is not None:
+            try:
+                args[name] = int(text)
+            except ValueError:
+                raise HttpError(400, f"{name} must be an integer, not {text[:40]!r}") from None
+    action = _one(request.query, "action")
+    if action:
+        args["action"] = action
+    return json_response(200, await _ask(api, caller, "files", args))
+
+
 async def delete(api: "ApiServer", caller: Caller, request: HttpRequest, job_id: int) -> HttpResponse:
     await _ask(api, caller, "delete", {"job_id": job_id})
     return HttpResponse(204)
@@ -200,6 +216,8 @@ def _route(method: str, path: str):
         return {"GET": (job_status, (int(m[1]),)), "DELETE": (delete, (int(m[1]),))}.get(method)
     if (m := CANCEL.fullmatch(path)) and method == "POST":
         return cancel, (int(m[1]),)
+    if (m := FILES.fullmatch(path)) and method == "GET":
+        return job_files, (int(m[1]),)
     if (m := ADMIN.fullmatch(path)) and method == "POST":
         return admin, (m[1],)
     return None
@@ -207,4 +225,4 @@ def _route(method: str, path: str):
 
 def _known(path: str) -> bool:
     return path in ("/v1/jobs", "/v1/nodes", "/metrics", *PUBLIC) or any(
-        r.fullmatch(path) for r in (JOB, CANCEL, ADMIN))
+        r.fullmatch(path) for r in (JOB, CANCEL, FILES, ADMIN))

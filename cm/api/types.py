@@ -10,7 +10,7 @@ NodeView: what it answers info with). Only what HTTP alone has (answers, errors)
 
 from __future__ import annotations
 
-from typing import Any, Union, get_args
+from typing import Any, Literal, Union, get_args
 
 import msgspec
 from msgspec import NODEFAULT, Struct
@@ -82,6 +82,31 @@ class JobList(Struct):
 
 class NodeList(Struct):
     nodes: list[NodeView]
+
+
+class FileLine(Struct, forbid_unknown_fields=False):
+    """One line of a sync's per-file report (cm.transfer.report): what was done to one path."""
+
+    action: Literal["created", "updated", "deleted", "skipped", "failed"]
+    path: str
+    dry_run: bool = False
+    kind: str | None = None
+    size: int | None = None
+    xxh3: str | None = None
+    chunks_xxh3: list[str] | None = None
+    chunks_resumed: int | None = None
+    link: str | None = None
+    target: str | None = None
+    what: str | None = None
+    reason: str | None = None
+
+
+class FileList(Struct):
+    """A page of the report; `next` is the offset of the next page (null: the last page)."""
+
+    job_id: int
+    files: list[FileLine]
+    next: int | None
 
 
 class CancelResult(Struct):

@@ -73,7 +73,28 @@ def job_details(job: dict) -> str:
         lines.append(f"{'TRANSFER':>10}: {human_bytes(t.get('bytes_done', 0))} of {human_bytes(t.get('bytes_total', 0))}, "
                      f"{t.get('files_done', 0)} of {t.get('files_total', 0)} files, "
                      f"{t.get('files_skipped', 0)} skipped, {t.get('retries', 0)} retries")
+        if t.get("skipped"):
+            lines.append(f"{'NOT COPIED':>10}: {t['skipped']} (see cminfo {job['id']} --files)")
     return "\n".join(lines)
+
+
+def file_line(line: dict) -> str:
+    """One line of a sync's per-file report, for people: action, path and what else it says."""
+    text = f"{line['action']:<8} {line['path']}"
+    if line.get("link"):
+        text += f" => {line['link']}"
+    if line.get("target"):
+        text += f" -> {line['target']}"
+    if line.get("what"):
+        text += f" ({line['what']})"
+    if line.get("reason"):
+        text += f": {line['reason']}"
+    if line.get("xxh3"):
+        text += f"  xxh3:{line['xxh3']}"
+    elif line.get("chunks_xxh3"):
+        text += f"  {len(line['chunks_xxh3'])} chunks" + (
+            f", {line['chunks_resumed']} verified before" if line.get("chunks_resumed") else "")
+    return text + ("  (dry run)" if line.get("dry_run") else "")
 
 
 @command("cminfo")
@@ -81,10 +102,16 @@ def job_details(job: dict) -> str:
 @option("--all", "all_", is_flag=True, help="include jobs that finished long ago")
 @option("--json", "as_json", is_flag=True, help="one JSON object: nodes and jobs")
 @option("--label", "labels", multiple=True, metavar="KEY=VALUE", help="only jobs with this label (repeatable)")
-def cli(job_id, all_, as_json, labels):
+@option("--files", is_flag=True, help="with JOB_ID: the sync's per-file report (created, updated, deleted, ...)")
+def cli(job_id, all_, as_json, labels, files):
     """Show the cluster's nodes and jobs, or one job in detail."""
 
     def body() -> None:
+        if files:
+            if job_id is None:
+                raise SystemExit("cminfo: --files needs a JOB_ID")
+            show_files(Client(), job_id, as_json)
+            return
         wanted = [f"{k}={v}" for k, v in parse_labels(labels).items()]
         data = Client().call("info", job_id=job_id, all=all_, **({"label": wanted} if wanted else {}))
         if as_json:
@@ -93,13 +120,30 @@ def cli(job_id, all_, as_json, labels):
             print(json.dumps(data, indent=None))
             return
         if job_id is not None:
-            print(job_details(data["jobs"][0]))
+            job = data["jobs"][0]
+            print(job_details(job))
+            if (job.get("transfer") or {}).get("skipped"):
+                page = Client().call("files", job_id=job_id, action="skipped", limit=10)
+                for line in page["files"]:
+                    print(f"{'':>10}  {line['path']}: {line.get('reason', '')}")
             return
         print(nodes_table(data["nodes"]))
         print()
         print(jobs_table(data["jobs"]) if data["jobs"] else "no jobs")
 
     run_command("cminfo", body)
+
+
+def show_files(client: Client, job_id: int, as_json: bool) -> None:
+    """Every line of the job's report, a page at a time."""
+    import json
+
+    offset: int | None = 0
+    while offset is not None:
+        page = client.call("files", job_id=job_id, offset=offset, limit=5000)
+        for line in page["files"]:
+            print(json.dumps(line) if as_json else file_line(line))
+        offset = page["next"]
 
 
 def main() -> None:

@@ -50,6 +50,14 @@ def progress_bar(view: dict, width: int = 30) -> str:
 @option("--transport", type=Choice(["tcp", "rdma"]), default="tcp", show_default=True)
 @option("--policy", type=Choice(["size-balanced", "round-robin"]), default="size-balanced",
         show_default=True, help="how work is spread across nodes")
+@option("--no-hard-links", is_flag=True, help="copy each hard link as a file of its own")
+@option("--no-xattrs", is_flag=True, help="do not copy extended attributes")
+@option("--no-acls", is_flag=True, help="do not copy POSIX ACLs")
+@option("-a", "--archive", "rsync_archive", is_flag=True, hidden=True)  # rsync's; what cmsync always does
+@option("-H", "--hard-links", "rsync_hard_links", is_flag=True, hidden=True)
+@option("-A", "--acls", "rsync_acls", is_flag=True, hidden=True)
+@option("-X", "--xattrs", "rsync_xattrs", is_flag=True, hidden=True)
+@option("-S", "--sparse", "rsync_sparse", is_flag=True, hidden=True)
 @option("-t", "--time", "time_limit", default=None, help="time limit: MM, MM:SS, HH:MM:SS, D-HH")
 @option("-J", "--job-name", "name", default=None, help="job name")
 @option("--label", "labels", multiple=True, metavar="KEY=VALUE", help="tag the job (repeatable)")
@@ -57,9 +65,14 @@ def progress_bar(view: dict, width: int = 30) -> str:
 @option("--parsable", is_flag=True, help="print only the job id")
 @argument("src")
 @argument("dst")
-def cli(nodes, delete, dry_run, checksum, exclude, bwlimit, transport, policy, time_limit, name, labels, wait,
+def cli(nodes, delete, dry_run, checksum, exclude, bwlimit, transport, policy, no_hard_links, no_xattrs, no_acls,
+        rsync_archive, rsync_hard_links, rsync_acls, rsync_xattrs, rsync_sparse, time_limit, name, labels, wait,
         parsable, src, dst):
-    """Copy SRC to DST; each is PARTITION:/path or NODE:/path inside that partition's storage."""
+    """Copy SRC to DST; each is PARTITION:/path or NODE:/path inside that partition's storage.
+
+    Hard links, extended attributes, POSIX ACLs, sparse files, fifos and
+    sockets are kept (rsync's -aHAXS are accepted and change nothing).
+    """
 
     def body() -> None:
         client = Client()
@@ -70,7 +83,8 @@ def cli(nodes, delete, dry_run, checksum, exclude, bwlimit, transport, policy, t
         data = client.call(
             "submit", kind="sync", src=src, dst=dst, nodes=nodes, time=time_limit, name=name, cwd=cwd,
             options={"delete": delete, "dry_run": dry_run, "checksum": checksum, "exclude": list(exclude),
-                     "bwlimit": bwlimit, "transport": transport, "policy": policy},
+                     "bwlimit": bwlimit, "transport": transport, "policy": policy,
+                     "hard_links": not no_hard_links, "xattrs": not no_xattrs, "acls": not no_acls},
             labels=parse_labels(labels),
         )
         job_id = data["job_id"]
@@ -90,7 +104,8 @@ def cli(nodes, delete, dry_run, checksum, exclude, bwlimit, transport, policy, t
             sys.stderr.write(progress_bar(view) + "\n")
         if not parsable:
             t = view.get("transfer") or {}
-            print(f"job {job_id} {view['state']} in {time.monotonic() - started:.1f} s: "
+            skipped = f" with {t['skipped']} skipped: see cminfo {job_id} --files," if t.get("skipped") else ""
+            print(f"job {job_id} {view['state']}{skipped} in {time.monotonic() - started:.1f} s: "
                   f"{human_bytes(t.get('bytes_done', 0))}, {t.get('files_done', 0)} files"
                   + (f" ({view['reason']})" if view.get("reason") and view["state"] != "COMPLETED" else ""),
                   file=sys.stderr)

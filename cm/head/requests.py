@@ -10,6 +10,7 @@ HTTP status of the code.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pwd
 import secrets
@@ -31,6 +32,7 @@ from cm.protocol import (
     Control,
     Delete,
     ErrorCode,
+    Files,
     Info,
     InfoData,
     JobView,
@@ -208,6 +210,7 @@ def submit(head: Head, caller: Caller, args: SubmitCommand | SubmitSync) -> dict
         opts = {
             "delete": options.delete, "dry_run": options.dry_run, "checksum": options.checksum,
             "exclude": options.exclude, "bwlimit": options.bwlimit, "policy": options.policy,
+            "hard_links": options.hard_links, "xattrs": options.xattrs, "acls": options.acls,
             "streams": head.settings.streams, "chunk_size": head.settings.chunk_mb << 20,
             # root's and operators' syncs keep owners and groups, like `rsync -a` as root
             "owners": caller.operator,
@@ -328,6 +331,32 @@ def _matches(job: Job, args: Info) -> bool:
     return True
 
 
+def files(head: Head, caller: Caller, args: Files) -> dict:
+    """A page of a sync's per-file report, read as the job's user from its cmlogs/ (``cm.transfer.report``)."""
+    from pathlib import Path
+
+    from cm.creds import CredentialsError, Identity, acting_as, groups_of
+    from cm.transfer import report
+
+    job = head.active(args.job_id) or head.find(args.job_id)
+    if job is None:
+        raise Refused(f"job {args.job_id} does not exist", ErrorCode.NOT_FOUND)
+    if not (caller.operator or job["uid"] == caller.uid):
+        raise Refused(f"job {args.job_id} belongs to {job['user']}", ErrorCode.FORBIDDEN)
+    if job["kind"] != "sync":
+        raise Refused(f"job {args.job_id} is not a sync: only syncs write a per-file report")
+    directory = Path(job["cwd"] or "/") / "cmlogs" / str(job["_id"])
+    who = Identity(job["uid"], job["gid"], tuple(groups_of(job["uid"], job["gid"])))
+    try:
+        with acting_as(who) if os.geteuid() == 0 else contextlib.nullcontext():  # read as the job's user
+            lines, after = report.read(directory, job["nodes"], args.offset, args.limit, args.action)
+    except FileNotFoundError:
+        raise Refused(f"job {args.job_id} has no report in {directory} (yet)", ErrorCode.NOT_FOUND) from None
+    except (OSError, CredentialsError) as exc:
+        raise Refused(f"the report of job {args.job_id} cannot be read: {exc}") from None
+    return {"job_id": job["_id"], "files": lines, "next": after}
+
+
 def wait(head: Head, caller: Caller, args: Wait) -> InfoData:
     """``info`` of one job, answered once the job is final or after ``timeout`` seconds (a long poll)."""
     if args.timeout > 0 and head.active(args.job_id) is not None:  # active: the head answers when it ends
@@ -391,6 +420,7 @@ def transfer_view(job: Job) -> TransferView:
         files_done=p.get("files_done", 0), files_total=p.get("files_total", 0),
         files_skipped=stats.get("files_skipped", 0), files_deleted=stats.get("files_deleted", 0),
         retries=min(COUNT_MAX, job.get("restarts", 0) + stats.get("chunks_resent", 0)), errors=stats.get("errors", 0),
+        skipped=stats.get("skipped", 0),
         rate=rate, message=job.get("reason") or "", started=started, ended=ended, stats=dict(stats),
     )
 
@@ -451,6 +481,7 @@ HANDLERS: dict[str, Callable[[Head, Caller, Any], Any]] = {
     "cancel": cancel,
     "info": info,
     "wait": wait,
+    "files": files,
     "control": control,
     "delete": delete,
     "token": token,

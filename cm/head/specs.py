@@ -61,4 +61,5 @@ def node_spec(job: Job, slot: SlotRecord, addrs: dict[str, str], transfer_secret
         delete=bool(options.get("delete")), dry_run=bool(options.get("dry_run")),
         checksum=bool(options.get("checksum")), exclude=list(options.get("exclude") or ()),
         bwlimit=bwlimit / nranks if bwlimit else None, streams=options.get("streams", 4), chunk_size=options.get("chunk_size", 64 << 20),
-        owners=bool(options.get("owners"))))
+        owners=bool(options.get("owners")), hard_links=options.get("hard_links", True),
+        xattrs=options.get("xattrs", True), acls=options.get("acls", True)))

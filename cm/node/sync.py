@@ -34,6 +34,7 @@ from cm.node.purge import pid_alive
 from cm.protocol import DestinationTransfer, SourceTransfer, SyncSource
 from cm.states import JobState
 from cm.transfer import exitcodes, zygote
+from cm.transfer.report import report_path
 
 
 log = logging.getLogger("cm.node")
@@ -309,9 +310,15 @@ def start_sender(spec: SyncSource, node: str, job_id: int, data_root: str,
             os.close(os.open(err_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644))
     except (LaunchError, OSError):
         err_path = Path(os.devnull)
+    report = report_path(Path(spec.cwd or "/"), job_id, spec.rank)
+    try:
+        with acting_as(who):  # the user's file, in the user's cmlogs/, as the error log
+            os.close(os.open(report, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644))
+    except OSError:
+        report = None
     reader = data_identity(spec.transfer, who)
     job = {"transfer": transfer, "uid": reader.uid, "gid": reader.gid, "groups": list(reader.groups),
-           "stderr": str(err_path)}
+           "stderr": str(err_path), "report": str(report) if report else None}
     data = msgspec.json.encode(job)
     for attempt in range(2):
         try:

@@ -47,8 +47,10 @@ class Work:
 
 
 def decide(spec: Spec, chan: Channel, entries: list[Entry], dst: dict[str, Entry], source: Source,
-           stats: Stats) -> Work:
-    """Which of this rank's items the destination lacks; sets the totals in ``stats``."""
+           stats: Stats, pinned: dict[str, int] | None = None) -> Work:
+    """Which of this rank's items the destination lacks; sets the totals in ``stats``.
+
+    ``pinned``: files that go whole to one rank (``plan.share``)."""
     work = Work()
     files = [e for e in entries if e.kind == FILE]
     if spec.nranks == 1 and not spec.checksum:
@@ -64,7 +66,7 @@ def decide(spec: Spec, chan: Channel, entries: list[Entry], dst: dict[str, Entry
             else:
                 changed.append(e)
         files = changed
-    items = plan.share(plan.make_items(files, spec.chunk_size), spec.rank, spec.nranks, spec.policy)
+    items = plan.share(plan.make_items(files, spec.chunk_size), spec.rank, spec.nranks, spec.policy, pinned)
     by_file: dict[str, list[plan.Item]] = {}
     for it in items:
         by_file.setdefault(it.entry.path, []).append(it)

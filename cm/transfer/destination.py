@@ -27,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import batchio, checksum
+from . import batchio, checksum, sparse
 from .frames import BatchRow, ChecksumRow, Chunk, DirRow, LinkRow, MetaRow, OwnerRow, PartialRow, PathError
 from .partial import ChunkRecord, chunk_count, partial_names
 from .paths import DirHandles, PathEscape, wire_parts
@@ -485,7 +485,9 @@ class Destination:
             except OSError as exc:
                 raise ChunkRefused(exc.errno, exc.strerror) from None
             try:
-                got, sent = channel.recv_stream_to_fd(fd, 0, length, buf, checksum.Hasher())
+                if req.extents is not None:
+                    os.ftruncate(fd, size)  # a sparse file of one chunk: its size, holes included
+                got, sent = self._receive(req, channel, fd, 0, length, buf)
             except BaseException:
                 os.close(fd)
                 if tmp is not None:
@@ -509,12 +511,15 @@ class Destination:
                 raise IsADirectoryError(f"{part} is not a regular file")
             try:
                 if st.st_size != size:
-                    _reserve(fd, st.st_dev, size)
+                    if req.extents is None:
+                        _reserve(fd, st.st_dev, size)
+                    else:
+                        os.ftruncate(fd, size)  # a sparse file: reserving would fill its holes
             except OSError as exc:  # no room for it: nothing of the payload read yet
                 _unlink_quietly(dfd, part)
                 raise ChunkRefused(exc.errno, exc.strerror) from None
             try:
-                got, sent = channel.recv_stream_to_fd(fd, index * chunk_size, length, buf, checksum.Hasher())
+                got, sent = self._receive(req, channel, fd, index * chunk_size, length, buf)
             except OSError as exc:
                 if exc.errno in NO_ROOM:  # it cannot be finished here: give its room back, keep nothing of it
                     _unlink_quietly(dfd, part)
@@ -525,6 +530,8 @@ class Destination:
             rec = ChunkRecord.open(dfd, ok, size, mtime, chunk_size, st.st_ino, create=True)
             try:
                 rec.mark(index, got)
+                for k in range(index + 1, index + 1 + req.holes_after):  # all hole: nothing to receive
+                    rec.mark(k, sparse.HOLE_DIGEST)
                 if not rec.complete():
                     return True, False
             finally:
@@ -538,6 +545,14 @@ class Destination:
             pass  # another receiver published it first
         _unlink_quietly(dfd, ok)
         return True, True
+
+
+    @staticmethod
+    def _receive(req: Chunk, channel, fd: int, offset: int, length: int, buf: memoryview) -> tuple[int, int]:
+        """A chunk's payload into ``fd`` at ``offset``: whole, or a sparse file's data extents alone."""
+        if req.extents is None:
+            return channel.recv_stream_to_fd(fd, offset, length, buf, checksum.Hasher())
+        return sparse.receive(channel, fd, offset, req.extents, buf)
 
 
 class _Compiled:

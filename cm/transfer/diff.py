@@ -8,7 +8,9 @@ from __future__ import annotations
 
 from .partial import partial_names
 from .plan import is_small
-from .tree import DIR, FILE, LINK, Entry, is_temp_name
+from .tree import DIR, FILE, LINK, SPECIAL, Entry, is_temp_name
+
+SPECIAL_KINDS = frozenset(SPECIAL.values())
 
 
 def file_matches(src: Entry, dst: Entry | None, compare_mtime: bool = True) -> bool:
@@ -38,6 +40,17 @@ def links_to_make(src: list[Entry], dst: dict[str, Entry]) -> list[Entry]:
         d = dst.get(e.path)
         if d is None or d.kind != LINK or d.target != e.target or d.mtime_ns != e.mtime_ns:
             out.append(e)
+    return out
+
+
+def specials_to_make(src: list[Entry], dst: dict[str, Entry]) -> list[Entry]:
+    """Source fifos, sockets and devices missing at the destination or differing from it."""
+    out = []
+    for e in src:
+        if e.kind in SPECIAL_KINDS:
+            d = dst.get(e.path)
+            if d is None or (d.kind, d.size, d.mode, d.mtime_ns) != (e.kind, e.size, e.mode, e.mtime_ns):
+                out.append(e)
     return out
 
 

@@ -50,6 +50,9 @@ class Kind(enum.IntEnum):
     BYE = 14
     OWNERS = 15
     AUTH = 16
+    SPECIALS = 17
+    HARDLINKS = 18
+    XATTRS = 19
 
 
 class FrameError(ValueError):
@@ -113,6 +116,13 @@ class BatchRow(Row):
     gid: Id | None = None
 
 
+class ExtentRow(Row):
+    """Where data is in a chunk of a sparse file (the rest is hole): offset within the chunk, length."""
+
+    offset: Count
+    length: Count
+
+
 class OwnerRow(Row):
     path: bytes
     uid: Id
@@ -120,11 +130,42 @@ class OwnerRow(Row):
     mode: Mode
 
 
-class EntryRow(Row):
-    """One entry of a manifest (see ``tree.Entry``); kind is f(ile), d(irectory) or l(ink)."""
+class SpecialRow(Row):
+    """A fifo (p), socket (s) or device (c, b: root's and operators' transfers only) to make."""
 
     path: bytes
-    kind: Literal["f", "d", "l"]
+    kind: Literal["p", "s", "c", "b"]
+    mode: Mode
+    mtime: Mtime
+    rdev: Count = 0
+
+
+class HardLinkRow(Row):
+    """``path`` is to be another name of ``leader`` (a file of the same tree)."""
+
+    path: bytes
+    leader: bytes
+
+
+class XAttr(Row):
+    name: bytes
+    value: bytes
+
+
+class XAttrRow(Row):
+    """Every extended attribute of one entry in the transfer's namespaces (an empty list: none)."""
+
+    path: bytes
+    mode: Mode
+    attrs: Annotated[list[XAttr], Meta(max_length=4096)]
+
+
+class EntryRow(Row):
+    """One entry of a manifest (see ``tree.Entry``); kind is f(ile), d(irectory), l(ink), p (fifo),
+    s(ocket), c(haracter device) or b(lock device); a device's size is its device number."""
+
+    path: bytes
+    kind: Literal["f", "d", "l", "p", "s", "c", "b"]
     size: Count
     mtime: Mtime
     mode: Mode
@@ -222,7 +263,10 @@ class Batch(Frame):
 class Chunk(Frame):
     """Chunk ``index`` of a file; its data follow as a streamed payload and trailer. → ``ChunkDone``.
 
-    ``uid`` and ``gid`` only for transfers that keep owners.
+    ``uid`` and ``gid`` only for transfers that keep owners. ``extents``
+    only for a file with holes (``sparse``): the payload is the data of
+    these extents alone, and the holes stay holes; ``holes_after``: so many
+    chunks after this one are all hole, and are received with it.
     """
 
     path: bytes
@@ -233,6 +277,8 @@ class Chunk(Frame):
     index: Count
     uid: Id | None = None
     gid: Id | None = None
+    extents: _rows(ExtentRow) | None = None
+    holes_after: Count = 0
 
 
 class DirMeta(Frame):
@@ -245,6 +291,29 @@ class Owners(Frame):
     """Owners to set; only for transfers that keep owners. → ``Done``."""
 
     entries: _rows(OwnerRow)
+
+
+class Specials(Frame):
+    """Fifos, sockets and devices to create or replace. → ``Applied``."""
+
+    entries: _rows(SpecialRow)
+
+
+class HardLinks(Frame):
+    """Names to make other names of a file already in place (replacing what is there). → ``Applied``."""
+
+    links: _rows(HardLinkRow)
+
+
+class XAttrs(Frame):
+    """Extended attributes to give entries (POSIX ACLs are ``system.posix_acl_*``). → ``Applied``.
+
+    Within ``namespaces`` (name prefixes) each entry ends with exactly the
+    attributes listed; ``trusted.`` and ``security.`` only in transfers that keep owners.
+    """
+
+    namespaces: list[bytes]
+    entries: _rows(XAttrRow)
 
 
 class Bye(Frame):
@@ -313,6 +382,15 @@ class ChunkDone(Frame):
     error: str | None = None
 
 
+class Applied(Frame):
+    """``changed``: indices of the rows that changed something; ``skipped``: what the destination
+    cannot hold (no xattr support, an ACL it refuses, a device it may not make), and why."""
+
+    changed: list[Count] = []
+    errors: list[PathError] = []
+    skipped: list[PathError] = []
+
+
 class Error(Frame):
     """ERROR: why a request was refused; the receiver closes the connection after it."""
 
@@ -324,6 +402,7 @@ REQUESTS: dict[Kind, type[Frame]] = {
     Kind.MKDIRS: Mkdirs, Kind.DELETE: Delete, Kind.SYMLINKS: Symlinks, Kind.META: FileMeta,
     Kind.BATCH: Batch, Kind.CHUNK: Chunk, Kind.DIRMETA: DirMeta, Kind.OWNERS: Owners, Kind.BYE: Bye,
     Kind.AUTH: Auth,
+    Kind.SPECIALS: Specials, Kind.HARDLINKS: HardLinks, Kind.XATTRS: XAttrs,
 }
 KINDS: dict[type[Frame], Kind] = {schema: kind for kind, schema in REQUESTS.items()}
 ANSWERS: dict[Kind, type[Frame]] = {
@@ -331,6 +410,7 @@ ANSWERS: dict[Kind, type[Frame]] = {
     Kind.CHECKSUMS: Digests,
     Kind.MKDIRS: Done, Kind.DELETE: Removed, Kind.SYMLINKS: Done, Kind.META: Done, Kind.BATCH: BatchDone,
     Kind.CHUNK: ChunkDone, Kind.DIRMETA: Done, Kind.OWNERS: Done,
+    Kind.SPECIALS: Applied, Kind.HARDLINKS: Applied, Kind.XATTRS: Applied,
 }
 
 _request_decoders = {kind: msgspec.msgpack.Decoder(schema) for kind, schema in REQUESTS.items()}

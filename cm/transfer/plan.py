@@ -87,13 +87,22 @@ def assign(items: list[Item], nranks: int, policy: str) -> list[int]:
     raise ValueError(f"unknown policy {policy!r}; choose from {', '.join(POLICIES)}")
 
 
-def share(items: list[Item], rank: int, nranks: int, policy: str) -> list[Item]:
-    """The items ``rank`` works on, in their original order."""
+def share(items: list[Item], rank: int, nranks: int, policy: str, pinned: dict[str, int] | None = None) -> list[Item]:
+    """The items ``rank`` works on, in their original order.
+
+    A file in ``pinned`` goes whole to the rank given (its hard links or
+    attributes are that rank's to make after its data, see ``meta``); the
+    others are assigned by ``policy``.
+    """
     if not 0 <= rank < nranks:
         raise ValueError(f"rank {rank} is not in 0..{nranks - 1}")
     if nranks == 1:
         return list(items)
-    return [it for it, r in zip(items, assign(items, nranks, policy)) if r == rank]
+    if not pinned:
+        return [it for it, r in zip(items, assign(items, nranks, policy)) if r == rank]
+    free = [it for it in items if it.entry.path not in pinned]
+    mine = {id(it) for it, r in zip(free, assign(free, nranks, policy)) if r == rank}
+    return [it for it in items if (pinned[it.entry.path] == rank if it.entry.path in pinned else id(it) in mine)]
 
 
 def batches(small: list[Item], max_bytes: int = BATCH_BYTES, max_files: int = BATCH_FILES) -> Iterator[list[Item]]:

@@ -41,7 +41,7 @@ from pathlib import Path
 
 from cm.creds import CredentialsError, Identity, acting_as
 
-from . import batchio
+from . import batchio, meta, sparse
 from . import frames as f
 from . import secure
 from .control import Answer, Register, Unregister, decode_control, encode_answer
@@ -343,8 +343,16 @@ class TransferServer:
         wire_parts(os.fsdecode(req.path))
         chunk_size = _chunk_size(req.chunk_size, self.chunk_size)
         size, index = req.size, req.index
-        if index >= chunk_count(size, chunk_size) or plen != min(chunk_size, size - index * chunk_size):
+        length = min(chunk_size, size - index * chunk_size)
+        if req.extents is not None:  # a sparse file's chunk: only its data extents travel
+            try:
+                length = sparse.check(req.extents, length)
+            except ValueError as exc:
+                raise BadRequest(str(exc)) from None
+        if index + req.holes_after >= chunk_count(size, chunk_size) or plen != length:
             raise BadRequest("chunk index or length does not fit the file size")
+        if req.holes_after and req.extents is None:
+            raise BadRequest("only a sparse file's chunk says what chunks after it are all hole")
         _check_owners([req], reg.keep_owners)
         owner = None if req.uid is None else (req.uid, req.gid)
         try:
@@ -382,6 +390,17 @@ class TransferServer:
             return f.Done(dest.set_meta(req.files))
         if isinstance(req, f.DirMeta):
             return f.Done(dest.dir_meta(req.dirs))
+        if isinstance(req, f.Specials):
+            return meta.make_specials(dest, req.entries, devices=reg.keep_owners)
+        if isinstance(req, f.HardLinks):
+            return meta.hard_links(dest, req.links)
+        if isinstance(req, f.XAttrs):
+            spaces = tuple(req.namespaces)
+            if not reg.keep_owners and any(s.startswith(meta.PRIVILEGED) for s in spaces):
+                raise BadRequest("trusted. and security. attributes are kept by root's and operators' syncs only")
+            if any(not s for s in spaces):
+                raise BadRequest("an empty attribute namespace")
+            return meta.set_xattrs(dest, req.entries, spaces)
         if isinstance(req, f.Owners):
             if not reg.keep_owners:
                 raise BadRequest("this transfer may not set owners (only root's and operators' syncs do)")

@@ -27,6 +27,7 @@ import signal
 import sys
 
 from . import exitcodes
+from .report import Report
 from .sender import Sender, TransferError
 from .spec import SpareJob, Spec, SpecError
 
@@ -51,8 +52,9 @@ def _on_sigterm(signum, frame) -> None:
     _die(exitcodes.TERMINATED, f"terminated{_kept(work.partial_bytes() if work is not None else 0)}")
 
 
-def _take_job(job: SpareJob) -> bytes:
-    """Spare mode: become the job's user, write errors to its log; returns its transfer spec (JSON)."""
+def _take_job(job: SpareJob) -> tuple[bytes, int | None]:
+    """Spare mode: become the job's user, write errors to its log; returns its transfer spec (JSON) and
+    its report's descriptor (None: no report)."""
     uid, gid, groups = job.uid, job.gid, job.groups
     try:
         if (uid, gid) == (os.geteuid(), os.getegid()) and set(groups) <= set(os.getgroups()):
@@ -73,7 +75,13 @@ def _take_job(job: SpareJob) -> bytes:
         else:
             os.dup2(fd, 2)
             os.close(fd)
-    return bytes(job.transfer)
+    report = None
+    if job.report:
+        try:
+            report = os.open(job.report, os.O_WRONLY | os.O_TRUNC | os.O_APPEND | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except (OSError, ValueError) as exc:
+            sys.stderr.write(f"cm.transfer.send: cannot open the report {job.report!r}: {exc}\n")
+    return bytes(job.transfer), report
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -96,13 +104,16 @@ def main(argv: list[str] | None = None) -> int:
     raw = sys.stdin.buffer.read()
     if spare and not raw.strip():
         return exitcodes.OK  # the daemon let this spare go
+    report_fd = None
     try:
-        spec = Spec.from_json(_take_job(SpareJob.from_json(raw)) if spare else raw)
+        if spare:
+            raw, report_fd = _take_job(SpareJob.from_json(raw))
+        spec = Spec.from_json(raw)
     except SpecError as exc:
         sys.stderr.write(f"cm.transfer.send: {exc}\n")
         return exitcodes.BAD_SPEC
     gc.disable()  # a short-lived process building many tuples: collections would only cost time
-    sender = Sender(spec, _emit)
+    sender = Sender(spec, _emit, report=Report(report_fd))
     _running.append(sender)
     try:
         report = sender.run()

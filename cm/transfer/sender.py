@@ -22,18 +22,19 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from . import diff
+from . import diff, meta, sparse
 from . import frames as f
-from .connection import Connections, TransferError, request_pages
+from .connection import LIST_PAGE, Connections, TransferError, request_pages
 from .decide import Work, decide
-from .partial import partial_names
+from .partial import chunk_count, partial_names
 from .paths import PathEscape, confine
+from .report import Report
 from .source import Source
 from .spec import Spec
 from .stats import Stats
 from .streams import Streams, WorkQueue
 from .throttle import Throttle
-from .tree import FILE, Entry, Excluder, walk
+from .tree import DEVICES, FILE, Entry, Excluder, walk
 from .wire import Channel, ProtocolError, RemoteError
 
 PROGRESS_EVERY = 0.25  # seconds between progress lines
@@ -57,17 +58,23 @@ class Sender:
     """Runs one rank of a sync job described by a ``Spec``.
 
     ``channel`` is the class of its connections (tests pass one that spoils
-    bytes on the wire, to see them caught and sent again).
+    bytes on the wire, to see them caught and sent again). ``report`` gets
+    a line per path this rank changed, skipped or failed (``report``).
     """
 
-    def __init__(self, spec: Spec, emit: Callable[[dict], None], channel: type[Channel] = Channel):
+    def __init__(self, spec: Spec, emit: Callable[[dict], None], channel: type[Channel] = Channel,
+                 report: Report | None = None):
         self.spec = spec
         self.emit = emit
-        self.stats = Stats()
+        self.report = report or Report()
+        self.report.dry_run = spec.dry_run
+        self.stats = Stats(on_path=self.report.add)
         self.excluder = Excluder(spec.exclude)
         self.connections = Connections(spec, channel)
         self.source: Source | None = None
         self.work: Work | None = None
+        self.resumed: dict[str, int] = {}  # chunks of each file verified by an earlier run
+        self.hole_runs: dict[tuple[str, int], int] = {}  # (path, index): all-hole chunks sent with that one
 
     def run(self) -> dict:
         """Do the whole transfer for this rank; returns the final report."""
@@ -83,16 +90,36 @@ class Sender:
             raise TransferError(f"source {spec.src_path!r} does not exist") from None
         single_file = stat.S_ISREG(st.st_mode)
         self.source = Source(top.parent if single_file else top, self.stats)
+        try:
+            return self._run(top, single_file, started)
+        finally:
+            self.report.close()
+
+    def _run(self, top: Path, single_file: bool, started: float) -> dict:
+        spec, report = self.spec, self.report
         control = self.connections.connect()
         try:
             # the receiver walks the destination while we walk the source
             control.send(f.Manifest(0))
-            entries = walk(top, self.excluder, skip_temp=True)  # cm's own temporaries are never data to copy
+            inodes: dict | None = {} if spec.hard_links else None
+            unreadable: list[tuple[str, str]] = []
+            listed: dict | None = {} if meta.namespaces(spec.xattrs, spec.acls, spec.owners) else None
+            # cm's own temporaries are never data to copy
+            entries = walk(top, self.excluder, skip_temp=True, inodes=inodes, unreadable=unreadable, xattrs=listed)
+            for path, why in unreadable if spec.rank == 0 else ():  # every rank walks: the lead says it
+                self.stats.error(path, f"cannot be read ({why}): what is in it was not copied")
+            kept = self._kept(entries, inodes, listed)
             src = {e.path: e for e in entries}
             # excludes are matched here, not in the mover; then the mover's temporaries are set apart
             dst_list, temps = diff.split_temps(self.excluder.prune(self._manifest(control)))
             dst = {e.path: e for e in dst_list}
-            work = self.work = decide(spec, control, entries, dst, self.source, self.stats)
+            report.existing = dst
+            data = [e for e in entries if e.path not in kept.followers] if kept.followers else entries
+            work = self.work = decide(spec, control, data, dst, self.source, self.stats, kept.pinned)
+            if work.chunks:  # chunks of sparse files that are all hole go with the chunk before them
+                work.chunks, self.hole_runs = sparse.hole_runs(work.chunks, self._hole_chunks)
+                for (path, _), n in self.hole_runs.items():
+                    work.remaining[path] -= n
             lead = spec.rank == 0
             tops, gone = diff.deletions(src, dst_list) if lead and spec.delete and not single_file else ([], [])
             if lead and not spec.dry_run and not single_file:  # what no run will resume: another version's, a vanished file's
@@ -100,17 +127,44 @@ class Sender:
                                                 diff.orphan_temps(entries, dst, temps, spec.chunk_size, spec.checksum)])
             mkdirs = diff.dirs_to_make(entries, dst)
             links = diff.links_to_make(entries, dst) if lead else []
+            specials = self._specials(entries, dst) if lead else []
             if spec.dry_run:
+                new_links = [(leader, p) for leader, p in kept.links_of(spec.rank) if p not in dst]
                 would = [f"delete {p}" for p in gone] + [f"send {e.path}/" for e in mkdirs if lead and e.path] + \
-                    [f"send {e.path}" for e in links] + work.would
+                    [f"send {e.path}" for e in links + specials] + work.would + \
+                    [f"link {p} => {leader}" for leader, p in new_links]
                 self.stats.files_deleted = len(gone)
+                self._report_structure(gone, mkdirs if lead else [], links, specials, range(len(specials)))
+                for it in work.small + [it for it in work.chunks if it.first]:
+                    report.made(it.entry.path, FILE, size=it.entry.size)
+                for leader, p in new_links:
+                    report.made(p, FILE, link=leader)
                 return self.stats.report(time.monotonic() - started, would=would)
             if work.chunks or work.small:
                 threading.Thread(target=warm_up, name="warm-up", daemon=True).start()  # while directories are made
             touched = self._structure(control, tops, gone, mkdirs, links, work.meta)
+            made_specials: list[int] = []
+            if specials:
+                made_specials = self._apply(control, f.Specials, [
+                    f.SpecialRow(os.fsencode(e.path), e.kind, e.mode, e.mtime_ns, e.size) for e in specials])
+                touched.update(diff.parent(e.path) for e in specials)
+            self._report_structure(gone, mkdirs if lead else [], links, specials, made_specials)
+            for e in work.meta:
+                report.add("updated", e.path, kind=FILE, what="mode, mtime")
+            if spec.nranks == 1:  # chunks an earlier run verified, per file (a rank sees only its own share)
+                left = work.remaining
+                self.resumed = {e.path: chunk_count(e.size, spec.chunk_size) - left[e.path]
+                                for e in {it.entry.path: it.entry for it in work.chunks}.values()}
             self._move_data(control, work)
             self._drop_partials(control, work.given_up(self.stats.moved))
             touched.update(diff.parent(it.entry.path) for it in work.chunks + work.small)
+            hard = kept.links_of(spec.rank)
+            if hard:  # after the data: their files are in place
+                linked = self._apply(control, f.HardLinks, [f.HardLinkRow(os.fsencode(p), os.fsencode(leader))
+                                                            for leader, p in hard])
+                touched.update(diff.parent(p) for _, p in hard)
+                for i in linked:
+                    report.made(hard[i][1], FILE, link=hard[i][0])
             dirs = diff.dir_meta(entries, dst, touched)
             self._pages(control, f.DirMeta, [f.MetaRow(os.fsencode(e.path), e.mode, e.mtime_ns)
                                              for e in reversed(dirs)])
@@ -118,10 +172,20 @@ class Sender:
                 # files whose data went (batches, chunks) were created with their owner already
                 owned = work.owned + ([e for e in entries if e.kind != FILE] if lead else [])
                 sent = {it.entry.path for it in work.small} | {it.entry.path for it in work.chunks}
-                made = {e.path for e in mkdirs} | {e.path for e in links}
+                made = {e.path for e in mkdirs} | {e.path for e in links} | {e.path for e in specials}
                 owned = [e for e in owned if e.path not in sent
                          and (e.path in made or _owner_differs(e, dst.get(e.path)))]
                 self._pages(control, f.Owners, [f.OwnerRow(*row) for row in self.source.owner_rows(owned)])
+            if kept.spaces:  # last: a change of owner may drop some (security.capability)
+                sent_items = work.small + work.chunks
+                rows = kept.xattr_rows(entries, spec.rank, sent_items, mkdirs if lead else [])
+                if rows:
+                    changed = self._apply(control, lambda page: f.XAttrs(list(kept.spaces), page), rows)
+                    reported = {it.entry.path for it in sent_items} | {e.path for e in mkdirs}
+                    for i in changed:
+                        path = os.fsdecode(rows[i].path)
+                        if path not in reported:
+                            report.add("updated", path, what="xattrs")
             control.send(f.Bye())
         except (ConnectionError, TimeoutError) as exc:
             raise TransferError(f"lost the receiver at {spec.dst_host}:{spec.dst_port}: {exc}", transient=True) from exc
@@ -146,6 +210,65 @@ class Sender:
 
     def _pages(self, chan: Channel, make, rows: list) -> list:
         return request_pages(chan, make, rows, self.stats)
+
+    def _report_structure(self, gone: list[str], mkdirs: list[Entry], links: list[Entry], specials: list[Entry],
+                          made_specials) -> None:
+        report = self.report
+        if not report:
+            return
+        for p in gone:
+            report.add("deleted", p)
+        for e in mkdirs:
+            if e.path:
+                report.made(e.path, e.kind)
+        for e in links:
+            report.made(e.path, e.kind, target=e.target)
+        for i in made_specials:
+            report.made(specials[i].path, specials[i].kind)
+
+    def _apply(self, chan: Channel, make, rows: list) -> list[int]:
+        """Requests answered by ``frames.Applied``; what the destination skipped is counted with its reason.
+        Returns the indices of the rows that changed something."""
+        changed: list[int] = []
+        for i in range(0, len(rows), LIST_PAGE):
+            ans = chan.request(make(rows[i:i + LIST_PAGE]))
+            for err in ans.errors:
+                self.stats.error(os.fsdecode(err.path), err.message)
+            for skip in ans.skipped:
+                self.stats.skip(os.fsdecode(skip.path), skip.message)
+            changed.extend(i + k for k in ans.changed)
+        return changed
+
+    def _kept(self, entries: list[Entry], inodes: dict | None, listed: dict | None) -> "meta.Kept":
+        spec = self.spec
+        spaces = meta.namespaces(spec.xattrs, spec.acls, spec.owners)
+        attrs = meta.read_xattrs(self.source.top, entries, listed, spaces, spec.owners, self.stats.skip) \
+            if listed else {}
+        return meta.Kept(spaces, attrs, meta.link_groups(inodes) if inodes else {}, spec.nranks, entries)
+
+    def _hole_chunks(self, e: Entry) -> set[int]:
+        """The chunks of a file that are hole from end to end (none for a file without holes)."""
+        handles = self.source.handles(capacity=4)
+        try:
+            fd = self.source.open(handles, e)
+        except (OSError, PathEscape):
+            return set()  # its chunks will say why
+        finally:
+            handles.close()
+        try:
+            return sparse.hole_chunks(fd, e.size, self.spec.chunk_size) if sparse.has_holes(fd, e.size) else set()
+        finally:
+            os.close(fd)
+
+    def _specials(self, entries: list[Entry], dst: dict[str, Entry]) -> list[Entry]:
+        """The fifos, sockets and devices the lead makes; devices only in root's and operators' syncs."""
+        out = []
+        for e in diff.specials_to_make(entries, dst):
+            if e.kind in DEVICES and not self.spec.owners:
+                self.stats.skip(e.path, "device files are copied by root's and operators' syncs only")
+            else:
+                out.append(e)
+        return out
 
     def _manifest(self, chan: Channel) -> list[Entry]:
         """The destination's entries; the request for the first page has already been sent."""
@@ -185,7 +308,8 @@ class Sender:
         if not len(queue):
             return
         pace = Throttle(self.spec.bwlimit) if self.spec.bwlimit else None
-        streams = Streams(self.spec, self.source, self.stats, work, queue, pace)
+        streams = Streams(self.spec, self.source, self.stats, work, queue, pace, self.report, self.resumed,
+                          self.hole_runs)
         nstreams = min(self.spec.streams, len(queue))
         channels = [control]
         for _ in range(nstreams - 1):

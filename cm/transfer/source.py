@@ -7,7 +7,7 @@ import os
 import stat
 from pathlib import Path
 
-from . import checksum, plan
+from . import checksum, plan, sparse
 from .connection import TransferError
 from .paths import DirHandles, PathEscape
 from .stats import Stats
@@ -91,6 +91,8 @@ class Source:
         except (OSError, PathEscape):
             return None
         try:
+            if sparse.has_holes(fd, it.entry.size):  # as it travelled (see ``sparse``)
+                return sparse.chunk_digest(fd, it.offset, it.length)
             return checksum.chunk_digest(fd, it.offset, it.length)
         except OSError:
             return None

@@ -46,6 +46,9 @@ class Spec(Struct, frozen=True, forbid_unknown_fields=True):
     streams: Annotated[int, Meta(ge=1, le=64)] = 4
     chunk_size: Annotated[int, Meta(gt=0, multiple_of=mmap.ALLOCATIONGRANULARITY)] = 64 << 20
     owners: bool = False  # also send owners (root's and operators' syncs keep them, like rsync -a as root)
+    hard_links: bool = True  # keep hard links within the tree (rsync -H)
+    xattrs: bool = True  # keep extended attributes: user.*, and trusted.*/security.* with owners (rsync -X)
+    acls: bool = True  # keep POSIX ACLs, access and default (rsync -A)
 
     def __post_init__(self) -> None:
         # what a schema cannot say (msgspec reports these at the spec's top level)
@@ -75,6 +78,7 @@ class SpareJob(Struct, frozen=True, forbid_unknown_fields=True):
     gid: Id
     groups: list[Id]
     stderr: str | None = None  # the job's error log, opened as the user
+    report: str | None = None  # the rank's per-file report (``report``), made by the node as the user
 
     @classmethod
     def from_json(cls, raw: bytes | str) -> "SpareJob":

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 from dataclasses import dataclass, field
+from typing import Callable
 
 
 @dataclass
@@ -26,6 +27,8 @@ class Stats:
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
     _failed: set = field(default_factory=set, repr=False)
     moved: set = field(default_factory=set, repr=False)  # paths of the source files that vanished or changed
+    skipped: list = field(default_factory=list)  # (path, reason) of what was not copied
+    on_path: Callable[..., None] | None = field(default=None, repr=False)  # report.Report.add: failed, skipped
 
     def add(self, **counts: int) -> None:
         """Add to several counters at once."""
@@ -44,6 +47,15 @@ class Stats:
             self.vanished += vanished
             if vanished:
                 self.moved.add(path)
+        if self.on_path is not None:
+            self.on_path("failed", path, reason=message)
+
+    def skip(self, path: str, reason: str) -> None:
+        """Record something not copied (a device in a user's sync, an xattr the destination refuses)."""
+        with self.lock:
+            self.skipped.append((path, reason))
+        if self.on_path is not None:
+            self.on_path("skipped", path, reason=reason)
 
     def report(self, elapsed: float, would: list[str] | None = None) -> dict:
         """The sender's last line: what was done (``would``: what a dry run would do)."""
@@ -52,7 +64,7 @@ class Stats:
                   "chunks_resent": self.chunks_resent, "chunks_resumed": self.chunks_resumed,
                   "bytes_total": self.bytes_total, "files_total": self.files_total,
                   "errors": len(self.errors), "vanished": self.vanished, "partial_bytes": self.partial_bytes,
-                  "elapsed": round(elapsed, 3)}
+                  "skipped": len(self.skipped), "elapsed": round(elapsed, 3)}
         if would is not None:
             report["would"] = would
         return report

@@ -19,10 +19,11 @@ from collections import Counter, deque
 from typing import Callable
 
 from . import frames as f
-from . import checksum, plan
+from . import checksum, plan, sparse
 from .connection import TransferError
 from .decide import Work
 from .paths import DirHandles, PathEscape
+from .report import Report, digest_hex
 from .ring import PieceRing
 from .source import Source, SourceChanged
 from .spec import Spec
@@ -85,7 +86,8 @@ class Streams:
     """Sends the units of a ``WorkQueue``; ``stream(chan)`` is one stream thread's body."""
 
     def __init__(self, spec: Spec, source: Source, stats: Stats, work: Work, queue: WorkQueue,
-                 pace: Callable[[int], None] | None = None):
+                 pace: Callable[[int], None] | None = None, report: Report | None = None,
+                 resumed: dict[str, int] | None = None, hole_runs: dict[tuple[str, int], int] | None = None):
         self.spec = spec
         self.source = source
         self.stats = stats
@@ -93,6 +95,10 @@ class Streams:
         self.queue = queue
         self._pacer = pace
         self._local = threading.local()
+        self.report = report or Report()
+        self.resumed = resumed or {}
+        self.hole_runs = hole_runs or {}  # (path, index): all-hole chunks that go with that one
+        self._digests: dict[str, dict[int, int]] = {}  # chunk digests sent, per file (for the report)
 
     def stream(self, chan: Channel) -> None:
         """Send units until the queue is empty or a stream failed."""
@@ -134,20 +140,42 @@ class Streams:
             self.source.failed(e.path, exc)
             return
         frame = f.Chunk(os.fsencode(e.path), e.size, e.mode, e.mtime_ns, self.spec.chunk_size, it.index)
+        holes = None
         try:
             if self.spec.owners:  # whichever rank sends the last chunk publishes the file: each chunk says whose
                 st = os.fstat(fd)
                 frame.uid, frame.gid = st.st_uid, st.st_gid
+            if sparse.has_holes(fd, e.size):  # only its data travels; the holes stay holes
+                holes = sparse.extents(fd, it.offset, it.length)
+                frame.extents = [f.ExtentRow(off, n) for off, n in holes]
+                frame.holes_after = self.hole_runs.get((e.path, it.index), 0)
+                after = sum(min(self.spec.chunk_size, e.size - k * self.spec.chunk_size)
+                            for k in range(it.index + 1, it.index + 1 + frame.holes_after))
+                self.stats.add(bytes_done=it.length - sum(n for _, n in holes) + after)  # the holes: done, not sent
             for _ in range(1 + MAX_RESENDS):
-                reader = _ChunkReader(fd, it, self._buffer(it.length))
-                try:
-                    _send_reading(chan, frame, reader, self._pace)
-                finally:
-                    reader.release()
+                if holes is None:
+                    reader = _ChunkReader(fd, it, self._buffer(it.length))
+                    try:
+                        digest = _send_reading(chan, frame, reader, reader.view, self._pace)
+                    finally:
+                        reader.release()
+                    changed, sent_bytes = reader.changed, it.length
+                else:  # the data extents, read whole before they are sent (pread: no SIGBUS if it shrinks)
+                    try:
+                        data = sparse.payload(fd, it.offset, holes)
+                    except EOFError:
+                        self.source.failed(e.path, SourceChanged("was cut short while being read"))
+                        return
+                    now = os.fstat(fd)
+                    if now.st_size != e.size or now.st_mtime_ns != e.mtime_ns:
+                        self.source.failed(e.path, SourceChanged("changed while being read"))
+                        return
+                    digest = _send_reading(chan, frame, sparse.hasher(holes), data, self._pace)
+                    changed, sent_bytes = "", len(data)
                 ans = chan.answer(f.Kind.CHUNK)
-                self.stats.add(bytes_sent=it.length)
-                if reader.changed:  # the receiver dropped it (its digest was spoiled on purpose)
-                    self.source.failed(e.path, SourceChanged(reader.changed))
+                self.stats.add(bytes_sent=sent_bytes)
+                if changed:  # the receiver dropped it (its digest was spoiled on purpose)
+                    self.source.failed(e.path, SourceChanged(changed))
                     return
                 if ans.ok:
                     break
@@ -164,9 +192,16 @@ class Streams:
         with self.stats.lock:
             work.verified[e.path] += it.length
             work.remaining[e.path] -= 1
-            if work.remaining[e.path] == 0 and e.path in work.first_paths:
+            sent = self._digests.setdefault(e.path, {}) if self.report else {}
+            sent[it.index] = digest
+            finished = work.remaining[e.path] == 0 and e.path in work.first_paths
+            if finished:
                 self.stats.files_done += 1
                 self.stats.files_sent += 1
+                self._digests.pop(e.path, None)
+        if finished and self.report:
+            self.report.made(e.path, "f", size=e.size, chunks_xxh3=[digest_hex(sent[i]) for i in sorted(sent)],
+                             chunks_resumed=self.resumed.get(e.path) or None)
 
     def _buffer(self, length: int) -> memoryview:
         """This thread's buffer for one chunk: ``length`` bytes over one piece of memory (``ring``)."""
@@ -231,6 +266,10 @@ class Streams:
         failed = {os.fsdecode(err.path) for err in ans.errors}
         ok = sum(1 for i, it in enumerate(sent_items) if i not in bad and it.entry.path not in failed)
         self.stats.add(files_done=ok, files_sent=ok)
+        if self.report:
+            for i, (it, row) in enumerate(zip(sent_items, rows)):
+                if i not in bad and it.entry.path not in failed:
+                    self.report.made(it.entry.path, "f", size=it.entry.size, xxh3=digest_hex(row.digest))
         if bad:
             retry = [sent_items[i] for i in sorted(bad) if 0 <= i < len(sent_items)]
             self.stats.add(chunks_resent=len(retry))
@@ -288,10 +327,12 @@ class _ChunkReader:
         self.view.release()
 
 
-def _send_reading(chan: Channel, frame: f.Chunk, reader: _ChunkReader, pace) -> None:
-    """Stream one chunk; if the receiver hangs up meanwhile, what it said before is what is raised."""
+def _send_reading(chan: Channel, frame: f.Chunk, hasher, data, pace) -> int:
+    """Stream one chunk's ``data`` (its digest from ``hasher``, which may read the data as it goes:
+    ``_ChunkReader``); returns the digest sent. If the receiver hangs up meanwhile, what it said before
+    is what is raised."""
     try:
-        chan.send_stream(frame, reader.view, reader, pace)
+        return chan.send_stream(frame, data, hasher, pace)
     except (BrokenPipeError, ConnectionResetError) as exc:
         said = _last_word(chan)
         if said is not None:

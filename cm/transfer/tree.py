@@ -9,6 +9,7 @@ source gets the same list.
 
 from __future__ import annotations
 
+import errno
 import os
 import re
 import stat
@@ -17,6 +18,12 @@ from typing import Iterable, NamedTuple
 FILE = "f"
 DIR = "d"
 LINK = "l"
+FIFO = "p"
+SOCKET = "s"
+CHAR = "c"
+BLOCK = "b"
+SPECIAL = {stat.S_IFIFO: FIFO, stat.S_IFSOCK: SOCKET, stat.S_IFCHR: CHAR, stat.S_IFBLK: BLOCK}
+DEVICES = (CHAR, BLOCK)
 
 TEMP_PREFIX = ".cm."  # the mover's own temporary and state files start with this
 # their exact names (destination.Destination._tmp_name, partial.partial_names): nothing else is cm's
@@ -26,11 +33,12 @@ _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 
 
 class Entry(NamedTuple):
-    """One thing in a tree: a regular file, a directory or a symlink (a tuple: cheap by the million)."""
+    """One thing in a tree: a regular file, a directory, a symlink, a fifo, a socket or a device
+    (a tuple: cheap by the million)."""
 
     path: str
     kind: str
-    size: int
+    size: int  # a device's: its device number (st_rdev)
     mtime_ns: int
     mode: int  # permission bits only
     target: str = ""  # symlink target, verbatim
@@ -250,24 +258,71 @@ def _entry(path: str, st: os.stat_result, target: str = "") -> Entry | None:
     elif stat.S_ISLNK(mode):
         kind = LINK
     else:
-        return None  # devices, fifos and sockets are not copied
-    size = st.st_size if kind == FILE else 0
+        kind = SPECIAL.get(stat.S_IFMT(mode))
+        if kind is None:
+            return None
+    size = st.st_size if kind == FILE else st.st_rdev if kind in DEVICES else 0
     return Entry(path, kind, size, st.st_mtime_ns, stat.S_IMODE(mode), target, st.st_uid, st.st_gid)
 
 
-def walk_fd(top_fd: int, excluder: Excluder | None = None, skip_temp: bool = False) -> list[Entry]:
+def walk_fd(top_fd: int, excluder: Excluder | None = None, skip_temp: bool = False,
+            inodes: dict | None = None, unreadable: list | None = None, xattrs: dict | None = None) -> list[Entry]:
     """Walk the directory open as ``top_fd``; returns sorted entries, top (``""``) first.
 
     Does not close ``top_fd``. Subdirectories that vanish or cannot be
-    opened while walking are recorded but not entered.
+    opened while walking are recorded but not entered. ``inodes``, if
+    given, gets (st_dev, st_ino) of each regular file with other names
+    (st_nlink > 1), by path: the hard links (``meta.link_groups``).
+    ``unreadable``, if given, gets (path, reason) of each directory that
+    could not be entered, so what is in it can be reported as not copied.
+    ``xattrs``, if given, gets the names of the extended attributes of each
+    entry that has any (or the OSError that listing them raised), by path.
+    Listing them takes a system call per entry; made with a name relative
+    to the working directory it costs a third of one made with the whole
+    path, so the walk then moves the process's working directory into
+    each directory it lists (and back at the end): only for a
+    single-threaded caller (the sender, before its streams start).
     """
     excluder = excluder if excluder else None
     entries = [_entry("", os.stat(top_fd))]
-    append = entries.append
     stack: list[tuple[str, int]] = [("", os.dup(top_fd))]
+    home = None
+    if xattrs is not None:
+        home = os.open(".", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+        _list_xattrs(xattrs, "", top_fd)
+    try:
+        _walk(stack, entries, excluder, skip_temp, inodes, unreadable, xattrs)
+    finally:
+        if home is not None:
+            os.fchdir(home)
+            os.close(home)
+    entries.sort(key=lambda e: e.path)
+    return entries
+
+
+def _list_xattrs(out: dict, path: str, name: str | int) -> None:
+    try:
+        names = os.listxattr(name) if isinstance(name, int) else os.listxattr(name, follow_symlinks=False)
+    except OSError as exc:
+        if exc.errno not in (errno.ENOTSUP, errno.ENOENT):
+            out[path] = exc
+        return
+    if names:
+        out[path] = names
+
+
+def _walk(stack: list, entries: list, excluder, skip_temp: bool, inodes, unreadable, xattrs) -> None:
+    append = entries.append
     while stack:
         prefix, fd = stack.pop()
+        listing = xattrs
         try:
+            if listing is not None:
+                try:
+                    os.fchdir(fd)
+                except OSError as exc:  # no search permission: neither can its entries be looked at
+                    listing[prefix.rstrip("/")] = exc
+                    listing = None
             with os.scandir(fd) as it:
                 for de in it:
                     name = de.name
@@ -287,9 +342,17 @@ def walk_fd(top_fd: int, excluder: Excluder | None = None, skip_temp: bool = Fal
                     elif fmt == stat.S_IFLNK:
                         kind = LINK
                     else:
-                        continue  # devices, fifos and sockets are not copied
+                        kind = SPECIAL.get(fmt)
+                        if kind is None:
+                            continue
+                        if kind in DEVICES:
+                            size = st.st_rdev
                     if excluder is not None and excluder.excluded(path, kind == DIR):
                         continue
+                    if inodes is not None and kind == FILE and st.st_nlink > 1:
+                        inodes[path] = (st.st_dev, st.st_ino)
+                    if listing is not None:
+                        _list_xattrs(listing, path, name)
                     if kind == LINK:
                         try:
                             target = os.readlink(name, dir_fd=fd)
@@ -300,16 +363,19 @@ def walk_fd(top_fd: int, excluder: Excluder | None = None, skip_temp: bool = Fal
                     if kind == DIR:
                         try:
                             sub = os.open(name, _DIR_FLAGS, dir_fd=fd)
-                        except (FileNotFoundError, NotADirectoryError, PermissionError):
+                        except (FileNotFoundError, NotADirectoryError):
+                            continue
+                        except PermissionError as exc:
+                            if unreadable is not None:
+                                unreadable.append((path, exc.strerror))
                             continue
                         stack.append((path + "/", sub))
         finally:
             os.close(fd)
-    entries.sort(key=lambda e: e.path)
-    return entries
 
 
-def walk(top: str | os.PathLike, excluder: Excluder | None = None, skip_temp: bool = False) -> list[Entry]:
+def walk(top: str | os.PathLike, excluder: Excluder | None = None, skip_temp: bool = False,
+         inodes: dict | None = None, unreadable: list | None = None, xattrs: dict | None = None) -> list[Entry]:
     """Walk ``top``: a directory gives its tree; a regular file gives one entry named by its basename.
 
     Returns [] when ``top`` does not exist.
@@ -323,6 +389,6 @@ def walk(top: str | os.PathLike, excluder: Excluder | None = None, skip_temp: bo
         return [e] if e else []
     fd = os.open(top, _DIR_FLAGS)
     try:
-        return walk_fd(fd, excluder, skip_temp)
+        return walk_fd(fd, excluder, skip_temp, inodes, unreadable, xattrs)
     finally:
         os.close(fd)

@@ -34,8 +34,9 @@ from .frames import KINDS, REQUESTS, Error, Frame, FrameError, Kind, decode_answ
 from .secure import RECORD, Plain, Sealed
 
 MAGIC = b"CM"
-VERSION = 6  # 2: manifest rows carry names as bytes only (frames.EntryRow); 3: and owners; 4: batch rows too;
-#             5: digests are XXH3-64, not xxh64; 6: challenge-response handshake, then sealed records
+VERSION = 7  # 2: manifest rows carry names as bytes only (frames.EntryRow); 3: and owners; 4: batch rows too;
+#             5: digests are XXH3-64, not xxh64; 6: challenge-response handshake, then sealed records;
+#             7: sparse chunks (extents), special files, hard links, xattrs
 HEADER = struct.Struct("<2sBBIQ")
 TRAILER = struct.Struct("<Q")
 PIECE = RECORD  # bytes handed to the kernel (and the hash, and the cipher) at a time: one record each

@@ -25,9 +25,13 @@ GOOD = {
     Kind.SYMLINKS: {"links": [[P, b"../t", 1 << 62]]},
     Kind.META: {"files": [[P, 0o4755, 0]]},
     Kind.BATCH: {"files": [[P, 3, 0o644, 7, (1 << 64) - 1, 1000, 1000]]},
-    Kind.CHUNK: {"path": P, "size": 10, "mode": 0o600, "mtime": 1, "chunk_size": 4096, "index": 0},
+    Kind.CHUNK: {"path": P, "size": 10, "mode": 0o600, "mtime": 1, "chunk_size": 4096, "index": 0,
+                 "extents": [[0, 3], [8, 2]]},
     Kind.DIRMETA: {"dirs": [[P, 0o700, 2]]},
     Kind.OWNERS: {"entries": [[P, 1000, 100, 0o2775]]},
+    Kind.SPECIALS: {"entries": [[P, "p", 0o644, 5, 0], [b"dev", "c", 0o600, 5, 259]]},
+    Kind.HARDLINKS: {"links": [[P, b"first/name"]]},
+    Kind.XATTRS: {"namespaces": [b"user.", b"system.posix_acl_access"], "entries": [[P, 0o640, [[b"user.a", b"\0"]]]]},
     Kind.BYE: {},
 }
 
@@ -46,6 +50,9 @@ BAD = {
     Kind.CHUNK: ({"index": None}, "`index`"),
     Kind.DIRMETA: ({"dirs": [["text", 0o700, 2]]}, "`dirs[0].path`"),
     Kind.OWNERS: ({"entries": [[P, -1, 0, 0]]}, "`entries[0].uid`"),
+    Kind.SPECIALS: ({"entries": [[P, "f", 0o644, 5, 0]]}, "`entries[0].kind`"),
+    Kind.HARDLINKS: ({"links": [[P]]}, "`links[0]`"),
+    Kind.XATTRS: ({"entries": [[P, 0o640, [[b"user.a"]]]]}, "`entries[0].attrs[0]`"),
     Kind.BYE: ({"surprise": 1}, "`surprise`"),
 }
 
@@ -114,6 +121,9 @@ ANSWERS = {
     Kind.CHUNK: f.ChunkDone(False, False, "Permission denied"),
     Kind.DIRMETA: f.Done(),
     Kind.OWNERS: f.Done(),
+    Kind.SPECIALS: f.Applied([0], [], [f.PathError(P, "device files are made by root's and operators' syncs only")]),
+    Kind.HARDLINKS: f.Applied([1, 2]),
+    Kind.XATTRS: f.Applied(skipped=[f.PathError(P, "ACL system.posix_acl_access: the destination cannot hold it")]),
 }
 
 
@@ -125,6 +135,7 @@ def test_every_answer_round_trips(kind):
 
 def test_a_malformed_answer_is_refused_with_its_field_named():
     raw = msgpack.packb({"entries": [[P, "x", 1, 1, 1, b"", 0, 0]], "more": False}, use_bin_type=True)
+    assert f.decode_answer(Kind.MANIFEST, True, msgpack.packb({"entries": [[P, "p", 0, 1, 0o644, b"", 0, 0]]}))
     with pytest.raises(f.FrameError, match=r"`entries\[0\].kind`"):
         f.decode_answer(Kind.MANIFEST, True, raw)
     assert f.decode_answer(Kind.BATCH, False, msgpack.packb({"message": "no"})).message == "no"

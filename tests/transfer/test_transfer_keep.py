@@ -1,0 +1,136 @@
+"""What a sync keeps besides data and modes: holes of sparse files, hard links, xattrs, ACLs, special files."""
+
+from __future__ import annotations
+
+import filecmp
+import json
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+import treegen
+
+from cm.transfer import plan
+from cm.transfer.receiver import TransferServer
+from cm.transfer.tree import walk
+
+from .conftest import Endpoint, finish, run_sender, spec_for, start_sender
+
+SPARSE = 8 << 30  # logical bytes of the sparse file: 1 MiB of data in them
+
+
+def test_a_sparse_file_sends_only_its_data_and_keeps_its_holes(roots, receiver):
+    src, _ = roots
+    treegen.make_sparse(src / "sparse.bin", SPARSE)
+    started = time.monotonic()
+    result = run_sender(spec_for(receiver, src, chunk_size=8 << 20))
+    took = time.monotonic() - started
+    out = receiver.dst / "sparse.bin"
+    assert out.stat().st_size == SPARSE
+    assert result.report["bytes_sent"] == treegen.SPARSE_DATA, result.report
+    assert treegen.blocks(out) <= 2 * treegen.SPARSE_DATA, "the holes were filled"
+    with open(src / "sparse.bin", "rb") as a, open(out, "rb") as b:
+        for off in (0, (SPARSE // 2) & ~0xFFFF, SPARSE - treegen.SPARSE_DATA // 2):
+            a.seek(off)
+            b.seek(off)
+            assert a.read(1 << 20) == b.read(1 << 20)
+    print(f"8 GiB sparse file with 1 MiB of data: {took:.2f} s for the sender process")
+    again = run_sender(spec_for(receiver, src, chunk_size=8 << 20))
+    assert again.report["bytes_sent"] == 0
+
+
+def test_a_sparse_file_of_one_chunk_keeps_its_holes_and_resumes_by_its_digests(roots, receiver):
+    src, _ = roots
+    treegen.make_sparse(src / "one.bin", 6 << 20, data=64 << 10)
+    run_sender(spec_for(receiver, src, chunk_size=8 << 20))
+    out = receiver.dst / "one.bin"
+    assert out.read_bytes() == (src / "one.bin").read_bytes()
+    assert treegen.blocks(out) <= 1 << 20
+    digests = run_sender(spec_for(receiver, src, chunk_size=8 << 20, checksum=True))
+    assert digests.report["bytes_sent"] == 0
+
+
+
+def test_a_directory_the_walk_cannot_enter_is_named_not_passed_over_in_silence(nobody):
+    """The sender reports each of these as a failure of its sync (what is in it was not copied)."""
+    tmp_path = Path(tempfile.mkdtemp(prefix="cm-walk-"))  # pytest's own is root's alone
+    top = tmp_path / "tree"
+    (top / "shut").mkdir(parents=True)
+    (top / "shut" / "hidden.txt").write_bytes(b"h")
+    (top / "open").mkdir()
+    (top / "shut").chmod(0o700)  # root's, and the walk below is nobody's
+    for p in (tmp_path, top, top / "open"):
+        p.chmod(0o755)
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # a child that has become nobody walks
+        os.close(r)
+        os.setgroups([])
+        os.setgid(nobody.pw_gid)
+        os.setuid(nobody.pw_uid)
+        try:
+            unreadable: list = []
+            paths = [e.path for e in walk(top, unreadable=unreadable)]
+            os.write(w, json.dumps([paths, unreadable]).encode())
+        finally:
+            os._exit(0)
+    os.close(w)
+    with os.fdopen(r) as f:
+        paths, unreadable = json.loads(f.read())
+    os.waitpid(pid, 0)
+    shutil.rmtree(tmp_path)
+    assert "shut" in paths and "shut/hidden.txt" not in paths
+    assert unreadable == [["shut", "Permission denied"]]
+
+
+@pytest.mark.parametrize("policy", plan.POLICIES)
+def test_two_ranks_share_a_sparse_files_chunks_and_its_runs_of_holes(roots, policy):
+    src, dst_root = roots
+    treegen.make_sparse(src / "sparse.bin", 1 << 30, data=3 << 20)  # 128 chunks of 8 MiB, 3 with data
+    servers = [TransferServer("127.0.0.1", 0, chunk_size=8 << 20) for _ in range(2)]
+    try:
+        endpoints = []
+        for server in servers:
+            server.start()
+            server.register("job-8", "tok", dst_root, "/out")
+            endpoints.append(Endpoint(server, "job-8", "tok", dst_root, "/out"))
+        procs = [start_sender(spec_for(ep, src, rank=r, nranks=2, policy=policy, chunk_size=8 << 20))
+                 for r, ep in enumerate(endpoints)]
+        results = [finish(p) for p in procs]
+    finally:
+        for server in servers:
+            server.stop()
+    for r in results:
+        assert r.returncode == 0, r.stderr
+    out = dst_root / "out" / "sparse.bin"
+    assert sum(r.report["bytes_sent"] for r in results) == 3 << 20
+    assert treegen.blocks(out) <= 4 << 20
+    assert filecmp.cmp(src / "sparse.bin", out, shallow=False)
+
+
+def test_a_rerun_after_a_killed_sender_reports_the_chunks_verified_before(roots, receiver, tmp_path):
+    import signal
+
+    from cm.transfer.report import Report
+    from cm.transfer.sender import Sender
+    from cm.transfer.spec import Spec
+
+    from .conftest import CHUNK, write
+    from .test_transfer_resume import _wait_for_progress
+
+    src, _ = roots
+    write(src / "big.bin", os.urandom(64 * CHUNK))
+    proc = start_sender(spec_for(receiver, src, bwlimit=16 * CHUNK, streams=2))
+    _wait_for_progress(proc, 24 * CHUNK)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(10)
+    path = tmp_path / "files-0.jsonl"
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o644)
+    report = Sender(Spec.from_dict(spec_for(receiver, src)), lambda line: None, report=Report(fd)).run()
+    lines = [json.loads(line) for line in path.read_text().splitlines()]
+    (big,) = [line for line in lines if line["path"] == "big.bin"]
+    assert big["action"] == "created" and big["chunks_resumed"] == report["chunks_resumed"] >= 16
+    assert len(big["chunks_xxh3"]) == 64 - big["chunks_resumed"]
