@@ -1,10 +1,11 @@
 """Trees like a site's, and a checker that compares a copy with its source the way an admin would.
 
 ``make_site_tree(top)`` writes hard links (inside one directory and across
-directories), ``user.`` xattrs, POSIX ACLs (access and default), a sparse
-file, a fifo, a unix socket, a name that is not UTF-8, a deep path, a
-read-only directory, a symlink with its own mtime and old directory mtimes.
-``differences(src, dst)`` lists what a peer still sees differ:
+directories), ``user.`` xattrs (``trusted.`` too in root's trees), POSIX
+ACLs (access and default), a sparse file, a fifo, a unix socket, a name
+that is not UTF-8, a deep path, a read-only directory, a symlink with its
+own mtime and old directory mtimes. ``differences(src, dst)`` lists what a
+peer still sees differ:
 ``rsync -naHAXS --checksum -i`` must list nothing, ``getfattr``/``getfacl``
 dumps must match, and a sparse file must stay about as sparse.
 
@@ -81,6 +82,8 @@ def make_site_tree(top: Path, sparse_bytes: int = 256 << 20, xattrs: bool = True
         os.setxattr(a / "plain.txt", "user.binary", bytes(range(256)))
         os.setxattr(a, "user.dir", b"a directory's")
         os.setxattr(one, "user.linked", b"on every name of the inode")
+        if owner is None and os.geteuid() == 0:  # root's tree: root's sync keeps trusted. too
+            os.setxattr(a / "plain.txt", "trusted.site", b"root's only")
     if acls:
         acl = _file(top / "acl" / "shared.txt", b"shared\n", mode=0o640)
         subprocess.run(["setfacl", "-m", f"u:{acl_user}:r", str(acl)], check=True)

@@ -386,7 +386,9 @@ def walk(top: str | os.PathLike, excluder: Excluder | None = None, skip_temp: bo
         return []
     if stat.S_ISREG(st.st_mode):
         e = _entry(os.path.basename(os.fspath(top)), st)
-        return [e] if e else []
+        if xattrs is not None:
+            _list_xattrs(xattrs, e.path, os.fspath(top))
+        return [e]
     fd = os.open(top, _DIR_FLAGS)
     try:
         return walk_fd(fd, excluder, skip_temp, inodes, unreadable, xattrs)

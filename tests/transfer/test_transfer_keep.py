@@ -134,3 +134,11 @@ def test_a_rerun_after_a_killed_sender_reports_the_chunks_verified_before(roots,
     (big,) = [line for line in lines if line["path"] == "big.bin"]
     assert big["action"] == "created" and big["chunks_resumed"] == report["chunks_resumed"] >= 16
     assert len(big["chunks_xxh3"]) == 64 - big["chunks_resumed"]
+
+
+def test_a_single_file_source_keeps_its_xattrs(roots, receiver):
+    src, _ = roots
+    (src / "one.txt").write_bytes(b"one")
+    os.setxattr(src / "one.txt", "user.kept", b"yes")
+    run_sender(spec_for(receiver, src, src_path="/one.txt"))
+    assert os.getxattr(receiver.dst / "one.txt", "user.kept") == b"yes"
