@@ -378,3 +378,12 @@ def test_the_scheduler_holds_a_sync_whose_destination_tree_is_being_written():
     started = [r.job_id for r, _ in scheduler.plan(pending, nodes, running, 0.0)]
     assert started == [6, 7, 8]  # another tree, another storage; 9 is inside 8, which starts in this pass
     assert {i: scheduler.reasons[i] for i in (2, 3, 4, 5, 9)} == dict.fromkeys((2, 3, 4, 5, 9), "DestinationBusy")
+
+
+def test_wait_exits_with_a_completed_syncs_24():
+    from cm.api.views import exit_code_of
+
+    assert exit_code_of({"state": "COMPLETED", "exit_code": 0}) == 0
+    assert exit_code_of({"state": "COMPLETED", "exit_code": 24}) == 24  # copied all but files that vanished
+    assert exit_code_of({"state": "FAILED", "exit_code": 23}) == 23
+    assert exit_code_of({"state": "FAILED", "exit_code": None}) == 1
