@@ -387,3 +387,25 @@ def test_wait_exits_with_a_completed_syncs_24():
     assert exit_code_of({"state": "COMPLETED", "exit_code": 24}) == 24  # copied all but files that vanished
     assert exit_code_of({"state": "FAILED", "exit_code": 23}) == 23
     assert exit_code_of({"state": "FAILED", "exit_code": None}) == 1
+
+
+def test_a_part_is_never_written_once_published(tmp_path):
+    import fcntl
+
+    from cm.transfer.destination import _open_part
+
+    dfd = os.open(tmp_path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        writer = _open_part(dfd, "x.part")  # a receiver inside it, writing a chunk: shared lock
+        publisher = os.open("x.part", os.O_RDWR, dir_fd=dfd)
+        with pytest.raises(BlockingIOError):  # whoever publishes waits for the writers to leave
+            fcntl.flock(publisher, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        os.close(writer)
+        fcntl.flock(publisher, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        os.rename("x.part", "x", src_dir_fd=dfd, dst_dir_fd=dfd)  # published
+        os.close(publisher)
+        late = _open_part(dfd, "x.part")  # a writer that comes late gets a part of its own, not the file
+        assert os.fstat(late).st_ino != os.stat("x", dir_fd=dfd).st_ino
+        os.close(late)
+    finally:
+        os.close(dfd)
