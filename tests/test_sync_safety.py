@@ -378,3 +378,34 @@ def test_the_scheduler_holds_a_sync_whose_destination_tree_is_being_written():
     started = [r.job_id for r, _ in scheduler.plan(pending, nodes, running, 0.0)]
     assert started == [6, 7, 8]  # another tree, another storage; 9 is inside 8, which starts in this pass
     assert {i: scheduler.reasons[i] for i in (2, 3, 4, 5, 9)} == dict.fromkeys((2, 3, 4, 5, 9), "DestinationBusy")
+
+
+def test_wait_exits_with_a_completed_syncs_24():
+    from cm.api.views import exit_code_of
+
+    assert exit_code_of({"state": "COMPLETED", "exit_code": 0}) == 0
+    assert exit_code_of({"state": "COMPLETED", "exit_code": 24}) == 24  # copied all but files that vanished
+    assert exit_code_of({"state": "FAILED", "exit_code": 23}) == 23
+    assert exit_code_of({"state": "FAILED", "exit_code": None}) == 1
+
+
+def test_a_part_is_never_written_once_published(tmp_path):
+    import fcntl
+
+    from cm.transfer.destination import _open_part
+
+    dfd = os.open(tmp_path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        writer = _open_part(dfd, "x.part")  # a receiver inside it, writing a chunk: shared lock
+        publisher = os.open("x.part", os.O_RDWR, dir_fd=dfd)
+        with pytest.raises(BlockingIOError):  # whoever publishes waits for the writers to leave
+            fcntl.flock(publisher, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        os.close(writer)
+        fcntl.flock(publisher, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        os.rename("x.part", "x", src_dir_fd=dfd, dst_dir_fd=dfd)  # published
+        os.close(publisher)
+        late = _open_part(dfd, "x.part")  # a writer that comes late gets a part of its own, not the file
+        assert os.fstat(late).st_ino != os.stat("x", dir_fd=dfd).st_ino
+        os.close(late)
+    finally:
+        os.close(dfd)

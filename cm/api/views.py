@@ -14,8 +14,9 @@ def is_final(view: dict) -> bool:
 
 
 def exit_code_of(view: dict) -> int:
-    """What `--wait` exits with: 0 for a completed job, otherwise its exit code or 1."""
-    if view["state"] == "COMPLETED":
-        return 0
+    """What `--wait` exits with: a completed job's exit code (0, or a sync's 24: copied all but files
+    that vanished or kept changing), otherwise its exit code or 1."""
     code = view.get("exit_code") or 0
+    if view["state"] == "COMPLETED":
+        return code if 0 < code < 256 else 0
     return code if 0 < code < 256 else 1

@@ -61,7 +61,7 @@ def progress_bar(view: dict, width: int = 30) -> str:
 @option("-t", "--time", "time_limit", default=None, help="time limit: MM, MM:SS, HH:MM:SS, D-HH")
 @option("-J", "--job-name", "name", default=None, help="job name")
 @option("--label", "labels", multiple=True, metavar="KEY=VALUE", help="tag the job (repeatable)")
-@option("--wait", is_flag=True, help="wait for the job; exit 0 if it completed")
+@option("--wait", is_flag=True, help="wait for the job; exit 0 if it copied everything (24: all but files that vanished)")
 @option("--parsable", is_flag=True, help="print only the job id")
 @argument("src")
 @argument("dst")
@@ -107,7 +107,8 @@ def cli(nodes, delete, dry_run, checksum, exclude, bwlimit, transport, policy, n
             skipped = f" with {t['skipped']} skipped: see cminfo {job_id} --files," if t.get("skipped") else ""
             print(f"job {job_id} {view['state']}{skipped} in {time.monotonic() - started:.1f} s: "
                   f"{human_bytes(t.get('bytes_done', 0))}, {t.get('files_done', 0)} files"
-                  + (f" ({view['reason']})" if view.get("reason") and view["state"] != "COMPLETED" else ""),
+                  + (f" ({view['reason']})" if view.get("reason") and (view["state"] != "COMPLETED"
+                                                                or view.get("exit_code")) else ""),
                   file=sys.stderr)
         sys.exit(exit_code_of(view))
 

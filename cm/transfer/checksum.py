@@ -2,7 +2,7 @@
 
 The mover verifies every chunk and every small file with XXH3-64 (seed 0):
 the sender hashes what it sends, the receiver what it received, and a
-mismatch is sent again. ``digest`` hashes one buffer (a mapped file region,
+mismatch is sent again. ``digest`` hashes one buffer (a piece of a file,
 a bytearray, bytes, a C-contiguous numpy array); ``digest_many`` hashes the files packed
 one after another in a batch; ``Hasher`` takes a chunk piece by piece as it
 crosses the socket. The library's C code releases the GIL while it hashes,
@@ -25,7 +25,7 @@ READ_PIECE = 1 << 20  # bytes read (and hashed) at a time
 
 
 def digest(buf, seed: int = 0) -> int:
-    """The XXH3-64 of ``buf`` (anything exposing the buffer protocol, e.g. an mmap)."""
+    """The XXH3-64 of ``buf`` (anything exposing the buffer protocol)."""
     return _xxh3(buf, seed)
 
 

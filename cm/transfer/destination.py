@@ -17,6 +17,7 @@ go on.
 from __future__ import annotations
 
 import errno
+import fcntl
 import itertools
 import os
 import secrets
@@ -502,7 +503,7 @@ class Destination:
             return True, True
         part, ok = partial_names(parts[-1], size, mtime, chunk_size)
         try:
-            fd = os.open(part, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600, dir_fd=dfd)
+            fd = _open_part(dfd, part)
         except OSError as exc:
             raise ChunkRefused(exc.errno, exc.strerror) from None
         try:
@@ -536,15 +537,18 @@ class Destination:
                     return True, False
             finally:
                 rec.close()
+            _lock(fd, fcntl.LOCK_EX)  # once no other writer is inside it
+            if not _is_named(dfd, part, fd):
+                return True, True  # another receiver published it meanwhile (this chunk in it: we held the lock)
             _stamp(fd, mode, mtime, owner)
+            try:
+                self._publish(dfd, part, parts[-1])
+            except FileNotFoundError:
+                pass  # another receiver published it first
+            _unlink_quietly(dfd, ok)
+            return True, True
         finally:
             os.close(fd)
-        try:
-            self._publish(dfd, part, parts[-1])
-        except FileNotFoundError:
-            pass  # another receiver published it first
-        _unlink_quietly(dfd, ok)
-        return True, True
 
 
     @staticmethod
@@ -586,6 +590,42 @@ def _stamp(fd: int, mode: int, mtime: int, owner: tuple[int, int] | None = None,
     if chmod:
         os.fchmod(fd, mode)
     os.utime(fd, ns=(mtime, mtime))
+
+
+def _open_part(dfd: int, part: str) -> int:
+    """The ``.part`` file, open for writing and locked shared: the receivers writing chunks into it share
+    it, the one that publishes it takes it alone. One published or replaced between the open and the lock
+    is opened again by name, so nothing is ever written into a file once it is published."""
+    for _ in range(3):
+        fd = os.open(part, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600, dir_fd=dfd)
+        try:
+            _lock(fd, fcntl.LOCK_SH)
+            if _is_named(dfd, part, fd):
+                return fd
+        except BaseException:
+            os.close(fd)
+            raise
+        os.close(fd)
+    raise OSError(errno.EAGAIN, f"{part} keeps being replaced")
+
+
+def _is_named(dfd: int, name: str, fd: int) -> bool:
+    """Whether ``name`` in ``dfd`` is still the file open as ``fd``."""
+    try:
+        st = os.stat(name, dir_fd=dfd, follow_symlinks=False)
+    except FileNotFoundError:
+        return False
+    mine = os.fstat(fd)
+    return (st.st_ino, st.st_dev) == (mine.st_ino, mine.st_dev)
+
+
+def _lock(fd: int, how: int) -> None:
+    """flock, where the file system has it (elsewhere the head's DestinationBusy is the only guard)."""
+    try:
+        fcntl.flock(fd, how)
+    except OSError as exc:
+        if exc.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
+            raise
 
 
 def _unlink_quietly(dfd: int, name: str) -> None:

@@ -4,7 +4,7 @@
 out this rank's share and what of it the destination lacks (``decide``),
 makes the structure (deletions, directories, symlinks, metadata), then
 streams the data over several connections (``streams``): chunks of large
-files straight out of a mapped file, small files packed into batches.
+files read a piece at a time as they are sent, small files packed into batches.
 Progress goes to ``emit`` a few times a second.
 
 The parts, one module each: ``connection`` (connect, HELLO, paged
