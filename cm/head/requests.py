@@ -49,7 +49,7 @@ from cm.protocol import (
 )
 from cm.states import JobState
 from cm.timefmt import TimeFormatError, parse_time
-from cm.transfer.tree import check_patterns
+from cm.transfer.excludes import check_patterns
 
 __all__ = ["Head", "Later", "Refused", "handle", "job_view", "HANDLERS"]
 

@@ -1,6 +1,6 @@
 """The data mover: tree walk and diff, chunk plan, TCP sender/receiver, checksums, numba batch I/O.
 
-Modules, by concept: ``paths`` (confinement), ``tree`` (walks, excludes),
+Modules, by concept: ``paths`` (confinement), ``tree`` (walks), ``excludes`` (linear-time patterns),
 ``plan`` (work items, rank assignment), ``diff`` (what the destination
 lacks), ``checksum`` (XXH3), ``jit`` (numba's cache), ``batchio``
 (small files read and written by compiled code), ``frames`` (what each frame says: one msgspec

@@ -34,7 +34,8 @@ from .spec import Spec
 from .stats import Stats
 from .streams import Streams, WorkQueue
 from .throttle import Throttle
-from .tree import DEVICES, FILE, Entry, Excluder, walk
+from .excludes import Excluder
+from .tree import DEVICES, FILE, Entry, walk
 from .wire import Channel, ProtocolError, RemoteError
 
 PROGRESS_EVERY = 0.25  # seconds between progress lines

@@ -16,7 +16,7 @@ import msgspec
 from msgspec import Meta, Struct
 
 from . import plan
-from .tree import Excluder
+from .excludes import Excluder
 
 Policy = Literal[plan.POLICIES]
 Id = Annotated[int, Meta(ge=0, le=(1 << 32) - 1)]  # a uid or gid
