@@ -12,13 +12,18 @@ None of them is in the database, so a dump of it opens nothing.
 from __future__ import annotations
 
 import hmac
+import logging
 import os
 import secrets
 import shutil
+import time
 from pathlib import Path
 
 import zmq
 import zmq.auth
+
+
+log = logging.getLogger("cm.keys")
 
 
 class KeysMissing(RuntimeError):
@@ -77,7 +82,7 @@ def data_plane_key(transfer_secret: bytes, nonce: str, transfer_id: str) -> str:
 def head_keys(run_dir: str | Path) -> tuple[bytes, bytes]:
     path = keys_dir(run_dir) / "head.key_secret"
     if not path.exists():
-        raise KeysMissing(f"no head key at {path}: run `make setup` or `cmdaemon keys`")
+        raise KeysMissing(f"no head key at {path}: run `cmdaemon keys init` (on the head) or `make setup`")
     public, secret = zmq.auth.load_certificate(str(path))
     return public, secret
 
@@ -99,20 +104,28 @@ def node_keys(run_dir: str | Path, name: str) -> tuple[bytes, bytes]:
     raise KeysMissing(f"no key for node {name} in {kdir}")
 
 
+REFUSED_HINT = "run `cmdaemon keys export NODE` on the head and `cmdaemon keys import NODE.cmkeys` on the node"
+REFUSED_LOG_EVERY = 60.0  # seconds between two log lines about one refused key (a node retries every ~10 s)
+
+
 class Gatekeeper:
     """The head's ZAP handler: only the public keys in keys/authorized/ may connect.
 
     Without a ZAP handler libzmq lets any CURVE client in, so the head runs
     this before binding. `refresh()` rereads the folder when it changed, so a
-    node added later is let in without a restart.
+    node added later is let in without a restart, and one revoked is refused
+    from its next handshake. A refused key is logged (WARNING) with what to do.
     """
 
     def __init__(self, ctx: zmq.Context, run_dir: str | Path):
         from zmq.auth.thread import ThreadAuthenticator
 
         self.authorized = keys_dir(run_dir) / "authorized"
+        self.keys: frozenset[bytes] = frozenset()  # z85 public keys; replaced whole, read by the ZAP thread
+        self.refused: dict[bytes, float] = {}  # key -> when last logged (the ZAP thread's alone)
         self.auth = ThreadAuthenticator(ctx)
         self.auth.start()
+        self.auth.configure_curve_callback(domain="*", credentials_provider=self)
         self.seen = -1.0
         self.refresh()
 
@@ -123,7 +136,23 @@ class Gatekeeper:
             mtime = 0.0
         if mtime != self.seen:
             self.seen = mtime
-            self.auth.configure_curve(domain="*", location=str(self.authorized))
+            try:
+                self.keys = frozenset(zmq.auth.load_certificates(str(self.authorized)))
+            except OSError as exc:
+                log.error("cannot read the authorised node keys in %s: %s", self.authorized, exc)
+                self.keys = frozenset()
+
+    def callback(self, domain: str, key: bytes) -> bool:
+        """ZAP: is this client's public key (z85) authorised?"""
+        if key in self.keys:
+            return True
+        now = time.monotonic()
+        if now - self.refused.get(key, -REFUSED_LOG_EVERY) >= REFUSED_LOG_EVERY:
+            self.refused[key] = now
+            log.warning("refused a node whose CurveZMQ key is not authorised (public key %s): %s; "
+                        "a node revoked with `cmdaemon keys revoke` stays refused", key.decode(), REFUSED_HINT,
+                        extra={"fields": {"public_key": key.decode()}})
+        return False
 
     def stop(self) -> None:
         self.auth.stop()
