@@ -197,4 +197,43 @@ def test_cmdaemon_db_says_how_to_get_the_embedded_server(tmp_path):
            "CM_DB_DIR": str(tmp_path / "db")}
     out = cmdaemon("db", env=env, check=False)
     assert out.returncode == 1
-    assert "missing or not executable" in out.stderr and "set ferretdb_bin in cm.toml" in out.stderr
+    assert "missing or not executable" in out.stderr
+
+
+GUIDE = Path(__file__).resolve().parents[1] / "docs" / "DEPLOY.md"
+BLOCK = re.compile(r"^```sh on=([\w,]+)\n(.*?)^```$", re.M | re.S)
+
+
+def guide_blocks() -> list[tuple[list[str], str]]:
+    return [(on.split(","), body) for on, body in BLOCK.findall(GUIDE.read_text())]
+
+
+def test_the_guide_s_blocks_are_shell_that_names_real_commands_and_settings(tmp_path):
+    blocks = guide_blocks()
+    assert len(blocks) >= 10
+    from cm.deploy.cli import _parser
+
+    seen = set()
+    for hosts, body in blocks:
+        assert set(hosts) <= {"build", "head", "nodes", "node01", "node02", "user"}, hosts
+        syntax = subprocess.run(["bash", "-n"], input=body, capture_output=True, text=True)
+        assert syntax.returncode == 0, f"{body}\n{syntax.stderr}"
+        for line in body.splitlines():
+            m = re.match(r"\s*cmdaemon (\w+.*)$", line)
+            if m and m.group(1).split()[0] not in ("head", "node"):
+                argv = m.group(1).split(">")[0].replace('"', "").split()
+                _parser().parse_args(argv)  # exits (SystemExit) on a command that does not exist
+                seen.add(" ".join(argv[:2]))
+    for needed in ("config --example", "keys init", "keys export", "keys import", "install --role", "uninstall --role"):
+        assert needed in seen, needed
+    # the cm.toml the guide writes is a valid configuration: every key a setting, each node's table its own
+    toml = re.search(r"cat > /etc/cm/cm.toml <<EOF\n(.*?)^EOF$", GUIDE.read_text(), re.M | re.S).group(1)
+    path = tmp_path / "cm.toml"
+    path.write_text(toml.replace("$HEAD", "head01").replace("\\`", "`"))
+    tomllib.loads(path.read_text())
+    node02 = config.load({"CM_CONFIG": str(path), "CM_NODE_NAME": "node02"})
+    assert (node02.partition, node02.data_root, node02.head_host) == ("gpu", "/data/gpu", "head01")
+    # the firewall table's ports are the defaults
+    defaults = config.Settings()
+    assert f"`head_port` ({defaults.head_port}/tcp)" in GUIDE.read_text()
+    assert f"`transfer_port` ({defaults.transfer_port}/tcp)" in GUIDE.read_text()

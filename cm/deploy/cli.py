@@ -98,8 +98,11 @@ def _db(settings: config.Settings) -> int:
         plan = db.ferretdb_plan({"CM_FERRETDB_BIN": settings.ferretdb_bin}) if settings.ferretdb_bin else \
             db.server_plan()
     except db.DatabaseUnavailable as exc:
-        print(f"cmdaemon db: {exc}; on a machine with cm installed from its wheel: build cm-ferretdb in a cm "
-              "checkout (`make setup`, or cm/cluster/ferretdb/build.sh; needs Go), copy .build/bin/cm-ferretdb "
-              "here and set ferretdb_bin in cm.toml, or use a site MongoDB (db_uri_file)", file=sys.stderr)
+        if settings.ferretdb_bin or db.EMBEDDED_BIN.parent.parent.parent.joinpath("Makefile").exists():
+            print(f"cmdaemon db: {exc}", file=sys.stderr)  # a checkout's: `make setup` builds it
+        else:
+            print("cmdaemon db: no database server here: set ferretdb_bin in cm.toml to a cm-ferretdb binary "
+                  "(built in a cm checkout by `make setup`, which needs Go: copy its .build/bin/cm-ferretdb here), "
+                  "or put mongod on PATH, or give the head a site MongoDB (db_uri_file)", file=sys.stderr)
         return 1
     return db.serve(plan, Path(settings.db_dir))
