@@ -10,7 +10,7 @@ PARTITIONS ?=
 # USER from the command line names a cluster user; the one in the environment (who runs make) does not
 CM_USER := $(if $(filter command line,$(origin USER)),$(USER))
 
-.PHONY: all up setup demo test soak bench fuzz local-up local-down exec-head stop adduser engine clean dist wheelhouse
+.PHONY: all up setup demo test soak bench fuzz local-up local-down exec-head stop adduser engine clean dist wheelhouse dist-check
 
 all: up
 
@@ -105,6 +105,10 @@ dist: $(STAMP)
 
 wheelhouse: dist
 	$(PY) -m pip wheel -q -w dist/wheelhouse dist/cm-*.whl
+
+# the wheel installed offline into a fresh venv, as docs/DEPLOY.md does (scripts/check_dist.sh)
+dist-check: wheelhouse
+	bash scripts/check_dist.sh
 
 clean: local-down
 	rm -rf .build $(VENV) drive/run dist
