@@ -9,6 +9,7 @@ import re
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 import tomllib
 from pathlib import Path
@@ -237,3 +238,100 @@ def test_the_guide_s_blocks_are_shell_that_names_real_commands_and_settings(tmp_
     defaults = config.Settings()
     assert f"`head_port` ({defaults.head_port}/tcp)" in GUIDE.read_text()
     assert f"`transfer_port` ({defaults.transfer_port}/tcp)" in GUIDE.read_text()
+
+
+def unit_command(path: Path) -> tuple[list[str], dict[str, str]]:
+    """ExecStart and Environment of a unit `cmdaemon install` wrote: the daemon as systemd would start it."""
+    lines = dict(line.split("=", 1) for line in path.read_text().splitlines() if "=" in line and line[0] != "#")
+    return lines["ExecStart"].split(), dict([lines["Environment"].split("=", 1)])
+
+
+def test_a_site_from_one_cm_toml_and_the_units_commands_runs_a_job_and_a_sync(tmp_path, db_name):
+    """The guide on one machine: `cmdaemon db`, the head and two nodes as their units start them, one
+    cm.toml with a [nodes.NAME] table per node, keys made by `keys init`, carried by export/import."""
+    from cm.cluster.db import EMBEDDED_BIN, free_port, socket_path, socket_uri
+
+    if not EMBEDDED_BIN.exists():
+        pytest.skip(f"no {EMBEDDED_BIN}: `make setup` builds it")
+    root = Path(tempfile.mkdtemp(prefix="cmsite"))  # short: the database's socket path is limited
+    try:
+        run_site(root, db_name, EMBEDDED_BIN, socket_uri(socket_path(root / "db")), free_port())
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def run_site(root: Path, db_name: str, ferretdb: Path, db_uri: str, head_port: int) -> None:
+    (root / "data" / "cpu" / "in").mkdir(parents=True)
+    (root / "data" / "cpu" / "in" / "f").write_text("hello\n")
+    (root / "data" / "gpu").mkdir(parents=True)
+    cm_toml = root / "cm.toml"
+    cm_toml.write_text(f"""
+run_dir = "{root}/head"
+head_host = "127.0.0.1"
+bind_host = "127.0.0.1"
+head_port = {head_port}
+db_dir = "{root}/db"
+ferretdb_bin = "{ferretdb}"
+mongodb_uri = "{db_uri}"
+db_name = "{db_name}"
+transfer_host = "127.0.0.1"
+transfer_bind = "127.0.0.1"
+transfer_port = 0
+warm_sender = false
+[nodes.site-1]
+partition = "cpu"
+data_root = "{root}/data/cpu"
+[nodes.site-2]
+partition = "gpu"
+data_root = "{root}/data/gpu"
+""")
+    env = {"CM_CONFIG": str(cm_toml)}
+    cmdaemon("keys", "init", env=env)
+    cmdaemon("keys", "export", "site-1", "site-2", "--out", str(root), env=env)
+    for role in units.ROLES:
+        cmdaemon("install", "--role", role, "--prefix", str(root / "sys"), env=env)
+    procs = []
+    logs = root / "logs"
+    logs.mkdir()
+
+    def start(role: str, name: str, extra: dict) -> None:
+        argv, unit_env = unit_command(root / "sys" / units.UNIT_DIR / units.unit_name(role))
+        assert unit_env == {"CM_CONFIG": str(cm_toml)}
+        base = {k: v for k, v in os.environ.items() if not k.startswith("CM_") and k != "MONGODB_URI"}
+        with open(logs / f"{name}.log", "ab") as out:
+            procs.append(subprocess.Popen(argv, env={**base, **unit_env, **extra}, stdout=out,
+                                          stderr=subprocess.STDOUT, start_new_session=True))
+
+    def cli(*argv: str) -> subprocess.CompletedProcess:
+        exe = Path(sys.executable).parent / argv[0]
+        return subprocess.run([str(exe), *argv[1:]], capture_output=True, text=True, timeout=120, cwd=root,
+                              env={**{k: v for k, v in os.environ.items() if not k.startswith("CM_")}, **env})
+
+    try:
+        start("db", "db", {})
+        start("head", "head", {})
+        for name in ("site-1", "site-2"):
+            # one machine stands in for two: each node's run dir of its own, as on its own machine
+            node_env = {**env, "CM_RUN_DIR": str(root / name), "CM_NODE_NAME": name}
+            cmdaemon("keys", "import", str(root / f"{name}.cmkeys"), env=node_env)
+            start("node", name, {"CM_RUN_DIR": str(root / name), "CM_NODE_NAME": name})
+
+        def nodes() -> dict:
+            out = cli("cminfo", "--json")
+            return {n["name"]: n for n in json.loads(out.stdout)["nodes"]} if out.returncode == 0 else {}
+
+        wait_for(lambda: {n: (v["partition"], v["state"]) for n, v in nodes().items()}
+                 == {"site-1": ("cpu", "IDLE"), "site-2": ("gpu", "IDLE")}, "both nodes IDLE in their partitions")
+        job = cli("cmrun", "--wait", "--partition", "gpu", "true")
+        assert job.returncode == 0, job.stderr
+        sync = cli("cmsync", "--wait", "cpu:/in", "gpu:/out")
+        assert sync.returncode == 0, sync.stderr + "".join(p.read_text() for p in logs.iterdir())
+        assert (root / "data" / "gpu" / "out" / "f").read_text() == "hello\n"
+    finally:
+        for proc in reversed(procs):
+            proc.terminate()
+        for proc in procs:
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
