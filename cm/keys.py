@@ -148,6 +148,8 @@ class Gatekeeper:
             return True
         now = time.monotonic()
         if now - self.refused.get(key, -REFUSED_LOG_EVERY) >= REFUSED_LOG_EVERY:
+            if len(self.refused) >= 1024:  # a peer trying random keys must not grow this without bound
+                self.refused.clear()
             self.refused[key] = now
             log.warning("refused a node whose CurveZMQ key is not authorised (public key %s): %s; "
                         "a node revoked with `cmdaemon keys revoke` stays refused", key.decode(), REFUSED_HINT,
