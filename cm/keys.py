@@ -105,6 +105,7 @@ def node_keys(run_dir: str | Path, name: str) -> tuple[bytes, bytes]:
 
 
 REFUSED_HINT = "run `cmdaemon keys export NODE` on the head and `cmdaemon keys import NODE.cmkeys` on the node"
+SHARED_NODE_KEY = "node"  # the one keypair every node may use (`cmdaemon keys init node`: the compose cluster)
 REFUSED_LOG_EVERY = 60.0  # seconds between two log lines about one refused key (a node retries every ~10 s)
 
 
@@ -121,8 +122,8 @@ class Gatekeeper:
         from zmq.auth.thread import ThreadAuthenticator
 
         self.authorized = keys_dir(run_dir) / "authorized"
-        self.keys: frozenset[bytes] = frozenset()  # z85 public keys; replaced whole, read by the ZAP thread
-        self.refused: dict[bytes, float] = {}  # key -> when last logged (the ZAP thread's alone)
+        self.owners: dict[bytes, str] = {}  # z85 public key -> node name; replaced whole, read by the ZAP thread
+        self.refused: dict[bytes, float] = {}  # key -> when last logged (by the ZAP thread or the head's)
         self.auth = ThreadAuthenticator(ctx)
         self.auth.start()
         self.auth.configure_curve_callback(domain="*", credentials_provider=self)
@@ -136,25 +137,39 @@ class Gatekeeper:
             mtime = 0.0
         if mtime != self.seen:
             self.seen = mtime
+            owners = {}
             try:
-                self.keys = frozenset(zmq.auth.load_certificates(str(self.authorized)))
-            except OSError as exc:
+                for path in self.authorized.glob("*.key"):
+                    owners[zmq.auth.load_certificate(str(path))[0]] = path.stem
+            except (OSError, ValueError) as exc:
                 log.error("cannot read the authorised node keys in %s: %s", self.authorized, exc)
-                self.keys = frozenset()
+            self.owners = owners
+
+    def speaks_for(self, user_id: str | None, node: str) -> bool:
+        """May the connection whose ZAP User-Id (its z85 key) is user_id speak as node? Its key must be that
+        node's (or the shared ``node`` key), and still authorised: a key revoked meanwhile is cut off here."""
+        key = (user_id or "").encode()
+        if self.owners.get(key) in (node, SHARED_NODE_KEY):
+            return True
+        self._refused(key, f"dropped messages of a connection speaking as node {node!r} with a key that is not "
+                           f"its own or was revoked: {REFUSED_HINT}")
+        return False
 
     def callback(self, domain: str, key: bytes) -> bool:
         """ZAP: is this client's public key (z85) authorised?"""
-        if key in self.keys:
+        if key in self.owners:
             return True
+        self._refused(key, f"refused a node whose CurveZMQ key is not authorised: {REFUSED_HINT}; "
+                           "a node revoked with `cmdaemon keys revoke` stays refused")
+        return False
+
+    def _refused(self, key: bytes, message: str) -> None:
         now = time.monotonic()
         if now - self.refused.get(key, -REFUSED_LOG_EVERY) >= REFUSED_LOG_EVERY:
             if len(self.refused) >= 1024:  # a peer trying random keys must not grow this without bound
                 self.refused.clear()
             self.refused[key] = now
-            log.warning("refused a node whose CurveZMQ key is not authorised (public key %s): %s; "
-                        "a node revoked with `cmdaemon keys revoke` stays refused", key.decode(), REFUSED_HINT,
-                        extra={"fields": {"public_key": key.decode()}})
-        return False
+            log.warning("%s (public key %s)", message, key.decode(), extra={"fields": {"public_key": key.decode()}})
 
     def stop(self) -> None:
         self.auth.stop()

@@ -15,6 +15,7 @@ import tomllib
 from pathlib import Path
 
 import pytest
+import zmq
 
 from cm import config
 from cm.deploy import keys_cli, units
@@ -155,12 +156,29 @@ def test_a_node_with_a_key_the_head_does_not_know_is_refused_and_told_what_to_do
         wait_for(lambda: "refused a node whose CurveZMQ key is not authorised" in cluster.logfile("headnode").read_text(),
                  "the head to log the refused key")
         assert not joined()
+        # an authorised key speaking under another node's name is not heard
+        from cm.keys import secure_client
+        from cm.protocol import Hello, encode
+
+        impostor = zmq.Context.instance().socket(zmq.DEALER)
+        impostor.linger, impostor.identity = 0, b"site-9"
+        secure_client(impostor, cluster.run_dir, "computenode-1")
+        impostor.connect(f"tcp://127.0.0.1:{cluster.head_port}")
+        impostor.send(encode(Hello(node="site-9", partition="cpu", cpus=1, mem_mb=1, version="0", running=[],
+                                   transfer_addr="x:1", data_root="/", incarnation="i")))
+        assert impostor.poll(1000) == 0
+        impostor.close()
+        assert "dropped messages of a connection speaking as node 'site-9'" in cluster.logfile("headnode").read_text()
+        assert "site-9" not in {n["name"] for n in cluster.info()["nodes"]}
         # the head exports a keypair for it; imported, the node gets in at its next try
         cmdaemon("keys", "export", "site-1", "--out", str(tmp_path), env=head_env)
         cmdaemon("keys", "import", str(tmp_path / "site-1.cmkeys"), env=node_env)
         wait_for(joined, "the node to join with its exported key")
-        # revoked, it is refused from its next connection
+        # revoked, the head hears it no more at once (it goes DOWN), and refuses its next connection
         cmdaemon("keys", "revoke", "site-1", env=head_env)
+        wait_for(lambda: not joined(), "the revoked node to be DOWN")
+        assert "dropped messages of a connection speaking as node 'site-1' with a key that is not its own or " \
+               "was revoked" in cluster.logfile("headnode").read_text()
         proc.terminate()
         proc.wait(30)
         seen = refused_lines()

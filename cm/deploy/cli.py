@@ -29,7 +29,7 @@ def _parser() -> argparse.ArgumentParser:
     export.add_argument("--out", type=Path, default=Path("."), help="directory to write NODE.cmkeys in")
     imp = ksub.add_parser("import", help="install a file `keys export` wrote, on its node")
     imp.add_argument("file", type=Path)
-    revoke = ksub.add_parser("revoke", help="the head refuses this node from its next connection")
+    revoke = ksub.add_parser("revoke", help="the head hears this node's key no more")
     revoke.add_argument("node")
     for name in ("install", "uninstall"):
         p = sub.add_parser(name, help=f"{name} a systemd unit (cm-ROLE.service)")
@@ -86,8 +86,7 @@ def _keys(args: argparse.Namespace, settings: config.Settings) -> int:
             print(f"installed {path}")
     else:
         path = keys_cli.revoke(settings.run_dir, args.node)
-        print(f"revoked {args.node}: removed {path}; the head refuses its next connection "
-              "(`systemctl restart cm-head` cuts one open now)")
+        print(f"revoked {args.node}: removed {path}; the head hears that key no more and refuses its next connection")
     return 0
 
 
