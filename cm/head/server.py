@@ -410,7 +410,11 @@ class HeadServer:
                 continue
             if self.gatekeeper is not None and not self.gatekeeper.speaks_for(frames[1].get("User-Id"),
                                                                              frames[0].bytes.decode("utf-8", "replace")):
-                continue  # a node's name is its key's: another node's, or a revoked one, is not heard
+                # a node's name is its key's: another node's, or a revoked one, is not heard; told it is unknown,
+                # the node says hello again, and then connects again with the key it has now (or is refused)
+                self._send_raw(frames[0].bytes, Error(ref="", message="this connection's key is not this node's "
+                                                      "(revoked or replaced)", code=ErrorCode.UNKNOWN_NODE))
+                continue
             identity, payload = frames[0].bytes, frames[1].bytes
             try:
                 msg = decode(payload)
