@@ -10,7 +10,7 @@ PARTITIONS ?=
 # USER from the command line names a cluster user; the one in the environment (who runs make) does not
 CM_USER := $(if $(filter command line,$(origin USER)),$(USER))
 
-.PHONY: all up setup demo test soak bench fuzz local-up local-down exec-head stop adduser engine clean
+.PHONY: all up setup demo test soak bench fuzz local-up local-down exec-head stop adduser engine clean dist wheelhouse dist-check
 
 all: up
 
@@ -95,5 +95,21 @@ bench: setup
 	$(PY) bench/plot.py $(if $(filter-out 0 no false,$(BENCH_QUICK)),/tmp/cm-bench-peers-quick.json /tmp/cm-benchmarks-quick.png)
 	$(PY) bench/bench_api.py
 
+# A site's machines (docs/DEPLOY.md): cm's wheel and sdist in dist/; `make wheelhouse` adds its dependencies'
+# wheels in dist/wheelhouse, so `pip install --no-index --find-links dist/wheelhouse dist/cm-*.whl` needs no
+# network. The embedded database server is not in the wheel: `cmdaemon db` says how to build it.
+dist: $(STAMP)
+	@$(PY) -c 'import build.__main__' 2>/dev/null || $(PY) -m pip install -q build
+	rm -rf dist/cm-*.whl dist/cm-*.tar.gz
+	$(PY) -m build -q --outdir dist . >/dev/null; rm -rf build  # setuptools leaves build/ here
+	@ls dist/cm-*
+
+wheelhouse: dist
+	$(PY) -m pip wheel -q -w dist/wheelhouse dist/cm-*.whl
+
+# the wheel installed offline into a fresh venv, as docs/DEPLOY.md does (scripts/check_dist.sh)
+dist-check: wheelhouse
+	bash scripts/check_dist.sh
+
 clean: local-down
-	rm -rf .build $(VENV) drive/run
+	rm -rf .build $(VENV) drive/run dist

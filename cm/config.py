@@ -36,6 +36,10 @@ class Settings:
                                     "alone (wins over MONGODB_URI)")
     db_name: str = _setting("cm", "database name")
     db_timeout: float = _setting(5.0, "seconds a database call may wait for the server")
+    db_dir: str = _setting("/var/lib/cm/db", "data directory of the embedded server `cmdaemon db` (0700); it "
+                                             "listens on DB_DIR/db.sock alone")
+    ferretdb_bin: str = _setting("", "the embedded server's binary, cm-ferretdb (default: .build/bin/cm-ferretdb "
+                                     "of a checkout, made by `make setup`)")
     # control plane
     head_host: str = _setting("127.0.0.1", "address compute nodes connect to")
     head_port: int = _setting(7817, "TCP port of the head's ROUTER socket")
@@ -114,7 +118,7 @@ class Settings:
 def load(env: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
     """Build Settings from overrides, then env, then the config file, then defaults."""
     env = os.environ if env is None else env
-    from_file = read_config_file(env)
+    from_file = node_table(read_config_file(env), env, overrides)
     values: dict[str, Any] = {}
     for f in dataclasses.fields(Settings):
         raw = raw_value(f.name, env, from_file, overrides)
@@ -127,6 +131,25 @@ def load(env: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
     if settings.heartbeat_interval <= 0 or settings.heartbeat_misses < 1:
         raise ConfigError("heartbeat_interval must be > 0 and heartbeat_misses >= 1")
     return settings
+
+
+NODE_SETTINGS = ("partition", "data_root", "cpus", "mem_mb", "transfer_host", "transfer_port", "transfer_bind")
+
+
+def node_table(from_file: dict[str, Any], env: Mapping[str, str], overrides: Mapping[str, Any]) -> dict[str, Any]:
+    """The file's settings with its ``[nodes.NAME]`` table for this node's name over them (as slurm.conf's
+    NodeName lines): one file for the whole cluster."""
+    nodes = from_file.pop("nodes", {})
+    if not isinstance(nodes, dict) or not all(isinstance(t, dict) for t in nodes.values()):
+        raise ConfigError(f"config file {config_file(env)}: [nodes.NAME] must be tables")
+    raw = raw_value("node_name", env, from_file, overrides)
+    name = (coerce("node_name", str, raw) if raw is not UNSET else "") or socket.gethostname()
+    mine = nodes.get(name, {})
+    unknown = set(mine) - set(NODE_SETTINGS)
+    if unknown:
+        raise ConfigError(f"config file {config_file(env)}: [nodes.{name}] may set only {', '.join(NODE_SETTINGS)}, "
+                          f"not {', '.join(sorted(unknown))}")
+    return {**from_file, **mine}
 
 
 def documented() -> list[tuple[str, Any, str]]:

@@ -99,11 +99,18 @@ def node_parts(settings: config.Settings, wakeup_fd: int | None) -> list[Part]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="cmdaemon", description="the cm daemon (head or compute node)")
-    parser.add_argument("role", choices=["head", "node", "keys"], help="which daemon to run; keys: create CurveZMQ keys")
+    argv = sys.argv[1:] if argv is None else argv
+    from cm.deploy.cli import COMMANDS
+
+    if argv and argv[0] in COMMANDS:  # config, keys, install, uninstall, db: setting a site up (cm.deploy)
+        from cm.deploy.cli import main as deploy_main
+
+        return deploy_main(argv)
+    parser = argparse.ArgumentParser(prog="cmdaemon", description="the cm daemon (head or compute node); also "
+                                     f"`cmdaemon {{{','.join(COMMANDS)}}} --help` (docs/DEPLOY.md)")
+    parser.add_argument("role", choices=["head", "node"], help="which daemon to run")
     parser.add_argument("--name", help="node name (CM_NODE_NAME)")
     parser.add_argument("--partition", help="partition (CM_PARTITION)")
-    parser.add_argument("names", nargs="*", help="for keys: node names to create keys for")
     args = parser.parse_args(argv)
     overrides = {k: v for k, v in (("node_name", args.name), ("partition", args.partition)) if v}
     try:
@@ -112,11 +119,6 @@ def main(argv: list[str] | None = None) -> int:
         print(f"cmdaemon: {exc}", file=sys.stderr)
         return 2
     logs.setup(settings.log_level)
-    if args.role == "keys":
-        from cm.keys import ensure_keys
-
-        print(ensure_keys(settings.run_dir, args.names or ["node"]))
-        return 0
     supervisor: Supervisor
     wakeup_fd = None
     if args.role == "node":

@@ -12,13 +12,18 @@ None of them is in the database, so a dump of it opens nothing.
 from __future__ import annotations
 
 import hmac
+import logging
 import os
 import secrets
 import shutil
+import time
 from pathlib import Path
 
 import zmq
 import zmq.auth
+
+
+log = logging.getLogger("cm.keys")
 
 
 class KeysMissing(RuntimeError):
@@ -77,7 +82,7 @@ def data_plane_key(transfer_secret: bytes, nonce: str, transfer_id: str) -> str:
 def head_keys(run_dir: str | Path) -> tuple[bytes, bytes]:
     path = keys_dir(run_dir) / "head.key_secret"
     if not path.exists():
-        raise KeysMissing(f"no head key at {path}: run `make setup` or `cmdaemon keys`")
+        raise KeysMissing(f"no head key at {path}: run `cmdaemon keys init` (on the head) or `make setup`")
     public, secret = zmq.auth.load_certificate(str(path))
     return public, secret
 
@@ -99,20 +104,29 @@ def node_keys(run_dir: str | Path, name: str) -> tuple[bytes, bytes]:
     raise KeysMissing(f"no key for node {name} in {kdir}")
 
 
+REFUSED_HINT = "run `cmdaemon keys export NODE` on the head and `cmdaemon keys import NODE.cmkeys` on the node"
+SHARED_NODE_KEY = "node"  # the one keypair every node may use (`cmdaemon keys init node`: the compose cluster)
+REFUSED_LOG_EVERY = 60.0  # seconds between two log lines about one refused key (a node retries every ~10 s)
+
+
 class Gatekeeper:
     """The head's ZAP handler: only the public keys in keys/authorized/ may connect.
 
     Without a ZAP handler libzmq lets any CURVE client in, so the head runs
     this before binding. `refresh()` rereads the folder when it changed, so a
-    node added later is let in without a restart.
+    node added later is let in without a restart, and one revoked is refused
+    from its next handshake. A refused key is logged (WARNING) with what to do.
     """
 
     def __init__(self, ctx: zmq.Context, run_dir: str | Path):
         from zmq.auth.thread import ThreadAuthenticator
 
         self.authorized = keys_dir(run_dir) / "authorized"
+        self.owners: dict[bytes, str] = {}  # z85 public key -> node name; replaced whole, read by the ZAP thread
+        self.refused: dict[bytes, float] = {}  # key -> when last logged (by the ZAP thread or the head's)
         self.auth = ThreadAuthenticator(ctx)
         self.auth.start()
+        self.auth.configure_curve_callback(domain="*", credentials_provider=self)
         self.seen = -1.0
         self.refresh()
 
@@ -123,7 +137,39 @@ class Gatekeeper:
             mtime = 0.0
         if mtime != self.seen:
             self.seen = mtime
-            self.auth.configure_curve(domain="*", location=str(self.authorized))
+            owners = {}
+            try:
+                for path in self.authorized.glob("*.key"):
+                    owners[zmq.auth.load_certificate(str(path))[0]] = path.stem
+            except (OSError, ValueError) as exc:
+                log.error("cannot read the authorised node keys in %s: %s", self.authorized, exc)
+            self.owners = owners
+
+    def speaks_for(self, user_id: str | None, node: str) -> bool:
+        """May the connection whose ZAP User-Id (its z85 key) is user_id speak as node? Its key must be that
+        node's (or the shared ``node`` key), and still authorised: a key revoked meanwhile is cut off here."""
+        key = (user_id or "").encode()
+        if self.owners.get(key) in (node, SHARED_NODE_KEY):
+            return True
+        self._refused(key, f"dropped messages of a connection speaking as node {node!r} with a key that is not "
+                           f"its own or was revoked: {REFUSED_HINT}")
+        return False
+
+    def callback(self, domain: str, key: bytes) -> bool:
+        """ZAP: is this client's public key (z85) authorised?"""
+        if key in self.owners:
+            return True
+        self._refused(key, f"refused a node whose CurveZMQ key is not authorised: {REFUSED_HINT}; "
+                           "a node revoked with `cmdaemon keys revoke` stays refused")
+        return False
+
+    def _refused(self, key: bytes, message: str) -> None:
+        now = time.monotonic()
+        if now - self.refused.get(key, -REFUSED_LOG_EVERY) >= REFUSED_LOG_EVERY:
+            if len(self.refused) >= 1024:  # a peer trying random keys must not grow this without bound
+                self.refused.clear()
+            self.refused[key] = now
+            log.warning("%s (public key %s)", message, key.decode(), extra={"fields": {"public_key": key.decode()}})
 
     def stop(self) -> None:
         self.auth.stop()

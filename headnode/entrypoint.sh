@@ -3,7 +3,7 @@
 #
 # Makes sure the CurveZMQ keys exist in CM_RUN_DIR/keys (a volume shared with
 # every compute node): the head's pair and the one `node` pair all compute
-# nodes use (`cmdaemon keys` is idempotent: existing keys are kept), then runs
+# nodes use (`cmdaemon keys init` is idempotent: existing keys are kept), then runs
 # the command (default: `cmdaemon head`). Users come from drive/etc (below).
 set -eu
 
@@ -26,7 +26,7 @@ if [ -d /cm/db ]; then
     chmod 0700 /cm/db
 fi
 
-cmdaemon keys >/dev/null
+cmdaemon keys init node >/dev/null
 echo "cm-entrypoint: CurveZMQ keys ready in $CM_RUN_DIR/keys" >&2
 
 exec "$@"

@@ -351,17 +351,26 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         plan = server_plan()
-        data_dir = args.data_dir.resolve()
-        sock = prepare_data_dir(data_dir)
     except DatabaseError as e:
         print(f"cm.cluster.db: {e}", file=sys.stderr)
         return 1
+    return serve(plan, args.data_dir, args.pidfile)
+
+
+def serve(plan: DatabasePlan, data_dir: Path, pidfile: Path | None = None) -> int:
+    """Exec plan's server on socket_path(data_dir) (`cmdaemon db`, `python -m cm.cluster.db`); 1 if it cannot."""
+    try:
+        data_dir = data_dir.resolve()
+        sock = prepare_data_dir(data_dir)
+    except (DatabaseError, OSError) as e:
+        print(f"cm.cluster.db: {e}", file=sys.stderr)
+        return 1
     cmd = plan.command(data_dir)
-    if args.pidfile is not None:
-        args.pidfile.parent.mkdir(parents=True, exist_ok=True)
-        tmp = args.pidfile.with_name(args.pidfile.name + ".tmp")
+    if pidfile is not None:
+        pidfile.parent.mkdir(parents=True, exist_ok=True)
+        tmp = pidfile.with_name(pidfile.name + ".tmp")
         tmp.write_text(f"{os.getpid()}\n")
-        tmp.replace(args.pidfile)  # exec keeps the pid: this is the server's pid
+        tmp.replace(pidfile)  # exec keeps the pid: this is the server's pid
     print(f"cm.cluster.db: running {plan.describe()} on {socket_uri(sock)}, data in {data_dir}",
           file=sys.stderr, flush=True)
     sys.stdout.flush()

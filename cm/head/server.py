@@ -402,13 +402,20 @@ class HeadServer:
         assert self.router is not None
         for _ in range(10000):
             try:
-                frames = self.router.recv_multipart(zmq.NOBLOCK)
+                frames = self.router.recv_multipart(zmq.NOBLOCK, copy=False)
             except zmq.Again:
                 return
             if len(frames) != 2:
                 event(log, "dropped message with wrong framing", logging.WARNING, frames=len(frames))
                 continue
-            identity, payload = frames
+            if self.gatekeeper is not None and not self.gatekeeper.speaks_for(frames[1].get("User-Id"),
+                                                                             frames[0].bytes.decode("utf-8", "replace")):
+                # a node's name is its key's: another node's, or a revoked one, is not heard; told it is unknown,
+                # the node says hello again, and then connects again with the key it has now (or is refused)
+                self._send_raw(frames[0].bytes, Error(ref="", message="this connection's key is not this node's "
+                                                      "(revoked or replaced)", code=ErrorCode.UNKNOWN_NODE))
+                continue
+            identity, payload = frames[0].bytes, frames[1].bytes
             try:
                 msg = decode(payload)
                 self.on_node_message(identity.decode("utf-8", "replace"), msg)

@@ -83,6 +83,7 @@ class NodeAgent:
         self.welcomed = False
         self.registered = False  # welcomed once: a later hello (the head restarted) waits for nothing
         self.dealer: zmq.Socket | None = None
+        self.refusals: zmq.Socket | None = None  # the dealer's monitor: handshakes the head refused
         self.connected_at = 0.0
         self.cpus, self.mem_mb = measure(settings.cpus, settings.mem_mb)
         self.state_file = Path(settings.run_dir) / f"{self.name}.jobs.json"
@@ -99,8 +100,7 @@ class NodeAgent:
 
     def connect(self) -> None:
         """A fresh DEALER to the head (also after a refused handshake, which libzmq does not retry)."""
-        if self.dealer is not None:
-            self.dealer.close(0)
+        self._close_dealer()
         self.connected_at = time.monotonic()
         ctx = zmq.Context.instance()
         self.dealer = ctx.socket(zmq.DEALER)
@@ -113,6 +113,7 @@ class NodeAgent:
             from cm.keys import secure_client
 
             secure_client(self.dealer, self.settings.run_dir, self.name)
+            self.refusals = self.dealer.get_monitor_socket(zmq.EVENT_HANDSHAKE_FAILED_AUTH)
         self.dealer.connect(f"tcp://{self.settings.head_host}:{self.settings.head_port}")
 
     def run(self, stop: threading.Event) -> None:
@@ -127,6 +128,7 @@ class NodeAgent:
                 if held:
                     self.connected_at = now  # nothing asked of the head yet: no reason to reconnect
                 elif not self.welcomed and now >= next_hello:
+                    self._check_refused()
                     if now - self.connected_at > RECONNECT_AFTER:
                         event(log, "no welcome from the head; reconnecting", logging.WARNING)
                         self.connect()
@@ -151,9 +153,30 @@ class NodeAgent:
             time.sleep(0.05)
         self.warm.close()
         self.intercom.close_all()
+        self._close_dealer()
+
+    def _close_dealer(self) -> None:
+        if self.refusals is not None:
+            if self.dealer is not None:
+                self.dealer.disable_monitor()
+            self.refusals.close(0)
+            self.refusals = None
         if self.dealer is not None:
             self.dealer.close(0)
             self.dealer = None
+
+    def _check_refused(self) -> None:
+        """Say so when the head refused this node's key (the node keeps trying: it may be authorised later)."""
+        if self.refusals is None or not self.refusals.poll(0):
+            return
+        from zmq.utils.monitor import recv_monitor_message
+
+        from cm.keys import REFUSED_HINT
+
+        while self.refusals.poll(0):
+            recv_monitor_message(self.refusals)
+        event(log, f"the head refused this node's CurveZMQ key: {REFUSED_HINT} (node {self.name})",
+              logging.ERROR, node=self.name)
 
     def poll(self, timeout: float) -> None:
         assert self.dealer is not None
