@@ -90,6 +90,19 @@ class Cluster(LocalCluster):
     def node_states(self) -> dict[str, str]:
         return {n["name"]: n["state"] for n in self.info()["nodes"]}
 
+    def assert_daemons_alive(self) -> None:
+        """Every daemon this test started still runs (its process, not a pid that may be a zombie), every
+        compute daemon is up as the head sees it, and no daemon's log, read whole, holds a traceback."""
+        dead = {name: proc.returncode for name, proc in self.procs.items() if proc.poll() is not None}
+        assert not dead, f"daemons exited: {dead}\n" + "\n".join(self.tail(n, 40) for n in dead)
+        for log in sorted(self.run_dir.glob("*.log")):
+            text = log.read_text(errors="replace")
+            at = text.find("Traceback")
+            assert at < 0, f"{log.name} holds a traceback:\n{text[max(0, at - 2000):at + 4000]}"
+        nodes = self.node_states()
+        down = {n: s for n, s in nodes.items() if n in self.procs and s in ("DOWN", "UNKNOWN")}
+        assert not down, f"the head sees compute daemons that run as not up: {down}"
+
     def wait_node(self, name: str, states, timeout: float = 20) -> None:
         states = {states} if isinstance(states, str) else set(states)
         deadline = time.monotonic() + timeout
@@ -179,15 +192,16 @@ def call_as(uid: int, gid: int, run_dir: Path, op: str, /, groups: list[int] | N
     return tuple(run_as(uid, gid, call, groups))
 
 
-def node_dealer(cluster: LocalCluster, name: str):
-    """A DEALER connected to the head's ROUTER with node ``name``'s CurveZMQ key: a node, as the head sees it."""
+def node_dealer(cluster: LocalCluster, name: str, identity: str = ""):
+    """A DEALER connected to the head's ROUTER with node ``name``'s CurveZMQ key: a node, as the head sees it
+    (routed as ``identity``, by default the name: a key is not bound to a node name)."""
     import zmq
 
     from cm.keys import secure_client
 
     sock = zmq.Context.instance().socket(zmq.DEALER)
     sock.linger = 0
-    sock.identity = name.encode()
+    sock.identity = (identity or name).encode()
     secure_client(sock, cluster.run_dir, name)
     sock.connect(f"tcp://127.0.0.1:{cluster.head_port}")
     return sock
