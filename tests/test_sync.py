@@ -123,17 +123,38 @@ def test_a_node_killed_mid_sync_leaves_the_rest_to_finish_it(make_cluster):
     src = cluster.data_dir / "gpu" / "big"
     src.mkdir(parents=True)
     rng = random.Random(3)
-    for i in range(6):
-        (src / f"part{i}.bin").write_bytes(rng.randbytes(2 << 20))
-    job_id = cluster.submit("cmsync", "-n", "2", "--bwlimit", "2M", "gpu:/big", "cpu:/big")
+    for i in range(4):
+        (src / f"part{i}.bin").write_bytes(rng.randbytes(6 << 20))
+    dst = cluster.data_dir / "cpu" / "big"
+    job_id = cluster.submit("cmsync", "-n", "2", "--bwlimit", "3M", "gpu:/big", "cpu:/big")
     job = cluster.wait_state(job_id, "RUNNING")
-    time.sleep(1.5)  # some chunks verified, most not
-    victim = [n for n in job["nodes"] if n.startswith("computenode-") and n in ("computenode-1", "computenode-2")][1]
+    # both senders half way through a file: the victim's has verified chunks that must not be sent again
+    assert _wait_for(lambda: sum(1 for verified in _sidecars(dst) if verified) >= 2, timeout=60), _sidecars(dst)
+    victim = [n for n in job["nodes"] if n in ("computenode-1", "computenode-2")][1]
     cluster.kill(victim, signal.SIGKILL)
+    kept = sum(p.stat().st_size for p in dst.iterdir() if p.name.startswith("part")) + sum(_sidecars(dst)) * (1 << 20)
     job = cluster.wait_state(job_id, ("COMPLETED", "FAILED", "NODE_FAIL"), timeout=90)
     assert job["state"] == "COMPLETED", job
     assert victim not in job["nodes"] and len(job["nodes"]) == 2
-    assert snapshot(cluster.data_dir / "cpu" / "big") == snapshot(src)
+    assert snapshot(dst) == snapshot(src)
+    stats = job["transfer"]["stats"]  # of the last run, the one started again on what remained
+    assert "restarting" in job["transfer"]["message"] or job["transfer"]["retries"] >= 1, job
+    assert stats["chunks_resumed"] >= 1, stats  # the victim's half-sent file was resumed, not sent again
+    assert 0 < stats["bytes_sent"] <= (24 << 20) - kept, (stats, kept)  # nothing verified before was resent
+
+
+def _sidecars(dst: Path) -> list[int]:
+    """The number of verified chunks each partially received file in dst has recorded."""
+    import struct
+
+    out = []
+    for side in dst.glob(".cm.*.ok") if dst.is_dir() else []:
+        try:
+            slots = side.read_bytes()[32:]
+        except OSError:
+            continue  # published meanwhile
+        out.append(sum(v for _, v in struct.iter_unpack("<QB7x", slots[: len(slots) // 16 * 16])))
+    return out
 
 
 def test_a_destination_killed_mid_sync_costs_only_the_unverified_parts(make_cluster):
