@@ -7,6 +7,7 @@ import random
 import signal
 import socket
 import time
+from pathlib import Path
 
 import msgpack
 import zmq
@@ -44,11 +45,37 @@ def test_a_requeued_job_runs_again_elsewhere_when_its_node_dies(cluster):
     assert ran_on[0] == first and ran_on[-1] != first and job["nodes"] == [ran_on[-1]]
 
 
-def test_a_restarted_compute_daemon_comes_back_and_takes_jobs(cluster):
-    cluster.kill("computenode-4", signal.SIGKILL)
-    cluster.wait_node("computenode-4", "DOWN", timeout=10)
-    cluster.start_node("computenode-4", "cpu")
-    cluster.wait_node("computenode-4", "IDLE", timeout=15)
+def _gone(pid: int) -> bool:
+    """Whether pid no longer runs (absent, or a zombie waiting for its reaper)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return True
+    return stat[stat.rindex(")") + 2] == "Z"
+
+
+def test_a_restarted_compute_daemon_comes_back_and_takes_jobs(make_cluster):
+    cluster = make_cluster(heartbeat_misses=300)  # 60 s: the restart, not a missed heartbeat, must tell the head
+    job_id = cluster.submit("cmrun", "--partition", "cpu", "sh", "-c",
+                            "sleep 300 & echo $! > child; echo $$ > leader; wait")
+    job = cluster.wait_state(job_id, "RUNNING")
+    node = job["nodes"][0]
+    deadline = time.monotonic() + 30
+    while not all((cluster.home / f).exists() and (cluster.home / f).read_text().strip() for f in ("leader", "child")):
+        assert time.monotonic() < deadline, "the job did not start its processes"
+        time.sleep(0.05)
+    pids = [int((cluster.home / f).read_text()) for f in ("leader", "child")]
+    cluster.kill(node, signal.SIGKILL)
+    assert not any(_gone(pid) for pid in pids)  # orphans now: nothing else stops them
+    cluster.start_node(node, "cpu")  # at once: the head sees a new incarnation, not a node that went quiet
+    job = cluster.wait_state(job_id, ("NODE_FAIL", "COMPLETED", "FAILED", "CANCELLED"), timeout=30)
+    assert job["state"] == "NODE_FAIL" and "node daemon restarted" in job["reason"], job  # reported lost
+    deadline = time.monotonic() + 30
+    while not all(_gone(pid) for pid in pids) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert all(_gone(pid) for pid in pids), pids  # the previous daemon's process group was killed
+    assert f'"pgid": {pids[0]}' in cluster.logfile(node).read_text()  # by the new daemon, from its state file
+    cluster.wait_node(node, "IDLE", timeout=15)
     job_id = cluster.submit("cmrun", "--partition", "cpu", "-n", "2", "--wait", "true")
     assert cluster.job(job_id)["state"] == "COMPLETED"
 
