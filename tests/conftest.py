@@ -192,6 +192,33 @@ def call_as(uid: int, gid: int, run_dir: Path, op: str, /, groups: list[int] | N
     return tuple(run_as(uid, gid, call, groups))
 
 
+def gone(pid: int) -> bool:
+    """Whether pid no longer runs (absent, or a zombie waiting for its reaper)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return True
+    return stat[stat.rindex(")") + 2] == "Z"
+
+
+def wait_pids(path: Path, count: int, timeout: float = 30) -> list[int]:
+    """The pids a job's processes write to path, one a line, once ``count`` are there."""
+    deadline = time.monotonic() + timeout
+    while True:
+        lines = path.read_text().split() if path.exists() else []
+        if len(lines) >= count:
+            return [int(x) for x in lines]
+        assert time.monotonic() < deadline, f"{len(lines)} of {count} pids in {path} after {timeout} s"
+        time.sleep(0.05)
+
+
+def wait_gone(pids: list[int], timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while not all(gone(pid) for pid in pids):
+        assert time.monotonic() < deadline, f"still running after {timeout} s: {[p for p in pids if not gone(p)]}"
+        time.sleep(0.05)
+
+
 def node_dealer(cluster: LocalCluster, name: str, identity: str = ""):
     """A DEALER connected to the head's ROUTER with node ``name``'s CurveZMQ key: a node, as the head sees it
     (routed as ``identity``, by default the name: a key is not bound to a node name)."""

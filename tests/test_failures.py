@@ -7,11 +7,10 @@ import random
 import signal
 import socket
 import time
-from pathlib import Path
 
 import msgpack
 import zmq
-from conftest import node_dealer
+from conftest import gone, node_dealer, wait_gone, wait_pids
 
 from cm.protocol import VERSION, Error, ErrorCode, Heartbeat, Hello, Reply, decode, encode, unframe
 
@@ -45,35 +44,19 @@ def test_a_requeued_job_runs_again_elsewhere_when_its_node_dies(cluster):
     assert ran_on[0] == first and ran_on[-1] != first and job["nodes"] == [ran_on[-1]]
 
 
-def _gone(pid: int) -> bool:
-    """Whether pid no longer runs (absent, or a zombie waiting for its reaper)."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except FileNotFoundError:
-        return True
-    return stat[stat.rindex(")") + 2] == "Z"
-
-
 def test_a_restarted_compute_daemon_comes_back_and_takes_jobs(make_cluster):
     cluster = make_cluster(heartbeat_misses=300)  # 60 s: the restart, not a missed heartbeat, must tell the head
     job_id = cluster.submit("cmrun", "--partition", "cpu", "sh", "-c",
                             "sleep 300 & echo $! > child; echo $$ > leader; wait")
     job = cluster.wait_state(job_id, "RUNNING")
     node = job["nodes"][0]
-    deadline = time.monotonic() + 30
-    while not all((cluster.home / f).exists() and (cluster.home / f).read_text().strip() for f in ("leader", "child")):
-        assert time.monotonic() < deadline, "the job did not start its processes"
-        time.sleep(0.05)
-    pids = [int((cluster.home / f).read_text()) for f in ("leader", "child")]
+    pids = wait_pids(cluster.home / "leader", 1) + wait_pids(cluster.home / "child", 1)
     cluster.kill(node, signal.SIGKILL)
-    assert not any(_gone(pid) for pid in pids)  # orphans now: nothing else stops them
+    assert not any(gone(pid) for pid in pids)  # orphans now: nothing else stops them
     cluster.start_node(node, "cpu")  # at once: the head sees a new incarnation, not a node that went quiet
     job = cluster.wait_state(job_id, ("NODE_FAIL", "COMPLETED", "FAILED", "CANCELLED"), timeout=30)
     assert job["state"] == "NODE_FAIL" and "node daemon restarted" in job["reason"], job  # reported lost
-    deadline = time.monotonic() + 30
-    while not all(_gone(pid) for pid in pids) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert all(_gone(pid) for pid in pids), pids  # the previous daemon's process group was killed
+    wait_gone(pids)  # the previous daemon's process group was killed
     assert f'"pgid": {pids[0]}' in cluster.logfile(node).read_text()  # by the new daemon, from its state file
     cluster.wait_node(node, "IDLE", timeout=15)
     job_id = cluster.submit("cmrun", "--partition", "cpu", "-n", "2", "--wait", "true")
@@ -180,11 +163,16 @@ def test_malformed_messages_to_the_router_leave_the_head_answering(cluster):
 
 
 def test_a_head_killed_mid_run_loses_nothing_and_records_the_job_once(cluster):
-    job_id = cluster.submit("cmrun", "-n", "2", "--partition", "cpu", "sh", "-c", "sleep 2; echo done >> finished")
-    pending = cluster.submit("cmrun", "--partition", "gpu", "-c", str(os.cpu_count()), "-n", "2", "true")
+    cpus = max(n["cpus"] for n in cluster.info()["nodes"])
+    job_id = cluster.submit("cmrun", "-n", "2", "--partition", "cpu", "-c", str(cpus), "sh", "-c",
+                            "echo $$ >> pids; while [ ! -e go ]; do sleep 0.05; done; echo done >> finished")
+    pending = cluster.submit("cmrun", "--partition", "cpu", "-c", str(cpus), "-n", "2", "true")  # waits for it
     cluster.wait_state(job_id, "RUNNING")
+    pids = wait_pids(cluster.home / "pids", 2)
+    assert cluster.job(pending)["state"] == "PENDING"
     cluster.kill("headnode", signal.SIGKILL)
-    time.sleep(2.5)  # the job ends while the head is away
+    (cluster.home / "go").write_text("")
+    wait_gone(pids)  # the job ended while the head was away: only the nodes' outboxes hold its end
     cluster.start_head()
     cluster.wait_head()
     job = cluster.wait_state(job_id, "COMPLETED", timeout=30)
