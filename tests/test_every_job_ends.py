@@ -3,6 +3,7 @@ never confirms, slots the head and a node disagree on, and why a waiting job wai
 
 from __future__ import annotations
 
+import os
 import signal
 import time
 
@@ -10,6 +11,7 @@ import zmq
 
 from cm.keys import secure_client
 from cm.protocol import Ack, Heartbeat, Hello, JobStarted, RunJob, Welcome, decode, encode
+from conftest import gone, wait_gone, wait_pids
 from test_sync import make_tree, snapshot
 
 
@@ -73,19 +75,50 @@ def test_cmkill_ends_a_job_whose_node_never_confirms_and_drains_the_node(make_cl
 
 
 def test_cancelling_a_job_whose_node_is_not_answering_ends_it_at_once(make_cluster):
-    cluster = make_cluster("cpu:1", nodes=1, heartbeat_misses=100)
-    job_id = cluster.submit("cmrun", "sleep", "600")
+    # a job CANCELLED within the 60 s below waited neither for a kill confirmation nor for the node to be DOWN
+    cluster = make_cluster("cpu:1", nodes=1, heartbeat_misses=1000, kill_confirm=600)  # DOWN after 200 s
+    job_id = cluster.submit("cmrun", "sh", "-c", "echo $$ > pid; exec sleep 600")
     cluster.wait_state(job_id, "RUNNING")
-    cluster.kill("headnode", signal.SIGKILL)
-    cluster.kill("computenode-1", signal.SIGKILL)
-    cluster.start_head()
-    cluster.wait_head()
-    assert cluster.node_states()["computenode-1"] in ("UNKNOWN", "DOWN")
-    started = time.monotonic()
-    cluster.cli("cmkill", str(job_id))
-    job = cluster.wait_state(job_id, "CANCELLED", timeout=5)
-    assert time.monotonic() - started < 2, job
-    assert cluster.info()["nodes"][0]["cpus_free"] == cluster.info()["nodes"][0]["cpus"]
+    pid = wait_pids(cluster.home / "pid", 1)[0]
+    try:
+        cluster.kill("headnode", signal.SIGKILL)
+        cluster.kill("computenode-1", signal.SIGKILL)
+        cluster.start_head()
+        cluster.wait_head()
+        assert cluster.node_states()["computenode-1"] in ("UNKNOWN", "DOWN")
+        cluster.cli("cmkill", str(job_id))
+        job = cluster.wait_state(job_id, "CANCELLED", timeout=60)
+        assert "not confirmed" not in (job.get("reason") or ""), job
+        node = cluster.info()["nodes"][0]
+        assert node["cpus_free"] == node["cpus"] and node["state"] in ("UNKNOWN", "DOWN"), node
+    finally:
+        os.kill(pid, signal.SIGKILL)  # the orphan of the killed daemon: no daemon is left to stop it
+
+
+def test_a_node_that_never_calls_back_after_a_head_restart_is_down_after_the_timeout_and_told_to_stop(make_cluster):
+    cluster = make_cluster("cpu:1", nodes=1, heartbeat_misses=40)  # 8 s
+    timeout = 0.2 * 40
+    job_id = cluster.submit("cmrun", "sh", "-c", "echo $$ > pid; exec sleep 600")
+    cluster.wait_state(job_id, "RUNNING")
+    pid = wait_pids(cluster.home / "pid", 1)[0]
+    cluster.procs["computenode-1"].send_signal(signal.SIGSTOP)  # hung, or cut off: its job runs on
+    try:
+        cluster.kill("headnode", signal.SIGKILL)
+        cluster.start_head()
+        started = time.monotonic()
+        cluster.wait_head()
+        state = cluster.node_states()["computenode-1"]
+        assert state == "UNKNOWN" or time.monotonic() - started >= timeout, state  # not DOWN before the timeout
+        cluster.wait_node("computenode-1", "DOWN", timeout=60)
+        assert time.monotonic() - started >= timeout  # never before the heartbeat timeout since the head started
+        job = cluster.wait_state(job_id, ("NODE_FAIL", "COMPLETED", "FAILED", "CANCELLED"), timeout=30)
+        assert job["state"] == "NODE_FAIL" and "stopped answering" in job["reason"], job
+        assert not gone(pid)  # the node never heard of it
+    finally:
+        cluster.procs["computenode-1"].send_signal(signal.SIGCONT)
+    wait_gone([pid], timeout=60)  # back: the head tells it to stop the job it no longer owns
+    cluster.wait_node("computenode-1", "IDLE", timeout=30)
+    assert cluster.job(job_id)["state"] == "NODE_FAIL"
 
 
 def _fake_node(cluster, name: str, partition: str) -> zmq.Socket:
