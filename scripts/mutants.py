@@ -6,7 +6,7 @@ in its place, and the tests that claim the row. The checkout is copied once to a
 virtual environment pointed at the copy); each breakage is applied there, the tests run, and the file is
 put back. A breakage that every test survives is a row no test proves: the run fails and names it.
 
-    python scripts/mutants.py [--only TEXT] [--list] [--scratch DIR] [--keep]
+    python scripts/mutants.py [--only TEXT] [--list] [--baseline] [--scratch DIR] [--keep]
 """
 
 from __future__ import annotations
@@ -78,6 +78,8 @@ def main() -> int:
     parser.add_argument("--scratch", type=Path, default=Path(os.environ.get("CM_MUTANTS_DIR", "/tmp/cm-mutants")))
     parser.add_argument("--timeout", type=float, default=300, help="seconds per test")
     parser.add_argument("--keep", action="store_true", help="keep the scratch copy")
+    parser.add_argument("--baseline", action="store_true",
+                        help="first run every named test on the unbroken copy (each must pass)")
     args = parser.parse_args()
     mutants = load(args.list_file)
     if args.only:
@@ -93,6 +95,13 @@ def main() -> int:
     copy = scratch_copy(args.scratch / "checkout")
     survived, broken = [], []
     try:
+        if args.baseline:
+            for test in dict.fromkeys(t for m in mutants for t in m["tests"]):
+                rc, summary = run_tests(copy, [test], args.timeout)
+                print(f"baseline {'ok' if rc == 0 else 'FAILS'}: {test}", flush=True)
+                if rc != 0:
+                    print("    " + summary.replace("\n", "\n    "), flush=True)
+                    return 1
         for number, m in enumerate(mutants, 1):
             source = copy / m["file"]
             original = source.read_text()

@@ -143,6 +143,76 @@ def test_a_node_killed_mid_sync_leaves_the_rest_to_finish_it(make_cluster):
     assert 0 < stats["bytes_sent"] <= (24 << 20) - kept, (stats, kept)  # nothing verified before was resent
 
 
+def _movers_of(node_pid: int) -> list[int]:
+    return [pid for pid in _children().get(node_pid, [])
+            if b"cm.transfer.receiver" in Path(f"/proc/{pid}/cmdline").read_bytes()]
+
+
+def test_a_mover_killed_mid_sync_is_started_again_and_the_rerun_sends_only_what_was_not_verified(make_cluster):
+    cluster = make_cluster("gpu:1,cpu:1", nodes=2, chunk_mb=1)
+    src = cluster.data_dir / "gpu" / "big"
+    src.mkdir(parents=True)
+    (src / "one.bin").write_bytes(random.Random(9).randbytes(12 << 20))
+    dst = cluster.data_dir / "cpu" / "big"
+    receiver = cluster.procs["computenode-2"]
+    [mover] = _movers_of(receiver.pid)
+    job_id = cluster.submit("cmsync", "--bwlimit", "3M", "gpu:/big", "cpu:/big")
+    cluster.wait_state(job_id, "RUNNING")
+    _wait_verified_chunks(dst, 2)
+    os.kill(mover, signal.SIGKILL)
+    kept = sum(_sidecars(dst)) << 20  # only grows after this
+    assert kept >= 2 << 20
+    job = cluster.wait_state(job_id, ("COMPLETED", "FAILED", "NODE_FAIL"), timeout=90)
+    assert job["state"] == "COMPLETED", (job["reason"], job["transfer"], cluster.tail("computenode-2", 30))
+    assert snapshot(dst) == snapshot(src)
+    # the sender that lost its receiver exited "try again" and the head ran the sync again (not a lost node)
+    assert job["transfer"]["message"].startswith("restarting: computenode-1"), job["transfer"]["message"]
+    stats = job["transfer"]["stats"]
+    assert stats["chunks_resumed"] >= 2, stats
+    assert 0 < stats["bytes_sent"] <= (12 << 20) - kept, (stats, kept)  # only what was not verified
+    assert receiver.poll() is None and cluster.node_states()["computenode-2"] != "DOWN"  # the node stayed up
+    [again] = _movers_of(receiver.pid)
+    assert again != mover
+    assert "mover died; starting it again" in cluster.logfile("computenode-2").read_text()
+
+
+def test_a_restarted_mover_registers_the_live_transfers_again(tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    from cm.creds import Identity
+    from cm.node.mover import Mover
+
+    src, root = tmp_path / "src", tmp_path / "dst"
+    src.mkdir()
+    root.mkdir()
+    make_tree(src, big=1 << 20, small=20)
+    mover = Mover("127.0.0.1", 0, chunk_size=1 << 20)
+    mover.start()
+    try:
+        mover.register("t-live", "tok", root, "/copy", Identity(0, 0, ()))
+        first = mover.proc
+        first.kill()
+        first.wait()
+        deadline = time.monotonic() + 60
+        while mover.starts < 2:  # as the node daemon's supervisor does, a few times a second
+            assert time.monotonic() < deadline, "the mover was not started again"
+            mover.check()
+            time.sleep(0.1)
+        assert mover.proc is not first and mover.proc.poll() is None
+        spec = {"transfer_id": "t-live", "token": "tok", "src_root": str(src), "src_path": "/",
+                "dst_host": "127.0.0.1", "dst_port": mover.port, "rank": 0, "nranks": 1, "policy": "round-robin",
+                "delete": False, "dry_run": False, "checksum": False, "exclude": [], "bwlimit": None,
+                "streams": 2, "chunk_size": 1 << 20}
+        sent = subprocess.run([sys.executable, "-m", "cm.transfer.send"], input=json.dumps(spec),
+                              capture_output=True, text=True, timeout=120)
+        assert sent.returncode == 0, sent.stderr  # the transfer registered before the crash is known to the new one
+        assert snapshot(root / "copy") == snapshot(src)
+    finally:
+        mover.stop()
+
+
 def _sidecars(dst: Path) -> list[int]:
     """The number of verified chunks each partially received file in dst has recorded."""
     import struct
