@@ -97,6 +97,7 @@ bench: setup
 	$(PY) bench/bench_peers.py $(if $(filter-out 0 no false,$(BENCH_QUICK)),--quick --out /tmp/cm-bench-peers-quick.json)
 	$(PY) bench/plot.py $(if $(filter-out 0 no false,$(BENCH_QUICK)),/tmp/cm-bench-peers-quick.json /tmp/cm-benchmarks-quick.png)
 	$(PY) bench/bench_api.py
+	$(PY) bench/bench_waits.py
 
 clean: local-down
 	rm -rf .build $(VENV) drive/run

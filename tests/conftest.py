@@ -31,6 +31,34 @@ FAST = {
 }
 
 
+# Suites that must run on CI (CI=true: .ci/run, which installs a Docker engine and runs as root): a skip
+# there fails the run, with its reason, instead of passing for what was never tried.
+MUST_RUN_ON_CI = ("tests/test_docker.py", "tests/test_netns.py", "tests/test_multiuser.py")
+_skipped_must_run: list[str] = []
+
+
+def _on_ci() -> bool:
+    return os.environ.get("CI", "").lower() in ("true", "1", "yes")
+
+
+def pytest_runtest_logreport(report):
+    if report.skipped and _on_ci() and (report.nodeid.startswith(MUST_RUN_ON_CI) or "needs root" in str(report.longrepr)):
+        reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
+        _skipped_must_run.append(f"{report.nodeid}: {reason}")
+
+
+def pytest_sessionfinish(session, exitstatus):
+    if _skipped_must_run and session.exitstatus == 0:
+        session.exitstatus = 1
+
+
+def pytest_terminal_summary(terminalreporter):
+    if _skipped_must_run:
+        terminalreporter.section("tests that must run on CI were skipped (CI=true): this run fails")
+        for line in _skipped_must_run:
+            terminalreporter.write_line(line)
+
+
 @pytest.fixture(scope="session")
 def database_uri(tmp_path_factory):
     """A real MongoDB-compatible server for the whole session (MONGODB_URI wins)."""
