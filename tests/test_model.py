@@ -34,7 +34,7 @@ NODES = {"computenode-1": "gpu", "computenode-2": "gpu", "computenode-3": "cpu",
 CPUS, MEM = 4, 4000
 GRACE = 1.0  # CM_KILL_GRACE in tests/conftest.py
 DETECT = 2.0 + 3.0 + 3.0  # heartbeat timeout + kill confirmation + a busy machine's slack
-INFO_LIMIT = 1.0  # cminfo answers within this many seconds
+INFO_LIMIT = 10.0  # cminfo answers within this many seconds (generous: a loaded 2-CPU machine; speed is bench's)
 REASONS = {"Resources", "Priority", "ReqNodeNotAvail", "Held", "Blocked", "None"}
 
 

@@ -26,7 +26,7 @@ import pytest
 from cm.cluster.local import ClusterError, LocalCluster, parse_partitions, pid_alive
 from cm.cluster import netns
 from cm.cluster.netns import Network, NetnsError, cleanup_stale, namespaces
-from conftest import FAST, Cluster
+from conftest import FAST, Cluster, wait_gone, wait_pids
 
 REASON = netns.unavailable_reason()
 needs_netns = pytest.mark.skipif(REASON is not None, reason=f"network namespaces cannot be made here: {REASON}")
@@ -280,10 +280,13 @@ def test_a_compute_daemon_killed_on_its_host_makes_it_down_and_its_job_node_fail
 @needs_db
 def test_a_head_killed_on_its_host_and_restarted_loses_nothing(ncluster):
     job_id = ncluster.submit("cmrun", "--partition", "cpu", "-n", "2", "sh", "-c",
-                             f"sleep 2; echo $CM_NODENAME >> head-restart")
+                             "echo $$ >> head-pids; while [ ! -e head-go ]; do sleep 0.05; done; "
+                             "echo $CM_NODENAME >> head-restart")
     ncluster.wait_state(job_id, "RUNNING")
+    pids = wait_pids(ncluster.home / "head-pids", 2)
     ncluster.kill("headnode", signal.SIGKILL)
-    time.sleep(2.5)  # the job ends while the head is away; the nodes keep its end until acknowledged
+    (ncluster.home / "head-go").write_text("")
+    wait_gone(pids)  # the job ended while the head was away; the nodes keep its end until acknowledged
     ncluster.start_head()
     ncluster.wait_head()
     job = ncluster.wait_state(job_id, "COMPLETED", timeout=30)

@@ -28,16 +28,19 @@ def make_tree(root: Path, big: int = 3 << 20, small: int = 300) -> None:
 
 
 def snapshot(root: Path) -> dict:
+    """Every path under root with its owner, group, mode, nanosecond mtime (files, directories and links),
+    link target and content: walked with os.lstat, not with cm's walker."""
     out = {}
     for path in sorted(root.rglob("*")):
         rel = str(path.relative_to(root))
         st = path.lstat()
+        common = (st.st_uid, st.st_gid, oct(st.st_mode), st.st_mtime_ns)
         if path.is_symlink():
-            out[rel] = ("link", os.readlink(path))
+            out[rel] = ("link", *common, os.readlink(path))
         elif path.is_dir():
-            out[rel] = ("dir", oct(st.st_mode))
+            out[rel] = ("dir", *common)
         else:
-            out[rel] = ("file", oct(st.st_mode), int(st.st_mtime), path.read_bytes())
+            out[rel] = ("file", *common, path.read_bytes())
     return out
 
 
@@ -139,17 +142,108 @@ def test_a_node_killed_mid_sync_leaves_the_rest_to_finish_it(make_cluster):
     src = cluster.data_dir / "gpu" / "big"
     src.mkdir(parents=True)
     rng = random.Random(3)
-    for i in range(6):
-        (src / f"part{i}.bin").write_bytes(rng.randbytes(2 << 20))
-    job_id = cluster.submit("cmsync", "-n", "2", "--bwlimit", "2M", "gpu:/big", "cpu:/big")
+    for i in range(4):
+        (src / f"part{i}.bin").write_bytes(rng.randbytes(6 << 20))
+    dst = cluster.data_dir / "cpu" / "big"
+    job_id = cluster.submit("cmsync", "-n", "2", "--bwlimit", "3M", "gpu:/big", "cpu:/big")
     job = cluster.wait_state(job_id, "RUNNING")
-    time.sleep(1.5)  # some chunks verified, most not
-    victim = [n for n in job["nodes"] if n.startswith("computenode-") and n in ("computenode-1", "computenode-2")][1]
+    # both senders half way through a file: the victim's has verified chunks that must not be sent again
+    assert _wait_for(lambda: sum(1 for verified in _sidecars(dst) if verified) >= 2, timeout=60), _sidecars(dst)
+    victim = [n for n in job["nodes"] if n in ("computenode-1", "computenode-2")][1]
     cluster.kill(victim, signal.SIGKILL)
+    kept = sum(p.stat().st_size for p in dst.iterdir() if p.name.startswith("part")) + sum(_sidecars(dst)) * (1 << 20)
     job = cluster.wait_state(job_id, ("COMPLETED", "FAILED", "NODE_FAIL"), timeout=90)
     assert job["state"] == "COMPLETED", job
     assert victim not in job["nodes"] and len(job["nodes"]) == 2
-    assert snapshot(cluster.data_dir / "cpu" / "big") == snapshot(src)
+    assert snapshot(dst) == snapshot(src)
+    stats = job["transfer"]["stats"]  # of the last run, the one started again on what remained
+    assert "restarting" in job["transfer"]["message"] or job["transfer"]["retries"] >= 1, job
+    assert stats["chunks_resumed"] >= 1, stats  # the victim's half-sent file was resumed, not sent again
+    assert 0 < stats["bytes_sent"] <= (24 << 20) - kept, (stats, kept)  # nothing verified before was resent
+
+
+def _movers_of(node_pid: int) -> list[int]:
+    return [pid for pid in _children().get(node_pid, [])
+            if b"cm.transfer.receiver" in Path(f"/proc/{pid}/cmdline").read_bytes()]
+
+
+def test_a_mover_killed_mid_sync_is_started_again_and_the_rerun_sends_only_what_was_not_verified(make_cluster):
+    cluster = make_cluster("gpu:1,cpu:1", nodes=2, chunk_mb=1)
+    src = cluster.data_dir / "gpu" / "big"
+    src.mkdir(parents=True)
+    (src / "one.bin").write_bytes(random.Random(9).randbytes(12 << 20))
+    dst = cluster.data_dir / "cpu" / "big"
+    receiver = cluster.procs["computenode-2"]
+    [mover] = _movers_of(receiver.pid)
+    job_id = cluster.submit("cmsync", "--bwlimit", "3M", "gpu:/big", "cpu:/big")
+    cluster.wait_state(job_id, "RUNNING")
+    _wait_verified_chunks(dst, 2)
+    os.kill(mover, signal.SIGKILL)
+    kept = sum(_sidecars(dst)) << 20  # only grows after this
+    assert kept >= 2 << 20
+    job = cluster.wait_state(job_id, ("COMPLETED", "FAILED", "NODE_FAIL"), timeout=90)
+    assert job["state"] == "COMPLETED", (job["reason"], job["transfer"], cluster.tail("computenode-2", 30))
+    assert snapshot(dst) == snapshot(src)
+    # the sender that lost its receiver exited "try again" and the head ran the sync again (not a lost node)
+    assert job["transfer"]["message"].startswith("restarting: computenode-1"), job["transfer"]["message"]
+    stats = job["transfer"]["stats"]
+    assert stats["chunks_resumed"] >= 2, stats
+    assert 0 < stats["bytes_sent"] <= (12 << 20) - kept, (stats, kept)  # only what was not verified
+    assert receiver.poll() is None and cluster.node_states()["computenode-2"] != "DOWN"  # the node stayed up
+    [again] = _movers_of(receiver.pid)
+    assert again != mover
+    assert "mover died; starting it again" in cluster.logfile("computenode-2").read_text()
+
+
+def test_a_restarted_mover_registers_the_live_transfers_again(tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    from cm.creds import Identity
+    from cm.node.mover import Mover
+
+    src, root = tmp_path / "src", tmp_path / "dst"
+    src.mkdir()
+    root.mkdir()
+    make_tree(src, big=1 << 20, small=20)
+    mover = Mover("127.0.0.1", 0, chunk_size=1 << 20)
+    mover.start()
+    try:
+        mover.register("t-live", "tok", root, "/copy", Identity(0, 0, ()))
+        first = mover.proc
+        first.kill()
+        first.wait()
+        deadline = time.monotonic() + 60
+        while mover.starts < 2:  # as the node daemon's supervisor does, a few times a second
+            assert time.monotonic() < deadline, "the mover was not started again"
+            mover.check()
+            time.sleep(0.1)
+        assert mover.proc is not first and mover.proc.poll() is None
+        spec = {"transfer_id": "t-live", "token": "tok", "src_root": str(src), "src_path": "/",
+                "dst_host": "127.0.0.1", "dst_port": mover.port, "rank": 0, "nranks": 1, "policy": "round-robin",
+                "delete": False, "dry_run": False, "checksum": False, "exclude": [], "bwlimit": None,
+                "streams": 2, "chunk_size": 1 << 20}
+        sent = subprocess.run([sys.executable, "-m", "cm.transfer.send"], input=json.dumps(spec),
+                              capture_output=True, text=True, timeout=120)
+        assert sent.returncode == 0, sent.stderr  # the transfer registered before the crash is known to the new one
+        assert snapshot(root / "copy") == snapshot(src)
+    finally:
+        mover.stop()
+
+
+def _sidecars(dst: Path) -> list[int]:
+    """The number of verified chunks each partially received file in dst has recorded."""
+    import struct
+
+    out = []
+    for side in dst.glob(".cm.*.ok") if dst.is_dir() else []:
+        try:
+            slots = side.read_bytes()[32:]
+        except OSError:
+            continue  # published meanwhile
+        out.append(sum(v for _, v in struct.iter_unpack("<QB7x", slots[: len(slots) // 16 * 16])))
+    return out
 
 
 def test_a_destination_killed_mid_sync_costs_only_the_unverified_parts(make_cluster):

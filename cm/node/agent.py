@@ -331,6 +331,9 @@ class NodeAgent:
                                        role=share[2], rank=share[3]))
             else:
                 self._start_sync(share, spec)
+        except _NotNow as exc:
+            event(log, "job not started yet", job=job_id, role=share[2], rank=share[3], reason=str(exc))
+            return False
         except (launch.LaunchError, KeyError, TypeError, ValueError) as exc:
             reason = str(exc) if isinstance(exc, launch.LaunchError) else f"bad job spec: {exc!r}"
             event(log, "job failed to start", logging.WARNING, job=job_id, role=share[2], rank=share[3],
@@ -369,6 +372,8 @@ class NodeAgent:
                 self.transfer.register(transfer.transfer_id, transfer.token, Path(self.settings.data_root),
                                        transfer.dst_path, who, keep_owners=transfer.owners)
             except MoverError as exc:
+                if not self.transfer.running:  # being started again: the head sends the RunJob again
+                    raise _NotNow(str(exc)) from None
                 raise launch.LaunchError(str(exc)) from None
             self.receiving[share] = transfer.transfer_id
             return
@@ -488,6 +493,10 @@ class NodeAgent:
                 except (ProcessLookupError, PermissionError):
                     pass
         self.state_file.unlink(missing_ok=True)
+
+
+class _NotNow(Exception):
+    """A share cannot start yet for a reason that passes (this node's mover is being started again)."""
 
 
 def _final_counters(report: dict) -> SyncStats:

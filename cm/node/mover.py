@@ -115,6 +115,11 @@ class Mover:
     def pid(self) -> int | None:
         return self.proc.pid if self.proc is not None else None
 
+    @property
+    def running(self) -> bool:
+        """Whether a mover process runs now (False while a dead one waits to be started again)."""
+        return self.proc is not None and self.proc.poll() is None
+
     # ---- transfers ----
 
     def register(self, transfer_id: str, token: str, root: Path, dst_path: str, who: Identity,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 import secrets
 import subprocess
 import sys
@@ -18,7 +19,6 @@ from cm.transfer.checksum import digest
 from cm.transfer.receiver import TransferServer
 from cm.transfer.sender import Sender
 from cm.transfer.spec import Spec
-from cm.transfer.tree import walk
 from cm.transfer.wire import Channel
 
 REPO = Path(__file__).resolve().parents[2]
@@ -213,13 +213,24 @@ def make_tree(top: Path, small_files: int = 2000) -> None:
 
 
 def tree_state(top: Path) -> dict:
-    """Everything a sync must reproduce: kind, size, mode, mtime, link target, content digest."""
+    """Everything a sync must reproduce, found without cm's walker (an oracle of its own): for every path
+    under top (top itself as ""), its kind, owner, group, mode, nanosecond mtime (files, directories and
+    links), size, link target and content digest."""
     out = {}
-    for e in walk(top):
-        content = None
-        if e.kind == "f":
-            content = digest((top / e.path).read_bytes()) if e.path else None
-        out[e.path] = (e.kind, e.size, e.mode, e.mtime_ns, e.target, content)
+    for dirpath, dirnames, filenames in os.walk(top):
+        for name in ["", *dirnames, *filenames] if dirpath == str(top) else [*dirnames, *filenames]:
+            path = os.path.join(dirpath, name) if name else dirpath
+            rel = os.path.relpath(path, top) if name else ""
+            st = os.lstat(path)
+            kind = "l" if stat.S_ISLNK(st.st_mode) else "d" if stat.S_ISDIR(st.st_mode) else "f"
+            target = os.readlink(path) if kind == "l" else None
+            content = None
+            if kind == "f":
+                with open(path, "rb") as f:
+                    content = digest(f.read())
+            out[rel] = (kind, st.st_uid, st.st_gid, stat.S_IMODE(st.st_mode),
+                        st.st_mtime_ns if kind != "d" or rel else None,  # the top's own mtime is the caller's
+                        st.st_size if kind == "f" else None, target, content)
     return out
 
 

@@ -121,16 +121,14 @@ def test_the_node_forks_its_senders_from_a_zygote_loaded_at_its_start(warm, rece
     make_tree(src)
     zygote = warm.proc.pid
     spec = _node_spec(receiver, src, tmp_path)
-    started = time.monotonic()
     proc, err = start_sender(spec, "n1", 7, str(src), warm)
-    forked_in = time.monotonic() - started
     assert isinstance(proc, ForkedSender)
     assert int(Path(f"/proc/{proc.pid}/stat").read_text().rpartition(")")[2].split()[1]) == zygote
     assert os.getpgid(proc.pid) == proc.pid  # a session of its own: stopping the job stops its group
     assert _wait(proc) == 0, err.read_text()
     assert err == tmp_path / "cmlogs/7/n1/0.err"
     assert_same_tree(src, receiver.dst)
-    assert forked_in < 0.3, forked_in  # a cold sender takes ~0.5 s before it answers at all
+    # (forked from the zygote: its parent above; how much sooner it answers than a cold sender is a speed claim)
     spec = _node_spec(receiver, src, tmp_path, transfer_id="unknown")  # refused: the error reaches the log
     proc, err = start_sender(spec, "n1", 8, str(src), warm)
     assert _wait(proc) == 1
