@@ -30,7 +30,7 @@ import numpy as np
 
 from . import batchio, checksum, sparse
 from .frames import BatchRow, ChecksumRow, Chunk, DirRow, LinkRow, MetaRow, OwnerRow, PartialRow, PathError
-from .partial import ChunkRecord, chunk_count, partial_names
+from .partial import SPARSE, WHOLE, ChunkRecord, chunk_count, lock, partial_names
 from .paths import DirHandles, PathEscape, wire_parts
 from .tree import walk_fd
 
@@ -128,7 +128,8 @@ class Destination:
         """For each file: [[index, digest], ...] verified by an earlier run (``frames.VerifiedRow``).
 
         Only what its ``.part`` holds now counts: a sidecar of another inode
-        counts for nothing, and each chunk it records is hashed again; one
+        counts for nothing, and each chunk it records is hashed again, the way
+        its digest was made (whole, or a sparse chunk's map and data); one
         whose bytes differ is cleared, so it goes again.
         """
         out = []
@@ -157,9 +158,10 @@ class Destination:
                 return []
             try:
                 good = []
-                for i, digest in sorted(rec.verified().items()):
+                for i, (digest, form) in sorted(rec.verified().items()):
                     offset = i * chunk_size
-                    if checksum.chunk_digest(fd, offset, min(chunk_size, size - offset)) == digest:
+                    rehash = sparse.chunk_digest if form == SPARSE else checksum.chunk_digest
+                    if rehash(fd, offset, min(chunk_size, size - offset)) == digest:
                         good.append([i, digest])
                     else:
                         rec.clear(i)
@@ -530,14 +532,14 @@ class Destination:
                 return False, False
             rec = ChunkRecord.open(dfd, ok, size, mtime, chunk_size, st.st_ino, create=True)
             try:
-                rec.mark(index, got)
+                rec.mark(index, got, WHOLE if req.extents is None else SPARSE)
                 for k in range(index + 1, index + 1 + req.holes_after):  # all hole: nothing to receive
-                    rec.mark(k, sparse.HOLE_DIGEST)
+                    rec.mark(k, sparse.HOLE_DIGEST, SPARSE)
                 if not rec.complete():
                     return True, False
             finally:
                 rec.close()
-            _lock(fd, fcntl.LOCK_EX)  # once no other writer is inside it
+            lock(fd, fcntl.LOCK_EX)  # once no other writer is inside it
             if not _is_named(dfd, part, fd):
                 return True, True  # another receiver published it meanwhile (this chunk in it: we held the lock)
             _stamp(fd, mode, mtime, owner)
@@ -599,7 +601,7 @@ def _open_part(dfd: int, part: str) -> int:
     for _ in range(3):
         fd = os.open(part, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600, dir_fd=dfd)
         try:
-            _lock(fd, fcntl.LOCK_SH)
+            lock(fd, fcntl.LOCK_SH)
             if _is_named(dfd, part, fd):
                 return fd
         except BaseException:
@@ -617,15 +619,6 @@ def _is_named(dfd: int, name: str, fd: int) -> bool:
         return False
     mine = os.fstat(fd)
     return (st.st_ino, st.st_dev) == (mine.st_ino, mine.st_dev)
-
-
-def _lock(fd: int, how: int) -> None:
-    """flock, where the file system has it (elsewhere the head's DestinationBusy is the only guard)."""
-    try:
-        fcntl.flock(fd, how)
-    except OSError as exc:
-        if exc.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
-            raise
 
 
 def _unlink_quietly(dfd: int, name: str) -> None:

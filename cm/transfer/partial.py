@@ -17,12 +17,22 @@ resumes, the ``.part``'s bytes are hashed again (``Destination.partials``):
 a slot whose bytes do not match (lost in a crash before they reached the
 disk, changed by hand) is cleared and its chunk sent again.
 
+A sparse file's chunks travel as their extent map and data (``sparse``) and
+their digest covers just that, so each slot says which of the two digests it
+holds, and the bytes are hashed again the same way. Receivers sharing a
+sidecar write only their own slots; making one anew (a missing or foreign
+sidecar) is done under its exclusive ``flock``, so one receiver never wipes
+what another has just recorded.
+
 Sidecar layout: ``magic | size u64 | mtime i64 | chunk_size u64 | inode u64``
-then one 16-byte slot per chunk: ``digest u64 | verified u8 | 7 pad``.
+then one 16-byte slot per chunk: ``digest u64 | form u8 | 7 pad``, form 0:
+not received, 1: digest of the chunk's bytes, 2: of a sparse chunk's map and data.
 """
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import hashlib
 import os
 import struct
@@ -32,6 +42,16 @@ _HEAD = struct.Struct("<8sQqQQ")
 _MAGIC = b"CMPART03"
 _SLOT = struct.Struct("<QB7x")
 _OPEN = os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC
+WHOLE, SPARSE = 1, 2  # what a slot's digest covers: the chunk's bytes, or a sparse chunk's map and data
+
+
+def lock(fd: int, how: int) -> None:
+    """flock, where the file system has it (elsewhere the head's DestinationBusy is the only guard)."""
+    try:
+        fcntl.flock(fd, how)
+    except OSError as exc:
+        if exc.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
+            raise
 
 
 def chunk_count(size: int, chunk_size: int) -> int:
@@ -49,7 +69,7 @@ def partial_names(name: str, size: int, mtime_ns: int, chunk_size: int) -> tuple
 def count_verified(sidecar: bytes) -> int:
     """How many chunks a sidecar's bytes record as verified (for tools and tests that watch a transfer)."""
     slots = sidecar[_HEAD.size:]
-    return sum(flag for _, flag in _SLOT.iter_unpack(slots[:len(slots) // _SLOT.size * _SLOT.size]))
+    return sum(form != 0 for _, form in _SLOT.iter_unpack(slots[:len(slots) // _SLOT.size * _SLOT.size]))
 
 
 class ChunkRecord:
@@ -63,7 +83,8 @@ class ChunkRecord:
     def open(cls, dir_fd: int, name: str, size: int, mtime_ns: int, chunk_size: int, inode: int,
              create: bool) -> "ChunkRecord | None":
         """Open the sidecar of the ``.part`` whose inode is ``inode``; None if absent, or if it describes
-        another file and not ``create``. With ``create``, a missing or foreign sidecar is made anew (empty)."""
+        another file and not ``create``. With ``create``, a missing or foreign sidecar is made anew (empty),
+        under its exclusive lock: the receivers sharing it see it made once, and keep what they mark in it."""
         flags = _OPEN if create else (_OPEN & ~os.O_CREAT)
         try:
             fd = os.open(name, flags, 0o600, dir_fd=dir_fd)
@@ -73,6 +94,8 @@ class ChunkRecord:
         head = _HEAD.pack(_MAGIC, size, mtime_ns, chunk_size, inode)
         want = _HEAD.size + n * _SLOT.size
         try:
+            if create:
+                lock(fd, fcntl.LOCK_EX)  # another receiver may be making it too: one at a time, and look again
             if os.pread(fd, _HEAD.size, 0) != head or os.fstat(fd).st_size != want:
                 if not create:
                     os.close(fd)
@@ -80,14 +103,17 @@ class ChunkRecord:
                 os.ftruncate(fd, 0)
                 os.pwrite(fd, head, 0)
                 os.ftruncate(fd, want)
+            if create:
+                lock(fd, fcntl.LOCK_UN)
         except OSError:
             os.close(fd)
             raise
         return cls(fd, n)
 
-    def mark(self, index: int, digest: int) -> None:
-        """Record chunk ``index`` as received with ``digest``."""
-        os.pwrite(self._fd, _SLOT.pack(digest, 1), _HEAD.size + index * _SLOT.size)
+    def mark(self, index: int, digest: int, form: int = WHOLE) -> None:
+        """Record chunk ``index`` as received with ``digest``, of its bytes (``WHOLE``) or its map and data
+        (``SPARSE``)."""
+        os.pwrite(self._fd, _SLOT.pack(digest, form), _HEAD.size + index * _SLOT.size)
 
     def clear(self, index: int) -> None:
         """Forget chunk ``index`` (its bytes in the ``.part`` are not what was recorded)."""
@@ -97,9 +123,9 @@ class ChunkRecord:
         raw = os.pread(self._fd, self.nchunks * _SLOT.size, _HEAD.size)
         return raw if len(raw) == self.nchunks * _SLOT.size else b""
 
-    def verified(self) -> dict[int, int]:
-        """{chunk index: digest} of the chunks recorded as received."""
-        return {i: digest for i, (digest, flag) in enumerate(_SLOT.iter_unpack(self._slots())) if flag}
+    def verified(self) -> dict[int, tuple[int, int]]:
+        """{chunk index: (digest, form)} of the chunks recorded as received."""
+        return {i: (digest, form) for i, (digest, form) in enumerate(_SLOT.iter_unpack(self._slots())) if form}
 
     def complete(self) -> bool:
         """Whether every chunk has been recorded."""

@@ -111,6 +111,20 @@ def test_two_ranks_share_a_sparse_files_chunks_and_its_runs_of_holes(roots, poli
     assert filecmp.cmp(src / "sparse.bin", out, shallow=False)
 
 
+def test_a_rank_starting_after_another_keeps_the_sparse_chunks_it_recorded(roots, receiver):
+    # the second rank's resume check hashes the first rank's chunks again at the destination: the way they
+    # were received (map and data), else it clears them all and nobody sends them again
+    src, _ = roots
+    treegen.make_sparse(src / "sparse.bin", 1 << 30, data=3 << 20)
+    results = [run_sender(spec_for(receiver, src, rank=r, nranks=2, chunk_size=8 << 20)) for r in range(2)]
+    assert sum(r.report["bytes_sent"] for r in results) == 3 << 20
+    assert results[1].report["chunks_resumed"] == 0  # a rank resumes only its own share
+    out = receiver.dst / "sparse.bin"
+    assert filecmp.cmp(src / "sparse.bin", out, shallow=False)
+    assert treegen.blocks(out) <= 4 << 20
+    assert not [p for p in out.parent.iterdir() if p.name.startswith(".cm.")]
+
+
 def test_a_rerun_after_a_killed_sender_reports_the_chunks_verified_before(roots, receiver, tmp_path):
     import signal
 

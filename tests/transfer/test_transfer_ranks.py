@@ -49,3 +49,34 @@ def test_two_ranks_with_two_receivers_cover_everything_once(roots, policy):
     assert sum(r.report["bytes_sent"] for r in results) == total
     assert all(r.report["bytes_sent"] > 0 for r in results)
     assert_same_tree(src, dst_root / "out")
+
+
+def test_two_ranks_publish_every_shared_chunked_file_run_after_run(roots):
+    # both ranks open each file's .part and sidecar at about the same time, again and again: whichever makes
+    # the sidecar, neither may wipe what the other recorded, and each file is published whole exactly once
+    import os
+    import shutil
+
+    from .conftest import write
+
+    src, dst_root = roots
+    for k in range(8):
+        write(src / f"big{k}.bin", os.urandom(6 * CHUNK + k))
+    for run in range(4):
+        shutil.rmtree(dst_root / "out", ignore_errors=True)
+        servers = [TransferServer("127.0.0.1", 0, chunk_size=CHUNK) for _ in range(2)]
+        try:
+            endpoints = []
+            for server in servers:
+                server.start()
+                server.register("job-9", "tok", dst_root, "/out")
+                endpoints.append(Endpoint(server, "job-9", "tok", dst_root, "/out"))
+            procs = [start_sender(spec_for(ep, src, rank=r, nranks=2, streams=3)) for r, ep in enumerate(endpoints)]
+            results = [finish(p) for p in procs]
+        finally:
+            for server in servers:
+                server.stop()
+        for r in results:
+            assert r.returncode == 0, r.stderr
+        assert_same_tree(src, dst_root / "out")
+        assert not [p.name for p in (dst_root / "out").iterdir() if p.name.startswith(".cm.")], f"run {run}"

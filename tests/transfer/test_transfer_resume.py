@@ -158,3 +158,35 @@ def test_a_received_file_is_reserved_on_disk_and_only_grown_in_memory(where, tmp
     finally:
         if where:
             shutil.rmtree(top)
+
+
+def test_receivers_making_one_sidecar_at_once_keep_every_chunk_they_mark(tmp_path):
+    # each receiver (a thread here, a rank's connection in a sync) opens the sidecar, maybe making it, then
+    # marks its own chunk: none may reset it after another marked (the old code lost 30 to 60 of the 800 marks)
+    import threading
+
+    from cm.transfer.partial import ChunkRecord
+
+    dfd = os.open(tmp_path, os.O_RDONLY)
+    n, lost = 8, 0
+    try:
+        for run in range(100):
+            name, start = f"s{run}.ok", threading.Barrier(n)
+
+            def receiver(i, name=name, start=start):
+                start.wait()
+                rec = ChunkRecord.open(dfd, name, n * 4096, 1, 4096, 7, create=True)
+                rec.mark(i, 100 + i)
+                rec.close()
+
+            threads = [threading.Thread(target=receiver, args=(i,)) for i in range(n)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+            rec = ChunkRecord.open(dfd, name, n * 4096, 1, 4096, 7, create=False)
+            lost += n - len(rec.verified())
+            rec.close()
+    finally:
+        os.close(dfd)
+    assert lost == 0
