@@ -54,6 +54,46 @@ def test_a_sparse_file_of_one_chunk_keeps_its_holes_and_resumes_by_its_digests(r
 
 
 
+def test_a_sparse_chunk_cut_short_while_it_is_hashed_is_an_error_not_a_sigbus(tmp_path, monkeypatch):
+    """Resume hashes sparse chunks on both ends (the sender's source, the mover's .part, which the job's
+    user may truncate): a mapping of a file cut short meanwhile would kill the process with SIGBUS."""
+    from cm.transfer import sparse
+
+    path = tmp_path / "s.bin"
+    with open(path, "wb") as fh:  # 4 MiB of data, then a hole
+        fh.write(os.urandom(4 << 20))
+        fh.truncate(8 << 20)
+    made = sparse.hasher
+
+    class Cutting:  # the file is cut short as its first data is hashed
+        def __init__(self, pairs):
+            self.h, self.calls = made(pairs), 0
+
+        def update(self, piece):
+            self.calls += 1
+            if self.calls == 1:
+                os.truncate(path, 4096)
+            self.h.update(piece)
+
+        def digest(self):
+            return self.h.digest()
+
+    monkeypatch.setattr(sparse, "hasher", Cutting)
+    fd = os.open(path, os.O_RDONLY)
+    pid = os.fork()
+    if pid == 0:
+        try:
+            sparse.chunk_digest(fd, 0, 8 << 20)
+        except OSError:
+            os._exit(3)
+        except BaseException:
+            os._exit(4)
+        os._exit(0)
+    os.close(fd)
+    _, status = os.waitpid(pid, 0)
+    assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 3, f"wait status {status:#x}"
+
+
 def test_a_directory_the_walk_cannot_enter_is_named_not_passed_over_in_silence(nobody):
     """The sender reports each of these as a failure of its sync (what is in it was not copied)."""
     tmp_path = Path(tempfile.mkdtemp(prefix="cm-walk-"))  # pytest's own is root's alone
