@@ -158,7 +158,7 @@ class Destination:
                 good = []
                 for i, digest in sorted(rec.verified().items()):
                     offset = i * chunk_size
-                    if checksum.chunk_digest(fd, offset, min(chunk_size, size - offset)) == digest:
+                    if _holds(fd, offset, min(chunk_size, size - offset), digest):
                         good.append([i, digest])
                     else:
                         rec.clear(i)
@@ -586,6 +586,16 @@ def _stamp(fd: int, mode: int, mtime: int, owner: tuple[int, int] | None = None,
     if chmod:
         os.fchmod(fd, mode)
     os.utime(fd, ns=(mtime, mtime))
+
+
+def _holds(fd: int, offset: int, length: int, digest: int) -> bool:
+    """Whether the chunk at ``offset`` of a ``.part`` still hashes to the ``digest`` it was recorded with,
+    hashed as it travelled: whole, or as a sparse file's chunk (``sparse``: its extent map, then its data)."""
+    pairs = sparse.extents(fd, offset, length)
+    if pairs != [(0, length)]:  # a hole in it: only a sparse file's chunk leaves one
+        return sparse.chunk_digest(fd, offset, length, pairs) == digest
+    return (checksum.chunk_digest(fd, offset, length) == digest
+            or sparse.chunk_digest(fd, offset, length, pairs) == digest)
 
 
 def _unlink_quietly(dfd: int, name: str) -> None:

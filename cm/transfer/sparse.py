@@ -127,10 +127,11 @@ def payload(fd: int, offset: int, pairs: list[tuple[int, int]]) -> bytearray:
     return out
 
 
-def chunk_digest(fd: int, offset: int, length: int) -> int:
+def chunk_digest(fd: int, offset: int, length: int, pairs: list[tuple[int, int]] | None = None) -> int:
     """The digest a sparse file's chunk travels with (its map, then its data), read with ``pread`` (never
-    mapped: a file cut short meanwhile gives ``checksum.FileShrank``, not a SIGBUS)."""
-    pairs = extents(fd, offset, length)
+    mapped: a file cut short meanwhile gives ``checksum.FileShrank``, not a SIGBUS). ``pairs``: its
+    ``extents`` if known."""
+    pairs = extents(fd, offset, length) if pairs is None else pairs
     h = hasher(pairs)
     buf = bytearray(min(max((n for _, n in pairs), default=1), READ_PIECE))
     for off, n in pairs:
