@@ -94,6 +94,38 @@ def test_a_sparse_chunk_cut_short_while_it_is_hashed_is_an_error_not_a_sigbus(tm
     assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 3, f"wait status {status:#x}"
 
 
+def test_a_hard_link_whose_file_could_not_be_copied_is_not_linked_to_what_was_there(roots, receiver):
+    """Its first name failed (a full disk, a checksum that kept failing): the destination still has that
+    name's old data, and the other name must not be made a link to it."""
+    from cm.transfer import frames
+    from cm.transfer.sender import Sender
+    from cm.transfer.spec import Spec
+    from cm.transfer.wire import Channel
+
+    from .conftest import write
+
+    class Spoiling(Channel):  # a.txt's bytes are spoiled on the wire every time: it cannot be copied
+        def send(self, frame, payload=None, kind=None):
+            if isinstance(frame, frames.Batch) and payload is not None:
+                pos = 0
+                for row in frame.files:
+                    if row.path == b"a.txt":
+                        payload[pos] ^= 0xFF
+                    pos += row.size
+            return super().send(frame, payload, kind)
+
+    src, _ = roots
+    write(src / "a.txt", b"old\n", mtime=1_000_000)
+    run_sender(spec_for(receiver, src))
+    write(src / "a.txt", b"new\n", mtime=2_000_000)
+    os.link(src / "a.txt", src / "b.txt")
+    sender = Sender(Spec.from_dict(spec_for(receiver, src)), lambda progress: None, channel=Spoiling)
+    report = sender.run()
+    assert (receiver.dst / "a.txt").read_bytes() == b"old\n"
+    assert not (receiver.dst / "b.txt").exists(), "linked to the old data"
+    assert report["errors"] == 2, sender.stats.errors
+
+
 def test_a_directory_the_walk_cannot_enter_is_named_not_passed_over_in_silence(nobody):
     """The sender reports each of these as a failure of its sync (what is in it was not copied)."""
     tmp_path = Path(tempfile.mkdtemp(prefix="cm-walk-"))  # pytest's own is root's alone
