@@ -15,11 +15,13 @@ failed, or ``warm_sender`` is off) a sender starts cold.
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import select
 import signal
 import socket
+import stat
 import subprocess
 import sys
 import time
@@ -307,13 +309,13 @@ def start_sender(spec: SyncSource, node: str, job_id: int, data_root: str,
     try:
         make_log_dir(err_path.parent, who)
         with acting_as(who):  # made by the user, where the user may write, never through a planted link
-            os.close(os.open(err_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644))
+            _touch(err_path, os.O_APPEND)
     except (LaunchError, OSError):
         err_path = Path(os.devnull)
     report = report_path(Path(spec.cwd or "/"), job_id, spec.rank)
     try:
         with acting_as(who):  # the user's file, in the user's cmlogs/, as the error log
-            os.close(os.open(report, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644))
+            _touch(report, os.O_TRUNC)
     except OSError:
         report = None
     reader = data_identity(spec.transfer, who)
@@ -338,6 +340,17 @@ def start_sender(spec: SyncSource, node: str, job_id: int, data_root: str,
                 raise LaunchError(f"the sender on {node} exited before its job: {exc}") from None
     os.set_blocking(proc.stdout.fileno(), False)
     return proc, err_path
+
+
+def _touch(path: Path, flags: int) -> None:
+    """Make the regular file ``path`` for the sender (as the job's user, who may have planted something
+    there: never through a link, never waiting on a fifo, OSError for anything but a regular file)."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK | flags, 0o644)
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise OSError(errno.EINVAL, f"{path} is not a regular file")
+    finally:
+        os.close(fd)
 
 
 def sender_end(state: JobState, exit_code: int, reason: str, err_path: Path) -> tuple[JobState, str]:

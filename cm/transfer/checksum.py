@@ -77,8 +77,14 @@ def chunk_digest(fd: int, offset: int, length: int, buf: bytearray | None = None
     Read with ``pread`` through a bounded buffer, never mapped: a file cut
     short meanwhile gives ``FileShrank``, not a SIGBUS.
     """
+    h = Hasher()
+    hash_range(h, fd, offset, length, buf)
+    return h.digest()
+
+
+def hash_range(h: "Hasher", fd: int, offset: int, length: int, buf: bytearray | None = None) -> None:
+    """Add ``length`` bytes of file ``fd`` at ``offset`` to ``h``, read as ``chunk_digest`` reads them."""
     view = memoryview(buf if buf is not None else bytearray(min(length, READ_PIECE)) or bytearray(1))
-    h = xxhash.xxh3_64()
     done = 0
     while done < length:
         n = os.preadv(fd, [view[:min(len(view), length - done)]], offset + done)
@@ -86,7 +92,6 @@ def chunk_digest(fd: int, offset: int, length: int, buf: bytearray | None = None
             raise FileShrank(f"ends before byte {offset + length}")
         h.update(view[:n])
         done += n
-    return h.intdigest()
 
 
 class FileShrank(OSError):

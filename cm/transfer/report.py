@@ -21,13 +21,16 @@ were written.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
+import stat
 import threading
 from pathlib import Path
 
 ACTIONS = ("created", "updated", "deleted", "skipped", "failed")
 MAX_PAGE = 10_000  # lines in one page
+MAX_LINE = 16 << 20  # bytes of one line the head reads (800,000 chunks' digests: a 50 TB file in 64 MiB chunks)
 
 
 def file_name(rank: int) -> str:
@@ -101,20 +104,27 @@ def read(directory: Path, nranks: int, offset: int = 0, limit: int = 1000,
     """Lines ``offset`` on (``limit`` at most, only ``action``'s if given) of a job's report in ``directory``.
 
     Returns (lines, the offset of the next page or None at the end). Raises OSError for a report
-    that cannot be read (FileNotFoundError: none was written).
+    that cannot be read (FileNotFoundError: none was written), or that is not a regular file. The files
+    are the job's user's: a line longer than ``MAX_LINE`` is an unreadable line, never read whole.
     """
     limit = max(1, min(limit, MAX_PAGE))
     out: list[dict] = []
     index = 0
     found = False
     for rank in range(nranks):
-        try:
-            fd = os.open(directory / file_name(rank), os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        try:  # without blocking: a fifo put there would hold the reader (the head's loop) up
+            fd = os.open(directory / file_name(rank), os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
         except FileNotFoundError:
             continue
         found = True
         with os.fdopen(fd, "rb") as f:
-            for raw in f:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                raise OSError(errno.EINVAL, f"{file_name(rank)} is not a regular file")
+            while raw := f.readline(MAX_LINE):
+                if len(raw) == MAX_LINE and not raw.endswith(b"\n"):
+                    raw = b"{"  # unreadable; the rest of it is passed over a piece at a time
+                    while (rest := f.readline(1 << 20)) and not rest.endswith(b"\n"):
+                        pass
                 if not raw.strip():
                     continue
                 if action is not None and f'"action": "{action}"'.encode() not in raw:

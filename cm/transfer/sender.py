@@ -159,7 +159,7 @@ class Sender:
             self._move_data(control, work)
             self._drop_partials(control, work.given_up(self.stats.moved))
             touched.update(diff.parent(it.entry.path) for it in work.chunks + work.small)
-            hard = kept.links_of(spec.rank)
+            hard = self._linkable(kept.links_of(spec.rank))
             if hard:  # after the data: their files are in place
                 linked = self._apply(control, f.HardLinks, [f.HardLinkRow(os.fsencode(p), os.fsencode(leader))
                                                             for leader, p in hard])
@@ -246,6 +246,18 @@ class Sender:
         attrs = meta.read_xattrs(self.source.top, entries, listed, spaces, spec.owners, self.stats.skip) \
             if listed else {}
         return meta.Kept(spaces, attrs, meta.link_groups(inodes) if inodes else {}, spec.nranks, entries)
+
+    def _linkable(self, links: list[tuple[str, str]]) -> list[tuple[str, str]]:
+        """The (first name, other name) pairs to link: not those whose first name failed to copy (the
+        destination may still hold that name's old data, which the other name must not take on)."""
+        out = []
+        for leader, p in links:
+            if self.stats.failed(leader):
+                self.stats.error(p, f"not linked: its other name {leader!r} could not be copied",
+                                 vanished=leader in self.stats.moved)
+            else:
+                out.append((leader, p))
+        return out
 
     def _hole_chunks(self, e: Entry) -> set[int]:
         """The chunks of a file that are hole from end to end (none for a file without holes)."""

@@ -17,11 +17,10 @@ so what a receiver recorded as verified still compares equal on the next run.
 from __future__ import annotations
 
 import errno
-import mmap
 import os
 import struct
 
-from .checksum import Hasher
+from .checksum import READ_PIECE, Hasher, hash_range
 from .wire import PIECE, TRAILER
 
 _EXTENT = struct.Struct("<QQ")
@@ -128,14 +127,15 @@ def payload(fd: int, offset: int, pairs: list[tuple[int, int]]) -> bytearray:
     return out
 
 
-def chunk_digest(fd: int, offset: int, length: int) -> int:
-    """The digest a sparse file's chunk travels with (its map, then its data)."""
-    pairs = extents(fd, offset, length)
+def chunk_digest(fd: int, offset: int, length: int, pairs: list[tuple[int, int]] | None = None) -> int:
+    """The digest a sparse file's chunk travels with (its map, then its data), read with ``pread`` (never
+    mapped: a file cut short meanwhile gives ``checksum.FileShrank``, not a SIGBUS). ``pairs``: its
+    ``extents`` if known."""
+    pairs = extents(fd, offset, length) if pairs is None else pairs
     h = hasher(pairs)
-    if pairs:
-        with mmap.mmap(fd, length, offset=offset, prot=mmap.PROT_READ) as mm:
-            for off, n in pairs:
-                h.update(memoryview(mm)[off:off + n])
+    buf = bytearray(min(max((n for _, n in pairs), default=1), READ_PIECE))
+    for off, n in pairs:
+        hash_range(h, fd, offset + off, n, buf)
     return h.digest()
 
 

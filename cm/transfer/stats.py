@@ -50,6 +50,11 @@ class Stats:
         if self.on_path is not None:
             self.on_path("failed", path, reason=message)
 
+    def failed(self, path: str) -> bool:
+        """Whether a failure has been recorded for ``path``."""
+        with self.lock:
+            return path in self._failed
+
     def skip(self, path: str, reason: str) -> None:
         """Record something not copied (a device in a user's sync, an xattr the destination refuses)."""
         with self.lock:

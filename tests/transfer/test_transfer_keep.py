@@ -54,6 +54,78 @@ def test_a_sparse_file_of_one_chunk_keeps_its_holes_and_resumes_by_its_digests(r
 
 
 
+def test_a_sparse_chunk_cut_short_while_it_is_hashed_is_an_error_not_a_sigbus(tmp_path, monkeypatch):
+    """Resume hashes sparse chunks on both ends (the sender's source, the mover's .part, which the job's
+    user may truncate): a mapping of a file cut short meanwhile would kill the process with SIGBUS."""
+    from cm.transfer import sparse
+
+    path = tmp_path / "s.bin"
+    with open(path, "wb") as fh:  # 4 MiB of data, then a hole
+        fh.write(os.urandom(4 << 20))
+        fh.truncate(8 << 20)
+    made = sparse.hasher
+
+    class Cutting:  # the file is cut short as its first data is hashed
+        def __init__(self, pairs):
+            self.h, self.calls = made(pairs), 0
+
+        def update(self, piece):
+            self.calls += 1
+            if self.calls == 1:
+                os.truncate(path, 4096)
+            self.h.update(piece)
+
+        def digest(self):
+            return self.h.digest()
+
+    monkeypatch.setattr(sparse, "hasher", Cutting)
+    fd = os.open(path, os.O_RDONLY)
+    pid = os.fork()
+    if pid == 0:
+        try:
+            sparse.chunk_digest(fd, 0, 8 << 20)
+        except OSError:
+            os._exit(3)
+        except BaseException:
+            os._exit(4)
+        os._exit(0)
+    os.close(fd)
+    _, status = os.waitpid(pid, 0)
+    assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 3, f"wait status {status:#x}"
+
+
+def test_a_hard_link_whose_file_could_not_be_copied_is_not_linked_to_what_was_there(roots, receiver):
+    """Its first name failed (a full disk, a checksum that kept failing): the destination still has that
+    name's old data, and the other name must not be made a link to it."""
+    from cm.transfer import frames
+    from cm.transfer.sender import Sender
+    from cm.transfer.spec import Spec
+    from cm.transfer.wire import Channel
+
+    from .conftest import write
+
+    class Spoiling(Channel):  # a.txt's bytes are spoiled on the wire every time: it cannot be copied
+        def send(self, frame, payload=None, kind=None):
+            if isinstance(frame, frames.Batch) and payload is not None:
+                pos = 0
+                for row in frame.files:
+                    if row.path == b"a.txt":
+                        payload[pos] ^= 0xFF
+                    pos += row.size
+            return super().send(frame, payload, kind)
+
+    src, _ = roots
+    write(src / "a.txt", b"old\n", mtime=1_000_000)
+    run_sender(spec_for(receiver, src))
+    write(src / "a.txt", b"new\n", mtime=2_000_000)
+    os.link(src / "a.txt", src / "b.txt")
+    sender = Sender(Spec.from_dict(spec_for(receiver, src)), lambda progress: None, channel=Spoiling)
+    report = sender.run()
+    assert (receiver.dst / "a.txt").read_bytes() == b"old\n"
+    assert not (receiver.dst / "b.txt").exists(), "linked to the old data"
+    assert report["errors"] == 2, sender.stats.errors
+
+
 def test_a_directory_the_walk_cannot_enter_is_named_not_passed_over_in_silence(nobody):
     """The sender reports each of these as a failure of its sync (what is in it was not copied)."""
     tmp_path = Path(tempfile.mkdtemp(prefix="cm-walk-"))  # pytest's own is root's alone

@@ -190,3 +190,28 @@ def test_receivers_making_one_sidecar_at_once_keep_every_chunk_they_mark(tmp_pat
     finally:
         os.close(dfd)
     assert lost == 0
+
+
+def test_a_sparse_files_verified_chunks_are_resumed_not_sent_again(roots, receiver):
+    """The destination hashes a recorded chunk again the way it travelled (its extent map, then its data)."""
+    from cm.transfer.sender import TransferError
+    from cm.transfer.wire import Channel
+
+    class Cut(Channel):  # the connection is lost at chunk 8: chunks 0 to 7 are recorded at the destination
+        def send_stream(self, frame, data, hasher, pace=None, sent=None):
+            if frame.index >= 8:
+                raise ConnectionAbortedError("cut")
+            return super().send_stream(frame, data, hasher, pace, sent)
+
+    src, _ = roots
+    with open(src / "sparse.bin", "wb") as fh:  # data in the even chunks, the odd ones all hole
+        fh.truncate(16 * CHUNK)
+        for i in range(0, 16, 2):
+            fh.seek(i * CHUNK)
+            fh.write(os.urandom(CHUNK // 2))
+    with pytest.raises(TransferError):
+        send_in_process(spec_for(receiver, src, streams=1), channel=Cut)
+    report = send_in_process(spec_for(receiver, src))
+    assert report["chunks_resumed"] == 8  # chunks 0 to 7: data in the even ones, the odd ones all hole
+    assert report["bytes_sent"] == 4 * (CHUNK // 2)
+    assert_same_tree(src, receiver.dst)

@@ -216,3 +216,31 @@ def test_a_zygote_that_dies_loading_lets_the_node_register_and_is_not_restarted_
     senders.start()  # the node's loop asks again at once: no new zygote before RETRY_AFTER
     assert senders.proc is None and senders.settled()
     senders.close()
+
+
+def test_fifos_planted_where_the_sender_logs_do_not_hold_the_node_up(receiver, roots, tmp_path):
+    """The job's user may put a fifo at the paths of its cmlogs/ before the job starts: the node (which
+    makes the error log and the report as the user) must not wait on them for a reader."""
+    import threading
+
+    src = roots[0]
+    write(src / "a.txt", b"a")
+    logs = tmp_path / "cmlogs" / "11"
+    (logs / "n1").mkdir(parents=True)
+    fifos = [logs / "n1" / "0.err", logs / "files-0.jsonl"]
+    for fifo in fifos:
+        os.mkfifo(fifo)
+    started: list = []
+    t = threading.Thread(target=lambda: started.append(start_sender(_node_spec(receiver, src, tmp_path), "n1", 11,
+                                                                    str(src))), daemon=True)
+    t.start()
+    t.join(20)
+    if t.is_alive():  # let it go (a reader for each fifo), and its sender, which would wait on them too
+        while t.is_alive():
+            for fifo in fifos:
+                os.close(os.open(fifo, os.O_RDONLY | os.O_NONBLOCK))
+            t.join(0.5)
+        started[0][0].kill()
+        started[0][0].wait(30)
+        pytest.fail("the node waited for a reader of a fifo in the job's cmlogs/")
+    assert _wait(started[0][0]) == 0
