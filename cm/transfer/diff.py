@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from .partial import partial_names
 from .plan import is_small
-from .tree import DIR, FILE, LINK, SPECIAL, Entry, is_temp_name
+from .tree import DIR, FILE, LINK, SPECIAL, TEMP_PREFIX, Entry, is_temp_name
 
 SPECIAL_KINDS = frozenset(SPECIAL.values())
 
@@ -99,7 +99,8 @@ def split_temps(dst: list[Entry]) -> tuple[list[Entry], list[Entry]]:
     """(the destination's own entries, the mover's temporary files among them) of a manifest."""
     own, temps = [], []
     for d in dst:
-        (temps if d.kind == FILE and is_temp_name(d.path.rpartition("/")[2]) else own).append(d)
+        path = d.path
+        (temps if TEMP_PREFIX in path and d.kind == FILE and is_temp_name(path.rpartition("/")[2]) else own).append(d)
     return own, temps
 
 

@@ -79,10 +79,12 @@ def assign(items: list[Item], nranks: int, policy: str) -> list[int]:
     if policy == "size-balanced":
         ranks = [0] * len(items)
         loads = [(0, r) for r in range(nranks)]
-        for i in sorted(range(len(items)), key=lambda i: (-items[i].weight, i)):
-            load, r = heapq.heappop(loads)
+        weights = [it.weight for it in items]
+        replace = heapq.heapreplace
+        for i in sorted(range(len(items)), key=weights.__getitem__, reverse=True):  # stable: ties by position
+            load, r = loads[0]
             ranks[i] = r
-            heapq.heappush(loads, (load + items[i].weight, r))
+            replace(loads, (load + weights[i], r))
         return ranks
     raise ValueError(f"unknown policy {policy!r}; choose from {', '.join(POLICIES)}")
 
