@@ -44,6 +44,9 @@ class Item(NamedTuple):
         return self.index <= 0
 
 
+_make = tuple.__new__
+
+
 def is_small(size: int, chunk_size: int) -> bool:
     """Whether a file of ``size`` bytes travels inside a batch rather than as chunks."""
     return size <= min(chunk_size, SMALL_MAX)
@@ -52,12 +55,13 @@ def is_small(size: int, chunk_size: int) -> bool:
 def make_items(entries: Iterable[Entry], chunk_size: int) -> list[Item]:
     """Items for the regular files among ``entries``, in entry order."""
     items: list[Item] = []
+    append = items.append
     small_max = min(chunk_size, SMALL_MAX)
     for e in entries:
         if e.kind != FILE:
             continue
         if e.size <= small_max:
-            items.append(Item(e, -1, 0, e.size))
+            append(_make(Item, (e, -1, 0, e.size)))  # one per small file: without the generated __new__
             continue
         for i in range(chunk_count(e.size, chunk_size)):
             off = i * chunk_size
