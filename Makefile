@@ -98,6 +98,7 @@ bench: setup
 	$(PY) bench/bench_slurm.py
 	$(PY) bench/bench_peers.py $(if $(filter-out 0 no false,$(BENCH_QUICK)),--quick --out /tmp/cm-bench-peers-quick.json)
 	$(PY) bench/plot.py $(if $(filter-out 0 no false,$(BENCH_QUICK)),/tmp/cm-bench-peers-quick.json /tmp/cm-benchmarks-quick.png)
+	$(PY) bench/bench_many.py $(if $(filter-out 0 no false,$(BENCH_QUICK)),--files 20000 --reps 1)
 	$(PY) bench/bench_api.py
 	$(PY) bench/bench_waits.py
 
