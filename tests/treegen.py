@@ -65,7 +65,7 @@ def make_sparse(path: Path, logical: int, data: int = SPARSE_DATA) -> Path:
 
 
 def make_site_tree(top: Path, sparse_bytes: int = 256 << 20, xattrs: bool = True, acls: bool = True,
-                   owner: tuple[int, int] | None = None, acl_user: str = "nobody") -> Path:
+                   owner: tuple[int, int] | None = None, acl_user: str = "nobody", readonly: bool = True) -> Path:
     """Write the tree under ``top`` (created); ``owner`` (uid, gid) is given to every entry."""
     top.mkdir(parents=True, exist_ok=True)
     a, b = top / "a", top / "b"
@@ -108,15 +108,17 @@ def make_site_tree(top: Path, sparse_bytes: int = 256 << 20, xattrs: bool = True
     deep = top.joinpath(*[f"d{i}" for i in range(40)])
     _file(deep / "leaf.txt", b"deep\n")
     ro = top / "readonly"
-    _file(ro / "kept.txt", b"kept\n", mode=0o444)
+    if readonly:
+        _file(ro / "kept.txt", b"kept\n", mode=0o444)
     for dirpath, dirnames, filenames in os.walk(os.fsencode(top), topdown=False):
         if owner:
             for name in filenames + dirnames:
                 os.chown(os.path.join(dirpath, name), *owner, follow_symlinks=False)
             os.chown(dirpath, *owner)
         os.utime(dirpath, ns=(OLD + 2, OLD + 2))  # after what is in it
-    ro.chmod(0o555)
-    os.utime(ro, ns=(OLD + 3, OLD + 3))
+    if readonly:
+        ro.chmod(0o555)
+        os.utime(ro, ns=(OLD + 3, OLD + 3))
     os.utime(top, ns=(OLD + 4, OLD + 4))
     return top
 
