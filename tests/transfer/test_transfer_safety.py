@@ -176,3 +176,24 @@ def test_a_file_copied_to_a_named_temporary_keeps_the_owner_it_was_given(tmp_pat
     st = os.stat(os.fsdecode(tmp), dir_fd=dfd)
     dest.close()
     assert (st.st_uid, st.st_gid, st.st_mode & 0o7777, st.st_mtime_ns) == (4242, 4343, 0o4750, 1_000_000_000)
+
+
+def test_a_users_transfer_asking_for_trusted_or_security_attributes_is_refused(receiver):
+    chan = _connect(receiver)  # a user's transfer: those namespaces are root's and operators' business
+    for space in (b"trusted.", b"security."):
+        with pytest.raises(RemoteError, match="trusted. and security. attributes are kept by root's"):
+            chan.request(f.XAttrs([b"user.", space], [f.XAttrRow(b"", 0o755, [f.XAttr(space + b"x", b"1")])]))
+        chan.close()
+        chan = _connect(receiver)
+    chan.close()
+    assert not receiver.dst.exists() or not _files_under(receiver.dst)
+
+
+def test_a_users_transfer_makes_no_device_and_says_why(receiver):
+    chan = _connect(receiver)  # a user's transfer: a device node is skipped with the reason, a fifo is made
+    got = chan.request(f.Specials([f.SpecialRow(b"null", "c", 0o666, 0, os.makedev(1, 3)),
+                                   f.SpecialRow(b"pipe", "p", 0o644, 0)]))
+    chan.close()
+    assert [(s.path, s.message) for s in got.skipped] == [(b"null", "device files are made by root's and operators' syncs only")]
+    assert not os.path.lexists(receiver.dst / "null")
+    assert os.path.exists(receiver.dst / "pipe")
