@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
 import time
 
 import zmq
@@ -117,6 +118,45 @@ def test_a_node_that_never_calls_back_after_a_head_restart_is_down_after_the_tim
     wait_gone([pid], timeout=60)  # back: the head tells it to stop the job it no longer owns
     cluster.wait_node("computenode-1", "IDLE", timeout=30)
     assert cluster.job(job_id)["state"] == "NODE_FAIL"
+
+
+def _abort_links(pid: int, port: int) -> list[str]:
+    """Abort (``ss -K``) the TCP connections process ``pid`` holds to ``port``: the peer gets a RST, so the
+    head's ROUTER forgets that node and what it sends the node meanwhile reaches no one. Returns them."""
+    listed = subprocess.run(["ss", "-tnpH", "dport", "=", f":{port}"], capture_output=True, text=True, check=True).stdout
+    mine = [line.split()[3].rsplit(":", 1)[1] for line in listed.splitlines() if f"pid={pid}," in line]
+    assert mine, f"process {pid} holds no connection to port {port}:\n{listed}"
+    for local in mine:
+        subprocess.run(["ss", "-K", "-tn", "sport", "=", f":{local}", "dport", "=", f":{port}"],
+                       capture_output=True, check=True)
+    left = subprocess.run(["ss", "-tnpH", "dport", "=", f":{port}"], capture_output=True, text=True, check=True).stdout
+    assert not [line for line in left.splitlines() if f"pid={pid}," in line and "ESTAB" in line], \
+        f"ss -K left the connections of {pid} open (a kernel without CONFIG_INET_DIAG_DESTROY?):\n{left}"
+    return mine
+
+
+def test_a_job_cancelled_just_before_the_head_restarts_is_stopped_by_the_new_head(make_cluster):
+    # the node is frozen and its link reset, so the KillJob of the cancel reaches no one; the head is killed
+    # before anything confirms it: only the restarted head, sending the stop again after its reload, can stop it
+    cluster = make_cluster("cpu:1", nodes=1, heartbeat_misses=1000, kill_confirm=600)  # neither DOWN nor expired
+    job_id = cluster.submit("cmrun", "sh", "-c", "echo $$ > pid; exec sleep 600")
+    cluster.wait_state(job_id, "RUNNING")
+    pid = wait_pids(cluster.home / "pid", 1)[0]
+    node = cluster.procs["computenode-1"]
+    node.send_signal(signal.SIGSTOP)
+    try:
+        _abort_links(node.pid, cluster.head_port)
+        assert "cancel" in cluster.cli("cmkill", str(job_id)).stdout
+        assert cluster.job(job_id)["state"] not in ("CANCELLED", "COMPLETED") and not gone(pid)  # not confirmed
+        cluster.kill("headnode", signal.SIGKILL)
+        cluster.start_head()
+        cluster.wait_head()
+    finally:
+        node.send_signal(signal.SIGCONT)
+    wait_gone([pid], timeout=60)
+    job = cluster.wait_state(job_id, ("CANCELLED", "COMPLETED", "FAILED", "NODE_FAIL", "TIMEOUT"), timeout=60)
+    assert job["state"] == "CANCELLED" and "not confirmed" not in (job.get("reason") or ""), job
+    cluster.wait_node("computenode-1", "IDLE", timeout=30)  # confirmed by the node: not drained
 
 
 def _fake_node(cluster, name: str, partition: str) -> zmq.Socket:

@@ -236,6 +236,39 @@ def test_a_get_survives_the_head_being_killed_and_restarted_between_put_and_get(
                                                                         "put after the restart"]
 
 
+def test_a_send_in_flight_when_the_head_is_replaced_fails_as_not_known_to_be_delivered(cluster):
+    # a command is not idempotent: the node does not send it again to a new head (it might run twice),
+    # the caller is told it may or may not have been delivered
+    path = script(cluster, "inflight.py", """
+        import os, time
+        from cm import intercom
+        rank = int(os.environ["CM_PROC_RANK"])
+        if rank == 0:
+            open("ready", "w").write("yes")
+            while not os.path.exists("go"):
+                time.sleep(0.05)
+            open("sending", "w").write("yes")
+            try:
+                outcome = f"delivered to {intercom.send('hello', to='rank==1')}"
+            except intercom.IntercomError as exc:
+                outcome = f"{type(exc).__name__}: {exc}"
+            open("outcome", "w").write(outcome)
+        else:
+            while not os.path.exists("outcome"):
+                time.sleep(0.05)
+    """)
+    job_id = cluster.submit("cmrun", "--partition", "cpu", "-n", "2", PY, path)
+    wait_file(cluster.home / "ready")
+    cluster.kill("headnode", signal.SIGKILL)
+    (cluster.home / "go").write_text("go")  # rank 0's send reaches its node, which waits for the head
+    wait_file(cluster.home / "sending")  # the head takes seconds to start again: the node holds the send by then
+    cluster.start_head()
+    cluster.wait_head()
+    outcome = wait_file(cluster.home / "outcome", timeout=60)
+    assert "the link to the head was renewed: not known whether the command was delivered" in outcome, outcome
+    finish(cluster, job_id, timeout=60)
+
+
 GARBAGE = """
     import json, os, random, socket, struct
     import msgpack

@@ -118,6 +118,11 @@ def test_bob_cannot_reach_the_database_by_any_way(own_db_cluster, users):
             tried[str(sock)] = ""
         except OSError as exc:
             tried[str(sock)] = exc.strerror or str(exc)
+        try:  # the directory is closed to bob, whatever mode the server gives its socket
+            os.listdir(sock.parent)
+            tried[f"listing {sock.parent}"] = ""
+        except OSError as exc:
+            tried[f"listing {sock.parent}"] = exc.strerror or str(exc)
         return tried
 
     tried = in_child_as(users["bob"], as_bob)
@@ -125,6 +130,7 @@ def test_bob_cannot_reach_the_database_by_any_way(own_db_cluster, users):
     assert "mongodb" not in env_text.lower()
     assert all(tried.values()), f"bob got an answer: {[k for k, v in tried.items() if not v]}"
     assert "Permission denied" in tried[str(sock)]
+    assert "Permission denied" in tried[f"listing {sock.parent}"]
 
 
 def strings_in(value) -> set[str]:
