@@ -319,3 +319,18 @@ def test_a_connection_flood_on_the_tcp_port_leaves_alices_requests_answered(make
     finally:
         for s in flood:
             s.close()
+
+
+def test_a_client_trusts_only_the_certificate_file_it_is_given(make_cluster, tmp_path):
+    from cm.api.tls import make_certificate
+
+    port = free_port()
+    cluster = make_cluster(api_port=port)
+    url = f"https://127.0.0.1:{port}"
+    assert Client(url, cafile=str(cluster.run_dir / "api.crt")).version()["api_versions"] == ["v1"]
+    impostor = tmp_path / "impostor.crt"  # a head's certificate of the same names, made elsewhere
+    make_certificate(impostor, tmp_path / "impostor.key", ["127.0.0.1", "localhost"])
+    with pytest.raises((ApiError, OSError)) as refused:
+        Client(url, cafile=str(impostor)).version()
+    assert "CERTIFICATE_VERIFY_FAILED" in str(refused.value) or "certificate verify failed" in str(refused.value), \
+        refused.value
