@@ -235,6 +235,29 @@ def test_a_share_the_node_never_starts_ends_the_job_after_the_start_timeout(make
         node.close()
 
 
+def test_a_job_past_its_time_limit_that_no_node_ends_is_stopped_by_the_head(make_cluster):
+    cluster = make_cluster("cpu:1", nodes=1)
+    node = _replace_node(cluster, "computenode-1", "cpu")
+    try:
+        job_id = cluster.submit("cmrun", "-t", "0:02", "sleep", "600")
+        msg, _ = _next_run_job(node, time.monotonic() + 5)
+        _say_started(node, msg)  # ... and then it runs on for ever, as far as this node says
+        share = (msg.job_id, msg.spec.run, msg.spec.role, msg.spec.rank)
+        deadline = time.monotonic() + 90
+        while cluster.job(job_id)["state"] in ("DISPATCHING", "RUNNING"):
+            assert time.monotonic() < deadline, cluster.job(job_id)
+            while node.poll(0):  # every KillJob acknowledged and ignored: only the head can end the job
+                got = decode(node.recv())
+                if hasattr(got, "id") and not isinstance(got, (Ack, Welcome)):
+                    node.send(encode(Ack(ref=got.id)))
+            node.send(encode(Heartbeat(node="computenode-1", running=[msg.job_id], shares=[share], ending=[])))
+            time.sleep(0.2)
+        job = cluster.job(job_id)
+        assert job["state"] == "TIMEOUT" and "stopped by the head" in job["reason"], job
+    finally:
+        node.close()
+
+
 def test_a_waiting_job_says_why(make_cluster):
     cluster = make_cluster("cpu:2", nodes=2)
     cpus = str(cluster.info()["nodes"][0]["cpus"])

@@ -236,6 +236,41 @@ def test_a_get_survives_the_head_being_killed_and_restarted_between_put_and_get(
                                                                         "put after the restart"]
 
 
+def test_a_get_whose_node_comes_back_after_the_put_is_asked_again_and_answered(make_cluster):
+    # the put's update is sent while the getter's node is away (frozen over the head's restart), so it
+    # is lost: only the node asking again, once the new head welcomes it, answers the get
+    cluster = make_cluster("cpu:2", nodes=2, heartbeat_misses=300)  # the frozen node is not DOWN meanwhile
+    path = script(cluster, "late.py", """
+        import json, os, time
+        from cm import intercom
+        rank = int(os.environ["CM_PROC_RANK"])
+        if rank == 0:
+            while not os.path.exists("go"):
+                time.sleep(0.05)
+            intercom.put("late", "put while the getter's node was away")
+        else:
+            open("getter", "w").write(os.environ["CM_NODENAME"])
+            json.dump(intercom.get("late", timeout=120), open("late.json", "w"))
+    """)
+    job_id = cluster.submit("cmrun", "--partition", "cpu", "-n", "2", PY, path)
+    getter = cluster.procs[wait_file(cluster.home / "getter")]
+    time.sleep(0.5)  # rank 1's get is waiting (the head answered that the key is absent)
+    getter.send_signal(signal.SIGSTOP)
+    try:
+        cluster.kill("headnode", signal.SIGKILL)
+        cluster.start_head()
+        cluster.wait_head()
+        (cluster.home / "go").write_text("go")
+        deadline = time.monotonic() + 30
+        while not [k for k in stored_keys(cluster, job_id) if k.get("key") == "late"]:
+            assert time.monotonic() < deadline, "the put was not stored"
+            time.sleep(0.1)
+    finally:
+        getter.send_signal(signal.SIGCONT)
+    assert json.loads(wait_file(cluster.home / "late.json", timeout=60)) == "put while the getter's node was away"
+    finish(cluster, job_id, timeout=60)
+
+
 def test_a_send_in_flight_when_the_head_is_replaced_fails_as_not_known_to_be_delivered(cluster):
     # a command is not idempotent: the node does not send it again to a new head (it might run twice),
     # the caller is told it may or may not have been delivered

@@ -85,7 +85,8 @@ def _verified_chunks(dst: Path) -> int:
 
 # ---- item 2: a verification record never vouches for bytes it did not see ----
 
-def test_a_record_whose_part_was_deleted_vouches_for_nothing(make_cluster):
+@pytest.mark.parametrize("lost", ["deleted", "spoiled"])
+def test_a_record_whose_part_was_deleted_vouches_for_nothing(make_cluster, lost):
     cluster = make_cluster("gpu:2,cpu:2", nodes=4, chunk_mb=1)
     src, dst = cluster.data_dir / "gpu" / "big", cluster.data_dir / "cpu" / "big"
     src.mkdir(parents=True)
@@ -97,15 +98,18 @@ def test_a_record_whose_part_was_deleted_vouches_for_nothing(make_cluster):
     cluster.wait_state(job_id, "CANCELLED", timeout=30)
     parts, records = list(dst.glob(".cm.*.part")), list(dst.glob(".cm.*.ok"))
     assert len(parts) == len(records) == 1
-    for part in parts:  # an admin freeing room: the records stay behind
-        part.unlink()
-    # and the record says what an overlapping run leaves (its chunks at the end, written after the other
-    # run published the file): a run that sends the chunks in order trusts them before it rewrites them
-    side = bytearray(records[0].read_bytes())
-    slots = len(side) - 12 * 16  # the 12 slots of 16 bytes end the record, whatever its head
-    for i in range(1, 12):
-        side[slots + i * 16 + 8] = 1
-    records[0].write_bytes(side)
+    if lost == "spoiled":  # its bytes lost in a crash, same inode: the chunks it records are zeros now
+        with open(parts[0], "r+b") as f:
+            f.write(bytes(2 << 20))
+    else:
+        parts[0].unlink()  # an admin freeing room: the record stays behind
+        # and the record says what an overlapping run leaves (its chunks at the end, written after the other
+        # run published the file): a run that sends the chunks in order trusts them before it rewrites them
+        side = bytearray(records[0].read_bytes())
+        slots = len(side) - 12 * 16  # the 12 slots of 16 bytes end the record, whatever its head
+        for i in range(1, 12):
+            side[slots + i * 16 + 8] = 1
+        records[0].write_bytes(side)
     again = cluster.job(cluster.submit("cmsync", "--wait", "gpu:/big", "cpu:/big"))
     assert again["state"] == "COMPLETED", again
     assert tree_digest(dst) == tree_digest(src)  # not a single zero-filled chunk
