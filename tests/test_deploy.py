@@ -76,6 +76,8 @@ def test_keys_init_export_import_revoke(tmp_path):
     kdir = head / "keys"
     before = {p.name: p.read_bytes() for p in kdir.iterdir() if p.is_file()}
     assert set(before) == {"head.key", "head.key_secret", "transfer.key", "api-token.key"}
+    assert mode(kdir) == 0o700 and kdir.stat().st_uid == os.geteuid()  # root's alone: it holds the secrets
+    assert all(mode(kdir / name) == 0o600 for name in ("transfer.key", "api-token.key"))
     again = cmdaemon("keys", "init", env=env).stdout
     assert "kept head.key_secret, transfer.key, api-token.key" in again and "--force" in again
     assert {p.name: p.read_bytes() for p in kdir.iterdir() if p.is_file()} == before
