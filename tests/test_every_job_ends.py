@@ -345,3 +345,21 @@ def test_the_transport_a_sync_asks_for_reaches_the_node(make_cluster):
     finally:
         node.close()
     cluster.cli("cmkill", str(job_id))
+
+
+def test_a_stop_naming_an_earlier_run_leaves_the_nodes_current_run_alone(tmp_path):
+    # a KillJob resent late, after a requeue or a sync restart put the job's next run on this node
+    from cm import config
+    from cm.node.agent import NodeAgent
+    from cm.states import JobState
+
+    agent = NodeAgent(config.load({}, run_dir=str(tmp_path), name="computenode-1"))
+    stopped = []
+    agent._stop_share = lambda share, state, reason: stopped.append(share)
+    agent.purge.jobs = {(7, 1, "", 0): None, (7, 2, "", 0): None, (8, 1, "", 0): None}
+    agent.receiving = {(7, 2, "dst", 0): "transfer"}
+    agent.stop(7, JobState.CANCELLED, "late", run=1)
+    assert stopped == [(7, 1, "", 0)]
+    stopped.clear()
+    agent.stop(7, JobState.CANCELLED, "every run", run=0)  # 0: whichever run is here
+    assert sorted(stopped) == [(7, 1, "", 0), (7, 2, "", 0), (7, 2, "dst", 0)]
