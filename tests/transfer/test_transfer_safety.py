@@ -197,3 +197,33 @@ def test_a_users_transfer_makes_no_device_and_says_why(receiver):
     assert [(s.path, s.message) for s in got.skipped] == [(b"null", "device files are made by root's and operators' syncs only")]
     assert not os.path.lexists(receiver.dst / "null")
     assert os.path.exists(receiver.dst / "pipe")
+
+
+def test_a_small_file_rewritten_while_it_is_read_is_refused_not_copied_torn(tmp_path, monkeypatch):
+    # the read itself changes the file (same size, new bytes): what was read is neither the old nor the new file
+    from cm.transfer import source as source_module
+    from cm.transfer.source import Source, SourceChanged
+    from cm.transfer.stats import Stats
+    from cm.transfer.tree import FILE, Entry
+
+    path = tmp_path / "live.txt"
+    path.write_bytes(b"a" * 4000)
+    st = path.stat()
+    e = Entry("live.txt", FILE, st.st_size, st.st_mtime_ns, 0o644)
+    readv = os.readv
+
+    def read_then_rewrite(fd, buffers):
+        n = readv(fd, buffers)
+        with open(path, "r+b") as f:  # a writer gets in between the read and the check
+            f.write(b"b" * 4000)
+        os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000_000))
+        return n
+
+    monkeypatch.setattr(source_module.os, "readv", read_then_rewrite)
+    src = Source(tmp_path, Stats())
+    handles = src.handles()
+    try:
+        with pytest.raises(SourceChanged, match="changed while being read"):
+            src.read_one(handles, e, memoryview(bytearray(e.size)))
+    finally:
+        handles.close()
