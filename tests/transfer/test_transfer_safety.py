@@ -227,3 +227,22 @@ def test_a_small_file_rewritten_while_it_is_read_is_refused_not_copied_torn(tmp_
             src.read_one(handles, e, memoryview(bytearray(e.size)))
     finally:
         handles.close()
+
+
+def test_the_oldest_unauthenticated_connections_of_an_address_are_cut_off_for_new_ones(receiver):
+    from cm.transfer.receiver import AUTH_DEADLINE, MAX_UNAUTHENTICATED_PER_ADDRESS
+
+    extra = 4
+    socks = []
+    try:
+        for _ in range(MAX_UNAUTHENTICATED_PER_ADDRESS + extra):  # none of them says HELLO
+            socks.append(socket.create_connection(("127.0.0.1", receiver.server.port), timeout=AUTH_DEADLINE * 3))
+        for s in socks[:extra]:  # cut off as the newer ones came: they see the end of the stream
+            assert s.recv(1) == b""
+        for s in socks[extra:]:  # ...while the newer ones still have their time to authenticate
+            s.setblocking(False)
+            with pytest.raises(BlockingIOError):
+                s.recv(1)
+    finally:
+        for s in socks:
+            s.close()
