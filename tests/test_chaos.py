@@ -16,6 +16,16 @@ from test_sync import make_tree, snapshot
 FINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL"}
 
 
+def story(cluster, job_ids) -> str:
+    """Every line of every daemon's log that names one of job_ids (what the head and nodes did with it)."""
+    marks = [f'"job": {j},' for j in job_ids] + [f'"job": {j}}}' for j in job_ids]
+    lines = []
+    for log in sorted(cluster.run_dir.glob("*.log")):
+        lines += [f"{log.stem}: {line}" for line in log.read_text(errors="replace").splitlines()
+                  if any(m in line for m in marks)]
+    return "\n".join(lines[-400:])
+
+
 def test_jobs_survive_compute_daemons_being_killed_and_restarted(make_cluster):
     cluster = make_cluster("gpu:2,cpu:2", nodes=4, chunk_mb=1)
     rng = random.Random(11)
@@ -57,7 +67,7 @@ def test_jobs_survive_compute_daemons_being_killed_and_restarted(make_cluster):
             break
         time.sleep(0.5)
     unfinished = {j: jobs[j]["state"] for j in [*commands, *syncs] if jobs[j]["state"] not in FINAL}
-    assert not unfinished, f"not final after the storm: {unfinished}"
+    assert not unfinished, f"not final after the storm: {unfinished}\n{story(cluster, unfinished)}"
 
     time.sleep(1)  # let orphans killed on daemon restart finish their last write, if any
     lines = collections.Counter(tuple(line.split()) for line in log.read_text().splitlines())
