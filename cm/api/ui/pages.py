@@ -121,7 +121,7 @@ async def route(ctx: Context) -> HttpResponse:
     if (m := JOB.fullmatch(path)):
         return await job(ctx, int(m[1]))
     if path == "/ui/submit":
-        return html(200, render("submit.html", ctx, values={}, error=""))
+        return html(200, render("submit.html", ctx, values={"cwd": _home(ctx.caller.uid)}, error=""))
     if path == "/ui/history":
         return await history_page(ctx)
     raise HttpError(404, f"no page {path[:200]}")
@@ -282,14 +282,26 @@ async def job_action(ctx: Context, job_id: int, action: str) -> HttpResponse:
     return redirect(f"/ui/jobs/{job_id}")
 
 
+def _home(uid: int) -> str:
+    """Where a sync from the page keeps its cmlogs/ unless the form says: its user's home, as cmsync's is the
+    directory it is run in."""
+    import pwd
+
+    try:
+        return pwd.getpwuid(uid).pw_dir or "/"
+    except KeyError:
+        return "/"
+
+
 async def submit(ctx: Context) -> HttpResponse:
     """A sync from the form: SRC, DST, nodes, --delete, --dry-run (the head checks it as it checks cmsync's)."""
-    values = {k: ctx.field(k) for k in ("src", "dst", "nodes", "name")}
+    values = {k: ctx.field(k) for k in ("src", "dst", "nodes", "name", "cwd")}
     values.update({k: bool(ctx.field(k)) for k in ("delete", "dry_run")})
     try:
         nodes = int(values["nodes"] or 1)
         body = types.SyncJob(src=values["src"], dst=values["dst"], nodes=nodes, delete=values["delete"],
-                             dry_run=values["dry_run"], name=values["name"] or None)
+                             dry_run=values["dry_run"], name=values["name"] or None,
+                             cwd=values["cwd"] or _home(ctx.caller.uid))
         args = types.head_args(msgspec.convert(msgspec.to_builtins(body), types.SyncJob))
         job_id = (await ctx.ask("submit", args))["job_id"]
     except (ValueError, msgspec.ValidationError) as exc:

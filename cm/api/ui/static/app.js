@@ -49,7 +49,10 @@ function followJob(live) {
     if (v.files_total != null) text("files", v.files_done + " of " + v.files_total);
     if (v.rate != null) text("rate", size(v.rate) + "/s");
     text("eta", v.eta == null ? "" : duration(v.eta));
-    if (v.rate != null) { times.push(v.now); rates.push(v.rate); draw(); }
+    if (v.rate != null) {
+      times.push(v.now); rates.push(v.rate); draw();
+      if (box) box.dataset.points = times.length;
+    }
   }
   async function poll() {
     for (;;) {
@@ -63,7 +66,7 @@ function followJob(live) {
         continue;
       }
       show(v);
-      if (v.final) { live.dataset.final = "1"; return; }
+      if (v.final) { location.reload(); return; }  // the final page: its report, exit code, history
     }
   }
   if (live.dataset.final !== "1") poll();
