@@ -17,7 +17,7 @@ import pytest
 
 import test_multiuser
 from test_api import free_port
-from test_multiuser import ask, submit_as
+from test_multiuser import ask, in_child_as, submit_as
 
 users = test_multiuser.users
 PATH_ENV = ["PATH=/usr/bin:/bin"]
@@ -113,6 +113,27 @@ def post(browser, path: str, body: str) -> int:
         "fetch(arguments[0], {method: 'POST', body: arguments[1], redirect: 'manual',"
         " headers: {'Content-Type': 'application/x-www-form-urlencoded'}}).then(r => done(r.status), e => done(-1));",
         path, body)
+
+
+def socket_login(path: str, token: str) -> int:
+    """Log in to the page on api.sock (as whoever runs this): the status of the login POST."""
+    import http.client
+    import re
+    import socket
+    from urllib.parse import urlencode
+
+    def ask(method: str, target: str, body: str | None = None, cookie: str = "") -> tuple[int, str, str]:
+        conn = http.client.HTTPConnection("localhost", timeout=30)
+        conn.sock = socket.socket(socket.AF_UNIX)
+        conn.sock.connect(path)
+        headers = {"Cookie": cookie, "Content-Type": "application/x-www-form-urlencoded"}
+        conn.request(method, target, body, headers)
+        answer = conn.getresponse()
+        return answer.status, answer.read().decode(), (answer.getheader("Set-Cookie") or "").split(";")[0]
+
+    _, form, cookie = ask("GET", "/ui/login")
+    login_csrf = re.search(r'name="login_csrf" value="([^"]+)"', form)[1]
+    return ask("POST", "/ui/login", urlencode({"login_csrf": login_csrf, "token": token}), cookie)[0]
 
 
 def test_login_a_sync_from_the_page_to_100_percent_and_its_history(make_cluster, browser, shots):
@@ -237,3 +258,9 @@ def test_a_user_cancels_her_job_from_the_page_and_cannot_touch_anothers(make_clu
     assert cluster.job(theirs)["state"] == "RUNNING"
     browser.get(f"{base}/ui/jobs/{mine}")
     assert by_id(browser, "state").text == "CANCELLED" and not css(browser, "#cancel")
+
+    # on api.sock the page is the connecting user's: bob cannot log in there with alice's token; root may
+    sock = str(cluster.run_dir / "api.sock")
+    assert in_child_as(bob, lambda: socket_login(sock, data["token"])) == 403
+    assert in_child_as(alice, lambda: socket_login(sock, data["token"])) == 303
+    assert socket_login(sock, data["token"]) == 303

@@ -11,7 +11,8 @@ TLS handshake, which must end within CM_API_TIMEOUT.
 It never touches head state. Each request becomes (caller, Request, answer)
 on a queue, a byte on a pipe wakes the head's loop, and the loop answers it
 through the same `handle()` the command socket uses (cm.head.server.serve):
-the same rules, the same long poll. The answer comes back to this thread
+the same rules, the same long poll (the web page under /ui/, cm.api.ui, asks the same way, as the user
+of its session). The answer comes back to this thread
 with `call_soon_threadsafe`. An idle long poll costs a pending future and a
 socket, nothing more, so a thousand of them cost the head nothing per second.
 """
