@@ -12,6 +12,7 @@ import re
 import time
 from pathlib import Path, PurePosixPath
 from typing import Any
+from urllib.parse import urlencode
 
 import jinja2
 import msgspec
@@ -120,8 +121,10 @@ async def route(ctx: Context) -> HttpResponse:
         return await job_json(ctx, int(m[1]))
     if (m := JOB.fullmatch(path)):
         return await job(ctx, int(m[1]))
-    if path == "/ui/submit":
-        return html(200, render("submit.html", ctx, values={"cwd": _home(ctx.caller.uid)}, error=""))
+    if path == "/ui/submit":  # prefilled from the query: "run it for real" after a dry run
+        values: dict[str, Any] = {k: _query(ctx, k) for k in ("src", "dst", "nodes", "name")}
+        values.update(cwd=_query(ctx, "cwd") or _home(ctx.caller.uid), delete=bool(_query(ctx, "delete")))
+        return html(200, render("submit.html", ctx, values=values, error=""))
     if path == "/ui/history":
         return await history_page(ctx)
     raise HttpError(404, f"no page {path[:200]}")
@@ -246,12 +249,29 @@ async def job(ctx: Context, job_id: int) -> HttpResponse:
             if exc.status in (403, 503):
                 raise
             report_error = exc.message
+    again = None
+    if report and all(f.dry_run for f in report) and view.state in FINAL:
+        again = _again(view, any(f.action == "deleted" for f in report))
     times = view.times
     history = [(what, times.get(what)) for what in ("submitted", "started", "ended") if times.get(what)]
     return html(200, render("job.html", ctx, job=view, live=live(view), eta=_eta(view), history=history,
-                            report=report, report_error=report_error, after=after, action=action,
+                            report=report, report_error=report_error, after=after, action=action, again=again,
                             may_cancel=may_cancel(ctx, view), logs=f"{PurePosixPath(view.workdir or '/', 'cmlogs', str(view.id))}/",
                             live_json=msgspec.json.encode(live(view)).decode()))
+
+
+def _again(view: Any, delete: bool) -> str | None:
+    """The submit form's address, filled with a dry run's SRC, DST, nodes and directory (and --delete when
+    the dry run would have deleted something: the view does not keep the option itself)."""
+    command, dst = view.command or "", f" {view.dst}:"
+    at = command.rfind(dst)
+    if at < 0:
+        return None
+    fields = {"src": command[:at], "dst": command[at + 1:], "nodes": str(view.num_nodes or 1),
+              "cwd": view.workdir or "", "name": view.name}
+    if delete:
+        fields["delete"] = "1"
+    return "/ui/submit?" + urlencode(fields)
 
 
 async def job_json(ctx: Context, job_id: int) -> HttpResponse:
