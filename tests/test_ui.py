@@ -186,7 +186,6 @@ def test_login_a_sync_from_the_page_to_100_percent_and_its_history(make_cluster,
 
     browser.get(f"{base}/ui/jobs?type=sync")
     assert by_id(browser, f"job-{job_id}").find_element("css selector", "td.name").text == name
-    browser.save_screenshot(str(shots / "ui-jobs.png"))
 
     browser.get(f"{base}/ui/history")
     today = time.strftime("%Y-%m-%d")
@@ -218,7 +217,7 @@ def test_login_a_sync_from_the_page_to_100_percent_and_its_history(make_cluster,
     assert not refused, refused
 
 
-def test_a_user_cancels_her_job_from_the_page_and_cannot_touch_anothers(make_cluster, browser, users):
+def test_a_user_cancels_her_job_from_the_page_and_cannot_touch_anothers(make_cluster, browser, users, shots):
     port = free_port()
     cluster = make_cluster(api_port=port)
     base = f"https://127.0.0.1:{port}"
@@ -230,6 +229,8 @@ def test_a_user_cancels_her_job_from_the_page_and_cannot_touch_anothers(make_clu
         os.chown(dirs[who.pw_name], who.pw_uid, who.pw_gid)
     theirs = submit_as(cluster, bob, kind="command", argv=["sleep", "120"], cwd=str(dirs[bob.pw_name]), env=PATH_ENV)
     mine = submit_as(cluster, alice, kind="command", argv=["sleep", "120"], cwd=str(dirs[alice.pw_name]), env=PATH_ENV)
+    waiting = submit_as(cluster, bob, kind="command", argv=["true"], cwd=str(dirs[bob.pw_name]), env=PATH_ENV,
+                        hold=True, labels={"workflow": "nightly"})
     for job_id in (theirs, mine):
         cluster.wait_state(job_id, "RUNNING")
     ok, data = ask(cluster, alice, "token")
@@ -242,6 +243,11 @@ def test_a_user_cancels_her_job_from_the_page_and_cannot_touch_anothers(make_clu
     browser.get(f"{base}/ui/jobs")
     assert not by_id(browser, f"job-{theirs}").find_elements("css selector", "button.cancel")
     assert by_id(browser, f"job-{mine}").find_elements("css selector", "button.cancel")
+    assert by_id(browser, f"job-{waiting}").find_element("css selector", "td.reason").text == "Held"
+    browser.get(f"{base}/ui/jobs?label=workflow%3Dnightly")
+    assert [row.get_attribute("id") for row in css(browser, "#jobs tbody tr")] == [f"job-{waiting}"]
+    browser.get(f"{base}/ui/jobs")
+    browser.save_screenshot(str(shots / "ui-jobs.png"))
     browser.get(f"{base}/ui/jobs/{theirs}")
     assert not css(browser, "#cancel")
     csrf = css(browser, "input[name=csrf]")[0].get_attribute("value")

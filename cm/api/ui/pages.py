@@ -216,10 +216,11 @@ async def jobs(ctx: Context) -> HttpResponse:
 
 
 def _eta(view: Any) -> float | None:
+    """Seconds left at the rate so far (bytes done over time running: steadier than the nodes' last rate)."""
     t = view.transfer
-    if t is None or view.state in FINAL or not t.rate or not t.bytes_total:
+    if t is None or view.state in FINAL or not t.bytes_done or not t.bytes_total or not view.elapsed:
         return None
-    return max(0.0, (t.bytes_total - t.bytes_done) / t.rate)
+    return max(0.0, (t.bytes_total - t.bytes_done) * view.elapsed / t.bytes_done)
 
 
 def live(view: Any) -> dict[str, Any]:
