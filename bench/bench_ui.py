@@ -81,6 +81,84 @@ def timed(page: Page, path: str, rounds: int) -> dict:
     return {"p50": statistics.median(times), "p95": times[int(0.95 * (len(times) - 1))], "bytes": len(text)}
 
 
+def in_process(nodes: int, jobs: int, rounds: int) -> None:
+    """The pages' own cost, without daemons: the head's real request handlers (cm.head.requests) over a head
+    holding `nodes` nodes and `jobs` jobs in memory, and the page's real rendering; what a request adds on
+    its way (HTTP, the hop between the API's thread and the head's loop) is bench_api.py's ~2.6 ms."""
+    import asyncio
+
+    from cm.api.http import HttpRequest
+    from cm.api.ui import Context, pages
+    from cm.api.ui.sessions import Sessions
+    from cm.head.clients import Caller
+    from cm.head.requests import handle
+    from cm.protocol import NodeView, Request
+
+    rows = [NodeView(name=f"sim-{i}", partition="sim", state="ALLOCATED", cpus=4, cpus_free=0, mem_mb=16384,
+                     mem_free_mb=8192) for i in range(nodes)]
+    now = time.time()
+    held = []
+    for i in range(jobs):
+        run = i < nodes
+        held.append({"_id": i + 1, "name": f"job-{i}", "user": "root", "uid": 0, "gid": 0,
+                     "kind": "sync" if run and i % 4 == 0 else "command", "state": "RUNNING" if run else "PENDING",
+                     "slots": [{"node": f"sim-{i}", "role": "src"}] if run else [], "submitted": now - 100,
+                     "started": now - 50 if run else None, "partition": "sim", "reason": "", "time_limit": 3600.0,
+                     "priority": 0, "labels": {"batch": str(i % 10)}, "nodes": 1, "cwd": "/", "argv": ["true"],
+                     "progress": {"bytes_done": 1 << 30, "bytes_total": 4 << 30, "rate": 1e8} if run else {},
+                     "sync": {"src": {"partition": "sim", "path": "a"}, "dst": {"partition": "sim", "path": "b"}}})
+    counts = {"RUNNING": nodes, "PENDING": jobs - nodes}
+
+    class Head:  # what cm.head.requests asks of the head, from memory as the head answers it
+        settings = None
+        admin_policy: dict = {}
+
+        def node_rows(self):
+            return rows
+
+        def listed(self, all_jobs):
+            return held
+
+        def why_waiting(self, job_id):
+            return "Resources" if job_id > nodes else None
+
+        def active(self, job_id):
+            return None
+
+        def find(self, job_id):
+            return held[job_id - 1] if 0 < job_id <= len(held) else None
+
+        def metrics(self):
+            return {"jobs": counts}
+
+    head, caller = Head(), Caller(0, 0, 0, "root", True)
+
+    class Local(Context):
+        async def ask(self, op, args, watch=False):
+            reply = handle(head, caller, Request(op=op, args=args))
+            if not reply.ok:
+                raise SystemExit(f"{op}: {reply.error}")
+            return reply.data
+
+    sessions = Sessions()
+    session = sessions.get(sessions.open("token", 0))
+    for path, query in (("/ui/", {}), ("/ui/jobs", {"state": ["RUNNING"]}), ("/ui/jobs", {"label": ["batch=3"]}),
+                        ("/ui/jobs/1", {})):
+        times = []
+        for _ in range(rounds):
+            ctx = Local(None, HttpRequest("GET", path, query, {}), caller, session, None, True, None, {})
+            t = time.perf_counter()
+            answer = asyncio.run(pages.route(ctx))
+            times.append((time.perf_counter() - t) * 1000)
+            if answer.status != 200:
+                raise SystemExit(f"{path}: {answer.status} {answer.body[:300]!r}")
+        times.sort()
+        label = path + ("?" + "&".join(f"{k}={v[0]}" for k, v in query.items()) if query else "")
+        print(f"in process, {nodes} nodes and {jobs} jobs: {label}: p50 {statistics.median(times):.1f} ms, "
+              f"p95 {times[int(0.95 * (len(times) - 1))]:.1f} ms ({len(answer.body) / 1024:.0f} KiB)"
+              + ("  (target < 100 ms)" if path == "/ui/" else ""))
+
+
 def main() -> int:
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     sys.stdout.reconfigure(line_buffering=True)  # each line as it is measured, also into a file
@@ -88,7 +166,12 @@ def main() -> int:
     parser.add_argument("--nodes", type=int, default=1000)
     parser.add_argument("--jobs", type=int, default=10000)
     parser.add_argument("--rounds", type=int, default=30)
+    parser.add_argument("--in-process", action="store_true",
+                        help="only the pages' own cost (the head's handlers and the rendering), no daemons")
     args = parser.parse_args()
+    in_process(args.nodes, args.jobs, args.rounds)
+    if args.in_process:
+        return 0
     root = Path(tempfile.mkdtemp(prefix="cmui"))
     cluster = LocalCluster(root / "run", [], data_dir=root / "data", db_dir=root / "db",
                            env={"CM_DB_NAME": f"ui{os.getpid()}", "CM_LOG_LEVEL": "WARNING",
@@ -97,6 +180,7 @@ def main() -> int:
     try:
         from cm.keys import ensure_keys
 
+        t0 = time.monotonic()
         ensure_keys(cluster.run_dir, ["node"])  # before the head starts: a refused handshake is not retried
         cluster.up()
         client = Client(load(env={"CM_RUN_DIR": str(cluster.run_dir)}), timeout=300)
@@ -104,10 +188,12 @@ def main() -> int:
                                 "--cpus", "4", "--run-dir", str(cluster.run_dir),
                                 "--head", f"tcp://127.0.0.1:{cluster.head_port}"], cwd=str(root))
         wait_for(lambda: client.call("stats")["nodes_alive"] >= args.nodes, 600, f"{args.nodes} nodes")
+        print(f"{args.nodes} nodes up after {time.monotonic() - t0:.0f} s")
         env = ["PATH=/usr/bin:/bin"]
         running = [client.call("submit", kind="command", argv=["sleep", "1d"], cwd="/", env=env, cpus=4,
                                partition="sim", name=f"filler-{i}")["job_id"] for i in range(args.nodes)]
-        wait_for(lambda: client.call("stats")["pending"] == 0, 300, "fillers to start")
+        wait_for(lambda: client.call("stats")["pending"] == 0, 600, "fillers to start")
+        print(f"{args.nodes} jobs running after {time.monotonic() - t0:.0f} s")
         for i in range(args.jobs - args.nodes):
             client.call("submit", kind="command", argv=["true"], cwd="/", env=env, partition="sim", cpus=1,
                         name=f"queued-{i}", labels={"batch": str(i % 10)})

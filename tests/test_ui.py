@@ -239,7 +239,7 @@ def test_a_user_cancels_her_job_from_the_page_and_cannot_touch_anothers(make_clu
     log_in(browser, base, data["token"])
     until(lambda: browser.current_url == f"{base}/ui/", 30, "the cluster page after logging in")
     assert by_id(browser, "user").text == alice.pw_name
-    assert not css(browser, "#nodes form")  # no drain button for a user
+    assert not css(browser, "form[action='/ui/nodes/drain']")  # no drain button for a user
     browser.get(f"{base}/ui/jobs")
     assert not by_id(browser, f"job-{theirs}").find_elements("css selector", "button.cancel")
     assert by_id(browser, f"job-{mine}").find_elements("css selector", "button.cancel")
@@ -255,7 +255,7 @@ def test_a_user_cancels_her_job_from_the_page_and_cannot_touch_anothers(make_clu
     assert post(browser, f"/ui/jobs/{theirs}/cancel", f"csrf={csrf}") == 403  # the head's own rule refuses
     assert post(browser, f"/ui/jobs/{mine}/cancel", "") == 403  # no CSRF token
     assert post(browser, f"/ui/jobs/{mine}/cancel", "csrf=" + "A" * len(csrf)) == 403  # a wrong one
-    assert post(browser, "/ui/nodes/computenode-1/drain", f"csrf={csrf}") == 403  # operators only
+    assert post(browser, "/ui/nodes/drain", f"csrf={csrf}&node=computenode-1&action=drain") == 403  # operators only
     assert cluster.job(theirs)["state"] == cluster.job(mine)["state"] == "RUNNING"
 
     browser.get(f"{base}/ui/jobs/{mine}")

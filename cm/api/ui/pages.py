@@ -28,9 +28,9 @@ HERE = Path(__file__).parent
 JOB = re.compile(r"/ui/jobs/(\d{1,18})")
 JOB_JSON = re.compile(r"/ui/jobs/(\d{1,18})\.json")
 JOB_ACTION = re.compile(r"/ui/jobs/(\d{1,18})/(cancel|hold|release|priority)")
-NODE_ACTION = re.compile(r"/ui/nodes/([^/]{1,200})/(drain|resume)")
+NODE_ACTION = "/ui/nodes/drain"  # the form's button says drain or resume
 USER_ACTION = re.compile(r"/ui/users/(block|unblock)")
-MAX_ROWS = 2000  # jobs one listing shows (the filters narrow it)
+MAX_ROWS = 500  # jobs one listing shows, the newest (the filters narrow it)
 FILES_PAGE = 200
 STATES = tuple(s.value for s in JobState)
 
@@ -103,9 +103,12 @@ async def route(ctx: Context) -> HttpResponse:
             return await submit(ctx)
         if (m := JOB_ACTION.fullmatch(path)):
             return await job_action(ctx, int(m[1]), m[2])
-        if (m := NODE_ACTION.fullmatch(path)):
-            await ctx.ask("control", types.admin_args(m[2], types.AdminRequest(node=m[1],
-                                                                               reason=ctx.field("reason"))))
+        if path == NODE_ACTION:
+            action = ctx.field("action", "drain")
+            if action not in ("drain", "resume"):
+                raise HttpError(400, "the node form's action is drain or resume")
+            await ctx.ask("control", types.admin_args(action, types.AdminRequest(node=ctx.field("node"),
+                                                                                 reason=ctx.field("reason"))))
             return redirect("/ui/")
         if (m := USER_ACTION.fullmatch(path)):
             await ctx.ask("control", types.admin_args(m[1], types.AdminRequest(user=ctx.field("user"))))
