@@ -69,16 +69,23 @@ class Page:
         return self.request("GET", path)
 
 
-def timed(page: Page, path: str, rounds: int) -> dict:
+def timed(page: Page, path: str, rounds: int, head: int) -> dict:
+    """Wall time per request at the client, and the head process's CPU time per request (both threads)."""
+    import psutil
+
     times = []
+    proc = psutil.Process(head)
+    before = sum(proc.cpu_times()[:2])
     for _ in range(rounds):
         t0 = time.perf_counter()
         status, text = page.get(path)
         times.append((time.perf_counter() - t0) * 1000)
         if status != 200:
             raise SystemExit(f"GET {path}: {status} {text[:300]}")
+    cpu = (sum(proc.cpu_times()[:2]) - before) * 1000 / rounds
     times.sort()
-    return {"p50": statistics.median(times), "p95": times[int(0.95 * (len(times) - 1))], "bytes": len(text)}
+    return {"p50": statistics.median(times), "p95": times[int(0.95 * (len(times) - 1))], "bytes": len(text),
+            "cpu": cpu}
 
 
 def in_process(nodes: int, jobs: int, rounds: int) -> None:
@@ -144,18 +151,20 @@ def in_process(nodes: int, jobs: int, rounds: int) -> None:
     session = sessions.get(sessions.open("token", 0))
     for path, query in (("/ui/", {}), ("/ui/jobs", {"state": ["RUNNING"]}), ("/ui/jobs", {"label": ["batch=3"]}),
                         ("/ui/jobs/1", {})):
-        times = []
+        times, cpu = [], []
         for _ in range(rounds):
             ctx = Local(None, HttpRequest("GET", path, query, {}), caller, session, None, True, None, {})
-            t = time.perf_counter()
+            t, c = time.perf_counter(), time.thread_time()
             answer = asyncio.run(pages.route(ctx))
             times.append((time.perf_counter() - t) * 1000)
+            cpu.append((time.thread_time() - c) * 1000)
             if answer.status != 200:
                 raise SystemExit(f"{path}: {answer.status} {answer.body[:300]!r}")
         times.sort()
         label = path + ("?" + "&".join(f"{k}={v[0]}" for k, v in query.items()) if query else "")
         print(f"in process, {nodes} nodes and {jobs} jobs: {label}: p50 {statistics.median(times):.1f} ms, "
-              f"p95 {times[int(0.95 * (len(times) - 1))]:.1f} ms ({len(answer.body) / 1024:.0f} KiB)"
+              f"p95 {times[int(0.95 * (len(times) - 1))]:.1f} ms, CPU p50 {statistics.median(cpu):.1f} ms "
+              f"({len(answer.body) / 1024:.0f} KiB)"
               + ("  (target < 100 ms)" if path == "/ui/" else ""))
 
 
@@ -202,12 +211,13 @@ def main() -> int:
         token = client.call("token")["token"]
         page = Page(cluster.run_dir / "api.sock", token)
         print(f"{stats['nodes_alive']} nodes, {args.nodes} jobs running and {stats['pending']} pending")
+        head = cluster.procs["headnode"].pid
         for path in ("/ui/", "/ui/jobs?state=RUNNING", "/ui/jobs?label=batch%3D3", f"/ui/jobs/{running[0]}"):
-            r = timed(page, path, args.rounds)
-            print(f"GET {path}: p50 {r['p50']:.1f} ms, p95 {r['p95']:.1f} ms ({r['bytes'] / 1024:.0f} KiB)"
+            r = timed(page, path, args.rounds, head)
+            print(f"GET {path}: p50 {r['p50']:.1f} ms, p95 {r['p95']:.1f} ms, head CPU {r['cpu']:.1f} ms a request "
+                  f"({r['bytes'] / 1024:.0f} KiB)"
                   + ("  (target < 100 ms)" if path == "/ui/" else ""))
 
-        head = cluster.procs["headnode"].pid
         idle = head_cpu(head, 10)
         stop = threading.Event()
 
