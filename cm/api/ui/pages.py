@@ -19,7 +19,7 @@ import msgspec
 
 from cm.api import routes, types
 from cm.api.http import HttpError, HttpResponse
-from cm.api.ui import Context, check_csrf, check_peer, history, html, json, new_login_token, redirect, sessions
+from cm.api.ui import HEADERS, Context, check_csrf, check_peer, history, html, json, new_login_token, redirect, sessions
 from cm.api.views import FINAL
 from cm.protocol import MAX_WAIT
 from cm.states import JobState
@@ -80,8 +80,6 @@ def static(name: str) -> HttpResponse:
     if found is None:
         raise HttpError(404, f"no static file {name[:100]!r}")
     body, kind = found
-    from cm.api.ui import HEADERS
-
     return HttpResponse(200, body, kind, {**HEADERS, "Cache-Control": "public, max-age=3600"})
 
 
