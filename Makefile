@@ -100,6 +100,7 @@ bench: setup
 	$(PY) bench/plot.py $(if $(filter-out 0 no false,$(BENCH_QUICK)),/tmp/cm-bench-peers-quick.json /tmp/cm-benchmarks-quick.png)
 	$(PY) bench/bench_many.py $(if $(filter-out 0 no false,$(BENCH_QUICK)),--files 20000 --reps 1)
 	$(PY) bench/bench_api.py
+	$(PY) bench/bench_ui.py
 	$(PY) bench/bench_waits.py
 
 # A site's machines (docs/DEPLOY.md): cm's wheel and sdist in dist/; `make wheelhouse` adds its dependencies'

@@ -373,6 +373,7 @@ class JobView(Struct):
     command: str | None = None
     workdir: str | None = None
     env: list[str] | None = None
+    dst: str | None = None  # a sync's destination: its partition or node (``partition`` is its source's)
 
 
 class NodeView(Struct):

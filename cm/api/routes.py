@@ -53,7 +53,7 @@ def status_of(code: ErrorCode | str | None) -> int:
         return 500  # the head gave no code: a bug
 
 
-async def _ask(api: "ApiServer", caller: Caller, op: str, args: dict[str, Any],
+async def ask(api: "ApiServer", caller: Caller, op: str, args: dict[str, Any],
                watch: HttpRequest | None = None) -> Any:
     reply = await api.ask(caller, op, args, watch)
     if not reply.ok:
@@ -90,7 +90,7 @@ def _flag(query: dict[str, list[str]], name: str) -> bool:
 
 async def submit(api: "ApiServer", caller: Caller, request: HttpRequest) -> HttpResponse:
     args = types.head_args(_decode(_submission, request), request.headers.get("idempotency-key"))
-    data = await _ask(api, caller, "submit", args)
+    data = await ask(api, caller, "submit", args)
     return json_response(200 if data.get("repeated") else 201, {"id": data["job_id"]})
 
 
@@ -98,7 +98,7 @@ async def list_jobs(api: "ApiServer", caller: Caller, request: HttpRequest) -> H
     q = request.query
     args = {"all": _flag(q, "all"), "state": [s.upper() for s in q.get("state", []) if s],
             "user": _one(q, "user") or None, "label": q.get("label", [])}
-    data = await _ask(api, caller, "info", args)
+    data = await ask(api, caller, "info", args)
     return json_response(200, {"jobs": data.jobs})
 
 
@@ -114,14 +114,14 @@ async def job_status(api: "ApiServer", caller: Caller, request: HttpRequest, job
             raise HttpError(400, "wait must be a number of seconds")
         wait = MAX_WAIT if wait < 0 else min(wait, MAX_WAIT)  # negative: as long as the head allows
     if wait > 0:
-        data = await _ask(api, caller, "wait", {"job_id": job_id, "timeout": wait}, watch=request)
+        data = await ask(api, caller, "wait", {"job_id": job_id, "timeout": wait}, watch=request)
     else:
-        data = await _ask(api, caller, "info", {"job_id": job_id})
+        data = await ask(api, caller, "info", {"job_id": job_id})
     return json_response(200, data.jobs[0])
 
 
 async def cancel(api: "ApiServer", caller: Caller, request: HttpRequest, job_id: int) -> HttpResponse:
-    data = await _ask(api, caller, "cancel", {"job_ids": [job_id]})
+    data = await ask(api, caller, "cancel", {"job_ids": [job_id]})
     result = data[str(job_id)]
     if not result["ok"]:
         raise HttpError(status_of(result.get("code")), result["error"])
@@ -140,16 +140,16 @@ async def job_files(api: "ApiServer", caller: Caller, request: HttpRequest, job_
     action = _one(request.query, "action")
     if action:
         args["action"] = action
-    return json_response(200, await _ask(api, caller, "files", args))
+    return json_response(200, await ask(api, caller, "files", args))
 
 
 async def delete(api: "ApiServer", caller: Caller, request: HttpRequest, job_id: int) -> HttpResponse:
-    await _ask(api, caller, "delete", {"job_id": job_id})
+    await ask(api, caller, "delete", {"job_id": job_id})
     return HttpResponse(204)
 
 
 async def nodes(api: "ApiServer", caller: Caller, request: HttpRequest) -> HttpResponse:
-    data = await _ask(api, caller, "info", {"nodes_only": True})
+    data = await ask(api, caller, "info", {"nodes_only": True})
     return json_response(200, {"nodes": data.nodes})
 
 
@@ -162,13 +162,13 @@ async def admin(api: "ApiServer", caller: Caller, request: HttpRequest, action: 
         raise HttpError(422, f"{action} needs {need[action]}")
     if action == "priority" and body.value is None:
         raise HttpError(422, "priority needs value: high, normal, low or an integer")
-    return json_response(200, await _ask(api, caller, "control", types.admin_args(action, body)))
+    return json_response(200, await ask(api, caller, "control", types.admin_args(action, body)))
 
 
 async def metrics(api: "ApiServer", caller: Caller, request: HttpRequest) -> HttpResponse:
     from cm.api.metrics import render
 
-    data = await _ask(api, caller, "metrics", {})
+    data = await ask(api, caller, "metrics", {})
     return HttpResponse(200, render(data, api.requests).encode(), "text/plain; version=0.0.4; charset=utf-8")
 
 

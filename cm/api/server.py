@@ -11,7 +11,8 @@ TLS handshake, which must end within CM_API_TIMEOUT.
 It never touches head state. Each request becomes (caller, Request, answer)
 on a queue, a byte on a pipe wakes the head's loop, and the loop answers it
 through the same `handle()` the command socket uses (cm.head.server.serve):
-the same rules, the same long poll. The answer comes back to this thread
+the same rules, the same long poll (the web page under /ui/, cm.api.ui, asks the same way, as the user
+of its session). The answer comes back to this thread
 with `call_soon_threadsafe`. An idle long poll costs a pending future and a
 socket, nothing more, so a thousand of them cost the head nothing per second.
 """
@@ -28,7 +29,8 @@ import threading
 import time
 from typing import Any, Hashable
 
-from cm.api import routes
+from cm.api import routes, ui
+from cm.api.ui.sessions import Sessions
 from cm.api.http import HttpError, HttpRequest, encode_response, error_response, read_request
 from cm.config import ConfigError, Settings
 from cm.head.clients import Caller, caller_from, caller_of
@@ -97,6 +99,7 @@ class ApiServer:
         self.tokens: dict[str, tuple[Caller, float]] = {}  # token -> (caller, checked until)
         self.requests: dict[tuple[str, int], int] = {}  # (method, status) -> count, for /metrics
         self.tcp_address: tuple[str, int] | None = None
+        self.sessions = Sessions()  # the web page's (cm.api.ui)
 
     # --- the head loop's side ------------------------------------------------
 
@@ -227,6 +230,10 @@ class ApiServer:
         token = token.strip()
         if scheme.lower() != "bearer" or not token:
             raise HttpError(401, "this needs Authorization: Bearer TOKEN (run `cmtoken` on the head node)")
+        return await self.token_caller(token)
+
+    async def token_caller(self, token: str) -> Caller:
+        """Whose token this is (HttpError 401 when nobody's), checked at most TOKEN_CACHE_SECONDS ago."""
         cached = self.tokens.get(token)
         now = time.monotonic()
         if cached is not None and cached[1] > now:
@@ -289,7 +296,7 @@ class ApiServer:
             except Exception:
                 pass
 
-    def _bind(self, caller: Caller, taken: list[Hashable]) -> None:
+    def bind(self, caller: Caller, taken: list[Hashable]) -> None:
         """A TCP connection belongs to the user of its first token: counted against that user's connections,
         and no other user's token is taken on it."""
         bound = next((k for k in taken if isinstance(k, tuple) and k[0] == "uid"), None)
@@ -318,10 +325,13 @@ class ApiServer:
                     return
                 method = request.method
                 caller = peer
-                if caller is None and not routes.is_public(request.path):
-                    caller = await self.caller_for(request)
-                    self._bind(caller, taken)
-                response = await routes.dispatch(self, caller, request)
+                if ui.is_ui(request.path):  # the web page: its own login, a session cookie
+                    response = await ui.dispatch(self, peer, request, taken)
+                else:
+                    if caller is None and not routes.is_public(request.path):
+                        caller = await self.caller_for(request)
+                        self.bind(caller, taken)
+                    response = await routes.dispatch(self, caller, request)
                 keep = request.keep_alive  # after dispatch: a long poll may have turned it off
             except HttpError as exc:
                 response, keep = error_response(exc.status, exc.message), not exc.close

@@ -403,7 +403,13 @@ def job_view(job: Job, why: str | None = None) -> JobView:
         priority=job.get("priority", 0), transfer=transfer_view(job) if job["kind"] == "sync" else None,
         labels=job.get("labels") or {}, num_nodes=job.get("nodes"),
         times={"submitted": job.get("submitted"), "started": started, "ended": ended},  # epoch seconds
+        dst=_where((job.get("sync") or {}).get("dst")) if job["kind"] == "sync" else None,
     )
+
+
+def _where(location: dict | None) -> str | None:
+    """A sync's side as {partition|node, path} -> the partition or node it names."""
+    return (location.get("node") or location.get("partition")) if location else None
 
 
 def transfer_view(job: Job) -> TransferView:

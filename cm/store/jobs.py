@@ -170,6 +170,24 @@ def recent_jobs(since: float | None, limit: int = 100000, finished: bool = False
     return [_job(d) for d in _jobs().find(query, projection).sort("_id", pymongo.DESCENDING).limit(limit)]
 
 
+def job_history(since: float, limit: int = 200000) -> list[dict[str, Any]]:
+    """What the web page's history counts of the jobs that ended at or after `since` (Unix time): state,
+    kind, end, user, source partition, a sync's destination, dry run or not, bytes and files moved."""
+    out = []
+    projection = {"state": 1, "kind": 1, "ended": 1, "user": 1, "partition": 1, "sync": 1, "progress": 1}
+    for d in _jobs().find({"ended": {"$gte": since}}, projection).limit(limit):
+        sync, progress = d.get("sync") or {}, d.get("progress") or {}
+        dst = sync.get("dst") or {}
+        out.append({
+            "state": str(d["state"]), "kind": str(d["kind"]), "ended": float(d["ended"]), "user": str(d["user"]),
+            "partition": str(d.get("partition") or ""),
+            "dst": str(dst.get("node") or dst.get("partition") or ""), "dst_is_node": bool(dst.get("node")),
+            "dry_run": bool((sync.get("options") or {}).get("dry_run")),
+            "bytes": int(progress.get("bytes_done") or 0), "files": int(progress.get("files_done") or 0),
+        })
+    return out
+
+
 # --- nodes -------------------------------------------------------------------
 
 
