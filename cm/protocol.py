@@ -31,7 +31,7 @@ import enum
 import os
 import re
 import time
-from typing import Annotated, Any, ClassVar, Literal, Union
+from typing import Annotated, Any, ClassVar, Literal, NamedTuple, Union
 
 import msgspec
 from msgspec import Meta, Struct, field
@@ -81,9 +81,25 @@ class Message(Struct, frozen=True, kw_only=True, forbid_unknown_fields=True, tag
     id: Annotated[str, Meta(min_length=1, max_length=64)] = field(default_factory=new_id)
 
 
-# One node's share of one run of a job: (job_id, run, role, rank). A node may hold several
-# shares of a job (a sync's sender and receiver on one node), so they are told apart by all four.
-Share = tuple[int, int, str, int]
+ANY_RUN, ANY_ROLE, ANY_RANK = 0, "", -1  # a ShareKey's wildcards (KillJob's defaults): read only by matches()
+
+
+class ShareKey(NamedTuple):
+    """One node's share of one run of a job. A node may hold several shares of a job (a sync's sender and
+    receiver on one node), so they are told apart by all four. On the wire: an array of the four.
+
+    As a pattern (what a KillJob or a JobStarted names), run ``ANY_RUN`` is any run, role ``ANY_ROLE``
+    every share of the job (whatever its rank), rank ``ANY_RANK`` every rank of that role."""
+
+    job_id: int
+    run: int
+    role: str
+    rank: int
+
+    def matches(self, share: "ShareKey") -> bool:
+        """Whether ``share`` is one this key names, read as a pattern."""
+        return (self.job_id == share.job_id and self.run in (ANY_RUN, share.run)
+                and (self.role == ANY_ROLE or (self.role == share.role and self.rank in (ANY_RANK, share.rank))))
 
 
 # --- what a node runs (RunJob.spec) -----------------------------------------
@@ -209,16 +225,16 @@ class Hello(Message, tag="hello"):
     transfer_addr: str  # host:port of this node's mover
     data_root: str
     incarnation: str  # new on every daemon start: tells a reconnect from a restart
-    shares: list[Share] = []  # running here
-    ending: list[Share] = []  # ended here, the end not yet acknowledged
+    shares: list[ShareKey] = []  # running here
+    ending: list[ShareKey] = []  # ended here, the end not yet acknowledged
 
 
 class Heartbeat(Message, tag="heartbeat"):
     TYPE = "heartbeat"
     node: str
     running: list[int]
-    shares: list[Share] = []  # as in Hello: the head checks them against its slots
-    ending: list[Share] = []
+    shares: list[ShareKey] = []  # as in Hello: the head checks them against its slots
+    ending: list[ShareKey] = []
 
 
 class JobStarted(Message, tag="job_started"):
@@ -229,6 +245,11 @@ class JobStarted(Message, tag="job_started"):
     role: str = ""  # run, src or dst; "": every share of the job on the node
     rank: int = 0
     at: float = field(default_factory=time.time)  # when it started, by the node's clock (resends keep it)
+
+    @property
+    def share(self) -> ShareKey:
+        """Which share started (role "": every share of the job on the node)."""
+        return ShareKey(self.job_id, self.run, self.role, self.rank)
 
 
 class JobEnded(Message, tag="job_ended"):
@@ -245,6 +266,10 @@ class JobEnded(Message, tag="job_ended"):
     rank: int = 0
     at: float = field(default_factory=time.time)  # when it ended, by the node's clock: the head may hear of it
     # much later (it was down), and the job's end is this, not then
+
+    @property
+    def share(self) -> ShareKey:
+        return ShareKey(self.job_id, self.run, self.role, self.rank)
 
 
 class Progress(Message, tag="progress"):
@@ -277,6 +302,10 @@ class RunJob(Message, tag="run_job"):
     job_id: int
     spec: NodeJob
 
+    @property
+    def share(self) -> ShareKey:
+        return ShareKey(self.job_id, self.spec.run, self.spec.role, self.spec.rank)
+
 
 class KillJob(Message, tag="kill_job"):
     """Stop a job's processes here and report them with ``state``. Idempotent."""
@@ -285,9 +314,14 @@ class KillJob(Message, tag="kill_job"):
     job_id: int
     state: str  # the final state to report: CANCELLED, TIMEOUT, NODE_FAIL (FAILED: a sync lost its receiver)
     reason: str = ""
-    run: int = 0  # 0: every run; else only that run (a late kill of run 1 must not stop run 2)
-    role: str = ""  # "": every share of the job here; else only that role ...
-    rank: int = -1  # ... and rank (-1: any)
+    run: int = ANY_RUN  # else only that run (a late kill of run 1 must not stop run 2)
+    role: str = ANY_ROLE  # else only that role ...
+    rank: int = ANY_RANK  # ... and rank
+
+    @property
+    def share(self) -> ShareKey:
+        """The shares to stop, as a pattern (ShareKey.matches)."""
+        return ShareKey(self.job_id, self.run, self.role, self.rank)
 
 
 # --- both ways --------------------------------------------------------------
