@@ -36,10 +36,12 @@ from typing import Annotated, Any, ClassVar, Literal, NamedTuple, Union
 import msgspec
 from msgspec import Meta, Struct, field
 
+from cm import framing
 from cm.states import JobState
 
 VERSION = 2  # 2: msgspec Structs, typed job specs, progress counters, request arguments, error codes
-MAX_MESSAGE = 16 * 1024 * 1024
+MAX_MESSAGE = framing.MAX_FRAME
+FRAME_HEADER = framing.FRAME_HEADER
 
 
 class ProtocolError(ValueError):
@@ -754,31 +756,18 @@ def _check_version(data: bytes) -> None:
         raise ProtocolError(f"protocol version {v!r}, expected {VERSION}")
 
 
-# --- framing on stream sockets (the client's Unix socket) --------------------
-
-FRAME_HEADER = 4
+# --- framing on stream sockets (the commands' Unix socket: cm.framing) --------
 
 
 def frame(msg: Message) -> bytes:
-    """A message prefixed by its length (4 bytes, big-endian)."""
-    body = encode(msg)
-    return len(body).to_bytes(FRAME_HEADER, "big") + body
+    """A message as a frame (cm.framing)."""
+    return framing.frame(encode(msg))
 
 
 def unframe(buffer: bytearray, limit: int = MAX_MESSAGE) -> bytes | None:
-    """Take one whole frame's body off the front of buffer, or None if incomplete.
-
-    A frame announcing more than ``limit`` bytes raises ProtocolError before
-    any of it is buffered.
-    """
-    if len(buffer) < FRAME_HEADER:
-        return None
-    size = int.from_bytes(buffer[:FRAME_HEADER], "big")
-    if size > limit:
-        raise ProtocolError(f"a request of {size} bytes exceeds the limit of {limit}")
-    if len(buffer) < FRAME_HEADER + size:
-        return None
-    body = bytes(buffer[FRAME_HEADER : FRAME_HEADER + size])
-    del buffer[: FRAME_HEADER + size]
-    return body
+    """``cm.framing.unframe``, a frame over ``limit`` a ProtocolError (before any of it is buffered)."""
+    try:
+        return framing.unframe(buffer, limit)
+    except framing.FrameTooBig as exc:
+        raise ProtocolError(f"a request of {exc.size} bytes exceeds the limit of {limit}") from None
 

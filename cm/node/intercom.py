@@ -31,8 +31,8 @@ from typing import Callable
 import msgspec
 
 from cm.config import Settings
+from cm.framing import FrameTooBig, unframe
 from cm.intercom import (
-    FRAME_HEADER,
     Done,
     Failed,
     Fence,
@@ -309,14 +309,13 @@ class NodeIntercom:
             self._drop(conn)
             return
         conn.inbuf += chunk
-        while len(conn.inbuf) >= FRAME_HEADER and conn.fd in self.conns:
-            size = int.from_bytes(conn.inbuf[:FRAME_HEADER], "big")
-            if size > self.max_frame:
-                return self._refuse(conn, f"a frame of {size} bytes exceeds the limit of {self.max_frame}")
-            if len(conn.inbuf) < FRAME_HEADER + size:
+        while conn.fd in self.conns:
+            try:
+                body = unframe(conn.inbuf, self.max_frame)
+            except FrameTooBig as exc:
+                return self._refuse(conn, str(exc))
+            if body is None:
                 return
-            body = bytes(conn.inbuf[FRAME_HEADER:FRAME_HEADER + size])
-            del conn.inbuf[:FRAME_HEADER + size]
             if conn.inflight >= MAX_INFLIGHT:
                 return self._refuse(conn, f"more than {MAX_INFLIGHT} requests unanswered on one connection",
                                     ErrorCode.LIMIT)
