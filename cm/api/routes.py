@@ -16,7 +16,7 @@ import msgspec
 
 from cm.api import types
 from cm.api.http import HttpError, HttpRequest, HttpResponse, error_response, json_response
-from cm.head.clients import Caller
+from cm.callers import Caller
 from cm.protocol import MAX_WAIT, ErrorCode
 
 if TYPE_CHECKING:

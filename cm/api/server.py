@@ -31,7 +31,7 @@ from typing import Any, Hashable
 from cm.api import routes
 from cm.api.http import HttpError, HttpRequest, encode_response, error_response, read_request
 from cm.config import ConfigError, Settings
-from cm.head.clients import Caller, caller_from, caller_of
+from cm.callers import Caller, caller_from, caller_of
 from cm.logs import event
 from cm.protocol import Reply, Request
 

@@ -11,54 +11,21 @@ hold at most ``max_per_user`` connections (root is not limited).
 
 from __future__ import annotations
 
-import grp
 import logging
 import os
-import pwd
 import socket
-import struct
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import msgspec
 
+from cm.callers import Caller, caller_of
 from cm.logs import event
 from cm.protocol import ErrorCode, InfoData, ProtocolError, Reply, Request, decode, frame, unframe
 
 log = logging.getLogger("cm.head.clients")
 MAX_PENDING_OUT = 64 * 1024 * 1024
 IDLE_TIMEOUT = 300.0  # seconds a connection may stay open without sending anything
-
-
-@dataclass(frozen=True)
-class Caller:
-    uid: int
-    gid: int
-    pid: int
-    user: str
-    operator: bool  # root or a member of the operator group
-
-
-def caller_of(sock: socket.socket, operator_group: str) -> Caller:
-    pid, uid, gid = struct.unpack("3i", sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i")))
-    return caller_from(uid, gid, pid, operator_group)
-
-
-def caller_from(uid: int, gid: int, pid: int, operator_group: str) -> Caller:
-    """The Caller for a uid the kernel (or a verified API token) vouches for."""
-    try:
-        user = pwd.getpwuid(uid).pw_name
-    except KeyError:
-        user = str(uid)
-    operator = uid == 0
-    if not operator and operator_group:
-        try:
-            group = grp.getgrnam(operator_group)
-            operator = user in group.gr_mem or gid == group.gr_gid
-        except KeyError:
-            pass
-    return Caller(uid, gid, pid, user, operator)
 
 
 def jobs_of(request: Request | None, reply: Reply) -> list[int]:

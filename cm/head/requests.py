@@ -20,7 +20,7 @@ from typing import Any, Callable, Protocol
 import msgspec
 
 from cm.config import Settings
-from cm.head.clients import Caller
+from cm.callers import Caller
 from cm.head.records import Job
 from cm.head.registry import NodeInfo
 from cm.head.resources import NodeView as Capacity

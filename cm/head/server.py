@@ -16,7 +16,8 @@ import zmq
 
 from cm import store
 from cm.config import Settings
-from cm.head.clients import Caller, ClientServer, Connection
+from cm.callers import Caller
+from cm.head.clients import ClientServer, Connection
 from cm.head.intercom import HeadIntercom
 from cm.head.jobs import JobTable
 from cm.head.outcome import Outcome, Stop
