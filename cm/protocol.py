@@ -13,13 +13,14 @@ The payloads are typed too:
   ``cm.transfer.spec.Spec``) or ``SyncDestination`` (``dst``), told apart by
   the ``role`` field on the wire.
 - ``Progress.stats`` is a ``SyncStats`` (a sender's final counters) or None.
-- ``Request.args`` is a map on the wire; ``request_args(op, args)`` turns it
-  into the typed arguments of that op (``ARGS``): ``SubmitCommand`` or
-  ``SubmitSync`` (one submit op, told apart by ``kind``), ``Cancel``,
-  ``Info``, ``Wait``, ``Control``, ``Delete``, ``Token``, ``Metrics``,
-  ``Ping``, ``Stats``. These are public types with documented fields and
-  limits (``msgspec.Meta``): the HTTP API (cm.api.types) derives its bodies
-  from them and publishes them with ``msgspec.json.schema``.
+- A client's request is one of ``Request``, a union of Messages tagged by
+  their operation (``t``), decoded and validated in one stage like any
+  other message: ``Submit`` (its ``job`` a ``SubmitCommand`` or a
+  ``SubmitSync``, told apart by ``kind``), ``Cancel``, ``Info``, ``Wait``,
+  ``Control``, ``Delete``, ``Token``, ``Files``, ``Metrics``, ``Ping``,
+  ``Stats``. These are public types with documented fields and limits
+  (``msgspec.Meta``): the HTTP API (cm.api.types) derives its bodies from
+  them and publishes them with ``msgspec.json.schema``.
 - ``Error.code`` and ``Reply.code`` are an ``ErrorCode``: programs act on the
   code, never on the message text.
 - The intercom's ``Intercom*`` messages carry what a job's processes ask of
@@ -39,13 +40,22 @@ from msgspec import Meta, Struct, field
 from cm import framing
 from cm.states import JobState
 
-VERSION = 2  # 2: msgspec Structs, typed job specs, progress counters, request arguments, error codes
+VERSION = 3  # 2: msgspec Structs, typed job specs, progress counters, request arguments, error codes; 3: one
+# message per client operation (Request), no op + args
 MAX_MESSAGE = framing.MAX_FRAME
 FRAME_HEADER = framing.FRAME_HEADER
 
 
 class ProtocolError(ValueError):
     """Bytes that are not a valid cm message."""
+
+
+class UnknownType(ProtocolError):
+    """A message whose type (``t``: for a client, the operation) is none of ``TYPES``."""
+
+
+class Misfit(ProtocolError):
+    """A client's request of a known operation whose fields do not fit it (the message names the field)."""
 
 
 def new_id() -> str:
@@ -344,14 +354,6 @@ class Error(Message, tag="error"):
 # --- client <-> head (Unix socket) ------------------------------------------
 
 
-class Request(Message, tag="request"):
-    """A command from a client. ``op`` names the operation, ``args`` its arguments (see ``request_args``)."""
-
-    TYPE = "request"
-    op: str
-    args: dict[str, Any] = {}
-
-
 class Reply(Message, tag="reply"):
     TYPE = "reply"
     ok: bool
@@ -538,15 +540,18 @@ INTERCOM_TO_HEAD = (IntercomPut, IntercomGet, IntercomFence, IntercomSend, Inter
 INTERCOM_TO_NODE = (IntercomAnswer, IntercomUpdate, IntercomFenceDone, IntercomDeliver)
 
 
-TYPES: dict[str, type[Message]] = {
-    cls.TYPE: cls
-    for cls in (Hello, Heartbeat, JobStarted, JobEnded, Progress, Welcome, RunJob, KillJob, Ack, Error, Request, Reply,
-                *INTERCOM_TO_HEAD, *INTERCOM_TO_NODE)
-}
+# --- client -> head: one Message per operation (the commands' socket, the HTTP API) -----------------------
 
 
-# --- the arguments of each client request -----------------------------------
-# Unknown fields are ignored, as they always were: a request that says user=root is still the caller's.
+class ClientRequest(Message, forbid_unknown_fields=False):
+    """What every client request is. Unknown fields are ignored, as they always were: a request that says
+    user=root is still the caller's."""
+
+    @property
+    def op(self) -> str:
+        """The operation: the request's tag."""
+        return self.TYPE
+
 
 Text = Annotated[str, Meta(max_length=4096, pattern="^[^\x00]*$")]
 Name = Annotated[str, Meta(max_length=200, pattern="^[^\x00]*$")]
@@ -562,7 +567,7 @@ IdempotencyKey = Annotated[str, Meta(min_length=1, max_length=200,
                                      description="a repeated key from the same user gets the first job")]
 
 
-class Submit(Struct, frozen=True, tag_field="kind"):
+class NewJob(Struct, frozen=True, tag_field="kind"):
     """What every job submission may say (``kind`` tells a command from a sync)."""
 
     nodes: Annotated[int, Meta(ge=1, le=4096, description="nodes to run on (a sync: sender/receiver pairs)")] = 1
@@ -576,7 +581,7 @@ class Submit(Struct, frozen=True, tag_field="kind"):
     idempotency_key: IdempotencyKey | None = None
 
 
-class SubmitCommand(Submit, kw_only=True, tag="command"):
+class SubmitCommand(NewJob, kw_only=True, tag="command"):
     """Run a command on ``nodes`` nodes, ``procs`` processes on each (cmrun)."""
 
     argv: Annotated[list[Annotated[str, Meta(max_length=1 << 16)]], Meta(min_length=1)]
@@ -604,7 +609,7 @@ class SyncOptions(Struct, frozen=True):
     acls: bool = True
 
 
-class SubmitSync(Submit, kw_only=True, tag="sync"):
+class SubmitSync(NewJob, kw_only=True, tag="sync"):
     """Copy ``src`` to ``dst``, each ``PARTITION:/path`` or ``NODE:/path`` (cmsync)."""
 
     src: Annotated[str, Meta(max_length=4096, description="PARTITION:/path or NODE:/path")]
@@ -612,11 +617,18 @@ class SubmitSync(Submit, kw_only=True, tag="sync"):
     options: SyncOptions = SyncOptions()
 
 
-class Cancel(Struct, frozen=True):
+class Submit(ClientRequest, tag="submit"):
+    TYPE = "submit"
+    job: Union[SubmitCommand, SubmitSync]
+
+
+class Cancel(ClientRequest, tag="cancel"):
+    TYPE = "cancel"
     job_ids: Annotated[list[JobId], Meta(min_length=1, max_length=100000)]
 
 
-class Info(Struct, frozen=True):
+class Info(ClientRequest, tag="info"):
+    TYPE = "info"
     job_id: JobId | None = None  # one job, in detail
     all: bool = False  # finished jobs too, not only recent ones
     nodes_only: bool = False  # only the nodes
@@ -629,13 +641,16 @@ class Info(Struct, frozen=True):
 MAX_WAIT = 60.0  # seconds one long poll may last; clients ask again
 
 
-class Wait(Struct, frozen=True):
+class Wait(ClientRequest, tag="wait"):
+    TYPE = "wait"
     job_id: JobId
     timeout: Annotated[float, Meta(ge=0, le=MAX_WAIT)] = 0.0  # seconds; 0: answer now
 
 
-class Control(Struct, frozen=True):
+class Control(ClientRequest, tag="control"):
     """cmcontrol: hold/release/priority on jobs, drain/resume nodes, block/unblock users."""
+
+    TYPE = "control"
 
     action: Literal["hold", "release", "priority", "drain", "resume", "block", "unblock"]
     job_id: JobId | None = None
@@ -646,22 +661,28 @@ class Control(Struct, frozen=True):
     token: Text = ""  # the operator token, for those who are not operators
 
 
-class Delete(Struct, frozen=True):
+class Delete(ClientRequest, tag="delete"):
     """Remove a final job from the database and from listings (an active one is a CONFLICT)."""
+
+    TYPE = "delete"
 
     job_id: JobId
 
 
-class Token(Struct, frozen=True):
+class Token(ClientRequest, tag="token"):
     """The caller's HTTP API token; with ``revoke``: that user's token stops working (admins, or oneself)."""
+
+    TYPE = "token"
 
     revoke: UserName | None = None
     token: Text = ""  # the operator token, for those who are not operators
     lifetime: Annotated[float, Meta(ge=0, le=366 * 86400)] = 0  # seconds the token works; 0: until revoked
 
 
-class Files(Struct, frozen=True):
+class Files(ClientRequest, tag="files"):
     """A page of a sync's per-file report (cminfo JOBID --files, GET /v1/jobs/{id}/files)."""
+
+    TYPE = "files"
 
     job_id: JobId
     offset: Annotated[int, Meta(ge=0)] = 0  # lines to pass over (the previous page's ``next``)
@@ -669,37 +690,27 @@ class Files(Struct, frozen=True):
     action: Literal["created", "updated", "deleted", "skipped", "failed"] | None = None  # only these lines
 
 
-class Metrics(Struct, frozen=True):
-    pass
+class Metrics(ClientRequest, tag="metrics"):
+    TYPE = "metrics"
 
 
-class Ping(Struct, frozen=True):
-    pass
+class Ping(ClientRequest, tag="ping"):
+    TYPE = "ping"
 
 
-class Stats(Struct, frozen=True):
-    pass
+class Stats(ClientRequest, tag="stats"):
+    TYPE = "stats"
 
 
-Args = Union[SubmitCommand, SubmitSync, Cancel, Info, Wait, Control, Delete, Token, Files, Metrics, Ping, Stats]
-ARGS: dict[str, Any] = {
-    "submit": Union[SubmitCommand, SubmitSync], "cancel": Cancel, "info": Info, "wait": Wait, "control": Control,
-    "delete": Delete, "token": Token, "files": Files, "metrics": Metrics, "ping": Ping, "stats": Stats,
+REQUESTS = (Submit, Cancel, Info, Wait, Control, Delete, Token, Files, Metrics, Ping, Stats)
+Request = Union[Submit, Cancel, Info, Wait, Control, Delete, Token, Files, Metrics, Ping, Stats]
+
+
+TYPES: dict[str, type[Message]] = {
+    cls.TYPE: cls
+    for cls in (Hello, Heartbeat, JobStarted, JobEnded, Progress, Welcome, RunJob, KillJob, Ack, Error, Reply,
+                *REQUESTS, *INTERCOM_TO_HEAD, *INTERCOM_TO_NODE)
 }
-
-
-def request_args(op: str, args: dict[str, Any]) -> Args:
-    """The typed arguments of a request; raises ProtocolError naming the field that does not fit.
-
-    A submit without ``kind`` is a command job. KeyError for an op not in ``ARGS``.
-    """
-    schema = ARGS[op]
-    if op == "submit" and "kind" not in args:
-        args = {**args, "kind": "command"}
-    try:
-        return msgspec.convert(args, schema)
-    except msgspec.ValidationError as exc:
-        raise ProtocolError(named(exc, f"{op} arguments")) from None
 
 
 # --- encoding ---------------------------------------------------------------
@@ -710,6 +721,7 @@ _decoder = msgspec.msgpack.Decoder(Union[tuple(TYPES.values())])  # type: ignore
 
 class _Envelope(Struct):
     v: Any = None
+    t: Any = None
 
 
 _envelope = msgspec.msgpack.Decoder(_Envelope)
@@ -737,7 +749,9 @@ def decode(data: bytes) -> Message:
     try:
         msg = _decoder.decode(data)
     except msgspec.ValidationError as exc:
-        _check_version(data)
+        kind = _check_envelope(data)
+        if kind is not None and issubclass(kind, ClientRequest):
+            raise Misfit(named(exc, f"{kind.TYPE} arguments")) from None
         raise ProtocolError(named(exc)) from None
     except msgspec.DecodeError as exc:
         raise ProtocolError(f"not msgpack: {exc}") from None
@@ -746,14 +760,19 @@ def decode(data: bytes) -> Message:
     return msg
 
 
-def _check_version(data: bytes) -> None:
-    """A message of another version is refused as such, not for the fields that changed."""
+def _check_envelope(data: bytes) -> type[Message] | None:
+    """The type of a message that does not fit it (None: not even its envelope fits). A message of another
+    version is refused as such, not for the fields that changed; one of an unknown type (a client's unknown
+    operation) as that."""
     try:
-        v = _envelope.decode(data).v
+        envelope = _envelope.decode(data)
     except (msgspec.ValidationError, msgspec.DecodeError):
-        return
-    if v != VERSION:
-        raise ProtocolError(f"protocol version {v!r}, expected {VERSION}")
+        return None
+    if envelope.v != VERSION:
+        raise ProtocolError(f"protocol version {envelope.v!r}, expected {VERSION}")
+    if isinstance(envelope.t, str) and envelope.t not in TYPES:
+        raise UnknownType(f"unknown operation {envelope.t!r}")
+    return TYPES.get(envelope.t) if isinstance(envelope.t, str) else None
 
 
 # --- framing on stream sockets (the commands' Unix socket: cm.framing) --------

@@ -21,7 +21,7 @@ TYPE_CHECKING = False
 if TYPE_CHECKING:  # typing costs a command ~10 ms
     from typing import Any, NoReturn
 
-VERSION = 2  # cm.protocol.VERSION; tests/test_pure.py checks it and that the head reads the requests
+VERSION = 3  # cm.protocol.VERSION; tests/test_pure.py checks it and that the head reads the requests
 
 
 class HeadError(RuntimeError):
@@ -65,9 +65,10 @@ class Client:
         return self.sock
 
     def call(self, op: str, **args: Any) -> Any:
-        """Send one request; return its data or raise HeadError with the head's message."""
+        """Send one request (cm.protocol's of type ``op``, with these fields); return its data or raise
+        HeadError with the head's message."""
         try:
-            reply = self._exchange(msgpack.packb({"t": "request", "v": VERSION, "op": op, "args": args}))
+            reply = self._exchange(msgpack.packb({**args, "t": op, "v": VERSION}))
         except HeadError:
             self.close()  # a link that failed once is not used again
             raise

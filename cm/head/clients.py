@@ -21,7 +21,9 @@ import msgspec
 
 from cm.callers import Caller, caller_of
 from cm.logs import event
-from cm.protocol import ErrorCode, InfoData, ProtocolError, Reply, Request, decode, frame, unframe
+from cm.protocol import (
+    ClientRequest, ErrorCode, InfoData, Misfit, ProtocolError, Reply, Request, UnknownType, decode, frame, unframe,
+)
 
 log = logging.getLogger("cm.head.clients")
 MAX_PENDING_OUT = 64 * 1024 * 1024
@@ -30,9 +32,9 @@ IDLE_TIMEOUT = 300.0  # seconds a connection may stay open without sending anyth
 
 def jobs_of(request: Request | None, reply: Reply) -> list[int]:
     """The jobs a request and its reply are about, for the log."""
-    args = request.args if request is not None else {}
-    ids = [args["job_id"]] if isinstance(args.get("job_id"), int) else []
-    ids += [i for i in args.get("job_ids") or () if isinstance(i, int)]
+    job_id = getattr(request, "job_id", None)
+    ids = [job_id] if isinstance(job_id, int) else []
+    ids += list(getattr(request, "job_ids", ()))
     if isinstance(reply.data, InfoData):
         ids += [j.id for j in reply.data.jobs if j.id not in ids]
     return ids
@@ -122,11 +124,15 @@ class ClientServer:
                 if body is None:
                     break
                 msg = decode(body)
-                if not isinstance(msg, Request):
+                if not isinstance(msg, ClientRequest):
                     raise ProtocolError(f"expected a request, got {msg.TYPE}")
+            except (UnknownType, Misfit) as exc:  # a whole request the head understood: the connection stays
+                code = ErrorCode.UNKNOWN_OPERATION if isinstance(exc, UnknownType) else ErrorCode.BAD_MESSAGE
+                self.send(conn, Reply(ok=False, error=str(exc), code=code))
+                continue
             except ProtocolError as exc:
                 event(log, "bad client message", logging.WARNING, uid=conn.caller.uid, error=str(exc))
-                self.send(conn, Reply(ok=False, error=f"bad request: {exc}"))
+                self.send(conn, Reply(ok=False, error=f"bad request: {exc}", code=ErrorCode.BAD_MESSAGE))
                 self.flush(conn)
                 self.close(conn)
                 return out

@@ -32,6 +32,7 @@ from cm.keys import TRANSFER_SECRET, secret
 from cm.logs import event
 from cm.protocol import (
     INTERCOM_TO_HEAD,
+    Info,
     Ack,
     Error,
     ErrorCode,
@@ -230,7 +231,7 @@ class HeadServer:
                 if not final and now < deadline:
                     keep.append((caller, to, request, deadline))
                     continue
-                to.answer(self.answer(caller, Request(op="info", args={"job_id": job_id}, id=request.id)))
+                to.answer(self.answer(caller, Info(job_id=job_id, id=request.id)))
             if keep:
                 self.waiters[job_id] = keep
             else:

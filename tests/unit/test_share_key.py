@@ -4,7 +4,7 @@ import msgspec
 import pytest
 
 from cm.protocol import (
-    ANY_RANK, ANY_ROLE, ANY_RUN, Heartbeat, JobEnded, JobStarted, KillJob, ProtocolError, ShareKey, decode, encode,
+    ANY_RANK, ANY_ROLE, ANY_RUN, VERSION, Heartbeat, JobEnded, JobStarted, KillJob, ProtocolError, ShareKey, decode, encode,
 )
 
 SRC0 = ShareKey(7, 2, "src", 0)
@@ -24,7 +24,7 @@ def test_a_share_is_four_named_fields_and_an_array_on_the_wire():
 
 
 def test_a_share_of_the_wrong_shape_is_refused_naming_it():
-    raw = msgspec.msgpack.encode({"t": "heartbeat", "v": 2, "id": "x", "node": "n", "running": [],
+    raw = msgspec.msgpack.encode({"t": "heartbeat", "v": VERSION, "id": "x", "node": "n", "running": [],
                                   "shares": [[7, 2, 3, 0]]})
     with pytest.raises(ProtocolError, match="shares"):
         decode(raw)
