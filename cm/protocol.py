@@ -205,6 +205,18 @@ class SyncDestination(ShareSpec, tag="dst"):
 NodeJob = Union[CommandShare, SyncSource, SyncDestination]
 
 
+class SyncCounters(Struct, frozen=True):
+    """How far a sync has got: a sender rank's progress line (cm.transfer.sender), what its node reports
+    (``Progress.counters``), their sum in the job's record, and the first fields of its ``TransferView``.
+    ``rate`` is bytes/s."""
+
+    bytes_done: Count
+    bytes_total: Count
+    files_done: Count
+    files_total: Count
+    rate: float
+
+
 class SyncStats(Struct, frozen=True, forbid_unknown_fields=True):
     """A sender's final counters (the last line it prints), summed over ranks by the head."""
 
@@ -289,11 +301,7 @@ class Progress(Message, tag="progress"):
     job_id: int
     node: str
     run: int
-    bytes_done: Count
-    bytes_total: Count
-    files_done: Count
-    files_total: Count
-    rate: float
+    counters: SyncCounters
     stats: SyncStats | None = None  # final counters of a sync part
     rank: int = 0  # the sender's rank: a node may send more than one rank of a sync
 
@@ -365,18 +373,13 @@ class Reply(Message, tag="reply"):
 # --- what the head shows of jobs and nodes (info, wait; the HTTP API's views) -------------------------------
 
 
-class TransferView(Struct):
+class TransferView(SyncCounters):
     """A sync job's counters (summed over its nodes); `rate` is bytes/s, the effective rate once final."""
 
-    bytes_done: Count
-    bytes_total: Count
-    files_done: Count
-    files_total: Count
     files_skipped: Count
     files_deleted: Count
     retries: Count
     errors: Count
-    rate: float
     message: str
     skipped: Count  # paths (or their xattrs, ACLs) not copied: the report's "skipped" lines say why
     started: float | None

@@ -57,6 +57,7 @@ from cm.protocol import (
     SyncDestination,
     SyncSource,
     ShareKey,
+    SyncCounters,
     SyncStats,
     Welcome,
     decode,
@@ -445,11 +446,9 @@ class NodeAgent:
         r = s["report"] or {}
         try:
             msg = Progress(job_id=share.job_id, node=self.name, run=s["run"], rank=s["rank"],
-                           bytes_done=int(r.get("bytes_done", 0)),
-                           bytes_total=int(r.get("bytes_total", 0)), files_done=int(r.get("files_done", 0)),
-                           files_total=int(r.get("files_total", 0)), rate=float(r.get("rate", 0.0)),
+                           counters=msgspec.convert(r, SyncCounters) if r else NO_COUNTERS,
                            stats=_final_counters(s["stats"]) if s["stats"] else None)
-        except (TypeError, ValueError, msgspec.ValidationError):
+        except msgspec.ValidationError:
             return
         if s["stats"]:
             self.report(msg)  # the final counters must arrive
@@ -494,6 +493,9 @@ class NodeAgent:
                 except (ProcessLookupError, PermissionError):
                     pass
         self.state_file.unlink(missing_ok=True)
+
+
+NO_COUNTERS = SyncCounters(bytes_done=0, bytes_total=0, files_done=0, files_total=0, rate=0.0)  # no line yet
 
 
 class _NotNow(Exception):

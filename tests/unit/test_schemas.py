@@ -23,6 +23,7 @@ from cm.protocol import (
     RunJob,
     SubmitCommand,
     SubmitSync,
+    SyncCounters,
     SyncStats,
     Submit,
     decode,
@@ -58,7 +59,8 @@ def test_a_run_job_whose_spec_does_not_fit_is_refused_naming_the_field(spec, fie
 
 
 def test_progress_counters_are_typed_and_a_bad_counter_is_refused():
-    msg = Progress(job_id=1, node="n", run=1, bytes_done=1, bytes_total=2, files_done=1, files_total=1, rate=0.5,
+    msg = Progress(job_id=1, node="n", run=1, counters=SyncCounters(bytes_done=1, bytes_total=2, files_done=1,
+                                                                     files_total=1, rate=0.5),
                    stats=SyncStats(files_sent=3, elapsed=0.25))
     assert decode(encode(msg)).stats.files_sent == 3
     raw = msgpack.packb({**msgpack.unpackb(encode(msg)), "stats": {"files_sent": True}})
