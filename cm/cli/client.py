@@ -76,6 +76,10 @@ class Client:
             raise HeadError(reply.get("error") or "refused", reply.get("code"))
         return reply.get("data")
 
+    def submit(self, **job: Any) -> Any:
+        """Submit a job (the fields of cm.protocol's SubmitCommand or SubmitSync, ``kind`` among them)."""
+        return self.call("submit", job=job)
+
     def _exchange(self, body: bytes) -> dict:
         """One framed request out, one reply in; every way the link can fail is a HeadError."""
         sock = self._connect()

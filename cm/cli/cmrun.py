@@ -35,11 +35,11 @@ def cli(nodes, procs, cpus, mem_mb, time_limit, name, partition, stdout, stderr,
             cwd = os.getcwd()
         except OSError:
             fail("cmrun", "the current directory no longer exists")
-        data = client.call("submit", job=dict(
+        data = client.submit(
             kind="command", argv=list(command), cwd=cwd, env=[f"{k}={v}" for k, v in os.environ.items()],
             nodes=nodes, procs=procs, cpus=cpus, mem_mb=mem_mb, time=time_limit, name=name, partition=partition,
             stdout=stdout, stderr=stderr, requeue=requeue, hold=hold, labels=parse_labels(labels),
-        ))
+        )
         job_id = data["job_id"]
         print(job_id if parsable else f"Submitted job {job_id}", flush=True)
         if wait:
