@@ -102,7 +102,7 @@ def main() -> int:
         body = {"argv": ["true"], "hold": True, "cwd": str(root)}
         paths = {
             "command socket": measure(
-                lambda: command.call("submit", kind="command", **body)["job_id"],
+                lambda: command.submit(kind="command", **body)["job_id"],
                 lambda i: command.call("info", job_id=i), args.rounds, args.seconds),
             "HTTP, api.sock": measure(lambda: unix.submit_command(**body), unix.status, args.rounds, args.seconds),
             "HTTPS, TCP + token": measure(lambda: tcp.submit_command(**body), tcp.status, args.rounds, args.seconds),

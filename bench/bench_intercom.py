@@ -78,7 +78,7 @@ def run(procs: int, rounds: int, fences: int, commands: int) -> dict:
         client = Client(load(env={"CM_RUN_DIR": str(cluster.run_dir)}))
         script = root / "job.py"
         script.write_text(textwrap.dedent(JOB))
-        job_id = client.call("submit", kind="command", nodes=2, procs=procs, partition="cpu",
+        job_id = client.submit(kind="command", nodes=2, procs=procs, partition="cpu",
                              argv=[sys.executable, str(script), str(rounds), str(fences), str(commands)],
                              cwd=str(root), env=[f"PATH={os.environ.get('PATH', '/usr/bin:/bin')}"],
                              stdout="ic.%t.out", stderr="ic.%t.err")["job_id"]

@@ -72,13 +72,13 @@ def main() -> int:
 
         # fill every node, then queue jobs of mixed shapes behind them
         env = ["PATH=/usr/bin:/bin"]
-        fillers = [client.call("submit", kind="command", argv=["sleep", "1d"], cwd="/", env=env, cpus=4,
+        fillers = [client.submit(kind="command", argv=["sleep", "1d"], cwd="/", env=env, cpus=4,
                                partition="sim")["job_id"] for _ in range(args.nodes)]
         wait_for(lambda: client.call("stats")["pending"] == 0, 300, "fillers to start")
         rng = random.Random(1)
         t0 = time.perf_counter()
         for _ in range(args.jobs):
-            client.call("submit", kind="command", argv=["true"], cwd="/", env=env, partition="sim",
+            client.submit(kind="command", argv=["true"], cwd="/", env=env, partition="sim",
                         nodes=rng.choice([1, 1, 1, 2, 4]), cpus=rng.choice([1, 2, 4]))
         submit_rate = args.jobs / (time.perf_counter() - t0)
         time.sleep(2)

@@ -78,7 +78,7 @@ def run_cm(jobs: int, nodes: int, via_cmrun: bool = False) -> dict:
                                               env=cli_env).stdout.split()[0]))
                 submit_ms.append((time.perf_counter() - t) * 1000)
         else:
-            ids = [client.call("submit", kind="command", argv=["true"], cwd=str(root), env=env,
+            ids = [client.submit(kind="command", argv=["true"], cwd=str(root), env=env,
                                stdout="/dev/null", stderr="/dev/null")["job_id"] for _ in range(jobs)]
         t_submit = time.time() - t0
         wanted = set(ids)

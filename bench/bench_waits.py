@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 from cm.cli.client import Client  # noqa: E402
 from cm.cluster.local import LocalCluster, parse_partitions  # noqa: E402
 from cm.config import load  # noqa: E402
-from cm.protocol import Request, frame  # noqa: E402
+from cm.protocol import Info, frame  # noqa: E402
 
 BIN = Path(sys.executable).parent
 
@@ -65,7 +65,7 @@ def main() -> int:
             for _ in range(20):
                 s = socket.socket(socket.AF_UNIX)
                 s.connect(str(cluster.run_dir / "head.sock"))
-                body = frame(Request(op="info", args={}))
+                body = frame(Info())
                 s.sendall(body[: len(body) // 2])
                 loris.append(s)
             started = time.monotonic()

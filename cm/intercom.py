@@ -34,7 +34,8 @@ from typing import Annotated, Callable, Union
 import msgspec
 from msgspec import Meta
 
-FRAME_HEADER = 4
+from cm.framing import frame, unframe
+
 SLACK = 5.0  # seconds a client waits beyond a call's own timeout for the node's answer
 HEAD_WAIT = 120.0  # seconds a put, send or reply may wait for the node (which gives up on the head first)
 
@@ -144,9 +145,11 @@ _encoder = msgspec.msgpack.Encoder()
 _answers = msgspec.msgpack.Decoder(Answer)
 
 
-def pack(frame: Frame) -> bytes:
-    body = _encoder.encode(frame)
-    return len(body).to_bytes(FRAME_HEADER, "big") + body
+FROM_NODE = (1 << 32) - 1  # the node daemon is trusted (its limits are settings a process does not read)
+
+
+def pack(message: Frame) -> bytes:
+    return frame(_encoder.encode(message))
 
 
 def oversize(name: str, text: str, limit: int) -> str:
@@ -251,15 +254,12 @@ class Intercom:
         """The next frame from the node (waiting at most ``wait`` seconds; None: until it comes)."""
         self.sock.settimeout(wait)
         while True:
-            if len(self.buffer) >= FRAME_HEADER:
-                size = int.from_bytes(self.buffer[:FRAME_HEADER], "big")
-                if len(self.buffer) >= FRAME_HEADER + size:
-                    body = bytes(self.buffer[FRAME_HEADER:FRAME_HEADER + size])
-                    del self.buffer[:FRAME_HEADER + size]
-                    try:
-                        return _answers.decode(body)
-                    except msgspec.DecodeError as exc:
-                        raise IntercomError(f"bad frame from the node: {exc}") from None
+            body = unframe(self.buffer, FROM_NODE)
+            if body is not None:
+                try:
+                    return _answers.decode(body)
+                except msgspec.DecodeError as exc:
+                    raise IntercomError(f"bad frame from the node: {exc}") from None
             try:
                 chunk = self.sock.recv(1 << 16)
             except socket.timeout:

@@ -13,13 +13,14 @@ The payloads are typed too:
   ``cm.transfer.spec.Spec``) or ``SyncDestination`` (``dst``), told apart by
   the ``role`` field on the wire.
 - ``Progress.stats`` is a ``SyncStats`` (a sender's final counters) or None.
-- ``Request.args`` is a map on the wire; ``request_args(op, args)`` turns it
-  into the typed arguments of that op (``ARGS``): ``SubmitCommand`` or
-  ``SubmitSync`` (one submit op, told apart by ``kind``), ``Cancel``,
-  ``Info``, ``Wait``, ``Control``, ``Delete``, ``Token``, ``Metrics``,
-  ``Ping``, ``Stats``. These are public types with documented fields and
-  limits (``msgspec.Meta``): the HTTP API (cm.api.types) derives its bodies
-  from them and publishes them with ``msgspec.json.schema``.
+- A client's request is one of ``Request``, a union of Messages tagged by
+  their operation (``t``), decoded and validated in one stage like any
+  other message: ``Submit`` (its ``job`` a ``SubmitCommand`` or a
+  ``SubmitSync``, told apart by ``kind``), ``Cancel``, ``Info``, ``Wait``,
+  ``Control``, ``Delete``, ``Token``, ``Files``, ``Metrics``, ``Ping``,
+  ``Stats``. These are public types with documented fields and limits
+  (``msgspec.Meta``): the HTTP API (cm.api.types) derives its bodies from
+  them and publishes them with ``msgspec.json.schema``.
 - ``Error.code`` and ``Reply.code`` are an ``ErrorCode``: programs act on the
   code, never on the message text.
 - The intercom's ``Intercom*`` messages carry what a job's processes ask of
@@ -31,19 +32,30 @@ import enum
 import os
 import re
 import time
-from typing import Annotated, Any, ClassVar, Literal, Union
+from typing import Annotated, Any, ClassVar, Literal, NamedTuple, Union
 
 import msgspec
 from msgspec import Meta, Struct, field
 
+from cm import framing
 from cm.states import JobState
 
-VERSION = 2  # 2: msgspec Structs, typed job specs, progress counters, request arguments, error codes
-MAX_MESSAGE = 16 * 1024 * 1024
+VERSION = 3  # 2: msgspec Structs, typed job specs, progress counters, request arguments, error codes; 3: one
+# message per client operation (Request), no op + args
+MAX_MESSAGE = framing.MAX_FRAME
+FRAME_HEADER = framing.FRAME_HEADER
 
 
 class ProtocolError(ValueError):
     """Bytes that are not a valid cm message."""
+
+
+class UnknownType(ProtocolError):
+    """A message whose type (``t``: for a client, the operation) is none of ``TYPES``."""
+
+
+class Misfit(ProtocolError):
+    """A client's request of a known operation whose fields do not fit it (the message names the field)."""
 
 
 def new_id() -> str:
@@ -81,9 +93,25 @@ class Message(Struct, frozen=True, kw_only=True, forbid_unknown_fields=True, tag
     id: Annotated[str, Meta(min_length=1, max_length=64)] = field(default_factory=new_id)
 
 
-# One node's share of one run of a job: (job_id, run, role, rank). A node may hold several
-# shares of a job (a sync's sender and receiver on one node), so they are told apart by all four.
-Share = tuple[int, int, str, int]
+ANY_RUN, ANY_ROLE, ANY_RANK = 0, "", -1  # a ShareKey's wildcards (KillJob's defaults): read only by matches()
+
+
+class ShareKey(NamedTuple):
+    """One node's share of one run of a job. A node may hold several shares of a job (a sync's sender and
+    receiver on one node), so they are told apart by all four. On the wire: an array of the four.
+
+    As a pattern (what a KillJob or a JobStarted names), run ``ANY_RUN`` is any run, role ``ANY_ROLE``
+    every share of the job (whatever its rank), rank ``ANY_RANK`` every rank of that role."""
+
+    job_id: int
+    run: int
+    role: str
+    rank: int
+
+    def matches(self, share: "ShareKey") -> bool:
+        """Whether ``share`` is one this key names, read as a pattern."""
+        return (self.job_id == share.job_id and self.run in (ANY_RUN, share.run)
+                and (self.role == ANY_ROLE or (self.role == share.role and self.rank in (ANY_RANK, share.rank))))
 
 
 # --- what a node runs (RunJob.spec) -----------------------------------------
@@ -177,6 +205,18 @@ class SyncDestination(ShareSpec, tag="dst"):
 NodeJob = Union[CommandShare, SyncSource, SyncDestination]
 
 
+class SyncCounters(Struct, frozen=True):
+    """How far a sync has got: a sender rank's progress line (cm.transfer.sender), what its node reports
+    (``Progress.counters``), their sum in the job's record, and the first fields of its ``TransferView``.
+    ``rate`` is bytes/s."""
+
+    bytes_done: Count
+    bytes_total: Count
+    files_done: Count
+    files_total: Count
+    rate: float
+
+
 class SyncStats(Struct, frozen=True, forbid_unknown_fields=True):
     """A sender's final counters (the last line it prints), summed over ranks by the head."""
 
@@ -209,16 +249,16 @@ class Hello(Message, tag="hello"):
     transfer_addr: str  # host:port of this node's mover
     data_root: str
     incarnation: str  # new on every daemon start: tells a reconnect from a restart
-    shares: list[Share] = []  # running here
-    ending: list[Share] = []  # ended here, the end not yet acknowledged
+    shares: list[ShareKey] = []  # running here
+    ending: list[ShareKey] = []  # ended here, the end not yet acknowledged
 
 
 class Heartbeat(Message, tag="heartbeat"):
     TYPE = "heartbeat"
     node: str
     running: list[int]
-    shares: list[Share] = []  # as in Hello: the head checks them against its slots
-    ending: list[Share] = []
+    shares: list[ShareKey] = []  # as in Hello: the head checks them against its slots
+    ending: list[ShareKey] = []
 
 
 class JobStarted(Message, tag="job_started"):
@@ -229,6 +269,11 @@ class JobStarted(Message, tag="job_started"):
     role: str = ""  # run, src or dst; "": every share of the job on the node
     rank: int = 0
     at: float = field(default_factory=time.time)  # when it started, by the node's clock (resends keep it)
+
+    @property
+    def share(self) -> ShareKey:
+        """Which share started (role "": every share of the job on the node)."""
+        return ShareKey(self.job_id, self.run, self.role, self.rank)
 
 
 class JobEnded(Message, tag="job_ended"):
@@ -246,17 +291,17 @@ class JobEnded(Message, tag="job_ended"):
     at: float = field(default_factory=time.time)  # when it ended, by the node's clock: the head may hear of it
     # much later (it was down), and the job's end is this, not then
 
+    @property
+    def share(self) -> ShareKey:
+        return ShareKey(self.job_id, self.run, self.role, self.rank)
+
 
 class Progress(Message, tag="progress"):
     TYPE = "progress"
     job_id: int
     node: str
     run: int
-    bytes_done: Count
-    bytes_total: Count
-    files_done: Count
-    files_total: Count
-    rate: float
+    counters: SyncCounters
     stats: SyncStats | None = None  # final counters of a sync part
     rank: int = 0  # the sender's rank: a node may send more than one rank of a sync
 
@@ -277,6 +322,10 @@ class RunJob(Message, tag="run_job"):
     job_id: int
     spec: NodeJob
 
+    @property
+    def share(self) -> ShareKey:
+        return ShareKey(self.job_id, self.spec.run, self.spec.role, self.spec.rank)
+
 
 class KillJob(Message, tag="kill_job"):
     """Stop a job's processes here and report them with ``state``. Idempotent."""
@@ -285,9 +334,14 @@ class KillJob(Message, tag="kill_job"):
     job_id: int
     state: str  # the final state to report: CANCELLED, TIMEOUT, NODE_FAIL (FAILED: a sync lost its receiver)
     reason: str = ""
-    run: int = 0  # 0: every run; else only that run (a late kill of run 1 must not stop run 2)
-    role: str = ""  # "": every share of the job here; else only that role ...
-    rank: int = -1  # ... and rank (-1: any)
+    run: int = ANY_RUN  # else only that run (a late kill of run 1 must not stop run 2)
+    role: str = ANY_ROLE  # else only that role ...
+    rank: int = ANY_RANK  # ... and rank
+
+    @property
+    def share(self) -> ShareKey:
+        """The shares to stop, as a pattern (ShareKey.matches)."""
+        return ShareKey(self.job_id, self.run, self.role, self.rank)
 
 
 # --- both ways --------------------------------------------------------------
@@ -308,14 +362,6 @@ class Error(Message, tag="error"):
 # --- client <-> head (Unix socket) ------------------------------------------
 
 
-class Request(Message, tag="request"):
-    """A command from a client. ``op`` names the operation, ``args`` its arguments (see ``request_args``)."""
-
-    TYPE = "request"
-    op: str
-    args: dict[str, Any] = {}
-
-
 class Reply(Message, tag="reply"):
     TYPE = "reply"
     ok: bool
@@ -327,18 +373,13 @@ class Reply(Message, tag="reply"):
 # --- what the head shows of jobs and nodes (info, wait; the HTTP API's views) -------------------------------
 
 
-class TransferView(Struct):
+class TransferView(SyncCounters):
     """A sync job's counters (summed over its nodes); `rate` is bytes/s, the effective rate once final."""
 
-    bytes_done: Count
-    bytes_total: Count
-    files_done: Count
-    files_total: Count
     files_skipped: Count
     files_deleted: Count
     retries: Count
     errors: Count
-    rate: float
     message: str
     skipped: Count  # paths (or their xattrs, ACLs) not copied: the report's "skipped" lines say why
     started: float | None
@@ -503,15 +544,18 @@ INTERCOM_TO_HEAD = (IntercomPut, IntercomGet, IntercomFence, IntercomSend, Inter
 INTERCOM_TO_NODE = (IntercomAnswer, IntercomUpdate, IntercomFenceDone, IntercomDeliver)
 
 
-TYPES: dict[str, type[Message]] = {
-    cls.TYPE: cls
-    for cls in (Hello, Heartbeat, JobStarted, JobEnded, Progress, Welcome, RunJob, KillJob, Ack, Error, Request, Reply,
-                *INTERCOM_TO_HEAD, *INTERCOM_TO_NODE)
-}
+# --- client -> head: one Message per operation (the commands' socket, the HTTP API) -----------------------
 
 
-# --- the arguments of each client request -----------------------------------
-# Unknown fields are ignored, as they always were: a request that says user=root is still the caller's.
+class ClientRequest(Message, forbid_unknown_fields=False):
+    """What every client request is. Unknown fields are ignored, as they always were: a request that says
+    user=root is still the caller's."""
+
+    @property
+    def op(self) -> str:
+        """The operation: the request's tag."""
+        return self.TYPE
+
 
 Text = Annotated[str, Meta(max_length=4096, pattern="^[^\x00]*$")]
 Name = Annotated[str, Meta(max_length=200, pattern="^[^\x00]*$")]
@@ -527,7 +571,7 @@ IdempotencyKey = Annotated[str, Meta(min_length=1, max_length=200,
                                      description="a repeated key from the same user gets the first job")]
 
 
-class Submit(Struct, frozen=True, tag_field="kind"):
+class NewJob(Struct, frozen=True, tag_field="kind"):
     """What every job submission may say (``kind`` tells a command from a sync)."""
 
     nodes: Annotated[int, Meta(ge=1, le=4096, description="nodes to run on (a sync: sender/receiver pairs)")] = 1
@@ -541,7 +585,7 @@ class Submit(Struct, frozen=True, tag_field="kind"):
     idempotency_key: IdempotencyKey | None = None
 
 
-class SubmitCommand(Submit, kw_only=True, tag="command"):
+class SubmitCommand(NewJob, kw_only=True, tag="command"):
     """Run a command on ``nodes`` nodes, ``procs`` processes on each (cmrun)."""
 
     argv: Annotated[list[Annotated[str, Meta(max_length=1 << 16)]], Meta(min_length=1)]
@@ -569,7 +613,7 @@ class SyncOptions(Struct, frozen=True):
     acls: bool = True
 
 
-class SubmitSync(Submit, kw_only=True, tag="sync"):
+class SubmitSync(NewJob, kw_only=True, tag="sync"):
     """Copy ``src`` to ``dst``, each ``PARTITION:/path`` or ``NODE:/path`` (cmsync)."""
 
     src: Annotated[str, Meta(max_length=4096, description="PARTITION:/path or NODE:/path")]
@@ -577,11 +621,18 @@ class SubmitSync(Submit, kw_only=True, tag="sync"):
     options: SyncOptions = SyncOptions()
 
 
-class Cancel(Struct, frozen=True):
+class Submit(ClientRequest, tag="submit"):
+    TYPE = "submit"
+    job: Union[SubmitCommand, SubmitSync]
+
+
+class Cancel(ClientRequest, tag="cancel"):
+    TYPE = "cancel"
     job_ids: Annotated[list[JobId], Meta(min_length=1, max_length=100000)]
 
 
-class Info(Struct, frozen=True):
+class Info(ClientRequest, tag="info"):
+    TYPE = "info"
     job_id: JobId | None = None  # one job, in detail
     all: bool = False  # finished jobs too, not only recent ones
     nodes_only: bool = False  # only the nodes
@@ -594,13 +645,16 @@ class Info(Struct, frozen=True):
 MAX_WAIT = 60.0  # seconds one long poll may last; clients ask again
 
 
-class Wait(Struct, frozen=True):
+class Wait(ClientRequest, tag="wait"):
+    TYPE = "wait"
     job_id: JobId
     timeout: Annotated[float, Meta(ge=0, le=MAX_WAIT)] = 0.0  # seconds; 0: answer now
 
 
-class Control(Struct, frozen=True):
+class Control(ClientRequest, tag="control"):
     """cmcontrol: hold/release/priority on jobs, drain/resume nodes, block/unblock users."""
+
+    TYPE = "control"
 
     action: Literal["hold", "release", "priority", "drain", "resume", "block", "unblock"]
     job_id: JobId | None = None
@@ -611,22 +665,28 @@ class Control(Struct, frozen=True):
     token: Text = ""  # the operator token, for those who are not operators
 
 
-class Delete(Struct, frozen=True):
+class Delete(ClientRequest, tag="delete"):
     """Remove a final job from the database and from listings (an active one is a CONFLICT)."""
+
+    TYPE = "delete"
 
     job_id: JobId
 
 
-class Token(Struct, frozen=True):
+class Token(ClientRequest, tag="token"):
     """The caller's HTTP API token; with ``revoke``: that user's token stops working (admins, or oneself)."""
+
+    TYPE = "token"
 
     revoke: UserName | None = None
     token: Text = ""  # the operator token, for those who are not operators
     lifetime: Annotated[float, Meta(ge=0, le=366 * 86400)] = 0  # seconds the token works; 0: until revoked
 
 
-class Files(Struct, frozen=True):
+class Files(ClientRequest, tag="files"):
     """A page of a sync's per-file report (cminfo JOBID --files, GET /v1/jobs/{id}/files)."""
+
+    TYPE = "files"
 
     job_id: JobId
     offset: Annotated[int, Meta(ge=0)] = 0  # lines to pass over (the previous page's ``next``)
@@ -634,37 +694,27 @@ class Files(Struct, frozen=True):
     action: Literal["created", "updated", "deleted", "skipped", "failed"] | None = None  # only these lines
 
 
-class Metrics(Struct, frozen=True):
-    pass
+class Metrics(ClientRequest, tag="metrics"):
+    TYPE = "metrics"
 
 
-class Ping(Struct, frozen=True):
-    pass
+class Ping(ClientRequest, tag="ping"):
+    TYPE = "ping"
 
 
-class Stats(Struct, frozen=True):
-    pass
+class Stats(ClientRequest, tag="stats"):
+    TYPE = "stats"
 
 
-Args = Union[SubmitCommand, SubmitSync, Cancel, Info, Wait, Control, Delete, Token, Files, Metrics, Ping, Stats]
-ARGS: dict[str, Any] = {
-    "submit": Union[SubmitCommand, SubmitSync], "cancel": Cancel, "info": Info, "wait": Wait, "control": Control,
-    "delete": Delete, "token": Token, "files": Files, "metrics": Metrics, "ping": Ping, "stats": Stats,
+REQUESTS = (Submit, Cancel, Info, Wait, Control, Delete, Token, Files, Metrics, Ping, Stats)
+Request = Union[Submit, Cancel, Info, Wait, Control, Delete, Token, Files, Metrics, Ping, Stats]
+
+
+TYPES: dict[str, type[Message]] = {
+    cls.TYPE: cls
+    for cls in (Hello, Heartbeat, JobStarted, JobEnded, Progress, Welcome, RunJob, KillJob, Ack, Error, Reply,
+                *REQUESTS, *INTERCOM_TO_HEAD, *INTERCOM_TO_NODE)
 }
-
-
-def request_args(op: str, args: dict[str, Any]) -> Args:
-    """The typed arguments of a request; raises ProtocolError naming the field that does not fit.
-
-    A submit without ``kind`` is a command job. KeyError for an op not in ``ARGS``.
-    """
-    schema = ARGS[op]
-    if op == "submit" and "kind" not in args:
-        args = {**args, "kind": "command"}
-    try:
-        return msgspec.convert(args, schema)
-    except msgspec.ValidationError as exc:
-        raise ProtocolError(named(exc, f"{op} arguments")) from None
 
 
 # --- encoding ---------------------------------------------------------------
@@ -675,6 +725,7 @@ _decoder = msgspec.msgpack.Decoder(Union[tuple(TYPES.values())])  # type: ignore
 
 class _Envelope(Struct):
     v: Any = None
+    t: Any = None
 
 
 _envelope = msgspec.msgpack.Decoder(_Envelope)
@@ -702,7 +753,9 @@ def decode(data: bytes) -> Message:
     try:
         msg = _decoder.decode(data)
     except msgspec.ValidationError as exc:
-        _check_version(data)
+        kind = _check_envelope(data)
+        if kind is not None and issubclass(kind, ClientRequest):
+            raise Misfit(named(exc, f"{kind.TYPE} arguments")) from None
         raise ProtocolError(named(exc)) from None
     except msgspec.DecodeError as exc:
         raise ProtocolError(f"not msgpack: {exc}") from None
@@ -711,41 +764,33 @@ def decode(data: bytes) -> Message:
     return msg
 
 
-def _check_version(data: bytes) -> None:
-    """A message of another version is refused as such, not for the fields that changed."""
+def _check_envelope(data: bytes) -> type[Message] | None:
+    """The type of a message that does not fit it (None: not even its envelope fits). A message of another
+    version is refused as such, not for the fields that changed; one of an unknown type (a client's unknown
+    operation) as that."""
     try:
-        v = _envelope.decode(data).v
+        envelope = _envelope.decode(data)
     except (msgspec.ValidationError, msgspec.DecodeError):
-        return
-    if v != VERSION:
-        raise ProtocolError(f"protocol version {v!r}, expected {VERSION}")
+        return None
+    if envelope.v != VERSION:
+        raise ProtocolError(f"protocol version {envelope.v!r}, expected {VERSION}")
+    if isinstance(envelope.t, str) and envelope.t not in TYPES:
+        raise UnknownType(f"unknown operation {envelope.t!r}")
+    return TYPES.get(envelope.t) if isinstance(envelope.t, str) else None
 
 
-# --- framing on stream sockets (the client's Unix socket) --------------------
-
-FRAME_HEADER = 4
+# --- framing on stream sockets (the commands' Unix socket: cm.framing) --------
 
 
 def frame(msg: Message) -> bytes:
-    """A message prefixed by its length (4 bytes, big-endian)."""
-    body = encode(msg)
-    return len(body).to_bytes(FRAME_HEADER, "big") + body
+    """A message as a frame (cm.framing)."""
+    return framing.frame(encode(msg))
 
 
 def unframe(buffer: bytearray, limit: int = MAX_MESSAGE) -> bytes | None:
-    """Take one whole frame's body off the front of buffer, or None if incomplete.
-
-    A frame announcing more than ``limit`` bytes raises ProtocolError before
-    any of it is buffered.
-    """
-    if len(buffer) < FRAME_HEADER:
-        return None
-    size = int.from_bytes(buffer[:FRAME_HEADER], "big")
-    if size > limit:
-        raise ProtocolError(f"a request of {size} bytes exceeds the limit of {limit}")
-    if len(buffer) < FRAME_HEADER + size:
-        return None
-    body = bytes(buffer[FRAME_HEADER : FRAME_HEADER + size])
-    del buffer[: FRAME_HEADER + size]
-    return body
+    """``cm.framing.unframe``, a frame over ``limit`` a ProtocolError (before any of it is buffered)."""
+    try:
+        return framing.unframe(buffer, limit)
+    except framing.FrameTooBig as exc:
+        raise ProtocolError(f"a request of {exc.size} bytes exceeds the limit of {limit}") from None
 

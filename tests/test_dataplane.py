@@ -267,8 +267,8 @@ def test_a_backtracking_exclude_in_bobs_sync_does_not_hold_up_alices(shared, use
 def test_too_many_or_too_long_exclude_patterns_are_refused_at_submit(shared, users):
     alice = users["alice"]
     for exclude, why in ((["*.o"] * 65, "at most 64"), (["x" * 1025], "1025 characters")):
-        ok, error = test_multiuser.ask(shared, alice, "submit", kind="sync", src="gpu:/alice", dst=f"{DST}:/alice/x",
-                        options={"exclude": exclude}, cwd="/")
+        ok, error = test_multiuser.ask(shared, alice, "submit", job=dict(
+            kind="sync", src="gpu:/alice", dst=f"{DST}:/alice/x", options={"exclude": exclude}, cwd="/"))
         assert not ok and why in error, error
 
 

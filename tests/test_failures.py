@@ -83,7 +83,7 @@ def test_garbage_on_the_client_socket_leaves_the_head_answering(cluster):
     garbage = [b"\x00\x00\x00\x05hello", b"GET / HTTP/1.1\r\n\r\n", b"\xff" * 64,
                b"\x7f" + random.Random(3).randbytes(4095),  # its header names a frame over the limit
                (10).to_bytes(4, "big") + msgpack.packb({"v": 1, "t": "request"})[:10]]
-    misfit = msgpack.packb({"v": VERSION, "t": "request", "id": "x", "op": "submit", "args": {"kind": 5}})
+    misfit = msgpack.packb({"v": VERSION, "t": "submit", "id": "x", "job": {"kind": 5}})
     for payload in garbage:
         with socket.socket(socket.AF_UNIX) as s:
             s.settimeout(30)

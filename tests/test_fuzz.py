@@ -46,10 +46,13 @@ LOCATIONS = st.sampled_from(["gpu:/", "cpu:/", "gpu:/fz", "cpu:/fz", "computenod
                              "cpu:/fz/../../", "nowhere:/x", "gpu:", ":/", "gpu:/fz/\x00"])
 args = st.dictionaries(st.sampled_from(ARG_NAMES), st.one_of(values, LOCATIONS,
                        st.dictionaries(st.sampled_from(OPTION_NAMES), values, max_size=4)), max_size=8)
-requests = st.fixed_dictionaries({
-    "v": st.sampled_from([VERSION, VERSION, 0, "1"]), "t": st.sampled_from(["request", "request", "reply", "x"]),
-    "id": st.one_of(st.text(min_size=1, max_size=8), values),
-    "op": st.sampled_from(["submit", "cancel", "info", "control", "ping", "stats", "nope"]), "args": args})
+requests = st.builds(lambda envelope, fields, job: {**fields, **envelope, **({"job": job} if job is not None else {})},
+                     st.fixed_dictionaries({
+                         "v": st.sampled_from([VERSION, VERSION, 0, "1"]),
+                         "t": st.sampled_from(["submit", "submit", "cancel", "info", "control", "ping", "stats", "nope",
+                                               "reply", "x"]),
+                         "id": st.one_of(st.text(min_size=1, max_size=8), values)}),
+                     args, st.one_of(st.none(), args, values))
 
 
 @pytest.fixture(scope="module")

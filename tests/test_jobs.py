@@ -176,8 +176,8 @@ def test_jobs_run_as_the_submitting_user_whatever_the_request_says(cluster, nobo
     workdir = cluster.home / "nobody"
     workdir.mkdir()
     os.chown(workdir, nobody.pw_uid, nobody.pw_gid)
-    ok, data = call_as(nobody.pw_uid, nobody.pw_gid, cluster.run_dir, "submit", kind="command",
-                       argv=["id", "-u"], cwd=str(workdir), env=["PATH=/usr/bin:/bin"], user="root", uid=0)
+    ok, data = call_as(nobody.pw_uid, nobody.pw_gid, cluster.run_dir, "submit", user="root", uid=0, job=dict(
+        kind="command", argv=["id", "-u"], cwd=str(workdir), env=["PATH=/usr/bin:/bin"], user="root", uid=0))
     assert ok, data
     job = cluster.wait_state(data["job_id"], "COMPLETED")
     assert job["user"] == "nobody"

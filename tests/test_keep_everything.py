@@ -65,8 +65,8 @@ def _sync(cluster, src: str, dst: str, nodes: int, user=None, **options) -> dict
     home = cluster.home / user.pw_name
     home.mkdir(exist_ok=True)
     os.chown(home, user.pw_uid, user.pw_gid)
-    ok, data = call_as(user.pw_uid, user.pw_gid, cluster.run_dir, "submit", kind="sync", src=src, dst=dst,
-                       nodes=nodes, cwd=str(home), options=options)
+    ok, data = call_as(user.pw_uid, user.pw_gid, cluster.run_dir, "submit", job=dict(
+        kind="sync", src=src, dst=dst, nodes=nodes, cwd=str(home), options=options))
     assert ok, data
     return cluster.wait_state(data["job_id"], FINAL, timeout=90)
 

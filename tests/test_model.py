@@ -166,16 +166,16 @@ class Runner:
             part, n, cpus, dur, limit, requeue, hold, job = op.args
             script = (f"echo start $CM_JOB_ID $CM_NODE_RANK >> {self.log}; sleep {dur}; "
                       f"echo end $CM_JOB_ID $CM_NODE_RANK >> {self.log}")
-            data = self.call("submit", kind="command", argv=["sh", "-c", script], cwd=str(self.cluster.home),
-                             env=[f"PATH={os.environ.get('PATH', '/usr/bin:/bin')}"], nodes=n, procs=1, cpus=cpus,
-                             mem_mb=0, time=f"0:{limit:02d}", name=f"model{job}", partition=part, requeue=requeue,
-                             hold=hold)
+            data = self.call("submit", job=dict(
+                kind="command", argv=["sh", "-c", script], cwd=str(self.cluster.home),
+                env=[f"PATH={os.environ.get('PATH', '/usr/bin:/bin')}"], nodes=n, procs=1, cpus=cpus, mem_mb=0,
+                time=f"0:{limit:02d}", name=f"model{job}", partition=part, requeue=requeue, hold=hold))
             m.ids[job] = data["job_id"]
             m.ops[data["job_id"]] = op
         elif op.kind == "sync":
             src, dst, n, job = op.args
-            data = self.call("submit", kind="sync", src=src, dst=dst, nodes=n, time="0:30", name=f"sync{job}",
-                             cwd=str(self.cluster.home), options={})
+            data = self.call("submit", job=dict(kind="sync", src=src, dst=dst, nodes=n, time="0:30",
+                                                name=f"sync{job}", cwd=str(self.cluster.home), options={}))
             m.ids[job] = data["job_id"]
             m.ops[data["job_id"]] = op
         elif op.kind in ("cancel", "hold", "release"):

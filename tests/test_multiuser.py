@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from cm.protocol import FRAME_HEADER, Reply, Request, decode, frame, unframe
+from cm.protocol import FRAME_HEADER, Info, Reply, decode, frame, unframe
 from cm.cli.cminfo import job_details
 from conftest import call_as, run_as
 
@@ -67,7 +67,7 @@ def ask(cluster, who, op, /, **args):
 
 
 def submit_as(cluster, who, /, **args) -> int:
-    ok, data = ask(cluster, who, "submit", **args)
+    ok, data = ask(cluster, who, "submit", job=args)
     assert ok, data
     return data["job_id"]
 
@@ -325,10 +325,10 @@ def test_a_user_may_keep_only_so_many_jobs_waiting(shared, users):
     alice = users["alice"]
     home = home_of(shared, alice)
     ids = [submit_as(shared, alice, kind="command", argv=["true"], cwd=str(home), hold=True) for _ in range(3)]
-    ok, error = ask(shared, alice, "submit", kind="command", argv=["true"], cwd=str(home), hold=True)
+    ok, error = ask(shared, alice, "submit", job=dict(kind="command", argv=["true"], cwd=str(home), hold=True))
     assert not ok and "CM_MAX_PENDING_PER_USER" in error
     shared.cli("cmkill", *map(str, ids))
-    ok, _ = ask(shared, alice, "submit", kind="command", argv=["true"], cwd=str(home))
+    ok, _ = ask(shared, alice, "submit", job=dict(kind="command", argv=["true"], cwd=str(home)))
     assert ok
 
 
@@ -337,7 +337,7 @@ def test_slow_clients_neither_delay_cminfo_nor_keep_their_connection(shared, use
     for _ in range(20):  # each sends half a request and then nothing
         s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         s.connect(str(shared.run_dir / "head.sock"))
-        body = frame(Request(op="info", args={}))
+        body = frame(Info())
         s.sendall(body[: len(body) // 2])
         loris.append(s)
     started = time.monotonic()

@@ -15,7 +15,7 @@ import pytest
 from cm import store
 from cm.head.clients import ClientServer
 from cm.head.requests import job_view
-from cm.protocol import FRAME_HEADER, InfoData, JobView, NodeView, Reply, Request, SyncStats, decode, encode
+from cm.protocol import FRAME_HEADER, InfoData, JobView, NodeView, Info, Reply, SyncStats, decode, encode
 from cm.store import documents, records
 from cm.store import intercom as intercom_store
 
@@ -163,7 +163,7 @@ def test_a_reply_that_cannot_be_encoded_costs_that_client_an_error_and_is_logged
         server.accept()
         (conn,) = server.conns.values()
         bad = Reply(ok=True, data={"bytes": Int64(5 << 32)})
-        server.send(conn, bad, Request(op="info", args={"job_id": 7}))
+        server.send(conn, bad, Info(job_id=7))
         client.settimeout(5)
         data = client.recv(1 << 16)
         reply = decode(data[FRAME_HEADER:])

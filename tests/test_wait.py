@@ -14,7 +14,7 @@ import pytest
 
 from cm.cli.client import Client, HeadError
 from cm.config import load
-from cm.protocol import ErrorCode, Request, frame
+from cm.protocol import ErrorCode, Wait, frame
 
 
 def client_of(cluster) -> Client:
@@ -51,7 +51,7 @@ def test_bad_waits_are_refused_and_a_waiter_that_leaves_changes_nothing(cluster)
         assert refused.value.code == ErrorCode.BAD_MESSAGE and "wait arguments field" in str(refused.value)
     gone = socket.socket(socket.AF_UNIX)
     gone.connect(str(cluster.run_dir / "head.sock"))
-    gone.sendall(frame(Request(op="wait", args={"job_id": job_id, "timeout": 30})))
+    gone.sendall(frame(Wait(job_id=job_id, timeout=30)))
     gone.close()  # leaves while the head holds its request
     cluster.cli("cmkill", str(job_id))
     assert client.wait(job_id)["state"] == "CANCELLED"

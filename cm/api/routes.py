@@ -16,8 +16,10 @@ import msgspec
 
 from cm.api import types
 from cm.api.http import HttpError, HttpRequest, HttpResponse, error_response, json_response
-from cm.head.clients import Caller
-from cm.protocol import MAX_WAIT, ErrorCode
+from cm.callers import Caller
+from cm.protocol import (
+    MAX_WAIT, Cancel, ClientRequest, Control, Delete, ErrorCode, Files, Info, Metrics, Submit, Wait, named,
+)
 
 if TYPE_CHECKING:
     from cm.api.server import ApiServer
@@ -53,9 +55,16 @@ def status_of(code: ErrorCode | str | None) -> int:
         return 500  # the head gave no code: a bug
 
 
-async def ask(api: "ApiServer", caller: Caller, op: str, args: dict[str, Any],
+async def ask(api: "ApiServer", caller: Caller, kind: type[ClientRequest], args: dict[str, Any] | ClientRequest,
                watch: HttpRequest | None = None) -> Any:
-    reply = await api.ask(caller, op, args, watch)
+    """Ask the head ``kind`` with ``args``, checked against kind's limits here (as the commands' socket checks
+    what it decodes: a query's values and headers were not, a Struct's constructor checks no limits) and
+    refused with 400 naming the field."""
+    try:
+        request = msgspec.convert(msgspec.to_builtins(args) if isinstance(args, ClientRequest) else args, kind)
+    except msgspec.ValidationError as exc:
+        raise HttpError(400, named(exc, f"{kind.TYPE} arguments")) from None
+    reply = await api.ask(caller, request, watch)
     if not reply.ok:
         raise HttpError(status_of(reply.code), reply.error)
     return reply.data
@@ -89,8 +98,8 @@ def _flag(query: dict[str, list[str]], name: str) -> bool:
 
 
 async def submit(api: "ApiServer", caller: Caller, request: HttpRequest) -> HttpResponse:
-    args = types.head_args(_decode(_submission, request), request.headers.get("idempotency-key"))
-    data = await ask(api, caller, "submit", args)
+    job = types.submitted(_decode(_submission, request), request.headers.get("idempotency-key"))
+    data = await ask(api, caller, Submit, Submit(job=job))
     return json_response(200 if data.get("repeated") else 201, {"id": data["job_id"]})
 
 
@@ -98,7 +107,7 @@ async def list_jobs(api: "ApiServer", caller: Caller, request: HttpRequest) -> H
     q = request.query
     args = {"all": _flag(q, "all"), "state": [s.upper() for s in q.get("state", []) if s],
             "user": _one(q, "user") or None, "label": q.get("label", [])}
-    data = await ask(api, caller, "info", args)
+    data = await ask(api, caller, Info, args)
     return json_response(200, {"jobs": data.jobs})
 
 
@@ -114,14 +123,14 @@ async def job_status(api: "ApiServer", caller: Caller, request: HttpRequest, job
             raise HttpError(400, "wait must be a number of seconds")
         wait = MAX_WAIT if wait < 0 else min(wait, MAX_WAIT)  # negative: as long as the head allows
     if wait > 0:
-        data = await ask(api, caller, "wait", {"job_id": job_id, "timeout": wait}, watch=request)
+        data = await ask(api, caller, Wait, {"job_id": job_id, "timeout": wait}, watch=request)
     else:
-        data = await ask(api, caller, "info", {"job_id": job_id})
+        data = await ask(api, caller, Info, {"job_id": job_id})
     return json_response(200, data.jobs[0])
 
 
 async def cancel(api: "ApiServer", caller: Caller, request: HttpRequest, job_id: int) -> HttpResponse:
-    data = await ask(api, caller, "cancel", {"job_ids": [job_id]})
+    data = await ask(api, caller, Cancel, {"job_ids": [job_id]})
     result = data[str(job_id)]
     if not result["ok"]:
         raise HttpError(status_of(result.get("code")), result["error"])
@@ -140,16 +149,16 @@ async def job_files(api: "ApiServer", caller: Caller, request: HttpRequest, job_
     action = _one(request.query, "action")
     if action:
         args["action"] = action
-    return json_response(200, await ask(api, caller, "files", args))
+    return json_response(200, await ask(api, caller, Files, args))
 
 
 async def delete(api: "ApiServer", caller: Caller, request: HttpRequest, job_id: int) -> HttpResponse:
-    await ask(api, caller, "delete", {"job_id": job_id})
+    await ask(api, caller, Delete, {"job_id": job_id})
     return HttpResponse(204)
 
 
 async def nodes(api: "ApiServer", caller: Caller, request: HttpRequest) -> HttpResponse:
-    data = await ask(api, caller, "info", {"nodes_only": True})
+    data = await ask(api, caller, Info, {"nodes_only": True})
     return json_response(200, {"nodes": data.nodes})
 
 
@@ -162,13 +171,13 @@ async def admin(api: "ApiServer", caller: Caller, request: HttpRequest, action: 
         raise HttpError(422, f"{action} needs {need[action]}")
     if action == "priority" and body.value is None:
         raise HttpError(422, "priority needs value: high, normal, low or an integer")
-    return json_response(200, await ask(api, caller, "control", types.admin_args(action, body)))
+    return json_response(200, await ask(api, caller, Control, types.admin_request(action, body)))
 
 
 async def metrics(api: "ApiServer", caller: Caller, request: HttpRequest) -> HttpResponse:
     from cm.api.metrics import render
 
-    data = await ask(api, caller, "metrics", {})
+    data = await ask(api, caller, Metrics, {})
     return HttpResponse(200, render(data, api.requests).encode(), "text/plain; version=0.0.4; charset=utf-8")
 
 

@@ -27,15 +27,15 @@ import resource
 import ssl
 import threading
 import time
-from typing import Any, Hashable
+from typing import Hashable
 
 from cm.api import routes, ui
 from cm.api.ui.sessions import Sessions
 from cm.api.http import HttpError, HttpRequest, encode_response, error_response, read_request
 from cm.config import ConfigError, Settings
-from cm.head.clients import Caller, caller_from, caller_of
+from cm.callers import Caller, caller_from, caller_of
 from cm.logs import event
-from cm.protocol import Reply, Request
+from cm.protocol import ClientRequest, Reply
 
 log = logging.getLogger("cm.api")
 MAX_CONNECTIONS = 8192  # of each door: api.sock and the TCP port
@@ -84,7 +84,7 @@ class ApiAnswer:
 class ApiServer:
     def __init__(self, settings: Settings):
         self.settings = settings
-        self.inbox: queue.SimpleQueue[tuple[Caller, Request, ApiAnswer]] = queue.SimpleQueue()
+        self.inbox: queue.SimpleQueue[tuple[Caller, ClientRequest, ApiAnswer]] = queue.SimpleQueue()
         self.wake_fd, self._wake_w = os.pipe()
         os.set_blocking(self.wake_fd, False)
         os.set_blocking(self._wake_w, False)
@@ -103,7 +103,7 @@ class ApiServer:
 
     # --- the head loop's side ------------------------------------------------
 
-    def take(self) -> list[tuple[Caller, Request, ApiAnswer]]:
+    def take(self) -> list[tuple[Caller, ClientRequest, ApiAnswer]]:
         """What arrived since the last call (called by the head loop when wake_fd is readable)."""
         try:
             while os.read(self.wake_fd, 65536):
@@ -192,12 +192,12 @@ class ApiServer:
         event(log, "HTTP API listening", socket=str(path), tcp=self.tcp_address and list(self.tcp_address),
               tls=self.tls is not None)
 
-    async def ask(self, caller: Caller, op: str, args: dict[str, Any], watch: HttpRequest | None = None) -> Reply:
+    async def ask(self, caller: Caller, request: ClientRequest, watch: HttpRequest | None = None) -> Reply:
         """Hand one request to the head's loop and wait for its reply. With ``watch`` (a long poll), a
         client that goes away meanwhile is noticed: its wait is dropped and its connection closed."""
         assert self.loop is not None
         future = self.loop.create_future()
-        self.inbox.put((caller, Request(op=op, args=args), ApiAnswer(self.loop, future)))
+        self.inbox.put((caller, request, ApiAnswer(self.loop, future)))
         try:
             os.write(self._wake_w, b"!")
         except BlockingIOError:

@@ -15,13 +15,14 @@ from typing import Any, Literal, Union, get_args
 import msgspec
 from msgspec import NODEFAULT, Struct
 
-from cm.protocol import Control, JobView, NodeView, SubmitCommand, SubmitSync, SyncOptions
+from cm.protocol import Control, JobView, Message, NodeView, SubmitCommand, SubmitSync, SyncOptions
 
 
 def _body(name: str, doc: str, *sources: type[Struct], drop: tuple[str, ...] = (), **config: Any) -> type[Struct]:
     """An HTTP body made of the fields of the protocol's request types (``sources``), less ``drop``: the same
     declarations, so the same limits and the same schema, with HTTP's own tag and no unknown fields."""
     fields: list[tuple] = []
+    drop += tuple(Message.__struct_fields__)  # a request's envelope (v, id) is the head's, not the body's
     for source in sources:
         for f in msgspec.structs.fields(source):
             if f.name in drop:
@@ -56,20 +57,20 @@ AdminRequest = _body(
     "block/unblock a `user` (empty or \"ALL\": everyone).", Control, drop=("action", "token"))
 
 
-def head_args(body: Any, idempotency_key: str | None = None) -> dict[str, Any]:
-    """The submit request's arguments (the wire form of SubmitCommand or SubmitSync) for an HTTP body."""
+def submitted(body: Any, idempotency_key: str | None = None) -> SubmitCommand | SubmitSync:
+    """The job a submit request carries (cm.protocol.Submit.job) for an HTTP body."""
     fields = msgspec.structs.asdict(body)
     if idempotency_key is not None:
         fields["idempotency_key"] = idempotency_key
     if isinstance(body, SyncJob):
         options = SyncOptions(**{k: fields.pop(k) for k in SYNC_OPTIONS})
-        return msgspec.to_builtins(SubmitSync(**fields, options=options))
-    return msgspec.to_builtins(SubmitCommand(**fields))
+        return SubmitSync(**fields, options=options)
+    return SubmitCommand(**fields)
 
 
-def admin_args(action: str, body: Any) -> dict[str, Any]:
-    """The control request's arguments for an admin path and body."""
-    return msgspec.to_builtins(Control(action=action, **msgspec.structs.asdict(body)))  # type: ignore[arg-type]
+def admin_request(action: str, body: Any) -> Control:
+    """The control request for an admin path and body."""
+    return Control(action=action, **msgspec.structs.asdict(body))  # type: ignore[arg-type]
 
 
 class Submitted(Struct):

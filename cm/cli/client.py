@@ -15,14 +15,13 @@ import msgpack
 
 from cm.api.views import exit_code_of, is_final
 from cm.config_sources import ConfigError, find_head_socket
+from cm.framing import MAX_FRAME, frame, unframe
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:  # typing costs a command ~10 ms
     from typing import Any, NoReturn
 
-VERSION = 2  # cm.protocol.VERSION; tests/test_pure.py checks these three and that the head reads the requests
-FRAME_HEADER = 4  # cm.protocol.FRAME_HEADER
-MAX_REPLY = 16 * 1024 * 1024  # cm.protocol.MAX_MESSAGE
+VERSION = 3  # cm.protocol.VERSION; tests/test_pure.py checks it and that the head reads the requests
 
 
 class HeadError(RuntimeError):
@@ -66,9 +65,10 @@ class Client:
         return self.sock
 
     def call(self, op: str, **args: Any) -> Any:
-        """Send one request; return its data or raise HeadError with the head's message."""
+        """Send one request (cm.protocol's of type ``op``, with these fields); return its data or raise
+        HeadError with the head's message."""
         try:
-            reply = self._exchange(msgpack.packb({"t": "request", "v": VERSION, "op": op, "args": args}))
+            reply = self._exchange(msgpack.packb({**args, "t": op, "v": VERSION}))
         except HeadError:
             self.close()  # a link that failed once is not used again
             raise
@@ -76,22 +76,22 @@ class Client:
             raise HeadError(reply.get("error") or "refused", reply.get("code"))
         return reply.get("data")
 
+    def submit(self, **job: Any) -> Any:
+        """Submit a job (the fields of cm.protocol's SubmitCommand or SubmitSync, ``kind`` among them)."""
+        return self.call("submit", job=job)
+
     def _exchange(self, body: bytes) -> dict:
         """One framed request out, one reply in; every way the link can fail is a HeadError."""
         sock = self._connect()
         try:
-            sock.sendall(len(body).to_bytes(FRAME_HEADER, "big") + body)
-            buffer, size = bytearray(), None
-            while size is None or len(buffer) < FRAME_HEADER + size:
+            sock.sendall(frame(body))
+            buffer = bytearray()
+            while (got := unframe(buffer, MAX_FRAME)) is None:  # FrameTooBig is a ValueError
                 data = sock.recv(1 << 20)
                 if not data:
                     raise HeadUnreachable("the head closed the connection")
                 buffer += data
-                if size is None and len(buffer) >= FRAME_HEADER:
-                    size = int.from_bytes(buffer[:FRAME_HEADER], "big")
-                    if size > MAX_REPLY:
-                        raise ValueError(f"a reply of {size} bytes")
-            reply = msgpack.unpackb(buffer[FRAME_HEADER : FRAME_HEADER + size], strict_map_key=False)
+            reply = msgpack.unpackb(got, strict_map_key=False)
         except TimeoutError:
             raise HeadUnreachable(f"the head did not answer within {self.timeout:.0f} s") from None
         except OSError as exc:

@@ -35,8 +35,8 @@ def cli(nodes, procs, cpus, mem_mb, time_limit, name, partition, stdout, stderr,
             cwd = os.getcwd()
         except OSError:
             fail("cmrun", "the current directory no longer exists")
-        data = client.call(
-            "submit", kind="command", argv=list(command), cwd=cwd, env=[f"{k}={v}" for k, v in os.environ.items()],
+        data = client.submit(
+            kind="command", argv=list(command), cwd=cwd, env=[f"{k}={v}" for k, v in os.environ.items()],
             nodes=nodes, procs=procs, cpus=cpus, mem_mb=mem_mb, time=time_limit, name=name, partition=partition,
             stdout=stdout, stderr=stderr, requeue=requeue, hold=hold, labels=parse_labels(labels),
         )

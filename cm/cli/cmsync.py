@@ -80,8 +80,8 @@ def cli(nodes, delete, dry_run, checksum, exclude, bwlimit, transport, policy, n
             cwd = os.getcwd()
         except OSError:
             cwd = "/"
-        data = client.call(
-            "submit", kind="sync", src=src, dst=dst, nodes=nodes, time=time_limit, name=name, cwd=cwd,
+        data = client.submit(
+            kind="sync", src=src, dst=dst, nodes=nodes, time=time_limit, name=name, cwd=cwd,
             options={"delete": delete, "dry_run": dry_run, "checksum": checksum, "exclude": list(exclude),
                      "bwlimit": bwlimit, "transport": transport, "policy": policy,
                      "hard_links": not no_hard_links, "xattrs": not no_xattrs, "acls": not no_acls},

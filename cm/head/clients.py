@@ -11,61 +11,30 @@ hold at most ``max_per_user`` connections (root is not limited).
 
 from __future__ import annotations
 
-import grp
 import logging
 import os
-import pwd
 import socket
-import struct
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import msgspec
 
+from cm.callers import Caller, caller_of
 from cm.logs import event
-from cm.protocol import ErrorCode, InfoData, ProtocolError, Reply, Request, decode, frame, unframe
+from cm.protocol import (
+    ClientRequest, ErrorCode, InfoData, Misfit, ProtocolError, Reply, Request, UnknownType, decode, frame, unframe,
+)
 
 log = logging.getLogger("cm.head.clients")
 MAX_PENDING_OUT = 64 * 1024 * 1024
 IDLE_TIMEOUT = 300.0  # seconds a connection may stay open without sending anything
 
 
-@dataclass(frozen=True)
-class Caller:
-    uid: int
-    gid: int
-    pid: int
-    user: str
-    operator: bool  # root or a member of the operator group
-
-
-def caller_of(sock: socket.socket, operator_group: str) -> Caller:
-    pid, uid, gid = struct.unpack("3i", sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i")))
-    return caller_from(uid, gid, pid, operator_group)
-
-
-def caller_from(uid: int, gid: int, pid: int, operator_group: str) -> Caller:
-    """The Caller for a uid the kernel (or a verified API token) vouches for."""
-    try:
-        user = pwd.getpwuid(uid).pw_name
-    except KeyError:
-        user = str(uid)
-    operator = uid == 0
-    if not operator and operator_group:
-        try:
-            group = grp.getgrnam(operator_group)
-            operator = user in group.gr_mem or gid == group.gr_gid
-        except KeyError:
-            pass
-    return Caller(uid, gid, pid, user, operator)
-
-
 def jobs_of(request: Request | None, reply: Reply) -> list[int]:
     """The jobs a request and its reply are about, for the log."""
-    args = request.args if request is not None else {}
-    ids = [args["job_id"]] if isinstance(args.get("job_id"), int) else []
-    ids += [i for i in args.get("job_ids") or () if isinstance(i, int)]
+    job_id = getattr(request, "job_id", None)
+    ids = [job_id] if isinstance(job_id, int) else []
+    ids += list(getattr(request, "job_ids", ()))
     if isinstance(reply.data, InfoData):
         ids += [j.id for j in reply.data.jobs if j.id not in ids]
     return ids
@@ -155,11 +124,15 @@ class ClientServer:
                 if body is None:
                     break
                 msg = decode(body)
-                if not isinstance(msg, Request):
+                if not isinstance(msg, ClientRequest):
                     raise ProtocolError(f"expected a request, got {msg.TYPE}")
+            except (UnknownType, Misfit) as exc:  # a whole request the head understood: the connection stays
+                code = ErrorCode.UNKNOWN_OPERATION if isinstance(exc, UnknownType) else ErrorCode.BAD_MESSAGE
+                self.send(conn, Reply(ok=False, error=str(exc), code=code))
+                continue
             except ProtocolError as exc:
                 event(log, "bad client message", logging.WARNING, uid=conn.caller.uid, error=str(exc))
-                self.send(conn, Reply(ok=False, error=f"bad request: {exc}"))
+                self.send(conn, Reply(ok=False, error=f"bad request: {exc}", code=ErrorCode.BAD_MESSAGE))
                 self.flush(conn)
                 self.close(conn)
                 return out

@@ -23,6 +23,7 @@ from cm.head.outcome import Outcome, Stop, stop_slot
 from cm.head.progress import merge
 from cm.head.recent import RecentJobs
 from cm.head.records import Job, SlotRecord
+from cm.protocol import ANY_RUN, ShareKey
 from cm.head.resources import NodeView, Request, Running
 from cm.head.specs import demands_of, node_spec, request_of, writes_of
 from cm.head.writebehind import HeldStarts
@@ -38,9 +39,6 @@ FORCED = (JobState.TIMEOUT, JobState.NODE_FAIL, JobState.CANCELLED)  # a share s
 
 __all__ = ["JobTable", "final_state"]
 
-Share = tuple[int, int, str, int]  # (job_id, run, role, rank): one slot of one run, as nodes name it
-
-
 def final_state(job: Job) -> tuple[JobState, int]:
     """The state and exit code of a job whose every slot has ended."""
     slots = sorted((s for s in job["slots"] if s["role"] != "dst"), key=lambda s: s["rank"])
@@ -55,6 +53,11 @@ def final_state(job: Job) -> tuple[JobState, int]:
         return JobState.FAILED, next((s["exit_code"] for s in slots
                                       if s["state"] == JobState.FAILED.value and s["exit_code"]), exit_code or 1)
     return JobState.COMPLETED, exit_code  # 0, or a sync's 24: copied all but files that vanished (exitcodes)
+
+
+def slot_key(job: Job, slot: SlotRecord) -> ShareKey:
+    """The share a slot of the job's current run is, as its node names it."""
+    return ShareKey(job["_id"], job.get("runs", 0), slot["role"], slot["rank"])
 
 
 def stamp(at: float, floor: float | None) -> float:
@@ -313,9 +316,9 @@ class JobTable:
 
     @staticmethod
     def matching(job: Job, node: str, role: str, rank: int) -> list[int]:
-        """Indices of the job's slots on node with that role and rank (role "": every slot on node)."""
-        return [i for i, s in enumerate(job["slots"])
-                if s["node"] == node and (not role or (s["role"] == role and s["rank"] == rank))]
+        """Indices of the job's slots on node that (role, rank) names, as a ShareKey pattern names shares."""
+        pattern = ShareKey(job["_id"], ANY_RUN, role, rank)
+        return [i for i, s in enumerate(job["slots"]) if s["node"] == node and pattern.matches(slot_key(job, s))]
 
     def started(self, job_id: int, node: str, run: int, addrs: dict[str, str], out: Outcome,
                 role: str = "", rank: int = 0, at: float = 0.0) -> None:
@@ -530,7 +533,7 @@ class JobTable:
             self._stop_rest(job, JobState.TIMEOUT, fields, mine)
             self._commit(job, fields, mine, out, stopping=JobState.TIMEOUT)
 
-    def check_node(self, node: str, running: set[Share], ending: set[Share], legacy_jobs: set[int] | None,
+    def check_node(self, node: str, running: set[ShareKey], ending: set[ShareKey], legacy_jobs: set[int] | None,
                    out: Outcome, alive: Callable[[], dict[str, int]]) -> None:
         """Compare what a node says it runs with the slots it was given.
 
@@ -553,8 +556,7 @@ class JobTable:
                     if sent and now - self.sent_at.get(job["_id"], now) > self.start_timeout:
                         silent.append(i)
                     continue
-                share = (job["_id"], job.get("runs", 0), s["role"], s["rank"])
-                here = job["_id"] in legacy_jobs if legacy_jobs is not None else share in known
+                here = job["_id"] in legacy_jobs if legacy_jobs is not None else slot_key(job, s) in known
                 if not here:
                     lost.append(i)
             if lost or silent:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from cm.protocol import NodeJob
+from cm.protocol import ANY_RANK, ANY_ROLE, ANY_RUN, NodeJob
 from cm.states import JobState
 
 
@@ -16,9 +16,9 @@ class Stop:
     node: str
     job_id: int
     state: str
-    run: int = 0
-    role: str = ""
-    rank: int = -1
+    run: int = ANY_RUN
+    role: str = ANY_ROLE
+    rank: int = ANY_RANK
     reason: str = ""
 
 

@@ -6,15 +6,14 @@ from typing import Any
 
 import msgspec
 
-from cm.protocol import COUNT_MAX, Progress
+from cm.protocol import COUNT_MAX, Progress, SyncCounters
 
-TOTALS = ("bytes_done", "bytes_total", "files_done", "files_total", "rate")
+TOTALS = SyncCounters.__struct_fields__
 
 
 def report_of(msg: Progress) -> dict[str, Any]:
     """One rank's report as the job record keeps it (stats: its final counters, {} while it runs)."""
-    return {"bytes_done": msg.bytes_done, "bytes_total": msg.bytes_total, "files_done": msg.files_done,
-            "files_total": msg.files_total, "rate": msg.rate,
+    return {**msgspec.structs.asdict(msg.counters),
             "stats": msgspec.structs.asdict(msg.stats) if msg.stats is not None else {}}
 
 

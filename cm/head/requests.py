@@ -1,8 +1,8 @@
 """What the head does for each client request, and who may ask for it.
 
-Each handler gets the request's typed arguments (cm.protocol: ``SubmitCommand``,
-``SubmitSync``, ``Cancel``, ``Info``, ``Wait``, ``Control``, ``Delete``, ``Token``)
-and a ``Head``: the narrow part of the server requests may use. It raises
+Each handler gets the typed request (cm.protocol's ``Request``: ``Submit``,
+``Cancel``, ``Info``, ``Wait``, ``Control``, ``Delete``, ``Token``, ``Files``, ...,
+decoded and validated with the message) and a ``Head``: the narrow part of the server requests may use. It raises
 ``Refused`` (with an ``ErrorCode``) for what it will not do. The commands'
 socket and the HTTP API (cm.api) both come here: the API answers with the
 HTTP status of the code.
@@ -20,7 +20,7 @@ from typing import Any, Callable, Protocol
 import msgspec
 
 from cm.config import Settings
-from cm.head.clients import Caller
+from cm.callers import Caller
 from cm.head.records import Job
 from cm.head.registry import NodeInfo
 from cm.head.resources import NodeView as Capacity
@@ -37,15 +37,16 @@ from cm.protocol import (
     InfoData,
     JobView,
     NodeView,
-    ProtocolError,
+    Metrics,
+    Ping,
     Reply,
     Request,
+    Stats,
+    Submit,
     SubmitCommand,
-    SubmitSync,
     Token,
     TransferView,
     Wait,
-    request_args,
 )
 from cm.states import JobState
 from cm.timefmt import TimeFormatError, parse_time
@@ -163,7 +164,8 @@ def _default_partition(nodes: "dict[str, NodeInfo]") -> str:
     return partitions[0]
 
 
-def submit(head: Head, caller: Caller, args: SubmitCommand | SubmitSync) -> dict:
+def submit(head: Head, caller: Caller, request: Submit) -> dict:
+    args = request.job
     if args.idempotency_key is not None:
         first = head.submitted_with(caller.uid, args.idempotency_key)
         if first is not None:
@@ -482,34 +484,25 @@ def control(head: Head, caller: Caller, args: Control) -> dict:
     return {"user": user or "ALL", "blocked": action == "block"}
 
 
-HANDLERS: dict[str, Callable[[Head, Caller, Any], Any]] = {
-    "submit": submit,
-    "cancel": cancel,
-    "info": info,
-    "wait": wait,
-    "files": files,
-    "control": control,
-    "delete": delete,
-    "token": token,
-    "metrics": lambda head, caller, args: head.metrics(),
-    "ping": lambda head, caller, args: {"pong": True, "user": caller.user},
-    "stats": lambda head, caller, args: head.stats(),
+HANDLERS: dict[type, Callable[[Head, Caller, Any], Any]] = {
+    Submit: submit,
+    Cancel: cancel,
+    Info: info,
+    Wait: wait,
+    Files: files,
+    Control: control,
+    Delete: delete,
+    Token: token,
+    Metrics: lambda head, caller, request: head.metrics(),
+    Ping: lambda head, caller, request: {"pong": True, "user": caller.user},
+    Stats: lambda head, caller, request: head.stats(),
 }
 
 
 def handle(head: Head, caller: Caller, request: Request) -> Reply:
-    """Check the request's arguments against their type and run its handler; Later for a long poll.
-
-    Database errors are the caller's (the server's) to handle.
-    """
-    handler = HANDLERS.get(request.op)
-    if handler is None:
-        return Reply(ok=False, error=f"unknown operation {request.op!r}", code=ErrorCode.UNKNOWN_OPERATION)
+    """Run the request's handler (its fields were checked against its type as it was decoded); Later for a
+    long poll. Database errors are the caller's (the server's) to handle."""
     try:
-        args = request_args(request.op, request.args)
-    except ProtocolError as exc:
-        return Reply(ok=False, error=str(exc), code=ErrorCode.BAD_MESSAGE)
-    try:
-        return Reply(ok=True, data=handler(head, caller, args))
+        return Reply(ok=True, data=HANDLERS[type(request)](head, caller, request))
     except Refused as exc:
         return Reply(ok=False, error=str(exc), code=exc.code)

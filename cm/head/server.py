@@ -16,7 +16,8 @@ import zmq
 
 from cm import store
 from cm.config import Settings
-from cm.head.clients import Caller, ClientServer, Connection
+from cm.callers import Caller
+from cm.head.clients import ClientServer, Connection
 from cm.head.intercom import HeadIntercom
 from cm.head.jobs import JobTable
 from cm.head.outcome import Outcome, Stop
@@ -31,6 +32,7 @@ from cm.keys import TRANSFER_SECRET, secret
 from cm.logs import event
 from cm.protocol import (
     INTERCOM_TO_HEAD,
+    Info,
     Ack,
     Error,
     ErrorCode,
@@ -46,6 +48,7 @@ from cm.protocol import (
     Reply,
     Request,
     RunJob,
+    ShareKey,
     Welcome,
     decode,
     encode,
@@ -228,7 +231,7 @@ class HeadServer:
                 if not final and now < deadline:
                     keep.append((caller, to, request, deadline))
                     continue
-                to.answer(self.answer(caller, Request(op="info", args={"job_id": job_id}, id=request.id)))
+                to.answer(self.answer(caller, Info(job_id=job_id, id=request.id)))
             if keep:
                 self.waiters[job_id] = keep
             else:
@@ -449,7 +452,7 @@ class HeadServer:
             self.send(peer, Error(ref=msg.id, message="unknown node: say hello", code=ErrorCode.UNKNOWN_NODE))
             return
         elif isinstance(msg, JobStarted):
-            self._drop_unacked(peer, msg.job_id, RunJob, msg.run, msg.role, msg.rank)
+            self._drop_unacked(peer, msg.job_id, RunJob, msg.share)
             self.jobs.started(msg.job_id, peer, msg.run, self.addrs(), out, msg.role, msg.rank, msg.at)
             self.held_acks.append((peer, msg.job_id, Ack(ref=msg.id)))  # acknowledged once written: see flush()
         elif isinstance(msg, JobEnded):
@@ -461,7 +464,7 @@ class HeadServer:
             if not state.final:
                 self.send(peer, Error(ref=msg.id, message=f"state {msg.state} is not final", code=ErrorCode.BAD_MESSAGE))
                 return
-            self._drop_unacked(peer, msg.job_id, RunJob, msg.run, msg.role, msg.rank)
+            self._drop_unacked(peer, msg.job_id, RunJob, msg.share)
             self.jobs.ended(msg.job_id, peer, msg.run, state, msg.exit_code, msg.reason, out, msg.role, msg.rank,
                             msg.at)
             self.send(peer, Ack(ref=msg.id))
@@ -494,7 +497,8 @@ class HeadServer:
                 self.resend(msg_id, target, command)
         self.dirty = True
 
-    def reconcile(self, node: str, running: list[int], shares: list, ending: list, out: Outcome) -> None:
+    def reconcile(self, node: str, running: list[int], shares: list[ShareKey], ending: list[ShareKey],
+                  out: Outcome) -> None:
         """Make the head and a node agree on its slots (on HELLO and on every heartbeat).
 
         A share the node runs that no active job gives it is stopped; a share it runs that the head
@@ -503,16 +507,16 @@ class HeadServer:
         """
         addrs = None
         legacy = set(running) if running and not shares else None  # an older node names jobs, not shares
-        for job_id, run, role, rank in shares:
-            job = self.jobs.jobs.get(job_id)
-            if not self.jobs.wants(node, job_id, run, role, rank):
-                if job_id not in self.jobs.stopping:  # those are being stopped already
-                    out.kill.append(Stop(node, job_id, JobState.CANCELLED.value, run, role, rank,
-                                         "the head does not know this share"))
+        for share in shares:
+            job = self.jobs.jobs.get(share.job_id)
+            if not self.jobs.wants(node, share.job_id, share.run, share.role, share.rank):
+                if share.job_id not in self.jobs.stopping:  # those are being stopped already
+                    out.kill.append(Stop(node, share.job_id, JobState.CANCELLED.value, share.run, share.role,
+                                         share.rank, "the head does not know this share"))
             elif job is not None and not all(job["slots"][i]["started"]
-                                             for i in self.jobs.matching(job, node, role, rank)):
+                                             for i in self.jobs.matching(job, node, share.role, share.rank)):
                 addrs = addrs if addrs is not None else self.addrs()
-                self.jobs.started(job_id, node, run, addrs, out, role, rank)
+                self.jobs.started(share.job_id, node, share.run, addrs, out, share.role, share.rank)
         for job_id in legacy or ():
             job = self.jobs.jobs.get(job_id)
             if job is None or not self.jobs.wants(node, job_id, job.get("runs")):
@@ -540,8 +544,8 @@ class HeadServer:
     def command(self, node: str, msg: Message) -> None:
         """Send a command that must be acknowledged; resent until it is."""
         if isinstance(msg, KillJob) and any(
-                target == node and isinstance(c, KillJob) and (c.job_id, c.run, c.role, c.rank)
-                == (msg.job_id, msg.run, msg.role, msg.rank) for target, c, _ in self.unacked.values()):
+                target == node and isinstance(c, KillJob) and c.share == msg.share
+                for target, c, _ in self.unacked.values()):
             return  # the same stop is on its way already
         self.unacked[msg.id] = (node, msg, time.monotonic())
         info = self.registry.nodes.get(node)
@@ -564,28 +568,24 @@ class HeadServer:
         self.send(node, command)
         self.unacked[msg_id] = (node, command, time.monotonic())
 
-    def _drop_unacked(self, node: str, job_id: int, kind: type, run: int | None = None, role: str = "",
-                      rank: int = -1) -> None:
-        """Forget commands of `kind` for a job on a node; for RunJob, only those of that run, role and rank
-        when given (run None or 0: any run; role "": any role; rank -1: any rank)."""
+    def _drop_unacked(self, node: str, job_id: int, kind: type, pattern: ShareKey | None = None) -> None:
+        """Forget commands of `kind` for a job on a node; for RunJob, only those of the shares `pattern`
+        matches when given (a report about another run, or another share, says nothing about this one)."""
         for msg_id, (target, command, _) in list(self.unacked.items()):
             if target != node or not isinstance(command, kind) or getattr(command, "job_id", None) != job_id:
                 continue
-            if isinstance(command, RunJob):
-                spec = command.spec
-                if run and spec.run != run:
-                    continue  # a report about another run says nothing about this one
-                if role and (spec.role != role or (rank >= 0 and spec.rank != rank)):
-                    continue  # nor one about another share of the same run
+            if isinstance(command, RunJob) and pattern is not None and not pattern.matches(command.share):
+                continue
             del self.unacked[msg_id]
 
     def apply(self, out: Outcome) -> None:
         for node, job_id, spec in out.run:
             self.command(node, RunJob(job_id=job_id, spec=spec))
         for stop in out.kill:
-            self._drop_unacked(stop.node, stop.job_id, RunJob, stop.run, stop.role, stop.rank)  # never start what is being stopped
-            self.command(stop.node, KillJob(job_id=stop.job_id, state=stop.state, reason=stop.reason, run=stop.run,
-                                            role=stop.role, rank=stop.rank))
+            kill = KillJob(job_id=stop.job_id, state=stop.state, reason=stop.reason, run=stop.run, role=stop.role,
+                           rank=stop.rank)
+            self._drop_unacked(stop.node, stop.job_id, RunJob, kill.share)  # never start what is being stopped
+            self.command(stop.node, kill)
         for node, reason in out.drain:
             if node in self.registry.nodes and not self.registry.nodes[node].drain:
                 self.registry.set_drain(node, True, reason)

@@ -32,10 +32,13 @@ from cm.config import Settings
 from cm.logs import event
 from cm.node import launch
 from cm.node.intercom import IntercomSetupError, NodeIntercom
-from cm.node.purge import Purge, Share, Tracked
+from cm.node.purge import Purge, Tracked
 from cm.node.resources import measure
 from cm.node.sync import WarmSenders, data_identity, sender_end, start_sender
 from cm.protocol import (
+    ANY_RANK,
+    ANY_ROLE,
+    ANY_RUN,
     INTERCOM_TO_NODE,
     Ack,
     Error,
@@ -53,6 +56,8 @@ from cm.protocol import (
     RunJob,
     SyncDestination,
     SyncSource,
+    ShareKey,
+    SyncCounters,
     SyncStats,
     Welcome,
     decode,
@@ -76,9 +81,9 @@ class NodeAgent:
         self.purge = Purge(settings.kill_grace)
         self.outbox: dict[str, tuple[Message, float]] = {}
         # shares that ended here, with how: a repeated RunJob for one is answered with its end again
-        self.finished: collections.OrderedDict[Share, tuple[JobState, int, str, float]] = collections.OrderedDict()
-        self.receiving: dict[Share, str] = {}  # dst share -> transfer id
-        self.senders: dict[Share, dict] = {}  # src share -> {proc, buffer, report, sent_at, err, run, rank}
+        self.finished: collections.OrderedDict[ShareKey, tuple[JobState, int, str, float]] = collections.OrderedDict()
+        self.receiving: dict[ShareKey, str] = {}  # dst share -> transfer id
+        self.senders: dict[ShareKey, dict] = {}  # src share -> {proc, buffer, report, sent_at, err, run, rank}
         self.warm = WarmSenders(settings.warm_sender)
         self.welcomed = False
         self.registered = False  # welcomed once: a later hello (the head restarted) waits for nothing
@@ -247,21 +252,21 @@ class NodeAgent:
                      shares=self.shares(), ending=self.ending())
 
     def running(self) -> list[int]:
-        return sorted({share[0] for share in self.shares()})
+        return sorted({share.job_id for share in self.shares()})
 
-    def shares(self) -> list[Share]:
+    def shares(self) -> list[ShareKey]:
         """Every share of a job running here (processes or a registered receiver)."""
         return sorted({*self.purge.jobs, *self.receiving})
 
-    def ending(self) -> list[Share]:
+    def ending(self) -> list[ShareKey]:
         """Shares whose end is reported but not yet acknowledged: the head must not think them lost."""
-        return sorted({_share_of(m) for m, _ in self.outbox.values() if isinstance(m, JobEnded)})
+        return sorted({m.share for m, _ in self.outbox.values() if isinstance(m, JobEnded)})
 
     def on_message(self, msg: Message) -> None:
         if isinstance(msg, Welcome):
             self.welcomed = self.registered = True
             for job_id in msg.kill:
-                self.stop(job_id, JobState.CANCELLED, "the head does not know this job")
+                self.stop(ShareKey(job_id, ANY_RUN, ANY_ROLE, ANY_RANK), JobState.CANCELLED, "the head does not know this job")
             for m, _ in list(self.outbox.values()):
                 self.send(m)
             self.intercom.welcomed()
@@ -284,38 +289,36 @@ class NodeAgent:
                 state = JobState(msg.state)
             except ValueError:
                 state = JobState.CANCELLED
-            self.stop(msg.job_id, state, msg.reason or f"stopped by the head ({state.value})", msg.run, msg.role,
-                      msg.rank)
+            self.stop(msg.share, state, msg.reason or f"stopped by the head ({state.value})")
         else:
             event(log, "unexpected message from head", logging.WARNING, type=msg.TYPE)
 
     # --- jobs ------------------------------------------------------------------
 
-    def _report_end(self, share: Share, state: JobState, exit_code: int, reason: str, at: float = 0.0) -> None:
+    def _report_end(self, share: ShareKey, state: JobState, exit_code: int, reason: str, at: float = 0.0) -> None:
         """Report a share's end (``at``: when it ended, if not now)."""
         at = at or time.time()
         self.finished[share] = (state, exit_code, reason, at)
         while len(self.finished) > REMEMBER:
             self.finished.popitem(last=False)
-        job_id, run, role, rank = share
-        self.report(JobEnded(job_id=job_id, node=self.name, run=run, state=state.value, exit_code=exit_code,
-                             reason=reason, role=role, rank=rank, at=at))
+        self.report(JobEnded(job_id=share.job_id, node=self.name, run=share.run, state=state.value,
+                             exit_code=exit_code, reason=reason, role=share.role, rank=share.rank, at=at))
 
     def run_job(self, job_id: int, spec: NodeJob) -> bool:
         """Start this node's share of a job (once per run, role and rank). False: not now, ask again later."""
-        share: Share = (job_id, spec.run, spec.role, spec.rank)
-        run = share[1]
+        share = ShareKey(job_id, spec.run, spec.role, spec.rank)
+        run = share.run
         if share in self.finished:
             # over already; say so again (the head may have lost the first report in an outage)
             state, exit_code, reason, at = self.finished[share]
-            if not any(isinstance(m, JobEnded) and _share_of(m) == share for m, _ in self.outbox.values()):
+            if not any(isinstance(m, JobEnded) and m.share == share for m, _ in self.outbox.values()):
                 self._report_end(share, state, exit_code, reason, at)
             return True
         if share in self.purge.jobs or share in self.receiving:
-            self.report(JobStarted(job_id=job_id, node=self.name, run=run, role=share[2], rank=share[3]))
+            self.report(JobStarted(job_id=job_id, node=self.name, run=run, role=share.role, rank=share.rank))
             return True
-        here = [s for s in (*self.purge.jobs, *self.receiving) if s[0] == job_id and s[1] != run]
-        if any(s[1] > run for s in here):
+        here = [s for s in (*self.purge.jobs, *self.receiving) if s.job_id == job_id and s.run != run]
+        if any(s.run > run for s in here):
             self._report_end(share, JobState.FAILED, 1, f"run {run} arrived after a newer run of the job")
             return True
         if here:
@@ -328,39 +331,39 @@ class NodeAgent:
             if isinstance(spec, CommandShare):
                 procs = self._start_command(share, spec)
                 self.purge.add(Tracked(job_id, run, procs, time.monotonic() + spec.time_limit,
-                                       role=share[2], rank=share[3]))
+                                       role=share.role, rank=share.rank))
             else:
                 self._start_sync(share, spec)
         except _NotNow as exc:
-            event(log, "job not started yet", job=job_id, role=share[2], rank=share[3], reason=str(exc))
+            event(log, "job not started yet", job=job_id, role=share.role, rank=share.rank, reason=str(exc))
             return False
         except (launch.LaunchError, KeyError, TypeError, ValueError) as exc:
             reason = str(exc) if isinstance(exc, launch.LaunchError) else f"bad job spec: {exc!r}"
-            event(log, "job failed to start", logging.WARNING, job=job_id, role=share[2], rank=share[3],
+            event(log, "job failed to start", logging.WARNING, job=job_id, role=share.role, rank=share.rank,
                   reason=reason)
             self._report_end(share, JobState.FAILED, 127, reason)
             return True
-        self.report(JobStarted(job_id=job_id, node=self.name, run=run, role=share[2], rank=share[3]))
+        self.report(JobStarted(job_id=job_id, node=self.name, run=run, role=share.role, rank=share.rank))
         self._save_state()
-        event(log, "job started", job=job_id, run=run, kind=spec.kind, role=share[2], rank=share[3])
+        event(log, "job started", job=job_id, run=run, kind=spec.kind, role=share.role, rank=share.rank)
         return True
 
-    def _start_command(self, share: Share, spec: CommandShare) -> list[subprocess.Popen]:
+    def _start_command(self, share: ShareKey, spec: CommandShare) -> list[subprocess.Popen]:
         """The share's processes, each with CM_INTERCOM naming the share's intercom socket."""
         try:
             path = self.intercom.open(share, spec.uid, spec.gid, spec.procs)
         except IntercomSetupError as exc:
             raise launch.LaunchError(str(exc)) from None
         try:
-            procs = launch.start(spec, self.name, share[0], extra_env={"CM_INTERCOM": path})
+            procs = launch.start(spec, self.name, share.job_id, extra_env={"CM_INTERCOM": path})
         except BaseException:
             self.intercom.close(share)
             raise
         self.intercom.attach(share, procs)
         return procs
 
-    def _start_sync(self, share: Share, spec: SyncSource | SyncDestination) -> None:
-        job_id = share[0]
+    def _start_sync(self, share: ShareKey, spec: SyncSource | SyncDestination) -> None:
+        job_id = share.job_id
         if isinstance(spec, SyncDestination):
             if self.transfer is None:
                 raise launch.LaunchError(f"{self.name} has no mover running")
@@ -379,18 +382,17 @@ class NodeAgent:
             return
         proc, err = start_sender(spec, self.name, job_id, str(Path(self.settings.data_root).resolve()), self.warm)
         self.senders[share] = {"proc": proc, "buffer": b"", "report": None, "sent_at": 0.0, "err": err,
-                               "run": spec.run, "rank": share[3], "stats": {}}
+                               "run": spec.run, "rank": share.rank, "stats": {}}
         self.purge.add(Tracked(job_id, spec.run, [proc], time.monotonic() + spec.time_limit,
-                               role=share[2], rank=share[3], on_end=lambda: self._close_sender(share)))
+                               role=share.role, rank=share.rank, on_end=lambda: self._close_sender(share)))
 
-    def stop(self, job_id: int, state: JobState, reason: str, run: int = 0, role: str = "", rank: int = -1) -> None:
-        """Stop the shares of a job here that match run (0: any), role ("": any) and rank (-1: any)."""
+    def stop(self, pattern: ShareKey, state: JobState, reason: str) -> None:
+        """Stop the shares here that ``pattern`` matches (ShareKey.matches: its wildcards)."""
         for share in [*self.purge.jobs, *self.receiving]:
-            if (share[0] == job_id and run in (0, share[1]) and role in ("", share[2])
-                    and rank in (-1, share[3])):
+            if pattern.matches(share):
                 self._stop_share(share, state, reason)
 
-    def _stop_share(self, share: Share, state: JobState, reason: str) -> None:
+    def _stop_share(self, share: ShareKey, state: JobState, reason: str) -> None:
         if share in self.receiving:
             transfer_id = self.receiving.pop(share)
             if self.transfer is not None:
@@ -418,7 +420,7 @@ class NodeAgent:
 
     # --- sync progress -----------------------------------------------------------
 
-    def _read_progress(self, share: Share, s: dict) -> None:
+    def _read_progress(self, share: ShareKey, s: dict) -> None:
         try:
             chunk = os.read(s["proc"].stdout.fileno(), 1 << 16)
         except (BlockingIOError, OSError):
@@ -440,22 +442,20 @@ class NodeAgent:
             s["sent_at"] = now
             self._send_progress(share, s)
 
-    def _send_progress(self, share: Share, s: dict) -> None:
+    def _send_progress(self, share: ShareKey, s: dict) -> None:
         r = s["report"] or {}
         try:
-            msg = Progress(job_id=share[0], node=self.name, run=s["run"], rank=s["rank"],
-                           bytes_done=int(r.get("bytes_done", 0)),
-                           bytes_total=int(r.get("bytes_total", 0)), files_done=int(r.get("files_done", 0)),
-                           files_total=int(r.get("files_total", 0)), rate=float(r.get("rate", 0.0)),
+            msg = Progress(job_id=share.job_id, node=self.name, run=s["run"], rank=s["rank"],
+                           counters=msgspec.convert(r, SyncCounters) if r else NO_COUNTERS,
                            stats=_final_counters(s["stats"]) if s["stats"] else None)
-        except (TypeError, ValueError, msgspec.ValidationError):
+        except msgspec.ValidationError:
             return
         if s["stats"]:
             self.report(msg)  # the final counters must arrive
         else:
             self.send(msg)
 
-    def _close_sender(self, share: Share) -> None:
+    def _close_sender(self, share: ShareKey) -> None:
         s = self.senders.get(share)
         if s is None:
             return
@@ -495,6 +495,9 @@ class NodeAgent:
         self.state_file.unlink(missing_ok=True)
 
 
+NO_COUNTERS = SyncCounters(bytes_done=0, bytes_total=0, files_done=0, files_total=0, rate=0.0)  # no line yet
+
+
 class _NotNow(Exception):
     """A share cannot start yet for a reason that passes (this node's mover is being started again)."""
 
@@ -503,6 +506,3 @@ def _final_counters(report: dict) -> SyncStats:
     """A sender's last line (cm.transfer.stats.Stats.report) as the counters the head sums."""
     return msgspec.convert({k: v for k, v in report.items() if k in SyncStats.__struct_fields__}, SyncStats)
 
-
-def _share_of(msg: JobEnded) -> Share:
-    return (msg.job_id, msg.run, msg.role, msg.rank)

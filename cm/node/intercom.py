@@ -31,8 +31,8 @@ from typing import Callable
 import msgspec
 
 from cm.config import Settings
+from cm.framing import FrameTooBig, unframe
 from cm.intercom import (
-    FRAME_HEADER,
     Done,
     Failed,
     Fence,
@@ -60,11 +60,11 @@ from cm.protocol import (
     IntercomSend,
     IntercomUpdate,
     Message,
+    ShareKey,
     named,
 )
 
 log = logging.getLogger("cm.node.intercom")
-Share = tuple[int, int, str, int]
 MAX_INFLIGHT = 16  # requests one connection may have unanswered
 MAX_CONNECTIONS = 256  # connections to one job's socket at once
 SOCKET_PATH_MAX = 107
@@ -116,7 +116,7 @@ class Call:
 
 @dataclass(eq=False)
 class JobSocket:
-    share: Share
+    share: ShareKey
     uid: int
     directory: Path
     listener: socket.socket
@@ -136,7 +136,7 @@ class NodeIntercom:
         self.name = name
         self.send = send  # to the head
         self.root = Path(settings.run_dir) / "intercom"
-        self.jobs: dict[Share, JobSocket] = {}
+        self.jobs: dict[ShareKey, JobSocket] = {}
         self.listeners: dict[int, JobSocket] = {}
         self.conns: dict[int, Conn] = {}
         self.calls: dict[str, Call] = {}  # by the id of the message to the head (or a local id)
@@ -148,10 +148,9 @@ class NodeIntercom:
 
     # --- sockets of shares ----------------------------------------------------------
 
-    def open(self, share: Share, uid: int, gid: int, procs: int) -> str:
+    def open(self, share: ShareKey, uid: int, gid: int, procs: int) -> str:
         """Make the share's socket; return its path (CM_INTERCOM). Raises IntercomSetupError."""
-        job_id, run, _, _ = share
-        directory = self.root / f"{self.name}.{job_id}.{run}"
+        directory = self.root / f"{self.name}.{share.job_id}.{share.run}"
         if len(str(directory / "sock")) > SOCKET_PATH_MAX:
             raise IntercomSetupError(f"intercom socket path {directory}/sock is too long for a Unix socket")
         try:
@@ -176,21 +175,21 @@ class NodeIntercom:
         self.listeners[listener.fileno()] = js
         return js.path
 
-    def attach(self, share: Share, procs: list[subprocess.Popen]) -> None:
+    def attach(self, share: ShareKey, procs: list[subprocess.Popen]) -> None:
         """The share's rank processes (in local rank order), so speakers can be told apart."""
         js = self.jobs.get(share)
         if js is not None:
-            first = share[3] * js.procs
+            first = share.rank * js.procs
             js.ranks = {p.pid: (first + i, p) for i, p in enumerate(procs)}
             js.queues = {first + i: collections.deque() for i in range(len(procs))}
 
-    def close(self, share: Share) -> None:
+    def close(self, share: ShareKey) -> None:
         """The share ended: its waiting callers hear so, its connections and socket go."""
         js = self.jobs.pop(share, None)
         if js is None:
             return
         for conn in [c for c in self.conns.values() if c.job is js]:
-            self._fail_all(conn, ErrorCode.ENDED, f"job {share[0]} (run {share[1]}) ended on {self.name}")
+            self._fail_all(conn, ErrorCode.ENDED, f"job {share.job_id} (run {share.run}) ended on {self.name}")
             self._flush(conn)
             self._drop(conn)
         self.listeners.pop(js.listener.fileno(), None)
@@ -264,7 +263,7 @@ class NodeIntercom:
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as exc:
-                event(log, "intercom accept failed", logging.WARNING, job=js.share[0], error=str(exc))
+                event(log, "intercom accept failed", logging.WARNING, job=js.share.job_id, error=str(exc))
                 return
             rank, why = self._who(sock, js)
             if rank is None or sum(1 for c in self.conns.values() if c.job is js) >= MAX_CONNECTIONS:
@@ -275,7 +274,7 @@ class NodeIntercom:
                 except OSError:
                     pass
                 sock.close()
-                event(log, "intercom connection refused", logging.WARNING, job=js.share[0], reason=why)
+                event(log, "intercom connection refused", logging.WARNING, job=js.share.job_id, reason=why)
                 continue
             sock.setblocking(False)
             conn = Conn(sock, js, rank)
@@ -297,7 +296,7 @@ class NodeIntercom:
             pid = _parent(pid)
             if pid <= 1:
                 break
-        return None, f"the connecting process is not one of job {js.share[0]}'s processes on {self.name}"
+        return None, f"the connecting process is not one of job {js.share.job_id}'s processes on {self.name}"
 
     def _read(self, conn: Conn) -> None:
         try:
@@ -310,14 +309,13 @@ class NodeIntercom:
             self._drop(conn)
             return
         conn.inbuf += chunk
-        while len(conn.inbuf) >= FRAME_HEADER and conn.fd in self.conns:
-            size = int.from_bytes(conn.inbuf[:FRAME_HEADER], "big")
-            if size > self.max_frame:
-                return self._refuse(conn, f"a frame of {size} bytes exceeds the limit of {self.max_frame}")
-            if len(conn.inbuf) < FRAME_HEADER + size:
+        while conn.fd in self.conns:
+            try:
+                body = unframe(conn.inbuf, self.max_frame)
+            except FrameTooBig as exc:
+                return self._refuse(conn, str(exc))
+            if body is None:
                 return
-            body = bytes(conn.inbuf[FRAME_HEADER:FRAME_HEADER + size])
-            del conn.inbuf[:FRAME_HEADER + size]
             if conn.inflight >= MAX_INFLIGHT:
                 return self._refuse(conn, f"more than {MAX_INFLIGHT} requests unanswered on one connection",
                                     ErrorCode.LIMIT)
@@ -340,7 +338,7 @@ class NodeIntercom:
                 return self._refuse(conn, "internal error in the node daemon; see its log", ErrorCode.INTERNAL)
 
     def _refuse(self, conn: Conn, why: str, code: ErrorCode = ErrorCode.BAD_MESSAGE) -> None:
-        event(log, "intercom connection closed", logging.WARNING, job=conn.job.share[0], rank=conn.rank, reason=why)
+        event(log, "intercom connection closed", logging.WARNING, job=conn.job.share.job_id, rank=conn.rank, reason=why)
         self._answer(conn, Failed(0, code, why))  # sent at once as far as the socket takes it
         self._drop(conn)
 
@@ -357,7 +355,7 @@ class NodeIntercom:
             conn.inflight = max(0, conn.inflight - 1)
         conn.outbuf += pack(frame)
         if len(conn.outbuf) > self.max_out:
-            event(log, "intercom connection closed: it does not read", logging.WARNING, job=conn.job.share[0],
+            event(log, "intercom connection closed: it does not read", logging.WARNING, job=conn.job.share.job_id,
                   rank=conn.rank)
             self._drop(conn)
             return
@@ -392,7 +390,7 @@ class NodeIntercom:
 
     def _request(self, conn: Conn, frame: Request) -> None:
         js, s = conn.job, self.settings
-        job_id, run = js.share[0], js.share[1]
+        job_id, run = js.share.job_id, js.share.run
         now = time.monotonic()
         head_deadline = now + s.intercom_head_wait
         if isinstance(frame, (Put, Get)):
@@ -515,7 +513,7 @@ class NodeIntercom:
         self.send(IntercomDelivered(node=self.name, ref=msg.id, count=count, refused=refused))
 
     def _job(self, job_id: int, run: int) -> JobSocket | None:
-        return next((js for share, js in self.jobs.items() if share[0] == job_id and share[1] == run), None)
+        return next((js for share, js in self.jobs.items() if share.job_id == job_id and share.run == run), None)
 
 
 def _deadline(now: float, timeout: float | None) -> float | None:

@@ -17,12 +17,10 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from cm.logs import event
+from cm.protocol import ShareKey
 from cm.states import JobState
 
 log = logging.getLogger("cm.node.purge")
-
-
-Share = tuple[int, int, str, int]  # (job_id, run, role, rank), as in cm.protocol
 
 
 @dataclass
@@ -42,8 +40,8 @@ class Tracked:
     on_end: Callable[[], None] | None = None  # extra clean-up (e.g. close pipes)
 
     @property
-    def share(self) -> Share:
-        return (self.job_id, self.run, self.role, self.rank)
+    def share(self) -> ShareKey:
+        return ShareKey(self.job_id, self.run, self.role, self.rank)
 
 
 @dataclass(frozen=True)
@@ -57,8 +55,8 @@ class Finished:
     rank: int = 0
 
     @property
-    def share(self) -> Share:
-        return (self.job_id, self.run, self.role, self.rank)
+    def share(self) -> ShareKey:
+        return ShareKey(self.job_id, self.run, self.role, self.rank)
 
 
 def _signal_group(pid: int, sig: int) -> None:
@@ -75,12 +73,12 @@ def exit_code_of(returncode: int) -> int:
 class Purge:
     def __init__(self, grace: float):
         self.grace = grace
-        self.jobs: dict[Share, Tracked] = {}
+        self.jobs: dict[ShareKey, Tracked] = {}
 
     def add(self, tracked: Tracked) -> None:
         self.jobs[tracked.share] = tracked
 
-    def stop(self, share: Share, state: JobState, reason: str, now: float) -> bool:
+    def stop(self, share: ShareKey, state: JobState, reason: str, now: float) -> bool:
         """Ask a share's processes to end (SIGTERM now, SIGKILL after the grace). False if unknown."""
         job = self.jobs.get(share)
         if job is None:

@@ -22,6 +22,10 @@ import time
 from pathlib import Path
 from typing import Callable
 
+import msgspec
+
+from cm.protocol import SyncCounters
+
 from . import diff, meta, sparse
 from . import frames as f
 from .connection import LIST_PAGE, Connections, TransferError, request_pages
@@ -355,6 +359,7 @@ class Sender:
             elapsed = max(time.monotonic() - started, 1e-6)
             rate = now[0] / elapsed
             eta = (s.bytes_total - now[0]) / rate if rate > 0 else None
-            self.emit({"bytes_done": now[0], "bytes_total": s.bytes_total, "files_done": now[1],
-                       "files_total": s.files_total, "rate": round(rate), "eta": None if eta is None else round(eta, 1)})
+            counters = SyncCounters(bytes_done=now[0], bytes_total=s.bytes_total, files_done=now[1],
+                                    files_total=s.files_total, rate=round(rate))
+            self.emit({**msgspec.structs.asdict(counters), "eta": None if eta is None else round(eta, 1)})
         return now

@@ -6,6 +6,10 @@ import threading
 from dataclasses import dataclass, field
 from typing import Callable
 
+import msgspec
+
+from cm.protocol import SyncStats
+
 
 @dataclass
 class Stats:
@@ -64,12 +68,12 @@ class Stats:
 
     def report(self, elapsed: float, would: list[str] | None = None) -> dict:
         """The sender's last line: what was done (``would``: what a dry run would do)."""
-        report = {"done": True, "bytes_sent": self.bytes_sent, "files_sent": self.files_sent,
-                  "files_deleted": self.files_deleted, "files_skipped": self.files_skipped,
-                  "chunks_resent": self.chunks_resent, "chunks_resumed": self.chunks_resumed,
-                  "bytes_total": self.bytes_total, "files_total": self.files_total,
-                  "errors": len(self.errors), "vanished": self.vanished, "partial_bytes": self.partial_bytes,
-                  "skipped": len(self.skipped), "elapsed": round(elapsed, 3)}
+        final = SyncStats(bytes_sent=self.bytes_sent, files_sent=self.files_sent, files_deleted=self.files_deleted,
+                          files_skipped=self.files_skipped, chunks_resent=self.chunks_resent,
+                          chunks_resumed=self.chunks_resumed, bytes_total=self.bytes_total,
+                          files_total=self.files_total, errors=len(self.errors), vanished=self.vanished,
+                          partial_bytes=self.partial_bytes, skipped=len(self.skipped), elapsed=round(elapsed, 3))
+        report = {"done": True, **msgspec.structs.asdict(final)}
         if would is not None:
             report["would"] = would
         return report

@@ -306,11 +306,11 @@ def test_a_restart_after_load_resends_what_each_job_waits_for(table, store):
 def test_a_job_record_in_memory_holds_only_stored_fields_and_equals_what_is_stored(table, store):
     from cm.head.progress import report_of
     from cm.head.records import Job
-    from cm.protocol import Progress
+    from cm.protocol import Progress, SyncCounters
 
     job_id = sync_running(table, store)
-    table.progress(job_id, "n1/0", 1, report_of(Progress(job_id=job_id, node="n1", run=1, bytes_done=5,
-                                                          bytes_total=10, files_done=1, files_total=2, rate=1.0)))
+    counters = SyncCounters(bytes_done=5, bytes_total=10, files_done=1, files_total=2, rate=1.0)
+    table.progress(job_id, "n1/0", 1, report_of(Progress(job_id=job_id, node="n1", run=1, counters=counters)))
     job = table.jobs[job_id]
     assert set(job) <= set(Job.__annotations__)
     assert {k: v for k, v in job.items() if k != "progress"} == {

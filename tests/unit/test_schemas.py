@@ -13,7 +13,7 @@ import msgspec
 import pytest
 
 from cm.protocol import (
-    ARGS,
+    REQUESTS,
     VERSION,
     CommandShare,
     Error,
@@ -23,11 +23,17 @@ from cm.protocol import (
     RunJob,
     SubmitCommand,
     SubmitSync,
+    SyncCounters,
     SyncStats,
+    Submit,
     decode,
     encode,
-    request_args,
 )
+
+
+def request(op: str, fields: dict):
+    """A client's request as the head decodes it off its socket."""
+    return decode(msgpack.packb({**fields, "t": op, "v": VERSION, "id": "r1"}))
 
 SHARE = dict(run=1, rank=0, name="j", user="ann", uid=1000, gid=1000, time_limit=60.0, cwd="/home/ann")
 
@@ -53,7 +59,8 @@ def test_a_run_job_whose_spec_does_not_fit_is_refused_naming_the_field(spec, fie
 
 
 def test_progress_counters_are_typed_and_a_bad_counter_is_refused():
-    msg = Progress(job_id=1, node="n", run=1, bytes_done=1, bytes_total=2, files_done=1, files_total=1, rate=0.5,
+    msg = Progress(job_id=1, node="n", run=1, counters=SyncCounters(bytes_done=1, bytes_total=2, files_done=1,
+                                                                     files_total=1, rate=0.5),
                    stats=SyncStats(files_sent=3, elapsed=0.25))
     assert decode(encode(msg)).stats.files_sent == 3
     raw = msgpack.packb({**msgpack.unpackb(encode(msg)), "stats": {"files_sent": True}})
@@ -84,14 +91,23 @@ def test_a_message_of_another_version_is_refused_as_such():
     ({"kind": "batch"}, "kind"),
 ])
 def test_submit_arguments_that_do_not_fit_are_refused_naming_the_field(args, field):
-    with pytest.raises(ProtocolError, match=field.replace(".", r"\.")):
-        request_args("submit", args)
+    with pytest.raises(ProtocolError, match="job." + field.replace(".", r"\.")):
+        request("submit", {"job": {"kind": "command", **args}})
 
 
-def test_a_submit_without_kind_is_a_command_and_unknown_fields_are_ignored():
-    args = request_args("submit", {"argv": ["true"], "user": "root", "uid": 0})
-    assert isinstance(args, SubmitCommand) and args.argv == ["true"]
-    assert isinstance(request_args("submit", {"kind": "sync", "src": "a:/x", "dst": "b:/y"}), SubmitSync)
+def test_a_submit_names_its_kind_and_unknown_fields_are_ignored():
+    submit = request("submit", {"job": {"kind": "command", "argv": ["true"], "user": "root", "uid": 0}, "uid": 0})
+    assert isinstance(submit, Submit) and isinstance(submit.job, SubmitCommand) and submit.job.argv == ["true"]
+    assert isinstance(request("submit", {"job": {"kind": "sync", "src": "a:/x", "dst": "b:/y"}}).job, SubmitSync)
+    with pytest.raises(ProtocolError, match="kind"):
+        request("submit", {"job": {"argv": ["true"]}})
+
+
+def test_an_unknown_operation_is_refused_as_one():
+    from cm.protocol import UnknownType
+
+    with pytest.raises(UnknownType, match="unknown operation 'explode'"):
+        request("explode", {})
 
 
 @pytest.mark.parametrize("op,args,field", [
@@ -99,20 +115,20 @@ def test_a_submit_without_kind_is_a_command_and_unknown_fields_are_ignored():
     ("wait", {"job_id": 1, "timeout": 61}, "timeout"), ("info", {"job_id": True}, "job_id"),
     ("control", {"action": "explode"}, "action"), ("control", {"action": "priority", "value": "urgent"}, "value"),
     ("control", {"action": "priority", "value": 5000}, "value"),
-    ("submit", {"argv": ["x"], "labels": {"a.b": "c"}}, "labels"),  # stored as a document key: no '.'
-    ("submit", {"argv": ["x"], "labels": {f"k{i}": "v" for i in range(33)}}, "labels"),
-    ("submit", {"argv": ["x"], "idempotency_key": ""}, "idempotency_key"),
+    ("submit", {"job": {"kind": "command", "argv": ["x"], "labels": {"a.b": "c"}}}, "labels"),  # a document key: no '.'
+    ("submit", {"job": {"kind": "command", "argv": ["x"], "labels": {f"k{i}": "v" for i in range(33)}}}, "labels"),
+    ("submit", {"job": {"kind": "command", "argv": ["x"], "idempotency_key": ""}}, "idempotency_key"),
     ("info", {"state": ["SLEEPING"]}, "state[0]"), ("info", {"label": ["workflow"]}, "label[0]"),
     ("info", {"user": ""}, "user"), ("delete", {}, "job_id"), ("delete", {"job_id": -1}, "job_id"),
     ("token", {"revoke": "x" * 65}, "revoke"),
 ])
 def test_other_arguments_that_do_not_fit_are_refused_naming_the_field(op, args, field):
     with pytest.raises(ProtocolError, match=field.replace("[", r"\[").replace("]", r"\]")):
-        request_args(op, args)
+        request(op, args)
 
 
-def test_every_request_argument_type_has_a_json_schema():
-    schemas, components = msgspec.json.schema_components(list(ARGS.values()))
+def test_every_request_type_has_a_json_schema():
+    schemas, components = msgspec.json.schema_components(REQUESTS)
     assert {"SubmitCommand", "SubmitSync", "SyncOptions", "Cancel", "Info", "Wait", "Control", "Delete", "Token",
             "Metrics"} <= set(components)
     assert components["SubmitCommand"]["properties"]["nodes"]["maximum"] == 4096
@@ -121,9 +137,10 @@ def test_every_request_argument_type_has_a_json_schema():
 def test_the_http_bodies_are_the_protocols_request_types_with_the_same_limits():
     from cm.api import types
 
-    _, protocol = msgspec.json.schema_components(list(ARGS.values()))
+    _, protocol = msgspec.json.schema_components(REQUESTS)
     _, http = msgspec.json.schema_components([types.JobSubmission, types.AdminRequest])
-    not_in_body = ("kind", "type", "idempotency_key", "options", "action", "token")  # tags, header, path, flattened
+    not_in_body = ("t", "v", "id", "kind", "type", "idempotency_key", "options", "action", "token")  # tags,
+    # the envelope, a header, the path, flattened
 
     def fields(schema: dict) -> dict:
         return {k: v for k, v in schema["properties"].items() if k not in not_in_body}
@@ -133,7 +150,7 @@ def test_the_http_bodies_are_the_protocols_request_types_with_the_same_limits():
     assert fields(http["AdminRequest"]) == fields(protocol["Control"])
     body = msgspec.json.decode(b'{"type": "sync", "src": "a:/x", "dst": "b:/y", "checksum": true, '
                                b'"labels": {"workflow": "w1"}}', type=types.JobSubmission)
-    args = request_args("submit", types.head_args(body, idempotency_key="k"))
+    args = types.submitted(body, idempotency_key="k")
     assert isinstance(args, SubmitSync) and args.options.checksum and args.labels == {"workflow": "w1"}
     assert args.idempotency_key == "k"
 

@@ -27,7 +27,8 @@ import msgspec
 
 from cm.api.http import HttpError, HttpRequest, HttpResponse
 from cm.api.ui import sessions
-from cm.head.clients import Caller
+from cm.callers import Caller
+from cm.protocol import ClientRequest
 
 if TYPE_CHECKING:
     from cm.api.server import ApiServer
@@ -60,11 +61,11 @@ class Context:
         values = self.form.get(name)
         return values[0].strip() if values else default
 
-    async def ask(self, op: str, args: dict[str, Any], watch: bool = False) -> Any:
+    async def ask(self, kind: type[ClientRequest], args: dict[str, Any] | ClientRequest, watch: bool = False) -> Any:
         from cm.api.routes import ask
 
         assert self.caller is not None
-        return await ask(self.api, self.caller, op, args, self.request if watch else None)
+        return await ask(self.api, self.caller, kind, args, self.request if watch else None)
 
 
 def html(status: int, body: str, **headers: str) -> HttpResponse:

@@ -21,7 +21,7 @@ from cm.api import routes, types
 from cm.api.http import HttpError, HttpResponse
 from cm.api.ui import HEADERS, Context, check_csrf, check_peer, history, html, json, new_login_token, redirect, sessions
 from cm.api.views import FINAL
-from cm.protocol import MAX_WAIT
+from cm.protocol import MAX_WAIT, Cancel, Control, Files, Info, Metrics, Submit, Wait
 from cm.states import JobState
 
 HERE = Path(__file__).parent
@@ -105,11 +105,11 @@ async def route(ctx: Context) -> HttpResponse:
             action = ctx.field("action", "drain")
             if action not in ("drain", "resume"):
                 raise HttpError(400, "the node form's action is drain or resume")
-            await ctx.ask("control", types.admin_args(action, types.AdminRequest(node=ctx.field("node"),
+            await ctx.ask(Control, types.admin_request(action, types.AdminRequest(node=ctx.field("node"),
                                                                                  reason=ctx.field("reason"))))
             return redirect("/ui/")
         if (m := USER_ACTION.fullmatch(path)):
-            await ctx.ask("control", types.admin_args(m[1], types.AdminRequest(user=ctx.field("user"))))
+            await ctx.ask(Control, types.admin_request(m[1], types.AdminRequest(user=ctx.field("user"))))
             return redirect("/ui/")
         raise HttpError(404, f"no form at {path[:200]}")
     if path == "/ui":
@@ -166,8 +166,8 @@ async def login(ctx: Context) -> HttpResponse:
 
 async def cluster(ctx: Context) -> dict[str, Any]:
     """Partitions and nodes, jobs by state (the head's counters), the running syncs' rates by partition pair."""
-    info = await ctx.ask("info", {"state": ["RUNNING"]})
-    counts = (await ctx.ask("metrics", {}))["jobs"]
+    info = await ctx.ask(Info, {"state": ["RUNNING"]})
+    counts = (await ctx.ask(Metrics, {}))["jobs"]
     where = {n.name: n.partition for n in info.nodes}
     partitions: dict[str, dict[str, Any]] = {}
     for n in info.nodes:
@@ -209,7 +209,7 @@ async def jobs(ctx: Context) -> HttpResponse:
     everything = _query(ctx, "all") in ("1", "true", "yes", "on")
     args = {"all": everything, "state": [state.upper()] if state else [], "user": user or None,
             "label": [label] if label else []}
-    found = [j for j in (await ctx.ask("info", args)).jobs if not kind or j.type == kind]
+    found = [j for j in (await ctx.ask(Info, args)).jobs if not kind or j.type == kind]
     found.sort(key=lambda j: -j.id)
     return html(200, render("jobs.html", ctx, jobs=found[:MAX_ROWS], total=len(found), states=STATES,
                             filters={"state": state.upper(), "user": user, "label": label, "type": kind,
@@ -235,7 +235,7 @@ def live(view: Any) -> dict[str, Any]:
 
 
 async def job(ctx: Context, job_id: int) -> HttpResponse:
-    view = (await ctx.ask("info", {"job_id": job_id})).jobs[0]
+    view = (await ctx.ask(Info, {"job_id": job_id})).jobs[0]
     report, report_error, after = [], "", None
     action = _query(ctx, "action")
     offset = _query(ctx, "offset")
@@ -245,7 +245,7 @@ async def job(ctx: Context, job_id: int) -> HttpResponse:
         if action:
             args["action"] = action
         try:
-            page = await ctx.ask("files", args)
+            page = await ctx.ask(Files, args)
             report, after = msgspec.convert(page["files"], list[types.FileLine]), page["next"]
         except HttpError as exc:
             if exc.status in (403, 503):
@@ -284,15 +284,15 @@ async def job_json(ctx: Context, job_id: int) -> HttpResponse:
     except ValueError:
         raise HttpError(400, "wait must be a number of seconds") from None
     if wait > 0:
-        data = await ctx.ask("wait", {"job_id": job_id, "timeout": wait}, watch=True)
+        data = await ctx.ask(Wait, {"job_id": job_id, "timeout": wait}, watch=True)
     else:
-        data = await ctx.ask("info", {"job_id": job_id})
+        data = await ctx.ask(Info, {"job_id": job_id})
     return json(200, live(data.jobs[0]))
 
 
 async def job_action(ctx: Context, job_id: int, action: str) -> HttpResponse:
     if action == "cancel":
-        result = (await ctx.ask("cancel", {"job_ids": [job_id]}))[str(job_id)]
+        result = (await ctx.ask(Cancel, {"job_ids": [job_id]}))[str(job_id)]
         if not result["ok"]:
             raise HttpError(routes.status_of(result.get("code")), result["error"])
     else:
@@ -300,7 +300,7 @@ async def job_action(ctx: Context, job_id: int, action: str) -> HttpResponse:
         if action == "priority":
             text = ctx.field("value")
             value = int(text) if re.fullmatch(r"-?\d{1,9}", text) else text
-        await ctx.ask("control", types.admin_args(action, types.AdminRequest(job_id=job_id, value=value)))
+        await ctx.ask(Control, types.admin_request(action, types.AdminRequest(job_id=job_id, value=value)))
     return redirect(f"/ui/jobs/{job_id}")
 
 
@@ -324,8 +324,8 @@ async def submit(ctx: Context) -> HttpResponse:
         body = types.SyncJob(src=values["src"], dst=values["dst"], nodes=nodes, delete=values["delete"],
                              dry_run=values["dry_run"], name=values["name"] or None,
                              cwd=values["cwd"] or _home(ctx.caller.uid))
-        args = types.head_args(msgspec.convert(msgspec.to_builtins(body), types.SyncJob))
-        job_id = (await ctx.ask("submit", args))["job_id"]
+        job = types.submitted(msgspec.convert(msgspec.to_builtins(body), types.SyncJob))
+        job_id = (await ctx.ask(Submit, Submit(job=job)))["job_id"]
     except (ValueError, msgspec.ValidationError) as exc:
         return html(422, render("submit.html", ctx, values=values, error=f"invalid form: {exc}"))
     except HttpError as exc:
@@ -349,6 +349,6 @@ async def history_page(ctx: Context) -> HttpResponse:
         records = await ctx.api.loop.run_in_executor(None, store.job_history, since)
     except (store.StoreError, store.DatabaseError) as exc:
         raise HttpError(503, f"the database is away: {str(exc)[:200]}") from None
-    nodes = (await ctx.ask("info", {"nodes_only": True})).nodes
+    nodes = (await ctx.ask(Info, {"nodes_only": True})).nodes
     summary = history.summarize(records, {n.name: n.partition for n in nodes}, since, days)
     return html(200, render("history.html", ctx, days=days, **summary, chart=history.chart(summary["per_day"])))
