@@ -83,6 +83,7 @@ class HeadServer:
         self.jobs = JobTable(MongoJobStore(), stop_timeout=settings.kill_grace + settings.kill_confirm,
                              transfer_secret=secret(settings.run_dir, TRANSFER_SECRET))
         self.jobs.node_alive = self._alive
+        self.jobs.addrs = self.addrs
         self.scheduler = Scheduler(get_policy(settings.policy), settings.backfill)
         self.dirty = True
         # commands awaiting an ack: msg id -> (node, message, last sent)
@@ -324,7 +325,7 @@ class HeadServer:
         self.dirty = True  # pending jobs of that user wait (Blocked) or may start
 
     def stats(self) -> dict:
-        return {"pending": len(self.jobs.requests), "active": len(self.jobs.jobs), "nodes": len(self.registry.nodes),
+        return {"pending": len(self.jobs.pending()), "active": len(self.jobs.jobs), "nodes": len(self.registry.nodes),
                 "nodes_alive": sum(n.alive for n in self.registry.nodes.values()), "passes": self.passes,
                 "last_pass_ms": round(self.pass_seconds * 1000, 3)}
 
@@ -506,7 +507,7 @@ class HeadServer:
         for job_id, run, role, rank in shares:
             job = self.jobs.jobs.get(job_id)
             if not self.jobs.wants(node, job_id, run, role, rank):
-                if job_id not in self.jobs.stopping:  # those are being stopped already
+                if not self.jobs.stopping(job_id):  # those are being stopped already
                     out.kill.append(Stop(node, job_id, JobState.CANCELLED.value, run, role, rank,
                                          "the head does not know this share"))
             elif job is not None and not all(job["slots"][i]["started"]
@@ -556,7 +557,7 @@ class HeadServer:
         daemon with no memory of the job would start it a second time.
         """
         if isinstance(command, RunJob) and (
-                command.job_id in self.jobs.stopping
+                self.jobs.stopping(command.job_id)
                 or not self.jobs.wants(node, command.job_id, command.spec.run, command.spec.role,
                                        command.spec.rank)):
             del self.unacked[msg_id]
