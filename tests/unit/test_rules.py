@@ -18,7 +18,7 @@ from cm.states import JobState
 from cm.transfer.exitcodes import TRANSIENT
 
 from .memory_store import command_fields, sync_fields
-from .test_job_table import ADDRS, dispatch, running, stored, submit, sync_running
+from .test_job_table import ADDRS, dispatch, stored, submit, sync_running
 
 ALIVE = {"cpu": 4, "gpu": 4}
 
