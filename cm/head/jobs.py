@@ -66,7 +66,7 @@ class JobTable(Endings):
         self._by_node: dict[str, set[int]] | None = None
         self._holding: dict[int, None] = {}
         self.ids = JobIds(store.reserve_job_ids)
-        self.recent = RecentJobs()
+        self.recent = RecentJobs(now=self.clock.wall)
         self.lost_races = 0  # conditional writes another writer won (each one reloaded that job)
 
     # --- loading and views ---------------------------------------------------

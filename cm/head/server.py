@@ -23,6 +23,7 @@ from cm.head.events import (Answer, ClientAsked, Command, DbBack, DbLost, Delive
 from cm.head.intercom import HeadIntercom
 from cm.head.jobs import JobTable
 from cm.head.policies import get_policy
+from cm.head.record import Open, line_of
 from cm.head.registry import Registry
 from cm.head.scheduler import Scheduler
 from cm.head.state import HeadState
@@ -66,13 +67,17 @@ class HeadLoop:
         self.waiters: dict[int, list[tuple[Caller, Any, Request, float]]] = {}
         self.api = None  # cm.api.server.ApiServer: the HTTP API's thread, which hands requests to this loop
         self.intercom = HeadIntercom(settings, jobs, self.send)  # keys and commands of a job's processes
+        self.record = open(settings.head_events, "a", encoding="utf-8") if settings.head_events else None
 
     # --- start and loop ------------------------------------------------------
 
     def open(self) -> None:
         uri = store.database_uri(self.settings.mongodb_uri, self.settings.db_uri_file)
         store.connect(uri, self.settings.db_name, self.settings.db_timeout)
-        opened = self.state.open(time.monotonic(), time.time())
+        now, wall = time.monotonic(), time.time()
+        opened = self.state.open(now, wall)
+        if self.record is not None:
+            self.record.write(line_of(Open(now, wall), opened, self.settings) + "\n")
         self.intercom.open()
         ctx = zmq.Context.instance()
         self.router = ctx.socket(zmq.ROUTER)
@@ -109,9 +114,17 @@ class HeadLoop:
         if self.router:
             self.router.close(0)
             self.router = None
+        if self.record is not None:
+            self.record.close()
+            self.record = None
 
     def feed(self, kind: type[Event], *args: Any) -> None:
-        self.carry_out(self.state.handle(kind(time.monotonic(), time.time(), *args)))
+        ev = kind(time.monotonic(), time.time(), *args)
+        instructions = self.state.handle(ev)
+        if self.record is not None:
+            self.record.write(line_of(ev, instructions) + "\n")
+            self.record.flush()
+        self.carry_out(instructions)
 
     def run(self, stop: threading.Event) -> None:
         self.open()

@@ -68,6 +68,7 @@ class HeadState(Answers):
     def open(self, now: float, wall: float) -> list[Instruction]:
         """Load from the stores and send again what unfinished jobs wait for."""
         self.jobs.clock.set(now, wall)
+        self.registry.started = now  # every node gets a full heartbeat timeout to call back
         self.registry.load()
         self.jobs.load()
         self.admin_policy = self.db.get_policy()  # only this head changes it

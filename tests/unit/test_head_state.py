@@ -1,12 +1,16 @@
 """The head as a state machine: events in, instructions out (cm.head.state), no socket, clock or database server.
 
-A bug report becomes a list of events: ``replay`` feeds them and returns every instruction. The last test
-replays a sequence of the model-based test (tests/test_model.py) as events.
+A bug report becomes a list of events. The last test replays what a real head handled during a run of the
+model-based test (tests/test_model.py, recorded with CM_HEAD_EVENTS) and checks that the state gives, event
+by event, the instructions the real head gave.
 """
 
 from __future__ import annotations
 
+import gzip
 import itertools
+import json
+from pathlib import Path
 
 import pytest
 
@@ -16,6 +20,7 @@ from cm.head.events import (Answer, ClientAsked, Command, DbBack, DbLost, Delive
                             Send, Tick)
 from cm.head.jobs import JobTable
 from cm.head.policies import get_policy
+from cm.head.record import Open, event_of, summary
 from cm.head.registry import Registry
 from cm.head.rules import Clock
 from cm.head.scheduler import Scheduler
@@ -151,8 +156,8 @@ def test_while_the_database_is_away_requests_wait_and_node_reports_are_left_for_
     assert answer.reply.ok
 
 
-def test_model_sequence_a_dispatch_the_node_never_confirms_ends_the_job(head):
-    """tests/test_model.py, as events: `cmrun -n 1 --partition cpu sleep 1` on a node whose daemon is frozen
+def test_a_dispatch_the_node_never_confirms_ends_the_job(head):
+    """A model-test scenario written as events: `cmrun -n 1 --partition cpu sleep 1` on a node whose daemon is frozen
     (freeze_node) right after the dispatch: it still heartbeats (its socket thread), names no share, never
     starts it. The chaos test saw such a job stay DISPATCHING for ever."""
     head.hello("n1")
@@ -168,8 +173,8 @@ def test_model_sequence_a_dispatch_the_node_never_confirms_ends_the_job(head):
     assert head.state.still_wanted("n1", run) is False  # its RunJob is not sent again
 
 
-def test_model_sequence_a_requeued_job_on_a_restarted_daemon_runs_again_elsewhere(head):
-    """tests/test_model.py, as events: `cmrun --requeue` running on n1; kill_node n1, start_node n1 (a new
+def test_a_requeued_job_on_a_restarted_daemon_runs_again(head):
+    """A model-test scenario written as events: `cmrun --requeue` running on n1; kill_node n1, start_node n1 (a new
     incarnation says hello): the job waits again and the next pass sends it out again, run 2."""
     head.hello("n1")
     head.hello("n2")
@@ -185,3 +190,32 @@ def test_model_sequence_a_requeued_job_on_a_restarted_daemon_runs_again_elsewher
     head.node(again, ended)  # a late report of the first run changes nothing
     assert head.job(job_id)["state"] == "DISPATCHING"
     assert not commands(out, KillJob) or all(k.job_id == job_id for _, k in commands(out, KillJob))
+
+
+RECORDED = Path(__file__).with_name("data") / "model_seed3.jsonl.gz"
+
+
+def test_a_recorded_model_run_replays_to_the_same_instructions():
+    """tests/test_model.py, seed 3, its first 18 operations but head restarts (submits of command and sync
+    jobs, cancels, a hold, a node frozen and thawed), as the real head handled them: every event gives the
+    instructions it gave there (kinds, nodes, messages, jobs and states; message ids are new on every run)."""
+    lines = gzip.open(RECORDED, "rt", encoding="utf-8").read().splitlines()
+    opened, recorded = event_of(lines[0])
+    assert isinstance(opened, Open)
+    settings = load(env={}, **json.loads(lines[0])["settings"])
+    store = MemoryStore()
+    jobs = JobTable(store, stop_timeout=settings.kill_grace + settings.kill_confirm,
+                    clock=Clock(opened.mono, opened.wall))
+    state = HeadState(settings, jobs, Registry(settings.heartbeat_timeout, db=MemoryDb()),
+                      Scheduler(get_policy(settings.policy), settings.backfill), db=MemoryDb())
+    assert summary(state.open(opened.mono, opened.wall)) == recorded
+    handled = 0
+    for number, line in enumerate(lines[1:], 2):
+        ev, recorded = event_of(line)
+        if isinstance(ev, Open):
+            break  # the head restarted: what it loaded was the real database's
+        assert summary(state.handle(ev)) == recorded, f"line {number}: {line[:300]}"
+        handled += 1
+    assert handled == len(lines) - 1
+    assert {job_id: doc["state"] for job_id, doc in store.docs.items()} == {
+        1: "CANCELLED", 2: "COMPLETED", 3: "COMPLETED", 4: "CANCELLED", 5: "CANCELLED", 6: "CANCELLED"}
