@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from cm.head.clients import Caller
-from cm.protocol import Message, Reply, Request
+from cm.protocol import Message, Reply, Request, RunJob
 
 
 # --- events ----------------------------------------------------------------------------------------
@@ -115,6 +115,14 @@ class Forget:
     run: int = 0
     role: str = ""
     rank: int = -1
+
+    def matches(self, to: str, msg: Message) -> bool:
+        if to != self.node or not isinstance(msg, RunJob) or msg.job_id != self.job_id:
+            return False
+        spec = msg.spec
+        if self.run and spec.run != self.run:
+            return False  # a report about another run says nothing about this one
+        return not self.role or (spec.role == self.role and (self.rank < 0 or spec.rank == self.rank))
 
 
 @dataclass(frozen=True)

@@ -77,3 +77,20 @@ def event_of(line: str, to: Any = None) -> tuple[Event, list[list[Any]]]:
     else:
         ev = kind(*times)
     return ev, f["out"]
+
+
+class Recorder:
+    """Appends the head's events to a file (CM_HEAD_EVENTS), each written at once: a head killed keeps them."""
+
+    def __init__(self, path: str, settings: Settings) -> None:
+        self.file, self.settings = open(path, "a", encoding="utf-8"), settings
+
+    def opened(self, now: float, wall: float, instructions: list[Instruction]) -> None:
+        self.file.write(line_of(Open(now, wall), instructions, self.settings) + "\n")
+
+    def handled(self, ev: Event, instructions: list[Instruction]) -> None:
+        self.file.write(line_of(ev, instructions) + "\n")
+        self.file.flush()
+
+    def close(self) -> None:
+        self.file.close()

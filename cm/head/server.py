@@ -23,14 +23,14 @@ from cm.head.events import (Answer, ClientAsked, Command, DbBack, DbLost, Delive
 from cm.head.intercom import HeadIntercom
 from cm.head.jobs import JobTable
 from cm.head.policies import get_policy
-from cm.head.record import Open, line_of
+from cm.head.record import Recorder
 from cm.head.registry import Registry
 from cm.head.scheduler import Scheduler
 from cm.head.state import HeadState
 from cm.keys import TRANSFER_SECRET, secret
 from cm.logs import event
 from cm.outbox import Outbox
-from cm.protocol import Error, ErrorCode, KillJob, Message, ProtocolError, Reply, Request, RunJob, decode, encode
+from cm.protocol import Error, ErrorCode, KillJob, Message, ProtocolError, Reply, Request, decode, encode
 from cm.store.jobstore import MongoJobStore
 
 log = logging.getLogger("cm.head")
@@ -67,7 +67,7 @@ class HeadLoop:
         self.waiters: dict[int, list[tuple[Caller, Any, Request, float]]] = {}
         self.api = None  # cm.api.server.ApiServer: the HTTP API's thread, which hands requests to this loop
         self.intercom = HeadIntercom(settings, jobs, self.send)  # keys and commands of a job's processes
-        self.record = open(settings.head_events, "a", encoding="utf-8") if settings.head_events else None
+        self.record = Recorder(settings.head_events, settings) if settings.head_events else None
 
     # --- start and loop ------------------------------------------------------
 
@@ -77,7 +77,7 @@ class HeadLoop:
         now, wall = time.monotonic(), time.time()
         opened = self.state.open(now, wall)
         if self.record is not None:
-            self.record.write(line_of(Open(now, wall), opened, self.settings) + "\n")
+            self.record.opened(now, wall, opened)
         self.intercom.open()
         ctx = zmq.Context.instance()
         self.router = ctx.socket(zmq.ROUTER)
@@ -122,8 +122,7 @@ class HeadLoop:
         ev = kind(time.monotonic(), time.time(), *args)
         instructions = self.state.handle(ev)
         if self.record is not None:
-            self.record.write(line_of(ev, instructions) + "\n")
-            self.record.flush()
+            self.record.handled(ev, instructions)
         self.carry_out(instructions)
 
     def run(self, stop: threading.Event) -> None:
@@ -262,9 +261,7 @@ class HeadLoop:
             elif isinstance(ins, Command):
                 self.command(ins.node, ins.msg, ins.now)
             elif isinstance(ins, Forget):
-                self.outbox.drop(lambda to, c, f=ins: to == f.node and isinstance(c, RunJob) and c.job_id == f.job_id
-                                 and (not f.run or c.spec.run == f.run)  # a report on another run says nothing here
-                                 and (not f.role or (c.spec.role == f.role and (f.rank < 0 or c.spec.rank == f.rank))))
+                self.outbox.drop(ins.matches)
             elif isinstance(ins, Delivered):
                 self.outbox.ack(ins.ref)
             elif isinstance(ins, Resend):
