@@ -39,8 +39,6 @@ log = logging.getLogger("cm.head.jobs")
 
 __all__ = ["JobTable", "final_state"]
 
-Share = tuple[int, int, str, int]  # (job_id, run, role, rank): one slot of one run, as nodes name it
-
 
 class JobTable(Endings):
     def __init__(self, store: JobStore, stop_timeout: float = 8.0, transfer_secret: bytes | None = None,
