@@ -54,8 +54,7 @@ class Endings:
             rt = self.runtime[job["_id"]]
             forced = forced_end(job)
             if forced is not None:
-                if rt.stopping is None:
-                    rt.stopping = (now + self.stop_timeout, forced.value)
+                self._stop_by(job["_id"], now + self.stop_timeout, forced.value)
                 for s in job["slots"]:
                     if not s["ended"] and s["role"] != "dst":
                         out.kill.append(stop_slot(job, s, forced))
@@ -98,18 +97,19 @@ class Endings:
 
     def expire_stops(self, now: float, out: Outcome) -> None:
         """Shares told to stop that no node confirmed within stop_timeout: release them, drain their nodes."""
-        for job_id, rt in list(self.runtime.items()):
-            if rt.stopping is None:
+        for job_id in list(self._stopping):
+            rt, job = self.runtime.get(job_id), self.jobs.get(job_id)
+            if rt is None or job is None or rt.stopping is None or not JobState(job["state"]).active:
+                self._stopping.pop(job_id, None)
+                if rt is not None:
+                    rt.stopping = None
                 continue
-            job = self.jobs[job_id]
             deadline, state = rt.stopping
-            if not JobState(job["state"]).active:
-                rt.stopping = None
-                continue
             if now < deadline:
                 continue
             late = [i for i, s in enumerate(job["slots"]) if not s["ended"] and s["role"] != "dst"]
             rt.stopping = None
+            self._stopping.pop(job_id, None)
             if not late:
                 self._finish(job, Outcome(), out, {})
                 continue
@@ -255,9 +255,8 @@ class Endings:
             return self._finish(job, mine, out, fields, by_node)
         if not self._write(job, fields):
             return False
-        rt = self.runtime[job["_id"]]
-        if stopping is not None and mine.kill and rt.stopping is None:
-            rt.stopping = (self.clock.mono() + self.stop_timeout, stopping.value)
+        if stopping is not None and mine.kill:
+            self._stop_by(job["_id"], self.clock.mono() + self.stop_timeout, stopping.value)
         out.extend(mine)
         return True
 

@@ -60,9 +60,10 @@ class JobTable(Endings):
         self.jobs: dict[int, Job] = {}
         self.runtime: dict[int, Runtime] = {}
         # indexes, which may name more than they should (a forgotten job), never less: node -> jobs that may
-        # have a slot there; jobs with a held RUNNING write, oldest first
+        # have a slot there; jobs with a held RUNNING write, oldest first; jobs told to stop
         self._by_node: dict[str, set[int]] | None = None
         self._holding: dict[int, None] = {}
+        self._stopping: dict[int, None] = {}
         self.ids = JobIds(store.reserve_job_ids)
         self.recent = RecentJobs(now=self.clock.wall)
         self.lost_races = 0  # conditional writes another writer won (each one reloaded that job)
@@ -70,7 +71,7 @@ class JobTable(Endings):
     # --- loading and views ---------------------------------------------------
 
     def load(self) -> None:
-        self.jobs, self.runtime, self._by_node, self._holding = {}, {}, None, {}
+        self.jobs, self.runtime, self._by_node, self._holding, self._stopping = {}, {}, None, {}, {}
         for job in self.store.active_jobs():
             self._keep(job)  # type: ignore[arg-type]
         self.recent.load(self.store.recent_jobs(self.clock.wall() - self.recent.seconds, finished=True))
@@ -155,6 +156,13 @@ class JobTable(Endings):
         """Whether the job's shares were told to stop (it ends once they are gone)."""
         rt = self.runtime.get(job_id)
         return rt is not None and rt.stopping is not None
+
+    def _stop_by(self, job_id: int, deadline: float, state: str) -> None:
+        """The job's shares were told to stop: they must be gone by deadline (the first deadline stays)."""
+        rt = self.runtime[job_id]
+        if rt.stopping is None:
+            rt.stopping = (deadline, state)
+            self._stopping[job_id] = None
 
     # --- writing: the store first, memory after ------------------------------
 
