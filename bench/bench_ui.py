@@ -97,9 +97,11 @@ def in_process(nodes: int, jobs: int, rounds: int) -> None:
     from cm.api.http import HttpRequest
     from cm.api.ui import Context, pages
     from cm.api.ui.sessions import Sessions
-    from cm.head.clients import Caller
+    from cm.callers import Caller
     from cm.head.requests import handle
-    from cm.protocol import NodeView, Request
+    from cm.protocol import NodeView
+
+    import msgspec
 
     rows = [NodeView(name=f"sim-{i}", partition="sim", state="ALLOCATED", cpus=4, cpus_free=0, mem_mb=16384,
                      mem_free_mb=8192) for i in range(nodes)]
@@ -141,10 +143,11 @@ def in_process(nodes: int, jobs: int, rounds: int) -> None:
     head, caller = Head(), Caller(0, 0, 0, "root", True)
 
     class Local(Context):
-        async def ask(self, op, args, watch=False):
-            reply = handle(head, caller, Request(op=op, args=args))
+        async def ask(self, kind, args, watch=False):
+            request = args if isinstance(args, kind) else msgspec.convert(args, kind)
+            reply = handle(head, caller, request)
             if not reply.ok:
-                raise SystemExit(f"{op}: {reply.error}")
+                raise SystemExit(f"{kind.TYPE}: {reply.error}")
             return reply.data
 
     sessions = Sessions()

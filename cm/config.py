@@ -97,6 +97,8 @@ class Settings:
     intercom_head_wait: float = _setting(30.0, "seconds an intercom put or send waits for the head before failing")
     # logging
     log_level: str = _setting("INFO", "DEBUG, INFO, WARNING or ERROR")
+    head_events: str = _setting("", "file the head appends every event it handles to, one JSON line each, to "
+                                    "replay a bug against its state machine (docs/ARCHITECTURE.md)")
 
     @property
     def socket_path(self) -> Path:

@@ -68,12 +68,12 @@ class Supervisor:
 
 def head_parts(settings: config.Settings) -> list[Part]:
     from cm.api.tls import check_binding
-    from cm.head.server import HeadServer
+    from cm.head.server import HeadLoop
 
     check_binding(settings)  # before anything listens: a head that would take tokens in clear does not start
 
     def head_loop(stop: threading.Event) -> None:
-        HeadServer(settings).run(stop)
+        HeadLoop(settings).run(stop)
 
     return [Part("head", head_loop)]
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import collections
 import time
-from typing import Iterable
+from typing import Callable, Iterable
 
 from cm.head.records import Job
 
@@ -12,8 +12,8 @@ from cm.head.records import Job
 class RecentJobs:
     """Finished jobs, oldest first: those that ended within ``seconds``, at most ``most`` of them."""
 
-    def __init__(self, seconds: float = 300.0, most: int = 20000) -> None:
-        self.seconds, self.most = seconds, most
+    def __init__(self, seconds: float = 300.0, most: int = 20000, now: Callable[[], float] = time.time) -> None:
+        self.seconds, self.most, self.now = seconds, most, now  # now: the wall clock (the head's, from events)
         self.jobs: collections.OrderedDict[int, Job] = collections.OrderedDict()
 
     def load(self, finished: Iterable[Job]) -> None:
@@ -30,7 +30,7 @@ class RecentJobs:
         self.jobs.pop(job_id, None)
 
     def prune(self) -> None:
-        oldest = time.time() - self.seconds
+        oldest = self.now() - self.seconds
         while self.jobs:
             job = next(iter(self.jobs.values()))
             if len(self.jobs) <= self.most and (job.get("ended") or 0) >= oldest:

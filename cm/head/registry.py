@@ -36,15 +36,16 @@ class NodeInfo:
 
 
 class Registry:
-    def __init__(self, heartbeat_timeout: float):
+    def __init__(self, heartbeat_timeout: float, db=store, started: float | None = None):
         self.timeout = heartbeat_timeout
+        self.db = db  # all_nodes() and save_node(name, **fields): cm.store, or one in memory in the unit tests
         self.nodes: dict[str, NodeInfo] = {}
-        self.started = time.monotonic()
+        self.started = time.monotonic() if started is None else started
         self.claimed = False  # whether nodes silent since the head started were declared DOWN
 
     def load(self) -> None:
         """Known nodes from the database; none is alive until it calls back."""
-        for doc in store.all_nodes():
+        for doc in self.db.all_nodes():
             self.nodes[doc["_id"]] = NodeInfo(
                 name=doc["_id"],
                 partition=doc["partition"],
@@ -69,7 +70,7 @@ class Registry:
         node.incarnation = msg.incarnation
         was_alive = node.alive
         node.alive, node.last_seen = True, now
-        store.save_node(
+        self.db.save_node(
             msg.node,
             partition=msg.partition,
             cpus=msg.cpus,
@@ -107,7 +108,7 @@ class Registry:
                 down.append(node)  # never called back after this head started: its jobs are lost too
         self.claimed = True
         for node in down:
-            store.save_node(node.name, state="DOWN")
+            self.db.save_node(node.name, state="DOWN")
             event(log, "node down", logging.WARNING, node=node.name,
                   silent_for=round(now - (node.last_seen or self.started), 2))
         return down
@@ -117,7 +118,7 @@ class Registry:
         if node is None:
             raise KeyError(name)
         node.drain, node.reason = drain, reason
-        store.save_node(name, drain=drain, reason=reason)
+        self.db.save_node(name, drain=drain, reason=reason)
         return node
 
     def state_of(self, node: NodeInfo, cpus_used: int) -> NodeState:

@@ -56,7 +56,7 @@ __all__ = ["Head", "Later", "Refused", "handle", "job_view", "HANDLERS"]
 
 
 class Head(Protocol):
-    """What request handlers may use of the head (HeadServer implements it)."""
+    """What request handlers may use of the head (HeadState implements it)."""
 
     settings: Settings
     admin_policy: dict[str, Any]  # blocked_users, block_all

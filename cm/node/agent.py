@@ -35,6 +35,7 @@ from cm.node.intercom import IntercomSetupError, NodeIntercom
 from cm.node.purge import Purge, Tracked
 from cm.node.resources import measure
 from cm.node.sync import WarmSenders, data_identity, sender_end, start_sender
+from cm.outbox import Outbox
 from cm.protocol import (
     ANY_RANK,
     ANY_ROLE,
@@ -79,7 +80,7 @@ class NodeAgent:
         self.wakeup_fd = wakeup_fd
         self.incarnation = new_id()
         self.purge = Purge(settings.kill_grace)
-        self.outbox: dict[str, tuple[Message, float]] = {}
+        self.outbox = Outbox(settings.dispatch_retry)  # reports the head must acknowledge
         # shares that ended here, with how: a repeated RunJob for one is answered with its end again
         self.finished: collections.OrderedDict[ShareKey, tuple[JobState, int, str, float]] = collections.OrderedDict()
         self.receiving: dict[ShareKey, str] = {}  # dst share -> transfer id
@@ -234,14 +235,13 @@ class NodeAgent:
 
     def report(self, msg: Message) -> None:
         """Send a message that must reach the head: kept until acknowledged."""
-        self.outbox[msg.id] = (msg, time.monotonic())
+        self.outbox.put("", msg, time.monotonic())
         self.send(msg)
 
     def _resend(self, now: float) -> None:
-        for msg_id, (msg, sent) in list(self.outbox.items()):
-            if now - sent >= self.settings.dispatch_retry:
-                self.outbox[msg_id] = (msg, now)
-                self.send(msg)
+        for msg_id, _, msg in self.outbox.due(now):
+            self.outbox.sent(msg_id, now)
+            self.send(msg)
 
     def _hello(self) -> Hello:
         host = self.settings.transfer_host or self.name
@@ -260,18 +260,18 @@ class NodeAgent:
 
     def ending(self) -> list[ShareKey]:
         """Shares whose end is reported but not yet acknowledged: the head must not think them lost."""
-        return sorted({m.share for m, _ in self.outbox.values() if isinstance(m, JobEnded)})
+        return sorted({m.share for m in self.outbox.messages() if isinstance(m, JobEnded)})
 
     def on_message(self, msg: Message) -> None:
         if isinstance(msg, Welcome):
             self.welcomed = self.registered = True
             for job_id in msg.kill:
                 self.stop(ShareKey(job_id, ANY_RUN, ANY_ROLE, ANY_RANK), JobState.CANCELLED, "the head does not know this job")
-            for m, _ in list(self.outbox.values()):
+            for m in list(self.outbox.messages()):
                 self.send(m)
             self.intercom.welcomed()
         elif isinstance(msg, Ack):
-            self.outbox.pop(msg.ref, None)
+            self.outbox.ack(msg.ref)
         elif isinstance(msg, Error):
             if msg.code == ErrorCode.UNKNOWN_NODE:
                 self.welcomed = False  # the head does not know this node (it restarted): say hello again
@@ -311,7 +311,7 @@ class NodeAgent:
         if share in self.finished:
             # over already; say so again (the head may have lost the first report in an outage)
             state, exit_code, reason, at = self.finished[share]
-            if not any(isinstance(m, JobEnded) and m.share == share for m, _ in self.outbox.values()):
+            if not any(isinstance(m, JobEnded) and m.share == share for m in self.outbox.messages()):
                 self._report_end(share, state, exit_code, reason, at)
             return True
         if share in self.purge.jobs or share in self.receiving:

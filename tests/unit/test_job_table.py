@@ -182,7 +182,7 @@ def test_cancelling_a_dispatched_job_stops_its_share_then_ends_cancelled(table, 
     out = Outcome()
     assert table.cancel(job_id, out) == "cancelling"
     assert [(s.node, s.job_id, s.state, s.run) for s in out.kill] == [("n1", job_id, "CANCELLED", 1)]
-    assert stored(store, job_id)["cancel_requested"] and job_id in table.stopping
+    assert stored(store, job_id)["cancel_requested"] and table.stopping(job_id)
     again = Outcome()
     assert table.cancel(job_id, again) == "cancelling"  # a second cmkill changes nothing stored
     table.ended(job_id, "n1", 1, JobState.CANCELLED, 143, "", again, "run", 0)
@@ -287,7 +287,7 @@ def test_a_timeout_that_loses_stops_nothing(table, store):
     store.docs[job_id]["state"] = "CANCELLED"
     out = Outcome()
     table.overdue(time.time() + 120, 5, out)
-    assert out.kill == [] and job_id not in table.jobs and job_id not in table.stopping
+    assert out.kill == [] and job_id not in table.jobs and not table.stopping(job_id)
 
 
 def test_a_restart_after_load_resends_what_each_job_waits_for(table, store):
