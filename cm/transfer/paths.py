@@ -156,7 +156,7 @@ class DirHandles:
             self._explain(parent, key, exc)
             raise
         try:
-            os.mkdir(name, mode, dir_fd=parent)
+            self._mkdir(parent, name, mode)
         except FileExistsError:
             pass
         try:
@@ -164,6 +164,9 @@ class DirHandles:
         except OSError as exc:
             self._explain(parent, key, exc)
             raise
+
+    def _mkdir(self, parent: int, name: str, mode: int) -> None:
+        os.mkdir(name, mode, dir_fd=parent)
 
     @staticmethod
     def _explain(parent: int, key: tuple[str, ...], exc: OSError) -> None:
