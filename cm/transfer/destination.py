@@ -79,10 +79,14 @@ def _open_up(dfd: int) -> bool:
 
 
 class _Dirs(DirHandles):
-    """The destination's directories: a missing one is made in its parent with ``in_dir``."""
+    """The destination's directories: a missing one is made in its parent with ``in_dir`` when that parent
+    is the tree's top or below (never in the directories above it, which no rank gives their mode back)."""
 
-    def _mkdir(self, parent: int, name: str, mode: int) -> None:
-        in_dir(parent, os.mkdir, name, mode, dir_fd=parent)
+    def _mkdir(self, parent: int, key: tuple[str, ...], mode: int) -> None:
+        if len(key) > len(self.prefix):
+            in_dir(parent, os.mkdir, key[-1], mode, dir_fd=parent)
+        else:
+            super()._mkdir(parent, key, mode)
 
 
 def _split(path: bytes) -> tuple[str, ...]:

@@ -156,7 +156,7 @@ class DirHandles:
             self._explain(parent, key, exc)
             raise
         try:
-            self._mkdir(parent, name, mode)
+            self._mkdir(parent, key, mode)
         except FileExistsError:
             pass
         try:
@@ -165,8 +165,9 @@ class DirHandles:
             self._explain(parent, key, exc)
             raise
 
-    def _mkdir(self, parent: int, name: str, mode: int) -> None:
-        os.mkdir(name, mode, dir_fd=parent)
+    def _mkdir(self, parent: int, key: tuple[str, ...], mode: int) -> None:
+        """Make ``key``'s last component in ``parent`` (the directory of ``key[:-1]``)."""
+        os.mkdir(key[-1], mode, dir_fd=parent)
 
     @staticmethod
     def _explain(parent: int, key: tuple[str, ...], exc: OSError) -> None:

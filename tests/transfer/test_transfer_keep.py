@@ -300,3 +300,19 @@ def test_a_users_sync_again_writes_into_the_read_only_directory_an_earlier_run_m
     again = run_sender(spec_for(ep, src), expect_ok=False)
     assert again.returncode == 0 and again.report["errors"] == 0, again.stderr
     assert_same_tree(src, ep.dst)
+
+
+def test_a_read_only_directory_above_the_destination_is_left_as_it_is(users_receiver, nobody):
+    """Only the tree's own directories are opened up (each rank gives them their mode back): one above the
+    destination, which the sync must make its top in, keeps its mode and the sync fails."""
+    from cm.creds import Identity
+
+    src, ep = users_receiver
+    _read_only_tree(src, nobody)
+    shut = ep.root / "shut"
+    shut.mkdir(mode=0o555)
+    os.chown(shut, nobody.pw_uid, nobody.pw_gid)
+    ep.server.register("t-shut", "tok-shut", ep.root, "/shut/out", Identity(nobody.pw_uid, nobody.pw_gid, ()))
+    result = run_sender({**spec_for(ep, src), "transfer_id": "t-shut", "token": "tok-shut"}, expect_ok=False)
+    assert result.returncode != 0 and "Permission denied" in result.stderr, result.stderr
+    assert stat.S_IMODE(shut.stat().st_mode) == 0o555 and not (shut / "out").exists()
