@@ -191,7 +191,8 @@ def make_specials(dest, rows: list[SpecialRow], devices: bool) -> Applied:
             parts = wire_parts(os.fsdecode(row.path))
             dfd = dest._parent(parts, create=True)
             tmp = dest._tmp_name()
-            in_dir(dfd, os.mknod, tmp, _FORMAT[row.kind] | 0o600, row.rdev if row.kind in (CHAR, BLOCK) else 0, dir_fd=dfd)
+            rdev = row.rdev if row.kind in (CHAR, BLOCK) else 0
+            in_dir(dfd, os.mknod, tmp, _FORMAT[row.kind] | 0o600, rdev, dir_fd=dfd)
             try:
                 os.chmod(tmp, row.mode, dir_fd=dfd)
                 os.utime(tmp, ns=(row.mtime, row.mtime), dir_fd=dfd, follow_symlinks=False)

@@ -123,8 +123,9 @@ class Sender:
                     work.remaining[path] -= n
             lead = spec.rank == 0
             tops, gone = diff.deletions(src, dst_list) if lead and spec.delete and not single_file else ([], [])
+            # what no run will resume: another version's, a vanished file's
             orphans = diff.orphan_temps(entries, dst, temps, spec.chunk_size, spec.checksum) \
-                if lead and not spec.dry_run and not single_file else []  # what no run will resume
+                if lead and not spec.dry_run and not single_file else []
             if orphans:
                 self._pages(control, f.Delete, [os.fsencode(p) for p in orphans])
             mkdirs = diff.dirs_to_make(entries, dst)

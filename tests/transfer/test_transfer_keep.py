@@ -251,7 +251,7 @@ def users_receiver(nobody):
     shutil.rmtree(top)
 
 
-def _read_only_tree(top: Path, owner, extra: str = "") -> None:
+def _read_only_tree(top: Path, owner, extra: str = "", hard_link: bool = True) -> None:
     """A tree with a read-only directory (0555) holding small files, a file of several chunks, a symlink,
     a hard link's second name and a subdirectory; everything ``owner``'s, directory mtimes set
     after their contents."""
@@ -266,7 +266,8 @@ def _read_only_tree(top: Path, owner, extra: str = "") -> None:
     write(ro / f"sub{extra}" / "leaf.txt", b"leaf\n")
     os.symlink(f"f0{extra}.txt", ro / f"link{extra}")
     write(top / "plain" / f"p{extra}.txt", b"p\n")
-    os.link(top / "plain" / f"p{extra}.txt", ro / f"hard{extra}.txt")  # its other name: linked in ro/
+    if hard_link:  # its other name is linked in ro/ (by every run: hard links are always looked at)
+        os.link(top / "plain" / f"p{extra}.txt", ro / f"hard{extra}.txt")
     for dirpath, dirnames, filenames in os.walk(top, topdown=False):
         for name in dirnames + filenames:
             os.chown(os.path.join(dirpath, name), owner.pw_uid, owner.pw_gid, follow_symlinks=False)
@@ -316,3 +317,25 @@ def test_a_read_only_directory_above_the_destination_is_left_as_it_is(users_rece
     result = run_sender({**spec_for(ep, src), "transfer_id": "t-shut", "token": "tok-shut"}, expect_ok=False)
     assert result.returncode != 0 and "Permission denied" in result.stderr, result.stderr
     assert stat.S_IMODE(shut.stat().st_mode) == 0o555 and not (shut / "out").exists()
+
+
+def test_a_partial_file_no_run_resumes_is_removed_from_a_read_only_directory_which_keeps_its_mode(
+        users_receiver, nobody):
+    """The lead removes it (opening ro/ up for that) and gives ro/ its mode and mtime back, though it
+    writes nothing else there."""
+    from .conftest import assert_same_tree
+
+    src, ep = users_receiver
+    _read_only_tree(src, nobody, hard_link=False)  # nothing else of this run's in ro/
+    run_sender(spec_for(ep, src))
+    ro = ep.dst / "ro"
+    ro.chmod(0o755)
+    stale = ro / f".cm.{'0' * 20}.part"  # another version's: no run resumes it
+    stale.write_bytes(b"old")
+    os.chown(stale, nobody.pw_uid, nobody.pw_gid)
+    ro.chmod(0o555)
+    os.utime(ro, ns=(os.stat(src / "ro").st_mtime_ns,) * 2)
+    again = run_sender(spec_for(ep, src), expect_ok=False)
+    assert again.returncode == 0 and again.report["errors"] == 0, again.stderr
+    assert not stale.exists()
+    assert_same_tree(src, ep.dst)
