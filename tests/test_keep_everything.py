@@ -112,9 +112,7 @@ def test_a_users_sync_keeps_everything_with_two_nodes_on_disk(make_cluster, keep
     cluster = make_cluster("gpu:2,cpu:2", nodes=4, chunk_mb=1)
     for part in ("gpu", "cpu"):
         _owned_dir(cluster.data_dir / part / USER, keeper)
-    # no read-only directory here: in a user's sync over two ranks the lead may make a directory read-only
-    # before the other rank has written into it (a known race, left for the next change: see issue 22's note)
-    src = _tree(cluster, "gpu", f"{USER}/site", owner=(keeper.pw_uid, keeper.pw_gid), readonly=False)
+    src = _tree(cluster, "gpu", f"{USER}/site", owner=(keeper.pw_uid, keeper.pw_gid))
     job = _sync(cluster, f"gpu:/{USER}/site", f"cpu:/{USER}/copy", 2, user=keeper)
     dst = cluster.data_dir / "cpu" / USER / "copy"
     _check(cluster, job, src, dst)

@@ -12,6 +12,15 @@ name is free (one directory operation instead of create + rename), else
 assembled in a ``.part`` file (see ``partial``) and renamed when every chunk
 is verified. Operations that touch many paths report failures per path and
 go on.
+
+Directories are written into as the job's user, so one whose mode takes
+away its owner's write bit (``0555``, applied by an earlier run, or by
+another rank's ``dir_meta`` while this rank still writes there) would refuse
+this rank's files: ``in_dir`` gives such a directory of the user's its
+owner's bits back and does the operation again, as rsync does. The rank's
+own ``dir_meta``, which follows its last write into the directory (the sender
+names every directory it wrote into), gives the source's mode back, so
+whichever rank ends last leaves the source's mode and mtime.
 """
 
 from __future__ import annotations
@@ -40,6 +49,44 @@ _memory_devices: dict[int, bool] = {}
 _UNNAMED = os.O_RDWR | os.O_TMPFILE | os.O_CLOEXEC
 _READ = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
 NO_ROOM = (errno.ENOSPC, errno.EDQUOT)  # a write that fails for want of room fails the same way again
+_OPEN_UP_TRIES = 4  # each try past the first needs another rank's dir_meta to land in between
+
+
+def in_dir(dfd: int, op, *args, **kwargs):
+    """``op(*args, **kwargs)``, which makes or removes a name in directory ``dfd``; refused because the
+    directory lacks its owner's write or search bit, again once it has them (see the module's note)."""
+    tries = 1
+    while True:
+        try:
+            return op(*args, **kwargs)
+        except PermissionError:
+            if tries == _OPEN_UP_TRIES or not _open_up(dfd):
+                raise
+            tries += 1
+
+
+def _open_up(dfd: int) -> bool:
+    """Give directory ``dfd`` its owner's read, write and search bits if it lacks write or search; whether
+    it did (False: it had them, so the refusal has another cause, or it is not this user's to change)."""
+    try:
+        mode = stat.S_IMODE(os.fstat(dfd).st_mode)
+        if mode & 0o300 == 0o300:
+            return False
+        os.fchmod(dfd, mode | 0o700)
+    except OSError:
+        return False
+    return True
+
+
+class _Dirs(DirHandles):
+    """The destination's directories: a missing one is made in its parent with ``in_dir`` when that parent
+    is the tree's top or below (never in the directories above it, which no rank gives their mode back)."""
+
+    def _mkdir(self, parent: int, key: tuple[str, ...], mode: int) -> None:
+        if len(key) > len(self.prefix):
+            in_dir(parent, os.mkdir, key[-1], mode, dir_fd=parent)
+        else:
+            super()._mkdir(parent, key, mode)
 
 
 def _split(path: bytes) -> tuple[str, ...]:
@@ -75,7 +122,7 @@ class Destination:
     """The destination tree of one registered transfer, seen by one connection."""
 
     def __init__(self, root: Path, prefix: tuple[str, ...]):
-        self.dirs = DirHandles(root, prefix)
+        self.dirs = _Dirs(root, prefix)
         self._tmp_ids = itertools.count()
         self._tmp_tag = secrets.token_hex(4)
         self._manifest: list[list] | None = None
@@ -222,7 +269,7 @@ class Destination:
         except FileNotFoundError:
             st = None
         if st is not None and not stat.S_ISDIR(st.st_mode):
-            os.unlink(name, dir_fd=dfd)
+            in_dir(dfd, os.unlink, name, dir_fd=dfd)
             self.dirs.forget(parts)
         return self.dirs.open(parts, create=True, mode=0o700)
 
@@ -239,9 +286,9 @@ class Destination:
                 if stat.S_ISDIR(st.st_mode):
                     self.dirs.forget(parts)
                     dfd = self._parent(parts)
-                    shutil.rmtree(name, dir_fd=dfd)
+                    in_dir(dfd, shutil.rmtree, name, dir_fd=dfd)
                 else:
-                    os.unlink(name, dir_fd=dfd)
+                    in_dir(dfd, os.unlink, name, dir_fd=dfd)
                 removed += 1
             except FileNotFoundError:
                 continue
@@ -261,7 +308,7 @@ class Destination:
             try:
                 dfd = self._parent(parts, create=True)
                 tmp = self._tmp_name()
-                os.symlink(target, tmp, dir_fd=dfd)
+                in_dir(dfd, os.symlink, target, tmp, dir_fd=dfd)
                 try:
                     os.utime(tmp, ns=(mtime, mtime), dir_fd=dfd, follow_symlinks=False)
                     self._publish(dfd, tmp, parts[-1])
@@ -336,12 +383,12 @@ class Destination:
     def _publish(self, dfd: int, tmp, name) -> None:
         """Rename ``tmp`` over ``name`` in ``dfd``; an empty directory in the way is removed first."""
         try:
-            os.rename(tmp, name, src_dir_fd=dfd, dst_dir_fd=dfd)
+            in_dir(dfd, os.rename, tmp, name, src_dir_fd=dfd, dst_dir_fd=dfd)
         except IsADirectoryError:
             # a non-empty directory stays, and the rename fails (ENOTEMPTY)
-            os.rmdir(name, dir_fd=dfd)
+            in_dir(dfd, os.rmdir, name, dir_fd=dfd)
             self.dirs.forget_child(dfd, name)
-            os.rename(tmp, name, src_dir_fd=dfd, dst_dir_fd=dfd)
+            in_dir(dfd, os.rename, tmp, name, src_dir_fd=dfd, dst_dir_fd=dfd)
 
     def write_batch(self, files: list[BatchRow], data: memoryview) -> tuple[list[int], list[PathError]]:
         """Write small files packed in ``data``, one after another.
@@ -396,13 +443,13 @@ class Destination:
         """
         if self._unnamed:
             try:
-                return os.open(".", _UNNAMED, mode & 0o777, dir_fd=dfd), None
+                return in_dir(dfd, os.open, ".", _UNNAMED, mode & 0o777, dir_fd=dfd), None
             except OSError as exc:
                 if exc.errno not in (errno.EOPNOTSUPP, errno.EISDIR, errno.EINVAL):
                     raise
                 self._unnamed = False  # this filesystem cannot: name temporaries from now on
         tmp = os.fsencode(self._tmp_name())
-        return os.open(tmp, _NEW, mode & 0o777, dir_fd=dfd), tmp
+        return in_dir(dfd, os.open, tmp, _NEW, mode & 0o777, dir_fd=dfd), tmp
 
     def _finish(self, dfd: int, fd: int, tmp: bytes | None, name: bytes, mode: int, mtime: int,
                 owner: tuple[int, int] | None = None) -> None:
@@ -412,11 +459,11 @@ class Destination:
             _stamp(fd, mode, mtime, owner, chmod=bool(mode & self._umask or mode > 0o777))
             if tmp is None:
                 try:
-                    os.link(f"/proc/self/fd/{fd}", name, dst_dir_fd=dfd)
+                    in_dir(dfd, os.link, f"/proc/self/fd/{fd}", name, dst_dir_fd=dfd)
                     return
                 except FileExistsError:
                     tmp = os.fsencode(self._tmp_name())  # something is there: replace it by rename
-                    os.link(f"/proc/self/fd/{fd}", tmp, dst_dir_fd=dfd)
+                    in_dir(dfd, os.link, f"/proc/self/fd/{fd}", tmp, dst_dir_fd=dfd)
                 except OSError:
                     # /proc cannot link it here (restricted /proc?): copy into a named temp instead
                     self._unnamed = False
@@ -431,7 +478,7 @@ class Destination:
 
     def _named_copy(self, dfd: int, fd: int, mode: int, mtime: int) -> bytes:
         tmp = os.fsencode(self._tmp_name())
-        out = os.open(tmp, _NEW, 0o600, dir_fd=dfd)
+        out = in_dir(dfd, os.open, tmp, _NEW, 0o600, dir_fd=dfd)
         try:
             st = os.fstat(fd)
             size, done = st.st_size, 0
@@ -530,7 +577,7 @@ class Destination:
                 raise
             if got != sent:
                 return False, False
-            rec = ChunkRecord.open(dfd, ok, size, mtime, chunk_size, st.st_ino, create=True)
+            rec = in_dir(dfd, ChunkRecord.open, dfd, ok, size, mtime, chunk_size, st.st_ino, create=True)
             try:
                 rec.mark(index, got, WHOLE if req.extents is None else SPARSE)
                 for k in range(index + 1, index + 1 + req.holes_after):  # all hole: nothing to receive
@@ -599,7 +646,7 @@ def _open_part(dfd: int, part: str) -> int:
     it, the one that publishes it takes it alone. One published or replaced between the open and the lock
     is opened again by name, so nothing is ever written into a file once it is published."""
     for _ in range(3):
-        fd = os.open(part, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600, dir_fd=dfd)
+        fd = in_dir(dfd, os.open, part, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600, dir_fd=dfd)
         try:
             lock(fd, fcntl.LOCK_SH)
             if _is_named(dfd, part, fd):
@@ -623,7 +670,7 @@ def _is_named(dfd: int, name: str, fd: int) -> bool:
 
 def _unlink_quietly(dfd: int, name: str) -> None:
     try:
-        os.unlink(name, dir_fd=dfd)
+        in_dir(dfd, os.unlink, name, dir_fd=dfd)
     except FileNotFoundError:
         pass
 

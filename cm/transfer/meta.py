@@ -28,6 +28,7 @@ import zlib
 
 from cm.creds import current
 
+from .destination import in_dir
 from .frames import Applied, HardLinkRow, PathError, SpecialRow, XAttr, XAttrRow
 from .paths import PathEscape, wire_parts
 from .tree import BLOCK, CHAR, DIR, FILE, FIFO, SOCKET, Entry
@@ -190,7 +191,8 @@ def make_specials(dest, rows: list[SpecialRow], devices: bool) -> Applied:
             parts = wire_parts(os.fsdecode(row.path))
             dfd = dest._parent(parts, create=True)
             tmp = dest._tmp_name()
-            os.mknod(tmp, _FORMAT[row.kind] | 0o600, row.rdev if row.kind in (CHAR, BLOCK) else 0, dir_fd=dfd)
+            rdev = row.rdev if row.kind in (CHAR, BLOCK) else 0
+            in_dir(dfd, os.mknod, tmp, _FORMAT[row.kind] | 0o600, rdev, dir_fd=dfd)
             try:
                 os.chmod(tmp, row.mode, dir_fd=dfd)
                 os.utime(tmp, ns=(row.mtime, row.mtime), dir_fd=dfd, follow_symlinks=False)
@@ -230,7 +232,7 @@ def hard_links(dest, rows: list[HardLinkRow]) -> Applied:
             except FileNotFoundError:
                 pass
             tmp = dest._tmp_name()
-            os.link(lparts[-1], tmp, src_dir_fd=lfd, dst_dir_fd=dfd, follow_symlinks=False)
+            in_dir(dfd, os.link, lparts[-1], tmp, src_dir_fd=lfd, dst_dir_fd=dfd, follow_symlinks=False)
             try:
                 dest._publish(dfd, tmp, parts[-1])
             except OSError:
@@ -335,6 +337,6 @@ def _with_write(path: str, st: os.stat_result, name: bytes, value: bytes | None)
 
 def _unlink(dfd: int, name: str) -> None:
     try:
-        os.unlink(name, dir_fd=dfd)
+        in_dir(dfd, os.unlink, name, dir_fd=dfd)
     except FileNotFoundError:
         pass

@@ -156,7 +156,7 @@ class DirHandles:
             self._explain(parent, key, exc)
             raise
         try:
-            os.mkdir(name, mode, dir_fd=parent)
+            self._mkdir(parent, key, mode)
         except FileExistsError:
             pass
         try:
@@ -164,6 +164,10 @@ class DirHandles:
         except OSError as exc:
             self._explain(parent, key, exc)
             raise
+
+    def _mkdir(self, parent: int, key: tuple[str, ...], mode: int) -> None:
+        """Make ``key``'s last component in ``parent`` (the directory of ``key[:-1]``)."""
+        os.mkdir(key[-1], mode, dir_fd=parent)
 
     @staticmethod
     def _explain(parent: int, key: tuple[str, ...], exc: OSError) -> None:

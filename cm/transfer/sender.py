@@ -127,9 +127,11 @@ class Sender:
                     work.remaining[path] -= n
             lead = spec.rank == 0
             tops, gone = diff.deletions(src, dst_list) if lead and spec.delete and not single_file else ([], [])
-            if lead and not spec.dry_run and not single_file:  # what no run will resume: another version's, a vanished file's
-                self._pages(control, f.Delete, [os.fsencode(p) for p in
-                                                diff.orphan_temps(entries, dst, temps, spec.chunk_size, spec.checksum)])
+            # what no run will resume: another version's, a vanished file's
+            orphans = diff.orphan_temps(entries, dst, temps, spec.chunk_size, spec.checksum) \
+                if lead and not spec.dry_run and not single_file else []
+            if orphans:
+                self._pages(control, f.Delete, [os.fsencode(p) for p in orphans])
             mkdirs = diff.dirs_to_make(entries, dst)
             links = diff.links_to_make(entries, dst) if lead else []
             specials = self._specials(entries, dst) if lead else []
@@ -147,7 +149,10 @@ class Sender:
                 return self.stats.report(time.monotonic() - started, would=would)
             if work.chunks or work.small:
                 threading.Thread(target=warm_up, name="warm-up", daemon=True).start()  # while directories are made
+            # every directory this rank writes into is in ``touched``: its mode and mtime are set again after
+            # this rank's last write there (another rank may have set them before, see ``destination``)
             touched = self._structure(control, tops, gone, mkdirs, links, work.meta)
+            touched.update(diff.parent(p) for p in orphans)
             made_specials: list[int] = []
             if specials:
                 made_specials = self._apply(control, f.Specials, [

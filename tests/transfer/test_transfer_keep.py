@@ -6,6 +6,7 @@ import filecmp
 import json
 import os
 import shutil
+import stat
 import tempfile
 import time
 from pathlib import Path
@@ -228,3 +229,113 @@ def test_a_single_file_source_keeps_its_xattrs(roots, receiver):
     os.setxattr(src / "one.txt", "user.kept", b"yes")
     run_sender(spec_for(receiver, src, src_path="/one.txt"))
     assert os.getxattr(receiver.dst / "one.txt", "user.kept") == b"yes"
+
+
+@pytest.fixture
+def users_receiver(nobody):
+    """(source root, receiver writing dst-root/out as nobody): a user's sync, where modes are enforced."""
+    from cm.creds import Identity
+
+    top = Path(tempfile.mkdtemp(prefix="cm-ro-"))  # pytest's own is root's alone
+    top.chmod(0o755)
+    src, dst_root = top / "src-root", top / "dst-root"
+    src.mkdir()
+    dst_root.mkdir()
+    os.chown(dst_root, nobody.pw_uid, nobody.pw_gid)
+    server = TransferServer("127.0.0.1", 0, chunk_size=8 << 20)
+    server.start()
+    ep = Endpoint(server, "t-ro", "tok-ro", dst_root, "/out")
+    server.register(ep.transfer_id, ep.token, dst_root, ep.dst_path, Identity(nobody.pw_uid, nobody.pw_gid, ()))
+    yield src, ep
+    server.stop()
+    shutil.rmtree(top)
+
+
+def _read_only_tree(top: Path, owner, extra: str = "", hard_link: bool = True) -> None:
+    """A tree with a read-only directory (0555) holding small files, a file of several chunks, a symlink,
+    a hard link's second name and a subdirectory; everything ``owner``'s, directory mtimes set
+    after their contents."""
+    from .conftest import CHUNK, write
+
+    ro = top / "ro"
+    if ro.exists():
+        ro.chmod(0o755)
+    for i in range(8):
+        write(ro / f"f{i}{extra}.txt", f"{i}{extra}\n".encode(), mode=0o444)
+    write(ro / f"big{extra}.bin", os.urandom(CHUNK * 3 + 5), mode=0o444)
+    write(ro / f"sub{extra}" / "leaf.txt", b"leaf\n")
+    os.symlink(f"f0{extra}.txt", ro / f"link{extra}")
+    write(top / "plain" / f"p{extra}.txt", b"p\n")
+    if hard_link:  # its other name is linked in ro/ (by every run: hard links are always looked at)
+        os.link(top / "plain" / f"p{extra}.txt", ro / f"hard{extra}.txt")
+    for dirpath, dirnames, filenames in os.walk(top, topdown=False):
+        for name in dirnames + filenames:
+            os.chown(os.path.join(dirpath, name), owner.pw_uid, owner.pw_gid, follow_symlinks=False)
+        os.utime(dirpath, ns=(1_500_000_000 * 10**9,) * 2)
+    os.chown(top, owner.pw_uid, owner.pw_gid)
+    ro.chmod(0o555)
+
+
+@pytest.mark.parametrize("order", [(0, 1), (1, 0)])
+def test_a_users_two_ranks_fill_a_read_only_directory_whichever_ends_first(users_receiver, nobody, order):
+    """The rank that ends first gives ro/ its mode (0555) while the other still has files to write there
+    (here: the other rank starts only then): that rank's files go in, and ro/ ends 0555 with its mtime."""
+    from .conftest import assert_same_tree
+
+    src, ep = users_receiver
+    _read_only_tree(src, nobody)
+    results = [run_sender(spec_for(ep, src, rank=r, nranks=2), expect_ok=False) for r in order]
+    for r in results:
+        assert r.returncode == 0 and r.report["errors"] == 0, r.stderr
+    assert_same_tree(src, ep.dst)
+    assert stat.S_IMODE(os.stat(ep.dst / "ro").st_mode) == 0o555
+
+
+def test_a_users_sync_again_writes_into_the_read_only_directory_an_earlier_run_made(users_receiver, nobody):
+    from .conftest import assert_same_tree
+
+    src, ep = users_receiver
+    _read_only_tree(src, nobody)
+    run_sender(spec_for(ep, src))
+    _read_only_tree(src, nobody, extra="-new")  # new files, a new subdirectory and link in ro/
+    again = run_sender(spec_for(ep, src), expect_ok=False)
+    assert again.returncode == 0 and again.report["errors"] == 0, again.stderr
+    assert_same_tree(src, ep.dst)
+
+
+def test_a_read_only_directory_above_the_destination_is_left_as_it_is(users_receiver, nobody):
+    """Only the tree's own directories are opened up (each rank gives them their mode back): one above the
+    destination, which the sync must make its top in, keeps its mode and the sync fails."""
+    from cm.creds import Identity
+
+    src, ep = users_receiver
+    _read_only_tree(src, nobody)
+    shut = ep.root / "shut"
+    shut.mkdir(mode=0o555)
+    os.chown(shut, nobody.pw_uid, nobody.pw_gid)
+    ep.server.register("t-shut", "tok-shut", ep.root, "/shut/out", Identity(nobody.pw_uid, nobody.pw_gid, ()))
+    result = run_sender({**spec_for(ep, src), "transfer_id": "t-shut", "token": "tok-shut"}, expect_ok=False)
+    assert result.returncode != 0 and "Permission denied" in result.stderr, result.stderr
+    assert stat.S_IMODE(shut.stat().st_mode) == 0o555 and not (shut / "out").exists()
+
+
+def test_a_partial_file_no_run_resumes_is_removed_from_a_read_only_directory_which_keeps_its_mode(
+        users_receiver, nobody):
+    """The lead removes it (opening ro/ up for that) and gives ro/ its mode and mtime back, though it
+    writes nothing else there."""
+    from .conftest import assert_same_tree
+
+    src, ep = users_receiver
+    _read_only_tree(src, nobody, hard_link=False)  # nothing else of this run's in ro/
+    run_sender(spec_for(ep, src))
+    ro = ep.dst / "ro"
+    ro.chmod(0o755)
+    stale = ro / f".cm.{'0' * 20}.part"  # another version's: no run resumes it
+    stale.write_bytes(b"old")
+    os.chown(stale, nobody.pw_uid, nobody.pw_gid)
+    ro.chmod(0o555)
+    os.utime(ro, ns=(os.stat(src / "ro").st_mtime_ns,) * 2)
+    again = run_sender(spec_for(ep, src), expect_ok=False)
+    assert again.returncode == 0 and again.report["errors"] == 0, again.stderr
+    assert not stale.exists()
+    assert_same_tree(src, ep.dst)
