@@ -16,6 +16,7 @@ import zmq
 
 from cm import store
 from cm.config import Settings
+from cm.head.acct import Purger
 from cm.head.clients import Caller, ClientServer, Connection
 from cm.head.intercom import HeadIntercom
 from cm.head.jobs import JobTable
@@ -103,6 +104,7 @@ class HeadServer:
         self.moved = {"bytes": 0, "files": 0, "syncs": 0}  # what finished sync jobs moved since the head started
         self.sort_key = lambda name: NodeView(name, "", 0, 0).sort_key
         self.intercom = HeadIntercom(settings, self.jobs, self.send)  # keys and commands of a job's processes
+        self.purger = Purger(settings.acct_days)  # its own thread, beside the loop
 
     # --- start and loop ------------------------------------------------------
 
@@ -132,10 +134,12 @@ class HeadServer:
 
         self.api = ApiServer(self.settings)
         self.api.start()
+        self.purger.start()  # accounting: finished jobs past CM_ACCT_DAYS go (cm.head.acct)
         event(log, "head listening", port=self.settings.head_port, socket=str(self.settings.socket_path))
 
     def close(self) -> None:
         self.intercom.close()
+        self.purger.stop()
         if self.api is not None:
             self.api.stop()
             self.api = None

@@ -36,7 +36,8 @@ class Slot(EmbeddedDocument):
 class Job(Document):
     meta = {
         "collection": "jobs",
-        "indexes": [("state", "-priority", "submitted"), "user", ("uid", "idempotency_key")],
+        # (ended) and (user, ended): accounting's windows of finished jobs (cm.store.acct)
+        "indexes": [("state", "-priority", "submitted"), ("user", "ended"), "ended", ("uid", "idempotency_key")],
         "auto_create_index": False,
     }
     id = IntField(primary_key=True)

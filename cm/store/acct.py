@@ -1,0 +1,55 @@
+"""Accounting: finished jobs by the time they ended (cmacct, GET /v1/jobs?ended_after=...), and their purge.
+
+A finished job's document is its accounting record: nothing is copied anywhere. The jobs collection's
+indexes ``(ended)`` and ``(user, ended)`` (cm.store.documents) serve every query here on a MongoDB server:
+a window of a day out of a year of jobs reads the window's entries only. FerretDB's SQLite backend pushes
+only ``_id`` equality down to SQLite, so there each query reads the whole collection (docs/BENCHMARKS.md,
+bench/bench_acct.py). These calls are made off the head's loop (the HTTP API's threads, the purger's).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Iterable
+
+import pymongo
+
+from cm.states import FINAL_STATES
+from cm.store.documents import Job
+from cm.store.records import JobRecord, plain
+
+FINAL = sorted(s.value for s in FINAL_STATES)
+# what a listing needs of a job (its environment, command line and sync options stay behind)
+PROJECTION = {"env": 0, "argv": 0, "sync.options": 0, "sync.nonce": 0}
+
+
+def _jobs() -> pymongo.collection.Collection:
+    return Job._get_collection()
+
+
+def query(after: float, before: float | None, user: str | None = None, states: Iterable[str] = (), name: str | None = None,
+          labels: dict[str, str] | None = None) -> dict[str, Any]:
+    """The filter of finished jobs that ended in [after, before) (before None: until now)."""
+    wanted = list(states) or FINAL
+    ended = {"$gte": after} if before is None else {"$gte": after, "$lt": before}
+    q: dict[str, Any] = {"ended": ended, "state": {"$in": wanted}}
+    if user is not None:
+        q["user"] = user
+    if name is not None:
+        q["name"] = name
+    for key, value in (labels or {}).items():
+        q[f"labels.{key}"] = value
+    return q
+
+
+def ended_jobs(after: float, before: float | None, user: str | None = None, states: Iterable[str] = (),
+               name: str | None = None, labels: dict[str, str] | None = None,
+               limit: int = 100000) -> list[dict[str, Any]]:
+    """Finished jobs that ended in [after, before), oldest end first, at most ``limit`` (as JobRecord builtins)."""
+    cursor = _jobs().find(query(after, before, user, states, name, labels), PROJECTION)
+    cursor = cursor.sort([("ended", pymongo.ASCENDING), ("_id", pymongo.ASCENDING)]).limit(limit)
+    return [plain(d, JobRecord) for d in cursor]
+
+
+def purge(before: float) -> int:
+    """Delete the finished jobs that ended before ``before`` (epoch seconds); how many went."""
+    return _jobs().delete_many({"ended": {"$lt": before}, "state": {"$in": FINAL}}).deleted_count
