@@ -373,6 +373,7 @@ class JobView(Struct):
     command: str | None = None
     workdir: str | None = None
     env: list[str] | None = None
+    notify: str | None = None  # the webhook deliveries that failed for good (cm.head.notify)
 
 
 class NodeView(Struct):
@@ -524,6 +525,9 @@ Labels = Annotated[dict[LabelKey, Annotated[str, Meta(max_length=256, pattern="^
 LabelFilter = Annotated[str, Meta(max_length=320, pattern="^[^=]+=", description="KEY=VALUE")]
 IdempotencyKey = Annotated[str, Meta(min_length=1, max_length=200,
                                      description="a repeated key from the same user gets the first job")]
+# webhooks (cm.head.notify checks the URLs: http and https only)
+NotifyURL = Annotated[str, Meta(min_length=1, max_length=2048, description="an http:// or https:// URL")]
+NotifyEvent = Literal["begin", "end", "fail"]
 
 
 class Submit(Struct, frozen=True, tag_field="kind"):
@@ -538,6 +542,8 @@ class Submit(Struct, frozen=True, tag_field="kind"):
     priority: Annotated[int, Meta(ge=-1000, le=1000, description="operators only; ignored for others")] | None = None
     labels: Labels = {}
     idempotency_key: IdempotencyKey | None = None
+    notify: Annotated[list[NotifyURL], Meta(max_length=8)] = []  # POST the job's view here when it ends
+    notify_on: Annotated[list[NotifyEvent], Meta(max_length=3)] = []  # and on these events (default: end)
 
 
 class SubmitCommand(Submit, kw_only=True, tag="command"):

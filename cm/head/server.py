@@ -20,12 +20,13 @@ from cm.head.acct import Purger
 from cm.head.clients import Caller, ClientServer, Connection
 from cm.head.intercom import HeadIntercom
 from cm.head.jobs import JobTable
+from cm.head.notify import Notifier
 from cm.head.outcome import Outcome, Stop
 from cm.head.progress import report_of
 from cm.head.records import Job
 from cm.head.policies import get_policy
 from cm.head.registry import NodeInfo, Registry
-from cm.head.requests import Later, handle
+from cm.head.requests import Later, handle, job_view
 from cm.head.resources import NodeView
 from cm.head.scheduler import Scheduler
 from cm.keys import TRANSFER_SECRET, secret
@@ -53,6 +54,7 @@ from cm.protocol import (
 )
 from cm.states import JobState
 from cm.store.jobstore import MongoJobStore
+from cm.store.notify import record_failure
 
 log = logging.getLogger("cm.head")
 RUNNING_HOLD = 0.05  # seconds a RUNNING write may wait to be merged with the job's end
@@ -105,6 +107,7 @@ class HeadServer:
         self.sort_key = lambda name: NodeView(name, "", 0, 0).sort_key
         self.intercom = HeadIntercom(settings, self.jobs, self.send)  # keys and commands of a job's processes
         self.purger = Purger(settings.acct_days)  # its own thread, beside the loop
+        self.notifier = Notifier.for_site(settings, job_view, record_failure)  # webhooks: threads of their own, never waited on
 
     # --- start and loop ------------------------------------------------------
 
@@ -135,11 +138,13 @@ class HeadServer:
         self.api = ApiServer(self.settings)
         self.api.start()
         self.purger.start()  # accounting: finished jobs past CM_ACCT_DAYS go (cm.head.acct)
+        self.notifier.start()
         event(log, "head listening", port=self.settings.head_port, socket=str(self.settings.socket_path))
 
     def close(self) -> None:
         self.intercom.close()
         self.purger.stop()
+        self.notifier.stop()
         if self.api is not None:
             self.api.stop()
             self.api = None
@@ -454,7 +459,10 @@ class HeadServer:
             return
         elif isinstance(msg, JobStarted):
             self._drop_unacked(peer, msg.job_id, RunJob, msg.run, msg.role, msg.rank)
+            begins = (self.jobs.jobs.get(msg.job_id) or {}).get("started") is None  # notify: this run's first share
             self.jobs.started(msg.job_id, peer, msg.run, self.addrs(), out, msg.role, msg.rank, msg.at)
+            if begins and (self.jobs.jobs.get(msg.job_id) or {}).get("started") is not None:
+                self.notifier.began(self.jobs.jobs[msg.job_id])
             self.held_acks.append((peer, msg.job_id, Ack(ref=msg.id)))  # acknowledged once written: see flush()
         elif isinstance(msg, JobEnded):
             try:
@@ -596,6 +604,7 @@ class HeadServer:
                 event(log, "node drained", logging.WARNING, node=node, reason=reason)
         for job_id in out.finished:
             job = self.jobs.recent.get(job_id)
+            self.notifier.ended(job)  # webhooks (cm.head.notify): queued, never waited for
             if job is not None and job["kind"] == "sync":
                 done = job.get("progress") or {}
                 self.moved["bytes"] += done.get("bytes_done", 0)
@@ -628,6 +637,10 @@ class HeadServer:
             self.gatekeeper.refresh()
         if self.clients is not None:
             self.clients.reap(now)
+        for job_id, failure in self.notifier.taken():  # failed webhooks, shown on the job kept in memory
+            job = self.jobs.jobs.get(job_id) or self.jobs.recent.get(job_id)
+            if job is not None:
+                job["notify_error"] = failure
         if self.stale:
             return
         self.intercom.tick(now)

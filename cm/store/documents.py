@@ -74,6 +74,9 @@ class Job(Document):
     restarts = IntField(default=0)  # times a sync was started again after losing a node
     labels = DictField()  # key -> value, e.g. a workflow's name and namespace (HTTP API, --label)
     idempotency_key = StringField()  # the HTTP API's Idempotency-Key: a repeat from the same uid gets this job
+    notify = ListField(StringField())  # webhook URLs (--notify), told of the events in notify_on (cm.head.notify)
+    notify_on = ListField(StringField())  # begin, end, fail
+    notify_error = StringField(default="")  # the deliveries that failed for good, for cminfo JOBID
 
 
 class Node(Document):
