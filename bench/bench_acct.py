@@ -70,6 +70,7 @@ def main() -> None:
     parser.add_argument("--jobs", type=int, default=1_000_000)
     parser.add_argument("--batch", type=int, default=10_000)
     parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--check-every", type=int, default=250_000, help="time the queries after this many more")
     args = parser.parse_args()
     server = None
     uri = os.environ.get("MONGODB_URI", "")
@@ -83,24 +84,28 @@ def main() -> None:
         store.connect(uri, f"bench_acct_{os.getpid()}", timeout=600)
         rng = random.Random(1)
         now = time.time()
-        t = time.perf_counter()
-        for first in range(1, args.jobs + 1, args.batch):
-            Job._get_collection().insert_many(documents(first, min(args.batch, args.jobs + 1 - first), now, rng),
-                                              ordered=False)
-        inserted = time.perf_counter() - t
         print(f"server: {'MONGODB_URI' if server is None else 'embedded FerretDB (SQLite)'}")
-        print(f"insert_many of {args.jobs} jobs in batches of {args.batch}: {inserted:.1f} s "
-              f"({args.jobs / inserted:,.0f} jobs/s)")
-        print("indexes:", sorted(Job._get_collection().index_information()))
+        print("indexes:", sorted(Job._get_collection().index_information()), flush=True)
         day = now - 100 * DAY
         cases = [
             ("a day, every user", lambda: acct.ended_jobs(day, day + DAY)),
             ("a day, one user", lambda: acct.ended_jobs(day, day + DAY, user="user3")),
             ("a week, one user, FAILED", lambda: acct.ended_jobs(day, day + 7 * DAY, user="user3", states=["FAILED"])),
         ]
-        for what, call in cases:
-            seconds, found = timed(args.runs, call)
-            print(f"query {what}: {found} jobs in {seconds * 1000:.0f} ms (median of {args.runs})")
+        inserted, done = 0.0, 0
+        while done < args.jobs:
+            t = time.perf_counter()
+            goal = min(args.jobs, done + args.check_every)
+            for first in range(done + 1, goal + 1, args.batch):
+                Job._get_collection().insert_many(documents(first, min(args.batch, goal + 1 - first), now, rng),
+                                                  ordered=False)
+            inserted += time.perf_counter() - t
+            done = goal
+            print(f"{done} jobs: insert_many in batches of {args.batch}: {inserted:.1f} s so far "
+                  f"({done / inserted:,.0f} jobs/s)", flush=True)
+            for what, call in cases:
+                seconds, found = timed(args.runs, call)
+                print(f"  query {what}: {found} jobs in {seconds * 1000:.0f} ms (median of {args.runs})", flush=True)
         t = time.perf_counter()
         gone = acct.purge(now - 364 * DAY)
         print(f"purge of the oldest day: {gone} jobs in {(time.perf_counter() - t) * 1000:.0f} ms")
