@@ -186,8 +186,9 @@ class Notifier:
         with self.cond:
             self.stopping = True
             self.cond.notify_all()
+        deadline = time.monotonic() + 2.0  # a POST in flight may take CM_NOTIFY_TIMEOUT: not waited out
         for thread in self.threads:
-            thread.join(timeout=self.timeout + 5)
+            thread.join(timeout=max(0.0, deadline - time.monotonic()))
         self.threads = []
 
     def _next(self) -> Delivery | None:
