@@ -49,7 +49,8 @@ def documents(start_id: int, count: int, now: float, rng: random.Random) -> list
                        "started": True, "ended": True, "state": "COMPLETED", "exit_code": 0}]
                      + ([{"node": "cpu-1", "rank": 0, "role": "dst", "cpus": 1, "mem_mb": 0, "started": True,
                           "ended": True, "state": "COMPLETED", "exit_code": 0}] if sync else []),
-            "sync": {"src": {"partition": "gpu", "path": "/a"}, "dst": {"partition": "cpu", "path": "/b"}} if sync else {},
+            "sync": ({"src": {"partition": "gpu", "path": "/a"}, "dst": {"partition": "cpu", "path": "/b"}}
+                     if sync else {}),
             "progress": {"bytes_done": 1 << 20, "bytes_total": 1 << 20, "files_done": 10, "files_total": 10,
                          "rate": 0.0} if sync else {},
             "runs": 1, "restarts": 0, "labels": {},

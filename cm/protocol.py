@@ -526,7 +526,8 @@ LabelFilter = Annotated[str, Meta(max_length=320, pattern="^[^=]+=", description
 IdempotencyKey = Annotated[str, Meta(min_length=1, max_length=200,
                                      description="a repeated key from the same user gets the first job")]
 # webhooks (cm.head.notify checks the URLs: http and https only)
-NotifyURL = Annotated[str, Meta(min_length=1, max_length=2048, description="an http:// or https:// URL")]
+NOTIFY_URL_MAX, NOTIFY_URLS_MAX = 2048, 8
+NotifyURL = Annotated[str, Meta(min_length=1, max_length=NOTIFY_URL_MAX, description="an http:// or https:// URL")]
 NotifyEvent = Literal["begin", "end", "fail"]
 
 
@@ -542,7 +543,7 @@ class Submit(Struct, frozen=True, tag_field="kind"):
     priority: Annotated[int, Meta(ge=-1000, le=1000, description="operators only; ignored for others")] | None = None
     labels: Labels = {}
     idempotency_key: IdempotencyKey | None = None
-    notify: Annotated[list[NotifyURL], Meta(max_length=8)] = []  # POST the job's view here when it ends
+    notify: Annotated[list[NotifyURL], Meta(max_length=NOTIFY_URLS_MAX)] = []  # POST the job's view here when it ends
     notify_on: Annotated[list[NotifyEvent], Meta(max_length=3)] = []  # and on these events (default: end)
 
 

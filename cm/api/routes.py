@@ -118,7 +118,8 @@ def _when(query: dict[str, list[str]], name: str) -> float | None:
     try:
         return datetime.datetime.fromisoformat(text).timestamp()
     except ValueError:
-        raise HttpError(400, f"{name} must be epoch seconds or ISO 8601 (2026-12-01T08:00), not {text[:40]!r}") from None
+        raise HttpError(400, f"{name} must be epoch seconds or ISO 8601 (2026-12-01T08:00), "
+                             f"not {text[:40]!r}") from None
 
 
 async def accounting(api: "ApiServer", caller: Caller, request: HttpRequest) -> HttpResponse:

@@ -34,11 +34,10 @@ from typing import Any, Callable
 from urllib.parse import urlsplit
 
 from cm.logs import event
+from cm.protocol import NOTIFY_URL_MAX
 
 log = logging.getLogger("cm.head.notify")
 FAILED_STATES = frozenset({"FAILED", "TIMEOUT", "NODE_FAIL"})  # "fail": ended badly (not COMPLETED, not CANCELLED)
-MAX_URLS = 8
-MAX_URL = 2048
 MAX_QUEUED = 10000  # deliveries waiting or retrying at once; past it a new one is dropped (and said so)
 WORKERS = 4
 FIRST_RETRY, LAST_RETRY = 1.0, 60.0
@@ -51,8 +50,8 @@ class NotifyError(ValueError):
 
 def check_url(url: str) -> str:
     """An http(s) URL with a host, as given; NotifyError otherwise."""
-    if len(url) > MAX_URL:
-        raise NotifyError(f"--notify URL of {len(url)} characters: at most {MAX_URL}")
+    if len(url) > NOTIFY_URL_MAX:  # a submission's schema says so too; CM_NOTIFY_URLS has none
+        raise NotifyError(f"--notify URL of {len(url)} characters: at most {NOTIFY_URL_MAX}")
     try:
         parts = urlsplit(url)
         parts.port  # noqa: B018  (raises ValueError for a port that is not a number)
@@ -67,13 +66,11 @@ def check_url(url: str) -> str:
 
 def job_fields(urls: list[str], on: list[str]) -> dict[str, Any]:
     """What a submission stores for its notifications (default event: end); NotifyError for what is refused
-    (the events are checked with the request's schema: cm.protocol.NotifyEvent)."""
+    (the events and the number of URLs are checked with the request's schema: cm.protocol.Submit)."""
     if not urls:
         if on:
             raise NotifyError("--notify-on needs --notify URL")
         return {}
-    if len(urls) > MAX_URLS:
-        raise NotifyError(f"{len(urls)} --notify URLs: at most {MAX_URLS}")
     return {"notify": [check_url(u) for u in urls], "notify_on": sorted(set(on)) if on else ["end"]}
 
 

@@ -107,7 +107,7 @@ class HeadServer:
         self.sort_key = lambda name: NodeView(name, "", 0, 0).sort_key
         self.intercom = HeadIntercom(settings, self.jobs, self.send)  # keys and commands of a job's processes
         self.purger = Purger(settings.acct_days)  # its own thread, beside the loop
-        self.notifier = Notifier.for_site(settings, job_view, record_failure)  # webhooks: threads of their own, never waited on
+        self.notifier = Notifier.for_site(settings, job_view, record_failure)  # webhooks, never waited on
 
     # --- start and loop ------------------------------------------------------
 

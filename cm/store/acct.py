@@ -30,8 +30,8 @@ def _jobs() -> pymongo.collection.Collection:
     return Job._get_collection()
 
 
-def query(after: float, before: float | None, user: str | None = None, states: Iterable[str] = (), name: str | None = None,
-          labels: dict[str, str] | None = None) -> dict[str, Any]:
+def query(after: float, before: float | None, user: str | None = None, states: Iterable[str] = (),
+          name: str | None = None, labels: dict[str, str] | None = None) -> dict[str, Any]:
     """The filter of finished jobs that ended in [after, before) (before None: until now)."""
     wanted = list(states) or FINAL
     ended = {"$gte": max(after, EPOCH_FLOOR), "$lt": time.time() + 1 if before is None else before}
