@@ -153,10 +153,13 @@ def cli(start, end, user, allusers, states, name, labels, fields, as_json, parsa
             raise HeadError(str(exc)) from None
         if allusers and user:
             raise HeadError("give -u USER or --allusers, not both")
-        import pwd
         import os
+        import pwd
 
-        me = pwd.getpwuid(os.getuid()).pw_name
+        try:
+            me: str | None = pwd.getpwuid(os.getuid()).pw_name
+        except KeyError:  # no name: the head says who the socket's peer is (and gives them their own jobs)
+            me = None
         try:
             data = Client().accounting(after, before, user=user or (None if allusers else me), all_users=allusers,
                                        states=parse_states(states), name=name or None, labels=parse_labels(labels))
