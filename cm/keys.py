@@ -68,6 +68,7 @@ def secret(run_dir: str | Path, name: str) -> bytes:
 
 
 TRANSFER_SECRET = "transfer.key"
+NOTIFY_SECRET = "notify.key"  # signs webhook POSTs (cm.head.notify)
 
 
 def data_plane_key(transfer_secret: bytes, nonce: str, transfer_id: str) -> str:

@@ -415,6 +415,7 @@ class JobView(Struct):
     workdir: str | None = None
     env: list[str] | None = None
     dst: str | None = None  # a sync's destination: its partition or node (``partition`` is its source's)
+    notify: str | None = None  # the webhook deliveries that failed for good (cm.head.notify)
 
 
 class NodeView(Struct):
@@ -569,6 +570,10 @@ Labels = Annotated[dict[LabelKey, Annotated[str, Meta(max_length=256, pattern="^
 LabelFilter = Annotated[str, Meta(max_length=320, pattern="^[^=]+=", description="KEY=VALUE")]
 IdempotencyKey = Annotated[str, Meta(min_length=1, max_length=200,
                                      description="a repeated key from the same user gets the first job")]
+# webhooks (cm.head.notify checks the URLs: http and https only)
+NOTIFY_URL_MAX, NOTIFY_URLS_MAX = 2048, 8
+NotifyURL = Annotated[str, Meta(min_length=1, max_length=NOTIFY_URL_MAX, description="an http:// or https:// URL")]
+NotifyEvent = Literal["begin", "end", "fail"]
 
 
 class NewJob(Struct, frozen=True, tag_field="kind"):
@@ -583,6 +588,8 @@ class NewJob(Struct, frozen=True, tag_field="kind"):
     priority: Annotated[int, Meta(ge=-1000, le=1000, description="operators only; ignored for others")] | None = None
     labels: Labels = {}
     idempotency_key: IdempotencyKey | None = None
+    notify: Annotated[list[NotifyURL], Meta(max_length=NOTIFY_URLS_MAX)] = []  # POST the job's view here when it ends
+    notify_on: Annotated[list[NotifyEvent], Meta(max_length=3)] = []  # and on these events (default: end)
 
 
 class SubmitCommand(NewJob, kw_only=True, tag="command"):

@@ -232,3 +232,31 @@ def test_a_uri_file_is_read_only_when_it_is_its_readers_alone(tmp_path: Path) ->
     from cm.cluster.db import redact
 
     assert redact("mongodb://cm:secret@db.example:27017/") == "mongodb://cm:***@db.example:27017/"
+
+
+def test_a_range_pushed_down_on_a_numeric_field_finds_what_the_whole_filter_finds(
+        database: pymongo.database.Database) -> None:
+    """pushdown.patch item 3: a range on `ended` with the comment cm:range:ended (cm.store.acct) is searched in
+    SQLite by the field's index, as JSON text; it must find exactly what the filter means, at the bounds too."""
+    import random
+
+    from cm.store.acct import RANGE
+
+    rng = random.Random(7)
+    values: list = [rng.uniform(1e9, 1e10) for _ in range(300)] + [rng.randrange(10**9, 10**10) for _ in range(100)]
+    values += [1e9, 1e9 + 0.5, 1733100000, 1733100000.0, 1733100000.25, 9999999999.75, 1e10, 2e10, 999999999.5,
+               5, 0, -1733100000.0, 1.5e-7, "1733100001", None]
+    coll = database["jobs"]
+    coll.insert_many([{"_id": i, "ended": v} for i, v in enumerate(values)])
+    coll.create_index("ended")
+    bounds = [1e9, 1733100000, 1733100000.0, 1733100000.25, 9999999999.75] + [rng.uniform(1e9, 1e10) for _ in range(30)]
+    for _ in range(60):
+        low, high = sorted(rng.sample(bounds, 2))
+        for lo_op, hi_op in (("$gte", "$lt"), ("$gt", "$lte")):
+            query = {"ended": {lo_op: low, hi_op: high}}
+            expected = {i for i, v in enumerate(values) if isinstance(v, (int, float)) and not isinstance(v, bool)
+                        and (v >= low if lo_op == "$gte" else v > low) and (v < high if hi_op == "$lt" else v <= high)}
+            assert {d["_id"] for d in coll.find(query, {"_id": 1}, comment=RANGE)} == expected, query
+    # a bound outside [1e9, 1e10) is not pushed down, and still right
+    assert {d["_id"] for d in coll.find({"ended": {"$gte": 0, "$lt": 1e9 + 1}}, comment=RANGE)} == {
+        i for i, v in enumerate(values) if isinstance(v, (int, float)) and 0 <= v < 1e9 + 1}

@@ -152,6 +152,25 @@ class Client:
             query.append(("all", "true"))
         return self._call("GET", "/v1/jobs" + (f"?{urlencode(query)}" if query else ""))["jobs"]
 
+    def accounting(self, ended_after: float, ended_before: float | None = None, user: str | None = None,
+                   all_users: bool = False, states: list[str] = (), name: str | None = None,
+                   labels: dict[str, str] | None = None) -> dict:
+        """Finished jobs that ended in [ended_after, ended_before) (epoch seconds), as cmacct: ``jobs``,
+        ``totals`` per user and partition pair, ``truncated``. Your own jobs unless you are an admin."""
+        query: list[tuple[str, str]] = [("ended_after", repr(float(ended_after)))]
+        if ended_before is not None:
+            query.append(("ended_before", repr(float(ended_before))))
+        if user:
+            query.append(("user", user))
+        if all_users:
+            query.append(("all_users", "true"))
+        if states:
+            query.append(("state", ",".join(states)))
+        if name:
+            query.append(("name", name))
+        query += [("label", f"{k}={v}") for k, v in (labels or {}).items()]
+        return self._call("GET", f"/v1/jobs?{urlencode(query)}")
+
     def nodes(self) -> list[dict]:
         return self._call("GET", "/v1/nodes")["nodes"]
 

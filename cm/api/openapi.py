@@ -68,6 +68,15 @@ def document() -> bytes:
                 {"name": "label", "in": "query", "description": "KEY=VALUE",
                  "schema": {"type": "string", "pattern": "^[^=]+=.*$"}},
                 {"name": "all", "in": "query", "description": "include jobs that finished long ago",
+                 "schema": {"type": "boolean"}},
+                # accounting (cmacct): either of these lists finished jobs by when they ended, with totals
+                {"name": "ended_after", "in": "query", "description": "epoch seconds or ISO 8601: accounting",
+                 "schema": {"type": "string"}},
+                {"name": "ended_before", "in": "query", "description": "epoch seconds or ISO 8601: accounting",
+                 "schema": {"type": "string"}},
+                {"name": "name", "in": "query", "description": "accounting: this job name",
+                 "schema": {"type": "string"}},
+                {"name": "all_users", "in": "query", "description": "accounting: every user's jobs (admins)",
                  "schema": {"type": "boolean"}}]),
         },
         "/v1/jobs/{id}": {

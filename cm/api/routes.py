@@ -105,10 +105,61 @@ async def submit(api: "ApiServer", caller: Caller, request: HttpRequest) -> Http
 
 async def list_jobs(api: "ApiServer", caller: Caller, request: HttpRequest) -> HttpResponse:
     q = request.query
+    if "ended_after" in q or "ended_before" in q:
+        return await accounting(api, caller, request)
     args = {"all": _flag(q, "all"), "state": [s.upper() for s in q.get("state", []) if s],
             "user": _one(q, "user") or None, "label": q.get("label", [])}
     data = await ask(api, caller, Info, args)
     return json_response(200, {"jobs": data.jobs})
+
+
+def _when(query: dict[str, list[str]], name: str) -> float | None:
+    """An instant in a query: epoch seconds, or ISO 8601 (local time unless it names its zone)."""
+    text = _one(query, name)
+    if not text:
+        return None
+    try:
+        return float(text)
+    except ValueError:
+        pass
+    import datetime
+
+    try:
+        return datetime.datetime.fromisoformat(text).timestamp()
+    except ValueError:
+        raise HttpError(400, f"{name} must be epoch seconds or ISO 8601 (2026-12-01T08:00), "
+                             f"not {text[:40]!r}") from None
+
+
+async def accounting(api: "ApiServer", caller: Caller, request: HttpRequest) -> HttpResponse:
+    """Finished jobs that ended in a window, with totals per user and partition pair (cmacct; cm.head.acct).
+    Read from the database in the API's executor: the head's loop is not involved."""
+    from cm import store
+    from cm.head import acct
+
+    q = request.query
+    after, before = _when(q, "ended_after") or 0.0, _when(q, "ended_before")
+    labels = {}
+    for label in q.get("label", []):
+        key, sep, value = label.partition("=")
+        if not sep or not key:
+            raise HttpError(400, f"label {label[:80]!r} must look like KEY=VALUE")
+        labels[key] = value
+    try:
+        user = acct.whose(caller, _one(q, "user") or None, _flag(q, "all_users"))
+    except acct.Forbidden as exc:
+        raise HttpError(403, str(exc)) from None
+    states = [name.upper() for given in q.get("state", []) for name in given.split(",") if name]
+    unknown = sorted(set(states) - set(acct.FINAL))
+    if unknown:
+        raise HttpError(400, f"state {unknown[0][:40]!r}: finished jobs are {', '.join(acct.FINAL)}")
+    assert api.loop is not None
+    try:
+        data = await api.loop.run_in_executor(None, acct.report, after, before, user, states,
+                                              _one(q, "name") or None, labels)
+    except store.DatabaseError as exc:
+        raise HttpError(503, f"the database did not answer: {str(exc)[:200]}") from None
+    return json_response(200, data)
 
 
 async def job_status(api: "ApiServer", caller: Caller, request: HttpRequest, job_id: int) -> HttpResponse:

@@ -77,8 +77,36 @@ class Submitted(Struct):
     id: int
 
 
+class UserTotal(Struct):
+    user: str
+    jobs: int
+    bytes: int  # moved by the user's syncs
+    files: int
+    node_hours: float
+
+
+class PairTotal(Struct):
+    pair: str  # SRC->DST partitions of syncs (a node where no partition was named), a command's partition
+    jobs: int
+    bytes: int
+    files: int
+    node_hours: float
+
+
+class Totals(Struct):
+    users: list[UserTotal]
+    pairs: list[PairTotal]
+
+
 class JobList(Struct):
+    """Jobs; with ended_after or ended_before (accounting, as cmacct): finished jobs that ended in that window,
+    oldest end first, with totals; ``truncated``: more ended then than one answer lists (100,000)."""
+
     jobs: list[JobView]
+    totals: Totals | None = None
+    truncated: bool = False
+    ended_after: float | None = None
+    ended_before: float | None = None
 
 
 class NodeList(Struct):

@@ -142,7 +142,8 @@ class Client:
                 return view
 
 
-__all__ = ["Client", "HeadError", "HeadUnreachable", "exit_code_of", "fail", "parse_labels", "run_command"]
+__all__ = ["Client", "HeadError", "HeadUnreachable", "exit_code_of", "fail", "notify_args", "parse_labels",
+           "run_command"]
 
 
 def parse_labels(pairs: tuple[str, ...]) -> dict[str, str]:
@@ -154,6 +155,12 @@ def parse_labels(pairs: tuple[str, ...]) -> dict[str, str]:
             raise HeadError(f"--label {pair!r} must look like KEY=VALUE")
         labels[key] = value
     return labels
+
+
+def notify_args(urls: tuple[str, ...], on: str) -> dict:
+    """--notify URL (repeatable) and --notify-on begin,end,fail as a submission's fields (the head checks them)."""
+    events = [e.strip() for e in on.split(",") if e.strip()]
+    return {"notify": list(urls), "notify_on": events} if urls or events else {}
 
 
 def fail(prog: str, message: str, code: int = 1) -> NoReturn:

@@ -68,6 +68,8 @@ def job_details(job: dict) -> str:
         lines.append(f"{'LABELS' if i == 0 else '':>10}: {key}={value}")
     for i, var in enumerate(job.get("env") or []):
         lines.append(f"{'ENV' if i == 0 else '':>10}: {var}")
+    if job.get("notify"):
+        lines.append(f"{'NOTIFY':>10}: {job['notify']}")  # webhook deliveries that failed for good
     t = job.get("transfer") or {}
     if t:
         lines.append(f"{'TRANSFER':>10}: {human_bytes(t.get('bytes_done', 0))} of {human_bytes(t.get('bytes_total', 0))}, "

@@ -6,7 +6,7 @@ import os
 import sys
 
 from cm.cli.args import UNPROCESSED, IntRange, argument, command, option
-from cm.cli.client import Client, exit_code_of, fail, parse_labels, run_command
+from cm.cli.client import Client, exit_code_of, fail, notify_args, parse_labels, run_command
 
 
 @command("cmrun", interspersed=False)
@@ -22,11 +22,13 @@ from cm.cli.client import Client, exit_code_of, fail, parse_labels, run_command
 @option("--requeue", is_flag=True, help="run again elsewhere if a node fails")
 @option("--hold", is_flag=True, help="submit held; `cmcontrol release JOBID` lets it run")
 @option("--label", "labels", multiple=True, metavar="KEY=VALUE", help="tag the job (repeatable)")
+@option("--notify", multiple=True, metavar="URL", help="POST the job's view here when it ends (repeatable)")
+@option("--notify-on", default="", metavar="EVENTS", help="begin,end,fail: when --notify POSTs [default: end]")
 @option("--wait", is_flag=True, help="wait for the job and exit with its exit code")
 @option("--parsable", is_flag=True, help="print only the job id")
 @argument("command", nargs=-1, required=True, type=UNPROCESSED)
-def cli(nodes, procs, cpus, mem_mb, time_limit, name, partition, stdout, stderr, requeue, hold, labels, wait,
-        parsable, command):
+def cli(nodes, procs, cpus, mem_mb, time_limit, name, partition, stdout, stderr, requeue, hold, labels, notify,
+        notify_on, wait, parsable, command):
     """Run COMMAND on NODES nodes, PROCS processes on each."""
 
     def body() -> None:
@@ -39,6 +41,7 @@ def cli(nodes, procs, cpus, mem_mb, time_limit, name, partition, stdout, stderr,
             kind="command", argv=list(command), cwd=cwd, env=[f"{k}={v}" for k, v in os.environ.items()],
             nodes=nodes, procs=procs, cpus=cpus, mem_mb=mem_mb, time=time_limit, name=name, partition=partition,
             stdout=stdout, stderr=stderr, requeue=requeue, hold=hold, labels=parse_labels(labels),
+            **notify_args(notify, notify_on),
         )
         job_id = data["job_id"]
         print(job_id if parsable else f"Submitted job {job_id}", flush=True)

@@ -7,7 +7,7 @@ import sys
 import time
 
 from cm.cli.args import Choice, Convert, IntRange, argument, command, option
-from cm.cli.client import Client, exit_code_of, parse_labels, run_command
+from cm.cli.client import Client, exit_code_of, notify_args, parse_labels, run_command
 from cm.cli.cminfo import human_bytes
 from cm.timefmt import format_duration
 
@@ -61,13 +61,15 @@ def progress_bar(view: dict, width: int = 30) -> str:
 @option("-t", "--time", "time_limit", default=None, help="time limit: MM, MM:SS, HH:MM:SS, D-HH")
 @option("-J", "--job-name", "name", default=None, help="job name")
 @option("--label", "labels", multiple=True, metavar="KEY=VALUE", help="tag the job (repeatable)")
+@option("--notify", multiple=True, metavar="URL", help="POST the job's view here when it ends (repeatable)")
+@option("--notify-on", default="", metavar="EVENTS", help="begin,end,fail: when --notify POSTs [default: end]")
 @option("--wait", is_flag=True, help="wait for the job; exit 0 if it copied everything (24: all but files that vanished)")
 @option("--parsable", is_flag=True, help="print only the job id")
 @argument("src")
 @argument("dst")
 def cli(nodes, delete, dry_run, checksum, exclude, bwlimit, transport, policy, no_hard_links, no_xattrs, no_acls,
-        rsync_archive, rsync_hard_links, rsync_acls, rsync_xattrs, rsync_sparse, time_limit, name, labels, wait,
-        parsable, src, dst):
+        rsync_archive, rsync_hard_links, rsync_acls, rsync_xattrs, rsync_sparse, time_limit, name, labels, notify,
+        notify_on, wait, parsable, src, dst):
     """Copy SRC to DST; each is PARTITION:/path or NODE:/path inside that partition's storage.
 
     Hard links, extended attributes, POSIX ACLs, sparse files, fifos and
@@ -85,7 +87,7 @@ def cli(nodes, delete, dry_run, checksum, exclude, bwlimit, transport, policy, n
             options={"delete": delete, "dry_run": dry_run, "checksum": checksum, "exclude": list(exclude),
                      "bwlimit": bwlimit, "transport": transport, "policy": policy,
                      "hard_links": not no_hard_links, "xattrs": not no_xattrs, "acls": not no_acls},
-            labels=parse_labels(labels),
+            labels=parse_labels(labels), **notify_args(notify, notify_on),
         )
         job_id = data["job_id"]
         print(job_id if parsable else f"Submitted sync job {job_id}", flush=True)

@@ -53,6 +53,14 @@ class Flush(Event):
 
 
 @dataclass(frozen=True)
+class NotifyFailed(Event):
+    """A job's webhook deliveries failed for good (cm.head.notify): ``cminfo JOBID`` shows ``failure``."""
+
+    job_id: int
+    failure: str
+
+
+@dataclass(frozen=True)
 class Pass(Event):
     """Time for a scheduler pass (the loop asks ``HeadState.pass_due``)."""
 
@@ -143,8 +151,17 @@ class Intercom:
 
 
 @dataclass(frozen=True)
+class Notify:
+    """A job began (``event`` "begin") or ended ("end"): its webhooks are queued (cm.head.notify), never
+    waited for."""
+
+    event: str
+    job: Any  # cm.head.records.Job
+
+
+@dataclass(frozen=True)
 class ForgetTokens:
     """An API token was revoked: the HTTP API forgets the tokens it checked lately."""
 
 
-Instruction = Send | Command | Resend | Delivered | Forget | Answer | Park | Intercom | ForgetTokens
+Instruction = Send | Command | Resend | Delivered | Forget | Answer | Park | Intercom | Notify | ForgetTokens

@@ -74,3 +74,6 @@ class Job(TypedDict, total=False):
     restarts: int
     labels: dict[str, str]  # e.g. a workflow's name and namespace (--label, the HTTP API)
     idempotency_key: str  # a repeated submit with this key from the same uid gets this job
+    notify: list[str]  # webhook URLs (--notify) and the events they are told of (cm.head.notify)
+    notify_on: list[str]
+    notify_error: str  # deliveries that failed for good

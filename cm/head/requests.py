@@ -21,6 +21,7 @@ import msgspec
 
 from cm.config import Settings
 from cm.callers import Caller
+from cm.head.notify import NotifyError, job_fields as notify_fields
 from cm.head.records import Job
 from cm.head.registry import NodeInfo
 from cm.head.resources import NodeView as Capacity
@@ -231,6 +232,10 @@ def submit(head: Head, caller: Caller, request: Submit) -> dict:
         fields["labels"] = args.labels
     if args.idempotency_key is not None:
         fields["idempotency_key"] = args.idempotency_key
+    try:  # webhooks (cm.head.notify)
+        fields.update(notify_fields(list(args.notify), list(args.notify_on)))
+    except NotifyError as exc:
+        raise Refused(str(exc)) from None
     probe = request_of({**fields, "_id": 0})  # type: ignore[typeddict-item]
     try:
         check_feasible(probe, (Capacity(n.name, n.partition, n.cpus, n.mem_mb) for n in nodes.values()))
@@ -406,6 +411,7 @@ def job_view(job: Job, why: str | None = None) -> JobView:
         labels=job.get("labels") or {}, num_nodes=job.get("nodes"),
         times={"submitted": job.get("submitted"), "started": started, "ended": ended},  # epoch seconds
         dst=_where((job.get("sync") or {}).get("dst")) if job["kind"] == "sync" else None,
+        notify=job.get("notify_error") or None,
     )
 
 

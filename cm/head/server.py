@@ -18,14 +18,18 @@ import zmq
 from cm import store
 from cm.config import Settings
 from cm.callers import Caller
+from cm.head.acct import Purger
 from cm.head.clients import ClientServer, Connection
 from cm.head.events import (Answer, ClientAsked, Command, DbBack, DbLost, Delivered, Event, Flush, Forget,
-                            ForgetTokens, Instruction, Intercom, NodeSaid, Park, Pass, Resend, Send, Tick)
+                            ForgetTokens, Instruction, Intercom, NodeSaid, Notify, NotifyFailed, Park, Pass, Resend, Send,
+                            Tick)
 from cm.head.intercom import HeadIntercom
 from cm.head.jobs import JobTable
+from cm.head.notify import Notifier
 from cm.head.policies import get_policy
 from cm.head.record import Recorder
 from cm.head.registry import Registry
+from cm.head.requests import job_view
 from cm.head.scheduler import Scheduler
 from cm.head.state import HeadState
 from cm.keys import TRANSFER_SECRET, secret
@@ -33,6 +37,7 @@ from cm.logs import event
 from cm.outbox import Outbox
 from cm.protocol import Error, ErrorCode, Info, KillJob, Message, ProtocolError, Reply, Request, decode, encode
 from cm.store.jobstore import MongoJobStore
+from cm.store.notify import record_failure
 
 log = logging.getLogger("cm.head")
 RUNNING_HOLD = 0.05  # seconds a RUNNING write may wait to be merged with the job's end
@@ -69,6 +74,8 @@ class HeadLoop:
         self.api = None  # cm.api.server.ApiServer: the HTTP API's thread, which hands requests to this loop
         self.intercom = HeadIntercom(settings, jobs, self.send)  # keys and commands of a job's processes
         self.record = Recorder(settings.head_events, settings) if settings.head_events else None
+        self.purger = Purger(settings.acct_days)  # its own thread, beside the loop
+        self.notifier = Notifier.for_site(settings, job_view, record_failure)  # webhooks, never waited on
 
     # --- start and loop ------------------------------------------------------
 
@@ -99,9 +106,13 @@ class HeadLoop:
 
         self.api = ApiServer(self.settings)
         self.api.start()
+        self.purger.start()  # accounting: finished jobs past CM_ACCT_DAYS go (cm.head.acct)
+        self.notifier.start()
         event(log, "head listening", port=self.settings.head_port, socket=str(self.settings.socket_path))
 
     def close(self) -> None:
+        self.purger.stop()
+        self.notifier.stop()
         self.intercom.close()
         if self.api is not None:
             self.api.stop()
@@ -161,6 +172,8 @@ class HeadLoop:
             self.gatekeeper.refresh()
         if self.clients is not None:
             self.clients.reap(now)
+        for job_id, failure in self.notifier.taken():  # failed webhooks, shown on the job kept in memory
+            self.feed(NotifyFailed, job_id, failure)
         if not self.state.up:
             return  # commands wait for the database: what they ask may no longer hold
         self.intercom.tick(now)
@@ -274,6 +287,8 @@ class HeadLoop:
                 self.waiters.setdefault(ins.job_id, []).append((ins.caller, ins.to, ins.request, ins.deadline))
             elif isinstance(ins, Intercom):
                 self.intercom.on_node(ins.node, ins.msg)
+            elif isinstance(ins, Notify):
+                (self.notifier.began if ins.event == "begin" else self.notifier.ended)(ins.job)
             elif isinstance(ins, ForgetTokens):
                 if self.api is not None:
                     self.api.forget_tokens()

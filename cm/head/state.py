@@ -17,7 +17,7 @@ from cm.config import Settings
 from cm.head.answers import Answers
 from cm.callers import Caller
 from cm.head.events import (Answer, ClientAsked, Command, DbBack, DbLost, Delivered, Event, Flush, Forget,
-                            Instruction, Intercom, NodeSaid, Park, Pass, Resend, Send, Tick)
+                            Instruction, Intercom, NodeSaid, Notify, NotifyFailed, Park, Pass, Resend, Send, Tick)
 from cm.head.jobs import JobTable
 from cm.head.outcome import Outcome, Stop
 from cm.head.progress import report_of
@@ -60,9 +60,11 @@ class HeadState(Answers):
         self.out: list[Instruction] = []
         self.modes: dict[bool, dict[type, Callable[[Any], None]]] = {
             True: {NodeSaid: self._node_said, ClientAsked: self._client_asked, Tick: self._tick, Flush: self._flush,
-                   Pass: self._pass, DbLost: self._db_lost, DbBack: lambda ev: None},
+                   Pass: self._pass, DbLost: self._db_lost, DbBack: lambda ev: None,
+                   NotifyFailed: self._notify_failed},
             False: {NodeSaid: self._node_said_down, ClientAsked: self._client_asked_down, Tick: lambda ev: None,
-                    Flush: lambda ev: None, Pass: lambda ev: None, DbLost: lambda ev: None, DbBack: self._db_back},
+                    Flush: lambda ev: None, Pass: lambda ev: None, DbLost: lambda ev: None, DbBack: self._db_back,
+                    NotifyFailed: self._notify_failed},
         }
 
     def open(self, now: float, wall: float) -> list[Instruction]:
@@ -190,7 +192,10 @@ class HeadState(Answers):
             return
         elif isinstance(msg, JobStarted):
             self.out.append(Forget(peer, msg.share))
+            begins = (self.jobs.jobs.get(msg.job_id) or {}).get("started") is None  # this run's first share
             self.jobs.started(msg.job_id, peer, msg.run, self.addrs(), out, msg.role, msg.rank, msg.at)
+            if begins and (self.jobs.jobs.get(msg.job_id) or {}).get("started") is not None:
+                self.out.append(Notify("begin", self.jobs.jobs[msg.job_id]))
             self.held_acks.append((peer, msg.job_id, Ack(ref=msg.id)))  # acknowledged once written: _flush
         elif isinstance(msg, JobEnded):
             try:
@@ -292,6 +297,8 @@ class HeadState(Answers):
                 event(log, "node drained", logging.WARNING, node=node, reason=reason)
         for job_id in out.finished:
             job = self.jobs.recent.get(job_id)
+            if job is not None:
+                self.out.append(Notify("end", job))
             if job is not None and job["kind"] == "sync":
                 done = job.get("progress") or {}
                 self.moved["bytes"] += done.get("bytes_done", 0)
@@ -317,6 +324,12 @@ class HeadState(Answers):
         self.jobs.overdue(ev.wall, self.settings.kill_grace + self.settings.kill_confirm
                           + self.settings.heartbeat_timeout, out)
         self.apply(out)
+
+    def _notify_failed(self, ev: NotifyFailed) -> None:
+        """Show a failed webhook on the job kept in memory (the store has it already: cm.store.notify)."""
+        job = self.jobs.jobs.get(ev.job_id) or self.jobs.recent.get(ev.job_id)
+        if job is not None:
+            job["notify_error"] = ev.failure
 
     def _flush(self, ev: Flush) -> None:
         """Write the starts held back longer than ``hold`` seconds, then acknowledge what is written."""

@@ -36,7 +36,8 @@ class Slot(EmbeddedDocument):
 class Job(Document):
     meta = {
         "collection": "jobs",
-        "indexes": [("state", "-priority", "submitted"), "user", ("uid", "idempotency_key")],
+        # (ended) and (user, ended): accounting's windows of finished jobs (cm.store.acct)
+        "indexes": [("state", "-priority", "submitted"), ("user", "ended"), "ended", ("uid", "idempotency_key")],
         "auto_create_index": False,
     }
     id = IntField(primary_key=True)
@@ -73,6 +74,9 @@ class Job(Document):
     restarts = IntField(default=0)  # times a sync was started again after losing a node
     labels = DictField()  # key -> value, e.g. a workflow's name and namespace (HTTP API, --label)
     idempotency_key = StringField()  # the HTTP API's Idempotency-Key: a repeat from the same uid gets this job
+    notify = ListField(StringField())  # webhook URLs (--notify), told of the events in notify_on (cm.head.notify)
+    notify_on = ListField(StringField())  # begin, end, fail
+    notify_error = StringField(default="")  # the deliveries that failed for good, for cminfo JOBID
 
 
 class Node(Document):

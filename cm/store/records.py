@@ -114,6 +114,9 @@ class JobRecord(Struct):
     restarts: Int = 0
     labels: dict[str, str] = {}
     idempotency_key: str | None = None
+    notify: list[str] = []
+    notify_on: list[str] = []
+    notify_error: str = ""
 
 
 class NodeRecord(Struct):

@@ -17,11 +17,11 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from cm.cli import cminfo, cmkill, cmrun, cmsync, cmtoken
+from cm.cli import cmacct, cminfo, cmkill, cmrun, cmsync, cmtoken
 from cm.cli.args import Command, Param
 from cm.cli.cmsync import parse_rate
 
-COMMANDS = {c.prog: c for c in (cminfo.cli, cmkill.cli, cmrun.cli, cmsync.cli, cmtoken.cli)}
+COMMANDS = {c.prog: c for c in (cmacct.cli, cminfo.cli, cmkill.cli, cmrun.cli, cmsync.cli, cmtoken.cli)}
 
 
 def clicks(command: Command, argv: list[str]):
@@ -62,10 +62,13 @@ EVERYDAY = {
     "cminfo": [[], ["42"], ["--all"], ["--json"], ["--label", "a=b", "--label=c=d"]],
     "cmkill": [["42"], ["1", "2", "3"]],
     "cmrun": [["hostname"], ["-n", "2", "-p", "4", "--wait", "--", "sh", "-c", "echo hi"], ["--parsable", "-t", "5",
-              "-J", "x", "--mem=100", "ls", "-l", "--help"], ["--hold", "--label", "k=v", "sleep", "60"]],
+              "-J", "x", "--mem=100", "ls", "-l", "--help"], ["--hold", "--label", "k=v", "sleep", "60"],
+              ["--notify", "https://h/x", "--notify-on", "begin,end", "true"]],
     "cmsync": [["gpu:/a", "cpu:/b"], ["--wait", "-n", "2", "--delete", "--exclude", "*.tmp", "gpu:/a", "cpu:/b"],
                ["gpu:/a", "cpu:/b", "--bwlimit", "10M", "--transport=tcp", "--policy", "round-robin", "--checksum"]],
     "cmtoken": [[], ["--revoke", "alice"]],
+    "cmacct": [[], ["-S", "2026-12-01", "-E", "now", "--allusers"], ["-u", "bob", "-s", "F,CD", "--parsable",
+               "--format=JobID,State,Bytes"], ["--json", "--label", "a=b", "--name", "x"]],
 }
 
 
