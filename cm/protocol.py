@@ -36,6 +36,7 @@ from typing import Annotated, Any, ClassVar, Literal, Union
 import msgspec
 from msgspec import Meta, Struct, field
 
+from cm import __version__
 from cm.states import JobState
 
 VERSION = 2  # 2: msgspec Structs, typed job specs, progress counters, request arguments, error codes
@@ -44,6 +45,27 @@ MAX_MESSAGE = 16 * 1024 * 1024
 
 class ProtocolError(ValueError):
     """Bytes that are not a valid cm message."""
+
+
+class OtherVersion(ProtocolError):
+    """A message of another protocol version: refused as such, whatever its fields.
+
+    What every version keeps, so that two versions can still say who they are to each other: the
+    message's ``t`` and ``v``, a Hello's ``node`` and ``version`` (the sender's cm release), an Error's
+    ``message``. ``envelope`` holds those of the message (None where it had none, or not of that type).
+    """
+
+    def __init__(self, envelope: "_Envelope") -> None:
+        super().__init__(f"protocol version {envelope.v!r}, expected {VERSION}")
+        self.envelope = envelope
+
+
+def version_refusal(node: str, release: str | None, protocol: object) -> str:
+    """What the head says of a node of another version, naming both (docs/DEPLOY.md, upgrades)."""
+    theirs = f"runs cm {release} (protocol {protocol})" if release else f"speaks protocol {protocol}"
+    older = isinstance(protocol, int) and protocol < VERSION
+    return (f"node {node} {theirs}; this head runs cm {__version__} (protocol {VERSION}): "
+            f"upgrade the {'node' if older else 'head'}")
 
 
 def new_id() -> str:
@@ -673,7 +695,13 @@ _decoder = msgspec.msgpack.Decoder(Union[tuple(TYPES.values())])  # type: ignore
 
 
 class _Envelope(Struct):
-    v: Any = None
+    """The fields every protocol version keeps (see OtherVersion)."""
+
+    v: Any = VERSION  # a message without one is of this version (Message.v's default)
+    t: Any = None
+    node: Any = None
+    version: Any = None
+    message: Any = None
 
 
 _envelope = msgspec.msgpack.Decoder(_Envelope)
@@ -701,23 +729,25 @@ def decode(data: bytes) -> Message:
     try:
         msg = _decoder.decode(data)
     except msgspec.ValidationError as exc:
-        _check_version(data)
-        raise ProtocolError(named(exc)) from None
+        raise _other_version(data) or ProtocolError(named(exc)) from None
     except msgspec.DecodeError as exc:
         raise ProtocolError(f"not msgpack: {exc}") from None
     if msg.v != VERSION:
-        raise ProtocolError(f"protocol version {msg.v!r}, expected {VERSION}")
+        raise _other_version(data) or ProtocolError(f"protocol version {msg.v!r}, expected {VERSION}")
     return msg
 
 
-def _check_version(data: bytes) -> None:
+def _other_version(data: bytes) -> OtherVersion | None:
     """A message of another version is refused as such, not for the fields that changed."""
     try:
-        v = _envelope.decode(data).v
+        envelope = _envelope.decode(data)
     except (msgspec.ValidationError, msgspec.DecodeError):
-        return
-    if v != VERSION:
-        raise ProtocolError(f"protocol version {v!r}, expected {VERSION}")
+        return None
+    if envelope.v == VERSION:
+        return None
+    kept = {k: (v[:200] if isinstance(v, str) else v) if isinstance(v, str | int) and not isinstance(v, bool) else None
+            for k, v in msgspec.structs.asdict(envelope).items()}  # what the other side said, if it makes sense
+    return OtherVersion(_Envelope(**kept))
 
 
 # --- framing on stream sockets (the client's Unix socket) --------------------

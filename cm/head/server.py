@@ -28,7 +28,7 @@ from cm.head.requests import Later, handle
 from cm.head.resources import NodeView
 from cm.head.scheduler import Scheduler
 from cm.keys import TRANSFER_SECRET, secret
-from cm.logs import event
+from cm.logs import Sometimes, event
 from cm.protocol import (
     INTERCOM_TO_HEAD,
     Ack,
@@ -41,6 +41,7 @@ from cm.protocol import (
     KillJob,
     Message,
     NodeView as NodeRow,
+    OtherVersion,
     Progress,
     ProtocolError,
     Reply,
@@ -49,6 +50,7 @@ from cm.protocol import (
     Welcome,
     decode,
     encode,
+    version_refusal,
 )
 from cm.states import JobState
 from cm.store.jobstore import MongoJobStore
@@ -95,6 +97,7 @@ class HeadServer:
         self.passes = 0
         self.router: zmq.Socket | None = None
         self.gatekeeper = None  # CurveZMQ key checks, when curve is on
+        self.other_versions = Sometimes()  # nodes refused for their version, by name
         self.clients: ClientServer | None = None
         # long polls ("wait"): job id -> [(caller, where the answer goes, request, deadline)], answered when
         # the job is final; the answer goes to a command-socket connection or to the HTTP API (cm.api)
@@ -419,11 +422,23 @@ class HeadServer:
             try:
                 msg = decode(payload)
                 self.on_node_message(identity.decode("utf-8", "replace"), msg)
+            except OtherVersion as exc:
+                self.refuse_version(identity, exc)
             except ProtocolError as exc:
                 event(log, "bad node message", logging.WARNING, peer=identity[:64].hex(), error=str(exc))
                 self._send_raw(identity, Error(ref="", message=f"bad message: {exc}", code=ErrorCode.BAD_MESSAGE))
             except (store.StoreError, store.DatabaseError) as exc:
                 self.db_failed(f"handling {msg.TYPE} from {identity[:64]!r}", exc)
+
+    def refuse_version(self, identity: bytes, exc: OtherVersion) -> None:
+        """A node of another version never joins: it is told why, naming both versions, at every try."""
+        name = identity[:64].decode("utf-8", "replace")
+        theirs = exc.envelope
+        text = version_refusal(name, theirs.version if theirs.t == "hello" else None, theirs.v)
+        if self.other_versions.due(name):
+            event(log, f"refused a node of another version: {text}", logging.ERROR, node=name,
+                  node_version=theirs.version, node_protocol=theirs.v)
+        self._send_raw(identity, Error(ref="", message=text, code=ErrorCode.REFUSED))
 
     # --- node messages -------------------------------------------------------
 
