@@ -16,12 +16,12 @@ import logging
 import os
 import secrets
 import shutil
-import time
 from pathlib import Path
 
 import zmq
 import zmq.auth
 
+from cm.logs import Sometimes
 
 log = logging.getLogger("cm.keys")
 
@@ -107,7 +107,6 @@ def node_keys(run_dir: str | Path, name: str) -> tuple[bytes, bytes]:
 
 REFUSED_HINT = "run `cmdaemon keys export NODE` on the head and `cmdaemon keys import NODE.cmkeys` on the node"
 SHARED_NODE_KEY = "node"  # the one keypair every node may use (`cmdaemon keys init node`: the compose cluster)
-REFUSED_LOG_EVERY = 60.0  # seconds between two log lines about one refused key (a node retries every ~10 s)
 
 
 class Gatekeeper:
@@ -124,7 +123,7 @@ class Gatekeeper:
 
         self.authorized = keys_dir(run_dir) / "authorized"
         self.owners: dict[bytes, str] = {}  # z85 public key -> node name; replaced whole, read by the ZAP thread
-        self.refused: dict[bytes, float] = {}  # key -> when last logged (by the ZAP thread or the head's)
+        self.refused = Sometimes()  # by key (logged by the ZAP thread or the head's)
         self.auth = ThreadAuthenticator(ctx)
         self.auth.start()
         self.auth.configure_curve_callback(domain="*", credentials_provider=self)
@@ -165,11 +164,7 @@ class Gatekeeper:
         return False
 
     def _refused(self, key: bytes, message: str) -> None:
-        now = time.monotonic()
-        if now - self.refused.get(key, -REFUSED_LOG_EVERY) >= REFUSED_LOG_EVERY:
-            if len(self.refused) >= 1024:  # a peer trying random keys must not grow this without bound
-                self.refused.clear()
-            self.refused[key] = now
+        if self.refused.due(key):
             log.warning("%s (public key %s)", message, key.decode(), extra={"fields": {"public_key": key.decode()}})
 
     def stop(self) -> None:

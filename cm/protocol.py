@@ -37,7 +37,7 @@ from typing import Annotated, Any, ClassVar, Literal, NamedTuple, Union
 import msgspec
 from msgspec import Meta, Struct, field
 
-from cm import framing
+from cm import __version__, framing
 from cm.states import JobState
 
 VERSION = 3  # 2: msgspec Structs, typed job specs, progress counters, request arguments, error codes; 3: one
@@ -56,6 +56,27 @@ class UnknownType(ProtocolError):
 
 class Misfit(ProtocolError):
     """A client's request of a known operation whose fields do not fit it (the message names the field)."""
+
+
+class OtherVersion(ProtocolError):
+    """A message of another protocol version: refused as such, whatever its fields.
+
+    What every version keeps, so that two versions can still say who they are to each other: the
+    message's ``t`` and ``v``, a Hello's ``node`` and ``version`` (the sender's cm release), an Error's
+    ``message``. ``envelope`` holds those of the message (None where it had none, or not of that type).
+    """
+
+    def __init__(self, envelope: "_Envelope") -> None:
+        super().__init__(f"protocol version {envelope.v!r}, expected {VERSION}")
+        self.envelope = envelope
+
+
+def version_refusal(node: str, release: str | None, protocol: object) -> str:
+    """What the head says of a node of another version, naming both (docs/DEPLOY.md, upgrades)."""
+    theirs = f"runs cm {release} (protocol {protocol})" if release else f"speaks protocol {protocol}"
+    older = isinstance(protocol, int) and protocol < VERSION
+    return (f"node {node} {theirs}; this head runs cm {__version__} (protocol {VERSION}): "
+            f"upgrade the {'node' if older else 'head'}")
 
 
 def new_id() -> str:
@@ -731,8 +752,13 @@ _decoder = msgspec.msgpack.Decoder(Union[tuple(TYPES.values())])  # type: ignore
 
 
 class _Envelope(Struct):
-    v: Any = None
+    """The fields every protocol version keeps (see OtherVersion)."""
+
+    v: Any = VERSION  # a message without one is of this version (Message.v's default)
     t: Any = None
+    node: Any = None
+    version: Any = None
+    message: Any = None
 
 
 _envelope = msgspec.msgpack.Decoder(_Envelope)
@@ -767,20 +793,23 @@ def decode(data: bytes) -> Message:
     except msgspec.DecodeError as exc:
         raise ProtocolError(f"not msgpack: {exc}") from None
     if msg.v != VERSION:
+        _check_envelope(data)  # raises OtherVersion
         raise ProtocolError(f"protocol version {msg.v!r}, expected {VERSION}")
     return msg
 
 
 def _check_envelope(data: bytes) -> type[Message] | None:
     """The type of a message that does not fit it (None: not even its envelope fits). A message of another
-    version is refused as such, not for the fields that changed; one of an unknown type (a client's unknown
-    operation) as that."""
+    version is refused as such (OtherVersion), not for the fields that changed; one of an unknown type (a
+    client's unknown operation) as that."""
     try:
         envelope = _envelope.decode(data)
     except (msgspec.ValidationError, msgspec.DecodeError):
         return None
     if envelope.v != VERSION:
-        raise ProtocolError(f"protocol version {envelope.v!r}, expected {VERSION}")
+        kept = {k: (v[:200] if isinstance(v, str) else v) if isinstance(v, str | int) and not isinstance(v, bool)
+                else None for k, v in msgspec.structs.asdict(envelope).items()}  # what the other side said
+        raise OtherVersion(_Envelope(**kept))
     if isinstance(envelope.t, str) and envelope.t not in TYPES:
         raise UnknownType(f"unknown operation {envelope.t!r}")
     return TYPES.get(envelope.t) if isinstance(envelope.t, str) else None

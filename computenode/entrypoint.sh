@@ -9,10 +9,10 @@
 # 3. Runs the command (default: `cmdaemon node`). Users come from drive/etc (below).
 set -eu
 
-# Users shared by every container: /etc/passwd and /etc/group are the files
-# in /cm/etc (drive/etc on the host, see `make adduser`), when there.
+# Users shared by every container: /etc/passwd, group, shadow and gshadow are
+# the files in /cm/etc (drive/etc on the host, see `make adduser`), when there.
 etc=/cm/etc
-for f in passwd group; do
+for f in passwd group shadow gshadow; do
     if [ -s "$etc/$f" ] && [ "$(readlink /etc/$f || true)" != "$etc/$f" ]; then
         ln -sf "$etc/$f" "/etc/$f"
     fi

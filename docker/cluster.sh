@@ -4,7 +4,8 @@
 #   docker/cluster.sh up              images (docker/images.sh), compose up, wait until 4 nodes are IDLE
 #   docker/cluster.sh stop            compose down: no container or network left; drive/ is kept
 #   docker/cluster.sh exec [USER]     a shell on the head node (root, or USER in /home/USER)
-#   docker/cluster.sh adduser USER    a user on every node (drive/etc), home drive/home/USER
+#   docker/cluster.sh adduser USER    a user on every node (drive/etc: passwd, group, shadow, gshadow),
+#                                     home drive/home/USER: root's `su - USER` works on every node
 #
 # COMPOSE_PROJECT_NAME (default cm) names the containers, the network and the image tag.
 set -euo pipefail
@@ -30,17 +31,33 @@ need_engine() {
         die "no Docker engine here: 'make engine' (root) installs and starts one, or 'make local-up' runs the same cluster as local processes"
 }
 
-# drive/etc/passwd and group: seeded from the image's own, then `make adduser` appends.
+# drive/etc/passwd, group, shadow and gshadow: seeded from the image's own, then `make adduser` appends.
+# su and login (PAM's pam_unix) need a user's shadow entry as much as its passwd one: a drive made before
+# shadow was seeded gets one for each user it lacks.
 seed_users() {
     mkdir -p drive/etc
     local f
-    for f in passwd group; do
+    for f in passwd group shadow gshadow; do
         if [ ! -s "drive/etc/$f" ]; then
             docker run --rm --entrypoint cat "$1" "/etc/$f" >"drive/etc/$f.tmp" || die "cannot read /etc/$f of $1"
             mv "drive/etc/$f.tmp" "drive/etc/$f"
         fi
     done
+    local name
+    for name in $(cut -d: -f1 drive/etc/passwd); do
+        grep -q "^$name:" drive/etc/shadow || shadow_entry "$name" >>drive/etc/shadow
+    done
+    for name in $(cut -d: -f1 drive/etc/group); do
+        grep -q "^$name:" drive/etc/gshadow || echo "$name:!::" >>drive/etc/gshadow
+    done
+    local shadow_gid
+    shadow_gid=$(awk -F: '$1 == "shadow" {print $3}' drive/etc/group)
+    chown "0:${shadow_gid:-0}" drive/etc/shadow drive/etc/gshadow
+    chmod 0640 drive/etc/shadow drive/etc/gshadow
 }
+
+# no password (`*`: nobody logs in with one; root's `su - USER` needs none), changed today, never expires
+shadow_entry() { echo "$1:*:$(( $(date +%s) / 86400 )):0:99999:7:::"; }
 
 nodes_idle() {  # prints "N idle of 4", exit 0 when all are
     compose exec -T headnode cminfo --json 2>/dev/null | python3 -c '
@@ -112,7 +129,7 @@ adduser() {
     local user=${1:-}
     [ -n "$user" ] || die "which user? make adduser USER=name"
     [[ "$user" =~ ^[a-z_][a-z0-9_-]{0,31}$ ]] || die "bad user name '$user' (lower case letters, digits, _ and -)"
-    [ -s drive/etc/passwd ] || die "drive/etc has no passwd yet: run make first"
+    [ -s drive/etc/passwd ] && [ -s drive/etc/shadow ] || die "drive/etc has no passwd or shadow yet: run make first"
     local uid
     exec 9>drive/etc/.lock
     flock -w 10 9 || die "drive/etc is locked by another make adduser"
@@ -126,6 +143,8 @@ adduser() {
     # appended in place: the files are bind-mounted (their directory) into every running container
     echo "$user:x:$uid:$uid::/home/$user:/bin/bash" >>drive/etc/passwd
     echo "$user:x:$uid:" >>drive/etc/group
+    shadow_entry "$user" >>drive/etc/shadow
+    echo "$user:!::" >>drive/etc/gshadow
     mkdir -p "drive/home/$user"
     chown "$uid:$uid" "drive/home/$user"
     chmod 0750 "drive/home/$user"

@@ -11,6 +11,9 @@
 # with `pip wheel` (kept in ~/.cache/cm/wheels/<hash of the dependencies>).
 # Prints one line saying which path it took. Layers are cached by the engine:
 # only what changed is rebuilt.
+#
+#   docker/images.sh systemd   prints the name of an image whose PID 1 is systemd, on the debootstrap
+#                              base (docker/systemd.Dockerfile; tests/test_guide.py), built if missing
 set -euo pipefail
 
 cd "$(dirname "$0")/.."
@@ -115,6 +118,13 @@ build() {  # build IMAGE DOCKERFILE ARGS...
 
 command -v docker >/dev/null 2>&1 || die "no docker client"
 mkdir -p "$CACHE" "$OUT"
+if [ "${1:-}" = systemd ]; then
+    build_base
+    image=cm-cluster/systemd:$(cat docker/systemd.Dockerfile | sha1sum | cut -c1-8)-${BASE_IMAGE##*-}
+    docker image inspect "$image" >/dev/null 2>&1 || build "$image" docker/systemd.Dockerfile --build-arg "BASE=$BASE_IMAGE"
+    echo "$image"
+    exit 0
+fi
 t0=$SECONDS
 if have_image "$PY_IMAGE"; then
     base=$PY_IMAGE

@@ -33,7 +33,8 @@ FAST = {
 
 # Suites that must run on CI (CI=true: .ci/run, which installs a Docker engine and runs as root): a skip
 # there fails the run, with its reason, instead of passing for what was never tried.
-MUST_RUN_ON_CI = ("tests/test_docker.py", "tests/test_netns.py", "tests/test_multiuser.py", "tests/test_ui.py")
+MUST_RUN_ON_CI = ("tests/test_docker.py", "tests/test_guide.py", "tests/test_netns.py", "tests/test_multiuser.py",
+                  "tests/test_ui.py")
 _skipped_must_run: list[str] = []
 
 

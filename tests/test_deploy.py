@@ -191,6 +191,49 @@ def test_a_node_with_a_key_the_head_does_not_know_is_refused_and_told_what_to_do
         proc.wait(30)
 
 
+# a node daemon of an older release: its cm.__version__ and protocol version patched before anything imports them,
+# and every message it sends stamped with its protocol version
+OLD_NODE = """
+import sys, msgspec, cm, cm.protocol as p
+cm.__version__, p.VERSION, new = "0.0.9", p.VERSION - 1, p.encode
+def encode(msg):
+    return msgspec.msgpack.encode({**msgspec.msgpack.decode(new(msg)), "v": p.VERSION})
+p.encode = encode
+from cm.daemon import main
+sys.exit(main(["node"]))
+"""
+
+
+def test_a_node_of_another_version_is_refused_naming_both_versions(make_cluster, tmp_path):
+    from cm import __version__
+    from cm.protocol import VERSION
+
+    cluster = make_cluster(partitions="cpu:1", nodes=1)
+    node_run = tmp_path / "site-old"
+    node_env = {**cluster.base_env(), "CM_RUN_DIR": str(node_run), "CM_NODE_NAME": "site-old", "CM_PARTITION": "cpu",
+                "CM_DATA_ROOT": str(tmp_path / "data"), "CM_TRANSFER_PORT": "0", "CM_WARM_SENDER": "false",
+                "CM_CONFIG": str(tmp_path / "none.toml")}
+    cmdaemon("keys", "export", "site-old", "--out", str(tmp_path),
+             env={"CM_RUN_DIR": str(cluster.run_dir), "CM_CONFIG": str(tmp_path / "none.toml")})
+    cmdaemon("keys", "import", str(tmp_path / "site-old.cmkeys"), env=node_env)
+    refusal = (f"node site-old runs cm 0.0.9 (protocol {VERSION - 1}); this head runs cm {__version__} "
+               f"(protocol {VERSION}): upgrade the node")
+    log = tmp_path / "site-old.log"
+    with open(log, "ab") as out:
+        proc = subprocess.Popen([sys.executable, "-c", OLD_NODE], env=node_env, stdout=out,
+                                stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        wait_for(lambda: f"refused a node of another version: {refusal}" in cluster.logfile("headnode").read_text(),
+                 "the head to log the refusal")
+        wait_for(lambda: f"the head (protocol {VERSION}) refused this node (cm 0.0.9, protocol {VERSION - 1}): "
+                         f"{refusal}" in log.read_text(), "the node to log the head's refusal")
+        assert "site-old" not in {n["name"] for n in cluster.info()["nodes"]}, "a node of another version joined"
+        assert proc.poll() is None  # it keeps trying (upgraded and restarted, it joins)
+    finally:
+        proc.terminate()
+        proc.wait(30)
+
+
 def test_the_units_verify_and_uninstall_leaves_nothing(tmp_path):
     env = {"CM_CONFIG": "/etc/cm/cm.toml"}
     for role in units.ROLES:

@@ -242,6 +242,19 @@ def test_make_adduser_gives_every_node_the_user_and_a_home_on_the_drive(cluster,
     assert sum(line.startswith("alice:") for line in (cluster.tree / "drive/etc/passwd").read_text().splitlines()) == 1
 
 
+def test_root_s_su_to_a_user_works_on_the_head_and_the_nodes_as_on_any_host(cluster, alice):
+    # su's PAM (pam_rootok, then pam_unix's account check) needs the user's shadow entry, not only passwd's
+    for service in ["headnode", "computenode-cpu-1"]:
+        done = cluster.head("su", "-", "alice", "-c", 'id -un; pwd; echo "$SHELL"', service=service, check=False)
+        assert done.returncode == 0, f"{service}: su - alice: {done.stderr}"
+        assert done.stdout.split() == ["alice", "/home/alice", "/bin/bash"], (service, done.stdout)
+    # and she uses cm there as in `make exec-head USER=alice`
+    assert "computenode-cpu-1" in cluster.head("su", "-", "alice", "-c", "cminfo").stdout
+    shadow = cluster.tree / "drive" / "etc" / "shadow"
+    assert oct(shadow.stat().st_mode & 0o777) == "0o640", "shadow must not be readable by every user"
+    assert cluster.head("su", "-", "alice", "-c", "cat /etc/shadow", check=False).returncode != 0
+
+
 def test_a_users_job_runs_on_two_gpu_containers_with_cmlogs_hers_in_her_home(cluster, alice):
     job = int(cluster.head("cmrun", "-n", "2", "-p", "2", "--partition", "gpu", "--wait", "--parsable",
                            "sh", "-c", 'echo "$(hostname) $(id -un) $CM_PROC_RANK"', user=alice).stdout)

@@ -33,9 +33,10 @@ from cm.head.requests import job_view
 from cm.head.scheduler import Scheduler
 from cm.head.state import HeadState
 from cm.keys import TRANSFER_SECRET, secret
-from cm.logs import event
+from cm.logs import Sometimes, event
 from cm.outbox import Outbox
-from cm.protocol import Error, ErrorCode, Info, KillJob, Message, ProtocolError, Reply, Request, decode, encode
+from cm.protocol import (Error, ErrorCode, Info, KillJob, Message, OtherVersion, ProtocolError, Reply, Request, decode,
+                         encode, version_refusal)
 from cm.store.jobstore import MongoJobStore
 from cm.store.notify import record_failure
 
@@ -67,6 +68,7 @@ class HeadLoop:
         self.outbox = Outbox(settings.dispatch_retry)  # commands to nodes not yet acknowledged
         self.router: zmq.Socket | None = None
         self.gatekeeper = None  # CurveZMQ key checks, when curve is on
+        self.other_versions = Sometimes()  # nodes refused for their version, by name
         self.clients: ClientServer | None = None
         # long polls ("wait"): job id -> [(caller, where the answer goes, request, deadline)], answered when
         # the job is final; the answer goes to a command-socket connection or to the HTTP API (cm.api)
@@ -74,6 +76,7 @@ class HeadLoop:
         self.api = None  # cm.api.server.ApiServer: the HTTP API's thread, which hands requests to this loop
         self.intercom = HeadIntercom(settings, jobs, self.send)  # keys and commands of a job's processes
         self.record = Recorder(settings.head_events, settings) if settings.head_events else None
+        self.other_versions = Sometimes()  # nodes refused for their version, by name
         self.purger = Purger(settings.acct_days)  # its own thread, beside the loop
         self.notifier = Notifier.for_site(settings, job_view, record_failure)  # webhooks, never waited on
 
@@ -259,12 +262,25 @@ class HeadLoop:
             identity, payload = frames[0].bytes, frames[1].bytes
             try:
                 msg = decode(payload)
+            except OtherVersion as exc:
+                self.refuse_version(identity, exc)
+                continue
             except ProtocolError as exc:
                 event(log, "bad node message", logging.WARNING, peer=identity[:64].hex(), error=str(exc))
                 self._send_raw(identity, Error(ref="", message=f"bad message: {exc}", code=ErrorCode.BAD_MESSAGE))
                 continue
             self.feed(NodeSaid, identity.decode("utf-8", "replace"), msg)
         self.feed(Flush, RUNNING_HOLD)
+
+    def refuse_version(self, identity: bytes, exc: OtherVersion) -> None:
+        """A node of another version never joins: it is told why, naming both versions, at every try."""
+        name = identity[:64].decode("utf-8", "replace")
+        theirs = exc.envelope
+        text = version_refusal(name, theirs.version if theirs.t == "hello" else None, theirs.v)
+        if self.other_versions.due(name):
+            event(log, f"refused a node of another version: {text}", logging.ERROR, node=name,
+                  node_version=theirs.version, node_protocol=theirs.v)
+        self._send_raw(identity, Error(ref="", message=text, code=ErrorCode.REFUSED))
 
     # --- carrying out ----------------------------------------------------------
 

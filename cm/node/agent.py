@@ -29,7 +29,7 @@ import zmq
 
 from cm import __version__
 from cm.config import Settings
-from cm.logs import event
+from cm.logs import Sometimes, event
 from cm.node import launch
 from cm.node.intercom import IntercomSetupError, NodeIntercom
 from cm.node.purge import Purge, Tracked
@@ -41,6 +41,7 @@ from cm.protocol import (
     ANY_ROLE,
     ANY_RUN,
     INTERCOM_TO_NODE,
+    VERSION,
     Ack,
     Error,
     ErrorCode,
@@ -52,6 +53,7 @@ from cm.protocol import (
     CommandShare,
     Message,
     NodeJob,
+    OtherVersion,
     Progress,
     ProtocolError,
     RunJob,
@@ -91,6 +93,7 @@ class NodeAgent:
         self.dealer: zmq.Socket | None = None
         self.refusals: zmq.Socket | None = None  # the dealer's monitor: handshakes the head refused
         self.connected_at = 0.0
+        self.version_refusals = Sometimes()  # by the head's protocol version
         self.cpus, self.mem_mb = measure(settings.cpus, settings.mem_mb)
         self.state_file = Path(settings.run_dir) / f"{self.name}.jobs.json"
         self.intercom = NodeIntercom(settings, self.name, self.send)  # a job's processes <-> the head
@@ -214,6 +217,8 @@ class NodeAgent:
                     break
                 try:
                     self.on_message(decode(payload))
+                except OtherVersion as exc:
+                    self._other_version(exc)
                 except ProtocolError as exc:
                     event(log, "bad message from head", logging.WARNING, error=str(exc))
         for share, s in list(self.senders.items()):
@@ -223,6 +228,15 @@ class NodeAgent:
             self.warm.collect()
         self.intercom.on_ready(ready)
         self.intercom.tick(time.monotonic())
+
+    def _other_version(self, exc: OtherVersion) -> None:
+        """The head speaks another protocol: its refusal (which names both versions) is logged as it is."""
+        head = exc.envelope
+        if not self.version_refusals.due(head.v):
+            return
+        said = f": {head.message}" if head.t == "error" and head.message else f" ({exc})"
+        event(log, f"the head (protocol {head.v}) refused this node (cm {__version__}, protocol {VERSION}){said}",
+              logging.ERROR, node=self.name, head_protocol=head.v)
 
     # --- messages --------------------------------------------------------------
 

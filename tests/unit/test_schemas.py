@@ -12,12 +12,14 @@ import msgpack
 import msgspec
 import pytest
 
+from cm import __version__
 from cm.protocol import (
     REQUESTS,
     VERSION,
     CommandShare,
     Error,
     ErrorCode,
+    OtherVersion,
     Progress,
     ProtocolError,
     RunJob,
@@ -28,6 +30,7 @@ from cm.protocol import (
     Submit,
     decode,
     encode,
+    version_refusal,
 )
 
 
@@ -79,6 +82,23 @@ def test_an_error_carries_a_code_a_program_can_act_on():
 def test_a_message_of_another_version_is_refused_as_such():
     with pytest.raises(ProtocolError, match=f"protocol version 1, expected {VERSION}"):
         decode(msgpack.packb({"t": "heartbeat", "v": 1, "id": "x", "node": "n", "running": [], "old": 1}))
+
+
+def test_a_hello_of_another_version_still_says_its_node_and_release_and_the_refusal_names_both():
+    with pytest.raises(OtherVersion) as caught:
+        decode(msgpack.packb({"t": "hello", "v": VERSION - 1, "node": "computenode-1", "version": "0.0.9",
+                              "cpus": "changed meaning"}))
+    said = caught.value.envelope
+    assert (said.t, said.v, said.node, said.version) == ("hello", VERSION - 1, "computenode-1", "0.0.9")
+    assert version_refusal("computenode-1", said.version, said.v) == (
+        f"node computenode-1 runs cm 0.0.9 (protocol {VERSION - 1}); this head runs cm {__version__} "
+        f"(protocol {VERSION}): upgrade the node")
+    assert version_refusal("n", None, VERSION + 1).endswith(f"n speaks protocol {VERSION + 1}; this head runs cm "
+                                                            f"{__version__} (protocol {VERSION}): upgrade the head")
+    # a message without "v" is of this version: refused for its fields, not as another version
+    with pytest.raises(ProtocolError, match="running") as caught:
+        decode(msgpack.packb({"t": "heartbeat", "id": "x", "node": "n", "running": "x"}))
+    assert not isinstance(caught.value, OtherVersion)
 
 
 @pytest.mark.parametrize("args,field", [
