@@ -13,6 +13,7 @@ import errno
 import os
 import re
 import stat
+import sys
 from typing import TYPE_CHECKING, NamedTuple
 
 if TYPE_CHECKING:
@@ -48,19 +49,22 @@ class Entry(NamedTuple):
     uid: int = -1  # owner, so a sync that keeps owners sets only those that differ
     gid: int = -1
 
-    def to_wire(self) -> list:
-        """A manifest row (``frames.EntryRow``): names as raw bytes."""
-        return [os.fsencode(self.path), self.kind, self.size, self.mtime_ns, self.mode, os.fsencode(self.target),
-                self.uid, self.gid]
+    def to_wire(self) -> tuple:
+        """A manifest row (``frames.EntryRow``): names as raw bytes (``os.fsencode``, inlined: manifests
+        hold millions)."""
+        path, kind, size, mtime_ns, mode, target, uid, gid = self
+        return (path.encode(_FS, "surrogateescape"), kind, size, mtime_ns, mode,
+                target.encode(_FS, "surrogateescape") if target else b"", uid, gid)
 
     @classmethod
     def from_wire(cls, row) -> "Entry":
         """Inverse of ``to_wire``, from a decoded ``frames.EntryRow``."""
-        return _make(cls, (os.fsdecode(row.path), row.kind, row.size, row.mtime, row.mode, os.fsdecode(row.target),
-                           row.uid, row.gid))
+        return _make(cls, (row.path.decode(_FS, "surrogateescape"), row.kind, row.size, row.mtime, row.mode,
+                           row.target.decode(_FS, "surrogateescape") if row.target else "", row.uid, row.gid))
 
 
 _make = tuple.__new__  # builds an Entry without the generated __new__'s overhead (walks make millions)
+_FS = sys.getfilesystemencoding()  # what os.fsencode and os.fsdecode use, with "surrogateescape"
 
 
 def is_temp_name(name: str) -> bool:
