@@ -101,11 +101,13 @@ def walk_fd(top_fd: int, excluder: Excluder | None = None, skip_temp: bool = Fal
     could not be entered, so what is in it can be reported as not copied.
     ``xattrs``, if given, gets the names of the extended attributes of each
     entry that has any (or the OSError that listing them raised), by path.
-    Listing them takes a system call per entry; made with a name relative
-    to the working directory it costs a third of one made with the whole
-    path, so the walk then moves the process's working directory into
-    each directory it lists (and back at the end): only for a
-    single-threaded caller (the sender, before its streams start).
+    Every name is looked at from compiled code (``batchio.stat_names``:
+    statx, and with ``xattrs`` the size of its attribute list), so only the
+    entries that have attributes cost Python a listing. The size is asked
+    with a name relative to the working directory (a third of the cost of
+    one with the whole path), so the walk then moves the process's working
+    directory into each directory it lists (and back at the end): only for
+    a single-threaded caller (the sender, before its streams start).
     """
     excluder = excluder if excluder else None
     entries = [_entry("", os.stat(top_fd))]
@@ -136,6 +138,8 @@ def _list_xattrs(out: dict, path: str, name: str | int) -> None:
 
 
 def _walk(stack: list, entries: list, excluder, skip_temp: bool, inodes, unreadable, xattrs) -> None:
+    from .batchio import stat_names  # compiled: not at import time (the head checks patterns with this module)
+
     append = entries.append
     while stack:
         prefix, fd = stack.pop()
@@ -143,57 +147,58 @@ def _walk(stack: list, entries: list, excluder, skip_temp: bool, inodes, unreada
         try:
             if listing is not None:
                 try:
-                    os.fchdir(fd)
+                    os.fchdir(fd)  # stat_names lists attributes by the name relative to it
                 except OSError as exc:  # no search permission: neither can its entries be looked at
                     listing[prefix.rstrip("/")] = exc
                     listing = None
-            with os.scandir(fd) as it:
-                for de in it:
-                    name = de.name
-                    if skip_temp and name.startswith(TEMP_PREFIX) and is_temp_name(name):
-                        continue
-                    path = prefix + name
+            names = os.listdir(fd)
+            if skip_temp:
+                names = [n for n in names if not (n.startswith(TEMP_PREFIX) and is_temp_name(n))]
+            for name, row in zip(names, stat_names(fd, names, _FS, listing is not None)):
+                mode, size, mtime_ns, uid, gid, nlink, ino, dev, rdev, listed = row
+                if mode < 0:  # statx failed: os.stat says why (or the name is back)
                     try:
-                        st = de.stat(follow_symlinks=False)
+                        st = os.stat(name, dir_fd=fd, follow_symlinks=False)
                     except FileNotFoundError:
                         continue
-                    fmt = stat.S_IFMT(st.st_mode)
-                    size, target = 0, ""
-                    if fmt == stat.S_IFREG:
-                        kind, size = FILE, st.st_size
-                    elif fmt == stat.S_IFDIR:
-                        kind = DIR
-                    elif fmt == stat.S_IFLNK:
-                        kind = LINK
-                    else:
-                        kind = SPECIAL.get(fmt)
-                        if kind is None:
-                            continue
-                        if kind in DEVICES:
-                            size = st.st_rdev
-                    if excluder is not None and excluder.excluded(path, kind == DIR):
+                    mode, size, mtime_ns, uid, gid = st.st_mode, st.st_size, st.st_mtime_ns, st.st_uid, st.st_gid
+                    nlink, ino, dev, rdev, listed = st.st_nlink, st.st_ino, st.st_dev, st.st_rdev, -1
+                fmt = mode & 0o170000
+                target = ""
+                if fmt == stat.S_IFREG:
+                    kind = FILE
+                elif fmt == stat.S_IFDIR:
+                    kind, size = DIR, 0
+                elif fmt == stat.S_IFLNK:
+                    kind, size = LINK, 0
+                else:
+                    kind = SPECIAL.get(fmt)
+                    if kind is None:
                         continue
-                    if inodes is not None and kind == FILE and st.st_nlink > 1:
-                        inodes[path] = (st.st_dev, st.st_ino)
-                    if listing is not None:
-                        _list_xattrs(listing, path, name)
-                    if kind == LINK:
-                        try:
-                            target = os.readlink(name, dir_fd=fd)
-                        except FileNotFoundError:
-                            continue
-                    append(_make(Entry, (path, kind, size, st.st_mtime_ns, st.st_mode & 0o7777, target, st.st_uid,
-                                         st.st_gid)))
-                    if kind == DIR:
-                        try:
-                            sub = os.open(name, _DIR_FLAGS, dir_fd=fd)
-                        except (FileNotFoundError, NotADirectoryError):
-                            continue
-                        except PermissionError as exc:
-                            if unreadable is not None:
-                                unreadable.append((path, exc.strerror))
-                            continue
-                        stack.append((path + "/", sub))
+                    size = rdev if kind in DEVICES else 0
+                path = prefix + name
+                if excluder is not None and excluder.excluded(path, kind == DIR):
+                    continue
+                if inodes is not None and kind == FILE and nlink > 1:
+                    inodes[path] = (dev, ino)
+                if listing is not None and listed:  # some attributes, or listing them failed: say which
+                    _list_xattrs(listing, path, name)
+                if kind == LINK:
+                    try:
+                        target = os.readlink(name, dir_fd=fd)
+                    except FileNotFoundError:
+                        continue
+                append(_make(Entry, (path, kind, size, mtime_ns, mode & 0o7777, target, uid, gid)))
+                if kind == DIR:
+                    try:
+                        sub = os.open(name, _DIR_FLAGS, dir_fd=fd)
+                    except (FileNotFoundError, NotADirectoryError):
+                        continue
+                    except PermissionError as exc:
+                        if unreadable is not None:
+                            unreadable.append((path, exc.strerror))
+                        continue
+                    stack.append((path + "/", sub))
         finally:
             os.close(fd)
 
