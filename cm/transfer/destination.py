@@ -32,7 +32,7 @@ from . import batchio, checksum, sparse
 from .frames import BatchRow, ChecksumRow, Chunk, DirRow, LinkRow, MetaRow, OwnerRow, PartialRow, PathError
 from .partial import SPARSE, WHOLE, ChunkRecord, chunk_count, lock, partial_names
 from .paths import DirHandles, PathEscape, wire_parts
-from .tree import walk_fd
+from .tree import no_collection, walk_fd
 
 _NEW = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
 _MEMORY_FS = {0x01021994, 0x858458F6}  # tmpfs, ramfs (statfs f_type)
@@ -121,7 +121,9 @@ class Destination:
         if page + 1 >= len(starts):
             return [], False
         end = starts[page + 1]
-        return [e.to_wire() for e in entries[starts[page]:end]], end < len(entries)  # frames.EntryRow, as tuples
+        with no_collection():
+            rows = [e.to_wire() for e in entries[starts[page]:end]]  # frames.EntryRow, as tuples
+        return rows, end < len(entries)
 
     def partials(self, files: list[PartialRow]) -> list:
         """For each file: [[index, digest], ...] verified by an earlier run (``frames.VerifiedRow``).
