@@ -265,8 +265,8 @@ def publish_run(dfd: int, names: np.ndarray, name_off: np.ndarray, data: np.ndar
 
 
 def warm_up_writing() -> None:
-    """Load ``publish_run`` (the receiver's half) and ``stat_names`` now, from numba's cache or compiled once."""
-    warm_up_walking()
+    """Load ``publish_run`` now (the receiver's half), from numba's cache or compiled once. Not ``stat_names``:
+    the mover's first walk loads it, so a mover started again answers its node as soon as before."""
     empty = np.zeros(1, dtype=np.int64)
     nothing = np.frombuffer(b"\0", dtype=np.uint8)  # names and data are read-only arrays
     publish_run(-1, nothing, empty, nothing, empty, np.zeros(0, np.uint32), np.zeros(0, np.bool_),
