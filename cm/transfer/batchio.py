@@ -282,5 +282,5 @@ def warm_up_reading() -> None:
 
 
 def warm_up_walking() -> None:
-    """Load ``stat_names`` now (both ends walk)."""
+    """Load ``stat_names`` now (the sender's warm-up; a mover loads it on its first walk)."""
     stat_names(-1, ["x"], "utf-8")
