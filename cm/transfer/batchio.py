@@ -18,6 +18,11 @@ On the sending side ``read_run`` does the same for reading: open each file
 and mtime the walk saw (``statx``, whose layout is the same on every
 architecture), and read it into its place in the batch.
 
+Walks stat every name of a directory with ``stat_names`` (``statx`` from
+compiled code, and the size of its list of extended attributes when the
+walk lists them): the stat calls, not Python, are then what a walk of a big
+tree costs.
+
 libc's functions are bound by name (``ExternalFunction``), so the compiled
 code is cached on disk like the checksums.
 """
@@ -41,6 +46,7 @@ _linkat = types.ExternalFunction("linkat", types.int32(types.int32, types.intp, 
 _close = types.ExternalFunction("close", types.int32(types.int32))
 _read = types.ExternalFunction("read", types.intp(types.int32, types.intp, types.uintp))
 _statx = types.ExternalFunction("statx", types.int32(types.int32, types.intp, types.int32, types.uint32, types.intp))
+_llistxattr = types.ExternalFunction("llistxattr", types.intp(types.intp, types.intp, types.uintp))
 
 _SOURCE = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
 _AT_EMPTY_PATH = 0x1000
@@ -48,6 +54,16 @@ _STATX_WANTED = 0x1 | 0x2 | 0x40 | 0x200  # type, mode, mtime, size
 # struct statx: stx_mask u32 @0, stx_mode u16 @0x1c, stx_size u64 @0x28, stx_mtime {i64, u32} @0x70
 _STX_MODE, _STX_SIZE, _STX_MTIME = 0x1C, 0x28, 0x70
 _S_IFMT, _S_IFREG = 0o170000, 0o100000
+
+_AT_SYMLINK_NOFOLLOW = 0x100
+# type, mode, nlink, uid, gid, mtime, ino, size (stx_rdev and stx_dev are always filled)
+_STATX_ENTRY = 0x1 | 0x2 | 0x4 | 0x8 | 0x10 | 0x40 | 0x100 | 0x200
+# struct statx: stx_nlink u32 @0x10, stx_uid u32 @0x14, stx_gid u32 @0x18, stx_ino u64 @0x20,
+# stx_rdev_major, stx_rdev_minor, stx_dev_major, stx_dev_minor u32 @0x80..0x8c
+_STX_NLINK, _STX_UID, _STX_GID, _STX_INO, _STX_RDEV, _STX_DEV = 0x10, 0x14, 0x18, 0x20, 0x80, 0x88
+_STX_BUF = 256  # bytes of a struct statx
+# the columns of stat_names' rows
+MODE, SIZE, MTIME, UID, GID, NLINK, INO, DEV, RDEV, XATTRS = range(10)
 
 _UNNAMED = os.O_RDWR | os.O_TMPFILE | os.O_CLOEXEC
 _AT_FDCWD = -100
@@ -166,6 +182,57 @@ def read_run(dfd: int, names: np.ndarray, name_off: np.ndarray, sizes: np.ndarra
     _read_run(dfd, names, name_off, sizes, mtimes, buf, buf_off, ok, start, stop, work)
 
 
+@njit(cache=True, inline="always")
+def _u32(buf, at):
+    return np.int64(buf[at:at + 4].view(np.uint32)[0])
+
+
+@njit(cache=True, inline="always")
+def _makedev(major, minor):
+    """glibc's makedev: what os.stat gives as st_dev and st_rdev."""
+    return ((major & 0xFFFFF000) << 32) | ((major & 0xFFF) << 8) | ((minor & 0xFFFFFF00) << 12) | (minor & 0xFF)
+
+
+@njit(cache=True, nogil=True)
+def _stat_names(dfd, names, name_off, out, stx, xattrs):
+    """out[i] = the stat_names row of name i; out[i, MODE] is -1 when statx failed."""
+    for i in range(len(name_off)):
+        name = names.ctypes.data + name_off[i]
+        if _statx(dfd, name, _AT_SYMLINK_NOFOLLOW, _STATX_ENTRY, stx.ctypes.data) != 0:
+            out[i, MODE] = -1
+            continue
+        out[i, MODE] = np.int64(stx[_STX_MODE]) | (np.int64(stx[_STX_MODE + 1]) << 8)
+        out[i, SIZE] = stx[_STX_SIZE:_STX_SIZE + 8].view(np.int64)[0]
+        out[i, MTIME] = stx[_STX_MTIME:_STX_MTIME + 8].view(np.int64)[0] * 1000000000 + _u32(stx, _STX_MTIME + 8)
+        out[i, UID] = _u32(stx, _STX_UID)
+        out[i, GID] = _u32(stx, _STX_GID)
+        out[i, NLINK] = _u32(stx, _STX_NLINK)
+        out[i, INO] = stx[_STX_INO:_STX_INO + 8].view(np.int64)[0]
+        out[i, DEV] = _makedev(_u32(stx, _STX_DEV), _u32(stx, _STX_DEV + 4))
+        out[i, RDEV] = _makedev(_u32(stx, _STX_RDEV), _u32(stx, _STX_RDEV + 4))
+        # the bytes of its attributes' names (relative to the working directory: the caller is in dfd)
+        out[i, XATTRS] = _llistxattr(name, 0, 0) if xattrs else 0
+
+
+def stat_names(dfd: int, names: list[str], encoding: str, xattrs: bool = False) -> list[list[int]]:
+    """Rows of [mode, size, mtime_ns, uid, gid, nlink, ino, dev, rdev, xattrs] (``MODE``...``XATTRS``) of
+    each name in directory ``dfd``, symlinks not followed; mode is -1 where ``statx`` failed (the caller
+    asks ``os.stat`` why). With ``xattrs`` the caller's working directory must be ``dfd``: the last
+    column is then the size of the name's list of extended attributes (``llistxattr``: 0 for none, -1
+    when it failed: ``os.listxattr`` says why); otherwise 0. Names hold no NUL: one join packs them all.
+    """
+    if not names:
+        return []
+    packed = np.frombuffer(("\0".join(names) + "\0").encode(encoding, "surrogateescape"), dtype=np.uint8)
+    ends = np.flatnonzero(packed == 0)
+    offsets = np.empty(len(ends), dtype=np.int64)
+    offsets[0] = 0
+    offsets[1:] = ends[:-1] + 1
+    out = np.empty((len(names), XATTRS + 1), dtype=np.int64)
+    _stat_names(dfd, packed, offsets, out, np.zeros(_STX_BUF, dtype=np.uint8), xattrs)
+    return out.tolist()
+
+
 def stat_scratch() -> np.ndarray:
     """Per-thread working memory for ``read_run``: an empty name and a struct statx."""
     return np.zeros(8 + 256, dtype=np.uint8)
@@ -198,7 +265,8 @@ def publish_run(dfd: int, names: np.ndarray, name_off: np.ndarray, data: np.ndar
 
 
 def warm_up_writing() -> None:
-    """Load ``publish_run`` now (the receiver's half), from numba's cache or compiled once."""
+    """Load ``publish_run`` now (the receiver's half), from numba's cache or compiled once. Not ``stat_names``:
+    the mover's first walk loads it, so a mover started again answers its node as soon as before."""
     empty = np.zeros(1, dtype=np.int64)
     nothing = np.frombuffer(b"\0", dtype=np.uint8)  # names and data are read-only arrays
     publish_run(-1, nothing, empty, nothing, empty, np.zeros(0, np.uint32), np.zeros(0, np.bool_),
@@ -210,3 +278,9 @@ def warm_up_reading() -> None:
     none = np.zeros(0, dtype=np.int64)
     read_run(-1, np.frombuffer(b"\0", dtype=np.uint8), np.zeros(1, np.int64), none, none,
              np.zeros(1, dtype=np.uint8), none, np.zeros(0, np.bool_), 0, 0, stat_scratch())
+    warm_up_walking()
+
+
+def warm_up_walking() -> None:
+    """Load ``stat_names`` now (the sender's warm-up; a mover loads it on its first walk)."""
+    stat_names(-1, ["x"], "utf-8")

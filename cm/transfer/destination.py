@@ -41,7 +41,7 @@ from . import batchio, checksum, sparse
 from .frames import BatchRow, ChecksumRow, Chunk, DirRow, LinkRow, MetaRow, OwnerRow, PartialRow, PathError
 from .partial import SPARSE, WHOLE, ChunkRecord, chunk_count, lock, partial_names
 from .paths import DirHandles, PathEscape, wire_parts
-from .tree import walk_fd
+from .tree import no_collection, walk_fd
 
 _NEW = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
 _MEMORY_FS = {0x01021994, 0x858458F6}  # tmpfs, ramfs (statfs f_type)
@@ -125,7 +125,8 @@ class Destination:
         self.dirs = _Dirs(root, prefix)
         self._tmp_ids = itertools.count()
         self._tmp_tag = secrets.token_hex(4)
-        self._manifest: list[list] | None = None
+        self._manifest: list | None = None  # the walk's tree.Entry list, once page 0 is asked for
+        self._starts: list[int] = []
         self._umask = _umask()
         self._unnamed = os.path.isdir("/proc/self/fd")  # O_TMPFILE files are published via /proc
         self._scratch = batchio.scratch()
@@ -145,10 +146,13 @@ class Destination:
     # ---- reading the tree ----
 
     def manifest_page(self, page: int, page_bytes: int = 8 << 20) -> tuple[list, bool]:
-        """Page ``page`` of the destination's entries, all of them (walked once per connection), the mover's
-        own temporary files among them (``diff.split_temps``): the lead removes those no run resumes.
+        """Page ``page`` of the destination's entries, all of them (walked once per connection, on the request
+        for page 0), the mover's own temporary files among them (``diff.split_temps``): the lead removes those
+        no run resumes.
 
-        No user pattern runs here: the sender leaves out what its excludes match.
+        Pages are cut and encoded as they are asked for (the sender asks for them in order): the mover holds
+        the walk's entries (``tree.Entry``, ~250 bytes each with their strings), never a second copy of the
+        whole manifest. No user pattern runs here: the sender leaves out what its excludes match.
         """
         if self._manifest is None or page == 0:
             try:
@@ -156,20 +160,17 @@ class Destination:
             except (FileNotFoundError, NotADirectoryError):
                 self._manifest = []
             else:
-                entries = walk_fd(top)  # with the mover's temporaries: the sender sorts them out
-                self._manifest = [e.to_wire() for e in entries]  # frames.EntryRow, as plain lists
-            self._pages = [0]
-            size = 0
-            for i, item in enumerate(self._manifest):
-                size += len(item[0]) + len(item[5]) + 40
-                if size > page_bytes:
-                    self._pages.append(i)
-                    size = 0
-            self._pages.append(len(self._manifest))
-        if page + 1 >= len(self._pages):
+                self._manifest = walk_fd(top)  # with the mover's temporaries: the sender sorts them out
+            self._starts = [0]  # where each page cut so far begins
+        entries, starts = self._manifest, self._starts
+        while len(starts) <= page + 1 and starts[-1] < len(entries):
+            starts.append(_page_end(entries, starts[-1], page_bytes))
+        if page + 1 >= len(starts):
             return [], False
-        start, end = self._pages[page], self._pages[page + 1]
-        return self._manifest[start:end], page + 2 < len(self._pages)
+        end = starts[page + 1]
+        with no_collection():
+            rows = [e.to_wire() for e in entries[starts[page]:end]]  # frames.EntryRow, as tuples
+        return rows, end < len(entries)
 
     def partials(self, files: list[PartialRow]) -> list:
         """For each file: [[index, digest], ...] verified by an earlier run (``frames.VerifiedRow``).
@@ -629,6 +630,18 @@ class _Compiled:
     def run(self, dfd: int, start: int, stop: int, work: np.ndarray) -> int:
         return batchio.publish_run(dfd, self.names, self.name_off, self.data, self.data_off, self.modes,
                                    self.chmod, self.owners, self.mtimes, self.skip, start, stop, work)
+
+
+def _page_end(entries: list, start: int, page_bytes: int) -> int:
+    """Where the manifest page that begins at ``start`` ends: past ``page_bytes`` of names (counted in
+    characters, at most 4 bytes each: a page stays well under a frame's 64 MiB) and fields."""
+    size = 0
+    for i in range(start, len(entries)):
+        e = entries[i]
+        size += len(e.path) + len(e.target) + 40
+        if size > page_bytes and i > start:
+            return i
+    return len(entries)
 
 
 def _stamp(fd: int, mode: int, mtime: int, owner: tuple[int, int] | None = None, chmod: bool = True) -> None:

@@ -149,10 +149,12 @@ class Kept:
         ``sent`` (this rank's work items) and ``made_dirs`` get a row even without attributes when
         they may have inherited an ACL the source does not have."""
         fresh = {it.entry.path for it in sent} | {e.path for e in made_dirs} if self.inherits else set()
+        if not self.attrs and not fresh:
+            return []  # the usual re-sync: no row, and no pass over the tree
         rows = []
         for e in entries:
-            if e.path in self.followers:
-                continue  # the same inode as its first name
+            if e.path not in self.attrs and e.path not in fresh or e.path in self.followers:
+                continue  # nothing to say, or the same inode as its first name
             owner = pin(e.path, self.nranks) if e.kind == FILE else 0
             if owner != rank:
                 continue

@@ -114,7 +114,6 @@ class Sender:
             for path, why in unreadable if spec.rank == 0 else ():  # every rank walks: the lead says it
                 self.stats.error(path, f"cannot be read ({why}): what is in it was not copied")
             kept = self._kept(entries, inodes, listed)
-            src = {e.path: e for e in entries}
             # excludes are matched here, not in the mover; then the mover's temporaries are set apart
             dst_list, temps = diff.split_temps(self.excluder.prune(self._manifest(control)))
             dst = {e.path: e for e in dst_list}
@@ -126,10 +125,11 @@ class Sender:
                 for (path, _), n in self.hole_runs.items():
                     work.remaining[path] -= n
             lead = spec.rank == 0
-            tops, gone = diff.deletions(src, dst_list) if lead and spec.delete and not single_file else ([], [])
+            tops, gone = diff.deletions({e.path: e for e in entries}, dst_list) \
+                if lead and spec.delete and not single_file else ([], [])
             # what no run will resume: another version's, a vanished file's
             orphans = diff.orphan_temps(entries, dst, temps, spec.chunk_size, spec.checksum) \
-                if lead and not spec.dry_run and not single_file else []
+                if lead and temps and not spec.dry_run and not single_file else []
             if orphans:
                 self._pages(control, f.Delete, [os.fsencode(p) for p in orphans])
             mkdirs = diff.dirs_to_make(entries, dst)
@@ -297,13 +297,13 @@ class Sender:
         entries: list[Entry] = []
         page = 0
         while True:
-            if page:
-                chan.send(f.Manifest(page))
             ans = chan.answer(f.Kind.MANIFEST)
+            if ans.more:  # the mover cuts and encodes the next page while we decode this one
+                page += 1
+                chan.send(f.Manifest(page))
             entries.extend(map(Entry.from_wire, ans.entries))
             if not ans.more:
                 return entries
-            page += 1
 
     def _structure(self, chan: Channel, tops, gone, mkdirs, links, meta) -> set[str]:
         """Deletions, directories, symlinks and metadata-only updates, before any file data."""

@@ -10,9 +10,13 @@ source gets the same list.
 from __future__ import annotations
 
 import errno
+import gc
 import os
 import re
 import stat
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import TYPE_CHECKING, NamedTuple
 
 if TYPE_CHECKING:
@@ -48,19 +52,22 @@ class Entry(NamedTuple):
     uid: int = -1  # owner, so a sync that keeps owners sets only those that differ
     gid: int = -1
 
-    def to_wire(self) -> list:
-        """A manifest row (``frames.EntryRow``): names as raw bytes."""
-        return [os.fsencode(self.path), self.kind, self.size, self.mtime_ns, self.mode, os.fsencode(self.target),
-                self.uid, self.gid]
+    def to_wire(self) -> tuple:
+        """A manifest row (``frames.EntryRow``): names as raw bytes (``os.fsencode``, inlined: manifests
+        hold millions)."""
+        path, kind, size, mtime_ns, mode, target, uid, gid = self
+        return (path.encode(_FS, "surrogateescape"), kind, size, mtime_ns, mode,
+                target.encode(_FS, "surrogateescape") if target else b"", uid, gid)
 
     @classmethod
     def from_wire(cls, row) -> "Entry":
         """Inverse of ``to_wire``, from a decoded ``frames.EntryRow``."""
-        return _make(cls, (os.fsdecode(row.path), row.kind, row.size, row.mtime, row.mode, os.fsdecode(row.target),
-                           row.uid, row.gid))
+        return _make(cls, (row.path.decode(_FS, "surrogateescape"), row.kind, row.size, row.mtime, row.mode,
+                           row.target.decode(_FS, "surrogateescape") if row.target else "", row.uid, row.gid))
 
 
 _make = tuple.__new__  # builds an Entry without the generated __new__'s overhead (walks make millions)
+_FS = sys.getfilesystemencoding()  # what os.fsencode and os.fsdecode use, with "surrogateescape"
 
 
 def is_temp_name(name: str) -> bool:
@@ -97,13 +104,34 @@ def walk_fd(top_fd: int, excluder: Excluder | None = None, skip_temp: bool = Fal
     could not be entered, so what is in it can be reported as not copied.
     ``xattrs``, if given, gets the names of the extended attributes of each
     entry that has any (or the OSError that listing them raised), by path.
-    Listing them takes a system call per entry; made with a name relative
-    to the working directory it costs a third of one made with the whole
-    path, so the walk then moves the process's working directory into
-    each directory it lists (and back at the end): only for a
-    single-threaded caller (the sender, before its streams start).
+    Every name is looked at from compiled code (``batchio.stat_names``:
+    statx, and with ``xattrs`` the size of its attribute list), so only the
+    entries that have attributes cost Python a listing. The size is asked
+    with a name relative to the working directory (a third of the cost of
+    one with the whole path), so the walk then moves the process's working
+    directory into each directory it lists (and back at the end): only for
+    a single-threaded caller (the sender, before its streams start).
+    The cyclic garbage collector is off while it walks (``no_collection``).
     """
-    excluder = excluder if excluder else None
+    with no_collection():
+        return _walk_from(top_fd, excluder if excluder else None, skip_temp, inodes, unreadable, xattrs)
+
+
+@contextmanager
+def no_collection() -> Iterator[None]:
+    """The cyclic garbage collector off for a while: making an object per entry of a big tree (none of
+    them cyclic) set off collections that doubled a walk's time in the mover (which keeps it on).
+    Another thread's ``no_collection`` may turn it back on before this one ends: that costs time only."""
+    collecting = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if collecting:
+            gc.enable()
+
+
+def _walk_from(top_fd: int, excluder, skip_temp: bool, inodes, unreadable, xattrs) -> list[Entry]:
     entries = [_entry("", os.stat(top_fd))]
     stack: list[tuple[str, int]] = [("", os.dup(top_fd))]
     home = None
@@ -132,6 +160,8 @@ def _list_xattrs(out: dict, path: str, name: str | int) -> None:
 
 
 def _walk(stack: list, entries: list, excluder, skip_temp: bool, inodes, unreadable, xattrs) -> None:
+    from .batchio import stat_names  # compiled: not at import time (the head checks patterns with this module)
+
     append = entries.append
     while stack:
         prefix, fd = stack.pop()
@@ -139,57 +169,58 @@ def _walk(stack: list, entries: list, excluder, skip_temp: bool, inodes, unreada
         try:
             if listing is not None:
                 try:
-                    os.fchdir(fd)
+                    os.fchdir(fd)  # stat_names lists attributes by the name relative to it
                 except OSError as exc:  # no search permission: neither can its entries be looked at
                     listing[prefix.rstrip("/")] = exc
                     listing = None
-            with os.scandir(fd) as it:
-                for de in it:
-                    name = de.name
-                    if skip_temp and name.startswith(TEMP_PREFIX) and is_temp_name(name):
-                        continue
-                    path = prefix + name
+            names = os.listdir(fd)
+            if skip_temp:
+                names = [n for n in names if not (n.startswith(TEMP_PREFIX) and is_temp_name(n))]
+            for name, row in zip(names, stat_names(fd, names, _FS, listing is not None)):
+                mode, size, mtime_ns, uid, gid, nlink, ino, dev, rdev, listed = row
+                if mode < 0:  # statx failed: os.stat says why (or the name is back)
                     try:
-                        st = de.stat(follow_symlinks=False)
+                        st = os.stat(name, dir_fd=fd, follow_symlinks=False)
                     except FileNotFoundError:
                         continue
-                    fmt = stat.S_IFMT(st.st_mode)
-                    size, target = 0, ""
-                    if fmt == stat.S_IFREG:
-                        kind, size = FILE, st.st_size
-                    elif fmt == stat.S_IFDIR:
-                        kind = DIR
-                    elif fmt == stat.S_IFLNK:
-                        kind = LINK
-                    else:
-                        kind = SPECIAL.get(fmt)
-                        if kind is None:
-                            continue
-                        if kind in DEVICES:
-                            size = st.st_rdev
-                    if excluder is not None and excluder.excluded(path, kind == DIR):
+                    mode, size, mtime_ns, uid, gid = st.st_mode, st.st_size, st.st_mtime_ns, st.st_uid, st.st_gid
+                    nlink, ino, dev, rdev, listed = st.st_nlink, st.st_ino, st.st_dev, st.st_rdev, -1
+                fmt = mode & 0o170000
+                target = ""
+                if fmt == stat.S_IFREG:
+                    kind = FILE
+                elif fmt == stat.S_IFDIR:
+                    kind, size = DIR, 0
+                elif fmt == stat.S_IFLNK:
+                    kind, size = LINK, 0
+                else:
+                    kind = SPECIAL.get(fmt)
+                    if kind is None:
                         continue
-                    if inodes is not None and kind == FILE and st.st_nlink > 1:
-                        inodes[path] = (st.st_dev, st.st_ino)
-                    if listing is not None:
-                        _list_xattrs(listing, path, name)
-                    if kind == LINK:
-                        try:
-                            target = os.readlink(name, dir_fd=fd)
-                        except FileNotFoundError:
-                            continue
-                    append(_make(Entry, (path, kind, size, st.st_mtime_ns, st.st_mode & 0o7777, target, st.st_uid,
-                                         st.st_gid)))
-                    if kind == DIR:
-                        try:
-                            sub = os.open(name, _DIR_FLAGS, dir_fd=fd)
-                        except (FileNotFoundError, NotADirectoryError):
-                            continue
-                        except PermissionError as exc:
-                            if unreadable is not None:
-                                unreadable.append((path, exc.strerror))
-                            continue
-                        stack.append((path + "/", sub))
+                    size = rdev if kind in DEVICES else 0
+                path = prefix + name
+                if excluder is not None and excluder.excluded(path, kind == DIR):
+                    continue
+                if inodes is not None and kind == FILE and nlink > 1:
+                    inodes[path] = (dev, ino)
+                if listing is not None and listed:  # some attributes, or listing them failed: say which
+                    _list_xattrs(listing, path, name)
+                if kind == LINK:
+                    try:
+                        target = os.readlink(name, dir_fd=fd)
+                    except FileNotFoundError:
+                        continue
+                append(_make(Entry, (path, kind, size, mtime_ns, mode & 0o7777, target, uid, gid)))
+                if kind == DIR:
+                    try:
+                        sub = os.open(name, _DIR_FLAGS, dir_fd=fd)
+                    except (FileNotFoundError, NotADirectoryError):
+                        continue
+                    except PermissionError as exc:
+                        if unreadable is not None:
+                            unreadable.append((path, exc.strerror))
+                        continue
+                    stack.append((path + "/", sub))
         finally:
             os.close(fd)
 
