@@ -95,7 +95,7 @@ class Settings:
     intercom_keys: int = _setting(10000, "intercom keys one run of a job may hold")
     intercom_queue: int = _setting(1000, "intercom commands queued for one process that has not read them yet")
     intercom_head_wait: float = _setting(30.0, "seconds an intercom put or send waits for the head before failing")
-    # accounting and notifications (cm.head.acct, cm.head.notify)
+    # accounting and notifications (cm.acct, cm.head.notify)
     acct_days: float = _setting(365.0, "days a finished job is kept for cmacct; older ones are purged (0: never)")
     notify_urls: str = _setting("", "http(s) URLs, comma-separated, told of every job's end (as --notify URL)")
     notify_retry_for: float = _setting(600.0, "seconds a webhook delivery is retried, with back-off, before it "

@@ -171,7 +171,7 @@ def test_cmacct_shows_each_user_their_own_finished_jobs_and_admins_everyones(mak
 
     # records past CM_ACCT_DAYS go: the purger's pass, on a job made to have ended 400 days ago
     from cm import store
-    from cm.head.acct import Purger
+    from cm.acct import Purger
     from cm.store.documents import Job
 
     store.connect(database_uri, db_name)

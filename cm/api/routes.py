@@ -132,10 +132,10 @@ def _when(query: dict[str, list[str]], name: str) -> float | None:
 
 
 async def accounting(api: "ApiServer", caller: Caller, request: HttpRequest) -> HttpResponse:
-    """Finished jobs that ended in a window, with totals per user and partition pair (cmacct; cm.head.acct).
+    """Finished jobs that ended in a window, with totals per user and partition pair (cmacct; cm.acct).
     Read from the database in the API's executor: the head's loop is not involved."""
     from cm import store
-    from cm.head import acct
+    from cm import acct
 
     q = request.query
     after, before = _when(q, "ended_after") or 0.0, _when(q, "ended_before")

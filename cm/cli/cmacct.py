@@ -1,7 +1,7 @@
 """cmacct: what ran, like sacct: finished jobs by when they ended, with totals per user and partition pair.
 
 It asks the HTTP API on the head's RUN_DIR/api.sock (GET /v1/jobs?ended_after=...), whose thread reads
-the database off the head's loop (cm.head.acct); who you are is what the kernel says of the socket.
+the database off the head's loop (cm.acct); who you are is what the kernel says of the socket.
 """
 
 from __future__ import annotations

@@ -18,7 +18,7 @@ import zmq
 from cm import store
 from cm.config import Settings
 from cm.callers import Caller
-from cm.head.acct import Purger
+from cm.acct import Purger
 from cm.head.clients import ClientServer, Connection
 from cm.head.events import (Answer, ClientAsked, Command, DbBack, DbLost, Delivered, Event, Flush, Forget,
                             ForgetTokens, Instruction, Intercom, NodeSaid, Notify, NotifyFailed, Park, Pass, Resend, Send,
@@ -109,7 +109,7 @@ class HeadLoop:
 
         self.api = ApiServer(self.settings)
         self.api.start()
-        self.purger.start()  # accounting: finished jobs past CM_ACCT_DAYS go (cm.head.acct)
+        self.purger.start()  # accounting: finished jobs past CM_ACCT_DAYS go (cm.acct)
         self.notifier.start()
         event(log, "head listening", port=self.settings.head_port, socket=str(self.settings.socket_path))
 

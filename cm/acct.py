@@ -18,7 +18,7 @@ from typing import Any, Iterable
 from cm.logs import event
 from cm.states import FINAL_STATES
 
-log = logging.getLogger("cm.head.acct")
+log = logging.getLogger("cm.acct")
 FINAL = sorted(s.value for s in FINAL_STATES)  # the states a finished job can be in
 PURGE_EVERY = 3600.0
 MAX_ROWS = 100000  # jobs one answer lists, and its totals count: a window with more says "truncated"
