@@ -58,8 +58,8 @@ def home_of(cluster, user) -> Path:
 
 
 def submit_as(cluster, user, argv: list[str], **args) -> int:
-    ok, data = call_as(user.pw_uid, user.pw_gid, cluster.run_dir, "submit", argv=argv, cwd=str(home_of(cluster, user)),
-                       **args)
+    job = {"kind": "command", "argv": argv, "cwd": str(home_of(cluster, user)), **args}
+    ok, data = call_as(user.pw_uid, user.pw_gid, cluster.run_dir, "submit", job=job)
     assert ok, data
     return data["job_id"]
 
