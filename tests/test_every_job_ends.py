@@ -351,15 +351,16 @@ def test_a_stop_naming_an_earlier_run_leaves_the_nodes_current_run_alone(tmp_pat
     # a KillJob resent late, after a requeue or a sync restart put the job's next run on this node
     from cm import config
     from cm.node.agent import NodeAgent
+    from cm.protocol import ANY_RANK, ANY_ROLE, ANY_RUN, ShareKey
     from cm.states import JobState
 
     agent = NodeAgent(config.load({}, run_dir=str(tmp_path), name="computenode-1"))
     stopped = []
     agent._stop_share = lambda share, state, reason: stopped.append(share)
-    agent.purge.jobs = {(7, 1, "", 0): None, (7, 2, "", 0): None, (8, 1, "", 0): None}
-    agent.receiving = {(7, 2, "dst", 0): "transfer"}
-    agent.stop(7, JobState.CANCELLED, "late", run=1)
+    agent.purge.jobs = {ShareKey(7, 1, "", 0): None, ShareKey(7, 2, "", 0): None, ShareKey(8, 1, "", 0): None}
+    agent.receiving = {ShareKey(7, 2, "dst", 0): "transfer"}
+    agent.stop(ShareKey(7, 1, ANY_ROLE, ANY_RANK), JobState.CANCELLED, "late")
     assert stopped == [(7, 1, "", 0)]
     stopped.clear()
-    agent.stop(7, JobState.CANCELLED, "every run", run=0)  # 0: whichever run is here
+    agent.stop(ShareKey(7, ANY_RUN, ANY_ROLE, ANY_RANK), JobState.CANCELLED, "every run")  # whichever run is here
     assert sorted(stopped) == [(7, 1, "", 0), (7, 2, "", 0), (7, 2, "dst", 0)]
