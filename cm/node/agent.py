@@ -116,7 +116,9 @@ class NodeAgent:
         self.dealer.linger = 0
         self.dealer.identity = self.name.encode()
         self.dealer.reconnect_ivl = 100
-        self.dealer.reconnect_ivl_max = 2000
+        # a head back from a restart gives each node one heartbeat timeout to call back: a node backing off
+        # must try again well within it (2 s of back-off against a 2-3 s timeout lost the race)
+        self.dealer.reconnect_ivl_max = max(100, min(2000, int(self.settings.heartbeat_timeout * 250)))
         self.dealer.sndhwm = 10000
         if self.settings.curve:
             from cm.keys import secure_client
