@@ -6,9 +6,11 @@ directory, so tests do not see each other's jobs or nodes.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import os
+import pwd
 import shutil
 import subprocess
 import sys
@@ -36,6 +38,37 @@ FAST = {
 MUST_RUN_ON_CI = ("tests/test_docker.py", "tests/test_guide.py", "tests/test_netns.py", "tests/test_multiuser.py",
                   "tests/test_ui.py")
 _skipped_must_run: list[str] = []
+
+
+@contextlib.contextmanager
+def real_users(names, group: str, operators=()):
+    """Real Unix users (useradd, no home, no login shell), removed afterwards unless they were there
+    before; ``operators`` among them are put in ``group`` (made here if missing). Skips where users cannot
+    be made. Yields {name: passwd entry}."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root to make users and act as them")
+    if shutil.which("useradd") is None:
+        pytest.skip("no useradd on this machine")
+    made = []
+    group_made = subprocess.run(["groupadd", group], capture_output=True).returncode == 0
+    try:
+        for name in names:
+            try:
+                pwd.getpwnam(name)
+            except KeyError:
+                proc = subprocess.run(["useradd", "--no-create-home", "--shell", "/usr/sbin/nologin", name],
+                                      capture_output=True, text=True)
+                if proc.returncode != 0:
+                    pytest.skip(f"useradd {name} failed: {proc.stderr.strip()}")
+                made.append(name)
+        for name in operators:
+            subprocess.run(["usermod", "-a", "-G", group, name], capture_output=True, check=True)
+        yield {name: pwd.getpwnam(name) for name in names}
+    finally:
+        for name in made:
+            subprocess.run(["userdel", name], capture_output=True)
+        if group_made:
+            subprocess.run(["groupdel", group], capture_output=True)
 
 
 def _on_ci() -> bool:

@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import pwd
-import shutil
 import subprocess
 import sys
 import time
@@ -18,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import call_as
+from conftest import call_as, real_users
 
 USERS = ("cmt_acct_a", "cmt_acct_b", "cmt_acct_op")
 OPERATORS = "cmt_acct_ops"
@@ -27,27 +25,8 @@ FINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL"}
 
 @pytest.fixture(scope="module")
 def users():
-    if os.geteuid() != 0:
-        pytest.skip("needs root to make users and act as them")
-    if shutil.which("useradd") is None:
-        pytest.skip("no useradd on this machine")
-    made = []
-    group_made = subprocess.run(["groupadd", OPERATORS], capture_output=True).returncode == 0
-    for name in USERS:
-        try:
-            pwd.getpwnam(name)
-        except KeyError:
-            proc = subprocess.run(["useradd", "--no-create-home", "--shell", "/usr/sbin/nologin", name],
-                                  capture_output=True, text=True)
-            if proc.returncode != 0:
-                pytest.skip(f"useradd {name} failed: {proc.stderr.strip()}")
-            made.append(name)
-    subprocess.run(["usermod", "-a", "-G", OPERATORS, "cmt_acct_op"], capture_output=True, check=True)
-    yield {name.removeprefix("cmt_acct_"): pwd.getpwnam(name) for name in USERS}
-    for name in made:
-        subprocess.run(["userdel", name], capture_output=True)
-    if group_made:
-        subprocess.run(["groupdel", OPERATORS], capture_output=True)
+    with real_users(USERS, OPERATORS, ["cmt_acct_op"]) as made:
+        yield {name.removeprefix("cmt_acct_"): entry for name, entry in made.items()}
 
 
 def home_of(cluster, user) -> Path:

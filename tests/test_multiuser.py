@@ -10,8 +10,6 @@ from __future__ import annotations
 import json
 import grp
 import os
-import pwd
-import shutil
 import signal
 import socket
 import subprocess
@@ -22,7 +20,7 @@ import pytest
 
 from cm.protocol import FRAME_HEADER, Info, Reply, decode, frame, unframe
 from cm.cli.cminfo import job_details
-from conftest import call_as, run_as
+from conftest import call_as, real_users, run_as
 
 FINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL"}
 USERS = ("cmt_alice", "cmt_bob", "cmt_oper")
@@ -32,27 +30,8 @@ OPERATORS = "cmt_operators"
 @pytest.fixture(scope="module")
 def users():
     """Two real users, made for this module and removed after it (kept if they were there before)."""
-    if os.geteuid() != 0:
-        pytest.skip("needs root to make users and act as them")
-    if shutil.which("useradd") is None:
-        pytest.skip("no useradd on this machine")
-    made = []
-    group_made = subprocess.run(["groupadd", OPERATORS], capture_output=True).returncode == 0
-    for name in USERS:
-        try:
-            pwd.getpwnam(name)
-        except KeyError:
-            proc = subprocess.run(["useradd", "--no-create-home", "--shell", "/usr/sbin/nologin", name],
-                                  capture_output=True, text=True)
-            if proc.returncode != 0:
-                pytest.skip(f"useradd {name} failed: {proc.stderr.strip()}")
-            made.append(name)
-    subprocess.run(["usermod", "-a", "-G", OPERATORS, "cmt_oper"], capture_output=True, check=True)
-    yield {name.removeprefix("cmt_"): pwd.getpwnam(name) for name in USERS}
-    for name in made:
-        subprocess.run(["userdel", name], capture_output=True)
-    if group_made:
-        subprocess.run(["groupdel", OPERATORS], capture_output=True)
+    with real_users(USERS, OPERATORS, ["cmt_oper"]) as made:
+        yield {name.removeprefix("cmt_"): entry for name, entry in made.items()}
 
 
 def in_child_as(user, fn):
